@@ -1,0 +1,192 @@
+// Gating: router logits -> Routing {expert ids [T, k], gate weights [T, k]}.
+// One routine covers every mode as options (DESIGN.md, "What a MoLoRA layer computes"):
+// softmax; top-k with ties to the lower expert index, or k distinct experts sampled from the
+// softmax; weights renormalised over the k (MING-MOE, MixLoRA, Mixtral) or the plain
+// masked probabilities (Switch, Zadouri). k == E is the dense soft mixture. Routing supplied
+// by the caller is checked by validate_routing.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "config.hpp"
+#include "errors.hpp"
+#include "random.hpp"
+#include "types.hpp"
+
+namespace molora {
+
+// The experts and gate weights of each token: row t holds token t's k experts, in the order
+// they were selected (descending probability for top-k, draw order for sampling).
+template <class Scalar>
+struct Routing {
+  IdMatrix ids;                // [T, k]
+  RowMatrix<Scalar> weights;   // [T, k]
+
+  Index num_tokens() const { return ids.rows(); }
+  Index top_k() const { return ids.cols(); }
+  void resize(Index tokens, Index k) {
+    ids.resize(tokens, k);
+    weights.resize(tokens, k);
+  }
+};
+
+struct GatingOptions {
+  Index num_experts = 8;
+  Index top_k = 2;
+  bool normalize_top_k = true;
+  Selection selection = Selection::top_k;
+
+  static GatingOptions from(const MoLoRAConfig& c) {
+    return GatingOptions{c.num_experts, c.top_k, c.normalize_top_k, c.selection};
+  }
+};
+
+namespace detail {
+
+// Row-wise softmax of one row, max-subtracted. Writes probs[0..E).
+template <class Scalar>
+void softmax_row(const Scalar* logits, Index num, Scalar* probs) {
+  Scalar m = logits[0];
+  for (Index e = 1; e < num; ++e) m = logits[e] > m ? logits[e] : m;
+  Scalar z = 0;
+  for (Index e = 0; e < num; ++e) {
+    probs[e] = std::exp(logits[e] - m);
+    z += probs[e];
+  }
+  const Scalar inv = Scalar(1) / z;
+  for (Index e = 0; e < num; ++e) probs[e] *= inv;
+}
+
+// Selects k experts of one token by top-k (ties to the lower index). ids in descending order.
+template <class Scalar>
+void top_k_row(const Scalar* logits, Index num, Index k, std::int32_t* ids) {
+  for (Index s = 0; s < k; ++s) {
+    Index best = -1;
+    for (Index e = 0; e < num; ++e) {
+      bool taken = false;
+      for (Index j = 0; j < s; ++j) taken = taken || ids[j] == e;
+      if (taken) continue;
+      if (best < 0 || logits[e] > logits[best]) best = e;  // strict: ties keep the lower index
+    }
+    ids[s] = static_cast<std::int32_t>(best);
+  }
+}
+
+// Draws k distinct experts of one token from probs without replacement (sequentially, each
+// draw proportional to the probability left among the experts not yet drawn).
+template <class Scalar, class URBG>
+void sample_row(const Scalar* logits, const Scalar* probs, Index num, Index k, std::int32_t* ids, URBG& gen) {
+  for (Index s = 0; s < k; ++s) {
+    double left = 0;
+    for (Index e = 0; e < num; ++e) {
+      bool taken = false;
+      for (Index j = 0; j < s; ++j) taken = taken || ids[j] == e;
+      if (!taken) left += static_cast<double>(probs[e]);
+    }
+    const double u = uniform01(gen) * left;
+    double acc = 0;
+    Index chosen = -1, fallback = -1;
+    for (Index e = 0; e < num; ++e) {
+      bool taken = false;
+      for (Index j = 0; j < s; ++j) taken = taken || ids[j] == e;
+      if (taken) continue;
+      if (fallback < 0 || logits[e] > logits[fallback]) fallback = e;
+      acc += static_cast<double>(probs[e]);
+      if (chosen < 0 && u < acc && probs[e] > 0) chosen = e;
+    }
+    // All remaining mass underflowed (or rounding left u at the end): take the likeliest.
+    ids[s] = static_cast<std::int32_t>(chosen >= 0 ? chosen : fallback);
+  }
+}
+
+}  // namespace detail
+
+// Routes every token. Requires logits [T, E] with E == opt.num_experts, 1 <= top_k <= E
+// (validated by MoLoRAConfig). gen is used only for Selection::sampling and must then be
+// non-null. probs_scratch must hold E values. Throws numeric_error naming the first token
+// whose logits are not finite; out is then unspecified.
+template <class Scalar, class URBG = Generator>
+void route(const ConstRowRef<Scalar>& logits, const GatingOptions& opt, Routing<Scalar>& out, URBG* gen,
+           Scalar* probs_scratch) {
+  const Index T = logits.rows(), E = logits.cols(), k = opt.top_k;
+  MOLORA_ASSERT(E == opt.num_experts && k >= 1 && k <= E);
+  if (opt.selection == Selection::sampling && gen == nullptr)
+    throw config_error("selection: sampling needs a generator, got none");
+  out.resize(T, k);
+  for (Index t = 0; t < T; ++t) {
+    const Scalar* row = logits.row(t).data();
+    for (Index e = 0; e < E; ++e)
+      if (!std::isfinite(static_cast<double>(row[e])))
+        throw numeric_error(detail::cat("router logits of token ", t, ": expected finite values, got ", row[e],
+                                        " for expert ", e));
+    detail::softmax_row(row, E, probs_scratch);
+    std::int32_t* ids = out.ids.row(t).data();
+    if (opt.selection == Selection::sampling)
+      detail::sample_row(row, probs_scratch, E, k, ids, *gen);
+    else
+      detail::top_k_row(row, E, k, ids);
+    Scalar* w = out.weights.row(t).data();
+    if (opt.normalize_top_k) {
+      // softmax over the k selected logits == p_i / sum_S p_j, without underflow.
+      Scalar m = row[ids[0]];
+      for (Index s = 1; s < k; ++s) m = row[ids[s]] > m ? row[ids[s]] : m;
+      Scalar z = 0;
+      for (Index s = 0; s < k; ++s) {
+        w[s] = std::exp(row[ids[s]] - m);
+        z += w[s];
+      }
+      for (Index s = 0; s < k; ++s) w[s] /= z;
+    } else {
+      for (Index s = 0; s < k; ++s) w[s] = probs_scratch[ids[s]];
+    }
+  }
+}
+
+// Convenience overload that allocates its scratch.
+template <class Scalar, class URBG = Generator>
+Routing<Scalar> route(const ConstRowRef<Scalar>& logits, const GatingOptions& opt, URBG* gen = nullptr) {
+  Routing<Scalar> out;
+  std::vector<Scalar> scratch(static_cast<std::size_t>(logits.cols()));
+  route(logits, opt, out, gen, scratch.data());
+  return out;
+}
+
+// Row-wise stable softmax of logits [T, E] into probs [T, E].
+template <class Scalar>
+void softmax_rows(const ConstRowRef<Scalar>& logits, RowRef<Scalar> probs) {
+  MOLORA_ASSERT(probs.rows() == logits.rows() && probs.cols() == logits.cols());
+  for (Index t = 0; t < logits.rows(); ++t) detail::softmax_row(logits.row(t).data(), logits.cols(), probs.row(t).data());
+}
+
+// Checks a caller-supplied routing for T tokens and E experts: ids and weights both [T, k]
+// with 1 <= k <= E, ids in [0, E), no expert twice in a token, finite weights. Throws
+// shape_error or numeric_error naming the token and slot.
+template <class Scalar>
+void validate_routing(const Routing<Scalar>& r, Index num_tokens, Index num_experts) {
+  if (r.ids.rows() != num_tokens)
+    throw shape_error(detail::mismatch("routing.ids rows", num_tokens, r.ids.rows()));
+  if (r.ids.cols() < 1 || r.ids.cols() > num_experts)
+    throw shape_error(detail::mismatch("routing.ids columns (k)", detail::cat("1..", num_experts), r.ids.cols()));
+  if (r.weights.rows() != r.ids.rows() || r.weights.cols() != r.ids.cols())
+    throw shape_error(detail::mismatch("routing.weights", detail::shape_str(r.ids.rows(), r.ids.cols()),
+                                       detail::shape_str(r.weights.rows(), r.weights.cols())));
+  const Index k = r.ids.cols();
+  for (Index t = 0; t < num_tokens; ++t)
+    for (Index s = 0; s < k; ++s) {
+      const std::int32_t id = r.ids(t, s);
+      if (id < 0 || id >= num_experts)
+        throw numeric_error(detail::cat("routing.ids of token ", t, " slot ", s, ": expected an expert id in [0, ",
+                                        num_experts, "), got ", id));
+      for (Index j = 0; j < s; ++j)
+        if (r.ids(t, j) == id)
+          throw numeric_error(detail::cat("routing.ids of token ", t, ": expected distinct experts, got expert ", id,
+                                          " in slots ", j, " and ", s));
+      if (!std::isfinite(static_cast<double>(r.weights(t, s))))
+        throw numeric_error(detail::cat("routing.weights of token ", t, " slot ", s, ": expected a finite value, got ",
+                                        r.weights(t, s)));
+    }
+}
+
+}  // namespace molora

@@ -1,0 +1,129 @@
+// LoRA: one low-rank adapter y += s * B (A x), the expert of a MoLoRA layer and, alone, a
+// plain PEFT-style LoRA that can be merged into its base weight.
+//
+// Storage: A is [rank, in] row-major (PyTorch's layout; the shrink reads a row of A against a
+// row of x, both contiguous). B has PyTorch's shape [out, rank] but is stored column-major,
+// which is B^T [rank, out] row-major: the expand adds s*g*h_j times column j of B to an
+// output row, a contiguous axpy. Loaders and setters accept B in any layout.
+#pragma once
+
+#include <cmath>
+
+#include "errors.hpp"
+#include "random.hpp"
+#include "types.hpp"
+
+namespace molora {
+
+namespace detail {
+
+// Throws numeric_error if m has a non-finite entry; names the field and the entry.
+template <class Derived>
+void require_finite(const Eigen::MatrixBase<Derived>& m, const char* field) {
+  for (Index i = 0; i < m.rows(); ++i)
+    for (Index j = 0; j < m.cols(); ++j)
+      if (!std::isfinite(static_cast<double>(m(i, j))))
+        throw numeric_error(cat(field, ": expected finite values, got ", m(i, j), " at [", i, ", ", j, "]"));
+}
+
+template <class Derived>
+void require_shape(const Eigen::MatrixBase<Derived>& m, Index rows, Index cols, const char* field) {
+  if (m.rows() != rows || m.cols() != cols)
+    throw shape_error(mismatch(field, shape_str(rows, cols), shape_str(m.rows(), m.cols())));
+}
+
+inline double lora_scaling(double alpha, Index rank, bool use_rslora) {
+  return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
+}
+
+// Fills m with PyTorch's kaiming_uniform_(a = sqrt(5)) for a Linear whose fan_in is
+// m.cols(): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+template <class Derived, class URBG>
+void kaiming_uniform_sqrt5(Eigen::MatrixBase<Derived>& m, URBG& gen) {
+  const double bound = 1.0 / std::sqrt(static_cast<double>(m.cols()));
+  for (Index i = 0; i < m.rows(); ++i)
+    for (Index j = 0; j < m.cols(); ++j)
+      m(i, j) = static_cast<typename Derived::Scalar>(uniform(gen, -bound, bound));
+}
+
+}  // namespace detail
+
+template <class Scalar>
+class LoRA {
+  static_assert(detail::is_supported_scalar<Scalar>, "molora::LoRA supports float and double");
+
+public:
+  // A zero adapter (A = 0, B = 0). Throws config_error for a zero size or a bad alpha.
+  LoRA(Index in_features, Index out_features, Index rank, double lora_alpha, bool use_rslora = false)
+      : in_(in_features), out_(out_features), rank_(rank) {
+    if (in_features <= 0) throw config_error(detail::mismatch("in_features", "a value >= 1", in_features));
+    if (out_features <= 0) throw config_error(detail::mismatch("out_features", "a value >= 1", out_features));
+    if (rank <= 0) throw config_error(detail::mismatch("rank", "a value >= 1", rank));
+    if (!std::isfinite(lora_alpha) || !(lora_alpha > 0))
+      throw config_error(detail::mismatch("lora_alpha", "a finite value > 0", lora_alpha));
+    scaling_ = static_cast<Scalar>(detail::lora_scaling(lora_alpha, rank, use_rslora));
+    A_.setZero(rank, in_features);
+    B_.setZero(out_features, rank);
+  }
+
+  Index in_features() const { return in_; }
+  Index out_features() const { return out_; }
+  Index rank() const { return rank_; }
+  Scalar scaling() const { return scaling_; }
+
+  const RowMatrix<Scalar>& A() const { return A_; }  // [rank, in]
+  const ColMatrix<Scalar>& B() const { return B_; }  // [out, rank]
+
+  // Requires: a is [rank, in] with finite entries. Throws shape_error / numeric_error and
+  // leaves the adapter unchanged on failure.
+  template <class Derived>
+  void set_A(const Eigen::MatrixBase<Derived>& a) {
+    detail::require_shape(a, rank_, in_, "lora_A.weight");
+    detail::require_finite(a, "lora_A.weight");
+    A_ = a.template cast<Scalar>();
+  }
+  // Requires: b is [out, rank] with finite entries.
+  template <class Derived>
+  void set_B(const Eigen::MatrixBase<Derived>& b) {
+    detail::require_shape(b, out_, rank_, "lora_B.weight");
+    detail::require_finite(b, "lora_B.weight");
+    B_ = b.template cast<Scalar>();
+  }
+
+  // PEFT's default initialisation: A kaiming-uniform(a = sqrt 5), B zero.
+  template <class URBG>
+  void init_peft(URBG& gen) {
+    detail::kaiming_uniform_sqrt5(A_, gen);
+    B_.setZero();
+  }
+
+  // s * (x A^T) B^T as an expression, [T, out] for x [T, in]; `y += lora.delta(x)`.
+  // Asserts (does not throw) on x's width; the layers above check their inputs.
+  template <class Derived>
+  auto delta(const Eigen::MatrixBase<Derived>& x) const {
+    MOLORA_ASSERT(x.cols() == in_);
+    return ((x * A_.transpose()) * B_.transpose()) * scaling_;
+  }
+
+  // W0 += s * B A (PEFT merge). w is [out, in]. Computes the update first and commits only
+  // if every merged value is finite (PEFT's safe_merge); throws and leaves w untouched else.
+  void merge(RowRef<Scalar> w) const { apply_merge(w, Scalar(1)); }
+  // W0 -= s * B A (PEFT unmerge).
+  void unmerge(RowRef<Scalar> w) const { apply_merge(w, Scalar(-1)); }
+
+private:
+  void apply_merge(RowRef<Scalar>& w, Scalar sign) const {
+    detail::require_shape(w, out_, in_, "base weight");
+    RowMatrix<Scalar> merged = w;
+    merged.noalias() += (sign * scaling_) * (B_ * A_);  // [out, in]
+    detail::require_finite(merged, "merged weight");
+    w = merged;
+  }
+
+  Index in_, out_, rank_;
+  Scalar scaling_ = 0;
+  RowMatrix<Scalar> A_;  // [rank, in]
+  ColMatrix<Scalar> B_;  // [out, rank]
+};
+
+}  // namespace molora

@@ -1,0 +1,384 @@
+// The layers. MoLoRAAdapter = router + gating + E LoRA experts; it adds its delta into an
+// output the caller already holds (a host model that does its own, perhaps quantised, base
+// matmul). MoLoRALinear = base W0 [out, in], optional b0 [out], plus an adapter: a drop-in
+// for torch.nn.Linear, y = x W0^T + b0 + delta. Layers check their inputs and throw; the
+// routines below them assert.
+//
+// Expert storage: all experts' A stacked as one [E*r, in] row-major matrix (expert e is rows
+// [e*r, (e+1)*r)), all experts' B as one [out, E*r] column-major matrix (expert e is columns
+// [e*r, (e+1)*r)). Each expert's block is contiguous, and the stacked A is what a dense
+// shrink multiplies in one GEMM.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "config.hpp"
+#include "dispatch.hpp"
+#include "errors.hpp"
+#include "gating.hpp"
+#include "lora.hpp"
+#include "random.hpp"
+#include "router.hpp"
+#include "types.hpp"
+
+namespace molora {
+
+// Everything a forward writes besides its output. Reuse one per thread: a warm forward of
+// the same or a smaller batch then allocates nothing. Also holds the generator that the
+// sampling selection draws from (seed it with seed()).
+template <class Scalar>
+struct MoLoRAWorkspace {
+  RowMatrix<Scalar> logits;     // [T, E] router logits of the last forward
+  Routing<Scalar> routing;      // [T, k] routing of the last forward
+  DispatchPlan<Scalar> plan;    // pairs grouped by expert
+  std::vector<Scalar> probs;    // [E] softmax scratch
+  RowMatrix<Scalar> gathered;   // [>= n_e, in] rows of x routed to one expert
+  RowMatrix<Scalar> hidden;     // [>= n_e, r]  A_e x, then scaled by s * g
+  RowMatrix<Scalar> expanded;   // [>= n_e, out] B_e h before the scatter-add
+  RowMatrix<Scalar> x_copy;     // [T, in] copy of x when x and y share memory
+  Generator rng{0x6d6f6c6f7261ULL};
+
+  void seed(std::uint64_t s) { rng.seed(s); }
+};
+
+namespace detail {
+
+// Grows m to at least rows x cols (never shrinks, so a warm workspace does not allocate).
+template <class M>
+void reserve_rows(M& m, Index rows, Index cols) {
+  if (m.rows() < rows || m.cols() != cols) m.resize(std::max(rows, m.rows()), cols);
+}
+
+// True if the memory spanned by two row-major views overlaps.
+template <class A, class B>
+bool overlaps(const A& a, const B& b) {
+  if (a.size() == 0 || b.size() == 0) return false;
+  const auto* a0 = reinterpret_cast<const char*>(a.data());
+  const auto* a1 = reinterpret_cast<const char*>(a.data() + (a.rows() - 1) * a.outerStride() + a.cols());
+  const auto* b0 = reinterpret_cast<const char*>(b.data());
+  const auto* b1 = reinterpret_cast<const char*>(b.data() + (b.rows() - 1) * b.outerStride() + b.cols());
+  return a0 < b1 && b0 < a1;
+}
+
+}  // namespace detail
+
+template <class Scalar>
+class MoLoRAAdapter {
+  static_assert(detail::is_supported_scalar<Scalar>, "molora::MoLoRAAdapter supports float and double");
+
+public:
+  using Workspace = MoLoRAWorkspace<Scalar>;
+
+  // A zero adapter (router and experts zero). Validates config (throws config_error).
+  explicit MoLoRAAdapter(const MoLoRAConfig& config)
+      : config_((config.validate(), config)),
+        router_(config.in_features, config.num_experts, config.router_bias),
+        scaling_(static_cast<Scalar>(config.scaling())) {
+    A_.setZero(config.num_experts * config.rank, config.in_features);
+    B_.setZero(config.out_features, config.num_experts * config.rank);
+  }
+
+  const MoLoRAConfig& config() const { return config_; }
+  Index in_features() const { return config_.in_features; }
+  Index out_features() const { return config_.out_features; }
+  Index num_experts() const { return config_.num_experts; }
+  Index rank() const { return config_.rank; }
+  Scalar scaling() const { return scaling_; }
+
+  const Router<Scalar>& router() const { return router_; }
+  Router<Scalar>& router() { return router_; }
+
+  // Expert e's A [r, in] and B [out, r] as read-only views into the stacked storage.
+  auto expert_A(Index e) const { return A_.middleRows(checked_expert(e) * rank(), rank()); }
+  auto expert_B(Index e) const { return B_.middleCols(checked_expert(e) * rank(), rank()); }
+  const RowMatrix<Scalar>& stacked_A() const { return A_; }  // [E*r, in]
+  const ColMatrix<Scalar>& stacked_B() const { return B_; }  // [out, E*r]
+  // Writable views for optimisers and loaders that have checked shapes and values; the
+  // layout must not change (no resize).
+  Eigen::Map<RowMatrix<Scalar>> mutable_stacked_A() { return {A_.data(), A_.rows(), A_.cols()}; }
+  Eigen::Map<ColMatrix<Scalar>> mutable_stacked_B() { return {B_.data(), B_.rows(), B_.cols()}; }
+
+  // Sets expert e's A [r, in] / B [out, r]. Throws (and changes nothing) on a bad expert
+  // index, shape or a non-finite entry.
+  template <class Derived>
+  void set_expert_A(Index e, const Eigen::MatrixBase<Derived>& a) {
+    checked_expert(e);
+    detail::require_shape(a, rank(), in_features(), "expert lora_A.weight");
+    detail::require_finite(a, "expert lora_A.weight");
+    A_.middleRows(e * rank(), rank()) = a.template cast<Scalar>();
+  }
+  template <class Derived>
+  void set_expert_B(Index e, const Eigen::MatrixBase<Derived>& b) {
+    checked_expert(e);
+    detail::require_shape(b, out_features(), rank(), "expert lora_B.weight");
+    detail::require_finite(b, "expert lora_B.weight");
+    B_.middleCols(e * rank(), rank()) = b.template cast<Scalar>();
+  }
+
+  // MING-MOE's initialisation: router as torch.nn.Linear, experts as PEFT (A kaiming-uniform,
+  // B zero, so a fresh adapter adds nothing).
+  template <class URBG>
+  void init_default(URBG& gen) {
+    router_.init_uniform(gen);
+    detail::kaiming_uniform_sqrt5(A_, gen);
+    B_.setZero();
+  }
+
+  // y += delta(x) for x [T, in], y [T, out]; routes with the configured gating.
+  // Returns the routing used (it lives in ws). x and y may share memory: x is then copied
+  // into ws before y is written. Throws shape_error on shapes, numeric_error on non-finite
+  // router logits (naming the token); y is unchanged when it throws.
+  template <class Derived>
+  const Routing<Scalar>& add_delta(const Eigen::MatrixBase<Derived>& x, RowRef<Scalar> y, Workspace& ws) const {
+    return add_delta_impl(ConstRowRef<Scalar>(x), y, ws);
+  }
+  // Allocating convenience overload.
+  template <class Derived>
+  void add_delta(const Eigen::MatrixBase<Derived>& x, RowRef<Scalar> y) const {
+    Workspace ws;
+    add_delta_impl(ConstRowRef<Scalar>(x), y, ws);
+  }
+
+  // y += delta(x) with routing supplied by the caller (task-annotated or multi-adapter
+  // serving); k may differ from config().top_k. Throws on a routing that validate_routing
+  // rejects; y is then unchanged.
+  template <class Derived>
+  void add_delta_routed(const Eigen::MatrixBase<Derived>& x, const Routing<Scalar>& routing, RowRef<Scalar> y,
+                        Workspace& ws) const {
+    ConstRowRef<Scalar> xr(x);
+    check_io(xr, y);
+    validate_routing(routing, xr.rows(), num_experts());
+    if (xr.rows() == 0) return;
+    apply_routing(unaliased(xr, y, ws), routing, y, ws);
+  }
+
+  // Router logits [T, E] and routing for x, without touching any output.
+  template <class Derived>
+  const Routing<Scalar>& route_tokens(const Eigen::MatrixBase<Derived>& x, Workspace& ws) const {
+    ConstRowRef<Scalar> xr(x);
+    check_x(xr);
+    compute_routing(xr, ws);
+    return ws.routing;
+  }
+
+  // Internal: checks done, x does not alias y.
+  const Routing<Scalar>& add_delta_unchecked(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
+    compute_routing(x, ws);
+    apply_routing(x, ws.routing, y, ws);
+    return ws.routing;
+  }
+
+  void check_x(const ConstRowRef<Scalar>& x) const {
+    if (x.cols() != in_features())
+      throw shape_error(detail::mismatch("x columns (in_features)", in_features(), x.cols()));
+  }
+  void check_io(const ConstRowRef<Scalar>& x, const RowRef<Scalar>& y) const {
+    check_x(x);
+    if (y.rows() != x.rows() || y.cols() != out_features())
+      throw shape_error(detail::mismatch("y shape", detail::shape_str(x.rows(), out_features()),
+                                         detail::shape_str(y.rows(), y.cols())));
+  }
+
+  // x itself, or its copy in ws when it shares memory with y.
+  static ConstRowRef<Scalar> unaliased(const ConstRowRef<Scalar>& x, const RowRef<Scalar>& y, Workspace& ws) {
+    if (!detail::overlaps(x, y)) return x;
+    ws.x_copy = x;
+    return ConstRowRef<Scalar>(ws.x_copy);
+  }
+
+private:
+  const Routing<Scalar>& add_delta_impl(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
+    check_io(x, y);
+    if (x.rows() == 0) {
+      ws.routing.resize(0, config_.top_k);
+      return ws.routing;
+    }
+    return add_delta_unchecked(unaliased(x, y, ws), y, ws);
+  }
+
+  Index checked_expert(Index e) const {
+    if (e < 0 || e >= num_experts())
+      throw shape_error(detail::mismatch("expert index", detail::cat("[0, ", num_experts(), ")"), e));
+    return e;
+  }
+
+  // Router logits and gating into ws.logits / ws.routing.
+  void compute_routing(const ConstRowRef<Scalar>& x, Workspace& ws) const {
+    const Index T = x.rows(), E = num_experts();
+    if (ws.logits.rows() != T || ws.logits.cols() != E) ws.logits.resize(T, E);
+    router_.logits_into(x, ws.logits);  // [T, E]
+    ws.probs.resize(static_cast<std::size_t>(E));
+    route(ConstRowRef<Scalar>(ws.logits), GatingOptions::from(config_), ws.routing, &ws.rng, ws.probs.data());
+  }
+
+  // y[t] += sum over t's slots of g * s * B_e A_e x[t]: per expert, gather its tokens,
+  // shrink, scale, expand, scatter-add (strategy (a), the reference for the fast paths).
+  void apply_routing(const ConstRowRef<Scalar>& x, const Routing<Scalar>& routing, RowRef<Scalar>& y,
+                     Workspace& ws) const {
+    ws.plan.build(routing, num_experts());
+    const Index n_max = ws.plan.max_count(), r = rank();
+    detail::reserve_rows(ws.gathered, n_max, in_features());
+    detail::reserve_rows(ws.hidden, n_max, r);
+    detail::reserve_rows(ws.expanded, n_max, out_features());
+    for (const std::int32_t e : ws.plan.active) {
+      const Index n = ws.plan.count(e), b = ws.plan.begin(e);
+      const auto* tok = ws.plan.tokens.data() + b;
+      const auto* gate = ws.plan.gates.data() + b;
+      auto xg = ws.gathered.topRows(n);  // [n, in]
+      for (Index i = 0; i < n; ++i) xg.row(i) = x.row(tok[i]);
+      auto h = ws.hidden.topRows(n);  // [n, r]
+      h.noalias() = xg * A_.middleRows(Index(e) * r, r).transpose();
+      for (Index i = 0; i < n; ++i) h.row(i) *= scaling_ * gate[i];
+      auto d = ws.expanded.topRows(n);  // [n, out]
+      d.noalias() = h * B_.middleCols(Index(e) * r, r).transpose();
+      for (Index i = 0; i < n; ++i) y.row(tok[i]) += d.row(i);
+    }
+  }
+
+  MoLoRAConfig config_;
+  Router<Scalar> router_;
+  Scalar scaling_;
+  RowMatrix<Scalar> A_;  // [E*r, in]
+  ColMatrix<Scalar> B_;  // [out, E*r]
+};
+
+template <class Scalar>
+class MoLoRALinear {
+  static_assert(detail::is_supported_scalar<Scalar>, "molora::MoLoRALinear supports float and double");
+
+public:
+  using Workspace = MoLoRAWorkspace<Scalar>;
+  using BaseWeightMap = Eigen::Map<const RowMatrix<Scalar>>;
+  using BaseBiasMap = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>;
+
+  // Owns a zero base weight [out, in] without bias, and a zero adapter.
+  explicit MoLoRALinear(const MoLoRAConfig& config) : adapter_(config) {
+    owned_weight_.setZero(config.out_features, config.in_features);
+  }
+
+  const MoLoRAConfig& config() const { return adapter_.config(); }
+  Index in_features() const { return adapter_.in_features(); }
+  Index out_features() const { return adapter_.out_features(); }
+  const MoLoRAAdapter<Scalar>& adapter() const { return adapter_; }
+  MoLoRAAdapter<Scalar>& adapter() { return adapter_; }
+
+  // Base weight [out, in] and bias [out] (empty map without a bias), owned or wrapped.
+  BaseWeightMap base_weight() const {
+    return BaseWeightMap(wrapped_weight_ ? wrapped_weight_ : owned_weight_.data(), out_features(), in_features());
+  }
+  bool has_base_bias() const { return bias_ptr() != nullptr; }
+  BaseBiasMap base_bias() const { return BaseBiasMap(bias_ptr(), has_base_bias() ? out_features() : 0); }
+  bool wraps_base() const { return wrapped_weight_ != nullptr; }
+
+  // Copies w [out, in] (finite) into an owned base weight; stops wrapping.
+  template <class Derived>
+  void set_base_weight(const Eigen::MatrixBase<Derived>& w) {
+    detail::require_shape(w, out_features(), in_features(), "base weight");
+    detail::require_finite(w, "base weight");
+    owned_weight_ = w.template cast<Scalar>();
+    wrapped_weight_ = nullptr;
+  }
+  // Copies b [out] (row or column) into an owned base bias; stops wrapping the bias.
+  template <class Derived>
+  void set_base_bias(const Eigen::MatrixBase<Derived>& b) {
+    if (b.size() != out_features() || (b.rows() != 1 && b.cols() != 1))
+      throw shape_error(detail::mismatch("base bias", detail::cat("[", out_features(), "]"),
+                                         detail::shape_str(b.rows(), b.cols())));
+    detail::require_finite(b, "base bias");
+    owned_bias_.resize(out_features());
+    for (Index i = 0; i < out_features(); ++i) owned_bias_(i) = static_cast<Scalar>(b(i));
+    wrapped_bias_ = nullptr;
+  }
+  void clear_base_bias() {
+    owned_bias_.resize(0);
+    wrapped_bias_ = nullptr;
+  }
+  // Uses the host model's buffer as the base weight without a copy. The buffer must hold
+  // [out, in] row-major and outlive the layer's use of it. Throws shape_error on a mismatch.
+  void wrap_base_weight(const BaseWeightMap& w) {
+    detail::require_shape(w, out_features(), in_features(), "wrapped base weight");
+    wrapped_weight_ = w.data();
+    owned_weight_.resize(0, 0);
+  }
+  void wrap_base_bias(const Eigen::Map<const Vector<Scalar>>& b) {
+    if (b.size() != out_features())
+      throw shape_error(detail::mismatch("wrapped base bias", detail::cat("[", out_features(), "]"),
+                                         detail::cat("[", b.size(), "]")));
+    wrapped_bias_ = b.data();
+    owned_bias_.resize(0);
+  }
+
+  // y = x W0^T + b0 + delta(x), x [T, in], y [T, out]. Returns the routing used (in ws).
+  // x and y may share memory (x is copied into ws first). Throws shape_error /
+  // numeric_error; y's contents are unspecified after a numeric_error.
+  template <class Derived>
+  const Routing<Scalar>& forward(const Eigen::MatrixBase<Derived>& x, RowRef<Scalar> y, Workspace& ws) const {
+    ConstRowRef<Scalar> xr(x);
+    adapter_.check_io(xr, y);
+    if (xr.rows() == 0) {
+      ws.routing.resize(0, config().top_k);
+      return ws.routing;
+    }
+    const ConstRowRef<Scalar> xs = adapter_.unaliased(xr, y, ws);
+    base_into(xs, y);
+    return adapter_.add_delta_unchecked(xs, y, ws);
+  }
+  template <class Derived>
+  void forward(const Eigen::MatrixBase<Derived>& x, RowRef<Scalar> y) const {
+    Workspace ws;
+    forward(x, y, ws);
+  }
+  // Allocating convenience: returns y [T, out].
+  template <class Derived>
+  RowMatrix<Scalar> forward(const Eigen::MatrixBase<Derived>& x) const {
+    RowMatrix<Scalar> y(x.rows(), out_features());
+    forward(x, y);
+    return y;
+  }
+  // Same with routing supplied by the caller.
+  template <class Derived>
+  void forward_routed(const Eigen::MatrixBase<Derived>& x, const Routing<Scalar>& routing, RowRef<Scalar> y,
+                      Workspace& ws) const {
+    ConstRowRef<Scalar> xr(x);
+    adapter_.check_io(xr, y);
+    validate_routing(routing, xr.rows(), adapter_.num_experts());
+    if (xr.rows() == 0) return;
+    const ConstRowRef<Scalar> xs = adapter_.unaliased(xr, y, ws);
+    base_into(xs, y);
+    adapter_.add_delta_routed(xs, routing, y, ws);
+  }
+
+  // The base layer alone: y = x W0^T + b0 (what the adapter is measured against).
+  template <class Derived>
+  void forward_base(const Eigen::MatrixBase<Derived>& x, RowRef<Scalar> y) const {
+    ConstRowRef<Scalar> xr(x);
+    adapter_.check_io(xr, y);
+    if (detail::overlaps(xr, y)) {
+      RowMatrix<Scalar> copy = xr;
+      base_into(ConstRowRef<Scalar>(copy), y);
+    } else {
+      base_into(xr, y);
+    }
+  }
+
+private:
+  const Scalar* bias_ptr() const {
+    if (wrapped_bias_) return wrapped_bias_;
+    return owned_bias_.size() > 0 ? owned_bias_.data() : nullptr;
+  }
+
+  void base_into(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y) const {
+    y.noalias() = x * base_weight().transpose();  // [T, out]
+    if (has_base_bias()) y.rowwise() += base_bias();
+  }
+
+  MoLoRAAdapter<Scalar> adapter_;
+  RowMatrix<Scalar> owned_weight_;               // [out, in] unless wrapping
+  Vector<Scalar> owned_bias_;                    // [out] or empty
+  const Scalar* wrapped_weight_ = nullptr;
+  const Scalar* wrapped_bias_ = nullptr;
+};
+
+}  // namespace molora

@@ -1,0 +1,93 @@
+// Router: logits = x W_r^T (+ b_r), one score per expert for each token. MING-MOE's router
+// (`switch`) has a bias; MoLoRA (Zadouri) and MixLoRA's `moe_gate` do not.
+#pragma once
+
+#include "errors.hpp"
+#include "lora.hpp"
+#include "random.hpp"
+#include "types.hpp"
+
+namespace molora {
+
+template <class Scalar>
+class Router {
+  static_assert(detail::is_supported_scalar<Scalar>, "molora::Router supports float and double");
+
+public:
+  using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
+
+  // A zero router. Throws config_error for zero sizes.
+  Router(Index in_features, Index num_experts, bool has_bias)
+      : has_bias_(has_bias) {
+    if (in_features <= 0) throw config_error(detail::mismatch("in_features", "a value >= 1", in_features));
+    if (num_experts <= 0) throw config_error(detail::mismatch("num_experts", "a value >= 1", num_experts));
+    weight_.setZero(num_experts, in_features);
+    bias_.setZero(num_experts);
+  }
+
+  Index in_features() const { return weight_.cols(); }
+  Index num_experts() const { return weight_.rows(); }
+  bool has_bias() const { return has_bias_; }
+
+  const RowMatrix<Scalar>& weight() const { return weight_; }  // [E, in]
+  const RowVector& bias() const { return bias_; }              // [E], zero without a bias
+  // Writable views for optimisers (shape fixed).
+  Eigen::Map<RowMatrix<Scalar>> mutable_weight() { return {weight_.data(), weight_.rows(), weight_.cols()}; }
+  Eigen::Map<RowVector> mutable_bias() { return {bias_.data(), bias_.size()}; }
+
+  // Requires w [E, in], finite. Unchanged on failure.
+  template <class Derived>
+  void set_weight(const Eigen::MatrixBase<Derived>& w) {
+    detail::require_shape(w, num_experts(), in_features(), "router.weight");
+    detail::require_finite(w, "router.weight");
+    weight_ = w.template cast<Scalar>();
+  }
+  // Requires a router with a bias, and b with E entries (row or column), finite.
+  template <class Derived>
+  void set_bias(const Eigen::MatrixBase<Derived>& b) {
+    if (!has_bias_) throw config_error("router.bias: expected no bias (router_bias = false), got a bias tensor");
+    if (b.size() != num_experts() || (b.rows() != 1 && b.cols() != 1))
+      throw shape_error(detail::mismatch("router.bias", detail::cat("[", num_experts(), "]"),
+                                         detail::shape_str(b.rows(), b.cols())));
+    detail::require_finite(b, "router.bias");
+    for (Index e = 0; e < num_experts(); ++e) bias_(e) = static_cast<Scalar>(b(e));
+  }
+
+  // PyTorch's nn.Linear default: weight and bias U(-1/sqrt(in), 1/sqrt(in)) (MING-MOE).
+  template <class URBG>
+  void init_uniform(URBG& gen) {
+    detail::kaiming_uniform_sqrt5(weight_, gen);
+    const double bound = 1.0 / std::sqrt(static_cast<double>(in_features()));
+    if (has_bias_)
+      for (Index e = 0; e < num_experts(); ++e) bias_(e) = static_cast<Scalar>(detail::uniform(gen, -bound, bound));
+  }
+  // N(0, std^2) weight, zero bias (MixLoRA: std = 0.02).
+  template <class URBG>
+  void init_normal(URBG& gen, double std_dev) {
+    for (Index i = 0; i < weight_.rows(); ++i)
+      for (Index j = 0; j < weight_.cols(); ++j)
+        weight_(i, j) = static_cast<Scalar>(std_dev * detail::normal01(gen));
+    bias_.setZero();
+  }
+
+  // logits [T, E] for x [T, in], as an expression. Asserts on x's width.
+  template <class Derived>
+  auto logits(const Eigen::MatrixBase<Derived>& x) const {
+    MOLORA_ASSERT(x.cols() == in_features());
+    return ((x * weight_.transpose()).rowwise() + bias_);
+  }
+
+  // Writes logits into out [T, E] without allocating. Requires x [T, in], out [T, E].
+  void logits_into(const ConstRowRef<Scalar>& x, RowRef<Scalar> out) const {
+    MOLORA_ASSERT(x.cols() == in_features() && out.rows() == x.rows() && out.cols() == num_experts());
+    out.noalias() = x * weight_.transpose();  // [T, E]
+    if (has_bias_) out.rowwise() += bias_;
+  }
+
+private:
+  bool has_bias_;
+  RowMatrix<Scalar> weight_;  // [E, in]
+  RowVector bias_;            // [E]
+};
+
+}  // namespace molora
