@@ -26,11 +26,11 @@ for t in "${targets[@]}"; do
   cp "$root/tests/fuzz/corpus/$t/"* "$work/corpus/" 2>/dev/null || true
   echo "== $t: ${seconds}s"
   set +e
-  "$build/$t" "$work/corpus" -max_total_time="$seconds" -max_len=4096 -rss_limit_mb=2048 \
+  "$build/tests/$t" "$work/corpus" -max_total_time="$seconds" -max_len=4096 -rss_limit_mb=2048 \
     -artifact_prefix="$work/artifacts/" -print_final_stats=1 > "$work/log.txt" 2>&1
   rc=$?
   set -e
-  execs="$(grep -m1 'stat::number_of_executed_units' "$work/log.txt" | awk '{print $2}')"
+  execs="$(grep -m1 'stat::number_of_executed_units' "$work/log.txt" | awk '{print $2}' || true)"
   echo "$t: exit $rc, executions ${execs:-?}, corpus $(ls "$work/corpus" | wc -l) files"
   if [ "$rc" -ne 0 ]; then
     status=1

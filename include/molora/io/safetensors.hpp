@@ -599,6 +599,9 @@ inline std::uint64_t checked_numel(const std::string& name, const std::vector<st
 template <class Src>
 std::vector<std::uint8_t> encode(const std::string& name, const Src* src, std::size_t n, Dtype dtype) {
   static_assert(molora::detail::is_supported_scalar<Src>, "source must be float or double");
+  if (!is_float_dtype(dtype))
+    throw format_error(molora::detail::mismatch(molora::detail::cat("tensor '", name, "': dtype"),
+                                                "F32, F64, F16 or BF16 for float data", to_string(dtype)));
   std::vector<std::uint8_t> out(n * dtype_size(dtype));
   std::uint8_t* o = out.data();
   for (std::size_t i = 0; i < n; ++i) {
@@ -625,9 +628,7 @@ std::vector<std::uint8_t> encode(const std::string& name, const Src* src, std::s
         std::memcpy(o + 2 * i, &v, 2);
         break;
       }
-      default:
-        throw format_error(molora::detail::mismatch(molora::detail::cat("tensor '", name, "': dtype"),
-                                                    "F32, F64, F16 or BF16 for float data", to_string(dtype)));
+      default: break;  // excluded above
     }
   }
   return out;
