@@ -62,7 +62,9 @@ def main(argv=None) -> int:
     before = Counter(str(v.dtype).replace("torch.", "") for v in state.values())
     out = convert(state, args.dtype)
     after = Counter(str(v.dtype).replace("torch.", "") for v in out.values())
-    meta = {"format": "pt", "converted_from": args.input.rsplit("/", 1)[-1]}
+    # one key by default: safetensors orders a multi-key metadata map by hash, so more keys
+    # would make the output bytes vary from run to run
+    meta = {"format": "pt"}
     for kv in args.metadata:
         if "=" not in kv:
             raise SystemExit(f"error: --metadata wants KEY=VALUE, got {kv!r}")
