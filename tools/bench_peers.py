@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-reps", type=int, default=3)
     ap.add_argument("--max-reps", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None, help="also write the tables as markdown here")
     args = ap.parse_args(argv)
 
     threads = [int(t) for t in args.threads.split(",")]
@@ -156,7 +157,27 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         print(f"\nwrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_tables(rows))
+        print(f"wrote {args.markdown}")
     return 0
+
+
+def markdown_tables(rows) -> str:
+    """One table per (shape, threads): median ms and adapted/base ratios per T."""
+    out = []
+    keys = sorted({(r["in"], r["out"], r["threads"]) for r in rows}, key=lambda k: (k[2], k[0], k[1]))
+    for in_f, out_f, nt in keys:
+        out.append(f"\n### {in_f} -> {out_f}, {nt} thread{'s' if nt > 1 else ''}\n")
+        out.append("| T | base ms | MING-MOE ms | PEFT LoRA ms | MING/base | PEFT/base | reps | load avg |")
+        out.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            if (r["in"], r["out"], r["threads"]) != (in_f, out_f, nt):
+                continue
+            out.append(f"| {r['T']} | {r['base_ms']:.3f} | {r['ming_ms']:.3f} | {r['peft_ms']:.3f} | "
+                       f"{r['ratio_ming']:.3f} | {r['ratio_peft']:.3f} | {r['reps']} | {r['loadavg']:.2f} |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
