@@ -1,0 +1,15 @@
+#include <molora/molora.hpp>
+
+#include <cstdio>
+
+int main() {
+  molora::MoLoRAConfig c;
+  c.in_features = 8;
+  c.out_features = 4;
+  molora::MoLoRALinear<float> layer(c);
+  molora::Generator gen(1);
+  layer.adapter().init_default(gen);
+  const molora::RowMatrix<float> y = layer.forward(molora::RowMatrix<float>::Ones(3, 8));
+  std::printf("molora %s consumer: y is %ldx%ld\n", MOLORA_VERSION_STRING, long(y.rows()), long(y.cols()));
+  return y.rows() == 3 && y.cols() == 4 ? 0 : 1;
+}
