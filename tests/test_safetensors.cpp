@@ -454,6 +454,10 @@ TEST_CASE("safetensors: malformed files are format_errors that say what is wrong
     msg = open_error(dir, st_file("{\"\xff\": 1}"));  // not UTF-8
     CHECK(contains(msg, "not valid JSON"));
   }
+  SUBCASE("deeply nested header") {
+    msg = open_error(dir, st_file(R"({"__metadata__":{"a":)" + std::string(100, '[') + std::string(100, ']') + "}}"));
+    CHECK(contains(msg, "nesting depth"));
+  }
   SUBCASE("top level not an object") {
     msg = open_error(dir, st_file("[1, 2]"));
     CHECK(contains(msg, "expected a JSON object, got array"));

@@ -298,6 +298,7 @@ constexpr Dtype dtype_of() {
 class SafetensorsReader {
 public:
   static constexpr std::uint64_t max_header_bytes = 100u * 1000u * 1000u;  // reference limit
+  static constexpr int max_header_depth = 32;
 
   // Maps `path` read-only. Throws format_error naming the file on any I/O or format problem.
   explicit SafetensorsReader(const std::string& path)
@@ -456,8 +457,11 @@ private:
     std::string duplicate, current_top, duplicate_top;
     std::size_t duplicate_depth = 0;
     bool have_duplicate = false;
-    auto cb = [&](int /*depth*/, nlohmann::json::parse_event_t ev, nlohmann::json& parsed) {
+    auto cb = [&](int depth, nlohmann::json::parse_event_t ev, nlohmann::json& parsed) {
       using E = nlohmann::json::parse_event_t;
+      // A real header nests 3 deep; refusing deep nesting bounds the parser's memory.
+      if (depth > max_header_depth)
+        fail_file(molora::detail::mismatch("header nesting depth", molora::detail::cat("at most ", max_header_depth), "more"));
       if (ev == E::object_start) {
         open_keys.emplace_back();
       } else if (ev == E::object_end) {
