@@ -355,6 +355,10 @@ TEST_CASE("safetensors: accessor errors name the tensor and say expected vs actu
   CHECK(contains(msg, p));
   msg = error_of([&] { (void)r.info("nope"); });
   CHECK(contains(msg, "no such tensor"));
+  msg = error_of([&] { SafetensorsReader d(dir.path.string()); });
+  CHECK(contains(msg, "not a regular file"));
+  msg = error_of([&] { SafetensorsReader d(dir.file("absent.safetensors")); });
+  CHECK(contains(msg, "absent.safetensors: cannot open"));
 
   msg = error_of([&] { r.expect_shape("w", 3, 2); });
   CHECK(contains(msg, "'w'"));

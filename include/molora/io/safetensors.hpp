@@ -11,13 +11,15 @@
 // rejected. (The reference insists on an exact in-order tiling; nothing we do relies on it,
 // and files written by other tools with alignment padding then still load.)
 //
-// The host must be little-endian (checked at compile time where the compiler says).
+// The host must be little-endian (checked at compile time where the compiler says). As with
+// any mmap, a file truncated by another process while a reader maps it faults on access.
 #pragma once
 
 #include <Eigen/Core>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -224,6 +226,10 @@ public:
       const int err = errno;
       ::close(fd);
       throw format_error(molora::detail::cat(path, ": cannot stat: ", std::strerror(err)));
+    }
+    if (!S_ISREG(st.st_mode)) {
+      ::close(fd);
+      throw format_error(molora::detail::cat(path, ": not a regular file"));
     }
     size_ = static_cast<std::size_t>(st.st_size);
     if (size_ > 0) {
@@ -720,7 +726,7 @@ inline void save_safetensors(const std::string& path, std::vector<TensorToWrite>
   std::uint64_t n = text.size();
   for (int i = 0; i < 8; ++i) len[i] = static_cast<std::uint8_t>(n >> (8 * i));
 
-  static std::uint64_t counter = 0;  // distinguishes temp files of one process
+  static std::atomic<std::uint64_t> counter{0};  // distinguishes temp files of one process
   const std::string tmp = molora::detail::cat(path, ".tmp.", ::getpid(), ".", ++counter);
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   if (!f) throw format_error(molora::detail::cat(path, ": cannot create ", tmp, ": ", std::strerror(errno)));
