@@ -18,12 +18,38 @@
 #include "dispatch.hpp"
 #include "errors.hpp"
 #include "gating.hpp"
+#include "kernels/dispatch_kernels.hpp"
 #include "lora.hpp"
 #include "random.hpp"
 #include "router.hpp"
 #include "types.hpp"
 
+#if defined(MOLORA_USE_OPENMP)
+#include <omp.h>
+#endif
+
 namespace molora {
+
+// How the experts' delta is computed (all give the same values up to rounding):
+//   eigen         per expert: gather its tokens, shrink GEMM, scale, expand GEMM,
+//                 scatter-add (MixLoRA / ggml style; the reference for the others)
+//   dense_shrink  one GEMM x * A_stacked^T [T, E*r] for all experts, then a sparse expand of
+//                 the selected experts only (E/k times the shrink work, as one big GEMM)
+//   fused         kernels/: per expert, tiles of its tokens; h = A_e x stays in L1 and
+//                 (s*g) B_e h is added straight into y
+//   automatic     fused, except dense_shrink when the routing is dense (k == E) and
+//                 T * r * E is large: measured in docs/benchmarks.md
+enum class Strategy { automatic, eigen, dense_shrink, fused };
+
+inline const char* to_string(Strategy s) {
+  switch (s) {
+    case Strategy::automatic: return "automatic";
+    case Strategy::eigen: return "eigen";
+    case Strategy::dense_shrink: return "dense_shrink";
+    case Strategy::fused: return "fused";
+  }
+  return "?";
+}
 
 // Everything a forward writes besides its output. Reuse one per thread: a warm forward of
 // the same or a smaller batch then allocates nothing. Also holds the generator that the
@@ -38,6 +64,8 @@ struct MoLoRAWorkspace {
   RowMatrix<Scalar> hidden;     // [>= n_e, r]  A_e x, then scaled by s * g
   RowMatrix<Scalar> expanded;   // [>= n_e, out] B_e h before the scatter-add
   RowMatrix<Scalar> x_copy;     // [T, in] copy of x when x and y share memory
+  RowMatrix<Scalar> dense_hidden;      // [>= T, E*r] strategy dense_shrink: A_e x for every expert
+  std::vector<Scalar> kernel_scratch;  // per thread: the fused kernels' h tile and spill
   Generator rng{0x6d6f6c6f7261ULL};
 
   void seed(std::uint64_t s) { rng.seed(s); }
@@ -89,6 +117,18 @@ public:
 
   const Router<Scalar>& router() const { return router_; }
   Router<Scalar>& router() { return router_; }
+
+  // The strategy used for the experts' delta (default automatic). For measurement and
+  // tests; every strategy computes the same values up to rounding.
+  void set_strategy(Strategy s) { strategy_ = s; }
+  Strategy strategy() const { return strategy_; }
+  // The strategy `automatic` resolves to for T tokens and k experts per token.
+  Strategy resolved_strategy(Index num_tokens, Index top_k) const {
+    if (strategy_ != Strategy::automatic) return strategy_;
+    // Dense routing: the dense shrink does no extra work and is one large GEMM.
+    if (top_k == num_experts() && num_tokens * rank() * num_experts() >= 4096) return Strategy::dense_shrink;
+    return Strategy::fused;
+  }
 
   // Expert e's A [r, in] and B [out, r] as read-only views into the stacked storage.
   auto expert_A(Index e) const { return A_.middleRows(checked_expert(e) * rank(), rank()); }
@@ -213,11 +253,22 @@ private:
     route(ConstRowRef<Scalar>(ws.logits), GatingOptions::from(config_), ws.routing, &ws.rng, ws.probs.data());
   }
 
-  // y[t] += sum over t's slots of g * s * B_e A_e x[t]: per expert, gather its tokens,
-  // shrink, scale, expand, scatter-add (strategy (a), the reference for the fast paths).
+  // y[t] += sum over t's slots of g * s * B_e A_e x[t], with the strategy resolved for this
+  // batch. With OpenMP (MOLORA_USE_OPENMP), fused and dense_shrink split the tokens into one
+  // contiguous range per thread: each y row is written by one thread, with its experts added
+  // in ascending order, so the result is bitwise the same for any number of threads.
   void apply_routing(const ConstRowRef<Scalar>& x, const Routing<Scalar>& routing, RowRef<Scalar>& y,
                      Workspace& ws) const {
     ws.plan.build(routing, num_experts());
+    switch (resolved_strategy(x.rows(), routing.top_k())) {
+      case Strategy::eigen: apply_eigen(x, y, ws); break;
+      case Strategy::dense_shrink: apply_dense_shrink(x, y, ws); break;
+      default: apply_fused(x, y, ws); break;
+    }
+  }
+
+  // Strategy eigen: per expert, gather its tokens, shrink, scale, expand, scatter-add.
+  void apply_eigen(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
     const Index n_max = ws.plan.max_count(), r = rank();
     detail::reserve_rows(ws.gathered, n_max, in_features());
     detail::reserve_rows(ws.hidden, n_max, r);
@@ -237,11 +288,78 @@ private:
     }
   }
 
+  kernels::ExpertStack<Scalar> expert_stack() const {
+    return {A_.data(), B_.data(), rank(), in_features(), out_features(), scaling_};
+  }
+  static kernels::PairGroups<Scalar> pair_groups(const DispatchPlan<Scalar>& p) {
+    return {p.offsets.data(), p.tokens.data(), p.gates.data(), p.active.data(), static_cast<Index>(p.active.size())};
+  }
+
+  // Threads for T tokens: OpenMP's current limit when there are enough tokens to split.
+  static int thread_count(Index num_tokens) {
+#if defined(MOLORA_USE_OPENMP)
+    if (num_tokens >= 8 && !omp_in_parallel()) return std::max(1, omp_get_max_threads());
+#endif
+    (void)num_tokens;
+    return 1;
+  }
+
+  // Runs body(t_begin, t_end, thread) over contiguous token ranges, one per thread.
+  template <class Body>
+  static void for_token_ranges(Index num_tokens, int threads, const Body& body) {
+#if defined(MOLORA_USE_OPENMP)
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+      {
+        const Index p = omp_get_thread_num(), P = omp_get_num_threads();
+        body(num_tokens * p / P, num_tokens * (p + 1) / P, p);
+      }
+      return;
+    }
+#endif
+    (void)threads;
+    body(Index(0), num_tokens, Index(0));
+  }
+
+  // Strategy fused: kernels/dispatch_kernels.hpp over each thread's tokens.
+  void apply_fused(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
+    const int threads = thread_count(x.rows());
+    const Index per_thread = kernels::fused_scratch_size<kernels::default_arch, Scalar>(rank());
+    const auto need = static_cast<std::size_t>(per_thread * threads);
+    if (ws.kernel_scratch.size() < need) ws.kernel_scratch.resize(need);
+    const auto w = expert_stack();
+    const auto g = pair_groups(ws.plan);
+    Scalar* scratch = ws.kernel_scratch.data();
+    const Scalar* xp = x.data();
+    Scalar* yp = y.data();
+    const Index ldx = x.outerStride(), ldy = y.outerStride();
+    for_token_ranges(x.rows(), threads, [&](Index t0, Index t1, Index p) {
+      kernels::fused_tokens(kernels::default_arch{}, w, g, xp, ldx, yp, ldy, t0, t1, scratch + p * per_thread);
+    });
+  }
+
+  // Strategy dense_shrink: h [T, E*r] = x A_stacked^T by one GEMM, then the sparse expand.
+  void apply_dense_shrink(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
+    const Index T = x.rows();
+    detail::reserve_rows(ws.dense_hidden, T, A_.rows());
+    auto h = ws.dense_hidden.topRows(T);  // [T, E*r]
+    h.noalias() = x * A_.transpose();
+    const auto w = expert_stack();
+    const auto g = pair_groups(ws.plan);
+    const Scalar* hp = ws.dense_hidden.data();
+    Scalar* yp = y.data();
+    const Index ldh = ws.dense_hidden.outerStride(), ldy = y.outerStride();
+    for_token_ranges(T, thread_count(T), [&](Index t0, Index t1, Index) {
+      kernels::sparse_expand_tokens(kernels::default_arch{}, w, g, hp, ldh, yp, ldy, t0, t1);
+    });
+  }
+
   MoLoRAConfig config_;
   Router<Scalar> router_;
   Scalar scaling_;
   RowMatrix<Scalar> A_;  // [E*r, in]
   ColMatrix<Scalar> B_;  // [out, E*r]
+  Strategy strategy_ = Strategy::automatic;
 };
 
 template <class Scalar>
@@ -263,6 +381,9 @@ public:
   Index out_features() const { return adapter_.out_features(); }
   const MoLoRAAdapter<Scalar>& adapter() const { return adapter_; }
   MoLoRAAdapter<Scalar>& adapter() { return adapter_; }
+  // The adapter's strategy (see Strategy).
+  void set_strategy(Strategy s) { adapter_.set_strategy(s); }
+  Strategy strategy() const { return adapter_.strategy(); }
 
   // Base weight [out, in] and bias [out] (empty map without a bias), owned or wrapped.
   BaseWeightMap base_weight() const {

@@ -1,0 +1,107 @@
+// Drivers that run the tile kernels of lora_kernels.hpp over a grouped routing (the arrays of
+// a DispatchPlan): strategy `fused` (shrink and expand per tile of an expert's tokens) and the
+// sparse expand of strategy `dense_shrink` (h for every expert already computed by one GEMM).
+// Each driver handles only the tokens in [t_begin, t_end), so threads given disjoint token
+// ranges write disjoint rows of y; per token, experts are added in ascending order whatever
+// the range, so the result does not depend on how the tokens were split.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "lora_kernels.hpp"
+
+namespace molora::kernels {
+
+// All experts of one layer: stacked A [E*r, in] row-major and stacked B [out, E*r]
+// column-major, i.e. expert e's A at a + e*r*in and its B^T [r, out] at b + e*r*out.
+template <class Scalar>
+struct ExpertStack {
+  const Scalar* a;
+  const Scalar* b;
+  Index rank, in, out;
+  Scalar scaling;
+};
+
+// The (token, gate) pairs grouped by expert: expert e's pairs are [offsets[e], offsets[e+1]),
+// tokens ascending within an expert; `active` lists the experts with pairs, ascending.
+template <class Scalar>
+struct PairGroups {
+  const Index* offsets;
+  const std::int32_t* tokens;
+  const Scalar* gates;
+  const std::int32_t* active;
+  Index num_active;
+};
+
+namespace detail {
+
+// The pairs of expert e whose token lies in [t_begin, t_end): [lo, hi).
+template <class Scalar>
+inline void token_subrange(const PairGroups<Scalar>& g, std::int32_t e, Index t_begin, Index t_end, Index& lo,
+                           Index& hi) noexcept {
+  const std::int32_t* first = g.tokens + g.offsets[e];
+  const std::int32_t* last = g.tokens + g.offsets[e + 1];
+  lo = std::lower_bound(first, last, static_cast<std::int32_t>(t_begin)) - g.tokens;
+  hi = std::lower_bound(first, last, static_cast<std::int32_t>(t_end)) - g.tokens;
+}
+
+}  // namespace detail
+
+// Strategy fused, tokens [t_begin, t_end): y[t] += sum over t's pairs (e, g) of
+// s * g * B_e A_e x[t]. x [T, in] and y [T, out] row-major with strides ldx, ldy (must not
+// overlap); scratch holds fused_scratch_size<Arch, Scalar>(rank) values.
+template <class Arch, class Scalar>
+void fused_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scalar>& g, const Scalar* x, Index ldx,
+                  Scalar* y, Index ldy, Index t_begin, Index t_end, Scalar* scratch) noexcept {
+  const Scalar* xr[kTile];
+  Scalar* yr[kTile];
+  Scalar sc[kTile];
+  const Index r = w.rank;
+  for (Index ai = 0; ai < g.num_active; ++ai) {
+    const std::int32_t e = g.active[ai];
+    Index lo = 0, hi = 0;
+    detail::token_subrange(g, e, t_begin, t_end, lo, hi);
+    const Scalar* a = w.a + Index(e) * r * w.in;
+    const Scalar* bt = w.b + Index(e) * r * w.out;
+    for (Index p0 = lo; p0 < hi; p0 += kTile) {
+      const Index n = std::min(kTile, hi - p0);
+      for (Index i = 0; i < n; ++i) {
+        const Index tok = g.tokens[p0 + i];
+        xr[i] = x + tok * ldx;
+        yr[i] = y + tok * ldy;
+        sc[i] = w.scaling * g.gates[p0 + i];
+      }
+      fused(arch, a, w.in, bt, w.out, r, w.in, w.out, xr, yr, sc, n, scratch);
+    }
+  }
+}
+
+// Strategy dense_shrink's sparse expand, tokens [t_begin, t_end): h [T, E*r] row-major
+// (stride ldh) holds A_e x[t] for every expert; adds s * g * B_e h[t, e*r..] for t's pairs.
+template <class Arch, class Scalar>
+void sparse_expand_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scalar>& g, const Scalar* h,
+                          Index ldh, Scalar* y, Index ldy, Index t_begin, Index t_end) noexcept {
+  const Scalar* hr[kTile];
+  Scalar* yr[kTile];
+  Scalar sc[kTile];
+  const Index r = w.rank;
+  for (Index ai = 0; ai < g.num_active; ++ai) {
+    const std::int32_t e = g.active[ai];
+    Index lo = 0, hi = 0;
+    detail::token_subrange(g, e, t_begin, t_end, lo, hi);
+    const Scalar* bt = w.b + Index(e) * r * w.out;
+    for (Index p0 = lo; p0 < hi; p0 += kTile) {
+      const Index n = std::min(kTile, hi - p0);
+      for (Index i = 0; i < n; ++i) {
+        const Index tok = g.tokens[p0 + i];
+        hr[i] = h + tok * ldh + Index(e) * r;
+        yr[i] = y + tok * ldy;
+        sc[i] = w.scaling * g.gates[p0 + i];
+      }
+      expand(arch, bt, w.out, r, w.out, hr, sc, n, yr);
+    }
+  }
+}
+
+}  // namespace molora::kernels

@@ -1,0 +1,299 @@
+// The fused MoLoRA expert kernels (DESIGN.md, "Performance model"): for a tile of tokens
+// routed to one expert, shrink h = A_e x into a small L1 tile, then expand
+// y[tok] += (s * g) * B_e h straight into each token's output row. Written once for any
+// xsimd Arch over raw pointers and sizes, with scalar tails, any rank and any in/out;
+// kernels check nothing and throw nothing (the layers above have checked).
+//
+// Layouts: A_e is [r, in] row-major (PyTorch's lora_A), B_e^T is [r, out] row-major (B_e
+// stored column-major, see lora.hpp): the shrink is a dot product of contiguous rows and the
+// expand a contiguous axpy over `out`. Rows of x, y and h are passed as pointer arrays, so a
+// tile can gather any tokens without copying them.
+//
+// Bitwise reproducibility: the value added to one token's row depends only on that token's
+// x row, the weights and its scale, never on which other tokens share its tile, the tile
+// size or the register block; the `in` chunk length depends on (Arch, Scalar, r) only.
+// Splitting the tokens between threads therefore changes no bit of the result.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "arch.hpp"
+
+#if defined(__clang__)
+#define MOLORA_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define MOLORA_UNROLL _Pragma("GCC unroll 16")
+#else
+#define MOLORA_UNROLL
+#endif
+
+namespace molora::kernels {
+
+using Index = std::ptrdiff_t;
+
+// Tokens per fused tile: h of one tile is kTile x r values, kept in L1.
+constexpr Index kTile = 16;
+
+// Elements of `in` reduced per pass of the shrink: about 16 KB of A_e per pass, so the A
+// chunk and a 4-token x chunk stay in L1 while every token block of the tile reuses them.
+// Depends only on (Arch, Scalar, r), which keeps results independent of the tile.
+template <class Arch, class Scalar>
+constexpr Index shrink_chunk(Index rank) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  const Index kc = (Index(16384) / (rank * Index(sizeof(Scalar)))) / W * W;
+  return kc < 2 * W ? 2 * W : kc;
+}
+
+// Scratch (in Scalars) that fused() needs for rank r: the h tile, then the spill of vector
+// partial sums between passes of the shrink.
+template <class Arch, class Scalar>
+constexpr Index fused_scratch_size(Index rank) noexcept {
+  return kTile * rank + kTile * rank * simd_width<Arch, Scalar>();
+}
+
+// ---- scalar kernels ----------------------------------------------------------------------
+
+// h[t*ldh + j] = sum_c a[j*lda + c] * x[t][c] for t < n, j < r.
+template <class Scalar>
+void shrink(scalar_arch, const Scalar* a, Index lda, Index r, Index in, const Scalar* const* x, Index n, Scalar* h,
+            Index ldh, Scalar* /*spill*/) noexcept {
+  for (Index t = 0; t < n; ++t)
+    for (Index j = 0; j < r; ++j) {
+      Scalar s = 0;
+      for (Index c = 0; c < in; ++c) s += a[j * lda + c] * x[t][c];
+      h[t * ldh + j] = s;
+    }
+}
+
+// y[t][o] += scale[t] * sum_j h[t][j] * bt[j*ldb + o] for t < n, o < out.
+template <class Scalar>
+void expand(scalar_arch, const Scalar* bt, Index ldb, Index r, Index out, const Scalar* const* h,
+            const Scalar* scale, Index n, Scalar* const* y) noexcept {
+  for (Index t = 0; t < n; ++t)
+    for (Index o = 0; o < out; ++o) {
+      Scalar s = 0;
+      for (Index j = 0; j < r; ++j) s += h[t][j] * bt[j * ldb + o];
+      y[t][o] += scale[t] * s;
+    }
+}
+
+#if !defined(MOLORA_NO_XSIMD)
+
+namespace detail {
+
+// One register block of the shrink: RJ rank rows x RT tokens of vector accumulators over
+// columns [c0, c1) of `in`. The first pass starts from zero, later passes reload the
+// partial sums from `spill`; the last pass reduces them, adds the scalar tail
+// [in_vec, in) and writes h.
+template <int RJ, int RT, class Arch, class Scalar>
+inline void shrink_block(const Scalar* a, Index lda, const Scalar* const* x, Index c0, Index c1, Index in_vec,
+                         Index in, bool first, bool last, Scalar* spill, Index spill_ld, Scalar* h,
+                         Index ldh) noexcept {
+  using B = xsimd::batch<Scalar, Arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  B acc[RJ][RT];
+  MOLORA_UNROLL
+  for (int j = 0; j < RJ; ++j) {
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t)
+      acc[j][t] = first ? B(Scalar(0)) : B::load_unaligned(spill + t * spill_ld + j * W);
+  }
+  for (Index c = c0; c < c1; c += W) {
+    B xv[RT];
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) xv[t] = B::load_unaligned(x[t] + c);
+    MOLORA_UNROLL
+    for (int j = 0; j < RJ; ++j) {
+      const B av = B::load_unaligned(a + j * lda + c);
+      MOLORA_UNROLL
+      for (int t = 0; t < RT; ++t) acc[j][t] = xsimd::fma(av, xv[t], acc[j][t]);
+    }
+  }
+  if (!last) {
+    MOLORA_UNROLL
+    for (int j = 0; j < RJ; ++j) {
+      MOLORA_UNROLL
+      for (int t = 0; t < RT; ++t) acc[j][t].store_unaligned(spill + t * spill_ld + j * W);
+    }
+    return;
+  }
+  // Reduce through memory (not xsimd::hadd, whose AVX-512 version trips GCC 12's
+  // -Wmaybe-uninitialized): once per dot product, so its cost does not matter.
+  alignas(64) Scalar lanes[W];
+  for (int j = 0; j < RJ; ++j)
+    for (int t = 0; t < RT; ++t) {
+      acc[j][t].store_unaligned(lanes);
+      Scalar s = 0;
+      for (Index l = 0; l < W; ++l) s += lanes[l];
+      for (Index c = in_vec; c < in; ++c) s += a[j * lda + c] * x[t][c];
+      h[t * ldh + j] = s;
+    }
+}
+
+// All rank rows of one block of RT tokens: blocks of 8 rows (RT <= 2) or 4 rows, then
+// tails of 4, 2 and 1 rows.
+template <int RT, class Arch, class Scalar>
+inline void shrink_tokens(const Scalar* a, Index lda, Index r, const Scalar* const* x, Index c0, Index c1,
+                          Index in_vec, Index in, bool first, bool last, Scalar* spill, Index spill_ld, Scalar* h,
+                          Index ldh) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  constexpr int RJ = RT <= 2 ? 8 : 4;
+  Index j = 0;
+  for (; j + RJ <= r; j += RJ)
+    shrink_block<RJ, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld,
+                               h + j, ldh);
+  if constexpr (RJ == 8) {
+    if (j + 4 <= r) {
+      shrink_block<4, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld,
+                                h + j, ldh);
+      j += 4;
+    }
+  }
+  if (j + 2 <= r) {
+    shrink_block<2, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld, h + j,
+                              ldh);
+    j += 2;
+  }
+  if (j < r)
+    shrink_block<1, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld, h + j,
+                              ldh);
+}
+
+// One register block of the expand: RT tokens x NV output vectors starting at column o,
+// summed over the rank, then y += scale * acc.
+template <int RT, int NV, class Arch, class Scalar>
+inline void expand_block(const Scalar* bt, Index ldb, Index r, const Scalar* const* h, const Scalar* scale,
+                         Scalar* const* y, Index o) noexcept {
+  using B = xsimd::batch<Scalar, Arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  B acc[RT][NV];
+  MOLORA_UNROLL
+  for (int t = 0; t < RT; ++t) {
+    MOLORA_UNROLL
+    for (int v = 0; v < NV; ++v) acc[t][v] = B(Scalar(0));
+  }
+  const Scalar* col = bt + o;
+  for (Index j = 0; j < r; ++j, col += ldb) {
+    B bv[NV];
+    MOLORA_UNROLL
+    for (int v = 0; v < NV; ++v) bv[v] = B::load_unaligned(col + v * W);
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) {
+      const B hv(h[t][j]);
+      MOLORA_UNROLL
+      for (int v = 0; v < NV; ++v) acc[t][v] = xsimd::fma(hv, bv[v], acc[t][v]);
+    }
+  }
+  MOLORA_UNROLL
+  for (int t = 0; t < RT; ++t) {
+    const B sv(scale[t]);
+    MOLORA_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      Scalar* p = y[t] + o + v * W;
+      xsimd::fma(sv, acc[t][v], B::load_unaligned(p)).store_unaligned(p);
+    }
+  }
+}
+
+// Every token block (4, then a tail of 1 to 3) for NV vectors at column o.
+template <int NV, class Arch, class Scalar>
+inline void expand_columns(const Scalar* bt, Index ldb, Index r, const Scalar* const* h, const Scalar* scale,
+                           Index n, Scalar* const* y, Index o) noexcept {
+  Index t = 0;
+  for (; t + 4 <= n; t += 4) expand_block<4, NV, Arch>(bt, ldb, r, h + t, scale + t, y + t, o);
+  switch (n - t) {
+    case 3: expand_block<3, NV, Arch>(bt, ldb, r, h + t, scale + t, y + t, o); break;
+    case 2: expand_block<2, NV, Arch>(bt, ldb, r, h + t, scale + t, y + t, o); break;
+    case 1: expand_block<1, NV, Arch>(bt, ldb, r, h + t, scale + t, y + t, o); break;
+    default: break;
+  }
+}
+
+}  // namespace detail
+
+// Shrink of a tile: h[t*ldh + j] = sum_c a[j*lda + c] * x[t][c] for t < n, j < r.
+// Requires: a [r, in] with row stride lda; x[t] points at in values; h holds n rows of
+// stride ldh >= r; spill holds n * r * simd_width values (unused, may be null, when
+// in < shrink_chunk + simd_width). h must not alias a or x.
+template <class Arch, class Scalar>
+void shrink(Arch, const Scalar* a, Index lda, Index r, Index in, const Scalar* const* x, Index n, Scalar* h,
+            Index ldh, Scalar* spill) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  const Index in_vec = in - in % W, kc = shrink_chunk<Arch, Scalar>(r), spill_ld = r * W;
+  for (Index c0 = 0;; c0 += kc) {
+    const Index c1 = c0 + kc < in_vec ? c0 + kc : in_vec;
+    const bool first = c0 == 0, last = c1 == in_vec;
+    Index t = 0;
+    for (; t + 4 <= n; t += 4)
+      detail::shrink_tokens<4, Arch>(a, lda, r, x + t, c0, c1, in_vec, in, first, last, spill + t * spill_ld,
+                                     spill_ld, h + t * ldh, ldh);
+    switch (n - t) {
+      case 3:
+        detail::shrink_tokens<3, Arch>(a, lda, r, x + t, c0, c1, in_vec, in, first, last, spill + t * spill_ld,
+                                       spill_ld, h + t * ldh, ldh);
+        break;
+      case 2:
+        detail::shrink_tokens<2, Arch>(a, lda, r, x + t, c0, c1, in_vec, in, first, last, spill + t * spill_ld,
+                                       spill_ld, h + t * ldh, ldh);
+        break;
+      case 1:
+        detail::shrink_tokens<1, Arch>(a, lda, r, x + t, c0, c1, in_vec, in, first, last, spill + t * spill_ld,
+                                       spill_ld, h + t * ldh, ldh);
+        break;
+      default: break;
+    }
+    if (last) break;
+  }
+}
+
+// Expand of a tile: y[t][o] += scale[t] * sum_j h[t][j] * bt[j*ldb + o] for t < n, o < out.
+// Requires: bt [r, out] with row stride ldb; h[t] points at r values; y[t] at out values,
+// distinct rows that alias neither bt nor h.
+template <class Arch, class Scalar>
+void expand(Arch, const Scalar* bt, Index ldb, Index r, Index out, const Scalar* const* h, const Scalar* scale,
+            Index n, Scalar* const* y) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  const Index out_vec = out - out % W;
+  Index o = 0;
+  // One or two tokens (decode): 8 output vectors per block keep enough FMAs in flight.
+  if (n <= 2)
+    for (; o + 8 * W <= out_vec; o += 8 * W) detail::expand_columns<8, Arch>(bt, ldb, r, h, scale, n, y, o);
+  for (; o + 4 * W <= out_vec; o += 4 * W) detail::expand_columns<4, Arch>(bt, ldb, r, h, scale, n, y, o);
+  if (o + 2 * W <= out_vec) {
+    detail::expand_columns<2, Arch>(bt, ldb, r, h, scale, n, y, o);
+    o += 2 * W;
+  }
+  if (o < out_vec) {
+    detail::expand_columns<1, Arch>(bt, ldb, r, h, scale, n, y, o);
+    o += W;
+  }
+  for (; o < out; ++o)
+    for (Index t = 0; t < n; ++t) {
+      Scalar s = 0;
+      for (Index j = 0; j < r; ++j) s += h[t][j] * bt[j * ldb + o];
+      y[t][o] += scale[t] * s;
+    }
+}
+
+#endif  // !MOLORA_NO_XSIMD
+
+// Fused shrink-expand of n tokens routed to one expert, kTile tokens at a time:
+// y[t] += scale[t] * B_e (A_e x[t]). Requires: a [r, in] (stride lda), bt = B_e^T [r, out]
+// (stride ldb), x[t] / y[t] rows of in / out values (y rows distinct, not aliasing x or the
+// weights), scratch of fused_scratch_size<Arch, Scalar>(r) values.
+template <class Arch, class Scalar>
+void fused(Arch arch, const Scalar* a, Index lda, const Scalar* bt, Index ldb, Index r, Index in, Index out,
+           const Scalar* const* x, Scalar* const* y, const Scalar* scale, Index n, Scalar* scratch) noexcept {
+  Scalar* h = scratch;
+  Scalar* spill = scratch + kTile * r;
+  const Scalar* hrows[kTile];
+  for (Index i = 0; i < kTile; ++i) hrows[i] = h + i * r;
+  for (Index t0 = 0; t0 < n; t0 += kTile) {
+    const Index nt = n - t0 < kTile ? n - t0 : kTile;
+    shrink(arch, a, lda, r, in, x + t0, nt, h, r, spill);
+    expand(arch, bt, ldb, r, out, hrows, scale + t0, nt, y + t0);
+  }
+}
+
+}  // namespace molora::kernels

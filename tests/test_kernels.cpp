@@ -1,0 +1,132 @@
+// The tile kernels (kernels/lora_kernels.hpp) against a plain double loop: any rank, in/out
+// that are not multiples of the SIMD width (including 1), tiles of 0 to 40 tokens gathered
+// from scattered rows; for the ISA this file is compiled for and for the scalar kernels.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include <molora/kernels/dispatch_kernels.hpp>
+
+namespace k = molora::kernels;
+using k::Index;
+
+namespace {
+
+template <class Scalar>
+double tolerance() {
+  return std::is_same_v<Scalar, float> ? 2e-5 : 1e-12;
+}
+
+template <class Scalar>
+std::vector<Scalar> random_vec(Index n, std::mt19937_64& gen) {
+  std::uniform_real_distribution<double> u(-1, 1);
+  std::vector<Scalar> v(static_cast<std::size_t>(n));
+  for (auto& e : v) e = static_cast<Scalar>(u(gen));
+  return v;
+}
+
+// One case: n tokens picked from rows of an x [rows, in] buffer with stride ldx; y rows of a
+// [rows, out] buffer with stride ldy; fused and shrink+expand both checked.
+template <class Arch, class Scalar>
+void check_tile(Index r, Index in, Index out, Index n, std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  const Index rows = n + 3, ldx = in + 2, ldy = out + 1, lda = in + 1, ldb = out + 3;
+  const auto a = random_vec<Scalar>(r * lda, gen);
+  const auto bt = random_vec<Scalar>(r * ldb, gen);
+  const auto x = random_vec<Scalar>(rows * ldx, gen);
+  const auto y0 = random_vec<Scalar>(rows * ldy, gen);
+  std::vector<Scalar> scale = random_vec<Scalar>(n, gen);
+  std::vector<Index> tok(static_cast<std::size_t>(n));
+  for (Index i = 0; i < n; ++i) tok[static_cast<std::size_t>(i)] = (i * 7 + 2) % rows;
+  // Distinct y rows: the kernels require them.
+  for (Index i = 0; i < n; ++i) tok[static_cast<std::size_t>(i)] = (rows - 1 - i + (i % 2 ? 0 : 0)) % rows;
+
+  // Reference in double.
+  std::vector<double> ref(y0.begin(), y0.end());
+  double scale_out = 1;
+  for (Index i = 0; i < n; ++i) {
+    const Index t = tok[static_cast<std::size_t>(i)];
+    std::vector<double> h(static_cast<std::size_t>(r));
+    for (Index j = 0; j < r; ++j) {
+      double s = 0;
+      for (Index c = 0; c < in; ++c)
+        s += double(a[static_cast<std::size_t>(j * lda + c)]) * double(x[static_cast<std::size_t>(t * ldx + c)]);
+      h[static_cast<std::size_t>(j)] = s;
+    }
+    for (Index o = 0; o < out; ++o) {
+      double s = 0;
+      for (Index j = 0; j < r; ++j) s += h[static_cast<std::size_t>(j)] * double(bt[static_cast<std::size_t>(j * ldb + o)]);
+      ref[static_cast<std::size_t>(t * ldy + o)] += double(scale[static_cast<std::size_t>(i)]) * s;
+      scale_out = std::max(scale_out, std::abs(double(scale[static_cast<std::size_t>(i)]) * s));
+    }
+  }
+  const double tol = tolerance<Scalar>() * scale_out * std::sqrt(double(in) * double(r));
+
+  std::vector<const Scalar*> xr(static_cast<std::size_t>(n));
+  for (Index i = 0; i < n; ++i) xr[static_cast<std::size_t>(i)] = x.data() + tok[static_cast<std::size_t>(i)] * ldx;
+  auto rows_of = [&](std::vector<Scalar>& y) {
+    std::vector<Scalar*> yr(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) yr[static_cast<std::size_t>(i)] = y.data() + tok[static_cast<std::size_t>(i)] * ldy;
+    return yr;
+  };
+  auto compare = [&](const std::vector<Scalar>& y, const char* what) {
+    double worst = 0;
+    for (std::size_t i = 0; i < y.size(); ++i) worst = std::max(worst, std::abs(double(y[i]) - ref[i]));
+    INFO(what, " r=", r, " in=", in, " out=", out, " n=", n, " worst=", worst, " tol=", tol);
+    CHECK(worst <= tol);
+  };
+
+  {  // fused
+    std::vector<Scalar> y = y0;
+    auto yr = rows_of(y);
+    std::vector<Scalar> scratch(static_cast<std::size_t>(k::fused_scratch_size<Arch, Scalar>(r)));
+    k::fused(Arch{}, a.data(), lda, bt.data(), ldb, r, in, out, xr.data(), yr.data(), scale.data(), n,
+             scratch.data());
+    compare(y, "fused");
+  }
+  {  // shrink into a strided h, then expand from row pointers
+    std::vector<Scalar> y = y0;
+    auto yr = rows_of(y);
+    const Index ldh = r + 5;
+    std::vector<Scalar> h(static_cast<std::size_t>(std::max<Index>(n, 1) * ldh));
+    std::vector<Scalar> spill(static_cast<std::size_t>(std::max<Index>(n, 1) * r * k::simd_width<Arch, Scalar>()));
+    k::shrink(Arch{}, a.data(), lda, r, in, xr.data(), n, h.data(), ldh, spill.data());
+    std::vector<const Scalar*> hr(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) hr[static_cast<std::size_t>(i)] = h.data() + i * ldh;
+    k::expand(Arch{}, bt.data(), ldb, r, out, hr.data(), scale.data(), n, yr.data());
+    compare(y, "shrink+expand");
+  }
+}
+
+template <class Arch, class Scalar>
+void suite() {
+  std::uint64_t seed = 1;
+  for (Index r : {1, 3, 16, 17, 64, 200})
+    for (Index in : {1, 7, 33, 130, 515})
+      for (Index out : {1, 5, 31, 131})
+        for (Index n : {0, 1, 2, 3, 4, 5, 9, 17, 40}) {
+          if (r * in * n > 2'000'000) continue;
+          check_tile<Arch, Scalar>(r, in, out, n, seed++);
+        }
+  // A shrink long enough for many passes over `in` (spill path) at several ranks.
+  for (Index r : {1, 16, 200}) check_tile<Arch, Scalar>(r, 4099, 67, 6, seed++);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("kernels: fused and shrink+expand match a double loop (compiled ISA)", Scalar, float, double) {
+  MESSAGE("kernel ISA: ", k::arch_name());
+  suite<k::default_arch, Scalar>();
+}
+
+TEST_CASE_TEMPLATE("kernels: scalar kernels match a double loop", Scalar, float, double) {
+  suite<k::scalar_arch, Scalar>();
+}
+
+TEST_CASE("kernels: the chunk of `in` depends only on the rank") {
+  CHECK(k::shrink_chunk<k::default_arch, float>(16) % k::simd_width<k::default_arch, float>() == 0);
+  CHECK(k::shrink_chunk<k::default_arch, float>(1000) >= 2 * k::simd_width<k::default_arch, float>());
+}
