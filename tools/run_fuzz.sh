@@ -25,8 +25,10 @@ for t in "${targets[@]}"; do
   mkdir -p "$work/corpus" "$work/artifacts"
   cp "$root/tests/fuzz/corpus/$t/"* "$work/corpus/" 2>/dev/null || true
   echo "== $t: ${seconds}s"
+  dict=()
+  if [ -f "$root/tests/fuzz/$t.dict" ]; then dict=(-dict="$root/tests/fuzz/$t.dict"); fi
   set +e
-  "$build/tests/$t" "$work/corpus" -max_total_time="$seconds" -max_len=4096 -rss_limit_mb=2048 \
+  "$build/tests/$t" "$work/corpus" "${dict[@]}" -max_total_time="$seconds" -max_len=4096 -rss_limit_mb=2048 \
     -artifact_prefix="$work/artifacts/" -print_final_stats=1 > "$work/log.txt" 2>&1
   rc=$?
   set -e

@@ -11,12 +11,8 @@ if(MOLORA_BUILD_FUZZERS)
     foreach(src IN LISTS _molora_fuzzers)
       get_filename_component(name ${src} NAME_WE)
       add_executable(${name} ${src})
-      # Only the io headers are fuzzed: they need Eigen and nlohmann-json, not xsimd (whose
-      # Debian target drags in a non-existent "xtl" library). Not molora_dev_flags either: its
-      # MOLORA_SANITIZE setting would clash with the fuzzer's own.
-      target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/include)
-      target_link_libraries(${name} PRIVATE Eigen3::Eigen)
-      target_compile_features(${name} PRIVATE cxx_std_17)
+      # Not molora_dev_flags: its MOLORA_SANITIZE setting would clash with the fuzzer's own.
+      target_link_libraries(${name} PRIVATE molora::molora)
       target_compile_options(${name} PRIVATE -g -O1 -fno-omit-frame-pointer
                              -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined)
       target_link_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
