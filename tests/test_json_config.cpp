@@ -367,3 +367,16 @@ TEST_CASE("json_config: MING-MOE field errors") {
   check_error<C>("{\"num_experts\": 8,}", {"not valid JSON"});
   check_error<C>("\"config\"", {"expected a JSON object, got string"});
 }
+
+TEST_CASE("json_config: the fuzz seed corpus parses or raises format_error") {
+  const fs::path corpus = fs::path(MOLORA_TEST_DATA_DIR) / ".." / "fuzz" / "corpus" / "fuzz_json_config";
+  REQUIRE(fs::is_directory(corpus));
+  int parsed = 0;
+  for (const auto& e : fs::directory_iterator(corpus)) {
+    const std::string p = e.path().string();
+    try { (void)PeftLoraConfig::from_file(p); ++parsed; } catch (const molora::format_error&) {}
+    try { (void)MixLoRAConfig::from_file(p); ++parsed; } catch (const molora::format_error&) {}
+    try { (void)MingMoeConfig::from_file(p); ++parsed; } catch (const molora::format_error&) {}
+  }
+  CHECK(parsed >= 4);  // peft_lora, peft_regex, mixlora, ming_moe
+}

@@ -569,3 +569,26 @@ TEST_CASE("safetensors: accepted edge cases (empty header object, zero dims, any
   const std::string msg = error_of([&] { (void)r.matrix<float>("z"); });
   CHECK(contains(msg, "does not fit"));  // 2^64-1 columns cannot be an Eigen index
 }
+
+TEST_CASE("safetensors: the fuzz seed corpus only ever raises format_error") {
+  const fs::path corpus = fs::path(MOLORA_TEST_DATA_DIR) / ".." / "fuzz" / "corpus" / "fuzz_safetensors";
+  REQUIRE(fs::is_directory(corpus));
+  int valid = 0, files = 0;
+  for (const auto& e : fs::directory_iterator(corpus)) {
+    ++files;
+    const auto bytes = read_all(e.path().string());
+    try {
+      SafetensorsReader r(bytes.data(), bytes.size(), e.path().filename().string());
+      for (const auto& name : r.names()) {
+        try {
+          (void)r.matrix<float>(name);
+        } catch (const molora::format_error&) {
+        }
+      }
+      ++valid;
+    } catch (const molora::format_error&) {
+    }
+  }
+  CHECK(files >= 5);
+  CHECK(valid >= 3);  // valid_f32, valid_mixed, valid_3d
+}
