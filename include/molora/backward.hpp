@@ -1,0 +1,577 @@
+// Training forward and backward passes. A training forward computes the same output as the
+// layer's forward and records on a tape what the backward needs (x, the router logits and
+// probabilities, the routing, the dispatch plan, each routed pair's h = A_e x and its
+// gathered input, dropout and jitter multipliers). The backward takes dL/dy [T, out] and
+// adds dL/dA_e, dL/dB_e (only experts with routed tokens do any work), dL/dW_r, dL/db_r into a
+// gradient buffer laid out like the parameters, and produces dL/dx [T, in] through the frozen
+// base, the experts and the router. Gradients reach the router through the gate weights only
+// (softmax over the k selected, or the masked full softmax), never through the discrete
+// choice of experts; with routing supplied by the caller the router gets no gradient.
+//
+// Training-time options (TrainingOptions, all off by default, drawn from the tape's seeded
+// generator): PEFT's LoRA dropout on the adapter input, and MixLoRA's multiplicative jitter
+// on the router input. MING-MOE's released training path (molora_helper2) computes its
+// experts on x without dropout (the call is commented out), so MING-MOE parity means
+// lora_dropout = 0.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "config.hpp"
+#include "dispatch.hpp"
+#include "errors.hpp"
+#include "gating.hpp"
+#include "lora.hpp"
+#include "molora_linear.hpp"
+#include "random.hpp"
+#include "router.hpp"
+#include "types.hpp"
+
+namespace molora {
+
+// Options of a training forward; all off by default.
+struct TrainingOptions {
+  // p of PEFT's lora_dropout: each element of the adapter's input is zeroed with probability
+  // p and the kept ones are scaled by 1/(1-p) (inverted dropout, torch.nn.Dropout). The same
+  // dropped x feeds every expert of the layer; the router and the base see the clean x.
+  double lora_dropout = 0;
+  // eps of MixLoRA's / Mixtral's jitter_noise: the router's input is x * U(1-eps, 1+eps),
+  // drawn per element. Only the router sees it here (MixLoRA multiplies the whole block input
+  // in place, so its experts and base see it too; to reproduce that, jitter x yourself
+  // before the layer and multiply dx by the same noise).
+  double router_jitter = 0;
+
+  void validate() const {
+    if (!(lora_dropout >= 0 && lora_dropout < 1))
+      throw config_error(detail::mismatch("lora_dropout", "a value in [0, 1)", lora_dropout));
+    if (!(router_jitter >= 0 && router_jitter < 1))
+      throw config_error(detail::mismatch("router_jitter", "a value in [0, 1)", router_jitter));
+  }
+};
+
+namespace detail {
+
+// Views whose Scalar is not deduced from the argument (it comes from the layer), so a
+// RowMatrix or Map converts to them at a call.
+template <class T>
+struct no_deduce {
+  using type = T;
+};
+template <class Scalar>
+using InRef = typename no_deduce<ConstRowRef<Scalar>>::type;
+template <class Scalar>
+using OutRef = typename no_deduce<RowRef<Scalar>>::type;
+
+// Where a tape finds x: the caller's buffer (kept alive and unchanged until backward) or the
+// tape's own copy when x shared memory with y.
+template <class Scalar>
+struct SavedInput {
+  const Scalar* data = nullptr;
+  Index rows = 0, cols = 0, stride = 0;
+  bool owned = false;
+  RowMatrix<Scalar> copy;
+
+  using View = Eigen::Map<const RowMatrix<Scalar>, 0, Eigen::OuterStride<>>;
+
+  template <class Y>
+  void save(const ConstRowRef<Scalar>& x, const Y& y) {
+    owned = overlaps(x, y);
+    if (owned) copy = x;
+    data = x.data();
+    rows = x.rows();
+    cols = x.cols();
+    stride = x.outerStride();
+  }
+  View view() const {
+    if (owned) return View(copy.data(), copy.rows(), copy.cols(), Eigen::OuterStride<>(copy.cols()));
+    return View(data, rows, cols, Eigen::OuterStride<>(stride));
+  }
+};
+
+// m = Bernoulli(1-p) / (1-p) per element: 0 or 1/(1-p).
+template <class Scalar>
+void draw_dropout(RowMatrix<Scalar>& m, Index rows, Index cols, double p, Generator& gen) {
+  m.resize(rows, cols);
+  const auto keep = static_cast<Scalar>(1.0 / (1.0 - p));
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) m(i, j) = uniform01(gen) < p ? Scalar(0) : keep;
+}
+
+// m = U(1-eps, 1+eps) per element.
+template <class Scalar>
+void draw_jitter(RowMatrix<Scalar>& m, Index rows, Index cols, double eps, Generator& gen) {
+  m.resize(rows, cols);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) m(i, j) = static_cast<Scalar>(uniform(gen, 1.0 - eps, 1.0 + eps));
+}
+
+template <class D>
+void require_rows_cols(const D& m, Index rows, Index cols, const char* field) {
+  if (m.rows() != rows || m.cols() != cols)
+    throw shape_error(mismatch(field, shape_str(rows, cols), shape_str(m.rows(), m.cols())));
+}
+
+}  // namespace detail
+
+// ---- plain LoRA ----------------------------------------------------------------------------
+
+// What a LoRA training forward saves. One per layer and step; reuse it across steps (warm
+// tapes of the same size do not allocate). Seed it for reproducible dropout.
+template <class Scalar>
+struct LoRATape {
+  TrainingOptions options;
+  Generator noise_rng{0x6c6f72612d6e6fULL};  // dropout draws
+
+  detail::SavedInput<Scalar> x;      // [T, in]
+  RowMatrix<Scalar> dropout_scale;   // [T, in] 0 or 1/(1-p); empty without dropout
+  RowMatrix<Scalar> adapter_input;   // [T, in] x * dropout_scale; empty without dropout
+  RowMatrix<Scalar> hidden;          // [T, r] h = A x (unscaled)
+  RowMatrix<Scalar> u;               // [T, r] backward scratch
+  RowMatrix<Scalar> dxa;             // [T, in] backward scratch (dropout only)
+
+  void seed(std::uint64_t s) { noise_rng.seed(s); }
+  Index num_tokens() const { return x.rows; }
+  bool has_dropout() const { return dropout_scale.size() > 0; }
+  typename detail::SavedInput<Scalar>::View input() const { return x.view(); }
+};
+
+// dL/dA [r, in] and dL/dB [out, r] of one LoRA, in the LoRA's own layouts.
+template <class Scalar>
+struct LoRAGrads {
+  RowMatrix<Scalar> A;  // [rank, in]
+  ColMatrix<Scalar> B;  // [out, rank]
+
+  LoRAGrads() = default;
+  explicit LoRAGrads(const LoRA<Scalar>& lora) { resize_like(lora); }
+  void resize_like(const LoRA<Scalar>& lora) {
+    A.setZero(lora.rank(), lora.in_features());
+    B.setZero(lora.out_features(), lora.rank());
+  }
+  void zero() {
+    A.setZero();
+    B.setZero();
+  }
+};
+
+// y += s * B A dropout(x) for x [T, in], y [T, out], saving into tape what add_backward needs.
+// x must stay alive and unchanged until add_backward (unless it shares memory with y: then the
+// tape keeps a copy). Throws shape_error on shapes, config_error on bad tape.options.
+template <class Scalar, class Derived>
+void add_delta_train(const LoRA<Scalar>& lora, const Eigen::MatrixBase<Derived>& x_in, detail::OutRef<Scalar> y,
+                     LoRATape<Scalar>& tape) {
+  const ConstRowRef<Scalar> x(x_in);
+  tape.options.validate();
+  if (x.cols() != lora.in_features())
+    throw shape_error(detail::mismatch("x columns (in_features)", lora.in_features(), x.cols()));
+  detail::require_rows_cols(y, x.rows(), lora.out_features(), "y shape");
+  tape.x.save(x, y);
+  const auto xs = tape.x.view();
+  const Index T = x.rows();
+  if (tape.options.lora_dropout > 0) {
+    detail::draw_dropout(tape.dropout_scale, T, x.cols(), tape.options.lora_dropout, tape.noise_rng);
+    tape.adapter_input = xs.cwiseProduct(tape.dropout_scale);  // [T, in]
+  } else {
+    tape.dropout_scale.resize(0, 0);
+    tape.adapter_input.resize(0, 0);
+  }
+  tape.hidden.resize(T, lora.rank());
+  if (tape.has_dropout())
+    tape.hidden.noalias() = tape.adapter_input * lora.A().transpose();  // [T, r]
+  else
+    tape.hidden.noalias() = xs * lora.A().transpose();  // [T, r]
+  y.noalias() += (tape.hidden * lora.scaling()) * lora.B().transpose();  // [T, out]
+}
+
+namespace detail {
+template <class Scalar>
+void lora_backward_impl(const LoRA<Scalar>& lora, LoRATape<Scalar>& tape, const ConstRowRef<Scalar>& dy,
+                        LoRAGrads<Scalar>& grads, RowRef<Scalar>* dx) {
+  const Index T = tape.num_tokens(), r = lora.rank();
+  const Scalar s = lora.scaling();
+  detail::require_rows_cols(dy, T, lora.out_features(), "dy shape");
+  detail::require_rows_cols(grads.A, r, lora.in_features(), "grads.A shape");
+  detail::require_rows_cols(grads.B, lora.out_features(), r, "grads.B shape");
+  if (dx) detail::require_rows_cols(*dx, T, lora.in_features(), "dx shape");
+  if (T == 0) return;
+  grads.B.noalias() += dy.transpose() * (tape.hidden * s);  // [out, r]
+  tape.u.resize(T, r);
+  tape.u.noalias() = (dy * lora.B()) * s;  // [T, r] dL/dh
+  if (tape.has_dropout())
+    grads.A.noalias() += tape.u.transpose() * tape.adapter_input;  // [r, in]
+  else
+    grads.A.noalias() += tape.u.transpose() * tape.input();  // [r, in]
+  if (!dx) return;
+  if (tape.has_dropout()) {
+    tape.dxa.resize(T, lora.in_features());
+    tape.dxa.noalias() = tape.u * lora.A();  // [T, in]
+    dx->array() += tape.dxa.array() * tape.dropout_scale.array();
+  } else {
+    dx->noalias() += tape.u * lora.A();  // [T, in]
+  }
+}
+}  // namespace detail
+
+// Adds dL/dA, dL/dB into grads and, when dx is given, adds dL/dx [T, in] into dx (the host
+// adds the base's own x-gradient). dy [T, out] with T of the last add_delta_train on tape.
+// grads must be sized for lora (LoRAGrads(lora)). Throws shape_error on shapes.
+template <class Scalar>
+void add_backward(const LoRA<Scalar>& lora, LoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
+                  LoRAGrads<Scalar>& grads, detail::OutRef<Scalar> dx) {
+  detail::lora_backward_impl(lora, tape, dy, grads, &dx);
+}
+template <class Scalar>
+void add_backward(const LoRA<Scalar>& lora, LoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
+                  LoRAGrads<Scalar>& grads) {
+  detail::lora_backward_impl(lora, tape, dy, grads, static_cast<RowRef<Scalar>*>(nullptr));
+}
+
+// ---- MoLoRA --------------------------------------------------------------------------------
+
+// What a MoLoRA training forward saves. One per layer and step; reuse it across steps.
+// seed() fixes both the sampling draws (Selection::sampling; the same stream and default
+// seed as MoLoRAWorkspace::rng, so a tape and a workspace seeded alike pick the same
+// experts) and the dropout/jitter draws (a separate stream, so turning noise on does not
+// change which experts are sampled).
+template <class Scalar>
+struct MoLoRATape {
+  TrainingOptions options;
+  Generator sampling_rng{0x6d6f6c6f7261ULL};
+  Generator noise_rng{0x6e6f6973652d31ULL};
+
+  detail::SavedInput<Scalar> x;       // [T, in]
+  RowMatrix<Scalar> jitter;           // [T, in] U(1-eps, 1+eps); empty without jitter
+  RowMatrix<Scalar> router_input;     // [T, in] x * jitter; empty without jitter
+  RowMatrix<Scalar> dropout_scale;    // [T, in] 0 or 1/(1-p); empty without dropout
+  RowMatrix<Scalar> adapter_input;    // [T, in] x * dropout_scale; empty without dropout
+  RowMatrix<Scalar> logits;           // [T, E] router logits (empty with caller routing)
+  RowMatrix<Scalar> probs;            // [T, E] softmax(logits)
+  Routing<Scalar> routing;            // [T, k] the routing used
+  DispatchPlan<Scalar> plan;          // pairs grouped by expert
+  RowMatrix<Scalar> gathered;         // [T*k, in] adapter input row of each pair, plan order
+  RowMatrix<Scalar> hidden;           // [T*k, r] h = A_e x of each pair (unscaled), plan order
+  // dL/dlogits [T, E] from auxiliary losses (load_balancing_loss, router_z_loss); zeroed by
+  // every training forward, added into the router's gradient by the backward.
+  RowMatrix<Scalar> logit_grad;
+  bool has_router = false;            // false after a forward with caller-supplied routing
+  bool normalize_top_k = true;
+
+  RowMatrix<Scalar> scaled, expanded;  // forward scratch
+  RowMatrix<Scalar> dy_gathered, u, dx_gathered, dxa, dlogits, gate_grad;  // backward scratch
+  std::vector<Scalar> row_scratch;
+
+  void seed(std::uint64_t s) {
+    sampling_rng.seed(s);
+    noise_rng.seed(s ^ 0x9e3779b97f4a7c15ULL);
+  }
+  Index num_tokens() const { return x.rows; }
+  Index num_experts() const { return plan.num_experts(); }
+  bool has_dropout() const { return dropout_scale.size() > 0; }
+  bool has_jitter() const { return jitter.size() > 0; }
+  typename detail::SavedInput<Scalar>::View input() const { return x.view(); }
+};
+
+// dL/d(every trainable tensor) of a MoLoRAAdapter, laid out exactly like the parameters:
+// router weight [E, in], bias [E] (stays zero without a bias), stacked A [E*r, in] row-major,
+// stacked B [out, E*r] column-major. Backward passes add into it (gradient accumulation);
+// zero() between optimiser steps.
+template <class Scalar>
+struct MoLoRAGrads {
+  RowMatrix<Scalar> router_weight;                   // [E, in]
+  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> router_bias;  // [E]
+  RowMatrix<Scalar> A;                               // [E*r, in]
+  ColMatrix<Scalar> B;                               // [out, E*r]
+
+  MoLoRAGrads() = default;
+  explicit MoLoRAGrads(const MoLoRAAdapter<Scalar>& a) { resize_like(a); }
+  explicit MoLoRAGrads(const MoLoRALinear<Scalar>& l) { resize_like(l.adapter()); }
+  void resize_like(const MoLoRAAdapter<Scalar>& a) {
+    router_weight.setZero(a.num_experts(), a.in_features());
+    router_bias.setZero(a.num_experts());
+    A.setZero(a.num_experts() * a.rank(), a.in_features());
+    B.setZero(a.out_features(), a.num_experts() * a.rank());
+  }
+  void zero() {
+    router_weight.setZero();
+    router_bias.setZero();
+    A.setZero();
+    B.setZero();
+  }
+  // Expert e's blocks, views into A and B.
+  auto expert_A(Index e) { return A.middleRows(e * (A.rows() / router_weight.rows()), A.rows() / router_weight.rows()); }
+  auto expert_B(Index e) { return B.middleCols(e * (B.cols() / router_weight.rows()), B.cols() / router_weight.rows()); }
+};
+
+namespace detail {
+
+template <class Scalar>
+void train_begin(const MoLoRAAdapter<Scalar>& a, const ConstRowRef<Scalar>& x, const RowRef<Scalar>& y,
+                 MoLoRATape<Scalar>& tape) {
+  tape.options.validate();
+  a.check_io(x, y);
+  tape.x.save(x, y);
+  tape.normalize_top_k = a.config().normalize_top_k;
+}
+
+// Router (with jitter) and gating into tape.logits / probs / routing.
+template <class Scalar>
+void train_route(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape) {
+  const auto x = tape.input();
+  const Index T = x.rows(), E = a.num_experts();
+  tape.logits.resize(T, E);
+  if (tape.options.router_jitter > 0) {
+    draw_jitter(tape.jitter, T, x.cols(), tape.options.router_jitter, tape.noise_rng);
+    tape.router_input = x.cwiseProduct(tape.jitter);  // [T, in]
+    a.router().logits_into(tape.router_input, tape.logits);  // [T, E]
+  } else {
+    tape.jitter.resize(0, 0);
+    tape.router_input.resize(0, 0);
+    a.router().logits_into(x, tape.logits);  // [T, E]
+  }
+  tape.probs.resize(T, E);
+  softmax_rows<Scalar>(tape.logits, tape.probs);  // [T, E]
+  tape.row_scratch.resize(static_cast<std::size_t>(E));
+  route(ConstRowRef<Scalar>(tape.logits), GatingOptions::from(a.config()), tape.routing, &tape.sampling_rng,
+        tape.row_scratch.data());
+  tape.has_router = true;
+  tape.logit_grad.setZero(T, E);
+}
+
+// Caller-supplied routing: checked, copied, no router on the tape.
+template <class Scalar>
+void train_routed(const MoLoRAAdapter<Scalar>& a, const Routing<Scalar>& routing, MoLoRATape<Scalar>& tape) {
+  validate_routing(routing, tape.num_tokens(), a.num_experts());
+  tape.routing = routing;
+  tape.has_router = false;
+  tape.logits.resize(0, 0);
+  tape.probs.resize(0, 0);
+  tape.jitter.resize(0, 0);
+  tape.router_input.resize(0, 0);
+  tape.logit_grad.resize(0, 0);
+}
+
+// Dropout, then per expert: gather its pairs' inputs, h = A_e x (saved), y += s g B_e h.
+template <class Scalar>
+void train_experts(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, RowRef<Scalar>& y) {
+  const auto x = tape.input();
+  const Index T = x.rows(), in = a.in_features(), r = a.rank(), E = a.num_experts();
+  const Scalar s = a.scaling();
+  if (tape.options.lora_dropout > 0) {
+    draw_dropout(tape.dropout_scale, T, in, tape.options.lora_dropout, tape.noise_rng);
+    tape.adapter_input = x.cwiseProduct(tape.dropout_scale);  // [T, in]
+  } else {
+    tape.dropout_scale.resize(0, 0);
+    tape.adapter_input.resize(0, 0);
+  }
+  tape.plan.build(tape.routing, E);
+  const Index pairs = static_cast<Index>(tape.plan.tokens.size());
+  tape.gathered.resize(pairs, in);
+  tape.hidden.resize(pairs, r);
+  reserve_rows(tape.scaled, tape.plan.max_count(), r);
+  reserve_rows(tape.expanded, tape.plan.max_count(), a.out_features());
+  const RowMatrix<Scalar>& A = a.stacked_A();
+  const ColMatrix<Scalar>& B = a.stacked_B();
+  for (const std::int32_t e : tape.plan.active) {
+    const Index n = tape.plan.count(e), b = tape.plan.begin(e);
+    const auto* tok = tape.plan.tokens.data() + b;
+    const auto* gate = tape.plan.gates.data() + b;
+    auto xg = tape.gathered.middleRows(b, n);  // [n, in]
+    if (tape.has_dropout())
+      for (Index i = 0; i < n; ++i) xg.row(i) = tape.adapter_input.row(tok[i]);
+    else
+      for (Index i = 0; i < n; ++i) xg.row(i) = x.row(tok[i]);
+    auto h = tape.hidden.middleRows(b, n);  // [n, r]
+    h.noalias() = xg * A.middleRows(Index(e) * r, r).transpose();
+    auto hs = tape.scaled.topRows(n);  // [n, r]
+    for (Index i = 0; i < n; ++i) hs.row(i) = h.row(i) * (s * gate[i]);
+    auto d = tape.expanded.topRows(n);  // [n, out]
+    d.noalias() = hs * B.middleCols(Index(e) * r, r).transpose();
+    for (Index i = 0; i < n; ++i) y.row(tok[i]) += d.row(i);
+  }
+}
+
+template <class Scalar>
+void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
+                   MoLoRAGrads<Scalar>& g, RowRef<Scalar>* dx) {
+  const Index T = tape.num_tokens(), E = a.num_experts(), r = a.rank(), in = a.in_features(),
+              out = a.out_features(), k = tape.routing.top_k();
+  const Scalar s = a.scaling();
+  if (tape.plan.num_experts() != E || tape.x.cols != in)
+    throw shape_error(mismatch("tape (experts, in_features)", cat("(", E, ", ", in, ")"),
+                               cat("(", tape.plan.num_experts(), ", ", tape.x.cols, ")")));
+  require_rows_cols(dy, T, out, "dy shape");
+  require_rows_cols(g.router_weight, E, in, "grads.router_weight shape");
+  require_rows_cols(g.A, E * r, in, "grads.A shape");
+  require_rows_cols(g.B, out, E * r, "grads.B shape");
+  if (dx) require_rows_cols(*dx, T, in, "dx shape");
+  if (T == 0) return;
+
+  const RowMatrix<Scalar>& A = a.stacked_A();
+  const ColMatrix<Scalar>& B = a.stacked_B();
+  const bool dropout = tape.has_dropout();
+  // The adapter's x-gradient goes straight into dx, or via dxa when dropout must mask it.
+  if (dx && dropout) tape.dxa.setZero(T, in);
+  if (tape.has_router) tape.gate_grad.resize(T, k);  // dL/dg of each (token, slot)
+  const Index n_max = tape.plan.max_count();
+  reserve_rows(tape.dy_gathered, n_max, out);
+  reserve_rows(tape.u, n_max, r);
+  reserve_rows(tape.scaled, n_max, r);
+  if (dx) reserve_rows(tape.dx_gathered, n_max, in);
+
+  for (const std::int32_t e : tape.plan.active) {
+    const Index n = tape.plan.count(e), b = tape.plan.begin(e);
+    const auto* tok = tape.plan.tokens.data() + b;
+    const auto* slot = tape.plan.slots.data() + b;
+    const auto* gate = tape.plan.gates.data() + b;
+    const auto Ae = A.middleRows(Index(e) * r, r);  // [r, in]
+    const auto Be = B.middleCols(Index(e) * r, r);  // [out, r]
+    auto dyg = tape.dy_gathered.topRows(n);         // [n, out]
+    for (Index i = 0; i < n; ++i) dyg.row(i) = dy.row(tok[i]);
+    auto u = tape.u.topRows(n);  // [n, r] B_e^T dy
+    u.noalias() = dyg * Be;
+    const auto h = tape.hidden.middleRows(b, n);  // [n, r]
+    if (tape.has_router)
+      for (Index i = 0; i < n; ++i) tape.gate_grad(tok[i], slot[i]) = s * u.row(i).dot(h.row(i));
+    auto hs = tape.scaled.topRows(n);  // [n, r] s g h
+    for (Index i = 0; i < n; ++i) hs.row(i) = h.row(i) * (s * gate[i]);
+    g.B.middleCols(Index(e) * r, r).noalias() += dyg.transpose() * hs;  // [out, r]
+    for (Index i = 0; i < n; ++i) u.row(i) *= s * gate[i];              // now dL/dh
+    g.A.middleRows(Index(e) * r, r).noalias() += u.transpose() * tape.gathered.middleRows(b, n);  // [r, in]
+    if (dx) {
+      auto dxg = tape.dx_gathered.topRows(n);  // [n, in]
+      dxg.noalias() = u * Ae;
+      if (dropout)
+        for (Index i = 0; i < n; ++i) tape.dxa.row(tok[i]) += dxg.row(i);
+      else
+        for (Index i = 0; i < n; ++i) dx->row(tok[i]) += dxg.row(i);
+    }
+  }
+  if (dx && dropout) dx->array() += tape.dxa.array() * tape.dropout_scale.array();
+  if (!tape.has_router) return;
+
+  // Gate weights -> logits. Renormalised: g = softmax(logits of the k selected), so
+  // dl_j = g_j (dg_j - sum_S g_i dg_i) for j in S, 0 elsewhere. Masked: g_i = p_i with p the
+  // full softmax, so dl_j = p_j (dg_j - sum_S p_i dg_i) over all j (dg_j = 0 off S).
+  tape.dlogits = tape.logit_grad;  // [T, E] auxiliary losses' part
+  for (Index t = 0; t < T; ++t) {
+    Scalar dot = 0;
+    for (Index sl = 0; sl < k; ++sl) dot += tape.routing.weights(t, sl) * tape.gate_grad(t, sl);
+    if (tape.normalize_top_k) {
+      for (Index sl = 0; sl < k; ++sl)
+        tape.dlogits(t, tape.routing.ids(t, sl)) += tape.routing.weights(t, sl) * (tape.gate_grad(t, sl) - dot);
+    } else {
+      for (Index j = 0; j < E; ++j) tape.dlogits(t, j) -= tape.probs(t, j) * dot;
+      for (Index sl = 0; sl < k; ++sl) {
+        const Index j = tape.routing.ids(t, sl);
+        tape.dlogits(t, j) += tape.probs(t, j) * tape.gate_grad(t, sl);
+      }
+    }
+  }
+  const Router<Scalar>& router = a.router();
+  if (tape.has_jitter())
+    g.router_weight.noalias() += tape.dlogits.transpose() * tape.router_input;  // [E, in]
+  else
+    g.router_weight.noalias() += tape.dlogits.transpose() * tape.input();  // [E, in]
+  if (router.has_bias()) g.router_bias += tape.dlogits.colwise().sum();
+  if (!dx) return;
+  if (tape.has_jitter()) {
+    tape.dxa.resize(T, in);
+    tape.dxa.noalias() = tape.dlogits * router.weight();  // [T, in]
+    dx->array() += tape.dxa.array() * tape.jitter.array();
+  } else {
+    dx->noalias() += tape.dlogits * router.weight();  // [T, in]
+  }
+}
+
+}  // namespace detail
+
+// y += delta(x) exactly as MoLoRAAdapter::add_delta computes it (same gating, same sampling
+// stream when tape and workspace are seeded alike), recording on tape what add_backward
+// needs. x [T, in] must stay alive and unchanged until add_backward, unless it shares memory
+// with y (the tape then keeps a copy). Zeroes tape.logit_grad. Returns the routing used.
+// Throws shape_error / numeric_error (non-finite logits) / config_error (bad options).
+template <class Scalar, class Derived>
+const Routing<Scalar>& add_delta_train(const MoLoRAAdapter<Scalar>& a, const Eigen::MatrixBase<Derived>& x,
+                                       detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
+  const ConstRowRef<Scalar> xr(x);
+  detail::train_begin(a, xr, y, tape);
+  detail::train_route(a, tape);
+  detail::train_experts(a, tape, y);
+  return tape.routing;
+}
+
+// Same with routing supplied by the caller: its weights are constants, the router is not
+// run and gets no gradient (load_balancing_loss / router_z_loss then throw).
+template <class Scalar, class Derived>
+void add_delta_routed_train(const MoLoRAAdapter<Scalar>& a, const Eigen::MatrixBase<Derived>& x,
+                            const Routing<Scalar>& routing, detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
+  const ConstRowRef<Scalar> xr(x);
+  detail::train_begin(a, xr, y, tape);
+  detail::train_routed(a, routing, tape);
+  detail::train_experts(a, tape, y);
+}
+
+// Adds the adapter's gradients into grads (sized by MoLoRAGrads(adapter)) and, when dx is
+// given, adds the adapter's and router's part of dL/dx [T, in] into dx (a host that does its
+// own base matmul adds the base's x-gradient itself). dy is dL/dy [T, out]; tape is from the
+// last training forward of this adapter; the adapter's weights must not have changed since.
+// Only experts with routed tokens are touched. Also adds tape.logit_grad (auxiliary losses)
+// to the router's gradient. Throws shape_error on shapes.
+template <class Scalar>
+void add_backward(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
+                  MoLoRAGrads<Scalar>& grads, detail::OutRef<Scalar> dx) {
+  detail::backward_impl(a, tape, dy, grads, &dx);
+}
+template <class Scalar>
+void add_backward(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
+                  MoLoRAGrads<Scalar>& grads) {
+  detail::backward_impl(a, tape, dy, grads, static_cast<RowRef<Scalar>*>(nullptr));
+}
+
+// y = x W0^T + b0 + delta(x), the same output as MoLoRALinear::forward, recording on tape.
+template <class Scalar, class Derived>
+const Routing<Scalar>& forward_train(const MoLoRALinear<Scalar>& layer, const Eigen::MatrixBase<Derived>& x,
+                                     detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
+  const ConstRowRef<Scalar> xr(x);
+  detail::train_begin(layer.adapter(), xr, y, tape);
+  layer.forward_base(tape.input(), y);  // [T, out]
+  detail::train_route(layer.adapter(), tape);
+  detail::train_experts(layer.adapter(), tape, y);
+  return tape.routing;
+}
+template <class Scalar, class Derived>
+void forward_routed_train(const MoLoRALinear<Scalar>& layer, const Eigen::MatrixBase<Derived>& x,
+                          const Routing<Scalar>& routing, detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
+  const ConstRowRef<Scalar> xr(x);
+  detail::train_begin(layer.adapter(), xr, y, tape);
+  detail::train_routed(layer.adapter(), routing, tape);
+  layer.forward_base(tape.input(), y);  // [T, out]
+  detail::train_experts(layer.adapter(), tape, y);
+}
+
+// dx = dy W0 [T, in]: the frozen base's x-gradient alone (no weight gradient).
+template <class Scalar>
+void base_backward(const MoLoRALinear<Scalar>& layer, const detail::InRef<Scalar>& dy, detail::OutRef<Scalar> dx) {
+  detail::require_rows_cols(dy, dy.rows(), layer.out_features(), "dy shape");
+  detail::require_rows_cols(dx, dy.rows(), layer.in_features(), "dx shape");
+  dx.noalias() = dy * layer.base_weight();  // [T, in]
+}
+
+// Writes dL/dx [T, in] (base + adapter + router) into dx and adds the adapter's gradients
+// into grads. The base weight is frozen: it gets no gradient.
+template <class Scalar>
+void backward(const MoLoRALinear<Scalar>& layer, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
+              MoLoRAGrads<Scalar>& grads, detail::OutRef<Scalar> dx) {
+  detail::require_rows_cols(dy, tape.num_tokens(), layer.out_features(), "dy shape");
+  base_backward(layer, dy, dx);
+  detail::backward_impl(layer.adapter(), tape, dy, grads, &dx);
+}
+// Without dL/dx (the first layer of a model): parameter gradients only.
+template <class Scalar>
+void backward(const MoLoRALinear<Scalar>& layer, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
+              MoLoRAGrads<Scalar>& grads) {
+  detail::backward_impl(layer.adapter(), tape, dy, grads, static_cast<RowRef<Scalar>*>(nullptr));
+}
+
+}  // namespace molora
