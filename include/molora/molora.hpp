@@ -11,3 +11,4 @@
 #include "gating.hpp"
 #include "dispatch.hpp"
 #include "molora_linear.hpp"
+#include "mixlora_ffn.hpp"
