@@ -40,11 +40,11 @@ struct Parameter {
 
   Index size() const { return rows * cols; }
   // value as a [rows, cols] matrix in its own storage order.
-  Eigen::Map<RowMatrix<Scalar>> shaped_row_major() const {
+  Eigen::Map<RowMatrix<Scalar>> shaped_row_major() {
     MOLORA_ASSERT(!column_major);
     return {value.data(), rows, cols};
   }
-  Eigen::Map<ColMatrix<Scalar>> shaped_col_major() const {
+  Eigen::Map<ColMatrix<Scalar>> shaped_col_major() {
     MOLORA_ASSERT(column_major);
     return {value.data(), rows, cols};
   }
