@@ -248,7 +248,7 @@ private:
   void compute_routing(const ConstRowRef<Scalar>& x, Workspace& ws) const {
     const Index T = x.rows(), E = num_experts();
     if (ws.logits.rows() != T || ws.logits.cols() != E) ws.logits.resize(T, E);
-    router_.logits_into(x, ws.logits);  // [T, E]
+    router_logits_into(x, ws);  // [T, E]
     ws.probs.resize(static_cast<std::size_t>(E));
     route(ConstRowRef<Scalar>(ws.logits), GatingOptions::from(config_), ws.routing, &ws.rng, ws.probs.data());
   }
@@ -265,6 +265,27 @@ private:
       case Strategy::dense_shrink: apply_dense_shrink(x, y, ws); break;
       default: apply_fused(x, y, ws); break;
     }
+  }
+
+  // ws.logits = x W_r^T + b_r, by the shrink kernel over each thread's tokens: the same
+  // values as Router::logits_into up to rounding, but no heap use (Eigen's GEMM allocates its
+  // packing buffers above EIGEN_STACK_ALLOCATION_LIMIT) and bits independent of the batch
+  // and the thread count.
+  void router_logits_into(const ConstRowRef<Scalar>& x, Workspace& ws) const {
+    const Index T = x.rows(), E = num_experts();
+    const int threads = thread_count(T);
+    const Index per_thread = kernels::fused_scratch_size<kernels::default_arch, Scalar>(E);
+    const auto need = static_cast<std::size_t>(per_thread * threads);
+    if (ws.kernel_scratch.size() < need) ws.kernel_scratch.resize(need);
+    Scalar* scratch = ws.kernel_scratch.data();
+    const Scalar* w = router_.weight().data();
+    const Scalar* xp = x.data();
+    Scalar* out = ws.logits.data();
+    const Index in = in_features(), ldx = x.outerStride();
+    for_token_ranges(T, threads, [&](Index t0, Index t1, Index p) {
+      kernels::dense_rows(kernels::default_arch{}, w, in, E, in, xp, ldx, out, E, t0, t1, scratch + p * per_thread);
+    });
+    if (router_.has_bias()) ws.logits.rowwise() += router_.bias();
   }
 
   // Strategy eigen: per expert, gather its tokens, shrink, scale, expand, scatter-add.

@@ -104,4 +104,19 @@ void sparse_expand_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGro
   }
 }
 
+// Dense shrink of consecutive tokens [t_begin, t_end) of x [T, in] (stride ldx) against a
+// row-major [rows, in] matrix w (stride ldw): out[t*ldo + j] = sum_c w[j*ldw + c] x[t*ldx + c].
+// The router's logits (rows = E) without a GEMM's heap-allocated packing buffers; each
+// token's values do not depend on the range. scratch: fused_scratch_size<Arch, Scalar>(rows).
+template <class Arch, class Scalar>
+void dense_rows(Arch arch, const Scalar* w, Index ldw, Index rows, Index in, const Scalar* x, Index ldx,
+                Scalar* out, Index ldo, Index t_begin, Index t_end, Scalar* scratch) noexcept {
+  const Scalar* xr[kTile];
+  for (Index t0 = t_begin; t0 < t_end; t0 += kTile) {
+    const Index n = std::min(kTile, t_end - t0);
+    for (Index i = 0; i < n; ++i) xr[i] = x + (t0 + i) * ldx;
+    shrink(arch, w, ldw, rows, in, xr, n, out + t0 * ldo, ldo, scratch);
+  }
+}
+
 }  // namespace molora::kernels

@@ -33,7 +33,7 @@ namespace molora::kernels {
 using Index = std::ptrdiff_t;
 
 // Tokens per fused tile: h of one tile is kTile x r values, kept in L1.
-constexpr Index kTile = 16;
+constexpr Index kTile = 8;
 
 // Elements of `in` reduced per pass of the shrink: about 16 KB of A_e per pass, so the A
 // chunk and a 4-token x chunk stay in L1 while every token block of the tile reuses them.

@@ -1,0 +1,377 @@
+// molora's forward benchmarks (Google Benchmark). Every number the performance targets of
+// issue 3 need comes out of this one binary in one run:
+//   peak_fma                      this core's FMA peak (an FMA-chain kernel, same ISA flags)
+//   base/in/out/T                 the base linear layer alone (Eigen GEMM)
+//   adapter/S/in/out/E/k/r/T      MoLoRAAdapter::add_delta (router + gating + experts), S a Strategy
+//   experts/S/in/out/E/k/r/T      the experts alone for a fixed routing (add_delta_routed)
+//   ratio/S/in/out/T              MoLoRALinear::forward over forward_base, timed alternately in
+//                                 one loop; counter `ratio` = median of the per-pair ratios
+//   threads/S/in/out/T/n          the adapter with n OpenMP threads (OpenMP builds only)
+// Counters: tokens_per_s, GFLOPs (useful work: router 2*in*E and experts 2*k*r*(in+out) per
+// token; the base's 2*in*out for base/ratio), ratio. Run:
+//   bench_molora --benchmark_out=bench.json --benchmark_out_format=json
+// GCC 12 reports -Wmaybe-uninitialized inside Eigen's and xsimd's AVX-512 intrinsics
+// (_mm256_undefined_* in _mm512_extract*): false positives, silenced for this file.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <molora/molora.hpp>
+
+#if defined(MOLORA_USE_OPENMP)
+#include <omp.h>
+#endif
+
+namespace {
+
+using molora::Index;
+using molora::Strategy;
+using Mat = molora::RowMatrix<float>;
+
+// Fast deterministic fill in [-scale, scale] (setRandom is slow for 45 M entries).
+template <class Derived>
+void fill(Eigen::MatrixBase<Derived>& m, std::uint64_t seed, float scale) {
+  std::uint64_t s = seed * 0x9E3779B97F4A7C15ULL + 1;
+  float* p = m.derived().data();
+  for (Index i = 0; i < m.size(); ++i) {
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    p[i] = scale * (static_cast<float>(static_cast<std::uint32_t>(s >> 40)) / 8388608.0f - 1.0f);
+  }
+}
+
+struct Shape {
+  Index in, out, E, k, r;
+  bool operator<(const Shape& o) const {
+    return std::tie(in, out, E, k, r) < std::tie(o.in, o.out, o.E, o.k, o.r);
+  }
+};
+
+// The layer of the last shape asked for (one at a time: the 11008 ones hold 180 MB).
+molora::MoLoRALinear<float>& layer_for(const Shape& s) {
+  static std::unique_ptr<molora::MoLoRALinear<float>> cached;
+  static Shape cached_shape{0, 0, 0, 0, 0};
+  if (cached && !(cached_shape < s) && !(s < cached_shape)) return *cached;
+  cached.reset();
+  molora::MoLoRAConfig c;
+  c.in_features = s.in;
+  c.out_features = s.out;
+  c.num_experts = s.E;
+  c.top_k = s.k;
+  c.rank = s.r;
+  auto l = std::make_unique<molora::MoLoRALinear<float>>(c);
+  Mat w(s.out, s.in);
+  fill(w, 1, 0.02f);
+  l->set_base_weight(w);
+  Mat b(1, s.out);
+  fill(b, 2, 0.02f);
+  l->set_base_bias(b);
+  auto& a = l->adapter();
+  auto wr = a.router().mutable_weight();
+  fill(wr, 3, 0.05f);
+  auto A = a.mutable_stacked_A();
+  fill(A, 4, 0.02f);
+  auto B = a.mutable_stacked_B();
+  fill(B, 5, 0.02f);
+  cached = std::move(l);
+  cached_shape = s;
+  return *cached;
+}
+
+Mat tokens(Index T, Index in) {
+  Mat x(T, in);
+  fill(x, 7 + static_cast<std::uint64_t>(T), 1.0f);
+  return x;
+}
+
+double adapter_flops(const Shape& s) { return 2.0 * double(s.in) * double(s.E) + 2.0 * double(s.k * s.r) * double(s.in + s.out); }
+double expert_flops(const Shape& s) { return 2.0 * double(s.k * s.r) * double(s.in + s.out); }
+
+void set_counters(benchmark::State& st, Index T, double flops_per_token) {
+  st.counters["tokens_per_s"] = benchmark::Counter(double(T), benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["GFLOPs"] =
+      benchmark::Counter(flops_per_token * double(T) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// ---- peak ---------------------------------------------------------------------------------
+
+// 16 independent FMA chains of one register each: the issue rate of the FMA units.
+void BM_peak_fma(benchmark::State& st) {
+#if defined(MOLORA_NO_XSIMD)
+  st.SkipWithError("built without xsimd");
+#else
+  using Arch = molora::kernels::default_arch;
+  using B = xsimd::batch<float, Arch>;
+  constexpr int chains = 16;
+  const Index steps = 1 << 16;
+  B acc[chains];
+  for (int i = 0; i < chains; ++i) acc[i] = B(float(i) * 1e-3f);
+  const B m(0.999999f), a(1e-7f);
+  for (auto _ : st) {
+    for (Index s = 0; s < steps; ++s)
+      for (int i = 0; i < chains; ++i) acc[i] = xsimd::fma(acc[i], m, a);
+    for (int i = 0; i < chains; ++i) benchmark::DoNotOptimize(acc[i]);
+  }
+  st.counters["GFLOPs"] = benchmark::Counter(2.0 * chains * double(B::size) * double(steps) * 1e-9,
+                                             benchmark::Counter::kIsIterationInvariantRate);
+  st.SetLabel(Arch::name());
+#endif
+}
+BENCHMARK(BM_peak_fma)->MinTime(0.3);
+
+// ---- one expert, data in cache (DESIGN.md's one-expert measurement) ------------------------
+
+// kernel/<what>/n: what = 0 shrink, 1 expand, 2 fused, 3 Eigen's two GEMMs; in = out = 4096,
+// r = 16, n tokens of one expert.
+void BM_kernel(benchmark::State& st) {
+  namespace k = molora::kernels;
+  const int what = static_cast<int>(st.range(0));
+  const Index n = st.range(1), in = 4096, out = 4096, r = 16;
+  Mat a(r, in), bt(r, out), x(n, in), y = Mat::Zero(n, out), h(n, r);
+  fill(a, 1, 0.02f);
+  fill(bt, 2, 0.02f);
+  fill(x, 3, 1.0f);
+  std::vector<const float*> xr, hr;
+  std::vector<float*> yr;
+  std::vector<float> scale(static_cast<std::size_t>(n), 0.5f);
+  for (Index i = 0; i < n; ++i) {
+    xr.push_back(x.row(i).data());
+    yr.push_back(y.row(i).data());
+    hr.push_back(h.row(i).data());
+  }
+  std::vector<float> scratch(static_cast<std::size_t>(std::max<Index>(k::fused_scratch_size<k::default_arch, float>(r),
+                                                                      n * r * k::simd_width<k::default_arch, float>())));
+  Mat d(n, out);
+  double flops = 0;
+  for (auto _ : st) {
+    switch (what) {
+      case 0: k::shrink(k::default_arch{}, a.data(), in, r, in, xr.data(), n, h.data(), r, scratch.data()); break;
+      case 1: k::expand(k::default_arch{}, bt.data(), out, r, out, hr.data(), scale.data(), n, yr.data()); break;
+      case 2:
+        k::fused(k::default_arch{}, a.data(), in, bt.data(), out, r, in, out, xr.data(), yr.data(), scale.data(), n,
+                 scratch.data());
+        break;
+      default:
+        h.noalias() = x * a.transpose();
+        d.noalias() = h * bt;
+        y += d;
+        break;
+    }
+    benchmark::ClobberMemory();
+  }
+  flops = 2.0 * double(n * r) * (what == 0 ? double(in) : what == 1 ? double(out) : double(in + out));
+  st.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  static const char* names[] = {"shrink", "expand", "fused", "eigen"};
+  st.SetLabel(names[what]);
+}
+BENCHMARK(BM_kernel)->ArgsProduct({{0, 1, 2, 3}, {1, 4, 16, 64}})->MinTime(0.1);
+
+// ---- base, adapter, experts ---------------------------------------------------------------
+
+Strategy strategy_arg(int64_t v) { return static_cast<Strategy>(v); }
+
+void BM_base(benchmark::State& st) {
+  const Shape s{st.range(0), st.range(1), 8, 2, 16};
+  const Index T = st.range(2);
+  auto& l = layer_for(s);
+  const Mat x = tokens(T, s.in);
+  Mat y(T, s.out);
+  for (auto _ : st) {
+    l.forward_base(x, y);
+    benchmark::ClobberMemory();
+  }
+  set_counters(st, T, 2.0 * double(s.in) * double(s.out));
+}
+
+void BM_adapter(benchmark::State& st) {
+  const Strategy strat = strategy_arg(st.range(0));
+  const Shape s{st.range(1), st.range(2), st.range(3), st.range(4), st.range(5)};
+  const Index T = st.range(6);
+  auto& l = layer_for(s);
+  l.set_strategy(strat);
+  const Mat x = tokens(T, s.in);
+  Mat y = Mat::Zero(T, s.out);
+  molora::MoLoRAWorkspace<float> ws;
+  for (auto _ : st) {
+    l.adapter().add_delta(x, y, ws);
+    benchmark::ClobberMemory();
+  }
+  set_counters(st, T, adapter_flops(s));
+  st.SetLabel(molora::to_string(l.adapter().resolved_strategy(T, s.k)));
+}
+
+void BM_experts(benchmark::State& st) {
+  const Strategy strat = strategy_arg(st.range(0));
+  const Shape s{st.range(1), st.range(2), st.range(3), st.range(4), st.range(5)};
+  const Index T = st.range(6);
+  auto& l = layer_for(s);
+  l.set_strategy(strat);
+  const Mat x = tokens(T, s.in);
+  Mat y = Mat::Zero(T, s.out);
+  molora::MoLoRAWorkspace<float> ws;
+  const molora::Routing<float> routing = l.adapter().route_tokens(x, ws);
+  for (auto _ : st) {
+    l.adapter().add_delta_routed(x, routing, y, ws);
+    benchmark::ClobberMemory();
+  }
+  set_counters(st, T, expert_flops(s));
+  st.SetLabel(molora::to_string(l.adapter().resolved_strategy(T, s.k)));
+}
+
+// ---- adapted / base in one loop -----------------------------------------------------------
+
+void BM_ratio(benchmark::State& st) {
+  using clock = std::chrono::steady_clock;
+  const Strategy strat = strategy_arg(st.range(0));
+  const Shape s{st.range(1), st.range(2), 8, 2, 16};
+  const Index T = st.range(3);
+  auto& l = layer_for(s);
+  l.set_strategy(strat);
+  const Mat x = tokens(T, s.in);
+  Mat y(T, s.out);
+  molora::MoLoRAWorkspace<float> ws;
+  l.forward(x, y, ws);  // warm the workspace
+  std::vector<double> ratios, base_t, adapted_t;
+  bool base_first = true;
+  for (auto _ : st) {
+    double tb = 0, ta = 0;
+    for (int half = 0; half < 2; ++half) {
+      const bool do_base = (half == 0) == base_first;
+      const auto t0 = clock::now();
+      if (do_base)
+        l.forward_base(x, y);
+      else
+        l.forward(x, y, ws);
+      benchmark::ClobberMemory();
+      const double dt = std::chrono::duration<double>(clock::now() - t0).count();
+      (do_base ? tb : ta) = dt;
+    }
+    base_first = !base_first;  // alternate the order so neither always runs on a warm cache
+    st.SetIterationTime(ta);
+    ratios.push_back(ta / tb);
+    base_t.push_back(tb);
+    adapted_t.push_back(ta);
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : (v[(v.size() - 1) / 2] + v[v.size() / 2]) / 2;
+  };
+  st.counters["ratio"] = median(ratios);
+  st.counters["base_ms"] = median(base_t) * 1e3;
+  st.counters["adapted_ms"] = median(adapted_t) * 1e3;
+  st.counters["tokens_per_s"] = double(T) / median(adapted_t);
+  st.SetLabel(molora::to_string(l.adapter().resolved_strategy(T, s.k)));
+}
+
+// ---- threads ------------------------------------------------------------------------------
+
+void BM_threads(benchmark::State& st) {
+#if defined(MOLORA_USE_OPENMP)
+  const Strategy strat = strategy_arg(st.range(0));
+  const Shape s{st.range(1), st.range(2), 8, 2, 16};
+  const Index T = st.range(3);
+  const int threads = static_cast<int>(st.range(4));
+  const bool whole_layer = st.range(5) != 0;
+  auto& l = layer_for(s);
+  l.set_strategy(strat);
+  const Mat x = tokens(T, s.in);
+  Mat y = Mat::Zero(T, s.out);
+  molora::MoLoRAWorkspace<float> ws;
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(threads);
+  Eigen::setNbThreads(threads);
+  for (auto _ : st) {
+    if (whole_layer)
+      l.forward(x, y, ws);
+    else
+      l.adapter().add_delta(x, y, ws);
+    benchmark::ClobberMemory();
+  }
+  omp_set_num_threads(saved);
+  Eigen::setNbThreads(saved);
+  set_counters(st, T, whole_layer ? adapter_flops(s) + 2.0 * double(s.in) * double(s.out) : adapter_flops(s));
+  st.SetLabel(whole_layer ? "layer" : "adapter");
+#else
+  st.SkipWithError("built without MOLORA_OPENMP");
+#endif
+}
+
+// ---- registration -------------------------------------------------------------------------
+
+const std::vector<int64_t> kTokens = {1, 4, 16, 64, 256, 1024};
+const std::vector<std::pair<int64_t, int64_t>> kShapes = {{4096, 4096}, {4096, 11008}, {11008, 4096}};
+const std::vector<Strategy> kCompared = {Strategy::eigen, Strategy::dense_shrink, Strategy::fused};
+
+// Fewer iterations for the big cases: the machine is shared and the base at T = 1024 takes
+// about a second.
+double min_time_for(double flops) { return flops > 2e10 ? 0.05 : 0.15; }
+
+void register_all() {
+  for (const auto& [in, out] : kShapes) {
+    for (int64_t T : kTokens) {
+      const double base_flops = 2.0 * double(in) * double(out) * double(T);
+      benchmark::RegisterBenchmark("base", BM_base)->Args({in, out, T})->MinTime(min_time_for(base_flops))
+          ->Unit(benchmark::kMicrosecond);
+      for (Strategy s : kCompared) {
+        const auto si = static_cast<int64_t>(s);
+        benchmark::RegisterBenchmark("adapter", BM_adapter)->Args({si, in, out, 8, 2, 16, T})->MinTime(0.1)
+            ->Unit(benchmark::kMicrosecond);
+        benchmark::RegisterBenchmark("experts", BM_experts)->Args({si, in, out, 8, 2, 16, T})->MinTime(0.1)
+            ->Unit(benchmark::kMicrosecond);
+      }
+      // The adapted layer over its base, with the default strategy everywhere and with every
+      // strategy at MING-MOE's shape.
+      const int64_t pairs = base_flops > 5e10 ? 4 : base_flops > 5e9 ? 8 : base_flops > 5e8 ? 20 : 60;
+      for (Strategy s : {Strategy::automatic, Strategy::eigen, Strategy::dense_shrink}) {
+        if (s != Strategy::automatic && in != out) continue;
+        benchmark::RegisterBenchmark("ratio", BM_ratio)->Args({static_cast<int64_t>(s), in, out, T})
+            ->Iterations(pairs)->UseManualTime()->Unit(benchmark::kMicrosecond);
+      }
+    }
+  }
+  // Sweeps at MING-MOE's in/out, k = 2: rank, then number of experts.
+  for (int64_t T : {1, 16, 256})
+    for (Strategy s : kCompared) {
+      const auto si = static_cast<int64_t>(s);
+      for (int64_t r : {4, 8, 16, 64})
+        benchmark::RegisterBenchmark("sweep_rank", BM_adapter)->Args({si, 4096, 4096, 8, 2, r, T})->MinTime(0.1)
+            ->Unit(benchmark::kMicrosecond);
+      for (int64_t E : {4, 8, 16, 64})
+        benchmark::RegisterBenchmark("sweep_experts", BM_adapter)->Args({si, 4096, 4096, E, 2, 16, T})
+            ->MinTime(0.1)->Unit(benchmark::kMicrosecond);
+    }
+  // Threads at T = 256 (and 64, 1024): the adapter and the whole layer, 1 and 2 threads.
+  for (int64_t T : {64, 256, 1024})
+    for (int64_t whole : {0, 1})
+      for (int64_t n : {1, 2})
+        benchmark::RegisterBenchmark("threads", BM_threads)
+            ->Args({static_cast<int64_t>(Strategy::automatic), 4096, 4096, T, n, whole})
+            ->MinTime(whole ? 0.3 : 0.15)->Unit(benchmark::kMicrosecond);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  register_all();
+  benchmark::AddCustomContext("molora_kernel_isa", molora::kernels::arch_name());
+#if defined(MOLORA_USE_OPENMP)
+  benchmark::AddCustomContext("molora_openmp", "on");
+#else
+  benchmark::AddCustomContext("molora_openmp", "off");
+#endif
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,164 @@
+// A warm forward with a reused workspace allocates nothing. Two counters see every heap
+// allocation: a replaced global operator new (std::vector and friends) and Eigen's own
+// allocator (Eigen calls std::malloc, not operator new), which EIGEN_RUNTIME_NO_MALLOC lets
+// us trap: with malloc disallowed, Eigen's check goes through eigen_assert, redefined here
+// to count instead of abort. Works under ASan too (no malloc interposition).
+#include <atomic>
+#include <cstddef>
+#include <cstdlib>
+#include <new>
+
+namespace {
+std::atomic<long> g_new_count{0};
+std::atomic<long> g_eigen_heap{0};
+}  // namespace
+
+#define EIGEN_RUNTIME_NO_MALLOC
+#define eigen_assert(x)          \
+  do {                           \
+    if (!(x)) ++g_eigen_heap;    \
+  } while (false)
+
+#include <doctest/doctest.h>
+
+#include <molora/molora.hpp>
+
+#include "reference.hpp"
+
+void* operator new(std::size_t n) {
+  ++g_new_count;
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t n) { return operator new(n); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  ++g_new_count;
+  return std::malloc(n ? n : 1);
+}
+void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+using molora::Index;
+using molora::Strategy;
+
+namespace {
+
+struct Counts {
+  long news = 0, eigen = 0;
+};
+
+// Runs f with both counters armed.
+template <class F>
+Counts count_allocations(F&& f) {
+  const long n0 = g_new_count.load(), e0 = g_eigen_heap.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  f();
+  Eigen::internal::set_is_malloc_allowed(true);
+  return {g_new_count.load() - n0, g_eigen_heap.load() - e0};
+}
+
+molora::MoLoRAConfig config(Index in, Index out, Index E, Index k, Index r) {
+  molora::MoLoRAConfig c;
+  c.in_features = in;
+  c.out_features = out;
+  c.num_experts = E;
+  c.top_k = k;
+  c.rank = r;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("no_alloc: the counters see std::vector and Eigen allocations") {
+  const Counts c = count_allocations([] {
+    std::vector<int> v(100);
+    Eigen::MatrixXf m(50, 50);
+    (void)v;
+    (void)m;
+  });
+  CHECK(c.news >= 1);
+  CHECK(c.eigen >= 1);
+}
+
+TEST_CASE("no_alloc: warm MoLoRAAdapter::add_delta, strategy fused / automatic, same batch size") {
+  for (const Strategy st : {Strategy::fused, Strategy::automatic})
+    for (const auto& cfg : {config(64, 48, 8, 2, 16), config(1024, 1024, 8, 2, 16), config(4096, 4096, 8, 2, 16),
+                            config(300, 200, 4, 4, 17)})
+      for (Index T : {1, 7, 64, 256}) {
+        auto layer = ref::random_layer<float>(cfg, 11);
+        layer.set_strategy(st);
+        const auto x = ref::random_x<float>(T, cfg.in_features, 12);
+        molora::RowMatrix<float> y = molora::RowMatrix<float>::Zero(T, cfg.out_features);
+        molora::MoLoRAWorkspace<float> ws;
+        layer.adapter().add_delta(x, y, ws);  // warm-up sizes the workspace
+        const Counts c = count_allocations([&] {
+          for (int rep = 0; rep < 3; ++rep) layer.adapter().add_delta(x, y, ws);
+        });
+        INFO("strategy=", std::string(molora::to_string(st)), " in=", cfg.in_features, " E=", cfg.num_experts, " T=", T);
+        CHECK(c.news == 0);
+        CHECK(c.eigen == 0);
+      }
+}
+
+TEST_CASE("no_alloc: warm add_delta_routed (caller routing), strategy fused") {
+  const auto cfg = config(515, 333, 8, 2, 17);
+  auto layer = ref::random_layer<float>(cfg, 13);
+  layer.set_strategy(Strategy::fused);
+  const auto x = ref::random_x<float>(100, cfg.in_features, 14);
+  molora::RowMatrix<float> y = molora::RowMatrix<float>::Zero(100, cfg.out_features);
+  molora::MoLoRAWorkspace<float> ws;
+  const molora::Routing<float> routing = layer.adapter().route_tokens(x, ws);
+  layer.adapter().add_delta_routed(x, routing, y, ws);
+  const Counts c = count_allocations([&] { layer.adapter().add_delta_routed(x, routing, y, ws); });
+  CHECK(c.news == 0);
+  CHECK(c.eigen == 0);
+}
+
+TEST_CASE("no_alloc: warm MoLoRALinear::forward at one token (decode), every strategy") {
+  const auto cfg = config(4096, 4096, 8, 2, 16);
+  auto layer = ref::random_layer<float>(cfg, 18);
+  const auto x = ref::random_x<float>(1, cfg.in_features, 19);
+  molora::RowMatrix<float> y(1, cfg.out_features);
+  for (const Strategy st : {Strategy::eigen, Strategy::dense_shrink, Strategy::fused, Strategy::automatic}) {
+    layer.set_strategy(st);
+    molora::MoLoRAWorkspace<float> ws;
+    layer.forward(x, y, ws);
+    const Counts c = count_allocations([&] {
+      for (int rep = 0; rep < 3; ++rep) layer.forward(x, y, ws);
+    });
+    INFO("strategy=", std::string(molora::to_string(st)));
+    CHECK(c.news == 0);
+    CHECK(c.eigen == 0);
+  }
+}
+
+// Not a requirement, a record: what the other strategies, smaller batches and the base
+// GEMM do (Eigen's GEMM takes its packing buffers from the heap when they exceed
+// EIGEN_STACK_ALLOCATION_LIMIT, 128 KB by default).
+TEST_CASE("no_alloc: record of Eigen heap use in the other paths") {
+  const auto cfg = config(4096, 4096, 8, 2, 16);
+  auto layer = ref::random_layer<float>(cfg, 15);
+  for (const Strategy st : {Strategy::eigen, Strategy::dense_shrink, Strategy::fused})
+    for (Index T : {1, 16, 64, 256, 1024}) {
+      layer.set_strategy(st);
+      const auto x = ref::random_x<float>(T, cfg.in_features, 16);
+      molora::RowMatrix<float> y(T, cfg.out_features);
+      molora::MoLoRAWorkspace<float> ws;
+      layer.forward(x, y, ws);
+      const Counts adapter = count_allocations([&] { layer.adapter().add_delta(x, y, ws); });
+      const Counts linear = count_allocations([&] { layer.forward(x, y, ws); });
+      MESSAGE("strategy=", std::string(molora::to_string(st)), " T=", T, ": add_delta new=", adapter.news,
+              " eigen_heap=", adapter.eigen, "; MoLoRALinear::forward new=", linear.news, " eigen_heap=", linear.eigen);
+    }
+  // A smaller batch after a larger one.
+  layer.set_strategy(Strategy::fused);
+  molora::MoLoRAWorkspace<float> ws;
+  const auto x = ref::random_x<float>(64, cfg.in_features, 17);
+  molora::RowMatrix<float> y = molora::RowMatrix<float>::Zero(64, cfg.out_features);
+  layer.adapter().add_delta(x, y, ws);
+  const Counts smaller = count_allocations([&] { layer.adapter().add_delta(x.topRows(16), y.topRows(16), ws); });
+  MESSAGE("fused, T=16 after T=64: new=", smaller.news, " eigen_heap=", smaller.eigen);
+}
