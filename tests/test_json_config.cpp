@@ -341,6 +341,7 @@ TEST_CASE("json_config: MING-MOE config.json") {
   CHECK_FALSE(m.lora_alpha.has_value());
   CHECK_FALSE(m.hidden_size.has_value());
   CHECK(m.model_type.empty());
+  CHECK(MingMoeConfig::from_string(edited(kMingExample, {{"expert_selection", "topk"}})).expert_selection == "top_k");
   const auto d = MingMoeConfig::from_string(R"({"num_experts":2,"num_experts_per_token":1})");
   CHECK(d.expert_selection == "top_k");
   CHECK_FALSE(d.r.has_value());
@@ -353,7 +354,7 @@ TEST_CASE("json_config: MING-MOE field errors") {
   check_error<C>(edited(kMingExample, {{"num_experts_per_token", nullptr}}), {"'num_experts_per_token'", "missing"});
   check_error<C>(edited(kMingExample, {{"num_experts_per_token", 9}}), {"'num_experts_per_token'", "num_experts = 8", "got 9"});
   check_error<C>(edited(kMingExample, {{"num_experts_per_token", 0}}), {"'num_experts_per_token'", "got 0"});
-  check_error<C>(edited(kMingExample, {{"expert_selection", "topk"}}), {"'expert_selection'", "\"top_k\" or \"sampling\"", "\"topk\""});
+  check_error<C>(edited(kMingExample, {{"expert_selection", "top-k"}}), {"'expert_selection'", "\"sampling\"", "\"top-k\""});
   check_error<C>(edited(kMingExample, {{"expert_selection", 1}}), {"'expert_selection'", "a string"});
   check_error<C>(edited(kMingExample, {{"share_expert", "yes"}}), {"'share_expert'", "true or false"});
   check_error<C>(edited(kMingExample, {{"r", "16"}}), {"'r'", "(string)"});

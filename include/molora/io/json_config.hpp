@@ -295,12 +295,12 @@ struct MixLoRAConfig {
 // MING-MOE (MediaBrain-SJTU/MING, branch ming-moe) config.json: a Qwen2 config plus the MoLoRA
 // fields. MING's loader falls back to num_experts = 4 and num_experts_per_token = 2 when they
 // are absent; we require both, so a plain Qwen2 config.json is not mistaken for a MING-MOE one.
-// expert_selection is "top_k" (MING's default) or "sampling", the two values MING's code
-// uses (it tests == 'sampling'); other strings are rejected.
+// expert_selection is "top_k" (MING's default; "topk" is accepted and stored as "top_k") or
+// "sampling", the values MING's code uses (it tests == 'sampling'); other strings are rejected.
 struct MingMoeConfig {
   Index num_experts = 0;
   Index num_experts_per_token = 0;         // k
-  std::string expert_selection = "top_k";  // "top_k" or "sampling"
+  std::string expert_selection = "top_k";  // "top_k" or "sampling" (normalised)
   bool share_expert = false;
   Index num_share_experts = 1;             // only meaningful with share_expert
   bool use_rslora = false;
@@ -325,8 +325,11 @@ struct MingMoeConfig {
       f.fail("num_experts_per_token", molora::detail::cat("an integer in [1, num_experts = ", c.num_experts, "]"),
              std::to_string(c.num_experts_per_token));
     c.expert_selection = f.string_or("expert_selection", "top_k");
-    if (c.expert_selection != "top_k" && c.expert_selection != "sampling")
-      f.fail("expert_selection", "\"top_k\" or \"sampling\"", "\"" + c.expert_selection + "\"");
+    // MING's code only tests for "sampling"; anything else means top-k. We accept the two
+    // spellings of top-k seen in MING-style configs and reject other strings as typos.
+    if (c.expert_selection != "top_k" && c.expert_selection != "topk" && c.expert_selection != "sampling")
+      f.fail("expert_selection", "\"top_k\", \"topk\" or \"sampling\"", "\"" + c.expert_selection + "\"");
+    if (c.expert_selection == "topk") c.expert_selection = "top_k";  // one spelling downstream
     c.share_expert = f.boolean_or("share_expert", false);
     c.num_share_experts = f.integer_or("num_share_experts", 1, 1);
     c.use_rslora = f.boolean_or("use_rslora", false);
