@@ -203,6 +203,8 @@ TEST_CASE("strategies: automatic resolves to fused, or to dense_shrink for dense
   CHECK(a.resolved_strategy(1, 2) == Strategy::fused);
   CHECK(a.resolved_strategy(1024, 2) == Strategy::fused);
   CHECK(a.resolved_strategy(1024, 8) == Strategy::dense_shrink);
+  CHECK(a.resolved_strategy(64, 8) == Strategy::dense_shrink);
+  CHECK(a.resolved_strategy(63, 8) == Strategy::fused);
   a.set_strategy(Strategy::eigen);
   CHECK(a.resolved_strategy(1024, 8) == Strategy::eigen);
 }

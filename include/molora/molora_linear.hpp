@@ -37,8 +37,10 @@ namespace molora {
 //                 the selected experts only (E/k times the shrink work, as one big GEMM)
 //   fused         kernels/: per expert, tiles of its tokens; h = A_e x stays in L1 and
 //                 (s*g) B_e h is added straight into y
-//   automatic     fused, except dense_shrink when the routing is dense (k == E) and
-//                 T * r * E is large: measured in docs/benchmarks.md
+//   automatic     fused, except dense_shrink when the routing is dense (k == E) and T >= 64
+//                 (measured in docs/benchmarks.md: there the dense shrink does no extra work
+//                 and Eigen's GEMM beats the per-expert tiles by 15-20 %). Only fused is
+//                 guaranteed not to allocate in a warm forward (see apply_dense_shrink).
 enum class Strategy { automatic, eigen, dense_shrink, fused };
 
 inline const char* to_string(Strategy s) {
@@ -126,7 +128,7 @@ public:
   Strategy resolved_strategy(Index num_tokens, Index top_k) const {
     if (strategy_ != Strategy::automatic) return strategy_;
     // Dense routing: the dense shrink does no extra work and is one large GEMM.
-    if (top_k == num_experts() && num_tokens * rank() * num_experts() >= 4096) return Strategy::dense_shrink;
+    if (top_k == num_experts() && num_tokens >= 64) return Strategy::dense_shrink;
     return Strategy::fused;
   }
 
@@ -363,6 +365,8 @@ private:
   void apply_dense_shrink(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
     const Index T = x.rows();
     detail::reserve_rows(ws.dense_hidden, T, A_.rows());
+    // Eigen takes the GEMM's packing buffers from the heap when they exceed
+    // EIGEN_STACK_ALLOCATION_LIMIT (128 KB): this strategy may allocate; fused never does.
     auto h = ws.dense_hidden.topRows(T);  // [T, E*r]
     h.noalias() = x * A_.transpose();
     const auto w = expert_stack();
