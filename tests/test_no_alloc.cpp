@@ -86,12 +86,12 @@ TEST_CASE("no_alloc: the counters see std::vector and Eigen allocations") {
 // automatic resolves to fused except for dense routing (k == E) at T >= 64, where it uses
 // dense_shrink, whose Eigen GEMM may take its packing buffers from the heap.
 TEST_CASE("no_alloc: warm MoLoRAAdapter::add_delta, strategy fused / automatic, same batch size") {
-  for (const Strategy st : {Strategy::fused, Strategy::automatic})
-    for (const auto& cfg : {config(64, 48, 8, 2, 16), config(1024, 1024, 8, 2, 16), config(4096, 4096, 8, 2, 16),
-                            config(300, 200, 4, 4, 17), config(4096, 1000, 4, 4, 16)})
+  for (const auto& cfg : {config(64, 48, 8, 2, 16), config(1024, 1024, 8, 2, 16), config(4096, 512, 8, 2, 16),
+                          config(300, 200, 4, 4, 17), config(4096, 100, 4, 4, 16)}) {
+    auto layer = ref::random_layer<float>(cfg, 11);
+    for (const Strategy st : {Strategy::fused, Strategy::automatic})
       for (Index T : {1, 7, 64, 256}) {
         if (st == Strategy::automatic && cfg.top_k == cfg.num_experts && T >= 64) continue;
-        auto layer = ref::random_layer<float>(cfg, 11);
         layer.set_strategy(st);
         const auto x = ref::random_x<float>(T, cfg.in_features, 12);
         molora::RowMatrix<float> y = molora::RowMatrix<float>::Zero(T, cfg.out_features);
@@ -104,6 +104,7 @@ TEST_CASE("no_alloc: warm MoLoRAAdapter::add_delta, strategy fused / automatic, 
         CHECK(c.news == 0);
         CHECK(c.eigen == 0);
       }
+  }
 }
 
 TEST_CASE("no_alloc: warm add_delta_routed (caller routing), strategy fused") {
@@ -121,7 +122,7 @@ TEST_CASE("no_alloc: warm add_delta_routed (caller routing), strategy fused") {
 }
 
 TEST_CASE("no_alloc: warm MoLoRALinear::forward at one token (decode), every strategy") {
-  const auto cfg = config(4096, 4096, 8, 2, 16);
+  const auto cfg = config(1024, 1024, 8, 2, 16);
   auto layer = ref::random_layer<float>(cfg, 18);
   const auto x = ref::random_x<float>(1, cfg.in_features, 19);
   molora::RowMatrix<float> y(1, cfg.out_features);
@@ -142,10 +143,10 @@ TEST_CASE("no_alloc: warm MoLoRALinear::forward at one token (decode), every str
 // GEMM do (Eigen's GEMM takes its packing buffers from the heap when they exceed
 // EIGEN_STACK_ALLOCATION_LIMIT, 128 KB by default).
 TEST_CASE("no_alloc: record of Eigen heap use in the other paths") {
-  const auto cfg = config(4096, 4096, 8, 2, 16);
+  const auto cfg = config(2048, 512, 8, 2, 16);
   auto layer = ref::random_layer<float>(cfg, 15);
   for (const Strategy st : {Strategy::eigen, Strategy::dense_shrink, Strategy::fused})
-    for (Index T : {1, 16, 64, 256, 1024}) {
+    for (Index T : {1, 16, 64, 256}) {
       layer.set_strategy(st);
       const auto x = ref::random_x<float>(T, cfg.in_features, 16);
       molora::RowMatrix<float> y(T, cfg.out_features);
