@@ -1,0 +1,156 @@
+// Training step cost at MING-MOE's shape (in = out = 4096, E = 8, k = 2, r = 16), float:
+//   adapter_forward   MoLoRAAdapter::add_delta (the inference adapter path: router + experts)
+//   train_forward     add_delta_train (the same, saving the tape)
+//   backward          add_backward (experts, router, the adapter's and router's dx)
+//   train_step        train_forward + backward; step_over_fwd = its time over adapter_forward's,
+//                     measured in the same benchmark run (target <= 3)
+//   base_dx           dy W0, the frozen base's x-gradient, reported separately
+//   base_forward      x W0^T, for scale
+//   ./bench_training --benchmark_counters_tabular=true
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 intrinsics header trips -W(maybe-)uninitialized inside Eigen's kernels
+// (GCC PR 105593, fixed in GCC 13); a false positive outside our code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <vector>
+
+#include <molora/backward.hpp>
+#include <molora/molora_linear.hpp>
+
+namespace {
+
+using molora::Index;
+using Matrix = molora::RowMatrix<float>;
+
+constexpr Index kIn = 4096, kOut = 4096;
+
+struct Fixture {
+  std::unique_ptr<molora::MoLoRALinear<float>> layer;
+  Matrix x, y, dy, dx;
+  molora::MoLoRAWorkspace<float> ws;
+  molora::MoLoRATape<float> tape;
+  std::unique_ptr<molora::MoLoRAGrads<float>> grads;
+
+  explicit Fixture(Index T) {
+    molora::MoLoRAConfig cfg;  // MING-MOE: E = 8, k = 2, r = 16, alpha = 32, router bias
+    cfg.in_features = kIn;
+    cfg.out_features = kOut;
+    layer = std::make_unique<molora::MoLoRALinear<float>>(cfg);
+    molora::Generator gen(7);
+    layer->adapter().init_default(gen);
+    auto B = layer->adapter().mutable_stacked_B();
+    for (Index i = 0; i < B.size(); ++i) B.data()[i] = static_cast<float>(molora::detail::uniform(gen, -0.01, 0.01));
+    Matrix w0(kOut, kIn);
+    for (Index i = 0; i < w0.size(); ++i) w0(i) = static_cast<float>(molora::detail::uniform(gen, -0.015, 0.015));
+    layer->set_base_weight(w0);
+    x.resize(T, kIn);
+    dy.resize(T, kOut);
+    for (Index i = 0; i < x.size(); ++i) x(i) = static_cast<float>(molora::detail::normal01(gen));
+    for (Index i = 0; i < dy.size(); ++i) dy(i) = static_cast<float>(molora::detail::normal01(gen));
+    y.setZero(T, kOut);
+    dx.setZero(T, kIn);
+    grads = std::make_unique<molora::MoLoRAGrads<float>>(*layer);
+  }
+
+  void forward() { layer->adapter().add_delta(x, y, ws); }
+  void train_step() {
+    molora::add_delta_train(layer->adapter(), x, y, tape);
+    molora::add_backward(layer->adapter(), tape, dy, *grads, dx);
+  }
+
+  // Median over a few runs of the adapter forward, in seconds.
+  double forward_seconds() {
+    std::vector<double> t;
+    for (int i = 0; i < 7; ++i) {
+      const auto a = std::chrono::steady_clock::now();
+      forward();
+      t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count());
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+  }
+};
+
+void set_tokens(benchmark::State& state, Index T) {
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * T);
+}
+
+void adapter_forward(benchmark::State& state) {
+  Fixture f(state.range(0));
+  f.forward();
+  for (auto _ : state) {
+    f.forward();
+    benchmark::DoNotOptimize(f.y.data());
+  }
+  set_tokens(state, state.range(0));
+}
+
+void train_forward(benchmark::State& state) {
+  Fixture f(state.range(0));
+  for (auto _ : state) {
+    molora::add_delta_train(f.layer->adapter(), f.x, f.y, f.tape);
+    benchmark::DoNotOptimize(f.y.data());
+  }
+  set_tokens(state, state.range(0));
+}
+
+void backward(benchmark::State& state) {
+  Fixture f(state.range(0));
+  molora::add_delta_train(f.layer->adapter(), f.x, f.y, f.tape);
+  for (auto _ : state) {
+    molora::add_backward(f.layer->adapter(), f.tape, f.dy, *f.grads, f.dx);
+    benchmark::DoNotOptimize(f.dx.data());
+  }
+  set_tokens(state, state.range(0));
+}
+
+void train_step(benchmark::State& state) {
+  Fixture f(state.range(0));
+  f.train_step();
+  const double fwd = f.forward_seconds();
+  double total = 0;
+  for (auto _ : state) {
+    const auto a = std::chrono::steady_clock::now();
+    f.train_step();
+    benchmark::DoNotOptimize(f.dx.data());
+    total += std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+  }
+  set_tokens(state, state.range(0));
+  state.counters["fwd_ms"] = fwd * 1e3;
+  state.counters["step_over_fwd"] = total / static_cast<double>(state.iterations()) / fwd;
+}
+
+void base_dx(benchmark::State& state) {
+  Fixture f(state.range(0));
+  for (auto _ : state) {
+    molora::base_backward(*f.layer, f.dy, f.dx);
+    benchmark::DoNotOptimize(f.dx.data());
+  }
+  set_tokens(state, state.range(0));
+}
+
+void base_forward(benchmark::State& state) {
+  Fixture f(state.range(0));
+  for (auto _ : state) {
+    f.layer->forward_base(f.x, f.y);
+    benchmark::DoNotOptimize(f.y.data());
+  }
+  set_tokens(state, state.range(0));
+}
+
+}  // namespace
+
+BENCHMARK(adapter_forward)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
+BENCHMARK(train_forward)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
+BENCHMARK(backward)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
+BENCHMARK(train_step)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
+BENCHMARK(base_dx)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
+BENCHMARK(base_forward)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
+
+BENCHMARK_MAIN();
