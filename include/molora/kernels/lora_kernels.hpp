@@ -36,13 +36,15 @@ using Index = std::ptrdiff_t;
 constexpr Index kTile = 8;
 
 // Elements of `in` reduced per pass of the shrink: about 16 KB of A_e per pass, so the A
-// chunk and a 4-token x chunk stay in L1 while every token block of the tile reuses them.
-// Depends only on (Arch, Scalar, r), which keeps results independent of the tile.
+// chunk and a 4-token x chunk stay in L1 while every token block of the tile reuses them;
+// but at least 16 vectors, or reloading the partial sums between passes costs more than
+// the pass (large ranks then read their A chunk from L2). Depends only on
+// (Arch, Scalar, r), which keeps results independent of the tile.
 template <class Arch, class Scalar>
 constexpr Index shrink_chunk(Index rank) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
   const Index kc = (Index(16384) / (rank * Index(sizeof(Scalar)))) / W * W;
-  return kc < 2 * W ? 2 * W : kc;
+  return kc < 16 * W ? 16 * W : kc;
 }
 
 // Scratch (in Scalars) that fused() needs for rank r: the h tile, then the spill of vector
