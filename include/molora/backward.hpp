@@ -1,7 +1,7 @@
 // Training forward and backward passes. A training forward computes the same output as the
 // layer's forward and records on a tape what the backward needs (x, the router logits and
-// probabilities, the routing, the dispatch plan, each routed pair's h = A_e x and its
-// gathered input, dropout and jitter multipliers). The backward takes dL/dy [T, out] and
+// probabilities, the routing, the dispatch plan, each routed pair's h = A_e x, dropout and
+// jitter multipliers). The backward takes dL/dy [T, out] and
 // adds dL/dA_e, dL/dB_e (only experts with routed tokens do any work), dL/dW_r, dL/db_r into a
 // gradient buffer laid out like the parameters, and produces dL/dx [T, in] through the frozen
 // base, the experts and the router. Gradients reach the router through the gate weights only
@@ -15,6 +15,7 @@
 // lora_dropout = 0.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "dispatch.hpp"
 #include "errors.hpp"
 #include "gating.hpp"
+#include "kernels/lora_kernels.hpp"
 #include "lora.hpp"
 #include "molora_linear.hpp"
 #include "random.hpp"
@@ -249,7 +251,6 @@ struct MoLoRATape {
   RowMatrix<Scalar> probs;            // [T, E] softmax(logits)
   Routing<Scalar> routing;            // [T, k] the routing used
   DispatchPlan<Scalar> plan;          // pairs grouped by expert
-  RowMatrix<Scalar> gathered;         // [T*k, in] adapter input row of each pair, plan order
   RowMatrix<Scalar> hidden;           // [T*k, r] h = A_e x of each pair (unscaled), plan order
   // dL/dlogits [T, E] from auxiliary losses (load_balancing_loss, router_z_loss); zeroed by
   // every training forward, added into the router's gradient by the backward.
@@ -257,9 +258,10 @@ struct MoLoRATape {
   bool has_router = false;            // false after a forward with caller-supplied routing
   bool normalize_top_k = true;
 
-  RowMatrix<Scalar> scaled, expanded;  // forward scratch
-  RowMatrix<Scalar> dy_gathered, u, dx_gathered, dxa, dlogits, gate_grad;  // backward scratch
-  std::vector<Scalar> row_scratch;
+  RowMatrix<Scalar> dy_gathered, x_gathered, u, hs, dxa, dlogits, gate_grad;  // backward scratch
+  std::vector<Scalar> row_scratch, spill, scale;
+  std::vector<const Scalar*> in_rows;
+  std::vector<Scalar*> out_rows;
 
   void seed(std::uint64_t s) {
     sampling_rng.seed(s);
@@ -314,21 +316,54 @@ void train_begin(const MoLoRAAdapter<Scalar>& a, const ConstRowRef<Scalar>& x, c
   tape.normalize_top_k = a.config().normalize_top_k;
 }
 
+// Kernel scratch of a tape: row-pointer arrays for n rows and the shrink's spill for tiles
+// of kTile rows of rank r.
+template <class Scalar>
+void reserve_kernel_scratch(MoLoRATape<Scalar>& tape, Index n, Index r) {
+  using Arch = kernels::default_arch;
+  const auto need = static_cast<std::size_t>(kernels::kTile * r * kernels::simd_width<Arch, Scalar>());
+  if (tape.spill.size() < need) tape.spill.resize(need);
+  if (tape.in_rows.size() < static_cast<std::size_t>(n)) {
+    tape.in_rows.resize(static_cast<std::size_t>(n));
+    tape.out_rows.resize(static_cast<std::size_t>(n));
+    tape.scale.resize(static_cast<std::size_t>(n));
+  }
+}
+
+// out[i] = w x[i] for n rows x[i] (w [rows, cols] row-major, stride ldw), through the shrink
+// kernel in tiles of kTile rows; out rows have stride ldo.
+template <class Scalar>
+void shrink_rows(const Scalar* w, Index ldw, Index rows, Index cols, const Scalar* const* x, Index n, Scalar* out,
+                 Index ldo, Scalar* spill) {
+  for (Index t0 = 0; t0 < n; t0 += kernels::kTile) {
+    const Index nt = std::min<Index>(kernels::kTile, n - t0);
+    kernels::shrink(kernels::default_arch{}, w, ldw, rows, cols, x + t0, nt, out + t0 * ldo, ldo, spill);
+  }
+}
+
 // Router (with jitter) and gating into tape.logits / probs / routing.
 template <class Scalar>
 void train_route(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape) {
   const auto x = tape.input();
   const Index T = x.rows(), E = a.num_experts();
+  const Index in = x.cols();
   tape.logits.resize(T, E);
+  const Scalar* xr = x.data();
+  Index ldx = x.outerStride();
   if (tape.options.router_jitter > 0) {
-    draw_jitter(tape.jitter, T, x.cols(), tape.options.router_jitter, tape.noise_rng);
+    draw_jitter(tape.jitter, T, in, tape.options.router_jitter, tape.noise_rng);
     tape.router_input = x.cwiseProduct(tape.jitter);  // [T, in]
-    a.router().logits_into(tape.router_input, tape.logits);  // [T, E]
+    xr = tape.router_input.data();
+    ldx = in;
   } else {
     tape.jitter.resize(0, 0);
     tape.router_input.resize(0, 0);
-    a.router().logits_into(x, tape.logits);  // [T, E]
   }
+  // logits = x W_r^T (+ b_r) [T, E] by the shrink kernel, as the layer's forward computes them.
+  reserve_kernel_scratch(tape, T, E);
+  for (Index t = 0; t < T; ++t) tape.in_rows[static_cast<std::size_t>(t)] = xr + t * ldx;
+  shrink_rows(a.router().weight().data(), in, E, in, tape.in_rows.data(), T, tape.logits.data(), E, tape.spill.data());
+  if (a.router().has_bias()) tape.logits.rowwise() += a.router().bias();
   tape.probs.resize(T, E);
   softmax_rows<Scalar>(tape.logits, tape.probs);  // [T, E]
   tape.row_scratch.resize(static_cast<std::size_t>(E));
@@ -351,11 +386,12 @@ void train_routed(const MoLoRAAdapter<Scalar>& a, const Routing<Scalar>& routing
   tape.logit_grad.resize(0, 0);
 }
 
-// Dropout, then per expert: gather its pairs' inputs, h = A_e x (saved), y += s g B_e h.
+// Dropout, then per expert: h = A_e x for its pairs (saved), y += s g B_e h, with the same
+// shrink / expand kernels as the layer's fused path, reading x and writing y in place.
 template <class Scalar>
 void train_experts(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, RowRef<Scalar>& y) {
   const auto x = tape.input();
-  const Index T = x.rows(), in = a.in_features(), r = a.rank(), E = a.num_experts();
+  const Index T = x.rows(), in = a.in_features(), out = a.out_features(), r = a.rank(), E = a.num_experts();
   const Scalar s = a.scaling();
   if (tape.options.lora_dropout > 0) {
     draw_dropout(tape.dropout_scale, T, in, tape.options.lora_dropout, tape.noise_rng);
@@ -364,32 +400,33 @@ void train_experts(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, Row
     tape.dropout_scale.resize(0, 0);
     tape.adapter_input.resize(0, 0);
   }
+  const Scalar* xa = tape.has_dropout() ? tape.adapter_input.data() : x.data();
+  const Index ldx = tape.has_dropout() ? in : x.outerStride();
   tape.plan.build(tape.routing, E);
   const Index pairs = static_cast<Index>(tape.plan.tokens.size());
-  tape.gathered.resize(pairs, in);
   tape.hidden.resize(pairs, r);
-  reserve_rows(tape.scaled, tape.plan.max_count(), r);
-  reserve_rows(tape.expanded, tape.plan.max_count(), a.out_features());
-  const RowMatrix<Scalar>& A = a.stacked_A();
-  const ColMatrix<Scalar>& B = a.stacked_B();
+  reserve_kernel_scratch(tape, std::max(tape.plan.max_count(), T), std::max(r, E));
+  const Scalar* A = a.stacked_A().data();  // expert e: rows [e*r, (e+1)*r) of [E*r, in]
+  const Scalar* Bt = a.stacked_B().data();  // column-major [out, E*r] = B^T [E*r, out] row-major
   for (const std::int32_t e : tape.plan.active) {
     const Index n = tape.plan.count(e), b = tape.plan.begin(e);
     const auto* tok = tape.plan.tokens.data() + b;
     const auto* gate = tape.plan.gates.data() + b;
-    auto xg = tape.gathered.middleRows(b, n);  // [n, in]
-    if (tape.has_dropout())
-      for (Index i = 0; i < n; ++i) xg.row(i) = tape.adapter_input.row(tok[i]);
-    else
-      for (Index i = 0; i < n; ++i) xg.row(i) = x.row(tok[i]);
-    auto h = tape.hidden.middleRows(b, n);  // [n, r]
-    h.noalias() = xg * A.middleRows(Index(e) * r, r).transpose();
-    auto hs = tape.scaled.topRows(n);  // [n, r]
-    for (Index i = 0; i < n; ++i) hs.row(i) = h.row(i) * (s * gate[i]);
-    auto d = tape.expanded.topRows(n);  // [n, out]
-    d.noalias() = hs * B.middleCols(Index(e) * r, r).transpose();
-    for (Index i = 0; i < n; ++i) y.row(tok[i]) += d.row(i);
+    for (Index i = 0; i < n; ++i) {
+      tape.in_rows[static_cast<std::size_t>(i)] = xa + Index(tok[i]) * ldx;
+      tape.out_rows[static_cast<std::size_t>(i)] = y.data() + Index(tok[i]) * y.outerStride();
+      tape.scale[static_cast<std::size_t>(i)] = s * gate[i];
+    }
+    Scalar* h = tape.hidden.data() + b * r;  // [n, r]
+    shrink_rows(A + Index(e) * r * in, in, r, in, tape.in_rows.data(), n, h, r, tape.spill.data());
+    for (Index i = 0; i < n; ++i) tape.in_rows[static_cast<std::size_t>(i)] = h + i * r;
+    kernels::expand(kernels::default_arch{}, Bt + Index(e) * r * out, out, r, out, tape.in_rows.data(),
+                    tape.scale.data(), n, tape.out_rows.data());
   }
 }
+
+// Pairs per tile of the backward: 32 rows of dy and of x (2 x 512 KB at 4096 floats) stay in L2.
+constexpr Index kGradTile = 32;
 
 template <class Scalar>
 void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
@@ -407,44 +444,67 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
   if (dx) require_rows_cols(*dx, T, in, "dx shape");
   if (T == 0) return;
 
-  const RowMatrix<Scalar>& A = a.stacked_A();
-  const ColMatrix<Scalar>& B = a.stacked_B();
+  const Scalar* A = a.stacked_A().data();
+  const Scalar* Bt = a.stacked_B().data();
+  const auto x = tape.input();
   const bool dropout = tape.has_dropout();
+  const Scalar* xa = dropout ? tape.adapter_input.data() : x.data();
+  const Index ldx = dropout ? in : x.outerStride();
   // The adapter's x-gradient goes straight into dx, or via dxa when dropout must mask it.
   if (dx && dropout) tape.dxa.setZero(T, in);
+  Scalar* dxa_base = dx ? (dropout ? tape.dxa.data() : dx->data()) : nullptr;
+  const Index lddx = dx ? (dropout ? in : dx->outerStride()) : 0;
   if (tape.has_router) tape.gate_grad.resize(T, k);  // dL/dg of each (token, slot)
-  const Index n_max = tape.plan.max_count();
-  reserve_rows(tape.dy_gathered, n_max, out);
-  reserve_rows(tape.u, n_max, r);
-  reserve_rows(tape.scaled, n_max, r);
-  if (dx) reserve_rows(tape.dx_gathered, n_max, in);
+  reserve_rows(tape.dy_gathered, kGradTile, out);
+  reserve_rows(tape.x_gathered, kGradTile, in);
+  reserve_rows(tape.u, kGradTile, r);
+  reserve_rows(tape.hs, kGradTile, r);
+  reserve_kernel_scratch(tape, std::max(kGradTile, T), std::max(r, E));
 
+  // Per expert, tiles of kGradTile pairs: the tile's dy and x rows are gathered once into
+  // small buffers that stay in cache for the shrink, both weight-gradient GEMMs and the
+  // expand of dx.
   for (const std::int32_t e : tape.plan.active) {
-    const Index n = tape.plan.count(e), b = tape.plan.begin(e);
-    const auto* tok = tape.plan.tokens.data() + b;
-    const auto* slot = tape.plan.slots.data() + b;
-    const auto* gate = tape.plan.gates.data() + b;
-    const auto Ae = A.middleRows(Index(e) * r, r);  // [r, in]
-    const auto Be = B.middleCols(Index(e) * r, r);  // [out, r]
-    auto dyg = tape.dy_gathered.topRows(n);         // [n, out]
-    for (Index i = 0; i < n; ++i) dyg.row(i) = dy.row(tok[i]);
-    auto u = tape.u.topRows(n);  // [n, r] B_e^T dy
-    u.noalias() = dyg * Be;
-    const auto h = tape.hidden.middleRows(b, n);  // [n, r]
-    if (tape.has_router)
-      for (Index i = 0; i < n; ++i) tape.gate_grad(tok[i], slot[i]) = s * u.row(i).dot(h.row(i));
-    auto hs = tape.scaled.topRows(n);  // [n, r] s g h
-    for (Index i = 0; i < n; ++i) hs.row(i) = h.row(i) * (s * gate[i]);
-    g.B.middleCols(Index(e) * r, r).noalias() += dyg.transpose() * hs;  // [out, r]
-    for (Index i = 0; i < n; ++i) u.row(i) *= s * gate[i];              // now dL/dh
-    g.A.middleRows(Index(e) * r, r).noalias() += u.transpose() * tape.gathered.middleRows(b, n);  // [r, in]
-    if (dx) {
-      auto dxg = tape.dx_gathered.topRows(n);  // [n, in]
-      dxg.noalias() = u * Ae;
-      if (dropout)
-        for (Index i = 0; i < n; ++i) tape.dxa.row(tok[i]) += dxg.row(i);
-      else
-        for (Index i = 0; i < n; ++i) dx->row(tok[i]) += dxg.row(i);
+    const Index n_e = tape.plan.count(e), b_e = tape.plan.begin(e);
+    const Scalar* Ae = A + Index(e) * r * in;    // [r, in]
+    const Scalar* Bte = Bt + Index(e) * r * out;  // B_e^T [r, out]
+    auto dAe = g.A.middleRows(Index(e) * r, r);    // [r, in]
+    auto dBe = g.B.middleCols(Index(e) * r, r);    // [out, r]
+    for (Index t0 = 0; t0 < n_e; t0 += kGradTile) {
+      const Index n = std::min(kGradTile, n_e - t0), b = b_e + t0;
+      const auto* tok = tape.plan.tokens.data() + b;
+      const auto* slot = tape.plan.slots.data() + b;
+      const auto* gate = tape.plan.gates.data() + b;
+      auto dyg = tape.dy_gathered.topRows(n);  // [n, out]
+      for (Index i = 0; i < n; ++i) dyg.row(i) = dy.row(tok[i]);
+      // u = B_e^T dy of each pair [n, r], by the shrink kernel.
+      for (Index i = 0; i < n; ++i) tape.in_rows[static_cast<std::size_t>(i)] = dyg.data() + i * out;
+      auto u = tape.u.topRows(n);  // [n, r]
+      shrink_rows(Bte, out, r, out, tape.in_rows.data(), n, u.data(), r, tape.spill.data());
+      const auto h = tape.hidden.middleRows(b, n);  // [n, r]
+      if (tape.has_router)
+        for (Index i = 0; i < n; ++i) tape.gate_grad(tok[i], slot[i]) = s * u.row(i).dot(h.row(i));
+      for (Index i = 0; i < n; ++i) tape.scale[static_cast<std::size_t>(i)] = s * gate[i];
+      const Eigen::Map<const Vector<Scalar>> sg(tape.scale.data(), n);
+      auto hs = tape.hs.topRows(n);  // [n, r] s g h
+      hs.noalias() = sg.asDiagonal() * h;
+      dBe.noalias() += dyg.transpose() * hs;  // [out, r]
+      // dL/dh = s g u; dA_e += (dL/dh)^T x.
+      u = sg.asDiagonal() * u;
+      auto xg = tape.x_gathered.topRows(n);  // [n, in]
+      for (Index i = 0; i < n; ++i)
+        xg.row(i) = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(xa + Index(tok[i]) * ldx, in);
+      dAe.noalias() += u.transpose() * xg;  // [r, in]
+      // dx[tok] += A_e^T dL/dh by the expand kernel, straight into dx's rows.
+      if (dx) {
+        for (Index i = 0; i < n; ++i) {
+          tape.in_rows[static_cast<std::size_t>(i)] = u.data() + i * r;
+          tape.out_rows[static_cast<std::size_t>(i)] = dxa_base + Index(tok[i]) * lddx;
+          tape.scale[static_cast<std::size_t>(i)] = Scalar(1);
+        }
+        kernels::expand(kernels::default_arch{}, Ae, in, r, in, tape.in_rows.data(), tape.scale.data(), n,
+                        tape.out_rows.data());
+      }
     }
   }
   if (dx && dropout) dx->array() += tape.dxa.array() * tape.dropout_scale.array();
@@ -480,7 +540,14 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
     tape.dxa.noalias() = tape.dlogits * router.weight();  // [T, in]
     dx->array() += tape.dxa.array() * tape.jitter.array();
   } else {
-    dx->noalias() += tape.dlogits * router.weight();  // [T, in]
+    // dx[t] += W_r^T dlogits[t] by the expand kernel (E terms per row).
+    for (Index t = 0; t < T; ++t) {
+      tape.in_rows[static_cast<std::size_t>(t)] = tape.dlogits.data() + t * E;
+      tape.out_rows[static_cast<std::size_t>(t)] = dx->data() + t * dx->outerStride();
+      tape.scale[static_cast<std::size_t>(t)] = Scalar(1);
+    }
+    kernels::expand(kernels::default_arch{}, router.weight().data(), in, E, in, tape.in_rows.data(),
+                    tape.scale.data(), T, tape.out_rows.data());
   }
 }
 
