@@ -127,7 +127,7 @@ void BM_peak_fma(benchmark::State& st) {
   st.SetLabel(Arch::name());
 #endif
 }
-BENCHMARK(BM_peak_fma)->MinTime(0.3);
+BENCHMARK(BM_peak_fma)->MinTime(0.3)->Repetitions(3);
 
 // ---- one expert, data in cache (DESIGN.md's one-expert measurement) ------------------------
 
@@ -174,7 +174,7 @@ void BM_kernel(benchmark::State& st) {
   static const char* names[] = {"shrink", "expand", "fused", "eigen"};
   st.SetLabel(names[what]);
 }
-BENCHMARK(BM_kernel)->ArgsProduct({{0, 1, 2, 3}, {1, 4, 16, 64}})->MinTime(0.1);
+BENCHMARK(BM_kernel)->ArgsProduct({{0, 1, 2, 3}, {1, 4, 16, 64}})->MinTime(0.1)->Repetitions(3);
 
 // ---- base, adapter, experts ---------------------------------------------------------------
 
@@ -334,6 +334,10 @@ const std::vector<Strategy> kCompared = {Strategy::eigen, Strategy::dense_shrink
 // about a second.
 double min_time_for(double flops) { return flops > 2e10 ? 0.05 : 0.15; }
 
+// The adapter-only cases are cheap: three repetitions each, of which tools/plot_bench.py
+// keeps the fastest (on a shared machine the other jobs only ever add time).
+constexpr int kRepetitions = 3;
+
 void register_all() {
   for (const auto& [in, out] : kShapes) {
     for (int64_t T : kTokens) {
@@ -343,9 +347,9 @@ void register_all() {
       for (Strategy s : kCompared) {
         const auto si = static_cast<int64_t>(s);
         benchmark::RegisterBenchmark("adapter", BM_adapter)->Args({si, in, out, 8, 2, 16, T})->MinTime(0.1)
-            ->Unit(benchmark::kMicrosecond);
+            ->Repetitions(kRepetitions)->Unit(benchmark::kMicrosecond);
         benchmark::RegisterBenchmark("experts", BM_experts)->Args({si, in, out, 8, 2, 16, T})->MinTime(0.1)
-            ->Unit(benchmark::kMicrosecond);
+            ->Repetitions(kRepetitions)->Unit(benchmark::kMicrosecond);
       }
       // The adapted layer over its base, with the default strategy everywhere and with every
       // strategy at MING-MOE's shape.
@@ -363,17 +367,18 @@ void register_all() {
       const auto si = static_cast<int64_t>(s);
       for (int64_t r : {4, 8, 16, 64})
         benchmark::RegisterBenchmark("sweep_rank", BM_adapter)->Args({si, 4096, 4096, 8, 2, r, T})->MinTime(0.1)
-            ->Unit(benchmark::kMicrosecond);
+            ->Repetitions(kRepetitions)->Unit(benchmark::kMicrosecond);
       for (int64_t E : {4, 8, 16, 64})
         benchmark::RegisterBenchmark("sweep_experts", BM_adapter)->Args({si, 4096, 4096, E, 2, 16, T})
-            ->MinTime(0.1)->Unit(benchmark::kMicrosecond);
+            ->MinTime(0.1)->Repetitions(kRepetitions)->Unit(benchmark::kMicrosecond);
     }
   // Dense routing (k == E): where the dense shrink does no extra work.
   for (int64_t T : {1, 16, 256})
     for (int64_t E : {4, 8})
       for (Strategy s : kCompared)
         benchmark::RegisterBenchmark("dense_routing", BM_adapter)
-            ->Args({static_cast<int64_t>(s), 4096, 4096, E, E, 16, T})->MinTime(0.1)->Unit(benchmark::kMicrosecond);
+            ->Args({static_cast<int64_t>(s), 4096, 4096, E, E, 16, T})->MinTime(0.1)->Repetitions(kRepetitions)
+            ->Unit(benchmark::kMicrosecond);
   // Threads at T = 256 (and 64, 1024): the adapter and the whole layer, 1 and 2 threads.
   for (int64_t T : {64, 256, 1024})
     for (int64_t whole : {0, 1})
