@@ -386,6 +386,17 @@ void train_routed(const MoLoRAAdapter<Scalar>& a, const Routing<Scalar>& routing
   tape.logit_grad.resize(0, 0);
 }
 
+// y[i] += scale[i] * w^T h[i] for n rows (w [rows, cols] row-major, stride ldw) through the
+// expand kernel in tiles of kTile rows, so each tile's output rows stay in cache.
+template <class Scalar>
+void expand_rows(const Scalar* w, Index ldw, Index rows, Index cols, const Scalar* const* h, const Scalar* scale,
+                 Index n, Scalar* const* y) {
+  for (Index t0 = 0; t0 < n; t0 += kernels::kTile) {
+    const Index nt = std::min<Index>(kernels::kTile, n - t0);
+    kernels::expand(kernels::default_arch{}, w, ldw, rows, cols, h + t0, scale + t0, nt, y + t0);
+  }
+}
+
 // Dropout, then per expert: h = A_e x for its pairs (saved), y += s g B_e h, with the same
 // shrink / expand kernels as the layer's fused path, reading x and writing y in place.
 template <class Scalar>
@@ -420,8 +431,8 @@ void train_experts(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, Row
     Scalar* h = tape.hidden.data() + b * r;  // [n, r]
     shrink_rows(A + Index(e) * r * in, in, r, in, tape.in_rows.data(), n, h, r, tape.spill.data());
     for (Index i = 0; i < n; ++i) tape.in_rows[static_cast<std::size_t>(i)] = h + i * r;
-    kernels::expand(kernels::default_arch{}, Bt + Index(e) * r * out, out, r, out, tape.in_rows.data(),
-                    tape.scale.data(), n, tape.out_rows.data());
+    expand_rows(Bt + Index(e) * r * out, out, r, out, tape.in_rows.data(), tape.scale.data(), n,
+                tape.out_rows.data());
   }
 }
 
@@ -502,8 +513,7 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
           tape.out_rows[static_cast<std::size_t>(i)] = dxa_base + Index(tok[i]) * lddx;
           tape.scale[static_cast<std::size_t>(i)] = Scalar(1);
         }
-        kernels::expand(kernels::default_arch{}, Ae, in, r, in, tape.in_rows.data(), tape.scale.data(), n,
-                        tape.out_rows.data());
+        expand_rows(Ae, in, r, in, tape.in_rows.data(), tape.scale.data(), n, tape.out_rows.data());
       }
     }
   }
@@ -546,8 +556,7 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
       tape.out_rows[static_cast<std::size_t>(t)] = dx->data() + t * dx->outerStride();
       tape.scale[static_cast<std::size_t>(t)] = Scalar(1);
     }
-    kernels::expand(kernels::default_arch{}, router.weight().data(), in, E, in, tape.in_rows.data(),
-                    tape.scale.data(), T, tape.out_rows.data());
+    expand_rows(router.weight().data(), in, E, in, tape.in_rows.data(), tape.scale.data(), T, tape.out_rows.data());
   }
 }
 
