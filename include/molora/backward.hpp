@@ -258,7 +258,7 @@ struct MoLoRATape {
   bool has_router = false;            // false after a forward with caller-supplied routing
   bool normalize_top_k = true;
 
-  RowMatrix<Scalar> dy_gathered, x_gathered, u, hs, dxa, dlogits, gate_grad;  // backward scratch
+  RowMatrix<Scalar> dy_gathered, x_gathered, u, hs, lt, dxa, dlogits, gate_grad;  // backward scratch
   std::vector<Scalar> row_scratch, spill, scale;
   std::vector<const Scalar*> in_rows;
   std::vector<Scalar*> out_rows;
@@ -465,21 +465,26 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
   if (dx && dropout) tape.dxa.setZero(T, in);
   Scalar* dxa_base = dx ? (dropout ? tape.dxa.data() : dx->data()) : nullptr;
   const Index lddx = dx ? (dropout ? in : dx->outerStride()) : 0;
-  if (tape.has_router) tape.gate_grad.resize(T, k);  // dL/dg of each (token, slot)
+  const bool has_router = tape.has_router;
+  // With neither dropout nor jitter the router sees the experts' x, so dW_r and the router's
+  // part of dx are added from the same gathered x tiles and dx rows as the experts' (on each
+  // token's slot-0 pair): x and dx are streamed once.
+  const bool fuse_router = has_router && !dropout && !tape.has_jitter();
+  const Router<Scalar>& router = a.router();
+  if (has_router) tape.gate_grad.resize(T, k);  // dL/dg of each (token, slot)
+  const Index pairs = static_cast<Index>(tape.plan.tokens.size());
   reserve_rows(tape.dy_gathered, kGradTile, out);
   reserve_rows(tape.x_gathered, kGradTile, in);
-  reserve_rows(tape.u, kGradTile, r);
+  reserve_rows(tape.u, pairs, r);
   reserve_rows(tape.hs, kGradTile, r);
+  if (fuse_router) reserve_rows(tape.lt, kGradTile, E);
   reserve_kernel_scratch(tape, std::max(kGradTile, T), std::max(r, E));
 
-  // Per expert, tiles of kGradTile pairs: the tile's dy and x rows are gathered once into
-  // small buffers that stay in cache for the shrink, both weight-gradient GEMMs and the
-  // expand of dx.
+  // Pass 1, per expert in tiles of kGradTile pairs, dy rows gathered once into a buffer that
+  // stays in cache: u = B_e^T dy (kept for pass 2), dL/dg, dB_e.
   for (const std::int32_t e : tape.plan.active) {
     const Index n_e = tape.plan.count(e), b_e = tape.plan.begin(e);
-    const Scalar* Ae = A + Index(e) * r * in;    // [r, in]
     const Scalar* Bte = Bt + Index(e) * r * out;  // B_e^T [r, out]
-    auto dAe = g.A.middleRows(Index(e) * r, r);    // [r, in]
     auto dBe = g.B.middleCols(Index(e) * r, r);    // [out, r]
     for (Index t0 = 0; t0 < n_e; t0 += kGradTile) {
       const Index n = std::min(kGradTile, n_e - t0), b = b_e + t0;
@@ -488,76 +493,103 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
       const auto* gate = tape.plan.gates.data() + b;
       auto dyg = tape.dy_gathered.topRows(n);  // [n, out]
       for (Index i = 0; i < n; ++i) dyg.row(i) = dy.row(tok[i]);
-      // u = B_e^T dy of each pair [n, r], by the shrink kernel.
       for (Index i = 0; i < n; ++i) tape.in_rows[static_cast<std::size_t>(i)] = dyg.data() + i * out;
-      auto u = tape.u.topRows(n);  // [n, r]
+      auto u = tape.u.middleRows(b, n);  // [n, r]
       shrink_rows(Bte, out, r, out, tape.in_rows.data(), n, u.data(), r, tape.spill.data());
       const auto h = tape.hidden.middleRows(b, n);  // [n, r]
-      if (tape.has_router)
+      if (has_router)
         for (Index i = 0; i < n; ++i) tape.gate_grad(tok[i], slot[i]) = s * u.row(i).dot(h.row(i));
       for (Index i = 0; i < n; ++i) tape.scale[static_cast<std::size_t>(i)] = s * gate[i];
       const Eigen::Map<const Vector<Scalar>> sg(tape.scale.data(), n);
       auto hs = tape.hs.topRows(n);  // [n, r] s g h
       hs.noalias() = sg.asDiagonal() * h;
       dBe.noalias() += dyg.transpose() * hs;  // [out, r]
-      // dL/dh = s g u; dA_e += (dL/dh)^T x.
-      u = sg.asDiagonal() * u;
-      auto xg = tape.x_gathered.topRows(n);  // [n, in]
-      for (Index i = 0; i < n; ++i)
-        xg.row(i) = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(xa + Index(tok[i]) * ldx, in);
-      dAe.noalias() += u.transpose() * xg;  // [r, in]
-      // dx[tok] += A_e^T dL/dh by the expand kernel, straight into dx's rows.
-      if (dx) {
-        for (Index i = 0; i < n; ++i) {
-          tape.in_rows[static_cast<std::size_t>(i)] = u.data() + i * r;
-          tape.out_rows[static_cast<std::size_t>(i)] = dxa_base + Index(tok[i]) * lddx;
-          tape.scale[static_cast<std::size_t>(i)] = Scalar(1);
-        }
-        expand_rows(Ae, in, r, in, tape.in_rows.data(), tape.scale.data(), n, tape.out_rows.data());
-      }
     }
   }
-  if (dx && dropout) dx->array() += tape.dxa.array() * tape.dropout_scale.array();
-  if (!tape.has_router) return;
 
   // Gate weights -> logits. Renormalised: g = softmax(logits of the k selected), so
   // dl_j = g_j (dg_j - sum_S g_i dg_i) for j in S, 0 elsewhere. Masked: g_i = p_i with p the
   // full softmax, so dl_j = p_j (dg_j - sum_S p_i dg_i) over all j (dg_j = 0 off S).
-  tape.dlogits = tape.logit_grad;  // [T, E] auxiliary losses' part
-  for (Index t = 0; t < T; ++t) {
-    Scalar dot = 0;
-    for (Index sl = 0; sl < k; ++sl) dot += tape.routing.weights(t, sl) * tape.gate_grad(t, sl);
-    if (tape.normalize_top_k) {
-      for (Index sl = 0; sl < k; ++sl)
-        tape.dlogits(t, tape.routing.ids(t, sl)) += tape.routing.weights(t, sl) * (tape.gate_grad(t, sl) - dot);
-    } else {
-      for (Index j = 0; j < E; ++j) tape.dlogits(t, j) -= tape.probs(t, j) * dot;
-      for (Index sl = 0; sl < k; ++sl) {
-        const Index j = tape.routing.ids(t, sl);
-        tape.dlogits(t, j) += tape.probs(t, j) * tape.gate_grad(t, sl);
+  if (has_router) {
+    tape.dlogits = tape.logit_grad;  // [T, E] auxiliary losses' part
+    for (Index t = 0; t < T; ++t) {
+      Scalar dot = 0;
+      for (Index sl = 0; sl < k; ++sl) dot += tape.routing.weights(t, sl) * tape.gate_grad(t, sl);
+      if (tape.normalize_top_k) {
+        for (Index sl = 0; sl < k; ++sl)
+          tape.dlogits(t, tape.routing.ids(t, sl)) += tape.routing.weights(t, sl) * (tape.gate_grad(t, sl) - dot);
+      } else {
+        for (Index j = 0; j < E; ++j) tape.dlogits(t, j) -= tape.probs(t, j) * dot;
+        for (Index sl = 0; sl < k; ++sl) {
+          const Index j = tape.routing.ids(t, sl);
+          tape.dlogits(t, j) += tape.probs(t, j) * tape.gate_grad(t, sl);
+        }
+      }
+    }
+    if (router.has_bias()) g.router_bias += tape.dlogits.colwise().sum();
+  }
+
+  // Pass 2, same tiles, x rows gathered once: dA_e, dx += A_e^T dL/dh, and the fused router
+  // terms.
+  for (const std::int32_t e : tape.plan.active) {
+    const Index n_e = tape.plan.count(e), b_e = tape.plan.begin(e);
+    const Scalar* Ae = A + Index(e) * r * in;  // [r, in]
+    auto dAe = g.A.middleRows(Index(e) * r, r);  // [r, in]
+    for (Index t0 = 0; t0 < n_e; t0 += kGradTile) {
+      const Index n = std::min(kGradTile, n_e - t0), b = b_e + t0;
+      const auto* tok = tape.plan.tokens.data() + b;
+      const auto* slot = tape.plan.slots.data() + b;
+      const auto* gate = tape.plan.gates.data() + b;
+      auto u = tape.u.middleRows(b, n);  // [n, r], becomes dL/dh = s g u
+      for (Index i = 0; i < n; ++i) u.row(i) *= s * gate[i];
+      auto xg = tape.x_gathered.topRows(n);  // [n, in]
+      for (Index i = 0; i < n; ++i)
+        xg.row(i) = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(xa + Index(tok[i]) * ldx, in);
+      dAe.noalias() += u.transpose() * xg;  // [r, in]
+      if (fuse_router) {
+        auto lt = tape.lt.topRows(n);  // [n, E] dlogits of slot-0 pairs, else 0
+        for (Index i = 0; i < n; ++i)
+          if (slot[i] == 0)
+            lt.row(i) = tape.dlogits.row(tok[i]);
+          else
+            lt.row(i).setZero();
+        g.router_weight.noalias() += lt.transpose() * xg;  // [E, in]
+      }
+      if (!dx) continue;
+      for (Index i = 0; i < n; ++i) {
+        tape.in_rows[static_cast<std::size_t>(i)] = u.data() + i * r;
+        tape.out_rows[static_cast<std::size_t>(i)] = dxa_base + Index(tok[i]) * lddx;
+        tape.scale[static_cast<std::size_t>(i)] = Scalar(1);
+      }
+      expand_rows(Ae, in, r, in, tape.in_rows.data(), tape.scale.data(), n, tape.out_rows.data());
+      if (fuse_router) {
+        Index m = 0;  // slot-0 pairs of the tile: dx[t] += W_r^T dlogits[t]
+        for (Index i = 0; i < n; ++i)
+          if (slot[i] == 0) {
+            tape.in_rows[static_cast<std::size_t>(m)] = tape.dlogits.data() + Index(tok[i]) * E;
+            tape.out_rows[static_cast<std::size_t>(m)] = dxa_base + Index(tok[i]) * lddx;
+            ++m;
+          }
+        expand_rows(router.weight().data(), in, E, in, tape.in_rows.data(), tape.scale.data(), m,
+                    tape.out_rows.data());
       }
     }
   }
-  const Router<Scalar>& router = a.router();
+  if (dx && dropout) dx->array() += tape.dxa.array() * tape.dropout_scale.array();
+  if (!has_router || fuse_router) return;
+
+  // Router terms on their own (its input differs from the experts'): dW_r and dx.
   if (tape.has_jitter())
     g.router_weight.noalias() += tape.dlogits.transpose() * tape.router_input;  // [E, in]
   else
-    g.router_weight.noalias() += tape.dlogits.transpose() * tape.input();  // [E, in]
-  if (router.has_bias()) g.router_bias += tape.dlogits.colwise().sum();
+    g.router_weight.noalias() += tape.dlogits.transpose() * x;  // [E, in]
   if (!dx) return;
-  if (tape.has_jitter()) {
-    tape.dxa.resize(T, in);
-    tape.dxa.noalias() = tape.dlogits * router.weight();  // [T, in]
+  tape.dxa.resize(T, in);
+  tape.dxa.noalias() = tape.dlogits * router.weight();  // [T, in]
+  if (tape.has_jitter())
     dx->array() += tape.dxa.array() * tape.jitter.array();
-  } else {
-    // dx[t] += W_r^T dlogits[t] by the expand kernel (E terms per row).
-    for (Index t = 0; t < T; ++t) {
-      tape.in_rows[static_cast<std::size_t>(t)] = tape.dlogits.data() + t * E;
-      tape.out_rows[static_cast<std::size_t>(t)] = dx->data() + t * dx->outerStride();
-      tape.scale[static_cast<std::size_t>(t)] = Scalar(1);
-    }
-    expand_rows(router.weight().data(), in, E, in, tape.in_rows.data(), tape.scale.data(), T, tape.out_rows.data());
-  }
+  else
+    *dx += tape.dxa;
 }
 
 }  // namespace detail
