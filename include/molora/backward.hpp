@@ -437,7 +437,7 @@ void train_experts(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, Row
 }
 
 // Pairs per tile of the backward: 32 rows of dy and of x (2 x 512 KB at 4096 floats) stay in L2.
-constexpr Index kGradTile = 32;
+inline constexpr Index kGradTile = 32;
 
 template <class Scalar>
 void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
@@ -594,8 +594,9 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
 
 }  // namespace detail
 
-// y += delta(x) exactly as MoLoRAAdapter::add_delta computes it (same gating, same sampling
-// stream when tape and workspace are seeded alike), recording on tape what add_backward
+// y += delta(x) as MoLoRAAdapter::add_delta computes it (same gating, same sampling stream
+// when tape and workspace are seeded alike; equal up to rounding, since the layer may pick
+// another kernel strategy for the batch), recording on tape what add_backward
 // needs. x [T, in] must stay alive and unchanged until add_backward, unless it shares memory
 // with y (the tape then keeps a copy). Zeroes tape.logit_grad. Returns the routing used.
 // Throws shape_error / numeric_error (non-finite logits) / config_error (bad options).
@@ -637,7 +638,8 @@ void add_backward(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, cons
   detail::backward_impl(a, tape, dy, grads, static_cast<RowRef<Scalar>*>(nullptr));
 }
 
-// y = x W0^T + b0 + delta(x), the same output as MoLoRALinear::forward, recording on tape.
+// y = x W0^T + b0 + delta(x), MoLoRALinear::forward's output (up to rounding), recording on
+// tape what backward needs.
 template <class Scalar, class Derived>
 const Routing<Scalar>& forward_train(const MoLoRALinear<Scalar>& layer, const Eigen::MatrixBase<Derived>& x,
                                      detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
