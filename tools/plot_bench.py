@@ -253,19 +253,23 @@ def main(argv=None):
 
     # Threads.
     if trows:
-        md.append("\n### Threads (OpenMP build), 4096 -> 4096, E = 8, k = 2, r = 16: wall time in us\n")
-        md.append("| part | T | 1 thread | 2 threads | speed-up |")
-        md.append("|---|---|---|---|---|")
+        md.append("\n### Threads (OpenMP build), 4096 -> 4096, E = 8, k = 2, r = 16\n")
+        md.append("Wall time in us (speed-up), and the CPU time of the calling thread, which with two "
+                  "threads is its share of the work (fastest repetition).\n")
+        md.append("| part | T | 1 thread wall | 2 threads wall | wall speed-up | 1 thread CPU | 2 threads, caller's CPU | work split |")
+        md.append("|---|---|---|---|---|---|---|---|")
         th = {}
         for r in trows:
             if r["kind"] == "threads":
                 a = r["args"]  # strategy, in, out, T, n, whole
-                th[(a[5], a[3], a[4])] = r["real_us"]
+                th[(a[5], a[3], a[4])] = r
         for whole in (0, 1):
             for t in sorted({k[1] for k in th}):
                 one, two = th.get((whole, t, 1)), th.get((whole, t, 2))
                 if one and two:
-                    md.append(f"| {'layer' if whole else 'adapter'} | {t} | {one:.0f} | {two:.0f} | {one / two:.2f}x |")
+                    md.append(f"| {'layer' if whole else 'adapter'} | {t} | {one['real_us']:.0f} | {two['real_us']:.0f} | "
+                              f"{one['real_us'] / two['real_us']:.2f}x | {one['cpu_us']:.0f} | {two['cpu_us']:.0f} | "
+                              f"{one['cpu_us'] / two['cpu_us']:.2f}x |")
 
     text = "\n".join(md) + "\n"
     if args.md:
