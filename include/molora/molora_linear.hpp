@@ -53,9 +53,11 @@ inline const char* to_string(Strategy s) {
   return "?";
 }
 
-// Everything a forward writes besides its output. Reuse one per thread: a warm forward of
-// the same or a smaller batch then allocates nothing. Also holds the generator that the
-// sampling selection draws from (seed it with seed()).
+// Everything a forward writes besides its output. Reuse one per thread: a warm adapter
+// forward of the same batch size then allocates nothing with the fused strategy (a different
+// batch size resizes logits and routing, which are exactly [T, E] and [T, k]; the other
+// buffers only grow). Also holds the generator that the sampling selection draws from
+// (seed it with seed()).
 template <class Scalar>
 struct MoLoRAWorkspace {
   RowMatrix<Scalar> logits;     // [T, E] router logits of the last forward
