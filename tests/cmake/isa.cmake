@@ -24,7 +24,11 @@ foreach(_t test_kernels test_strategies test_threads test_no_alloc)
   endif()
 endforeach()
 
-if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang" AND CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
+# The sanitizer build in CI turns these off: they are the same sources as test_kernels and
+# test_strategies, which it runs at the native ISA.
+option(MOLORA_ISA_TESTS "Build the kernel tests once per ISA (SSE4.2, AVX2, AVX-512, scalar)" ON)
+
+if(MOLORA_ISA_TESTS AND CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang" AND CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   set(_molora_isa_sse42 -msse4.2)
   set(_molora_isa_avx2 -mavx2 -mfma)
   set(_molora_isa_avx512 -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma)
@@ -51,6 +55,8 @@ if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang" AND CMAKE_SYSTEM_PROCESSOR MATCHES 
   endforeach()
 endif()
 
-molora_add_test(test_kernels_scalar ${_molora_kernel_test_sources})
-target_compile_definitions(test_kernels_scalar PRIVATE MOLORA_NO_XSIMD)
-molora_quiet_gcc_intrinsics(test_kernels_scalar)
+if(MOLORA_ISA_TESTS)
+  molora_add_test(test_kernels_scalar ${_molora_kernel_test_sources})
+  target_compile_definitions(test_kernels_scalar PRIVATE MOLORA_NO_XSIMD)
+  molora_quiet_gcc_intrinsics(test_kernels_scalar)
+endif()
