@@ -496,3 +496,17 @@ TEST_CASE("dropout and jitter are reproducible from their seed") {
   CHECK(lora_mask(1) == lora_mask(1));
   CHECK(lora_mask(1) != lora_mask(2));
 }
+
+TEST_CASE("training forward and backward of an empty batch do nothing") {
+  Case c;
+  Harness hs(c);
+  RowMatrix<double> x0(0, c.in), y0(0, c.out), dy0(0, c.out), dx0(0, c.in);
+  MoLoRATape<double> tape;
+  forward_train(hs.layer, x0, y0, tape);
+  CHECK(tape.routing.num_tokens() == 0);
+  MoLoRAGrads<double> grads(hs.layer);
+  backward(hs.layer, tape, dy0, grads, dx0);
+  CHECK(grads.A.isZero(0));
+  CHECK(load_balancing_loss(tape, 0.1) == 0.0);
+  CHECK(router_z_loss(tape, 0.1) == 0.0);
+}
