@@ -11,4 +11,8 @@
 #include "gating.hpp"
 #include "dispatch.hpp"
 #include "molora_linear.hpp"
+#include "backward.hpp"
+#include "losses.hpp"
+#include "params.hpp"
+#include "optim.hpp"
 #include "mixlora_ffn.hpp"
