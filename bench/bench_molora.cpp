@@ -7,6 +7,7 @@
 //   ratio/S/in/out/T              MoLoRALinear::forward over forward_base, timed alternately in
 //                                 one loop; counter `ratio` = median of the per-pair ratios
 //   threads/S/in/out/T/n          the adapter with n OpenMP threads (OpenMP builds only)
+//   threads_ratio/S/in/out/T/w    1 and 2 threads alternately in one loop; counter speedup
 // Counters: tokens_per_s, GFLOPs (useful work: router 2*in*E and experts 2*k*r*(in+out) per
 // token; the base's 2*in*out for base/ratio), ratio. Run:
 //   bench_molora --benchmark_out=bench.json --benchmark_out_format=json
@@ -138,6 +139,7 @@ void BM_kernel(benchmark::State& st) {
   const int what = static_cast<int>(st.range(0));
   const Index n = st.range(1), in = 4096, out = 4096, r = 16;
   Mat a(r, in), bt(r, out), x(n, in), y = Mat::Zero(n, out), h(n, r);
+  fill(h, 4, 0.5f);  // the expand alone reads h: never uninitialised (denormal garbage is slow)
   fill(a, 1, 0.02f);
   fill(bt, 2, 0.02f);
   fill(x, 3, 1.0f);
@@ -324,6 +326,69 @@ void BM_threads(benchmark::State& st) {
 #endif
 }
 
+// threads_ratio/S/in/out/T/whole: each iteration runs the adapter (whole = 0) or the layer
+// (whole = 1) once with one OpenMP thread and once with two, in alternating order, timing
+// each by the wall clock. Counter speedup = median over iterations of t(1) / t(2): both
+// sides of every pair see the same machine, so other jobs move it much less than two
+// separate benchmarks' times.
+double wall_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
+void BM_threads_ratio(benchmark::State& st) {
+#if defined(MOLORA_USE_OPENMP)
+  const Strategy strat = strategy_arg(st.range(0));
+  const Shape s{st.range(1), st.range(2), 8, 2, 16};
+  const Index T = st.range(3);
+  const bool whole_layer = st.range(4) != 0;
+  auto& l = layer_for(s);
+  l.set_strategy(strat);
+  const Mat x = tokens(T, s.in);
+  Mat y = Mat::Zero(T, s.out);
+  molora::MoLoRAWorkspace<float> ws;
+  const int saved = omp_get_max_threads();
+  const auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    Eigen::setNbThreads(threads);
+    const double t0 = wall_seconds();
+    if (whole_layer)
+      l.forward(x, y, ws);
+    else
+      l.adapter().add_delta(x, y, ws);
+    benchmark::ClobberMemory();
+    return wall_seconds() - t0;
+  };
+  run(2);  // warm the workspace and the thread pool
+  std::vector<double> speedup, one, two;
+  bool two_first = false;
+  for (auto _ : st) {
+    double t1 = 0, t2 = 0;
+    if (two_first) {
+      t2 = run(2);
+      t1 = run(1);
+    } else {
+      t1 = run(1);
+      t2 = run(2);
+    }
+    two_first = !two_first;
+    st.SetIterationTime(t1 + t2);
+    speedup.push_back(t1 / t2);
+    one.push_back(t1);
+    two.push_back(t2);
+  }
+  omp_set_num_threads(saved);
+  Eigen::setNbThreads(saved);
+  st.counters["speedup"] = median(speedup);
+  st.counters["one_ms"] = median(one) * 1e3;
+  st.counters["two_ms"] = median(two) * 1e3;
+  st.SetLabel(whole_layer ? "layer" : "adapter");
+#else
+  st.SkipWithError("built without MOLORA_OPENMP");
+#endif
+}
+
 // ---- registration -------------------------------------------------------------------------
 
 const std::vector<int64_t> kTokens = {1, 4, 16, 64, 256, 1024};
@@ -386,6 +451,11 @@ void register_all() {
         benchmark::RegisterBenchmark("threads", BM_threads)
             ->Args({static_cast<int64_t>(Strategy::automatic), 4096, 4096, T, n, whole})
             ->MinTime(whole ? 0.3 : 0.15)->UseRealTime()->Unit(benchmark::kMicrosecond);
+  for (int64_t T : {64, 256, 1024})
+    for (int64_t whole : {0, 1})
+      benchmark::RegisterBenchmark("threads_ratio", BM_threads_ratio)
+          ->Args({static_cast<int64_t>(Strategy::automatic), 4096, 4096, T, whole})
+          ->Iterations(whole ? (T >= 1024 ? 9 : 25) : 101)->UseManualTime()->Unit(benchmark::kMicrosecond);
 }
 
 }  // namespace
