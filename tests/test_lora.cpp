@@ -150,3 +150,27 @@ TEST_CASE("LoRA rejects bad sizes, shapes and non-finite values, leaving itself 
   CHECK_THROWS_AS(l.merge(w2), molora::numeric_error);
   CHECK(w2 == RowMatrix<double>::Ones(3, 4));
 }
+
+TEST_CASE_TEMPLATE("LoRA mutable_A/mutable_B write into the adapter, keeping its shape", Scalar, float, double) {
+  const double tol = std::is_same_v<Scalar, float> ? 1e-5 : 1e-12;
+  const Index in = 7, out = 5, r = 3;
+  auto l = random_lora<Scalar>(in, out, r, 6.0, false, 31);
+  const RowMatrix<Scalar> x = ref::random_x<Scalar>(4, in, 32);
+  const RowMatrix<Scalar> before = l.delta(x);
+  auto A = l.mutable_A();
+  CHECK((A.rows() == r && A.cols() == in));
+  CHECK(A.data() == l.A().data());
+  A *= Scalar(2);  // delta is linear in A: it doubles
+  const RowMatrix<Scalar> doubled = l.delta(x);
+  CHECK(((doubled - 2 * before).cwiseAbs().maxCoeff() <= tol * (1 + before.cwiseAbs().maxCoeff())));
+  CHECK(ref::rel_err(doubled, ref_delta(l, x)) < tol);
+  // B through its own view, element (o, j) of the [out, r] matrix.
+  auto B = l.mutable_B();
+  CHECK((B.rows() == out && B.cols() == r));
+  B.setZero();
+  B(4, 1) = Scalar(1);
+  CHECK(l.B()(4, 1) == Scalar(1));
+  CHECK(l.B().sum() == Scalar(1));
+  CHECK(ref::rel_err(l.delta(x), ref_delta(l, x)) < tol);
+  CHECK(l.delta(x).eval().leftCols(4).isZero(0));
+}

@@ -73,6 +73,10 @@ public:
 
   const RowMatrix<Scalar>& A() const { return A_; }  // [rank, in]
   const ColMatrix<Scalar>& B() const { return B_; }  // [out, rank]
+  // Writable views for optimisers and loaders that have checked shapes and values: a Map
+  // over the same storage cannot resize it (set_A/set_B check what they copy in).
+  Eigen::Map<RowMatrix<Scalar>> mutable_A() { return {A_.data(), A_.rows(), A_.cols()}; }  // [rank, in]
+  Eigen::Map<ColMatrix<Scalar>> mutable_B() { return {B_.data(), B_.rows(), B_.cols()}; }  // [out, rank]
 
   // Requires: a is [rank, in] with finite entries. Throws shape_error / numeric_error and
   // leaves the adapter unchanged on failure.

@@ -83,16 +83,15 @@ ParameterList<Scalar> parameters(MoLoRALinear<Scalar>& layer, MoLoRAGrads<Scalar
   return parameters(layer.adapter(), grads, prefix);
 }
 
-// A plain LoRA's A and B. LoRA exposes only const views of its storage; the storage is a
-// non-const member of a non-const object here, so writing through it is well defined.
+// A plain LoRA's A and B.
 template <class Scalar>
 ParameterList<Scalar> parameters(LoRA<Scalar>& lora, LoRAGrads<Scalar>& grads, const std::string& prefix = "") {
   const Index r = lora.rank(), in = lora.in_features(), out = lora.out_features();
   detail::require_rows_cols(grads.A, r, in, "grads.A shape");
   detail::require_rows_cols(grads.B, out, r, "grads.B shape");
   ParameterList<Scalar> list;
-  list.emplace_back(prefix + "lora_A.weight", const_cast<Scalar*>(lora.A().data()), grads.A.data(), r, in, false);
-  list.emplace_back(prefix + "lora_B.weight", const_cast<Scalar*>(lora.B().data()), grads.B.data(), out, r, true);
+  list.emplace_back(prefix + "lora_A.weight", lora.mutable_A().data(), grads.A.data(), r, in, false);
+  list.emplace_back(prefix + "lora_B.weight", lora.mutable_B().data(), grads.B.data(), out, r, true);
   return list;
 }
 
