@@ -24,6 +24,7 @@
 #include "dispatch.hpp"
 #include "errors.hpp"
 #include "gating.hpp"
+#include "kernels/backward_kernels.hpp"
 #include "kernels/lora_kernels.hpp"
 #include "lora.hpp"
 #include "molora_linear.hpp"
@@ -258,7 +259,7 @@ struct MoLoRATape {
   bool has_router = false;            // false after a forward with caller-supplied routing
   bool normalize_top_k = true;
 
-  RowMatrix<Scalar> dy_gathered, x_gathered, u, hs, lt, dxa, dlogits, gate_grad;  // backward scratch
+  RowMatrix<Scalar> u, hs, dlogits, gate_grad;  // backward scratch
   std::vector<Scalar> row_scratch, spill, scale;
   std::vector<const Scalar*> in_rows;
   std::vector<Scalar*> out_rows;
@@ -436,12 +437,22 @@ void train_experts(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, Row
   }
 }
 
-// Pairs per tile of the backward: 32 rows of dy and of x (2 x 512 KB at 4096 floats) stay in L2.
-inline constexpr Index kGradTile = 32;
-
+// The backward of the experts and the router, in two sweeps per expert over tiles of at most
+// kernels::kTile of its pairs, each through a fused kernel of backward_kernels.hpp that reads
+// the tokens' rows in place (no gathered copies):
+//   1. over `out`: u = B_e^T dy and dB_e += dy (s g h)^T, each dy chunk loaded once for
+//      both; then dL/dg = s <u, h> and dL/dh = s g u (kept for sweep 2);
+//   (gate gradients -> logit gradients, for all tokens at once)
+//   2. over `in`: dA_e += dL/dh x'^T and dx += A_e^T dL/dh (times the dropout scale), and,
+//      for each token's slot-0 pair, the router's dW_r += dl x_r^T and dx += W_r^T dl (times
+//      the jitter), all while the tile's x and dx chunks sit in L1.
+// So dy and x are each read once per slot and dx updated in place once per slot, with no
+// [T, in] temporary and no separate router pass, whatever the options.
 template <class Scalar>
 void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
                    MoLoRAGrads<Scalar>& g, RowRef<Scalar>* dx) {
+  using Arch = kernels::default_arch;
+  constexpr Index kT = kernels::kTile;
   const Index T = tape.num_tokens(), E = a.num_experts(), r = a.rank(), in = a.in_features(),
               out = a.out_features(), k = tape.routing.top_k();
   const Scalar s = a.scaling();
@@ -455,55 +466,46 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
   if (dx) require_rows_cols(*dx, T, in, "dx shape");
   if (T == 0) return;
 
-  const Scalar* A = a.stacked_A().data();
-  const Scalar* Bt = a.stacked_B().data();
+  const Scalar* A = a.stacked_A().data();   // expert e: [r, in] at e*r*in
+  const Scalar* Bt = a.stacked_B().data();  // expert e: B_e^T [r, out] at e*r*out
   const auto x = tape.input();
-  const bool dropout = tape.has_dropout();
-  const Scalar* xa = dropout ? tape.adapter_input.data() : x.data();
-  const Index ldx = dropout ? in : x.outerStride();
-  // The adapter's x-gradient goes straight into dx, or via dxa when dropout must mask it.
-  if (dx && dropout) tape.dxa.setZero(T, in);
-  Scalar* dxa_base = dx ? (dropout ? tape.dxa.data() : dx->data()) : nullptr;
-  const Index lddx = dx ? (dropout ? in : dx->outerStride()) : 0;
   const bool has_router = tape.has_router;
-  // With neither dropout nor jitter the router sees the experts' x, so dW_r and the router's
-  // part of dx are added from the same gathered x tiles and dx rows as the experts' (on each
-  // token's slot-0 pair): x and dx are streamed once.
-  const bool fuse_router = has_router && !dropout && !tape.has_jitter();
-  const Router<Scalar>& router = a.router();
-  if (has_router) tape.gate_grad.resize(T, k);  // dL/dg of each (token, slot)
+  // The experts see x' (x after dropout), the router x_r (x after jitter).
+  const Scalar* xa = tape.has_dropout() ? tape.adapter_input.data() : x.data();
+  const Index ldxa = tape.has_dropout() ? in : x.outerStride();
+  const Scalar* xr = tape.has_jitter() ? tape.router_input.data() : x.data();
+  const Index ldxr = tape.has_jitter() ? in : x.outerStride();
   const Index pairs = static_cast<Index>(tape.plan.tokens.size());
-  reserve_rows(tape.dy_gathered, kGradTile, out);
-  reserve_rows(tape.x_gathered, kGradTile, in);
+  if (has_router) tape.gate_grad.resize(T, k);  // dL/dg of each (token, slot)
   reserve_rows(tape.u, pairs, r);
-  reserve_rows(tape.hs, kGradTile, r);
-  if (fuse_router) reserve_rows(tape.lt, kGradTile, E);
-  reserve_kernel_scratch(tape, std::max(kGradTile, T), std::max(r, E));
+  reserve_rows(tape.hs, kT, r);
+  const auto spill_need = static_cast<std::size_t>(kernels::grad_out_scratch_size<Arch, Scalar>(r));
+  if (tape.spill.size() < spill_need) tape.spill.resize(spill_need);
 
-  // Pass 1, per expert in tiles of kGradTile pairs, dy rows gathered once into a buffer that
-  // stays in cache: u = B_e^T dy (kept for pass 2), dL/dg, dB_e.
+  // Sweep 1 per tile: u = B_e^T dy, dB_e^T += (s g h) dy^T; then dL/dg and dL/dh = s g u.
+  const Scalar* dyr[kT];
   for (const std::int32_t e : tape.plan.active) {
     const Index n_e = tape.plan.count(e), b_e = tape.plan.begin(e);
     const Scalar* Bte = Bt + Index(e) * r * out;  // B_e^T [r, out]
-    auto dBe = g.B.middleCols(Index(e) * r, r);    // [out, r]
-    for (Index t0 = 0; t0 < n_e; t0 += kGradTile) {
-      const Index n = std::min(kGradTile, n_e - t0), b = b_e + t0;
+    Scalar* dBte = g.B.data() + Index(e) * r * g.B.outerStride();  // dB_e^T [r, out]
+    for (Index t0 = 0; t0 < n_e; t0 += kT) {
+      const Index n = std::min(kT, n_e - t0), b = b_e + t0;
       const auto* tok = tape.plan.tokens.data() + b;
       const auto* slot = tape.plan.slots.data() + b;
       const auto* gate = tape.plan.gates.data() + b;
-      auto dyg = tape.dy_gathered.topRows(n);  // [n, out]
-      for (Index i = 0; i < n; ++i) dyg.row(i) = dy.row(tok[i]);
-      for (Index i = 0; i < n; ++i) tape.in_rows[static_cast<std::size_t>(i)] = dyg.data() + i * out;
-      auto u = tape.u.middleRows(b, n);  // [n, r]
-      shrink_rows(Bte, out, r, out, tape.in_rows.data(), n, u.data(), r, tape.spill.data());
       const auto h = tape.hidden.middleRows(b, n);  // [n, r]
-      if (has_router)
-        for (Index i = 0; i < n; ++i) tape.gate_grad(tok[i], slot[i]) = s * u.row(i).dot(h.row(i));
-      for (Index i = 0; i < n; ++i) tape.scale[static_cast<std::size_t>(i)] = s * gate[i];
-      const Eigen::Map<const Vector<Scalar>> sg(tape.scale.data(), n);
-      auto hs = tape.hs.topRows(n);  // [n, r] s g h
-      hs.noalias() = sg.asDiagonal() * h;
-      dBe.noalias() += dyg.transpose() * hs;  // [out, r]
+      auto hs = tape.hs.topRows(n);                 // [n, r] s g h
+      for (Index i = 0; i < n; ++i) {
+        dyr[i] = dy.data() + Index(tok[i]) * dy.outerStride();
+        hs.row(i) = h.row(i) * (s * gate[i]);
+      }
+      auto u = tape.u.middleRows(b, n);  // [n, r]
+      kernels::grad_out(Arch{}, Bte, out, dBte, g.B.outerStride(), r, out, dyr, hs.data(), r, n, u.data(), r,
+                        tape.spill.data());
+      for (Index i = 0; i < n; ++i) {
+        if (has_router) tape.gate_grad(tok[i], slot[i]) = s * u.row(i).dot(h.row(i));
+        u.row(i) *= s * gate[i];  // dL/dh
+      }
     }
   }
 
@@ -526,70 +528,66 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
         }
       }
     }
-    if (router.has_bias()) g.router_bias += tape.dlogits.colwise().sum();
+    if (a.router().has_bias()) g.router_bias += tape.dlogits.colwise().sum();
   }
 
-  // Pass 2, same tiles, x rows gathered once: dA_e, dx += A_e^T dL/dh, and the fused router
-  // terms.
+  // Sweep 2 per tile: the expert's term over all its pairs, the router's over the tile's
+  // slot-0 pairs (each token has exactly one).
+  const Scalar* xe[kT];
+  const Scalar* he[kT];
+  Scalar* dxe[kT];
+  const Scalar* me[kT];
+  const Scalar* xrr[kT];
+  const Scalar* lr[kT];
+  Scalar* dxr[kT];
+  const Scalar* mr[kT];
+  kernels::GradInTerm<Scalar> terms[2];
   for (const std::int32_t e : tape.plan.active) {
     const Index n_e = tape.plan.count(e), b_e = tape.plan.begin(e);
-    const Scalar* Ae = A + Index(e) * r * in;  // [r, in]
-    auto dAe = g.A.middleRows(Index(e) * r, r);  // [r, in]
-    for (Index t0 = 0; t0 < n_e; t0 += kGradTile) {
-      const Index n = std::min(kGradTile, n_e - t0), b = b_e + t0;
+    auto& ex = terms[0];
+    ex.w = A + Index(e) * r * in;  // A_e [r, in]
+    ex.ldw = in;
+    ex.dw = g.A.data() + Index(e) * r * g.A.outerStride();  // dA_e [r, in]
+    ex.lddw = g.A.outerStride();
+    ex.rows = r;
+    ex.x = xe;
+    ex.coef = he;
+    ex.dx = dx ? dxe : nullptr;
+    ex.mask = tape.has_dropout() ? me : nullptr;
+    auto& ro = terms[1];
+    ro.w = a.router().weight().data();  // W_r [E, in]
+    ro.ldw = a.router().weight().outerStride();
+    ro.dw = g.router_weight.data();
+    ro.lddw = g.router_weight.outerStride();
+    ro.rows = E;
+    ro.x = xrr;
+    ro.coef = lr;
+    ro.dx = dx ? dxr : nullptr;
+    ro.mask = tape.has_jitter() ? mr : nullptr;
+    for (Index t0 = 0; t0 < n_e; t0 += kT) {
+      const Index n = std::min(kT, n_e - t0), b = b_e + t0;
       const auto* tok = tape.plan.tokens.data() + b;
       const auto* slot = tape.plan.slots.data() + b;
-      const auto* gate = tape.plan.gates.data() + b;
-      auto u = tape.u.middleRows(b, n);  // [n, r], becomes dL/dh = s g u
-      for (Index i = 0; i < n; ++i) u.row(i) *= s * gate[i];
-      auto xg = tape.x_gathered.topRows(n);  // [n, in]
-      for (Index i = 0; i < n; ++i)
-        xg.row(i) = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(xa + Index(tok[i]) * ldx, in);
-      dAe.noalias() += u.transpose() * xg;  // [r, in]
-      if (fuse_router) {
-        auto lt = tape.lt.topRows(n);  // [n, E] dlogits of slot-0 pairs, else 0
-        for (Index i = 0; i < n; ++i)
-          if (slot[i] == 0)
-            lt.row(i) = tape.dlogits.row(tok[i]);
-          else
-            lt.row(i).setZero();
-        g.router_weight.noalias() += lt.transpose() * xg;  // [E, in]
-      }
-      if (!dx) continue;
+      Index m = 0;
       for (Index i = 0; i < n; ++i) {
-        tape.in_rows[static_cast<std::size_t>(i)] = u.data() + i * r;
-        tape.out_rows[static_cast<std::size_t>(i)] = dxa_base + Index(tok[i]) * lddx;
-        tape.scale[static_cast<std::size_t>(i)] = Scalar(1);
+        const Index t = tok[i];
+        xe[i] = xa + t * ldxa;
+        he[i] = tape.u.data() + (b + i) * tape.u.outerStride();
+        if (dx) dxe[i] = dx->data() + t * dx->outerStride();
+        if (tape.has_dropout()) me[i] = tape.dropout_scale.data() + t * in;
+        if (has_router && slot[i] == 0) {
+          xrr[m] = xr + t * ldxr;
+          lr[m] = tape.dlogits.data() + t * E;
+          if (dx) dxr[m] = dx->data() + t * dx->outerStride();
+          if (tape.has_jitter()) mr[m] = tape.jitter.data() + t * in;
+          ++m;
+        }
       }
-      expand_rows(Ae, in, r, in, tape.in_rows.data(), tape.scale.data(), n, tape.out_rows.data());
-      if (fuse_router) {
-        Index m = 0;  // slot-0 pairs of the tile: dx[t] += W_r^T dlogits[t]
-        for (Index i = 0; i < n; ++i)
-          if (slot[i] == 0) {
-            tape.in_rows[static_cast<std::size_t>(m)] = tape.dlogits.data() + Index(tok[i]) * E;
-            tape.out_rows[static_cast<std::size_t>(m)] = dxa_base + Index(tok[i]) * lddx;
-            ++m;
-          }
-        expand_rows(router.weight().data(), in, E, in, tape.in_rows.data(), tape.scale.data(), m,
-                    tape.out_rows.data());
-      }
+      ex.n = n;
+      ro.n = m;
+      kernels::grad_in(Arch{}, terms, has_router ? 2 : 1, in);
     }
   }
-  if (dx && dropout) dx->array() += tape.dxa.array() * tape.dropout_scale.array();
-  if (!has_router || fuse_router) return;
-
-  // Router terms on their own (its input differs from the experts'): dW_r and dx.
-  if (tape.has_jitter())
-    g.router_weight.noalias() += tape.dlogits.transpose() * tape.router_input;  // [E, in]
-  else
-    g.router_weight.noalias() += tape.dlogits.transpose() * x;  // [E, in]
-  if (!dx) return;
-  tape.dxa.resize(T, in);
-  tape.dxa.noalias() = tape.dlogits * router.weight();  // [T, in]
-  if (tape.has_jitter())
-    dx->array() += tape.dxa.array() * tape.jitter.array();
-  else
-    *dx += tape.dxa;
 }
 
 }  // namespace detail

@@ -1,0 +1,345 @@
+// The fused kernels of the MoLoRA backward (docs/training.md, "Cost of a training step"),
+// for a tile of at most kTile tokens routed to one expert:
+//
+//   grad_out  one sweep over `out`: u[t] = B_e^T dy[t] for every token of the tile, and the
+//             tile's rank-n update dB_e^T += sum_t hs[t] dy[t]^T (hs = s g h), each chunk of
+//             the dy rows loaded into L1 once and used for both;
+//   grad_in   one sweep over `in`: dA_e += sum_t dh[t] x[t]^T and dx[t] += A_e^T dh[t], each
+//             chunk of x, A_e and dA_e loaded once for both. The router's dW_r += dl x_r^T and
+//             dx += W_r^T dl have the same form (weights W_r, coefficients dL/dlogits), so a
+//             call takes several such terms and applies them chunk by chunk while the x and
+//             dx chunks sit in L1. An optional per-element mask multiplies the dx term
+//             (dropout's scale for the experts, jitter for the router).
+//
+// No gathered copies: rows of dy, x, dx, the coefficients and the masks come as pointer
+// arrays. Layouts as in lora_kernels.hpp: A_e and W_r row-major [rows, in], B_e^T row-major
+// [r, out] (B stored column-major), and the gradients in the same layouts. Written once for
+// any xsimd Arch with scalar tails and a scalar fallback; kernels check nothing and throw
+// nothing (backward.hpp has checked).
+//
+// Results depend on the tile's tokens and (Arch, Scalar) only: u's reduction order over
+// `out` is fixed by the chunk length (a function of Arch and Scalar); the gradient updates
+// add the tile's tokens in order.
+#pragma once
+
+#include "lora_kernels.hpp"
+
+namespace molora::kernels {
+
+// Columns of `out` per pass of grad_out: the dy chunk of a full tile (kTile rows, 16 KB)
+// stays in L1 while every rank row streams its B_e^T and dB_e^T chunks past it.
+template <class Arch, class Scalar>
+constexpr Index grad_out_chunk() noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  constexpr Index kc = (Index(16384) / (kTile * Index(sizeof(Scalar)))) / W * W;
+  return kc < W ? W : kc;
+}
+
+// Scratch (in Scalars) grad_out needs for rank r: vector partial sums of u between passes.
+template <class Arch, class Scalar>
+constexpr Index grad_out_scratch_size(Index rank) noexcept {
+  return kTile * rank * simd_width<Arch, Scalar>();
+}
+
+// Columns of `in` per pass of grad_in: a full tile's x and dx chunks (2 x 8 KB) stay in L1
+// from one term to the next.
+template <class Arch, class Scalar>
+constexpr Index grad_in_chunk() noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  constexpr Index kc = (Index(8192) / (kTile * Index(sizeof(Scalar)))) / W * W;
+  return kc < W ? W : kc;
+}
+
+// One term of grad_in, for n tokens (any n; blocks of kTile):
+//   dw[j*lddw + c] += sum_t coef[t][j] * x[t][c]                      j < rows, c < in
+//   dx[t][c]       += mask[t][c] * sum_j coef[t][j] * w[j*ldw + c]     when dx is not null
+// (mask taken as 1 when null). w and dw are [rows, in] row-major; x[t], dx[t], mask[t] point
+// at `in` values, coef[t] at `rows` values. dx rows are distinct and alias nothing else.
+template <class Scalar>
+struct GradInTerm {
+  const Scalar* w = nullptr;
+  Index ldw = 0;
+  Scalar* dw = nullptr;
+  Index lddw = 0;
+  Index rows = 0;
+  const Scalar* const* x = nullptr;
+  const Scalar* const* coef = nullptr;
+  Scalar* const* dx = nullptr;
+  const Scalar* const* mask = nullptr;
+  Index n = 0;
+};
+
+// ---- scalar kernels ----------------------------------------------------------------------
+
+// u[t*ldu + j] = sum_o bt[j*ldb + o] * dy[t][o]; dbt[j*lddb + o] += sum_t hs[t*ldh + j] * dy[t][o]
+// for t < n, j < r, o < out.
+template <class Scalar>
+void grad_out(scalar_arch, const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, Index r, Index out,
+              const Scalar* const* dy, const Scalar* hs, Index ldh, Index n, Scalar* u, Index ldu,
+              Scalar* /*spill*/) noexcept {
+  for (Index t = 0; t < n; ++t)
+    for (Index j = 0; j < r; ++j) {
+      Scalar s = 0;
+      for (Index o = 0; o < out; ++o) s += bt[j * ldb + o] * dy[t][o];
+      u[t * ldu + j] = s;
+    }
+  for (Index j = 0; j < r; ++j)
+    for (Index o = 0; o < out; ++o) {
+      Scalar s = dbt[j * lddb + o];
+      for (Index t = 0; t < n; ++t) s += hs[t * ldh + j] * dy[t][o];
+      dbt[j * lddb + o] = s;
+    }
+}
+
+namespace detail {
+
+// Columns [c0, c1) of one grad_in term, tokens [t0, t1), one scalar at a time.
+template <class Scalar>
+inline void grad_in_scalar(const GradInTerm<Scalar>& g, Index t0, Index t1, Index c0, Index c1) noexcept {
+  for (Index c = c0; c < c1; ++c) {
+    for (Index j = 0; j < g.rows; ++j) {
+      Scalar s = g.dw[j * g.lddw + c];
+      for (Index t = t0; t < t1; ++t) s += g.coef[t][j] * g.x[t][c];
+      g.dw[j * g.lddw + c] = s;
+    }
+    if (!g.dx) continue;
+    for (Index t = t0; t < t1; ++t) {
+      Scalar s = 0;
+      for (Index j = 0; j < g.rows; ++j) s += g.coef[t][j] * g.w[j * g.ldw + c];
+      g.dx[t][c] += g.mask ? g.mask[t][c] * s : s;
+    }
+  }
+}
+
+}  // namespace detail
+
+// Columns [c0, c1) of one term (see GradInTerm).
+template <class Scalar>
+void grad_in_columns(scalar_arch, const GradInTerm<Scalar>& g, Index c0, Index c1) noexcept {
+  detail::grad_in_scalar(g, 0, g.n, c0, c1);
+}
+
+#if !defined(MOLORA_NO_XSIMD)
+
+namespace detail {
+
+// One register block of grad_out: RJ rank rows x RT tokens over columns [c0, c1) (whole
+// vectors). u's vector partial sums start from zero on the first pass and from `spill`
+// later; the last pass reduces them, adds the scalar tail [out_vec, out) and writes u. The
+// dB^T rows of the block get the tile's update over [c0, c1) in the same loop.
+template <int RJ, int RT, class Arch, class Scalar>
+inline void grad_out_block(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, const Scalar* const* dy,
+                           const Scalar* hs, Index ldh, Index c0, Index c1, Index out_vec, Index out, bool first,
+                           bool last, Scalar* spill, Index spill_ld, Scalar* u, Index ldu) noexcept {
+  using B = xsimd::batch<Scalar, Arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  B acc[RJ][RT];
+  B hv[RJ][RT];
+  MOLORA_UNROLL
+  for (int j = 0; j < RJ; ++j) {
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) {
+      acc[j][t] = first ? B(Scalar(0)) : B::load_unaligned(spill + t * spill_ld + j * W);
+      hv[j][t] = B(hs[t * ldh + j]);
+    }
+  }
+  for (Index c = c0; c < c1; c += W) {
+    B dv[RT];
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) dv[t] = B::load_unaligned(dy[t] + c);
+    MOLORA_UNROLL
+    for (int j = 0; j < RJ; ++j) {
+      const B bv = B::load_unaligned(bt + j * ldb + c);
+      B gv = B::load_unaligned(dbt + j * lddb + c);
+      MOLORA_UNROLL
+      for (int t = 0; t < RT; ++t) {
+        acc[j][t] = xsimd::fma(bv, dv[t], acc[j][t]);
+        gv = xsimd::fma(hv[j][t], dv[t], gv);
+      }
+      gv.store_unaligned(dbt + j * lddb + c);
+    }
+  }
+  if (!last) {
+    MOLORA_UNROLL
+    for (int j = 0; j < RJ; ++j) {
+      MOLORA_UNROLL
+      for (int t = 0; t < RT; ++t) acc[j][t].store_unaligned(spill + t * spill_ld + j * W);
+    }
+    return;
+  }
+  // Reduce through memory, once per dot product (as the shrink does).
+  alignas(64) Scalar lanes[W];
+  for (int j = 0; j < RJ; ++j)
+    for (int t = 0; t < RT; ++t) {
+      acc[j][t].store_unaligned(lanes);
+      Scalar s = 0;
+      for (Index l = 0; l < W; ++l) s += lanes[l];
+      for (Index o = out_vec; o < out; ++o) s += bt[j * ldb + o] * dy[t][o];
+      u[t * ldu + j] = s;
+    }
+}
+
+// All rank rows of one block of RT tokens: blocks of RJ rows (8 accumulators), then tails.
+template <int RT, class Arch, class Scalar>
+inline void grad_out_tokens(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, Index r, const Scalar* const* dy,
+                            const Scalar* hs, Index ldh, Index c0, Index c1, Index out_vec, Index out, bool first,
+                            bool last, Scalar* spill, Index spill_ld, Scalar* u, Index ldu) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  constexpr int RJ = RT <= 2 ? 4 : (RT <= 4 ? 2 : 1);
+  Index j = 0;
+  for (; j + RJ <= r; j += RJ)
+    grad_out_block<RJ, RT, Arch>(bt + j * ldb, ldb, dbt + j * lddb, lddb, dy, hs + j, ldh, c0, c1, out_vec, out,
+                                 first, last, spill + j * W, spill_ld, u + j, ldu);
+  if constexpr (RJ >= 4) {
+    if (j + 2 <= r) {
+      grad_out_block<2, RT, Arch>(bt + j * ldb, ldb, dbt + j * lddb, lddb, dy, hs + j, ldh, c0, c1, out_vec, out,
+                                  first, last, spill + j * W, spill_ld, u + j, ldu);
+      j += 2;
+    }
+  }
+  if constexpr (RJ >= 2) {
+    if (j < r)
+      grad_out_block<1, RT, Arch>(bt + j * ldb, ldb, dbt + j * lddb, lddb, dy, hs + j, ldh, c0, c1, out_vec, out,
+                                  first, last, spill + j * W, spill_ld, u + j, ldu);
+  }
+}
+
+// Columns [c0, c1) (whole vectors) of one grad_in term for RT tokens: per vector of
+// columns, the RT x chunks stay in registers while every row j adds its dw update and its
+// dx contribution, each coefficient broadcast once for both.
+template <int RT, bool HasDx, bool HasMask, class Arch, class Scalar>
+inline void grad_in_block(const GradInTerm<Scalar>& g, Index t0, Index c0, Index c1) noexcept {
+  using B = xsimd::batch<Scalar, Arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  const Scalar* const* x = g.x + t0;
+  const Scalar* const* coef = g.coef + t0;
+  for (Index c = c0; c < c1; c += W) {
+    B xv[RT];
+    B acc[RT];
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) {
+      xv[t] = B::load_unaligned(x[t] + c);
+      if constexpr (HasDx) acc[t] = B(Scalar(0));
+    }
+    for (Index j = 0; j < g.rows; ++j) {
+      Scalar* dwp = g.dw + j * g.lddw + c;
+      B gv = B::load_unaligned(dwp);
+      if constexpr (HasDx) {
+        const B wv = B::load_unaligned(g.w + j * g.ldw + c);
+        MOLORA_UNROLL
+        for (int t = 0; t < RT; ++t) {
+          const B cv(coef[t][j]);
+          gv = xsimd::fma(cv, xv[t], gv);
+          acc[t] = xsimd::fma(cv, wv, acc[t]);
+        }
+      } else {
+        MOLORA_UNROLL
+        for (int t = 0; t < RT; ++t) gv = xsimd::fma(B(coef[t][j]), xv[t], gv);
+      }
+      gv.store_unaligned(dwp);
+    }
+    if constexpr (HasDx) {
+      MOLORA_UNROLL
+      for (int t = 0; t < RT; ++t) {
+        Scalar* p = g.dx[t0 + t] + c;
+        if constexpr (HasMask)
+          xsimd::fma(B::load_unaligned(g.mask[t0 + t] + c), acc[t], B::load_unaligned(p)).store_unaligned(p);
+        else
+          (B::load_unaligned(p) + acc[t]).store_unaligned(p);
+      }
+    }
+  }
+}
+
+template <int RT, class Arch, class Scalar>
+inline void grad_in_tokens(const GradInTerm<Scalar>& g, Index t0, Index c0, Index c1) noexcept {
+  if (!g.dx)
+    grad_in_block<RT, false, false, Arch>(g, t0, c0, c1);
+  else if (g.mask)
+    grad_in_block<RT, true, true, Arch>(g, t0, c0, c1);
+  else
+    grad_in_block<RT, true, false, Arch>(g, t0, c0, c1);
+}
+
+}  // namespace detail
+
+// Tile sweep over `out`: u[t*ldu + j] = sum_o bt[j*ldb + o] * dy[t][o] and
+// dbt[j*lddb + o] += sum_t hs[t*ldh + j] * dy[t][o], for t < n (n <= kTile), j < r, o < out.
+// Requires: bt, dbt [r, out] row-major with strides ldb, lddb (not aliasing each other or
+// the rest); dy[t] points at out values; hs n rows of stride ldh >= r; u n rows of stride
+// ldu >= r; spill holds grad_out_scratch_size<Arch, Scalar>(r) values (unused when
+// out < grad_out_chunk + simd_width).
+template <class Arch, class Scalar>
+void grad_out(Arch, const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, Index r, Index out,
+              const Scalar* const* dy, const Scalar* hs, Index ldh, Index n, Scalar* u, Index ldu,
+              Scalar* spill) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  const Index out_vec = out - out % W, kc = grad_out_chunk<Arch, Scalar>(), spill_ld = r * W;
+  for (Index c0 = 0;; c0 += kc) {
+    const Index c1 = c0 + kc < out_vec ? c0 + kc : out_vec;
+    const bool first = c0 == 0, last = c1 == out_vec;
+#define MOLORA_GRAD_OUT_CASE(RT)                                                                              \
+  case RT:                                                                                                    \
+    detail::grad_out_tokens<RT, Arch>(bt, ldb, dbt, lddb, r, dy, hs, ldh, c0, c1, out_vec, out, first, last, \
+                                      spill, spill_ld, u, ldu);                                               \
+    break;
+    switch (n) {
+      MOLORA_GRAD_OUT_CASE(1)
+      MOLORA_GRAD_OUT_CASE(2)
+      MOLORA_GRAD_OUT_CASE(3)
+      MOLORA_GRAD_OUT_CASE(4)
+      MOLORA_GRAD_OUT_CASE(5)
+      MOLORA_GRAD_OUT_CASE(6)
+      MOLORA_GRAD_OUT_CASE(7)
+      MOLORA_GRAD_OUT_CASE(8)
+      default: break;
+    }
+#undef MOLORA_GRAD_OUT_CASE
+    if (last) break;
+  }
+  // dB^T's scalar tail columns.
+  for (Index j = 0; j < r; ++j)
+    for (Index o = out_vec; o < out; ++o) {
+      Scalar s = dbt[j * lddb + o];
+      for (Index t = 0; t < n; ++t) s += hs[t * ldh + j] * dy[t][o];
+      dbt[j * lddb + o] = s;
+    }
+}
+
+// Columns [c0, c1) of one term (see GradInTerm): whole vectors from c0, then a scalar tail.
+template <class Arch, class Scalar>
+void grad_in_columns(Arch, const GradInTerm<Scalar>& g, Index c0, Index c1) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  const Index cv = c0 + (c1 - c0) / W * W;
+  for (Index t0 = 0; t0 < g.n; t0 += kTile) {
+    const Index nt = g.n - t0 < kTile ? g.n - t0 : kTile;
+    switch (nt) {
+      case 1: detail::grad_in_tokens<1, Arch>(g, t0, c0, cv); break;
+      case 2: detail::grad_in_tokens<2, Arch>(g, t0, c0, cv); break;
+      case 3: detail::grad_in_tokens<3, Arch>(g, t0, c0, cv); break;
+      case 4: detail::grad_in_tokens<4, Arch>(g, t0, c0, cv); break;
+      case 5: detail::grad_in_tokens<5, Arch>(g, t0, c0, cv); break;
+      case 6: detail::grad_in_tokens<6, Arch>(g, t0, c0, cv); break;
+      case 7: detail::grad_in_tokens<7, Arch>(g, t0, c0, cv); break;
+      default: detail::grad_in_tokens<8, Arch>(g, t0, c0, cv); break;
+    }
+    detail::grad_in_scalar(g, t0, t0 + nt, cv, c1);
+  }
+}
+
+#endif  // !MOLORA_NO_XSIMD
+
+// Tile sweep over `in` for several terms (an expert's, then the router's), chunk by chunk:
+// every term's dw and dx updates over the first chunk of columns, then the next chunk, so
+// rows shared by the terms (x, dx) are read from L1 by all but the first.
+template <class Arch, class Scalar>
+void grad_in(Arch arch, const GradInTerm<Scalar>* terms, Index num_terms, Index in) noexcept {
+  const Index kc = grad_in_chunk<Arch, Scalar>();
+  for (Index c0 = 0; c0 < in; c0 += kc) {
+    const Index c1 = c0 + kc < in ? c0 + kc : in;
+    for (Index i = 0; i < num_terms; ++i)
+      if (terms[i].n > 0) grad_in_columns(arch, terms[i], c0, c1);
+  }
+}
+
+}  // namespace molora::kernels
