@@ -3,12 +3,6 @@
 // clear margin on held-out data, and its router must send each task's tokens mostly to an
 // expert of its own. Fixed seeds; thresholds leave a wide margin over what is observed
 // (see the MESSAGE lines).
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 intrinsics header trips -W(maybe-)uninitialized inside Eigen's kernels
-// (GCC PR 105593, fixed in GCC 13); a false positive outside our code.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #include <doctest/doctest.h>
 
 #include <set>
