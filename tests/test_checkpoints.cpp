@@ -7,15 +7,18 @@
 #include <molora/io/checkpoint.hpp>
 
 #include <filesystem>
-#include <fstream>
-#include <random>
 
 #include "reference.hpp"
+#include "test_util.hpp"
 
 namespace fs = std::filesystem;
 using molora::Index;
 using molora::RowMatrix;
 using molora::io::SafetensorsReader;
+using test_util::error_of;
+using test_util::read_text;
+using test_util::TempDir;
+using test_util::write_text;
 
 namespace {
 
@@ -28,30 +31,10 @@ double rel(const A& got, const B& want) {
          std::max(1e-30, double(want.template cast<double>().cwiseAbs().maxCoeff()));
 }
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("molora_ckpt_" + std::to_string(rd()) + std::to_string(rd()));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& f) const { return (path / f).string(); }
-};
-
 void copy_dir(const std::string& from, const std::string& to) {
   fs::create_directories(to);
   for (const auto& e : fs::directory_iterator(from)) fs::copy_file(e.path(), fs::path(to) / e.path().filename());
 }
-
-std::string read_text(const std::string& p) {
-  std::ifstream f(p);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-void write_text(const std::string& p, const std::string& s) { std::ofstream(p, std::ios::trunc) << s; }
 
 // Rewrites a safetensors file keeping the tensors that `keep` accepts, renamed by `rename`.
 template <class Keep, class Rename>
@@ -194,9 +177,9 @@ TEST_CASE_TEMPLATE("MING-MOE layout: save then load is bit for bit", Scalar, flo
   c.out_features = 13;
   const auto b = ref::random_layer<Scalar>(c, 2).adapter();
   TempDir tmp;
-  molora::io::save_ming_moe<Scalar>(tmp / "ckpt", {{"model.layers.0.mlp.up_proj", &a}, {"model.layers.0.mlp.down_proj", &b}},
+  molora::io::save_ming_moe<Scalar>(tmp.file("ckpt"), {{"model.layers.0.mlp.up_proj", &a}, {"model.layers.0.mlp.down_proj", &b}},
                                     nlohmann::json{{"model_type", "qwen2"}});
-  const auto back = molora::io::load_ming_moe<Scalar>(tmp / "ckpt/config.json", tmp / "ckpt/non_lora_trainables.safetensors");
+  const auto back = molora::io::load_ming_moe<Scalar>(tmp.file("ckpt/config.json"), tmp.file("ckpt/non_lora_trainables.safetensors"));
   REQUIRE(back.modules.size() == 2);
   for (const auto& [name, orig] : std::map<std::string, const molora::MoLoRAAdapter<Scalar>*>{
            {"model.layers.0.mlp.up_proj", &a}, {"model.layers.0.mlp.down_proj", &b}}) {
@@ -212,9 +195,9 @@ TEST_CASE_TEMPLATE("MING-MOE layout: save then load is bit for bit", Scalar, flo
   // adapters that MING's single config cannot describe are refused, and nothing is written
   c.rank = 4;
   const auto other = ref::random_layer<Scalar>(c, 3).adapter();
-  CHECK_THROWS_AS(molora::io::save_ming_moe<Scalar>(tmp / "bad", {{"model.a", &a}, {"model.b", &other}}),
+  CHECK_THROWS_AS(molora::io::save_ming_moe<Scalar>(tmp.file("bad"), {{"model.a", &a}, {"model.b", &other}}),
                   molora::format_error);
-  CHECK(!fs::exists(tmp / "bad/non_lora_trainables.safetensors"));
+  CHECK(!fs::exists(tmp.file("bad/non_lora_trainables.safetensors")));
 }
 
 TEST_CASE("checkpoints whose config disagrees with the tensors are format errors naming module and key") {
@@ -225,38 +208,34 @@ TEST_CASE("checkpoints whose config disagrees with the tensors are format errors
     return molora::io::load_ming_moe<float>(cfg, weights);
   };
   auto expect = [&](const std::string& cfg, const std::string& weights, const std::string& needle) {
-    try {
-      load(cfg, weights);
-      FAIL("expected a format_error containing: " << needle);
-    } catch (const molora::format_error& e) {
-      CHECK_MESSAGE(std::string(e.what()).find(needle) != std::string::npos, e.what());
-    }
+    const std::string msg = error_of([&] { load(cfg, weights); });
+    CHECK_MESSAGE(msg.find(needle) != std::string::npos, msg);
   };
   // expert count: config says 3, the file holds 4 experts
-  const std::string cfg3 = tmp / "cfg3.json";
+  const std::string cfg3 = tmp.file("cfg3.json");
   std::string text = read_text(ming + "/config.json");
   write_text(cfg3, std::regex_replace(text, std::regex("\"num_experts\": 4"), "\"num_experts\": 3"));
   expect(cfg3, w, "unexpected tensor 'base_model.model.model.layers.0.mlp.down_proj.experts.3.lora_A_3.weight' for num_experts = 3");
   // expert count: config says 5
-  const std::string cfg5 = tmp / "cfg5.json";
+  const std::string cfg5 = tmp.file("cfg5.json");
   write_text(cfg5, std::regex_replace(text, std::regex("\"num_experts\": 4"), "\"num_experts\": 5"));
   expect(cfg5, w, "module 'model.layers.0.mlp.down_proj': switch.weight rows (num_experts from the config): expected 5, got 4");
   // rank: config says 8
-  const std::string cfgr = tmp / "cfgr.json";
+  const std::string cfgr = tmp.file("cfgr.json");
   write_text(cfgr, std::regex_replace(text, std::regex("\"r\": 4"), "\"r\": 8"));
   expect(cfgr, w, "(r from the config): expected 8, got 4");
   // a missing tensor
-  const std::string missing = tmp / "missing.safetensors";
+  const std::string missing = tmp.file("missing.safetensors");
   rewrite(w, missing, [](const std::string& n) { return n.find("up_proj.experts.2.lora_B_2") == std::string::npos; },
           [](const std::string& n) { return n; });
   expect(ming + "/config.json", missing, "module 'model.layers.0.mlp.up_proj': missing tensor 'experts.2.lora_B_2.weight'");
   // an extra, unknown tensor
-  const std::string extra = tmp / "extra.safetensors";
+  const std::string extra = tmp.file("extra.safetensors");
   rewrite(w, extra, [](const std::string&) { return true; },
           [](const std::string& n) { return n.find("gate_proj.switch.bias") != std::string::npos ? n + "_extra" : n; });
   expect(ming + "/config.json", extra, "switch.bias_extra");
   // a wrongly shaped expert
-  const std::string swapped = tmp / "swapped.safetensors";
+  const std::string swapped = tmp.file("swapped.safetensors");
   rewrite(w, swapped, [](const std::string&) { return true; }, [](const std::string& n) {
     if (n.find("gate_proj.experts.1.lora_A_1") != std::string::npos) return std::string("base_model.model.model.layers.0.mlp.down_proj.experts.1.lora_A_1.weight");
     if (n.find("down_proj.experts.1.lora_A_1") != std::string::npos) return std::string("base_model.model.model.layers.0.mlp.gate_proj.experts.1.lora_A_1.weight");
@@ -264,35 +243,25 @@ TEST_CASE("checkpoints whose config disagrees with the tensors are format errors
   });
   expect(ming + "/config.json", swapped, "experts.1.lora_A_1.weight' shape: expected [4, 48], got [4, 32]");
   // PEFT: rank in the config disagrees; a module outside target_modules
-  const std::string peft = tmp / "peft";
+  const std::string peft = tmp.file("peft");
   copy_dir(data_dir + "/peft_lora", peft);
   const std::string ptext = read_text(peft + "/adapter_config.json");
   write_text(peft + "/adapter_config.json", std::regex_replace(ptext, std::regex("\"r\": 4"), "\"r\": 2"));
-  try {
-    molora::io::load_peft_lora<float>(peft);
-    FAIL("expected a format_error");
-  } catch (const molora::format_error& e) {
-    CHECK(std::string(e.what()).find("rows (r from the config): expected 2, got 4") != std::string::npos);
-  }
+  CHECK(error_of([&] { molora::io::load_peft_lora<float>(peft); }).find("rows (r from the config): expected 2, got 4") !=
+        std::string::npos);
   write_text(peft + "/adapter_config.json",
              std::regex_replace(ptext, std::regex("\"other\",\\s*"), ""));
-  try {
-    molora::io::load_peft_lora<float>(peft);
-    FAIL("expected a format_error");
-  } catch (const molora::format_error& e) {
-    CHECK(std::string(e.what()).find("module 'layers.0.other': not among the config's target_modules") != std::string::npos);
-  }
+  CHECK(error_of([&] { molora::io::load_peft_lora<float>(peft); })
+            .find("module 'layers.0.other': not among the config's target_modules") != std::string::npos);
   // MixLoRA: top-k/num_experts disagreeing with the tensors
   const auto mcfg_text = read_text(data_dir + "/mixlora/adapter_config.json");
   auto mcfg = molora::io::MixLoRAConfig::from_string(
       std::regex_replace(mcfg_text, std::regex("\"num_experts\": 4"), "\"num_experts\": 3"), "mixlora-edited");
   const SafetensorsReader mw(data_dir + "/mixlora/adapter_model.safetensors"), mb(data_dir + "/mixlora/base.safetensors");
-  try {
+  const std::string msg = error_of([&] {
     molora::io::load_mixlora_ffn<float>(mcfg, mw, 0, mb.matrix<float>("layers.0.mlp.gate_proj.weight"),
                                         mb.matrix<float>("layers.0.mlp.up_proj.weight"),
                                         mb.matrix<float>("layers.0.mlp.down_proj.weight"));
-    FAIL("expected a format_error");
-  } catch (const molora::format_error& e) {
-    CHECK(std::string(e.what()).find("module 'mixlora.layers.0.mlp': unexpected tensor") != std::string::npos);
-  }
+  });
+  CHECK(msg.find("module 'mixlora.layers.0.mlp': unexpected tensor") != std::string::npos);
 }

@@ -5,19 +5,18 @@
 
 #include <molora/io/json_config.hpp>
 
-#include <atomic>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <initializer_list>
-#include <random>
 #include <string>
 
-#include <unistd.h>
+#include "test_util.hpp"
 
 namespace fs = std::filesystem;
 using namespace molora::io;
 using nlohmann::json;
+using test_util::error_of;
+using test_util::TempDir;
 
 namespace {
 
@@ -111,19 +110,6 @@ std::string edited(const char* base, const json& patch) {
   return j.dump();
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const molora::format_error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    FAIL("expected molora::format_error, got another exception: " << e.what());
-  }
-  FAIL("expected molora::format_error, nothing was thrown");
-  return {};
-}
-
 void check_contains(const std::string& msg, std::initializer_list<const char*> parts) {
   for (const char* p : parts) {
     INFO("message: " << msg);
@@ -137,26 +123,6 @@ void check_error(const std::string& text, std::initializer_list<const char*> par
   check_contains(msg, {"cfg.json"});
   check_contains(msg, parts);
 }
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("molora_test_json_config_" + std::to_string(::getpid()) + "_" +
-                                        std::to_string(rd()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string write(const std::string& name, const std::string& text) const {
-    const std::string p = (path / name).string();
-    std::ofstream(p) << text;
-    return p;
-  }
-};
 
 }  // namespace
 

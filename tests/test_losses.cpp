@@ -1,17 +1,10 @@
 // Load-balancing and router z-loss: values against literal numbers, gradients against central
 // finite differences in double (through the softmax into W_r, b_r and x; f is a constant),
 // and the multi-layer aggregation against one layer fed the concatenated tokens.
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 intrinsics header trips -W(maybe-)uninitialized inside Eigen's kernels
-// (GCC PR 105593, fixed in GCC 13); a false positive outside our code.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <memory>
 #include <vector>
 
@@ -19,15 +12,13 @@
 #include <molora/losses.hpp>
 #include <molora/params.hpp>
 
+#include "test_util.hpp"
+
 using namespace molora;
+using test_util::fd_error;
+using test_util::fill;
 
 namespace {
-
-template <class M>
-void fill(M& m, Generator& gen, double scale) {
-  for (Index i = 0; i < m.rows(); ++i)
-    for (Index j = 0; j < m.cols(); ++j) m(i, j) = scale * detail::normal01(gen);
-}
 
 MoLoRAConfig small_config(Index in, Index E, Index k, bool normalize, Selection sel) {
   MoLoRAConfig cfg;
@@ -50,22 +41,6 @@ void randomise(MoLoRALinear<double>& layer, Generator& gen) {
   fill(A, gen, 0.5);
   auto B = layer.adapter().mutable_stacked_B();
   fill(B, gen, 0.5);
-}
-
-double fd_error(Eigen::Map<Vector<double>> value, const Vector<double>& analytic, const std::function<double()>& f) {
-  const double h = 1e-6;
-  double err = 0;
-  const double scale = std::max(1.0, analytic.cwiseAbs().maxCoeff());
-  for (Index i = 0; i < value.size(); ++i) {
-    const double keep = value(i);
-    value(i) = keep + h;
-    const double lp = f();
-    value(i) = keep - h;
-    const double lm = f();
-    value(i) = keep;
-    err = std::max(err, std::abs((lp - lm) / (2 * h) - analytic(i)) / scale);
-  }
-  return err;
 }
 
 // Several layers, each with its own x; loss = lb_coef * LB(all layers) + z_coef * sum Z(layer).

@@ -1,11 +1,5 @@
 // AdamW against hand-computed steps with literal numbers (torch.optim.AdamW's formula), and
 // the named parameter views of the layers: names, shapes, aliasing, zero_grad.
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 intrinsics header trips -W(maybe-)uninitialized inside Eigen's kernels
-// (GCC PR 105593, fixed in GCC 13); a false positive outside our code.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #include <doctest/doctest.h>
 
 #include <cstdio>
@@ -17,6 +11,8 @@
 #include <molora/losses.hpp>
 #include <molora/optim.hpp>
 #include <molora/params.hpp>
+
+#include "test_util.hpp"
 
 using namespace molora;
 
@@ -137,8 +133,8 @@ TEST_CASE("AdamW drives a MoLoRA layer's views: a step on a toy regression lower
   opt.lr = 1e-2;
   AdamW<double> adam(parameters(layer, grads), opt);
   RowMatrix<double> x(16, 6), target(16, 4), y(16, 4), dy(16, 4);
-  for (Index i = 0; i < x.size(); ++i) x(i) = detail::normal01(gen);
-  for (Index i = 0; i < target.size(); ++i) target(i) = detail::normal01(gen);
+  test_util::fill(x, gen, 1.0);
+  test_util::fill(target, gen, 1.0);
   MoLoRATape<double> tape;
   auto loss = [&] {
     forward_train(layer, x, y, tape);

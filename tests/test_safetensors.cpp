@@ -5,51 +5,26 @@
 
 #include <molora/io/safetensors.hpp>
 
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "test_util.hpp"
+
 namespace fs = std::filesystem;
 using namespace molora::io;
 using molora::RowMatrix;
 using molora::Vector;
+using test_util::error_of;
+using test_util::read_bytes;
+using test_util::TempDir;
+using test_util::write_bytes;
 
 namespace {
-
-// A fresh directory under the system temp dir, removed at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    std::random_device rd;
-    path = fs::temp_directory_path() /
-           ("molora_test_safetensors_" + std::to_string(::getpid()) + "_" + std::to_string(rd()) + "_" +
-            std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
-std::vector<std::uint8_t> read_all(const std::string& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-void write_all(const std::string& p, const std::vector<std::uint8_t>& bytes) {
-  std::ofstream out(p, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-}
 
 // 8-byte length + header text (as given, no padding) + data.
 std::vector<std::uint8_t> st_file(const std::string& header, const std::vector<std::uint8_t>& data = {}) {
@@ -66,30 +41,11 @@ std::vector<std::uint8_t> zeros(std::size_t n) { return std::vector<std::uint8_t
 // Opens `bytes` as a file and returns the format_error message ("" and a failed check if none).
 std::string open_error(const TempDir& dir, const std::vector<std::uint8_t>& bytes) {
   const std::string p = dir.file("bad.safetensors");
-  write_all(p, bytes);
-  try {
+  write_bytes(p, bytes);
+  return error_of([&] {
     SafetensorsReader r(p);
     (void)r;
-  } catch (const molora::format_error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    FAIL("expected molora::format_error, got another exception: " << e.what());
-  }
-  FAIL("expected molora::format_error, nothing was thrown");
-  return {};
-}
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const molora::format_error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    FAIL("expected molora::format_error, got another exception: " << e.what());
-  }
-  FAIL("expected molora::format_error, nothing was thrown");
-  return {};
+  });
 }
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
@@ -264,7 +220,7 @@ TEST_CASE("safetensors: the writer's layout matches the reference (sorted, conti
   RowMatrix<double> b = RowMatrix<double>::Constant(2, 1, 2.0);  // [2, 1]
   const std::string p = dir.file("layout.safetensors");
   save_safetensors(p, {make_tensor("zeta", a), make_tensor("alpha", b)});
-  const auto bytes = read_all(p);
+  const auto bytes = read_bytes(p);
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | bytes[static_cast<std::size_t>(i)];
   CHECK((8 + n) % 8 == 0);
@@ -301,7 +257,7 @@ TEST_CASE("safetensors: re-saving what was read reproduces the file bit for bit"
   }
   const std::string p2 = dir.file("two.safetensors");
   save_safetensors(p2, again, r.metadata());
-  CHECK(read_all(p1) == read_all(p2));
+  CHECK(read_bytes(p1) == read_bytes(p2));
   const RowMatrix<float> hm = r.matrix<float>("h");
   CHECK(hm(0, 0) == std::ldexp(1.0f, -24));
   CHECK(hm(0, 1) == 65504.0f);
@@ -556,9 +512,9 @@ TEST_CASE("safetensors: malformed files are format_errors that say what is wrong
 TEST_CASE("safetensors: accepted edge cases (empty header object, zero dims, any order, gaps)") {
   TempDir dir;
   const std::string p = dir.file("ok.safetensors");
-  write_all(p, st_file("{}"));
+  write_bytes(p, st_file("{}"));
   CHECK(SafetensorsReader(p).size() == 0);
-  write_all(p, st_file(R"({"z":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[4,4]},)"
+  write_bytes(p, st_file(R"({"z":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[4,4]},)"
                        R"("b":{"dtype":"BF16","shape":[1],"data_offsets":[6,8]},)"
                        R"("a":{"dtype":"BOOL","shape":[2],"data_offsets":[0,2]}})",
                        {1, 0, 9, 9, 9, 9, 0x80, 0x3f}));
@@ -576,7 +532,7 @@ TEST_CASE("safetensors: the fuzz seed corpus only ever raises format_error") {
   int valid = 0, files = 0;
   for (const auto& e : fs::directory_iterator(corpus)) {
     ++files;
-    const auto bytes = read_all(e.path().string());
+    const auto bytes = read_bytes(e.path().string());
     try {
       SafetensorsReader r(bytes.data(), bytes.size(), e.path().filename().string());
       for (const auto& name : r.names()) {
