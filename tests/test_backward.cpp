@@ -2,12 +2,6 @@
 // every parameter, in every gating mode, with dropout and jitter, on random shapes including
 // 1 and odd sizes. Inputs are resampled until no top-k set is within reach of a flip, and
 // every perturbed evaluation checks that the selected experts did not change.
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 intrinsics header trips -Wmaybe-uninitialized inside Eigen's kernels
-// (GCC PR 105593, fixed in GCC 13); a false positive outside our code.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #include <doctest/doctest.h>
 
 #include <algorithm>

@@ -479,7 +479,8 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
   if (has_router) tape.gate_grad.resize(T, k);  // dL/dg of each (token, slot)
   reserve_rows(tape.u, pairs, r);
   reserve_rows(tape.hs, kT, r);
-  const auto spill_need = static_cast<std::size_t>(kernels::grad_out_scratch_size<Arch, Scalar>(r));
+  const auto spill_need = static_cast<std::size_t>(
+      std::max(kernels::grad_out_scratch_size<Arch, Scalar>(r), kernels::grad_in_scratch_size(r + E)));
   if (tape.spill.size() < spill_need) tape.spill.resize(spill_need);
 
   // Sweep 1 per tile: u = B_e^T dy, dB_e^T += (s g h) dy^T; then dL/dg and dL/dh = s g u.
@@ -585,7 +586,7 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
       }
       ex.n = n;
       ro.n = m;
-      kernels::grad_in(Arch{}, terms, has_router ? 2 : 1, in);
+      kernels::grad_in(Arch{}, terms, has_router ? 2 : 1, in, tape.spill.data());
     }
   }
 }

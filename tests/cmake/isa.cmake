@@ -10,7 +10,8 @@
 
 set(_molora_kernel_test_sources
   ${CMAKE_CURRENT_SOURCE_DIR}/test_kernels.cpp
-  ${CMAKE_CURRENT_SOURCE_DIR}/test_strategies.cpp)
+  ${CMAKE_CURRENT_SOURCE_DIR}/test_strategies.cpp
+  ${CMAKE_CURRENT_SOURCE_DIR}/test_backward_kernels.cpp)
 
 function(molora_quiet_gcc_intrinsics target)
   if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")

@@ -50,7 +50,7 @@ constexpr Index grad_in_chunk() noexcept {
   return kc < W ? W : kc;
 }
 
-// One term of grad_in, for n tokens (any n; blocks of kTile):
+// One term of grad_in, for n tokens:
 //   dw[j*lddw + c] += sum_t coef[t][j] * x[t][c]                      j < rows, c < in
 //   dx[t][c]       += mask[t][c] * sum_j coef[t][j] * w[j*ldw + c]     when dx is not null
 // (mask taken as 1 when null). w and dw are [rows, in] row-major; x[t], dx[t], mask[t] point
@@ -93,9 +93,10 @@ void grad_out(scalar_arch, const Scalar* bt, Index ldb, Scalar* dbt, Index lddb,
 
 namespace detail {
 
-// Columns [c0, c1) of one grad_in term, tokens [t0, t1), one scalar at a time.
+// Columns [c0, c1) of one grad_in term, one scalar at a time.
 template <class Scalar>
-inline void grad_in_scalar(const GradInTerm<Scalar>& g, Index t0, Index t1, Index c0, Index c1) noexcept {
+inline void grad_in_scalar(const GradInTerm<Scalar>& g, Index c0, Index c1) noexcept {
+  const Index t0 = 0, t1 = g.n;
   for (Index c = c0; c < c1; ++c) {
     for (Index j = 0; j < g.rows; ++j) {
       Scalar s = g.dw[j * g.lddw + c];
@@ -115,8 +116,8 @@ inline void grad_in_scalar(const GradInTerm<Scalar>& g, Index t0, Index t1, Inde
 
 // Columns [c0, c1) of one term (see GradInTerm).
 template <class Scalar>
-void grad_in_columns(scalar_arch, const GradInTerm<Scalar>& g, Index c0, Index c1) noexcept {
-  detail::grad_in_scalar(g, 0, g.n, c0, c1);
+void grad_in_columns(scalar_arch, const GradInTerm<Scalar>& g, const Scalar* /*ct*/, Index c0, Index c1) noexcept {
+  detail::grad_in_scalar(g, c0, c1);
 }
 
 #if !defined(MOLORA_NO_XSIMD)
@@ -143,20 +144,29 @@ inline void grad_out_block(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb,
       hv[j][t] = B(hs[t * ldh + j]);
     }
   }
+  // Local copies: the stores below may alias anything as far as the compiler knows, and
+  // reloading the row pointers every step would cost a load per token.
+  const Scalar* dp[RT];
+  MOLORA_UNROLL
+  for (int t = 0; t < RT; ++t) dp[t] = dy[t];
   for (Index c = c0; c < c1; c += W) {
     B dv[RT];
     MOLORA_UNROLL
-    for (int t = 0; t < RT; ++t) dv[t] = B::load_unaligned(dy[t] + c);
+    for (int t = 0; t < RT; ++t) dv[t] = B::load_unaligned(dp[t] + c);
     MOLORA_UNROLL
     for (int j = 0; j < RJ; ++j) {
       const B bv = B::load_unaligned(bt + j * ldb + c);
-      B gv = B::load_unaligned(dbt + j * lddb + c);
+      // Two partial sums halve the dependent chain of the dB update.
+      B g0 = B::load_unaligned(dbt + j * lddb + c), g1(Scalar(0));
       MOLORA_UNROLL
       for (int t = 0; t < RT; ++t) {
         acc[j][t] = xsimd::fma(bv, dv[t], acc[j][t]);
-        gv = xsimd::fma(hv[j][t], dv[t], gv);
+        if (t % 2 == 0)
+          g0 = xsimd::fma(hv[j][t], dv[t], g0);
+        else
+          g1 = xsimd::fma(hv[j][t], dv[t], g1);
       }
-      gv.store_unaligned(dbt + j * lddb + c);
+      (g0 + g1).store_unaligned(dbt + j * lddb + c);
     }
   }
   if (!last) {
@@ -204,46 +214,61 @@ inline void grad_out_tokens(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb
   }
 }
 
-// Columns [c0, c1) (whole vectors) of one grad_in term for RT tokens: per vector of
+// Columns [c0, c1) (whole vectors) of one grad_in term for its RT tokens: per vector of
 // columns, the RT x chunks stay in registers while every row j adds its dw update and its
-// dx contribution, each coefficient broadcast once for both.
+// dx contribution, each coefficient broadcast once for both. ct holds the coefficients
+// transposed, ct[j*RT + t] = coef[t][j], so one pointer walks them.
 template <int RT, bool HasDx, bool HasMask, class Arch, class Scalar>
-inline void grad_in_block(const GradInTerm<Scalar>& g, Index t0, Index c0, Index c1) noexcept {
+inline void grad_in_block(const GradInTerm<Scalar>& g, const Scalar* ct, Index c0, Index c1) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
   constexpr Index W = static_cast<Index>(B::size);
-  const Scalar* const* x = g.x + t0;
-  const Scalar* const* coef = g.coef + t0;
+  const Scalar* xp[RT];
+  MOLORA_UNROLL
+  for (int t = 0; t < RT; ++t) xp[t] = g.x[t];
+  const Scalar* w = g.w;
+  Scalar* dw = g.dw;
+  const Index rows = g.rows, ldw = g.ldw, lddw = g.lddw;
   for (Index c = c0; c < c1; c += W) {
     B xv[RT];
     B acc[RT];
     MOLORA_UNROLL
     for (int t = 0; t < RT; ++t) {
-      xv[t] = B::load_unaligned(x[t] + c);
+      xv[t] = B::load_unaligned(xp[t] + c);
       if constexpr (HasDx) acc[t] = B(Scalar(0));
     }
-    for (Index j = 0; j < g.rows; ++j) {
-      Scalar* dwp = g.dw + j * g.lddw + c;
-      B gv = B::load_unaligned(dwp);
+    const Scalar* cj = ct;
+    for (Index j = 0; j < rows; ++j, cj += RT) {
+      Scalar* dwp = dw + j * lddw + c;
+      // Two partial sums halve the dependent chain of the dw update.
+      B g0 = B::load_unaligned(dwp), g1(Scalar(0));
       if constexpr (HasDx) {
-        const B wv = B::load_unaligned(g.w + j * g.ldw + c);
+        const B wv = B::load_unaligned(w + j * ldw + c);
         MOLORA_UNROLL
         for (int t = 0; t < RT; ++t) {
-          const B cv(coef[t][j]);
-          gv = xsimd::fma(cv, xv[t], gv);
+          const B cv(cj[t]);
+          if (t % 2 == 0)
+            g0 = xsimd::fma(cv, xv[t], g0);
+          else
+            g1 = xsimd::fma(cv, xv[t], g1);
           acc[t] = xsimd::fma(cv, wv, acc[t]);
         }
       } else {
         MOLORA_UNROLL
-        for (int t = 0; t < RT; ++t) gv = xsimd::fma(B(coef[t][j]), xv[t], gv);
+        for (int t = 0; t < RT; ++t) {
+          if (t % 2 == 0)
+            g0 = xsimd::fma(B(cj[t]), xv[t], g0);
+          else
+            g1 = xsimd::fma(B(cj[t]), xv[t], g1);
+        }
       }
-      gv.store_unaligned(dwp);
+      (g0 + g1).store_unaligned(dwp);
     }
     if constexpr (HasDx) {
       MOLORA_UNROLL
       for (int t = 0; t < RT; ++t) {
-        Scalar* p = g.dx[t0 + t] + c;
+        Scalar* p = g.dx[t] + c;
         if constexpr (HasMask)
-          xsimd::fma(B::load_unaligned(g.mask[t0 + t] + c), acc[t], B::load_unaligned(p)).store_unaligned(p);
+          xsimd::fma(B::load_unaligned(g.mask[t] + c), acc[t], B::load_unaligned(p)).store_unaligned(p);
         else
           (B::load_unaligned(p) + acc[t]).store_unaligned(p);
       }
@@ -252,27 +277,34 @@ inline void grad_in_block(const GradInTerm<Scalar>& g, Index t0, Index c0, Index
 }
 
 template <int RT, class Arch, class Scalar>
-inline void grad_in_tokens(const GradInTerm<Scalar>& g, Index t0, Index c0, Index c1) noexcept {
+inline void grad_in_tokens(const GradInTerm<Scalar>& g, const Scalar* ct, Index c0, Index c1) noexcept {
   if (!g.dx)
-    grad_in_block<RT, false, false, Arch>(g, t0, c0, c1);
+    grad_in_block<RT, false, false, Arch>(g, ct, c0, c1);
   else if (g.mask)
-    grad_in_block<RT, true, true, Arch>(g, t0, c0, c1);
+    grad_in_block<RT, true, true, Arch>(g, ct, c0, c1);
   else
-    grad_in_block<RT, true, false, Arch>(g, t0, c0, c1);
+    grad_in_block<RT, true, false, Arch>(g, ct, c0, c1);
 }
 
 }  // namespace detail
 
 // Tile sweep over `out`: u[t*ldu + j] = sum_o bt[j*ldb + o] * dy[t][o] and
-// dbt[j*lddb + o] += sum_t hs[t*ldh + j] * dy[t][o], for t < n (n <= kTile), j < r, o < out.
+// dbt[j*lddb + o] += sum_t hs[t*ldh + j] * dy[t][o], for t < n, j < r, o < out (more than
+// kTile tokens take one sweep per kTile of them).
 // Requires: bt, dbt [r, out] row-major with strides ldb, lddb (not aliasing each other or
 // the rest); dy[t] points at out values; hs n rows of stride ldh >= r; u n rows of stride
 // ldu >= r; spill holds grad_out_scratch_size<Arch, Scalar>(r) values (unused when
 // out < grad_out_chunk + simd_width).
 template <class Arch, class Scalar>
-void grad_out(Arch, const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, Index r, Index out,
+void grad_out(Arch arch, const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, Index r, Index out,
               const Scalar* const* dy, const Scalar* hs, Index ldh, Index n, Scalar* u, Index ldu,
               Scalar* spill) noexcept {
+  if (n > kTile) {
+    for (Index t0 = 0; t0 < n; t0 += kTile)
+      grad_out(arch, bt, ldb, dbt, lddb, r, out, dy + t0, hs + t0 * ldh, ldh, n - t0 < kTile ? n - t0 : kTile,
+               u + t0 * ldu, ldu, spill);
+    return;
+  }
   constexpr Index W = simd_width<Arch, Scalar>();
   const Index out_vec = out - out % W, kc = grad_out_chunk<Arch, Scalar>(), spill_ld = r * W;
   for (Index c0 = 0;; c0 += kc) {
@@ -306,39 +338,81 @@ void grad_out(Arch, const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, Index 
     }
 }
 
-// Columns [c0, c1) of one term (see GradInTerm): whole vectors from c0, then a scalar tail.
+// Columns [c0, c1) of one term (see GradInTerm), ct its coefficients transposed
+// (ct[j*n + t] = coef[t][j]): whole vectors from c0, then a scalar tail.
 template <class Arch, class Scalar>
-void grad_in_columns(Arch, const GradInTerm<Scalar>& g, Index c0, Index c1) noexcept {
+void grad_in_columns(Arch, const GradInTerm<Scalar>& g, const Scalar* ct, Index c0, Index c1) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
   const Index cv = c0 + (c1 - c0) / W * W;
-  for (Index t0 = 0; t0 < g.n; t0 += kTile) {
-    const Index nt = g.n - t0 < kTile ? g.n - t0 : kTile;
-    switch (nt) {
-      case 1: detail::grad_in_tokens<1, Arch>(g, t0, c0, cv); break;
-      case 2: detail::grad_in_tokens<2, Arch>(g, t0, c0, cv); break;
-      case 3: detail::grad_in_tokens<3, Arch>(g, t0, c0, cv); break;
-      case 4: detail::grad_in_tokens<4, Arch>(g, t0, c0, cv); break;
-      case 5: detail::grad_in_tokens<5, Arch>(g, t0, c0, cv); break;
-      case 6: detail::grad_in_tokens<6, Arch>(g, t0, c0, cv); break;
-      case 7: detail::grad_in_tokens<7, Arch>(g, t0, c0, cv); break;
-      default: detail::grad_in_tokens<8, Arch>(g, t0, c0, cv); break;
-    }
-    detail::grad_in_scalar(g, t0, t0 + nt, cv, c1);
+  switch (g.n) {
+    case 1: detail::grad_in_tokens<1, Arch>(g, ct, c0, cv); break;
+    case 2: detail::grad_in_tokens<2, Arch>(g, ct, c0, cv); break;
+    case 3: detail::grad_in_tokens<3, Arch>(g, ct, c0, cv); break;
+    case 4: detail::grad_in_tokens<4, Arch>(g, ct, c0, cv); break;
+    case 5: detail::grad_in_tokens<5, Arch>(g, ct, c0, cv); break;
+    case 6: detail::grad_in_tokens<6, Arch>(g, ct, c0, cv); break;
+    case 7: detail::grad_in_tokens<7, Arch>(g, ct, c0, cv); break;
+    case 8: detail::grad_in_tokens<8, Arch>(g, ct, c0, cv); break;
+    default: break;
   }
+  detail::grad_in_scalar(g, cv, c1);
 }
 
 #endif  // !MOLORA_NO_XSIMD
 
-// Tile sweep over `in` for several terms (an expert's, then the router's), chunk by chunk:
-// every term's dw and dx updates over the first chunk of columns, then the next chunk, so
-// rows shared by the terms (x, dx) are read from L1 by all but the first.
+// Scratch (in Scalars) grad_in needs for terms of `rows` rows in total: their coefficients
+// transposed.
+constexpr Index grad_in_scratch_size(Index rows) noexcept { return kTile * rows; }
+
+namespace detail {
+
+// grad_in for terms of at most kTile tokens each.
 template <class Arch, class Scalar>
-void grad_in(Arch arch, const GradInTerm<Scalar>* terms, Index num_terms, Index in) noexcept {
+void grad_in_tile(Arch arch, const GradInTerm<Scalar>* terms, Index num_terms, Index in, Scalar* scratch) noexcept {
+  Scalar* ct = scratch;
+  for (Index i = 0; i < num_terms; ++i) {
+    const GradInTerm<Scalar>& g = terms[i];
+    for (Index t = 0; t < g.n; ++t)
+      for (Index j = 0; j < g.rows; ++j) ct[j * g.n + t] = g.coef[t][j];
+    ct += g.rows * g.n;
+  }
   const Index kc = grad_in_chunk<Arch, Scalar>();
   for (Index c0 = 0; c0 < in; c0 += kc) {
     const Index c1 = c0 + kc < in ? c0 + kc : in;
-    for (Index i = 0; i < num_terms; ++i)
-      if (terms[i].n > 0) grad_in_columns(arch, terms[i], c0, c1);
+    ct = scratch;
+    for (Index i = 0; i < num_terms; ++i) {
+      if (terms[i].n > 0) grad_in_columns(arch, terms[i], static_cast<const Scalar*>(ct), c0, c1);
+      ct += terms[i].rows * terms[i].n;
+    }
+  }
+}
+
+}  // namespace detail
+
+// Tile sweep over `in` for up to kMaxGradInTerms terms (an expert's, then the router's),
+// chunk by chunk: every term's dw and dx updates over the first chunk of columns, then the
+// next chunk, so rows shared by the terms (x, dx) are read from L1 by all but the first.
+// Terms of more than kTile tokens take one sweep per kTile of them. scratch holds
+// grad_in_scratch_size(sum of the terms' rows) values.
+constexpr Index kMaxGradInTerms = 4;
+template <class Arch, class Scalar>
+void grad_in(Arch arch, const GradInTerm<Scalar>* terms, Index num_terms, Index in, Scalar* scratch) noexcept {
+  Index n_max = 0;
+  for (Index i = 0; i < num_terms; ++i) n_max = terms[i].n > n_max ? terms[i].n : n_max;
+  if (n_max <= kTile) return detail::grad_in_tile(arch, terms, num_terms, in, scratch);
+  GradInTerm<Scalar> part[kMaxGradInTerms];
+  for (Index t0 = 0; t0 < n_max; t0 += kTile) {
+    for (Index i = 0; i < num_terms; ++i) {
+      const GradInTerm<Scalar>& g = terms[i];
+      const Index lo = t0 < g.n ? t0 : g.n, hi = t0 + kTile < g.n ? t0 + kTile : g.n;
+      part[i] = g;
+      part[i].x = g.x + lo;
+      part[i].coef = g.coef + lo;
+      part[i].dx = g.dx ? g.dx + lo : nullptr;
+      part[i].mask = g.mask ? g.mask + lo : nullptr;
+      part[i].n = hi - lo;
+    }
+    detail::grad_in_tile(arch, part, num_terms, in, scratch);
   }
 }
 
