@@ -8,12 +8,6 @@
 //   base_dx           dy W0, the frozen base's x-gradient, reported separately
 //   base_forward      x W0^T, for scale
 //   ./bench_training --benchmark_counters_tabular=true
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 intrinsics header trips -W(maybe-)uninitialized inside Eigen's kernels
-// (GCC PR 105593, fixed in GCC 13); a false positive outside our code.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #include <benchmark/benchmark.h>
 
 #include <time.h>
