@@ -331,11 +331,13 @@ void BM_threads(benchmark::State& st) {
 // each by the wall clock. Counter speedup = median over iterations of t(1) / t(2): both
 // sides of every pair see the same machine, so other jobs move it much less than two
 // separate benchmarks' times.
+#if defined(MOLORA_USE_OPENMP)
 double wall_seconds() {
   timespec ts{};
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
 }
+#endif
 
 void BM_threads_ratio(benchmark::State& st) {
 #if defined(MOLORA_USE_OPENMP)

@@ -87,6 +87,20 @@ void check_tile(Index r, Index in, Index out, Index n, std::uint64_t seed) {
              scratch.data());
     compare(y, "fused");
   }
+  {  // fused with the large tile (and a tile of 3), bitwise equal to the default tile
+    std::vector<Scalar> y8 = y0, y32 = y0, y3 = y0;
+    auto r8 = rows_of(y8), r32 = rows_of(y32), r3 = rows_of(y3);
+    std::vector<Scalar> scratch(static_cast<std::size_t>(k::fused_scratch_size<Arch, Scalar>(r)));
+    k::fused(Arch{}, a.data(), lda, bt.data(), ldb, r, in, out, xr.data(), r8.data(), scale.data(), n,
+             scratch.data(), k::kTile);
+    k::fused(Arch{}, a.data(), lda, bt.data(), ldb, r, in, out, xr.data(), r32.data(), scale.data(), n,
+             scratch.data(), k::kMaxTile);
+    k::fused(Arch{}, a.data(), lda, bt.data(), ldb, r, in, out, xr.data(), r3.data(), scale.data(), n,
+             scratch.data(), 3);
+    compare(y32, "fused, tile 32");
+    CHECK(y32 == y8);
+    CHECK(y3 == y8);
+  }
   {  // shrink into a strided h, then expand from row pointers
     std::vector<Scalar> y = y0;
     auto yr = rows_of(y);

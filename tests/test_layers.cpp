@@ -78,6 +78,20 @@ TEST_CASE_TEMPLATE("MoLoRALinear matches the reference on random shapes and gati
         }
 }
 
+TEST_CASE_TEMPLATE("experts above 1 MiB take the large fused tile and still match the reference", Scalar, float,
+                   double) {
+  // r * (in + out) * sizeof > 1 MiB: fused_tile is kMaxTile for these, 8 below.
+  const Index r = 64, in = 2053, out = 2051;
+  REQUIRE(molora::kernels::fused_tile<Scalar>(r, in, out) == molora::kernels::kMaxTile);
+  REQUIRE(molora::kernels::fused_tile<float>(16, 4096, 4096) == molora::kernels::kTile);  // 512 KiB
+  auto l = ref::random_layer<Scalar>(cfg(in, out, 4, 2, r), 900, true);
+  l.set_strategy(molora::Strategy::fused);
+  for (Index T : {1, 33, 150}) {
+    CAPTURE(T);
+    check_forward(l, ref::random_x<Scalar>(T, in, 901 + std::uint64_t(T)));
+  }
+}
+
 TEST_CASE("a hand-computed tiny layer gives the literal numbers") {
   // in = out = 2, E = 2, k = 1, r = 1, alpha = 1 (s = 1). W0 = I, b0 = [0.5, -0.5],
   // router W_r = I, no bias; A_0 = [1 1], B_0 = [1 0]^T; A_1 = [1 -1], B_1 = [0 2]^T.

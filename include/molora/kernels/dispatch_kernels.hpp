@@ -54,25 +54,26 @@ inline void token_subrange(const PairGroups<Scalar>& g, std::int32_t e, Index t_
 template <class Arch, class Scalar>
 void fused_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scalar>& g, const Scalar* x, Index ldx,
                   Scalar* y, Index ldy, Index t_begin, Index t_end, Scalar* scratch) noexcept {
-  const Scalar* xr[kTile];
-  Scalar* yr[kTile];
-  Scalar sc[kTile];
+  const Scalar* xr[kMaxTile];
+  Scalar* yr[kMaxTile];
+  Scalar sc[kMaxTile];
   const Index r = w.rank;
+  const Index tile = fused_tile<Scalar>(r, w.in, w.out);
   for (Index ai = 0; ai < g.num_active; ++ai) {
     const std::int32_t e = g.active[ai];
     Index lo = 0, hi = 0;
     detail::token_subrange(g, e, t_begin, t_end, lo, hi);
     const Scalar* a = w.a + Index(e) * r * w.in;
     const Scalar* bt = w.b + Index(e) * r * w.out;
-    for (Index p0 = lo; p0 < hi; p0 += kTile) {
-      const Index n = std::min(kTile, hi - p0);
+    for (Index p0 = lo; p0 < hi; p0 += tile) {
+      const Index n = std::min(tile, hi - p0);
       for (Index i = 0; i < n; ++i) {
         const Index tok = g.tokens[p0 + i];
         xr[i] = x + tok * ldx;
         yr[i] = y + tok * ldy;
         sc[i] = w.scaling * g.gates[p0 + i];
       }
-      fused(arch, a, w.in, bt, w.out, r, w.in, w.out, xr, yr, sc, n, scratch);
+      fused(arch, a, w.in, bt, w.out, r, w.in, w.out, xr, yr, sc, n, scratch, tile);
     }
   }
 }
