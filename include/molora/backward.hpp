@@ -260,6 +260,7 @@ struct MoLoRATape {
   bool normalize_top_k = true;
 
   RowMatrix<Scalar> u, hs, dlogits, gate_grad;  // backward scratch
+  std::vector<Index> pair_order;
   std::vector<Scalar> row_scratch, spill, scale;
   std::vector<const Scalar*> in_rows;
   std::vector<Scalar*> out_rows;
@@ -533,7 +534,10 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
   }
 
   // Sweep 2 per tile: the expert's term over all its pairs, the router's over the tile's
-  // slot-0 pairs (each token has exactly one).
+  // slot-0 pairs (each token has exactly one). Each expert's slot-0 pairs go first, so its
+  // router terms fill whole tiles (the kernel's cost per sweep barely depends on the
+  // number of tokens) and at most one tile per expert has a partial router term.
+  tape.pair_order.resize(static_cast<std::size_t>(pairs));
   const Scalar* xe[kT];
   const Scalar* he[kT];
   Scalar* dxe[kT];
@@ -565,18 +569,22 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
     ro.coef = lr;
     ro.dx = dx ? dxr : nullptr;
     ro.mask = tape.has_jitter() ? mr : nullptr;
+    Index* order = tape.pair_order.data() + b_e;  // expert e's pairs, slot-0 ones first
+    Index n_router = 0;
+    for (Index i = 0; i < n_e; ++i)
+      if (has_router && tape.plan.slots[static_cast<std::size_t>(b_e + i)] == 0) order[n_router++] = b_e + i;
+    for (Index i = 0, o = n_router; i < n_e; ++i)
+      if (!(has_router && tape.plan.slots[static_cast<std::size_t>(b_e + i)] == 0)) order[o++] = b_e + i;
     for (Index t0 = 0; t0 < n_e; t0 += kT) {
-      const Index n = std::min(kT, n_e - t0), b = b_e + t0;
-      const auto* tok = tape.plan.tokens.data() + b;
-      const auto* slot = tape.plan.slots.data() + b;
+      const Index n = std::min(kT, n_e - t0);
       Index m = 0;
       for (Index i = 0; i < n; ++i) {
-        const Index t = tok[i];
+        const Index p = order[t0 + i], t = tape.plan.tokens[static_cast<std::size_t>(p)];
         xe[i] = xa + t * ldxa;
-        he[i] = tape.u.data() + (b + i) * tape.u.outerStride();
+        he[i] = tape.u.data() + p * tape.u.outerStride();
         if (dx) dxe[i] = dx->data() + t * dx->outerStride();
         if (tape.has_dropout()) me[i] = tape.dropout_scale.data() + t * in;
-        if (has_router && slot[i] == 0) {
+        if (t0 + i < n_router) {
           xrr[m] = xr + t * ldxr;
           lr[m] = tape.dlogits.data() + t * E;
           if (dx) dxr[m] = dx->data() + t * dx->outerStride();
