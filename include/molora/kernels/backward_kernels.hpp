@@ -56,7 +56,7 @@ constexpr Index grad_out_scratch_size(Index rank) noexcept {
 template <class Arch, class Scalar>
 constexpr Index grad_in_chunk() noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
-  constexpr Index kc = (Index(8192) / (kTile * Index(sizeof(Scalar)))) / W * W;
+  constexpr Index kc = (Index(16384) / (kTile * Index(sizeof(Scalar)))) / W * W;
   return kc < W ? W : kc;
 }
 
@@ -134,6 +134,20 @@ void grad_in_columns(scalar_arch, const GradInTerm<Scalar>& g, const Scalar* /*c
 
 namespace detail {
 
+// Keeps a loaded vector in a register: GCC otherwise folds the load into each FMA that uses
+// it, which doubles the loads of the dy rows in grad_out and makes it load-bound. An empty
+// asm the value passes through (x86 vector registers); elsewhere nothing.
+template <class B>
+inline void pin_register(B& v) noexcept {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
+  auto reg = static_cast<typename B::register_type>(v);
+  asm("" : "+v"(reg));
+  v = B(reg);
+#else
+  (void)v;
+#endif
+}
+
 // One register block of grad_out: RJ rank rows x RT tokens over columns [c0, c1) (whole
 // vectors). u's vector partial sums start from zero on the first pass and from `spill`
 // later; the last pass reduces them, adds the scalar tail [out_vec, out) and writes u. The
@@ -170,7 +184,10 @@ inline void grad_out_block(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb,
   for (Index c = c0; c < c1; c += W) {
     B dv[RT];
     MOLORA_UNROLL
-    for (int t = 0; t < RT; ++t) dv[t] = B::load_unaligned(dp[t] + c);
+    for (int t = 0; t < RT; ++t) {
+      dv[t] = B::load_unaligned(dp[t] + c);
+      pin_register(dv[t]);
+    }
     MOLORA_UNROLL
     for (int j = 0; j < RJ; ++j) {
       MOLORA_PREFETCH_R(bt + j * ldb + c + pf_b);
@@ -241,84 +258,124 @@ inline void grad_out_tokens(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb
   }
 }
 
-// Columns [c0, c1) (whole vectors) of one grad_in term for its RT tokens: per vector of
-// columns, the RT x chunks stay in registers while every row j adds its dw update and its
-// dx contribution, each coefficient broadcast once for both. ct holds the coefficients
-// transposed, ct[j*RT + t] = coef[t][j], so one pointer walks them.
-template <int RT, bool HasDx, bool HasMask, class Arch, class Scalar>
-inline void grad_in_block(const GradInTerm<Scalar>& g, const Scalar* ct, Index c0, Index c1) noexcept {
+// The rank-n update of one grad_in term over columns [c0, c1) (whole vectors), RJ rows at a
+// time: dw[j] += sum_t ct[j*RT + t] x[t]. The coefficients stay in registers and each row
+// is walked along its columns (one page at a time), the x chunks coming from L1 for every
+// row block after the first.
+template <int RJ, int RT, class Arch, class Scalar>
+inline void grad_w_block(const Scalar* const* x, const Scalar* ct, Scalar* dw, Index lddw, Index c0,
+                         Index c1) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
   constexpr Index W = static_cast<Index>(B::size);
-  constexpr Index kAhead = 2 * W;  // prefetch distance: two steps of all rows ahead
+  B cv[RJ][RT];
+  MOLORA_UNROLL
+  for (int j = 0; j < RJ; ++j) {
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) cv[j][t] = B(ct[j * RT + t]);
+  }
   const Scalar* xp[RT];
   MOLORA_UNROLL
-  for (int t = 0; t < RT; ++t) xp[t] = g.x[t];
-  const Scalar* w = g.w;
-  Scalar* dw = g.dw;
-  const Index rows = g.rows, ldw = g.ldw, lddw = g.lddw;
+  for (int t = 0; t < RT; ++t) xp[t] = x[t];
   for (Index c = c0; c < c1; c += W) {
     B xv[RT];
-    B acc[RT];
     MOLORA_UNROLL
     for (int t = 0; t < RT; ++t) {
       xv[t] = B::load_unaligned(xp[t] + c);
-      if constexpr (HasDx) acc[t] = B(Scalar(0));
+      pin_register(xv[t]);
     }
     MOLORA_UNROLL
-    for (int t = 0; t < RT; ++t) {
-      MOLORA_PREFETCH_R(xp[t] + c + kAhead);
-      if constexpr (HasDx) MOLORA_PREFETCH_W(g.dx[t] + c + kAhead);
-    }
-    const Scalar* cj = ct;
-    for (Index j = 0; j < rows; ++j, cj += RT) {
-      Scalar* dwp = dw + j * lddw + c;
-      MOLORA_PREFETCH_W(dwp + kAhead);
-      if constexpr (HasDx) MOLORA_PREFETCH_R(w + j * ldw + c + kAhead);
-      // Two partial sums halve the dependent chain of the dw update.
-      B g0 = B::load_unaligned(dwp), g1(Scalar(0));
-      if constexpr (HasDx) {
-        const B wv = B::load_unaligned(w + j * ldw + c);
-        MOLORA_UNROLL
-        for (int t = 0; t < RT; ++t) {
-          const B cv(cj[t]);
-          if (t % 2 == 0)
-            g0 = xsimd::fma(cv, xv[t], g0);
-          else
-            g1 = xsimd::fma(cv, xv[t], g1);
-          acc[t] = xsimd::fma(cv, wv, acc[t]);
-        }
-      } else {
-        MOLORA_UNROLL
-        for (int t = 0; t < RT; ++t) {
-          if (t % 2 == 0)
-            g0 = xsimd::fma(B(cj[t]), xv[t], g0);
-          else
-            g1 = xsimd::fma(B(cj[t]), xv[t], g1);
-        }
-      }
-      (g0 + g1).store_unaligned(dwp);
-    }
-    if constexpr (HasDx) {
+    for (int j = 0; j < RJ; ++j) {
+      Scalar* p = dw + j * lddw + c;
+      MOLORA_PREFETCH_W(p + 4 * W);
+      // Two partial sums halve the dependent chain.
+      B g0 = B::load_unaligned(p), g1(Scalar(0));
       MOLORA_UNROLL
       for (int t = 0; t < RT; ++t) {
-        Scalar* p = g.dx[t] + c;
-        if constexpr (HasMask)
-          xsimd::fma(B::load_unaligned(g.mask[t] + c), acc[t], B::load_unaligned(p)).store_unaligned(p);
+        if (t % 2 == 0)
+          g0 = xsimd::fma(cv[j][t], xv[t], g0);
         else
-          (B::load_unaligned(p) + acc[t]).store_unaligned(p);
+          g1 = xsimd::fma(cv[j][t], xv[t], g1);
       }
+      (g0 + g1).store_unaligned(p);
     }
   }
 }
 
+// All rows of one term's rank-n update over [c0, c1): blocks of RJ rows with at most 16
+// coefficient registers, then tails.
+template <int RT, class Arch, class Scalar>
+inline void grad_w_rows(const GradInTerm<Scalar>& g, const Scalar* ct, Index c0, Index c1) noexcept {
+  constexpr int RJ = RT <= 4 ? 4 : 2;
+  Index j = 0;
+  for (; j + RJ <= g.rows; j += RJ)
+    grad_w_block<RJ, RT, Arch>(g.x, ct + j * RT, g.dw + j * g.lddw, g.lddw, c0, c1);
+  if constexpr (RJ == 4) {
+    if (j + 2 <= g.rows) {
+      grad_w_block<2, RT, Arch>(g.x, ct + j * RT, g.dw + j * g.lddw, g.lddw, c0, c1);
+      j += 2;
+    }
+  }
+  if (j < g.rows) grad_w_block<1, RT, Arch>(g.x, ct + j * RT, g.dw + j * g.lddw, g.lddw, c0, c1);
+}
+
+// One register block of the x-gradient: RT tokens x NV vectors at column c, summed over the
+// term's rows (the expand of lora_kernels.hpp with the weights as B^T), then
+// dx += mask * acc.
+template <int RT, int NV, bool HasMask, class Arch, class Scalar>
+inline void grad_x_block(const GradInTerm<Scalar>& g, const Scalar* ct, Index c) noexcept {
+  using B = xsimd::batch<Scalar, Arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  B acc[RT][NV];
+  MOLORA_UNROLL
+  for (int t = 0; t < RT; ++t) {
+    MOLORA_UNROLL
+    for (int v = 0; v < NV; ++v) acc[t][v] = B(Scalar(0));
+  }
+  const Scalar* col = g.w + c;
+  const Scalar* cj = ct;
+  for (Index j = 0; j < g.rows; ++j, col += g.ldw, cj += RT) {
+    B wv[NV];
+    MOLORA_UNROLL
+    for (int v = 0; v < NV; ++v) wv[v] = B::load_unaligned(col + v * W);
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) {
+      const B hv(cj[t]);
+      MOLORA_UNROLL
+      for (int v = 0; v < NV; ++v) acc[t][v] = xsimd::fma(hv, wv[v], acc[t][v]);
+    }
+  }
+  MOLORA_UNROLL
+  for (int t = 0; t < RT; ++t) {
+    MOLORA_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      Scalar* p = g.dx[t] + c + v * W;
+      if constexpr (HasMask)
+        xsimd::fma(B::load_unaligned(g.mask[t] + c + v * W), acc[t][v], B::load_unaligned(p)).store_unaligned(p);
+      else
+        (B::load_unaligned(p) + acc[t][v]).store_unaligned(p);
+    }
+  }
+}
+
+// One term's x-gradient over [c0, c1) (whole vectors): two vectors per step (16
+// accumulators for 8 tokens), then one.
+template <int RT, bool HasMask, class Arch, class Scalar>
+inline void grad_x_columns(const GradInTerm<Scalar>& g, const Scalar* ct, Index c0, Index c1) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  constexpr int NV = RT <= 4 ? 4 : 2;
+  Index c = c0;
+  for (; c + NV * W <= c1; c += NV * W) grad_x_block<RT, NV, HasMask, Arch>(g, ct, c);
+  for (; c < c1; c += W) grad_x_block<RT, 1, HasMask, Arch>(g, ct, c);
+}
+
 template <int RT, class Arch, class Scalar>
 inline void grad_in_tokens(const GradInTerm<Scalar>& g, const Scalar* ct, Index c0, Index c1) noexcept {
-  if (!g.dx)
-    grad_in_block<RT, false, false, Arch>(g, ct, c0, c1);
-  else if (g.mask)
-    grad_in_block<RT, true, true, Arch>(g, ct, c0, c1);
+  grad_w_rows<RT, Arch>(g, ct, c0, c1);
+  if (!g.dx) return;
+  if (g.mask)
+    grad_x_columns<RT, true, Arch>(g, ct, c0, c1);
   else
-    grad_in_block<RT, true, false, Arch>(g, ct, c0, c1);
+    grad_x_columns<RT, false, Arch>(g, ct, c0, c1);
 }
 
 }  // namespace detail
