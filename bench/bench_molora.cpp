@@ -1,6 +1,7 @@
 // molora's forward benchmarks (Google Benchmark). Every number the performance targets of
 // issue 3 need comes out of this one binary in one run:
 //   peak_fma                      this core's FMA peak (an FMA-chain kernel, same ISA flags)
+//   read_bandwidth/KiB            one core's read bandwidth from L2 (1 MiB) and memory (64 MiB)
 //   base/in/out/T                 the base linear layer alone (Eigen GEMM)
 //   adapter/S/in/out/E/k/r/T      MoLoRAAdapter::add_delta (router + gating + experts), S a Strategy
 //   experts/S/in/out/E/k/r/T      the experts alone for a fixed routing (add_delta_routed)
@@ -9,7 +10,8 @@
 //   threads/S/in/out/T/n          the adapter with n OpenMP threads (OpenMP builds only)
 //   threads_ratio/S/in/out/T/w    1 and 2 threads alternately in one loop; counter speedup
 // Counters: tokens_per_s, GFLOPs (useful work: router 2*in*E and experts 2*k*r*(in+out) per
-// token; the base's 2*in*out for base/ratio), ratio. Run:
+// token; the base's 2*in*out for base/ratio), weight_GBps (adapter/experts: bytes of the
+// weights the call uses over its time), ratio, speedup (threads_ratio). Run:
 //   bench_molora --benchmark_out=bench.json --benchmark_out_format=json
 // GCC 12 reports -Wmaybe-uninitialized inside Eigen's and xsimd's AVX-512 intrinsics
 // (_mm256_undefined_* in _mm512_extract*): false positives, silenced for this file.
@@ -98,6 +100,21 @@ Mat tokens(Index T, Index in) {
 double adapter_flops(const Shape& s) { return 2.0 * double(s.in) * double(s.E) + 2.0 * double(s.k * s.r) * double(s.in + s.out); }
 double expert_flops(const Shape& s) { return 2.0 * double(s.k * s.r) * double(s.in + s.out); }
 
+// Bytes of weights one call reads at least once: the router's (adapter only) and those of
+// the experts the routing of x uses. For decode (T = 1, 4) the call is bound by streaming
+// them: counter weight_GBps = these bytes / time.
+double weight_bytes(const molora::MoLoRAAdapter<float>& a, const Mat& x, bool with_router) {
+  molora::MoLoRAWorkspace<float> ws;
+  const auto& routing = a.route_tokens(x, ws);
+  std::vector<char> used(static_cast<std::size_t>(a.num_experts()), 0);
+  for (Index t = 0; t < routing.num_tokens(); ++t)
+    for (Index s = 0; s < routing.top_k(); ++s) used[static_cast<std::size_t>(routing.ids(t, s))] = 1;
+  double experts = 0;
+  for (char u : used) experts += u;
+  const double per_expert = double(a.rank()) * double(a.in_features() + a.out_features()) * sizeof(float);
+  return experts * per_expert + (with_router ? double(a.num_experts() * a.in_features()) * sizeof(float) : 0.0);
+}
+
 void set_counters(benchmark::State& st, Index T, double flops_per_token) {
   st.counters["tokens_per_s"] = benchmark::Counter(double(T), benchmark::Counter::kIsIterationInvariantRate);
   st.counters["GFLOPs"] =
@@ -129,6 +146,38 @@ void BM_peak_fma(benchmark::State& st) {
 #endif
 }
 BENCHMARK(BM_peak_fma)->MinTime(0.3)->Repetitions(3);
+
+// Read bandwidth of one core over a buffer of KiB KiB (read again every iteration): from
+// L2 when it fits (this machine: 2 MiB per core), from L3 / memory beyond. The bound of
+// the decode cases, which stream their experts' weights once per call.
+void BM_read_bandwidth(benchmark::State& st) {
+#if defined(MOLORA_NO_XSIMD)
+  st.SkipWithError("built without xsimd");
+#else
+  using Arch = molora::kernels::default_arch;
+  using B = xsimd::batch<float, Arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  constexpr int U = 8;  // independent accumulators: more loads in flight than add latency
+  const Index n = st.range(0) * 256 / (U * W) * (U * W);  // floats
+  std::vector<float, xsimd::aligned_allocator<float>> buf(static_cast<std::size_t>(n), 1e-3f);
+  for (auto _ : st) {
+    B acc[U];
+    MOLORA_UNROLL
+    for (int u = 0; u < U; ++u) acc[u] = B(0.f);
+    const float* p = buf.data();
+    for (Index i = 0; i < n; i += U * W) {
+      MOLORA_UNROLL
+      for (int u = 0; u < U; ++u) acc[u] += B::load_aligned(p + i + u * W);
+    }
+    B sum = acc[0];
+    for (int u = 1; u < U; ++u) sum += acc[u];
+    benchmark::DoNotOptimize(sum);
+  }
+  st.counters["GBps"] =
+      benchmark::Counter(double(n) * sizeof(float) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+#endif
+}
+BENCHMARK(BM_read_bandwidth)->Arg(1024)->Arg(65536)->MinTime(0.2)->Repetitions(3);
 
 // ---- one expert, data in cache (DESIGN.md's one-expert measurement) ------------------------
 
@@ -209,6 +258,8 @@ void BM_adapter(benchmark::State& st) {
     benchmark::ClobberMemory();
   }
   set_counters(st, T, adapter_flops(s));
+  st.counters["weight_GBps"] =
+      benchmark::Counter(weight_bytes(l.adapter(), x, true) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   st.SetLabel(molora::to_string(l.adapter().resolved_strategy(T, s.k)));
 }
 
@@ -227,6 +278,8 @@ void BM_experts(benchmark::State& st) {
     benchmark::ClobberMemory();
   }
   set_counters(st, T, expert_flops(s));
+  st.counters["weight_GBps"] =
+      benchmark::Counter(weight_bytes(l.adapter(), x, false) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   st.SetLabel(molora::to_string(l.adapter().resolved_strategy(T, s.k)));
 }
 
