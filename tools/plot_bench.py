@@ -46,9 +46,10 @@ def parse(paths):
         groups[row["run_name"]].append(row)
     out = []
     for group in groups.values():
-        if group[0]["kind"] == "ratio":
+        if group[0]["kind"] in ("ratio", "threads_ratio"):
             row = dict(group[0])
-            for key in ("ratio", "ratio_composed", "base_ms", "adapted_ms", "adapter_ms", "tokens_per_s"):
+            for key in ("ratio", "ratio_composed", "base_ms", "adapted_ms", "adapter_ms", "tokens_per_s",
+                        "speedup", "one_ms", "two_ms"):
                 vals = sorted(g[key] for g in group if key in g)
                 if vals:
                     row[key] = (vals[(len(vals) - 1) // 2] + vals[len(vals) // 2]) / 2
@@ -69,7 +70,8 @@ def parse_one(data):
         scale = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}[b.get("time_unit", "ns")]
         row = {"kind": kind, "args": args, "label": b.get("label", ""),
                "real_us": b["real_time"] * scale, "cpu_us": b["cpu_time"] * scale}
-        for key in ("GFLOPs", "tokens_per_s", "ratio", "ratio_composed", "base_ms", "adapted_ms", "adapter_ms"):
+        for key in ("GFLOPs", "tokens_per_s", "ratio", "ratio_composed", "base_ms", "adapted_ms", "adapter_ms",
+                    "GBps", "weight_GBps", "speedup", "one_ms", "two_ms"):
             if key in b:
                 row[key] = float(b[key])
         # The case, without the run options (repeats:, min_time:, iterations:, ...).
@@ -111,6 +113,7 @@ def main(argv=None):
             peers = json.load(f)
 
     peak = max((r["GFLOPs"] for r in rows if r["kind"] == "BM_peak_fma"), default=None)
+    bandwidth = {r["args"][0]: r["GBps"] for r in rows if r["kind"] == "BM_read_bandwidth" and "GBps" in r}
     tokens = sorted({r["args"][-1] for r in rows if r["kind"] == "base"})
     shapes = []
     for r in rows:
@@ -148,6 +151,10 @@ def main(argv=None):
     if peak:
         md.append(f"\nMeasured FMA peak of one core (`BM_peak_fma`, 16 chains): **{peak:.0f} GFLOP/s**; "
                   f"50 % of it: {peak / 2:.0f} GFLOP/s.")
+    if bandwidth:
+        md.append("\nMeasured read bandwidth of one core (`BM_read_bandwidth`): " + ", ".join(
+            f"{kib // 1024} MiB buffer: **{gb:.0f} GB/s**" for kib, gb in sorted(bandwidth.items())) +
+            " (the first fits in L2, the second comes from memory).")
     if args.command:
         md.append("\nCommands:\n")
         md.append("```")
@@ -216,6 +223,12 @@ def main(argv=None):
     md.append("\nFused over eigen (experts only, MING-MOE shape): " + ", ".join(
         f"T={t}: {experts[('eigen', 4096, 4096, 8, 2, 16, t)]['cpu_us'] / experts[('fused', 4096, 4096, 8, 2, 16, t)]['cpu_us']:.2f}x"
         for t in tokens if ("eigen", 4096, 4096, 8, 2, 16, t) in experts and ("fused", 4096, 4096, 8, 2, 16, t) in experts))
+    decode = [(t, s, adapter[(s, 4096, 4096, 8, 2, 16, t)]) for t in (1, 4) for s in ("eigen", "fused")
+              if (s, 4096, 4096, 8, 2, 16, t) in adapter and "weight_GBps" in adapter[(s, 4096, 4096, 8, 2, 16, t)]]
+    if decode:
+        md.append("\nDecode: bytes of weights the call reads (router and the experts the routing uses) over its "
+                  "time (`weight_GBps`), adapter: " + ", ".join(
+                      f"T={t} {s}: {r['weight_GBps']:.0f} GB/s" for t, s, r in decode))
     if peak:
         md.append(f"\nFused experts, share of the FMA peak ({peak:.0f}): " + ", ".join(
             f"T={t}: {100 * experts[('fused', 4096, 4096, 8, 2, 16, t)]['GFLOPs'] / peak:.0f} %"
@@ -252,7 +265,7 @@ def main(argv=None):
                 md.append(f"| {e} | {t} | " + " | ".join(cells) + " |")
 
     # Threads.
-    if trows:
+    if any(r["kind"] == "threads" for r in trows):
         md.append("\n### Threads (OpenMP build), 4096 -> 4096, E = 8, k = 2, r = 16\n")
         md.append("Wall time in us (speed-up), and the CPU time of the calling thread, which with two "
                   "threads is its share of the work (fastest repetition).\n")
@@ -270,6 +283,18 @@ def main(argv=None):
                     md.append(f"| {'layer' if whole else 'adapter'} | {t} | {one['real_us']:.0f} | {two['real_us']:.0f} | "
                               f"{one['real_us'] / two['real_us']:.2f}x | {one['cpu_us']:.0f} | {two['cpu_us']:.0f} | "
                               f"{one['cpu_us'] / two['cpu_us']:.2f}x |")
+
+    tr = [r for r in trows if r["kind"] == "threads_ratio"]
+    if tr:
+        md.append("\n### Two threads over one, measured alternately in one loop (OpenMP build)\n")
+        md.append("`threads_ratio`: every iteration runs the call with 1 and with 2 threads, in alternating "
+                  "order, wall clock; speed-up = median over iterations of t(1)/t(2).\n")
+        md.append("| part | T | 1 thread (ms) | 2 threads (ms) | speed-up |")
+        md.append("|---|---|---|---|---|")
+        for r in sorted(tr, key=lambda r: (r["args"][4], r["args"][3])):
+            a = r["args"]  # strategy, in, out, T, whole
+            md.append(f"| {'layer' if a[4] else 'adapter'} | {a[3]} | {r['one_ms']:.3f} | {r['two_ms']:.3f} | "
+                      f"{r['speedup']:.2f}x |")
 
     text = "\n".join(md) + "\n"
     if args.md:
