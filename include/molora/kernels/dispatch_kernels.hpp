@@ -48,6 +48,22 @@ inline void token_subrange(const PairGroups<Scalar>& g, std::int32_t e, Index t_
 
 }  // namespace detail
 
+namespace detail {
+
+// Calls body(e, p0, n) for every tile of `tile` consecutive pairs of each active expert e
+// whose tokens lie in [t_begin, t_end): pairs [p0, p0 + n) of the grouped arrays.
+template <class Scalar, class Body>
+inline void for_each_tile(const PairGroups<Scalar>& g, Index t_begin, Index t_end, Index tile, Body&& body) {
+  for (Index ai = 0; ai < g.num_active; ++ai) {
+    const std::int32_t e = g.active[ai];
+    Index lo = 0, hi = 0;
+    token_subrange(g, e, t_begin, t_end, lo, hi);
+    for (Index p0 = lo; p0 < hi; p0 += tile) body(e, p0, std::min(tile, hi - p0));
+  }
+}
+
+}  // namespace detail
+
 // Strategy fused, tokens [t_begin, t_end): y[t] += sum over t's pairs (e, g) of
 // s * g * B_e A_e x[t]. x [T, in] and y [T, out] row-major with strides ldx, ldy (must not
 // overlap); scratch holds fused_scratch_size<Arch, Scalar>(rank) values.
@@ -57,25 +73,17 @@ void fused_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scal
   const Scalar* xr[kMaxTile];
   Scalar* yr[kMaxTile];
   Scalar sc[kMaxTile];
-  const Index r = w.rank;
-  const Index tile = fused_tile<Scalar>(r, w.in, w.out);
-  for (Index ai = 0; ai < g.num_active; ++ai) {
-    const std::int32_t e = g.active[ai];
-    Index lo = 0, hi = 0;
-    detail::token_subrange(g, e, t_begin, t_end, lo, hi);
-    const Scalar* a = w.a + Index(e) * r * w.in;
-    const Scalar* bt = w.b + Index(e) * r * w.out;
-    for (Index p0 = lo; p0 < hi; p0 += tile) {
-      const Index n = std::min(tile, hi - p0);
-      for (Index i = 0; i < n; ++i) {
-        const Index tok = g.tokens[p0 + i];
-        xr[i] = x + tok * ldx;
-        yr[i] = y + tok * ldy;
-        sc[i] = w.scaling * g.gates[p0 + i];
-      }
-      fused(arch, a, w.in, bt, w.out, r, w.in, w.out, xr, yr, sc, n, scratch, tile);
+  const Index r = w.rank, tile = fused_tile<Scalar>(r, w.in, w.out);
+  detail::for_each_tile(g, t_begin, t_end, tile, [&](std::int32_t e, Index p0, Index n) {
+    for (Index i = 0; i < n; ++i) {
+      const Index tok = g.tokens[p0 + i];
+      xr[i] = x + tok * ldx;
+      yr[i] = y + tok * ldy;
+      sc[i] = w.scaling * g.gates[p0 + i];
     }
-  }
+    fused(arch, w.a + Index(e) * r * w.in, w.in, w.b + Index(e) * r * w.out, w.out, r, w.in, w.out, xr, yr, sc, n,
+          scratch, tile);
+  });
 }
 
 // Strategy dense_shrink's sparse expand, tokens [t_begin, t_end): h [T, E*r] row-major
@@ -87,22 +95,15 @@ void sparse_expand_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGro
   Scalar* yr[kTile];
   Scalar sc[kTile];
   const Index r = w.rank;
-  for (Index ai = 0; ai < g.num_active; ++ai) {
-    const std::int32_t e = g.active[ai];
-    Index lo = 0, hi = 0;
-    detail::token_subrange(g, e, t_begin, t_end, lo, hi);
-    const Scalar* bt = w.b + Index(e) * r * w.out;
-    for (Index p0 = lo; p0 < hi; p0 += kTile) {
-      const Index n = std::min(kTile, hi - p0);
-      for (Index i = 0; i < n; ++i) {
-        const Index tok = g.tokens[p0 + i];
-        hr[i] = h + tok * ldh + Index(e) * r;
-        yr[i] = y + tok * ldy;
-        sc[i] = w.scaling * g.gates[p0 + i];
-      }
-      expand(arch, bt, w.out, r, w.out, hr, sc, n, yr);
+  detail::for_each_tile(g, t_begin, t_end, kTile, [&](std::int32_t e, Index p0, Index n) {
+    for (Index i = 0; i < n; ++i) {
+      const Index tok = g.tokens[p0 + i];
+      hr[i] = h + tok * ldh + Index(e) * r;
+      yr[i] = y + tok * ldy;
+      sc[i] = w.scaling * g.gates[p0 + i];
     }
-  }
+    expand(arch, w.b + Index(e) * r * w.out, w.out, r, w.out, hr, sc, n, yr);
+  });
 }
 
 // Dense shrink of consecutive tokens [t_begin, t_end) of x [T, in] (stride ldx) against a
