@@ -153,9 +153,8 @@ inline void pin_register(B& v) noexcept {
 // later; the last pass reduces them, adds the scalar tail [out_vec, out) and writes u. The
 // dB^T rows of the block get the tile's update over [c0, c1) in the same loop.
 //
-// While it runs, the block prefetches the rows the next block will stream at the same
-// columns: the next RJ rank rows, or after the last rank rows the first ones over the next
-// chunk, together with the next chunk of the dy rows.
+// The last rank rows of a chunk prefetch the next chunk of the dy rows (they may come from
+// memory; the weight rows, walked in order, are left to the hardware prefetcher).
 template <int RJ, int RT, class Arch, class Scalar>
 inline void grad_out_block(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, const Scalar* const* dy,
                            const Scalar* hs, Index ldh, Index c0, Index c1, Index out_vec, Index out, bool first,
@@ -179,19 +178,12 @@ inline void grad_out_block(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb,
   MOLORA_UNROLL
   for (int t = 0; t < RT; ++t) dp[t] = dy[t];
   const bool last_rows = j0 + RJ >= r;
-  const Index pf_b = last_rows ? (c1 - c0) - j0 * ldb : RJ * ldb;
-  const Index pf_db = last_rows ? (c1 - c0) - j0 * lddb : RJ * lddb;
   for (Index c = c0; c < c1; c += W) {
     B dv[RT];
     MOLORA_UNROLL
     for (int t = 0; t < RT; ++t) {
       dv[t] = B::load_unaligned(dp[t] + c);
       pin_register(dv[t]);
-    }
-    MOLORA_UNROLL
-    for (int j = 0; j < RJ; ++j) {
-      MOLORA_PREFETCH_R(bt + j * ldb + c + pf_b);
-      MOLORA_PREFETCH_W(dbt + j * lddb + c + pf_db);
     }
     if (last_rows) {
       MOLORA_UNROLL
