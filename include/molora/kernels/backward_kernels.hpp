@@ -22,6 +22,8 @@
 // add the tile's tokens in order.
 #pragma once
 
+#include <type_traits>
+
 #include "lora_kernels.hpp"
 
 // Software prefetch, to read (R) or to write (W), into all cache levels: the kernels walk
@@ -93,6 +95,7 @@ void grad_out(scalar_arch, const Scalar* bt, Index ldb, Scalar* dbt, Index lddb,
       for (Index o = 0; o < out; ++o) s += bt[j * ldb + o] * dy[t][o];
       u[t * ldu + j] = s;
     }
+  if (!dbt) return;
   for (Index j = 0; j < r; ++j)
     for (Index o = 0; o < out; ++o) {
       Scalar s = dbt[j * lddb + o];
@@ -150,12 +153,12 @@ inline void pin_register(B& v) noexcept {
 
 // One register block of grad_out: RJ rank rows x RT tokens over columns [c0, c1) (whole
 // vectors). u's vector partial sums start from zero on the first pass and from `spill`
-// later; the last pass reduces them, adds the scalar tail [out_vec, out) and writes u. The
-// dB^T rows of the block get the tile's update over [c0, c1) in the same loop.
+// later; the last pass reduces them, adds the scalar tail [out_vec, out) and writes u. With
+// HasDB, the dB^T rows of the block get the tile's update over [c0, c1) in the same loop.
 //
 // The last rank rows of a chunk prefetch the next chunk of the dy rows (they may come from
 // memory; the weight rows, walked in order, are left to the hardware prefetcher).
-template <int RJ, int RT, class Arch, class Scalar>
+template <int RJ, int RT, bool HasDB, class Arch, class Scalar>
 inline void grad_out_block(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, const Scalar* const* dy,
                            const Scalar* hs, Index ldh, Index c0, Index c1, Index out_vec, Index out, bool first,
                            bool last, Scalar* spill, Index spill_ld, Scalar* u, Index ldu, Index j0,
@@ -163,13 +166,13 @@ inline void grad_out_block(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb,
   using B = xsimd::batch<Scalar, Arch>;
   constexpr Index W = static_cast<Index>(B::size);
   B acc[RJ][RT];
-  B hv[RJ][RT];
+  B hv[HasDB ? RJ : 1][HasDB ? RT : 1];
   MOLORA_UNROLL
   for (int j = 0; j < RJ; ++j) {
     MOLORA_UNROLL
     for (int t = 0; t < RT; ++t) {
       acc[j][t] = first ? B(Scalar(0)) : B::load_unaligned(spill + t * spill_ld + j * W);
-      hv[j][t] = B(hs[t * ldh + j]);
+      if constexpr (HasDB) hv[j][t] = B(hs[t * ldh + j]);
     }
   }
   // Local copies: the stores below may alias anything as far as the compiler knows, and
@@ -192,17 +195,20 @@ inline void grad_out_block(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb,
     MOLORA_UNROLL
     for (int j = 0; j < RJ; ++j) {
       const B bv = B::load_unaligned(bt + j * ldb + c);
-      // Two partial sums halve the dependent chain of the dB update.
-      B g0 = B::load_unaligned(dbt + j * lddb + c), g1(Scalar(0));
       MOLORA_UNROLL
-      for (int t = 0; t < RT; ++t) {
-        acc[j][t] = xsimd::fma(bv, dv[t], acc[j][t]);
-        if (t % 2 == 0)
-          g0 = xsimd::fma(hv[j][t], dv[t], g0);
-        else
-          g1 = xsimd::fma(hv[j][t], dv[t], g1);
+      for (int t = 0; t < RT; ++t) acc[j][t] = xsimd::fma(bv, dv[t], acc[j][t]);
+      if constexpr (HasDB) {
+        // Two partial sums halve the dependent chain of the dB update.
+        B g0 = B::load_unaligned(dbt + j * lddb + c), g1(Scalar(0));
+        MOLORA_UNROLL
+        for (int t = 0; t < RT; ++t) {
+          if (t % 2 == 0)
+            g0 = xsimd::fma(hv[j][t], dv[t], g0);
+          else
+            g1 = xsimd::fma(hv[j][t], dv[t], g1);
+        }
+        (g0 + g1).store_unaligned(dbt + j * lddb + c);
       }
-      (g0 + g1).store_unaligned(dbt + j * lddb + c);
     }
   }
   if (!last) {
@@ -225,28 +231,31 @@ inline void grad_out_block(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb,
     }
 }
 
-// All rank rows of one block of RT tokens: blocks of RJ rows (8 accumulators), then tails.
-template <int RT, class Arch, class Scalar>
+// All rank rows of one block of RT tokens: blocks of RJ rows (8 accumulators with the dB
+// update, 16 without), then tails.
+template <int RT, bool HasDB, class Arch, class Scalar>
 inline void grad_out_tokens(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, Index r, const Scalar* const* dy,
                             const Scalar* hs, Index ldh, Index c0, Index c1, Index out_vec, Index out, bool first,
                             bool last, Scalar* spill, Index spill_ld, Scalar* u, Index ldu) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
-  constexpr int RJ = RT <= 2 ? 4 : (RT <= 4 ? 2 : 1);
+  constexpr int RJ = HasDB ? (RT <= 2 ? 4 : (RT <= 4 ? 2 : 1)) : (RT <= 2 ? 8 : (RT <= 4 ? 4 : 2));
   Index j = 0;
-  for (; j + RJ <= r; j += RJ)
-    grad_out_block<RJ, RT, Arch>(bt + j * ldb, ldb, dbt + j * lddb, lddb, dy, hs + j, ldh, c0, c1, out_vec, out,
-                                 first, last, spill + j * W, spill_ld, u + j, ldu, j, r);
+  auto run = [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    grad_out_block<R, RT, HasDB, Arch>(bt + j * ldb, ldb, HasDB ? dbt + j * lddb : dbt, lddb, dy,
+                                       HasDB ? hs + j : hs, ldh, c0, c1, out_vec, out, first, last, spill + j * W,
+                                       spill_ld, u + j, ldu, j, r);
+    j += R;
+  };
+  while (j + RJ <= r) run(std::integral_constant<int, RJ>{});
+  if constexpr (RJ >= 8) {
+    if (j + 4 <= r) run(std::integral_constant<int, 4>{});
+  }
   if constexpr (RJ >= 4) {
-    if (j + 2 <= r) {
-      grad_out_block<2, RT, Arch>(bt + j * ldb, ldb, dbt + j * lddb, lddb, dy, hs + j, ldh, c0, c1, out_vec, out,
-                                  first, last, spill + j * W, spill_ld, u + j, ldu, j, r);
-      j += 2;
-    }
+    if (j + 2 <= r) run(std::integral_constant<int, 2>{});
   }
   if constexpr (RJ >= 2) {
-    if (j < r)
-      grad_out_block<1, RT, Arch>(bt + j * ldb, ldb, dbt + j * lddb, lddb, dy, hs + j, ldh, c0, c1, out_vec, out,
-                                  first, last, spill + j * W, spill_ld, u + j, ldu, j, r);
+    if (j < r) run(std::integral_constant<int, 1>{});
   }
 }
 
@@ -374,7 +383,8 @@ inline void grad_in_tokens(const GradInTerm<Scalar>& g, const Scalar* ct, Index 
 
 // Tile sweep over `out`: u[t*ldu + j] = sum_o bt[j*ldb + o] * dy[t][o] and
 // dbt[j*lddb + o] += sum_t hs[t*ldh + j] * dy[t][o], for t < n, j < r, o < out (more than
-// kTile tokens take one sweep per kTile of them).
+// kTile tokens take one sweep per kTile of them). With dbt null only u is computed (hs is
+// not read): the training forward's shrink h = A_e x, walking the rows of A_e in order.
 // Requires: bt, dbt [r, out] row-major with strides ldb, lddb (not aliasing each other or
 // the rest); dy[t] points at out values; hs n rows of stride ldh >= r; u n rows of stride
 // ldu >= r; spill holds grad_out_scratch_size<Arch, Scalar>(r) values (unused when
@@ -394,10 +404,14 @@ void grad_out(Arch arch, const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, I
   for (Index c0 = 0;; c0 += kc) {
     const Index c1 = c0 + kc < out_vec ? c0 + kc : out_vec;
     const bool first = c0 == 0, last = c1 == out_vec;
-#define MOLORA_GRAD_OUT_CASE(RT)                                                                              \
-  case RT:                                                                                                    \
-    detail::grad_out_tokens<RT, Arch>(bt, ldb, dbt, lddb, r, dy, hs, ldh, c0, c1, out_vec, out, first, last, \
-                                      spill, spill_ld, u, ldu);                                               \
+#define MOLORA_GRAD_OUT_CASE(RT)                                                                            \
+  case RT:                                                                                                  \
+    if (dbt)                                                                                                \
+      detail::grad_out_tokens<RT, true, Arch>(bt, ldb, dbt, lddb, r, dy, hs, ldh, c0, c1, out_vec, out, first, \
+                                              last, spill, spill_ld, u, ldu);                               \
+    else                                                                                                    \
+      detail::grad_out_tokens<RT, false, Arch>(bt, ldb, dbt, lddb, r, dy, hs, ldh, c0, c1, out_vec, out,      \
+                                               first, last, spill, spill_ld, u, ldu);                       \
     break;
     switch (n) {
       MOLORA_GRAD_OUT_CASE(1)
@@ -414,6 +428,7 @@ void grad_out(Arch arch, const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, I
     if (last) break;
   }
   // dB^T's scalar tail columns.
+  if (!dbt) return;
   for (Index j = 0; j < r; ++j)
     for (Index o = out_vec; o < out; ++o) {
       Scalar s = dbt[j * lddb + o];
