@@ -4,11 +4,15 @@
 //   grad_out  one sweep over `out`: u[t] = B_e^T dy[t] for every token of the tile, and the
 //             tile's rank-n update dB_e^T += sum_t hs[t] dy[t]^T (hs = s g h), each chunk of
 //             the dy rows loaded into L1 once and used for both;
-//   grad_in   one sweep over `in`: dA_e += sum_t dh[t] x[t]^T and dx[t] += A_e^T dh[t], each
-//             chunk of x, A_e and dA_e loaded once for both. The router's dW_r += dl x_r^T and
-//             dx += W_r^T dl have the same form (weights W_r, coefficients dL/dlogits), so a
-//             call takes several such terms and applies them chunk by chunk while the x and
-//             dx chunks sit in L1. An optional per-element mask multiplies the dx term
+//   grad_in   one sweep over `in`, chunk by chunk: dA_e += sum_t dh[t] x[t]^T (a rank-n
+//             update walking each row of dA_e in order, the chunk of the x rows in L1) and
+//             dx[t] += A_e^T dh[t] (an expand: a few vectors of each row of A_e per visit).
+//             Rows are walked in order, not one column of all rows per step: the rows are
+//             16 KB apart at MING-MOE's shape, so each such step would cost a new page and an
+//             L1 set conflict per row. The router's dW_r += dl x_r^T and dx += W_r^T dl have
+//             the same form (weights W_r, coefficients dL/dlogits), so a call takes several
+//             such terms and applies them chunk by chunk while the chunks of the x and dx
+//             rows are in cache. An optional per-element mask multiplies the dx term
 //             (dropout's scale for the experts, jitter for the router).
 //
 // No gathered copies: rows of dy, x, dx, the coefficients and the masks come as pointer
