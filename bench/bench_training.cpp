@@ -7,7 +7,7 @@
 //                     (target <= 3); fwd_ms = that forward time
 //   base_dx           dy W0, the frozen base's x-gradient, reported separately
 //   base_forward      x W0^T, for scale
-//   ./bench_training --benchmark_repetitions=5 --benchmark_report_aggregates_only=true \
+//   ./bench_training --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 //                    --benchmark_counters_tabular=true
 #include <benchmark/benchmark.h>
 
