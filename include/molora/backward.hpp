@@ -319,21 +319,22 @@ void train_begin(const MoLoRAAdapter<Scalar>& a, const ConstRowRef<Scalar>& x, c
 }
 
 // Size of the tile that starts at row t0 of n rows cut into as few tiles of at most
-// kernels::kTile rows as possible, of sizes that differ by at most one (17 rows: 6, 6, 5, not
+// kernels::kGradTile rows as possible, of sizes that differ by at most one (17 rows: 6, 6, 5, not
 // 8, 8, 1): a backward kernel's sweep over the weights costs nearly as much for one row as
 // for eight. (The forward kernels work in blocks of 4 tokens and keep whole tiles.)
 inline Index even_tile(Index n, Index t0) {
-  const Index tiles = (n + kernels::kTile - 1) / kernels::kTile;
+  const Index tiles = (n + kernels::kGradTile - 1) / kernels::kGradTile;
   const Index base = n / tiles, extra = n % tiles;  // the first `extra` tiles get base + 1 rows
   return t0 < extra * (base + 1) ? base + 1 : base;
 }
 
 // Kernel scratch of a tape: row-pointer arrays for n rows and the shrink's spill for tiles
-// of kTile rows of rank r.
+// of kTile rows of rank r (and grad_out's for tiles of kGradTile rows).
 template <class Scalar>
 void reserve_kernel_scratch(MoLoRATape<Scalar>& tape, Index n, Index r) {
   using Arch = kernels::default_arch;
-  const auto need = static_cast<std::size_t>(kernels::kTile * r * kernels::simd_width<Arch, Scalar>());
+  const auto need = static_cast<std::size_t>(std::max(kernels::kTile, kernels::kGradTile) * r *
+                                             kernels::simd_width<Arch, Scalar>());
   if (tape.spill.size() < need) tape.spill.resize(need);
   if (tape.in_rows.size() < static_cast<std::size_t>(n)) {
     tape.in_rows.resize(static_cast<std::size_t>(n));
@@ -454,7 +455,7 @@ void train_experts(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, Row
 }
 
 // The backward of the experts and the router, in two sweeps per expert over tiles of at most
-// kernels::kTile of its pairs, each through a fused kernel of backward_kernels.hpp that reads
+// kernels::kGradTile of its pairs, each through a fused kernel of backward_kernels.hpp that reads
 // the tokens' rows in place (no gathered copies):
 //   1. over `out`: u = B_e^T dy and dB_e += dy (s g h)^T, each dy chunk loaded once for
 //      both; then dL/dg = s <u, h> and dL/dh = s g u (kept for sweep 2);
@@ -468,7 +469,7 @@ template <class Scalar>
 void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
                    MoLoRAGrads<Scalar>& g, RowRef<Scalar>* dx) {
   using Arch = kernels::default_arch;
-  constexpr Index kT = kernels::kTile;
+  constexpr Index kT = kernels::kGradTile;
   const Index T = tape.num_tokens(), E = a.num_experts(), r = a.rank(), in = a.in_features(),
               out = a.out_features(), k = tape.routing.top_k();
   const Scalar s = a.scaling();

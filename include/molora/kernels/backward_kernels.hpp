@@ -1,5 +1,5 @@
 // The fused kernels of the MoLoRA backward (docs/training.md, "Cost of a training step"),
-// for a tile of at most kTile tokens routed to one expert:
+// for a tile of at most kGradTile tokens routed to one expert:
 //
 //   grad_out  one sweep over `out`: u[t] = B_e^T dy[t] for every token of the tile, and the
 //             tile's rank-n update dB_e^T += sum_t hs[t] dy[t]^T (hs = s g h), each chunk of
@@ -42,19 +42,23 @@
 
 namespace molora::kernels {
 
-// Columns of `out` per pass of grad_out: the dy chunk of a full tile (kTile rows, 16 KB)
+// Tokens per tile of the backward kernels: their register blocks are written for up to 8
+// tokens (the switches below), whatever the forward's tile (kTile).
+constexpr Index kGradTile = 8;
+
+// Columns of `out` per pass of grad_out: the dy chunk of a full tile (kGradTile rows, 16 KB)
 // stays in L1 while every rank row streams its B_e^T and dB_e^T chunks past it.
 template <class Arch, class Scalar>
 constexpr Index grad_out_chunk() noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
-  constexpr Index kc = (Index(16384) / (kTile * Index(sizeof(Scalar)))) / W * W;
+  constexpr Index kc = (Index(16384) / (kGradTile * Index(sizeof(Scalar)))) / W * W;
   return kc < W ? W : kc;
 }
 
 // Scratch (in Scalars) grad_out needs for rank r: vector partial sums of u between passes.
 template <class Arch, class Scalar>
 constexpr Index grad_out_scratch_size(Index rank) noexcept {
-  return kTile * rank * simd_width<Arch, Scalar>();
+  return kGradTile * rank * simd_width<Arch, Scalar>();
 }
 
 // Columns of `in` per pass of grad_in: a full tile's x and dx chunks (2 x 8 KB) stay in L1
@@ -62,7 +66,7 @@ constexpr Index grad_out_scratch_size(Index rank) noexcept {
 template <class Arch, class Scalar>
 constexpr Index grad_in_chunk() noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
-  constexpr Index kc = (Index(16384) / (kTile * Index(sizeof(Scalar)))) / W * W;
+  constexpr Index kc = (Index(16384) / (kGradTile * Index(sizeof(Scalar)))) / W * W;
   return kc < W ? W : kc;
 }
 
@@ -387,8 +391,8 @@ inline void grad_in_tokens(const GradInTerm<Scalar>& g, const Scalar* ct, Index 
 
 // Tile sweep over `out`: u[t*ldu + j] = sum_o bt[j*ldb + o] * dy[t][o] and
 // dbt[j*lddb + o] += sum_t hs[t*ldh + j] * dy[t][o], for t < n, j < r, o < out (more than
-// kTile tokens take one sweep per kTile of them). With dbt null only u is computed (hs is
-// not read): the training forward's shrink h = A_e x, walking the rows of A_e in order.
+// kGradTile tokens take one sweep per kGradTile of them). With dbt null only u is computed
+// (hs is not read): the training forward's shrink h = A_e x, walking the rows of A_e in order.
 // Requires: bt, dbt [r, out] row-major with strides ldb, lddb (not aliasing each other or
 // the rest); dy[t] points at out values; hs n rows of stride ldh >= r; u n rows of stride
 // ldu >= r; spill holds grad_out_scratch_size<Arch, Scalar>(r) values (unused when
@@ -397,9 +401,10 @@ template <class Arch, class Scalar>
 void grad_out(Arch arch, const Scalar* bt, Index ldb, Scalar* dbt, Index lddb, Index r, Index out,
               const Scalar* const* dy, const Scalar* hs, Index ldh, Index n, Scalar* u, Index ldu,
               Scalar* spill) noexcept {
-  if (n > kTile) {
-    for (Index t0 = 0; t0 < n; t0 += kTile)
-      grad_out(arch, bt, ldb, dbt, lddb, r, out, dy + t0, hs + t0 * ldh, ldh, n - t0 < kTile ? n - t0 : kTile,
+  if (n > kGradTile) {
+    for (Index t0 = 0; t0 < n; t0 += kGradTile)
+      grad_out(arch, bt, ldb, dbt, lddb, r, out, dy + t0, hs ? hs + t0 * ldh : hs, ldh,
+               n - t0 < kGradTile ? n - t0 : kGradTile,
                u + t0 * ldu, ldu, spill);
     return;
   }
@@ -465,11 +470,11 @@ void grad_in_columns(Arch, const GradInTerm<Scalar>& g, const Scalar* ct, Index 
 
 // Scratch (in Scalars) grad_in needs for terms of `rows` rows in total: their coefficients
 // transposed.
-constexpr Index grad_in_scratch_size(Index rows) noexcept { return kTile * rows; }
+constexpr Index grad_in_scratch_size(Index rows) noexcept { return kGradTile * rows; }
 
 namespace detail {
 
-// grad_in for terms of at most kTile tokens each.
+// grad_in for terms of at most kGradTile tokens each.
 template <class Arch, class Scalar>
 void grad_in_tile(Arch arch, const GradInTerm<Scalar>* terms, Index num_terms, Index in, Scalar* scratch) noexcept {
   Scalar* ct = scratch;
@@ -495,19 +500,19 @@ void grad_in_tile(Arch arch, const GradInTerm<Scalar>* terms, Index num_terms, I
 // Tile sweep over `in` for up to kMaxGradInTerms terms (an expert's, then the router's),
 // chunk by chunk: every term's dw and dx updates over the first chunk of columns, then the
 // next chunk, so rows shared by the terms (x, dx) are read from L1 by all but the first.
-// Terms of more than kTile tokens take one sweep per kTile of them. scratch holds
+// Terms of more than kGradTile tokens take one sweep per kGradTile of them. scratch holds
 // grad_in_scratch_size(sum of the terms' rows) values.
 constexpr Index kMaxGradInTerms = 4;
 template <class Arch, class Scalar>
 void grad_in(Arch arch, const GradInTerm<Scalar>* terms, Index num_terms, Index in, Scalar* scratch) noexcept {
   Index n_max = 0;
   for (Index i = 0; i < num_terms; ++i) n_max = terms[i].n > n_max ? terms[i].n : n_max;
-  if (n_max <= kTile) return detail::grad_in_tile(arch, terms, num_terms, in, scratch);
+  if (n_max <= kGradTile) return detail::grad_in_tile(arch, terms, num_terms, in, scratch);
   GradInTerm<Scalar> part[kMaxGradInTerms];
-  for (Index t0 = 0; t0 < n_max; t0 += kTile) {
+  for (Index t0 = 0; t0 < n_max; t0 += kGradTile) {
     for (Index i = 0; i < num_terms; ++i) {
       const GradInTerm<Scalar>& g = terms[i];
-      const Index lo = t0 < g.n ? t0 : g.n, hi = t0 + kTile < g.n ? t0 + kTile : g.n;
+      const Index lo = t0 < g.n ? t0 : g.n, hi = t0 + kGradTile < g.n ? t0 + kGradTile : g.n;
       part[i] = g;
       part[i].x = g.x + lo;
       part[i].coef = g.coef + lo;
