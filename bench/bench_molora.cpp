@@ -2,6 +2,7 @@
 // issue 3 need comes out of this one binary in one run:
 //   peak_fma                      this core's FMA peak (an FMA-chain kernel, same ISA flags)
 //   read_bandwidth/KiB            one core's read bandwidth from L2 (1 MiB) and memory (64 MiB)
+//   peak_share/in/out/T           fused experts' GFLOP/s over the FMA peak, both timed in one loop
 //   base/in/out/T                 the base linear layer alone (Eigen GEMM)
 //   adapter/S/in/out/E/k/r/T      MoLoRAAdapter::add_delta (router + gating + experts), S a Strategy
 //   experts/S/in/out/E/k/r/T      the experts alone for a fixed routing (add_delta_routed)
@@ -123,26 +124,31 @@ void set_counters(benchmark::State& st, Index T, double flops_per_token) {
 
 // ---- peak ---------------------------------------------------------------------------------
 
-// 16 independent FMA chains of one register each: the issue rate of the FMA units.
+#if !defined(MOLORA_NO_XSIMD)
+// 16 independent FMA chains of one register each, `steps` rounds: the issue rate of the FMA
+// units. Returns the flops done.
+double fma_chains(Index steps) {
+  using B = xsimd::batch<float, molora::kernels::default_arch>;
+  constexpr int chains = 16;
+  B acc[chains];
+  for (int i = 0; i < chains; ++i) acc[i] = B(float(i) * 1e-3f);
+  const B m(0.999999f), a(1e-7f);
+  for (Index s = 0; s < steps; ++s)
+    for (int i = 0; i < chains; ++i) acc[i] = xsimd::fma(acc[i], m, a);
+  for (int i = 0; i < chains; ++i) benchmark::DoNotOptimize(acc[i]);
+  return 2.0 * chains * double(B::size) * double(steps);
+}
+#endif
+
 void BM_peak_fma(benchmark::State& st) {
 #if defined(MOLORA_NO_XSIMD)
   st.SkipWithError("built without xsimd");
 #else
-  using Arch = molora::kernels::default_arch;
-  using B = xsimd::batch<float, Arch>;
-  constexpr int chains = 16;
   const Index steps = 1 << 16;
-  B acc[chains];
-  for (int i = 0; i < chains; ++i) acc[i] = B(float(i) * 1e-3f);
-  const B m(0.999999f), a(1e-7f);
-  for (auto _ : st) {
-    for (Index s = 0; s < steps; ++s)
-      for (int i = 0; i < chains; ++i) acc[i] = xsimd::fma(acc[i], m, a);
-    for (int i = 0; i < chains; ++i) benchmark::DoNotOptimize(acc[i]);
-  }
-  st.counters["GFLOPs"] = benchmark::Counter(2.0 * chains * double(B::size) * double(steps) * 1e-9,
-                                             benchmark::Counter::kIsIterationInvariantRate);
-  st.SetLabel(Arch::name());
+  double flops = 0;
+  for (auto _ : st) flops = fma_chains(steps);
+  st.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  st.SetLabel(molora::kernels::default_arch::name());
 #endif
 }
 BENCHMARK(BM_peak_fma)->MinTime(0.3)->Repetitions(3);
@@ -281,6 +287,49 @@ void BM_experts(benchmark::State& st) {
   st.counters["weight_GBps"] =
       benchmark::Counter(weight_bytes(l.adapter(), x, false) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   st.SetLabel(molora::to_string(l.adapter().resolved_strategy(T, s.k)));
+}
+
+// peak_share/in/out/T: each iteration times the fused experts (add_delta_routed, fixed
+// routing, E = 8, k = 2, r = 16) and then the FMA-chain peak kernel for about as long, by
+// CPU time. Counter share = median over iterations of the experts' useful GFLOP/s over the
+// peak's measured next to it, so that the clock and the neighbours of this shared machine
+// move both alike; experts_GFLOPs and peak_GFLOPs are the medians of each.
+double cpu_seconds();
+double median(std::vector<double> v);
+
+void BM_peak_share(benchmark::State& st) {
+#if defined(MOLORA_NO_XSIMD)
+  st.SkipWithError("built without xsimd");
+#else
+  const Shape s{st.range(0), st.range(1), 8, 2, 16};
+  const Index T = st.range(2);
+  auto& l = layer_for(s);
+  l.set_strategy(Strategy::fused);
+  const Mat x = tokens(T, s.in);
+  Mat y = Mat::Zero(T, s.out);
+  molora::MoLoRAWorkspace<float> ws;
+  const molora::Routing<float> routing = l.adapter().route_tokens(x, ws);
+  const double flops = expert_flops(s) * double(T);
+  l.adapter().add_delta_routed(x, routing, y, ws);  // warm
+  // Peak rounds that take about as long as one call at 50 % of a 160 GFLOP/s core.
+  const Index steps = std::max<Index>(1 << 10, static_cast<Index>(flops / 80e9 * 160e9 / 8192.0));
+  std::vector<double> share, ours, peak;
+  for (auto _ : st) {
+    const double t0 = cpu_seconds();
+    l.adapter().add_delta_routed(x, routing, y, ws);
+    benchmark::ClobberMemory();
+    const double t1 = cpu_seconds();
+    const double pf = fma_chains(steps);
+    const double t2 = cpu_seconds();
+    st.SetIterationTime(t1 - t0);
+    ours.push_back(flops / (t1 - t0) * 1e-9);
+    peak.push_back(pf / (t2 - t1) * 1e-9);
+    share.push_back(ours.back() / peak.back());
+  }
+  st.counters["share"] = median(share);
+  st.counters["experts_GFLOPs"] = median(ours);
+  st.counters["peak_GFLOPs"] = median(peak);
+#endif
 }
 
 // ---- adapted / base in one loop -----------------------------------------------------------
@@ -499,6 +548,11 @@ void register_all() {
         benchmark::RegisterBenchmark("dense_routing", BM_adapter)
             ->Args({static_cast<int64_t>(s), 4096, 4096, E, E, 16, T})->MinTime(0.1)->Repetitions(kRepetitions)
             ->Unit(benchmark::kMicrosecond);
+  // The fused experts' share of the FMA peak, both measured in one loop.
+  for (const auto& [in, out] : kShapes)
+    for (int64_t T : {64, 256, 1024})
+      benchmark::RegisterBenchmark("peak_share", BM_peak_share)->Args({in, out, T})
+          ->Iterations(T >= 1024 ? 41 : 101)->UseManualTime()->Unit(benchmark::kMicrosecond);
   // Threads at T = 256 (and 64, 1024): the adapter and the whole layer, 1 and 2 threads.
   for (int64_t T : {64, 256, 1024})
     for (int64_t whole : {0, 1})
