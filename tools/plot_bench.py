@@ -46,10 +46,10 @@ def parse(paths):
         groups[row["run_name"]].append(row)
     out = []
     for group in groups.values():
-        if group[0]["kind"] in ("ratio", "threads_ratio"):
+        if group[0]["kind"] in ("ratio", "threads_ratio", "peak_share"):
             row = dict(group[0])
             for key in ("ratio", "ratio_composed", "base_ms", "adapted_ms", "adapter_ms", "tokens_per_s",
-                        "speedup", "one_ms", "two_ms"):
+                        "speedup", "one_ms", "two_ms", "share", "experts_GFLOPs", "peak_GFLOPs"):
                 vals = sorted(g[key] for g in group if key in g)
                 if vals:
                     row[key] = (vals[(len(vals) - 1) // 2] + vals[len(vals) // 2]) / 2
@@ -71,7 +71,8 @@ def parse_one(data):
         row = {"kind": kind, "args": args, "label": b.get("label", ""),
                "real_us": b["real_time"] * scale, "cpu_us": b["cpu_time"] * scale}
         for key in ("GFLOPs", "tokens_per_s", "ratio", "ratio_composed", "base_ms", "adapted_ms", "adapter_ms",
-                    "GBps", "weight_GBps", "speedup", "one_ms", "two_ms"):
+                    "GBps", "weight_GBps", "speedup", "one_ms", "two_ms", "share", "experts_GFLOPs",
+                    "peak_GFLOPs"):
             if key in b:
                 row[key] = float(b[key])
         # The case, without the run options (repeats:, min_time:, iterations:, ...).
@@ -233,6 +234,18 @@ def main(argv=None):
         md.append(f"\nFused experts, share of the FMA peak ({peak:.0f}): " + ", ".join(
             f"T={t}: {100 * experts[('fused', 4096, 4096, 8, 2, 16, t)]['GFLOPs'] / peak:.0f} %"
             for t in tokens if ("fused", 4096, 4096, 8, 2, 16, t) in experts))
+
+    shares = [r for r in rows if r["kind"] == "peak_share" and "share" in r]
+    if shares:
+        md.append("\n### Fused experts' share of the FMA peak, both timed in one loop (`peak_share`)\n")
+        md.append("Each iteration times the experts (fixed routing, E = 8, k = 2, r = 16) and then the FMA-chain "
+                  "kernel; share = median over iterations of the ratio of their GFLOP/s.\n")
+        md.append("| in -> out | T | experts GFLOP/s | peak GFLOP/s | share |")
+        md.append("|---|---|---|---|---|")
+        for r in sorted(shares, key=lambda r: tuple(r["args"])):
+            a = r["args"]
+            md.append(f"| {a[0]} -> {a[1]} | {a[2]} | {r['experts_GFLOPs']:.0f} | {r['peak_GFLOPs']:.0f} | "
+                      f"{100 * r['share']:.0f} % |")
 
     # Sweeps.
     for title, tab, key_index, values in (("rank r (E = 8)", sweep_r, 5, (4, 8, 16, 64)),
