@@ -13,9 +13,14 @@
 #include <molora/losses.hpp>
 #include <molora/params.hpp>
 
+#include "test_util.hpp"
+
 using namespace molora;
 
 namespace {
+
+using test_util::fd_error;
+using test_util::fill;
 
 struct Case {
   Index T = 4, in = 5, out = 3, E = 4, k = 2, r = 2;
@@ -24,12 +29,6 @@ struct Case {
   double dropout = 0, jitter = 0, lb_coef = 0, z_coef = 0;
   std::uint64_t seed = 1;
 };
-
-template <class M>
-void fill(M& m, Generator& gen, double scale) {
-  for (Index i = 0; i < m.rows(); ++i)
-    for (Index j = 0; j < m.cols(); ++j) m(i, j) = static_cast<typename M::Scalar>(scale * detail::normal01(gen));
-}
 
 MoLoRAConfig config_of(const Case& c) {
   MoLoRAConfig cfg;
@@ -143,24 +142,6 @@ struct Harness {
     return L;
   }
 };
-
-// Max |fd - analytic| / max(1, max |analytic|) of one tensor, by central differences.
-template <class F>
-double fd_error(Eigen::Map<Vector<double>> value, const Eigen::Ref<const Vector<double>>& analytic, F&& f) {
-  const double h = 1e-6;
-  double err = 0;
-  const double scale = std::max(1.0, analytic.cwiseAbs().maxCoeff());
-  for (Index i = 0; i < value.size(); ++i) {
-    const double keep = value(i);
-    value(i) = keep + h;
-    const double lp = f();
-    value(i) = keep - h;
-    const double lm = f();
-    value(i) = keep;
-    err = std::max(err, std::abs((lp - lm) / (2 * h) - analytic(i)) / scale);
-  }
-  return err;
-}
 
 double worst_error = 0;
 
