@@ -397,32 +397,60 @@ void BM_ratio(benchmark::State& st) {
 
 // ---- threads ------------------------------------------------------------------------------
 
-void BM_threads(benchmark::State& st) {
 #if defined(MOLORA_USE_OPENMP)
-  const Strategy strat = strategy_arg(st.range(0));
-  const Shape s{st.range(1), st.range(2), 8, 2, 16};
-  const Index T = st.range(3);
-  const int threads = static_cast<int>(st.range(4));
-  const bool whole_layer = st.range(5) != 0;
-  auto& l = layer_for(s);
-  l.set_strategy(strat);
-  const Mat x = tokens(T, s.in);
-  Mat y = Mat::Zero(T, s.out);
+// One threads case: strategy S, in x out, T tokens, the adapter (whole = 0) or the layer
+// (whole = 1); run(n) calls it with n OpenMP (and Eigen) threads. Restores the thread
+// counts it found when it goes.
+struct ThreadsCase {
+  molora::MoLoRALinear<float>& layer;
+  Shape shape;
+  Index T;
+  bool whole_layer;
+  Mat x, y;
   molora::MoLoRAWorkspace<float> ws;
-  const int saved = omp_get_max_threads();
-  omp_set_num_threads(threads);
-  Eigen::setNbThreads(threads);
-  for (auto _ : st) {
+  int saved = omp_get_max_threads();
+
+  ThreadsCase(Strategy strat, Index in, Index out, Index tokens_, bool whole)
+      : layer(layer_for(Shape{in, out, 8, 2, 16})), shape{in, out, 8, 2, 16}, T(tokens_), whole_layer(whole),
+        x(tokens(tokens_, in)), y(Mat::Zero(tokens_, out)) {
+    layer.set_strategy(strat);
+  }
+  ~ThreadsCase() {
+    omp_set_num_threads(saved);
+    Eigen::setNbThreads(saved);
+  }
+  static void set_threads(int n) {
+    omp_set_num_threads(n);
+    Eigen::setNbThreads(n);
+  }
+  void call() {
     if (whole_layer)
-      l.forward(x, y, ws);
+      layer.forward(x, y, ws);
     else
-      l.adapter().add_delta(x, y, ws);
+      layer.adapter().add_delta(x, y, ws);
     benchmark::ClobberMemory();
   }
-  omp_set_num_threads(saved);
-  Eigen::setNbThreads(saved);
-  set_counters(st, T, whole_layer ? adapter_flops(s) + 2.0 * double(s.in) * double(s.out) : adapter_flops(s));
-  st.SetLabel(whole_layer ? "layer" : "adapter");
+  double flops_per_token() const {
+    return whole_layer ? adapter_flops(shape) + 2.0 * double(shape.in) * double(shape.out) : adapter_flops(shape);
+  }
+  const char* label() const { return whole_layer ? "layer" : "adapter"; }
+};
+
+double wall_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+#endif
+
+// threads/S/in/out/T/n/whole: n OpenMP threads, wall time.
+void BM_threads(benchmark::State& st) {
+#if defined(MOLORA_USE_OPENMP)
+  ThreadsCase c(strategy_arg(st.range(0)), st.range(1), st.range(2), st.range(3), st.range(5) != 0);
+  ThreadsCase::set_threads(static_cast<int>(st.range(4)));
+  for (auto _ : st) c.call();
+  set_counters(st, c.T, c.flops_per_token());
+  st.SetLabel(c.label());
 #else
   st.SkipWithError("built without MOLORA_OPENMP");
 #endif
@@ -433,35 +461,13 @@ void BM_threads(benchmark::State& st) {
 // each by the wall clock. Counter speedup = median over iterations of t(1) / t(2): both
 // sides of every pair see the same machine, so other jobs move it much less than two
 // separate benchmarks' times.
-#if defined(MOLORA_USE_OPENMP)
-double wall_seconds() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
-}
-#endif
-
 void BM_threads_ratio(benchmark::State& st) {
 #if defined(MOLORA_USE_OPENMP)
-  const Strategy strat = strategy_arg(st.range(0));
-  const Shape s{st.range(1), st.range(2), 8, 2, 16};
-  const Index T = st.range(3);
-  const bool whole_layer = st.range(4) != 0;
-  auto& l = layer_for(s);
-  l.set_strategy(strat);
-  const Mat x = tokens(T, s.in);
-  Mat y = Mat::Zero(T, s.out);
-  molora::MoLoRAWorkspace<float> ws;
-  const int saved = omp_get_max_threads();
+  ThreadsCase c(strategy_arg(st.range(0)), st.range(1), st.range(2), st.range(3), st.range(4) != 0);
   const auto run = [&](int threads) {
-    omp_set_num_threads(threads);
-    Eigen::setNbThreads(threads);
+    ThreadsCase::set_threads(threads);
     const double t0 = wall_seconds();
-    if (whole_layer)
-      l.forward(x, y, ws);
-    else
-      l.adapter().add_delta(x, y, ws);
-    benchmark::ClobberMemory();
+    c.call();
     return wall_seconds() - t0;
   };
   run(2);  // warm the workspace and the thread pool
@@ -482,12 +488,10 @@ void BM_threads_ratio(benchmark::State& st) {
     one.push_back(t1);
     two.push_back(t2);
   }
-  omp_set_num_threads(saved);
-  Eigen::setNbThreads(saved);
   st.counters["speedup"] = median(speedup);
   st.counters["one_ms"] = median(one) * 1e3;
   st.counters["two_ms"] = median(two) * 1e3;
-  st.SetLabel(whole_layer ? "layer" : "adapter");
+  st.SetLabel(c.label());
 #else
   st.SkipWithError("built without MOLORA_OPENMP");
 #endif

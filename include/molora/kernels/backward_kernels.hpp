@@ -219,24 +219,10 @@ inline void grad_out_block(const Scalar* bt, Index ldb, Scalar* dbt, Index lddb,
       }
     }
   }
-  if (!last) {
-    MOLORA_UNROLL
-    for (int j = 0; j < RJ; ++j) {
-      MOLORA_UNROLL
-      for (int t = 0; t < RT; ++t) acc[j][t].store_unaligned(spill + t * spill_ld + j * W);
-    }
-    return;
-  }
-  // Reduce through memory, once per dot product (as the shrink does).
-  alignas(64) Scalar lanes[W];
-  for (int j = 0; j < RJ; ++j)
-    for (int t = 0; t < RT; ++t) {
-      acc[j][t].store_unaligned(lanes);
-      Scalar s = 0;
-      for (Index l = 0; l < W; ++l) s += lanes[l];
-      for (Index o = out_vec; o < out; ++o) s += bt[j * ldb + o] * dy[t][o];
-      u[t * ldu + j] = s;
-    }
+  finish_dots<RJ, RT>(acc, last, spill, spill_ld, u, ldu, [&](int j, int t, Scalar s) {
+    for (Index o = out_vec; o < out; ++o) s += bt[j * ldb + o] * dy[t][o];
+    return s;
+  });
 }
 
 // All rank rows of one block of RT tokens: blocks of RJ rows (8 accumulators with the dB

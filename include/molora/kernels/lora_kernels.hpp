@@ -100,6 +100,34 @@ void expand(scalar_arch, const Scalar* bt, Index ldb, Index r, Index out, const 
 
 namespace detail {
 
+// The end of a register block of RJ x RT dot products over one chunk of their length:
+// with more chunks to come, the vector partial sums go to spill (row t of stride spill_ld,
+// then j * W); after the last, each is reduced through memory (not xsimd::hadd, whose
+// AVX-512 version trips GCC 12's -Wmaybe-uninitialized; once per dot product, so its cost
+// does not matter), tail(j, t, sum) adds the scalar columns past the last full vector to
+// the sum, in order, and the result goes to out[t * ldo + j]. Shared by the shrink and the backward's grad_out.
+template <int RJ, int RT, class B, class Scalar, class Tail>
+inline void finish_dots(const B (&acc)[RJ][RT], bool last, Scalar* spill, Index spill_ld, Scalar* out, Index ldo,
+                        const Tail& tail) noexcept {
+  constexpr Index W = static_cast<Index>(B::size);
+  if (!last) {
+    MOLORA_UNROLL
+    for (int j = 0; j < RJ; ++j) {
+      MOLORA_UNROLL
+      for (int t = 0; t < RT; ++t) acc[j][t].store_unaligned(spill + t * spill_ld + j * W);
+    }
+    return;
+  }
+  alignas(64) Scalar lanes[W];
+  for (int j = 0; j < RJ; ++j)
+    for (int t = 0; t < RT; ++t) {
+      acc[j][t].store_unaligned(lanes);
+      Scalar s = 0;
+      for (Index l = 0; l < W; ++l) s += lanes[l];
+      out[t * ldo + j] = tail(j, t, s);
+    }
+}
+
 // One register block of the shrink: RJ rank rows x RT tokens of vector accumulators over
 // columns [c0, c1) of `in`. The first pass starts from zero, later passes reload the
 // partial sums from `spill`; the last pass reduces them, adds the scalar tail
@@ -128,25 +156,10 @@ inline void shrink_block(const Scalar* a, Index lda, const Scalar* const* x, Ind
       for (int t = 0; t < RT; ++t) acc[j][t] = xsimd::fma(av, xv[t], acc[j][t]);
     }
   }
-  if (!last) {
-    MOLORA_UNROLL
-    for (int j = 0; j < RJ; ++j) {
-      MOLORA_UNROLL
-      for (int t = 0; t < RT; ++t) acc[j][t].store_unaligned(spill + t * spill_ld + j * W);
-    }
-    return;
-  }
-  // Reduce through memory (not xsimd::hadd, whose AVX-512 version trips GCC 12's
-  // -Wmaybe-uninitialized): once per dot product, so its cost does not matter.
-  alignas(64) Scalar lanes[W];
-  for (int j = 0; j < RJ; ++j)
-    for (int t = 0; t < RT; ++t) {
-      acc[j][t].store_unaligned(lanes);
-      Scalar s = 0;
-      for (Index l = 0; l < W; ++l) s += lanes[l];
-      for (Index c = in_vec; c < in; ++c) s += a[j * lda + c] * x[t][c];
-      h[t * ldh + j] = s;
-    }
+  finish_dots<RJ, RT>(acc, last, spill, spill_ld, h, ldh, [&](int j, int t, Scalar s) {
+    for (Index c = in_vec; c < in; ++c) s += a[j * lda + c] * x[t][c];
+    return s;
+  });
 }
 
 // All rank rows of one block of RT tokens: blocks of 8 rows (RT <= 2) or 4 rows, then
