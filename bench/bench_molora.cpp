@@ -3,6 +3,7 @@
 //   peak_fma                      this core's FMA peak (an FMA-chain kernel, same ISA flags)
 //   read_bandwidth/KiB            one core's read bandwidth from L2 (1 MiB) and memory (64 MiB)
 //   peak_share/in/out/T           fused experts' GFLOP/s over the FMA peak, both timed in one loop
+//   decode_bound/in/out/T         eigen, fused and a plain read of their operands in one loop
 //   base/in/out/T                 the base linear layer alone (Eigen GEMM)
 //   adapter/S/in/out/E/k/r/T      MoLoRAAdapter::add_delta (router + gating + experts), S a Strategy
 //   experts/S/in/out/E/k/r/T      the experts alone for a fixed routing (add_delta_routed)
@@ -332,6 +333,99 @@ void BM_peak_share(benchmark::State& st) {
 #endif
 }
 
+// ---- the decode bound, in one loop ---------------------------------------------------------
+
+#if !defined(MOLORA_NO_XSIMD)
+// Sums every float of the spans once, 8 vectors in flight: the time any kernel needs just to
+// read that data (the loop of BM_read_bandwidth).
+float stream_spans(const std::vector<std::pair<const float*, Index>>& spans) {
+  using B = xsimd::batch<float, molora::kernels::default_arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  constexpr int U = 8;
+  B acc[U];
+  for (int u = 0; u < U; ++u) acc[u] = B(0.f);
+  float tail = 0;
+  for (const auto& [p, n] : spans) {
+    Index i = 0;
+    for (; i + U * W <= n; i += U * W) {
+      MOLORA_UNROLL
+      for (int u = 0; u < U; ++u) acc[u] += B::load_unaligned(p + i + u * W);
+    }
+    for (; i < n; ++i) tail += p[i];
+  }
+  B sum = acc[0];
+  for (int u = 1; u < U; ++u) sum += acc[u];
+  alignas(64) float lanes[W];
+  sum.store_aligned(lanes);
+  for (Index l = 0; l < W; ++l) tail += lanes[l];
+  return tail;
+}
+#endif
+
+// decode_bound/in/out/T: each iteration times, by CPU time, the adapter (E = 8, k = 2,
+// r = 16) with the eigen strategy and with the fused one (in turns first), then a plain read of the data
+// either must read at least once: the router's weights, the A_e and B_e of every expert the
+// routing uses, the x rows and the y rows (y += ... reads y). Counters, medians of the
+// per-iteration ratios: fused_over_eigen (the speedup), bound_over_eigen (eigen's time over
+// the read's: the speedup of a kernel that did nothing but read its operands once; no
+// kernel can beat eigen by more) and fused_of_bound (the read's time over fused's).
+void BM_decode_bound(benchmark::State& st) {
+#if defined(MOLORA_NO_XSIMD)
+  st.SkipWithError("built without xsimd");
+#else
+  const Shape s{st.range(0), st.range(1), 8, 2, 16};
+  const Index T = st.range(2);
+  auto& l = layer_for(s);
+  auto& a = l.adapter();
+  const Mat x = tokens(T, s.in);
+  Mat y = Mat::Zero(T, s.out);
+  molora::MoLoRAWorkspace<float> ws_e, ws_f;
+  std::vector<std::pair<const float*, Index>> spans{{a.router().weight().data(), s.E * s.in}};
+  {
+    molora::MoLoRAWorkspace<float> ws;
+    const auto& routing = a.route_tokens(x, ws);
+    std::vector<char> used(static_cast<std::size_t>(s.E), 0);
+    for (Index t = 0; t < T; ++t)
+      for (Index j = 0; j < s.k; ++j) used[static_cast<std::size_t>(routing.ids(t, j))] = 1;
+    for (Index e = 0; e < s.E; ++e) {
+      if (!used[static_cast<std::size_t>(e)]) continue;
+      spans.emplace_back(a.stacked_A().data() + e * s.r * s.in, s.r * s.in);     // A_e [r, in]
+      spans.emplace_back(a.stacked_B().data() + e * s.r * s.out, s.r * s.out);  // B_e, column-major
+    }
+    spans.emplace_back(x.data(), T * s.in);
+    spans.emplace_back(y.data(), T * s.out);
+  }
+  std::vector<double> speedup, bound, share;
+  float sink = 0;
+  bool fused_first = false;
+  for (auto _ : st) {
+    // Alternate which strategy runs first, so that neither always finds the cache as the
+    // other left it.
+    double te = 0, tf = 0;
+    for (int pass = 0; pass < 2; ++pass) {
+      const bool fused = (pass == 0) == fused_first;
+      l.set_strategy(fused ? Strategy::fused : Strategy::eigen);
+      const double t0 = cpu_seconds();
+      a.add_delta(x, y, fused ? ws_f : ws_e);
+      benchmark::ClobberMemory();
+      (fused ? tf : te) = cpu_seconds() - t0;
+    }
+    fused_first = !fused_first;
+    const double t2 = cpu_seconds();
+    sink += stream_spans(spans);
+    const double tr = cpu_seconds() - t2;
+    st.SetIterationTime(tf);
+    speedup.push_back(te / tf);
+    bound.push_back(te / tr);
+    share.push_back(tr / tf);
+  }
+  benchmark::DoNotOptimize(sink);
+  st.counters["fused_over_eigen"] = median(speedup);
+  st.counters["bound_over_eigen"] = median(bound);
+  st.counters["fused_of_bound"] = median(share);
+#endif
+}
+
 // ---- adapted / base in one loop -----------------------------------------------------------
 
 // CPU time of the whole process (all threads): unlike wall time it does not count the time
@@ -557,6 +651,10 @@ void register_all() {
     for (int64_t T : {64, 256, 1024})
       benchmark::RegisterBenchmark("peak_share", BM_peak_share)->Args({in, out, T})
           ->Iterations(T >= 1024 ? 41 : 101)->UseManualTime()->Unit(benchmark::kMicrosecond);
+  // Decode: fused over eigen beside the bound of reading the operands once, in one loop.
+  for (int64_t T : {1, 4, 16})
+    benchmark::RegisterBenchmark("decode_bound", BM_decode_bound)->Args({4096, 4096, T})->Iterations(401)
+        ->UseManualTime()->Unit(benchmark::kMicrosecond);
   // Threads at T = 256 (and 64, 1024): the adapter and the whole layer, 1 and 2 threads.
   for (int64_t T : {64, 256, 1024})
     for (int64_t whole : {0, 1})
