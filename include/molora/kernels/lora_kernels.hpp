@@ -19,6 +19,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "arch.hpp"
 
@@ -99,6 +100,12 @@ void expand(scalar_arch, const Scalar* bt, Index ldb, Index r, Index out, const 
 #if !defined(MOLORA_NO_XSIMD)
 
 namespace detail {
+
+// Vector registers the kernels may plan for: 32 with AVX-512, 16 otherwise (SSE, AVX2).
+template <class Arch>
+constexpr int vector_registers() noexcept {
+  return std::is_base_of_v<xsimd::avx512f, Arch> ? 32 : 16;
+}
 
 // The end of a register block of RJ x RT dot products over one chunk of their length:
 // with more chunks to come, the vector partial sums go to spill (row t of stride spill_ld,
@@ -293,6 +300,21 @@ void expand(Arch, const Scalar* bt, Index ldb, Index r, Index out, const Scalar*
   constexpr Index W = simd_width<Arch, Scalar>();
   const Index out_vec = out - out % W;
   Index o = 0;
+  // Full tiles with 32 vector registers (AVX-512): 8 tokens x 3 vectors per block, so each
+  // vector of B_e^T is loaded once per tile; with blocks of 4 tokens the second block found
+  // the 16 rank rows (16 KiB apart, the same L1 sets) evicted. 24-43 % faster at r = 16-64
+  // (tiles of 8 or more tokens, 4096 columns); ranks 3 and 200 unchanged.
+  if constexpr (detail::vector_registers<Arch>() >= 32) {
+    if (n >= 8)
+      for (; o + 3 * W <= out_vec; o += 3 * W) {
+        Index t = 0;
+        for (; t + 8 <= n; t += 8) detail::expand_block<8, 3, Arch>(bt, ldb, r, h + t, scale + t, y + t, o);
+        if (t < n) {
+          detail::expand_columns<2, Arch>(bt, ldb, r, h + t, scale + t, n - t, y + t, o);
+          detail::expand_columns<1, Arch>(bt, ldb, r, h + t, scale + t, n - t, y + t, o + 2 * W);
+        }
+      }
+  }
   // One or two tokens (decode): 8 output vectors per block keep enough FMAs in flight.
   if (n <= 2)
     for (; o + 8 * W <= out_vec; o += 8 * W) detail::expand_columns<8, Arch>(bt, ldb, r, h, scale, n, y, o);
