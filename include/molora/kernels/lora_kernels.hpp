@@ -52,15 +52,15 @@ constexpr Index fused_tile(Index r, Index in, Index out) noexcept {
   return r * (in + out) * Index(sizeof(Scalar)) > (Index(1) << 20) ? kMaxTile : kTile;
 }
 
-// Elements of `in` reduced per pass of the shrink: about 16 KB of A_e per pass, so the A
-// chunk and a 4-token x chunk stay in L1 while every token block of the tile reuses them;
-// but at least 16 vectors, or reloading the partial sums between passes costs more than
-// the pass (large ranks then read their A chunk from L2). The chunk length changes the
+// Elements of `in` reduced per pass of the shrink: about 32 KB of A_e per pass (16 KB was
+// 3-5 % slower at MING-MOE's shape, T = 64-1024; whole rows in one pass no faster than
+// 32 KB), but at least 16 vectors, or reloading the partial sums between passes costs more
+// than the pass (large ranks then read their A chunk from L2). The chunk length changes the
 // speed only, never the values.
 template <class Arch, class Scalar>
 constexpr Index shrink_chunk(Index rank) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
-  const Index kc = (Index(16384) / (rank * Index(sizeof(Scalar)))) / W * W;
+  const Index kc = (Index(32768) / (rank * Index(sizeof(Scalar)))) / W * W;
   return kc < 16 * W ? 16 * W : kc;
 }
 
