@@ -302,7 +302,7 @@ void expand(Arch, const Scalar* bt, Index ldb, Index r, Index out, const Scalar*
   Index o = 0;
   // Full tiles with 32 vector registers (AVX-512): 8 tokens x 3 vectors per block, so each
   // vector of B_e^T is loaded once per tile; with blocks of 4 tokens the second block found
-  // the 16 rank rows (16 KiB apart, the same L1 sets) evicted. 24-43 % faster at r = 16-64
+  // the 16 rank rows (16 KiB apart, the same L1 sets) evicted. 26-43 % faster at r = 16-64
   // (tiles of 8 or more tokens, 4096 columns); ranks 3 and 200 unchanged.
   if constexpr (detail::vector_registers<Arch>() >= 32) {
     if (n >= 8)
