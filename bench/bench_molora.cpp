@@ -30,6 +30,7 @@
 #include <memory>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include <molora/molora.hpp>
@@ -154,6 +155,33 @@ void BM_peak_fma(benchmark::State& st) {
 }
 BENCHMARK(BM_peak_fma)->MinTime(0.3)->Repetitions(3);
 
+#if !defined(MOLORA_NO_XSIMD)
+// Sums every float of the spans once, 8 vectors in flight: the time any kernel needs just to
+// read that data (the loop of BM_read_bandwidth).
+float stream_spans(const std::vector<std::pair<const float*, Index>>& spans) {
+  using B = xsimd::batch<float, molora::kernels::default_arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  constexpr int U = 8;
+  B acc[U];
+  for (int u = 0; u < U; ++u) acc[u] = B(0.f);
+  float tail = 0;
+  for (const auto& [p, n] : spans) {
+    Index i = 0;
+    for (; i + U * W <= n; i += U * W) {
+      MOLORA_UNROLL
+      for (int u = 0; u < U; ++u) acc[u] += B::load_unaligned(p + i + u * W);
+    }
+    for (; i < n; ++i) tail += p[i];
+  }
+  B sum = acc[0];
+  for (int u = 1; u < U; ++u) sum += acc[u];
+  alignas(64) float lanes[W];
+  sum.store_aligned(lanes);
+  for (Index l = 0; l < W; ++l) tail += lanes[l];
+  return tail;
+}
+#endif
+
 // Read bandwidth of one core over a buffer of KiB KiB (read again every iteration): from
 // L2 when it fits (this machine: 2 MiB per core), from L3 / memory beyond. The bound of
 // the decode cases, which stream their experts' weights once per call.
@@ -161,25 +189,10 @@ void BM_read_bandwidth(benchmark::State& st) {
 #if defined(MOLORA_NO_XSIMD)
   st.SkipWithError("built without xsimd");
 #else
-  using Arch = molora::kernels::default_arch;
-  using B = xsimd::batch<float, Arch>;
-  constexpr Index W = static_cast<Index>(B::size);
-  constexpr int U = 8;  // independent accumulators: more loads in flight than add latency
-  const Index n = st.range(0) * 256 / (U * W) * (U * W);  // floats
+  const Index n = st.range(0) * 256;  // floats
   std::vector<float, xsimd::aligned_allocator<float>> buf(static_cast<std::size_t>(n), 1e-3f);
-  for (auto _ : st) {
-    B acc[U];
-    MOLORA_UNROLL
-    for (int u = 0; u < U; ++u) acc[u] = B(0.f);
-    const float* p = buf.data();
-    for (Index i = 0; i < n; i += U * W) {
-      MOLORA_UNROLL
-      for (int u = 0; u < U; ++u) acc[u] += B::load_aligned(p + i + u * W);
-    }
-    B sum = acc[0];
-    for (int u = 1; u < U; ++u) sum += acc[u];
-    benchmark::DoNotOptimize(sum);
-  }
+  const std::vector<std::pair<const float*, Index>> spans{{buf.data(), n}};
+  for (auto _ : st) benchmark::DoNotOptimize(stream_spans(spans));
   st.counters["GBps"] =
       benchmark::Counter(double(n) * sizeof(float) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 #endif
@@ -335,32 +348,6 @@ void BM_peak_share(benchmark::State& st) {
 
 // ---- the decode bound, in one loop ---------------------------------------------------------
 
-#if !defined(MOLORA_NO_XSIMD)
-// Sums every float of the spans once, 8 vectors in flight: the time any kernel needs just to
-// read that data (the loop of BM_read_bandwidth).
-float stream_spans(const std::vector<std::pair<const float*, Index>>& spans) {
-  using B = xsimd::batch<float, molora::kernels::default_arch>;
-  constexpr Index W = static_cast<Index>(B::size);
-  constexpr int U = 8;
-  B acc[U];
-  for (int u = 0; u < U; ++u) acc[u] = B(0.f);
-  float tail = 0;
-  for (const auto& [p, n] : spans) {
-    Index i = 0;
-    for (; i + U * W <= n; i += U * W) {
-      MOLORA_UNROLL
-      for (int u = 0; u < U; ++u) acc[u] += B::load_unaligned(p + i + u * W);
-    }
-    for (; i < n; ++i) tail += p[i];
-  }
-  B sum = acc[0];
-  for (int u = 1; u < U; ++u) sum += acc[u];
-  alignas(64) float lanes[W];
-  sum.store_aligned(lanes);
-  for (Index l = 0; l < W; ++l) tail += lanes[l];
-  return tail;
-}
-#endif
 
 // decode_bound/in/out/T: each iteration times, by CPU time, the adapter (E = 8, k = 2,
 // r = 16) with the eigen strategy and with the fused one (in turns first), then a plain read of the data

@@ -239,31 +239,35 @@ def main(argv=None):
             f"T={t}: {100 * experts[('fused', 4096, 4096, 8, 2, 16, t)]['GFLOPs'] / peak:.0f} %"
             for t in tokens if ("fused", 4096, 4096, 8, 2, 16, t) in experts))
 
-    shares = [r for r in rows if r["kind"] == "peak_share" and "share" in r]
-    if shares:
-        md.append("\n### Fused experts' share of the FMA peak, both timed in one loop (`peak_share`)\n")
-        md.append("Each iteration times the experts (fixed routing, E = 8, k = 2, r = 16) and then the FMA-chain "
-                  "kernel; share = median over iterations of the ratio of their GFLOP/s.\n")
-        md.append("| in -> out | T | experts GFLOP/s | peak GFLOP/s | share |")
-        md.append("|---|---|---|---|---|")
-        for r in sorted(shares, key=lambda r: tuple(r["args"])):
+    def one_loop_table(kind, key, title, intro, columns, cells):
+        """A section for a benchmark whose counters are medians of in-loop ratios: one row per
+        case, `cells(args, row)` giving the cells after the case's shape."""
+        found = [r for r in rows if r["kind"] == kind and key in r]
+        if not found:
+            return
+        md.append(f"\n### {title}\n")
+        md.append(intro + "\n")
+        md.append("| in -> out | T | " + " | ".join(columns) + " |")
+        md.append("|" + "---|" * (2 + len(columns)))
+        for r in sorted(found, key=lambda r: tuple(r["args"])):
             a = r["args"]
-            md.append(f"| {a[0]} -> {a[1]} | {a[2]} | {r['experts_GFLOPs']:.0f} | {r['peak_GFLOPs']:.0f} | "
-                      f"{100 * r['share']:.0f} % |")
+            md.append(f"| {a[0]} -> {a[1]} | {a[2]} | " + " | ".join(cells(r)) + " |")
 
-    bounds = [r for r in rows if r["kind"] == "decode_bound" and "bound_over_eigen" in r]
-    if bounds:
-        md.append("\n### Decode: fused over eigen beside the bound of reading the operands once (`decode_bound`)\n")
-        md.append("Each iteration times the adapter with the eigen and the fused strategy (in turns first), then a "
-                  "plain read of what either must read at least once (router weights, the routed experts' A and B, "
-                  "the x and y rows); medians of the per-iteration ratios. `bound` = eigen's time over the read's: "
-                  "no kernel that reads its operands beats eigen by more.\n")
-        md.append("| in -> out | T | fused / eigen speedup | bound on any speedup | fused time / read time |")
-        md.append("|---|---|---|---|---|")
-        for r in sorted(bounds, key=lambda r: tuple(r["args"])):
-            a = r["args"]
-            md.append(f"| {a[0]} -> {a[1]} | {a[2]} | {r['fused_over_eigen']:.2f}x | {r['bound_over_eigen']:.2f}x | "
-                      f"{1 / r['fused_of_bound']:.2f} |")
+    one_loop_table(
+        "peak_share", "share", "Fused experts' share of the FMA peak, both timed in one loop (`peak_share`)",
+        "Each iteration times the experts (fixed routing, E = 8, k = 2, r = 16) and then the FMA-chain "
+        "kernel; share = median over iterations of the ratio of their GFLOP/s.",
+        ["experts GFLOP/s", "peak GFLOP/s", "share"],
+        lambda r: [f"{r['experts_GFLOPs']:.0f}", f"{r['peak_GFLOPs']:.0f}", f"{100 * r['share']:.0f} %"])
+    one_loop_table(
+        "decode_bound", "bound_over_eigen",
+        "Decode: fused over eigen beside the bound of reading the operands once (`decode_bound`)",
+        "Each iteration times the adapter with the eigen and the fused strategy (in turns first), then a "
+        "plain read of what either must read at least once (router weights, the routed experts' A and B, "
+        "the x and y rows); medians of the per-iteration ratios. `bound` = eigen's time over the read's: "
+        "no kernel that reads its operands beats eigen by more.",
+        ["fused / eigen speedup", "bound on any speedup", "fused time / read time"],
+        lambda r: [f"{r['fused_over_eigen']:.2f}x", f"{r['bound_over_eigen']:.2f}x", f"{1 / r['fused_of_bound']:.2f}"])
 
     # Sweeps.
     for title, tab, key_index, values in (("rank r (E = 8)", sweep_r, 5, (4, 8, 16, 64)),
