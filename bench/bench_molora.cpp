@@ -106,12 +106,18 @@ double expert_flops(const Shape& s) { return 2.0 * double(s.k * s.r) * double(s.
 // Bytes of weights one call reads at least once: the router's (adapter only) and those of
 // the experts the routing of x uses. For decode (T = 1, 4) the call is bound by streaming
 // them: counter weight_GBps = these bytes / time.
-double weight_bytes(const molora::MoLoRAAdapter<float>& a, const Mat& x, bool with_router) {
+// Which experts the routing of x uses (1) or not (0).
+std::vector<char> experts_used(const molora::MoLoRAAdapter<float>& a, const Mat& x) {
   molora::MoLoRAWorkspace<float> ws;
   const auto& routing = a.route_tokens(x, ws);
   std::vector<char> used(static_cast<std::size_t>(a.num_experts()), 0);
   for (Index t = 0; t < routing.num_tokens(); ++t)
     for (Index s = 0; s < routing.top_k(); ++s) used[static_cast<std::size_t>(routing.ids(t, s))] = 1;
+  return used;
+}
+
+double weight_bytes(const molora::MoLoRAAdapter<float>& a, const Mat& x, bool with_router) {
+  const std::vector<char> used = experts_used(a, x);
   double experts = 0;
   for (char u : used) experts += u;
   const double per_expert = double(a.rank()) * double(a.in_features() + a.out_features()) * sizeof(float);
@@ -348,10 +354,9 @@ void BM_peak_share(benchmark::State& st) {
 
 // ---- the decode bound, in one loop ---------------------------------------------------------
 
-
 // decode_bound/in/out/T: each iteration times, by CPU time, the adapter (E = 8, k = 2,
-// r = 16) with the eigen strategy and with the fused one (in turns first), then a plain read of the data
-// either must read at least once: the router's weights, the A_e and B_e of every expert the
+// r = 16) with the eigen strategy and with the fused one (in turns first), then a plain
+// read of the data either must read at least once: the router's weights, the A_e and B_e of every expert the
 // routing uses, the x rows and the y rows (y += ... reads y). Counters, medians of the
 // per-iteration ratios: fused_over_eigen (the speedup), bound_over_eigen (eigen's time over
 // the read's: the speedup of a kernel that did nothing but read its operands once; no
@@ -368,20 +373,14 @@ void BM_decode_bound(benchmark::State& st) {
   Mat y = Mat::Zero(T, s.out);
   molora::MoLoRAWorkspace<float> ws_e, ws_f;
   std::vector<std::pair<const float*, Index>> spans{{a.router().weight().data(), s.E * s.in}};
-  {
-    molora::MoLoRAWorkspace<float> ws;
-    const auto& routing = a.route_tokens(x, ws);
-    std::vector<char> used(static_cast<std::size_t>(s.E), 0);
-    for (Index t = 0; t < T; ++t)
-      for (Index j = 0; j < s.k; ++j) used[static_cast<std::size_t>(routing.ids(t, j))] = 1;
-    for (Index e = 0; e < s.E; ++e) {
-      if (!used[static_cast<std::size_t>(e)]) continue;
-      spans.emplace_back(a.stacked_A().data() + e * s.r * s.in, s.r * s.in);     // A_e [r, in]
-      spans.emplace_back(a.stacked_B().data() + e * s.r * s.out, s.r * s.out);  // B_e, column-major
-    }
-    spans.emplace_back(x.data(), T * s.in);
-    spans.emplace_back(y.data(), T * s.out);
+  const std::vector<char> used = experts_used(a, x);
+  for (Index e = 0; e < s.E; ++e) {
+    if (!used[static_cast<std::size_t>(e)]) continue;
+    spans.emplace_back(a.stacked_A().data() + e * s.r * s.in, s.r * s.in);     // A_e [r, in]
+    spans.emplace_back(a.stacked_B().data() + e * s.r * s.out, s.r * s.out);  // B_e, column-major
   }
+  spans.emplace_back(x.data(), T * s.in);
+  spans.emplace_back(y.data(), T * s.out);
   std::vector<double> speedup, bound, share;
   float sink = 0;
   bool fused_first = false;
