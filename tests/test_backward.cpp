@@ -258,6 +258,55 @@ TEST_CASE("backward: the MING-MOE shape in miniature (E = 8, k = 2) with odd siz
   MESSAGE("E=8 k=2 T=13 in=17 out=11 r=3: max finite-difference error " << err);
 }
 
+// Renormalised top-k without an auxiliary loss leaves dL/dlogits zero off each token's k
+// experts, and the backward then runs the router's term as one row of W_r per pair. A
+// logit gradient of 1e-300 off the selection (far below the rounding of anything else)
+// switches it back to the dense form over all E rows: both must agree.
+TEST_CASE("backward: the router's sparse form equals its dense form") {
+  const Index Ts[] = {1, 9, 40};
+  std::uint64_t seed = 71;
+  for (const Index T : Ts)
+    for (int noise = 0; noise < 2; ++noise)
+      for (const Index E : {4, 5, 8}) {
+        Case c;
+        c.T = T;
+        c.in = 19;
+        c.out = 6;
+        c.E = E;
+        c.k = 2;
+        c.r = 3;
+        c.seed = ++seed;
+        if (noise) {
+          c.dropout = 0.3;
+          c.jitter = 0.2;
+        }
+        CAPTURE(T);
+        CAPTURE(E);
+        CAPTURE(noise);
+        Harness hs(c);
+        MoLoRAGrads<double> sparse(hs.layer), dense(hs.layer);
+        RowMatrix<double> dx_sparse(T, c.in), dx_dense(T, c.in);
+        hs.eval();
+        backward(hs.layer, hs.tape, hs.w, sparse, dx_sparse);
+        hs.eval();
+        for (Index t = 0; t < T; ++t)
+          for (Index e = 0; e < E; ++e) {
+            bool selected = false;
+            for (Index s = 0; s < c.k; ++s) selected = selected || hs.tape.routing.ids(t, s) == e;
+            if (!selected) hs.tape.logit_grad(t, e) = 1e-300;
+          }
+        backward(hs.layer, hs.tape, hs.w, dense, dx_dense);
+        const auto ps = parameters(hs.layer, sparse), pd = parameters(hs.layer, dense);
+        REQUIRE(ps.size() == pd.size());
+        for (std::size_t i = 0; i < ps.size(); ++i) {
+          INFO(ps[i].name);
+          const Vector<double> a = ps[i].grad, b = pd[i].grad;
+          CHECK((a - b).cwiseAbs().maxCoeff() <= 1e-12 * std::max(1.0, b.cwiseAbs().maxCoeff()));
+        }
+        CHECK((dx_sparse - dx_dense).cwiseAbs().maxCoeff() <= 1e-12 * std::max(1.0, dx_dense.cwiseAbs().maxCoeff()));
+      }
+}
+
 TEST_CASE("backward: worst error over all cases") {
   MESSAGE("worst finite-difference error so far: " << worst_error);
 }

@@ -550,10 +550,16 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
     if (a.router().has_bias()) g.router_bias += tape.dlogits.colwise().sum();
   }
 
-  // Sweep 2 per tile: the expert's term over all its pairs, the router's over the tile's
-  // slot-0 pairs (each token has exactly one). Each expert's slot-0 pairs go first, so its
-  // router terms fill whole tiles (the kernel's cost per sweep barely depends on the
-  // number of tokens) and at most one tile per expert has a partial router term.
+  // Sweep 2 per tile: the expert's term over all its pairs, and the router's. In general
+  // dL/dlogits is dense: the router's term is all E rows of W_r over the tile's slot-0
+  // pairs (each token has exactly one). Each expert's slot-0 pairs go first, so its router
+  // terms fill whole tiles (the kernel's cost per sweep barely depends on the number of
+  // tokens) and at most one tile per expert has a partial router term. Renormalised top-k
+  // without auxiliary losses makes it sparse instead: dl_j = 0 off the k selected experts,
+  // so the router's term is the single row e of W_r over all of expert e's pairs, k rows of
+  // W_r per token rather than E (when 2k <= E; otherwise the dense form does less).
+  const bool sparse_router = has_router && tape.normalize_top_k && 2 * k <= E &&
+                             (tape.logit_grad.array() == Scalar(0)).all();
   tape.pair_order.resize(static_cast<std::size_t>(pairs));
   const Scalar* xe[kT];
   const Scalar* he[kT];
@@ -577,21 +583,30 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
     ex.dx = dx ? dxe : nullptr;
     ex.mask = tape.has_dropout() ? me : nullptr;
     auto& ro = terms[1];
-    ro.w = a.router().weight().data();  // W_r [E, in]
+    ro.w = a.router().weight().data();  // W_r [E, in], or its row e when sparse
     ro.ldw = a.router().weight().outerStride();
     ro.dw = g.router_weight.data();
     ro.lddw = g.router_weight.outerStride();
     ro.rows = E;
+    if (sparse_router) {
+      ro.w += Index(e) * ro.ldw;
+      ro.dw += Index(e) * ro.lddw;
+      ro.rows = 1;
+    }
     ro.x = xrr;
     ro.coef = lr;
     ro.dx = dx ? dxr : nullptr;
     ro.mask = tape.has_jitter() ? mr : nullptr;
-    Index* order = tape.pair_order.data() + b_e;  // expert e's pairs, slot-0 ones first
+    // Expert e's pairs, the n_router that carry a router term first.
+    Index* order = tape.pair_order.data() + b_e;
+    const auto routed = [&](Index i) {
+      return sparse_router || (has_router && tape.plan.slots[static_cast<std::size_t>(b_e + i)] == 0);
+    };
     Index n_router = 0;
     for (Index i = 0; i < n_e; ++i)
-      if (has_router && tape.plan.slots[static_cast<std::size_t>(b_e + i)] == 0) order[n_router++] = b_e + i;
+      if (routed(i)) order[n_router++] = b_e + i;
     for (Index i = 0, o = n_router; i < n_e; ++i)
-      if (!(has_router && tape.plan.slots[static_cast<std::size_t>(b_e + i)] == 0)) order[o++] = b_e + i;
+      if (!routed(i)) order[o++] = b_e + i;
     for (Index t0 = 0; t0 < n_e; t0 += even_tile(n_e, t0)) {
       const Index n = even_tile(n_e, t0);
       Index m = 0;
@@ -603,7 +618,7 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
         if (tape.has_dropout()) me[i] = tape.dropout_scale.data() + t * in;
         if (t0 + i < n_router) {
           xrr[m] = xr + t * ldxr;
-          lr[m] = tape.dlogits.data() + t * E;
+          lr[m] = tape.dlogits.data() + t * E + (sparse_router ? Index(e) : 0);
           if (dx) dxr[m] = dx->data() + t * dx->outerStride();
           if (tape.has_jitter()) mr[m] = tape.jitter.data() + t * in;
           ++m;
