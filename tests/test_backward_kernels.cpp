@@ -2,8 +2,9 @@
 // in double (STYLE.md 10): ranks 1, 3, 17 and 64, `in` and `out` odd and not multiples of
 // the SIMD width, from below one vector to several chunks, tiles of 1 to 9 tokens gathered
 // from scattered rows, strides wider than the rows, gradients that already hold values, and
-// every grad_in variant (with and without dx, with and without a mask, an expert term and a
-// router term sharing dx rows). Built once per ISA and for the scalar fallback
+// every grad_in variant (with and without dx, with and without a mask, with and without an
+// extra row, an expert term and a router term sharing dx rows). Built once per ISA and for
+// the scalar fallback
 // (tests/cmake/isa.cmake).
 #include <doctest/doctest.h>
 
@@ -112,11 +113,12 @@ struct TermData {
   std::vector<Index> tok;
 };
 
-// grad_in against a double reference: an expert term (rank r, n tokens) and, optionally, a
-// router term (E rows, every other token of the tile) sharing the same dx rows.
+// grad_in against a double reference: an expert term (rank r, n tokens, and with_extra one
+// more row given as the term's extra row) and, optionally, a router term (E rows, every
+// other token of the tile) sharing the same dx rows.
 template <class Scalar, class Arch>
 void check_grad_in(Arch arch, Index r, Index in, Index n, bool with_dx, bool with_mask, bool with_router,
-                   std::uint64_t seed) {
+                   bool with_extra, std::uint64_t seed) {
   std::mt19937_64 gen(seed);
   const Index T = n + 4, ldx = in + 3, lddx = in + 1, E = 5;
   auto dxbuf = random_vector<Scalar>(gen, T * lddx);
@@ -124,7 +126,7 @@ void check_grad_in(Arch arch, Index r, Index in, Index n, bool with_dx, bool wit
   std::vector<TermData<Scalar>> terms(with_router ? 2 : 1);
   for (std::size_t i = 0; i < terms.size(); ++i) {
     auto& d = terms[i];
-    d.rows = i == 0 ? r : E;
+    d.rows = i == 0 ? r + (with_extra ? 1 : 0) : E;
     d.n = i == 0 ? n : (n + 1) / 2;
     d.ldw = in + 2;
     d.lddw = in + 3;
@@ -144,6 +146,7 @@ void check_grad_in(Arch arch, Index r, Index in, Index n, bool with_dx, bool wit
     }
   }
   std::vector<molora::kernels::GradInTerm<Scalar>> g(terms.size());
+  std::vector<const Scalar*> extra_coef;
   Index total_rows = 0;
   for (std::size_t i = 0; i < terms.size(); ++i) {
     auto& d = terms[i];
@@ -152,6 +155,13 @@ void check_grad_in(Arch arch, Index r, Index in, Index n, bool with_dx, bool wit
     g[i].dw = d.dw.data();
     g[i].lddw = d.lddw;
     g[i].rows = d.rows;
+    if (i == 0 && with_extra) {  // the last row, through the extra-row pointers
+      g[i].rows = r;
+      g[i].extra_w = d.w.data() + r * d.ldw;
+      g[i].extra_dw = d.dw.data() + r * d.lddw;
+      for (Index t = 0; t < d.n; ++t) extra_coef.push_back(d.c[at(t)] + r);
+      g[i].extra_coef = extra_coef.data();
+    }
     g[i].x = d.x.data();
     g[i].coef = d.c.data();
     g[i].dx = with_dx ? d.dx.data() : nullptr;
@@ -227,12 +237,13 @@ void sweep(Arch arch) {
       }
       for (const Index in : ins) {
         CAPTURE(in);
-        for (int variant = 0; variant < 6; ++variant) {
-          // 0: dA only; 1: + dx; 2: + router; 3: + masks; 4: router, no dx; 5: masked dx, no router.
-          const bool dx = variant != 0 && variant != 4, mask = variant == 3 || variant == 5,
-                     router = variant >= 2 && variant != 5;
+        for (int variant = 0; variant < 8; ++variant) {
+          // 0: dA only; 1: + dx; 2: + router; 3: + masks; 4: router, no dx; 5: masked dx, no router;
+          // 6: an extra row with dx; 7: an extra row, dx, masks and the router term.
+          const bool dx = variant != 0 && variant != 4, mask = variant == 3 || variant == 5 || variant == 7,
+                     router = (variant >= 2 && variant <= 4) || variant == 7, extra = variant >= 6;
           CAPTURE(variant);
-          check_grad_in<Scalar>(arch, r, in, n, dx, mask, router, ++seed);
+          check_grad_in<Scalar>(arch, r, in, n, dx, mask, router, extra, ++seed);
         }
       }
     }

@@ -558,8 +558,12 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
   // without auxiliary losses makes it sparse instead: dl_j = 0 off the k selected experts,
   // so the router's term is the single row e of W_r over all of expert e's pairs, k rows of
   // W_r per token rather than E (when 2k <= E; otherwise the dense form does less).
+  // Without dropout and jitter the router sees the experts' x and its x-gradient takes no
+  // mask, so that row is folded into the expert's term as its extra row: the x and dx
+  // chunks are then read and written once for both.
   const bool sparse_router = has_router && tape.normalize_top_k && 2 * k <= E &&
                              (tape.logit_grad.array() == Scalar(0)).all();
+  const bool fold_router = sparse_router && !tape.has_dropout() && !tape.has_jitter();
   tape.pair_order.resize(static_cast<std::size_t>(pairs));
   const Scalar* xe[kT];
   const Scalar* he[kT];
@@ -582,6 +586,9 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
     ex.coef = he;
     ex.dx = dx ? dxe : nullptr;
     ex.mask = tape.has_dropout() ? me : nullptr;
+    ex.extra_w = fold_router ? a.router().weight().data() + Index(e) * a.router().weight().outerStride() : nullptr;
+    ex.extra_dw = fold_router ? g.router_weight.data() + Index(e) * g.router_weight.outerStride() : nullptr;
+    ex.extra_coef = fold_router ? lr : nullptr;
     auto& ro = terms[1];
     ro.w = a.router().weight().data();  // W_r [E, in], or its row e when sparse
     ro.ldw = a.router().weight().outerStride();
@@ -626,7 +633,7 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
       }
       ex.n = n;
       ro.n = m;
-      kernels::grad_in(Arch{}, terms, has_router ? 2 : 1, in, tape.spill.data());
+      kernels::grad_in(Arch{}, terms, has_router && !fold_router ? 2 : 1, in, tape.spill.data());
     }
   }
 }

@@ -75,6 +75,10 @@ constexpr Index grad_in_chunk() noexcept {
 //   dx[t][c]       += mask[t][c] * sum_j coef[t][j] * w[j*ldw + c]     when dx is not null
 // (mask taken as 1 when null). w and dw are [rows, in] row-major; x[t], dx[t], mask[t] point
 // at `in` values, coef[t] at `rows` values. dx rows are distinct and alias nothing else.
+// Optionally the term has one more row anywhere in memory, row `rows` of the sums above:
+// weights extra_w and gradient extra_dw (`in` values each, both set or both null), its
+// coefficient for token t at *extra_coef[t]; it shares the term's x, dx and mask. (The
+// backward folds the router's row e of W_r into expert e's term so.)
 template <class Scalar>
 struct GradInTerm {
   const Scalar* w = nullptr;
@@ -87,7 +91,16 @@ struct GradInTerm {
   Scalar* const* dx = nullptr;
   const Scalar* const* mask = nullptr;
   Index n = 0;
+  const Scalar* extra_w = nullptr;
+  Scalar* extra_dw = nullptr;
+  const Scalar* const* extra_coef = nullptr;
 };
+
+// Rows of a term's coefficients, its extra row included.
+template <class Scalar>
+constexpr Index term_rows(const GradInTerm<Scalar>& g) noexcept {
+  return g.rows + (g.extra_w ? 1 : 0);
+}
 
 // ---- scalar kernels ----------------------------------------------------------------------
 
@@ -124,10 +137,16 @@ inline void grad_in_scalar(const GradInTerm<Scalar>& g, Index c0, Index c1) noex
       for (Index t = t0; t < t1; ++t) s += g.coef[t][j] * g.x[t][c];
       g.dw[j * g.lddw + c] = s;
     }
+    if (g.extra_w) {
+      Scalar s = g.extra_dw[c];
+      for (Index t = t0; t < t1; ++t) s += *g.extra_coef[t] * g.x[t][c];
+      g.extra_dw[c] = s;
+    }
     if (!g.dx) continue;
     for (Index t = t0; t < t1; ++t) {
       Scalar s = 0;
       for (Index j = 0; j < g.rows; ++j) s += g.coef[t][j] * g.w[j * g.ldw + c];
+      if (g.extra_w) s += *g.extra_coef[t] * g.extra_w[c];
       g.dx[t][c] += g.mask ? g.mask[t][c] * s : s;
     }
   }
@@ -311,6 +330,7 @@ inline void grad_w_rows(const GradInTerm<Scalar>& g, const Scalar* ct, Index c0,
     }
   }
   if (j < g.rows) grad_w_block<1, RT, Arch>(g.x, ct + j * RT, g.dw + j * g.lddw, g.lddw, c0, c1);
+  if (g.extra_w) grad_w_block<1, RT, Arch>(g.x, ct + g.rows * RT, g.extra_dw, 0, c0, c1);
 }
 
 // One register block of the x-gradient: RT tokens x NV vectors at column c, summed over the
@@ -328,17 +348,19 @@ inline void grad_x_block(const GradInTerm<Scalar>& g, const Scalar* ct, Index c)
   }
   const Scalar* col = g.w + c;
   const Scalar* cj = ct;
-  for (Index j = 0; j < g.rows; ++j, col += g.ldw, cj += RT) {
+  const auto add_row = [&](const Scalar* row) {
     B wv[NV];
     MOLORA_UNROLL
-    for (int v = 0; v < NV; ++v) wv[v] = B::load_unaligned(col + v * W);
+    for (int v = 0; v < NV; ++v) wv[v] = B::load_unaligned(row + v * W);
     MOLORA_UNROLL
     for (int t = 0; t < RT; ++t) {
       const B hv(cj[t]);
       MOLORA_UNROLL
       for (int v = 0; v < NV; ++v) acc[t][v] = xsimd::fma(hv, wv[v], acc[t][v]);
     }
-  }
+  };
+  for (Index j = 0; j < g.rows; ++j, col += g.ldw, cj += RT) add_row(col);
+  if (g.extra_w) add_row(g.extra_w + c);  // cj is at the extra row's coefficients
   MOLORA_UNROLL
   for (int t = 0; t < RT; ++t) {
     MOLORA_UNROLL
@@ -454,8 +476,8 @@ void grad_in_columns(Arch, const GradInTerm<Scalar>& g, const Scalar* ct, Index 
 
 #endif  // !MOLORA_NO_XSIMD
 
-// Scratch (in Scalars) grad_in needs for terms of `rows` rows in total: their coefficients
-// transposed.
+// Scratch (in Scalars) grad_in needs for terms of `rows` rows in total (extra rows
+// included): their coefficients transposed.
 constexpr Index grad_in_scratch_size(Index rows) noexcept { return kGradTile * rows; }
 
 namespace detail {
@@ -466,9 +488,11 @@ void grad_in_tile(Arch arch, const GradInTerm<Scalar>* terms, Index num_terms, I
   Scalar* ct = scratch;
   for (Index i = 0; i < num_terms; ++i) {
     const GradInTerm<Scalar>& g = terms[i];
-    for (Index t = 0; t < g.n; ++t)
+    for (Index t = 0; t < g.n; ++t) {
       for (Index j = 0; j < g.rows; ++j) ct[j * g.n + t] = g.coef[t][j];
-    ct += g.rows * g.n;
+      if (g.extra_w) ct[g.rows * g.n + t] = *g.extra_coef[t];
+    }
+    ct += term_rows(g) * g.n;
   }
   const Index kc = grad_in_chunk<Arch, Scalar>();
   for (Index c0 = 0; c0 < in; c0 += kc) {
@@ -476,7 +500,7 @@ void grad_in_tile(Arch arch, const GradInTerm<Scalar>* terms, Index num_terms, I
     ct = scratch;
     for (Index i = 0; i < num_terms; ++i) {
       if (terms[i].n > 0) grad_in_columns(arch, terms[i], static_cast<const Scalar*>(ct), c0, c1);
-      ct += terms[i].rows * terms[i].n;
+      ct += term_rows(terms[i]) * terms[i].n;
     }
   }
 }
@@ -504,6 +528,7 @@ void grad_in(Arch arch, const GradInTerm<Scalar>* terms, Index num_terms, Index 
       part[i].coef = g.coef + lo;
       part[i].dx = g.dx ? g.dx + lo : nullptr;
       part[i].mask = g.mask ? g.mask + lo : nullptr;
+      part[i].extra_coef = g.extra_coef ? g.extra_coef + lo : nullptr;
       part[i].n = hi - lo;
     }
     detail::grad_in_tile(arch, part, num_terms, in, scratch);
