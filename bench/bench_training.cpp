@@ -4,7 +4,10 @@
 //   backward          add_backward (experts, router, the adapter's and router's dx)
 //   train_step        train_forward + backward, timed alternately with adapter_forward in
 //                     one loop (CPU time); step_over_fwd = median of the per-iteration
-//                     ratios (target <= 3); fwd_ms, step_ms = the medians of each
+//                     ratios (target <= 3); fwd_ms, step_ms = the medians of each. Second
+//                     argument: 0 as MING-MOE trains (no auxiliary loss, no dropout on
+//                     the training path), 1 with the load-balancing loss (coef 0.01, as
+//                     MixLoRA), 2 with LoRA dropout 0.05
 //   base_dx           dy W0, the frozen base's x-gradient, reported separately
 //   base_forward      x W0^T, for scale
 //   ./bench_training --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
@@ -18,6 +21,7 @@
 #include <vector>
 
 #include <molora/backward.hpp>
+#include <molora/losses.hpp>
 #include <molora/molora_linear.hpp>
 
 namespace {
@@ -63,8 +67,10 @@ struct Fixture {
   }
 
   void forward() { layer->adapter().add_delta(x, y, ws); }
-  void train_step() {
+  // mode: 0 plain, 1 with the load-balancing loss, 2 with LoRA dropout.
+  void train_step(int mode = 0) {
     molora::add_delta_train(layer->adapter(), x, y, tape);
+    if (mode == 1) benchmark::DoNotOptimize(molora::load_balancing_loss(tape, 0.01));
     molora::add_backward(layer->adapter(), tape, dy, *grads, dx);
   }
 };
@@ -109,7 +115,12 @@ void backward(benchmark::State& state) {
 
 void train_step(benchmark::State& state) {
   Fixture f(state.range(0));
-  f.train_step();
+  const int mode = static_cast<int>(state.range(1));
+  if (mode == 2) {
+    f.tape.options.lora_dropout = 0.05;
+    f.tape.seed(3);
+  }
+  f.train_step(mode);
   f.forward();
   // Each iteration times the adapter forward and then the step, by CPU time, so that the
   // clock and the other jobs of this shared machine move both alike; step_over_fwd is the
@@ -120,7 +131,7 @@ void train_step(benchmark::State& state) {
     f.forward();
     benchmark::DoNotOptimize(f.y.data());
     const double b = cpu_seconds();
-    f.train_step();
+    f.train_step(mode);
     benchmark::DoNotOptimize(f.dx.data());
     const double c = cpu_seconds();
     state.SetIterationTime(c - b);
@@ -157,7 +168,11 @@ void base_forward(benchmark::State& state) {
 BENCHMARK(adapter_forward)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
 BENCHMARK(train_forward)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
 BENCHMARK(backward)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
-BENCHMARK(train_step)->Arg(64)->Arg(256)->Arg(1024)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(train_step)
+    ->ArgsProduct({{64, 256, 1024}, {0, 1, 2}})
+    ->ArgNames({"", "mode"})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(base_dx)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
 BENCHMARK(base_forward)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
 

@@ -521,6 +521,37 @@ TEST_CASE("dropout and jitter are reproducible from their seed") {
   CHECK(lora_mask(1) != lora_mask(2));
 }
 
+// The draws' statistics over 64 x 1001 elements (an odd row length, so each row's last
+// element takes the tail path): the dropped share within 5 standard deviations of p, the
+// jitter's mean and variance those of U(1 - eps, 1 + eps), and no two rows alike.
+TEST_CASE("dropout drops a share p and jitter is uniform") {
+  const Index rows = 64, cols = 1001;
+  const double n = double(rows * cols);
+  Generator gen(9);
+  for (const double p : {0.05, 0.3, 0.5}) {
+    RowMatrix<double> m;
+    detail::draw_dropout(m, rows, cols, p, gen);
+    const double dropped = double((m.array() == 0.0).count()) / n;
+    CAPTURE(p);
+    CHECK(std::abs(dropped - p) < 5 * std::sqrt(p * (1 - p) / n));
+    CHECK(((m.array() == 0.0) || (m.array() == 1.0 / (1.0 - p))).all());
+    for (Index i = 1; i < rows; ++i) CHECK(m.row(i) != m.row(i - 1));
+    // The last column is drawn apart from the pairs: it drops a share p too (over 64 rows,
+    // within 5 standard deviations).
+    const double last = double((m.col(cols - 1).array() == 0.0).count()) / double(rows);
+    CHECK(std::abs(last - p) < 5 * std::sqrt(p * (1 - p) / double(rows)) + 1.0 / double(rows));
+  }
+  const double eps = 0.2;
+  RowMatrix<double> j;
+  detail::draw_jitter(j, rows, cols, eps, gen);
+  CHECK(j.minCoeff() >= 1 - eps);
+  CHECK(j.maxCoeff() < 1 + eps);
+  const double mean = j.mean(), var = (j.array() - mean).square().sum() / n;
+  const double var_u = (2 * eps) * (2 * eps) / 12;
+  CHECK(std::abs(mean - 1.0) < 5 * std::sqrt(var_u / n));
+  CHECK(std::abs(var - var_u) < 0.02 * var_u);
+}
+
 TEST_CASE("training forward and backward of an empty batch do nothing") {
   Case c;
   Harness hs(c);

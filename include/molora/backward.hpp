@@ -93,21 +93,48 @@ struct SavedInput {
   }
 };
 
-// m = Bernoulli(1-p) / (1-p) per element: 0 or 1/(1-p).
+// splitmix64's finaliser: a 64-bit hash of a counter.
+constexpr std::uint64_t mix64(std::uint64_t z) noexcept {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+// m(i, j) = f(u) for each element, u 32 random bits. One 64-bit key per row comes from gen;
+// within the row, element pair q hashes (key, q) and takes the low and the high halves. The
+// draws need no sequential generator per element (a Mersenne Twister step per element cost
+// more than the whole adapter forward at T = 256).
+template <class Scalar, class F>
+void draw_rows(RowMatrix<Scalar>& m, Index rows, Index cols, Generator& gen, F f) {
+  constexpr std::uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
+  m.resize(rows, cols);
+  for (Index i = 0; i < rows; ++i) {
+    const std::uint64_t key = bits64(gen);
+    Scalar* row = m.data() + i * cols;
+    const Index pairs = cols / 2;
+    for (Index q = 0; q < pairs; ++q) {
+      const std::uint64_t h = mix64(key + static_cast<std::uint64_t>(q + 1) * kGolden);
+      row[2 * q] = f(static_cast<std::uint32_t>(h));
+      row[2 * q + 1] = f(static_cast<std::uint32_t>(h >> 32));
+    }
+    if (cols % 2 != 0) row[cols - 1] = f(static_cast<std::uint32_t>(mix64(key + static_cast<std::uint64_t>(pairs + 1) * kGolden)));
+  }
+}
+
+// m = Bernoulli(1-p) / (1-p) per element: 0 or 1/(1-p) (p rounded to a multiple of 2^-32).
 template <class Scalar>
 void draw_dropout(RowMatrix<Scalar>& m, Index rows, Index cols, double p, Generator& gen) {
-  m.resize(rows, cols);
   const auto keep = static_cast<Scalar>(1.0 / (1.0 - p));
-  for (Index i = 0; i < rows; ++i)
-    for (Index j = 0; j < cols; ++j) m(i, j) = uniform01(gen) < p ? Scalar(0) : keep;
+  const auto drop_below = static_cast<std::uint64_t>(std::llround(p * 0x1.0p32));  // P(u < it) = p
+  draw_rows(m, rows, cols, gen, [=](std::uint32_t u) { return u < drop_below ? Scalar(0) : keep; });
 }
 
 // m = U(1-eps, 1+eps) per element.
 template <class Scalar>
 void draw_jitter(RowMatrix<Scalar>& m, Index rows, Index cols, double eps, Generator& gen) {
-  m.resize(rows, cols);
-  for (Index i = 0; i < rows; ++i)
-    for (Index j = 0; j < cols; ++j) m(i, j) = static_cast<Scalar>(uniform(gen, 1.0 - eps, 1.0 + eps));
+  draw_rows(m, rows, cols, gen, [=](std::uint32_t u) {
+    return static_cast<Scalar>((1.0 - eps) + (2.0 * eps) * (static_cast<double>(u) * 0x1.0p-32));
+  });
 }
 
 template <class D>

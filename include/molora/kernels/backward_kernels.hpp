@@ -13,7 +13,9 @@
 //             the same form (weights W_r, coefficients dL/dlogits), so a call takes several
 //             such terms and applies them chunk by chunk while the chunks of the x and dx
 //             rows are in cache. An optional per-element mask multiplies the dx term
-//             (dropout's scale for the experts, jitter for the router).
+//             (dropout's scale for the experts, jitter for the router). A term may carry
+//             one extra row stored elsewhere (the router's row e of W_r, when dL/dlogits
+//             is zero off the selected experts), which then costs no pass of its own.
 //
 // No gathered copies: rows of dy, x, dx, the coefficients and the masks come as pointer
 // arrays. Layouts as in lora_kernels.hpp: A_e and W_r row-major [rows, in], B_e^T row-major
