@@ -111,13 +111,14 @@ void draw_rows(RowMatrix<Scalar>& m, Index rows, Index cols, Generator& gen, F f
   for (Index i = 0; i < rows; ++i) {
     const std::uint64_t key = bits64(gen);
     Scalar* row = m.data() + i * cols;
+    const auto hash = [key](Index q) { return mix64(key + static_cast<std::uint64_t>(q + 1) * kGolden); };
     const Index pairs = cols / 2;
     for (Index q = 0; q < pairs; ++q) {
-      const std::uint64_t h = mix64(key + static_cast<std::uint64_t>(q + 1) * kGolden);
+      const std::uint64_t h = hash(q);
       row[2 * q] = f(static_cast<std::uint32_t>(h));
       row[2 * q + 1] = f(static_cast<std::uint32_t>(h >> 32));
     }
-    if (cols % 2 != 0) row[cols - 1] = f(static_cast<std::uint32_t>(mix64(key + static_cast<std::uint64_t>(pairs + 1) * kGolden)));
+    if (cols % 2 != 0) row[cols - 1] = f(static_cast<std::uint32_t>(hash(pairs)));
   }
 }
 
