@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <regex>
 #include <string>
@@ -305,23 +306,28 @@ TEST_CASE("Regex: (a|aa)*b and (a*)*b on 5000 a's do work linear in the text") {
   // Patterns on which a backtracking matcher takes time exponential in the text.
   struct Hostile {
     const char* pattern;
-    bool matches_as;   // on 5000 'a'
-    bool matches_asb;  // on 5000 'a' then 'b'
+    bool matches_as;   // on n 'a'
+    bool matches_asb;  // on n 'a' then 'b'
   };
   const Hostile cases[] = {
       {"(a|aa)*b", false, true}, {"(a*)*b", false, true}, {"(a|a)*b", false, true},
       {"(a+)+b", false, true},   {"(.*)*x", false, false}, {"(a|aa)*", true, false},
   };
-  const std::string as(5000, 'a');
+  // Growing lengths with REQUIRE, so that a matcher whose work explodes stops at a short
+  // text instead of running for ages on the long one.
   for (const auto& c : cases) {
     CAPTURE(c.pattern);
     const Regex re(c.pattern);
-    std::size_t steps = 0;
-    CHECK(re.full_match(as, steps) == c.matches_as);
-    CHECK(steps >= as.size());
-    CHECK(steps <= re.program_size() * (as.size() + 1));
-    CHECK(re.full_match(as + "b", steps) == c.matches_asb);
-    CHECK(steps <= re.program_size() * (as.size() + 2));
+    for (std::size_t n : {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 5000}) {
+      CAPTURE(n);
+      const std::string as(n, 'a');
+      std::size_t steps = 0;
+      CHECK(re.full_match(as, steps) == c.matches_as);
+      REQUIRE(steps <= re.program_size() * (as.size() + 1));
+      CHECK(steps >= as.size());  // the count is real work, not a constant
+      CHECK(re.full_match(as + "b", steps) == c.matches_asb);
+      REQUIRE(steps <= re.program_size() * (as.size() + 2));
+    }
   }
   // (a?){n}a{n} on n a's: 2^n paths for a backtracker, program size 3n + 1 here
   const std::string a1000(1000, 'a');
@@ -362,6 +368,7 @@ TEST_CASE("Regex: a pattern at the length limit compiles, one byte over it is a 
   CHECK(error_of([] { Regex("abcde", 4, "cfg: target_modules"); })
             .find("cfg: target_modules: regex pattern length: expected at most 4 bytes, got 5") != std::string::npos);
   CHECK(Regex(over, over.size()).full_match(over));
+  CHECK(Regex("a{3}", std::numeric_limits<std::size_t>::max()).full_match("aaa"));  // no overflow in the cap
 }
 
 TEST_CASE("Regex: bounded repetition expands up to 8 instructions per allowed pattern byte") {

@@ -72,6 +72,7 @@ struct Node {
 inline constexpr std::size_t kMaxRegexNesting = 100;      // groups inside groups
 inline constexpr std::uint32_t kMaxRegexRepeat = 1000;    // n and m of {n,m}
 inline constexpr std::size_t kRegexInstsPerByte = 8;      // program size cap per allowed pattern byte
+inline constexpr std::size_t kMaxRegexInsts = std::size_t{1} << 31;  // indices are 32-bit
 
 // The pattern as it appears in a message: printable ASCII as is, other bytes as \xHH, cut
 // after 200 bytes so that a hostile pattern does not make a huge message.
@@ -579,7 +580,10 @@ public:
                                              detail::quote_pattern(pattern)));
     detail::RegexParser parser(pattern, field, program_);
     const std::uint32_t root = parser.parse();
-    const std::size_t cap = detail::kRegexInstsPerByte * std::max<std::size_t>(max_pattern_length, 1);
+    const std::size_t bytes = std::max<std::size_t>(max_pattern_length, 1);
+    const std::size_t cap = bytes < detail::kMaxRegexInsts / detail::kRegexInstsPerByte
+                                ? detail::kRegexInstsPerByte * bytes
+                                : detail::kMaxRegexInsts;
     detail::RegexCompiler(parser.nodes(), program_, cap, field, pattern).compile(root);
   }
 
