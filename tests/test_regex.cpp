@@ -211,8 +211,9 @@ const Case kCases[] = {
 
 TEST_CASE("Regex: full_match agrees with Python's re.fullmatch on every supported construct") {
   for (const Case& c : kCases) {
-    CAPTURE(c.pattern);
-    CAPTURE(c.text);
+    const std::string pattern = c.pattern, text = c.text;
+    CAPTURE(pattern);
+    CAPTURE(text);
     const Regex re(c.pattern);
     CHECK(re.full_match(c.text) == c.expected);
     CHECK(re.pattern() == c.pattern);
@@ -249,7 +250,8 @@ TEST_CASE("Regex: each unsupported construct is a format_error naming it and its
       {"\\u0041", "\\u", 0},         {"\\U00000041", "\\U", 0},
   };
   for (const auto& c : cases) {
-    CAPTURE(c.pattern);
+    const std::string pattern = c.pattern;
+    CAPTURE(pattern);
     const std::string msg = error_of([&] { Regex(c.pattern, 4096, "cfg.json: target_modules"); });
     CHECK(msg.find(molora::detail::cat("cfg.json: target_modules: unsupported regex construct '", c.construct,
                                        "' at position ", c.position, " in pattern '", c.pattern, "'")) !=
@@ -294,7 +296,8 @@ TEST_CASE("Regex: each malformed pattern is a format_error saying what was expec
       {"(?", 1, "expected ':' after '(?', got end of pattern"},
   };
   for (const auto& c : cases) {
-    CAPTURE(c.pattern);
+    const std::string pattern = c.pattern;
+    CAPTURE(pattern);
     const std::string msg = error_of([&] { Regex(c.pattern, 4096, "target_modules"); });
     CHECK(msg.find(molora::detail::cat("target_modules: malformed regex at position ", c.position, " in pattern '",
                                        c.pattern, "'")) != std::string::npos);
@@ -316,7 +319,8 @@ TEST_CASE("Regex: (a|aa)*b and (a*)*b on 5000 a's do work linear in the text") {
   // Growing lengths with REQUIRE, so that a matcher whose work explodes stops at a short
   // text instead of running for ages on the long one.
   for (const auto& c : cases) {
-    CAPTURE(c.pattern);
+    const std::string pattern = c.pattern;
+    CAPTURE(pattern);
     const Regex re(c.pattern);
     for (std::size_t n : {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 5000}) {
       CAPTURE(n);
@@ -341,7 +345,7 @@ TEST_CASE("Regex: (a|aa)*b and (a*)*b on 5000 a's do work linear in the text") {
 TEST_CASE("Regex: .* and (.)* on a 200000-byte text use no recursion on the text") {
   std::string text(200000, 'x');
   text[100000] = '.';
-  for (const char* pattern : {".*", "(.)*", "(?:.|\\.)*", "(x|\\.)+", "^[^\\n]*$", ".*\\..*"}) {
+  for (const std::string pattern : {".*", "(.)*", "(?:.|\\.)*", "(x|\\.)+", "^[^\\n]*$", ".*\\..*"}) {
     CAPTURE(pattern);
     const Regex re(pattern);
     std::size_t steps = 0;
