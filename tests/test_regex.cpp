@@ -238,16 +238,14 @@ TEST_CASE("Regex: each unsupported construct is a format_error naming it and its
     std::size_t position;
   };
   const Unsupported cases[] = {
-      {"a(?=b)", "(?=", 1},          {"(?!x)a", "(?!", 0},        {"x(?<=a)b", "(?<=", 1},
-      {"(?<!a)b", "(?<!", 0},        {"(?P<name>a)", "(?P<", 0},  {"(a)(?P=name)", "(?P=", 3},
-      {"(?<n>a)", "(?<", 0},         {"(a)\\1", "\\1", 3},        {"\\0", "\\0", 0},
-      {"[\\1]", "\\1", 1},           {"(?i)abc", "(?i", 0},       {"(?i:a)", "(?i", 0},
-      {"(?s).", "(?s", 0},           {"(?#c)a", "(?#", 0},        {"(?>a)", "(?>", 0},
-      {"(?(1)a|b)", "(?(", 0},       {"a*+", "*+", 1},            {"ba++", "++", 2},
-      {"a?+", "?+", 1},              {"a{2}+", "{2}+", 1},        {"\\ba", "\\b", 0},
-      {"a\\B", "\\B", 1},            {"\\Aa", "\\A", 0},          {"a\\Z", "\\Z", 1},
-      {"\\p{L}", "\\p", 0},          {"\\P{L}", "\\P", 0},        {"\\N{DASH}", "\\N", 0},
-      {"\\u0041", "\\u", 0},         {"\\U00000041", "\\U", 0},
+      {"a(?=b)", "(?=", 1},       {"(?!x)a", "(?!", 0},        {"x(?<=a)b", "(?<=", 1}, {"(?<!a)b", "(?<!", 0},
+      {"(?P<name>a)", "(?P<", 0}, {"(a)(?P=name)", "(?P=", 3}, {"(?<n>a)", "(?<", 0},   {"(a)\\1", "\\1", 3},
+      {"\\0", "\\0", 0},          {"[\\1]", "\\1", 1},         {"(?i)abc", "(?i", 0},   {"(?i:a)", "(?i", 0},
+      {"(?s).", "(?s", 0},        {"(?#c)a", "(?#", 0},        {"(?>a)", "(?>", 0},     {"(?(1)a|b)", "(?(", 0},
+      {"a*+", "*+", 1},           {"ba++", "++", 2},           {"a?+", "?+", 1},        {"a{2}+", "{2}+", 1},
+      {"\\ba", "\\b", 0},         {"a\\B", "\\B", 1},          {"\\Aa", "\\A", 0},      {"a\\Z", "\\Z", 1},
+      {"\\p{L}", "\\p", 0},       {"\\P{L}", "\\P", 0},        {"\\N{DASH}", "\\N", 0}, {"\\u0041", "\\u", 0},
+      {"\\U00000041", "\\U", 0},
   };
   for (const auto& c : cases) {
     const std::string pattern = c.pattern;
@@ -313,7 +311,7 @@ TEST_CASE("Regex: (a|aa)*b and (a*)*b on 5000 a's do work linear in the text") {
     bool matches_asb;  // on n 'a' then 'b'
   };
   const Hostile cases[] = {
-      {"(a|aa)*b", false, true}, {"(a*)*b", false, true}, {"(a|a)*b", false, true},
+      {"(a|aa)*b", false, true}, {"(a*)*b", false, true},  {"(a|a)*b", false, true},
       {"(a+)+b", false, true},   {"(.*)*x", false, false}, {"(a|aa)*", true, false},
   };
   // Growing lengths with REQUIRE, so that a matcher whose work explodes stops at a short
@@ -369,8 +367,9 @@ TEST_CASE("Regex: a pattern at the length limit compiles, one byte over it is a 
   CHECK(msg.size() < 400);
   // the limit is the caller's
   CHECK(Regex("abcd", 4).full_match("abcd"));
-  CHECK(error_of([] { Regex("abcde", 4, "cfg: target_modules"); })
-            .find("cfg: target_modules: regex pattern length: expected at most 4 bytes, got 5") != std::string::npos);
+  CHECK(error_of([] {
+          Regex("abcde", 4, "cfg: target_modules");
+        }).find("cfg: target_modules: regex pattern length: expected at most 4 bytes, got 5") != std::string::npos);
   CHECK(Regex(over, over.size()).full_match(over));
   CHECK(Regex("a{3}", std::numeric_limits<std::size_t>::max()).full_match("aaa"));  // no overflow in the cap
 }
@@ -391,9 +390,7 @@ TEST_CASE("Regex: bounded repetition expands up to 8 instructions per allowed pa
 }
 
 TEST_CASE("Regex: groups nest at most 100 deep") {
-  const auto nested = [](std::size_t depth) {
-    return std::string(depth, '(') + "a" + std::string(depth, ')');
-  };
+  const auto nested = [](std::size_t depth) { return std::string(depth, '(') + "a" + std::string(depth, ')'); };
   CHECK(Regex(nested(100)).full_match("a"));
   CHECK(Regex(std::string(50, '(') + "(?:" + std::string(49, '(') + "a" + std::string(100, ')')).full_match("a"));
   const std::string msg = error_of([&] { Regex(nested(101)); });
@@ -439,9 +436,9 @@ private:
   }
 
   std::string item(int depth) {
-    static const char* const atoms[] = {"a",  "b",      "c",    "_",      "\\.",     ".",     "\\d",   "\\w",
-                                        "\\s", "\\D",   "\\W",  "[ab]",   "[^a]",    "[a-c1]", "[\\d_]", "[.\\-]",
-                                        "1",  "\\-",   "[^\\w]", "\\S"};
+    static const char* const atoms[] = {"a",      "b",      "c",   "_",   "\\.",    ".",    "\\d",
+                                        "\\w",    "\\s",    "\\D", "\\W", "[ab]",   "[^a]", "[a-c1]",
+                                        "[\\d_]", "[.\\-]", "1",   "\\-", "[^\\w]", "\\S"};
     const std::size_t k = pick(depth < 3 ? 26 : 20);
     std::string atom;
     if (k < 20) {

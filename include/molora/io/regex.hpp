@@ -28,14 +28,14 @@ namespace molora::io {
 namespace detail {
 
 // 256-bit set of bytes.
-struct ByteSet {
+struct RegexByteSet {
   std::array<std::uint64_t, 4> bits{};
 
   void add(unsigned char c) noexcept { bits[c >> 6] |= std::uint64_t{1} << (c & 63); }
   void add_range(unsigned char lo, unsigned char hi) noexcept {
     for (unsigned c = lo; c <= hi; ++c) add(static_cast<unsigned char>(c));
   }
-  void add(const ByteSet& o) noexcept {
+  void add(const RegexByteSet& o) noexcept {
     for (std::size_t i = 0; i < 4; ++i) bits[i] |= o.bits[i];
   }
   void invert() noexcept {
@@ -47,36 +47,36 @@ struct ByteSet {
 // One NFA instruction. kByte consumes one byte in sets[arg0] and goes on to the next
 // instruction; kSplit continues at both arg0 and arg1; kJump at arg0; kBegin and kEnd are
 // the ^ and $ assertions.
-struct Inst {
+struct RegexInst {
   enum Op : std::uint8_t { kByte, kSplit, kJump, kBegin, kEnd, kMatch };
   Op op;
   std::uint32_t arg0 = 0;
   std::uint32_t arg1 = 0;
 };
 
-struct Program {
-  std::vector<Inst> insts;
-  std::vector<ByteSet> sets;
+struct RegexProgram {
+  std::vector<RegexInst> insts;
+  std::vector<RegexByteSet> sets;
 };
 
 // Parse tree; children and byte sets are indices into the parser's vectors.
-struct Node {
+struct RegexNode {
   enum Kind : std::uint8_t { kEmpty, kSet, kBegin, kEnd, kConcat, kAlternation, kGroup, kRepeat };
   Kind kind;
-  std::uint32_t set = 0;              // kSet: index into Program::sets
+  std::uint32_t set = 0;                // kSet: index into RegexProgram::sets
   std::vector<std::uint32_t> children;  // kConcat, kAlternation: the parts; kGroup, kRepeat: one
-  std::uint32_t min = 0, max = 0;     // kRepeat; max == kUnbounded for no upper bound
+  std::uint32_t min = 0, max = 0;       // kRepeat; max == kUnbounded for no upper bound
   static constexpr std::uint32_t kUnbounded = std::numeric_limits<std::uint32_t>::max();
 };
 
-inline constexpr std::size_t kMaxRegexNesting = 100;      // groups inside groups
-inline constexpr std::uint32_t kMaxRegexRepeat = 1000;    // n and m of {n,m}
-inline constexpr std::size_t kRegexInstsPerByte = 8;      // program size cap per allowed pattern byte
+inline constexpr std::size_t kMaxRegexNesting = 100;                 // groups inside groups
+inline constexpr std::uint32_t kMaxRegexRepeat = 1000;               // n and m of {n,m}
+inline constexpr std::size_t kRegexInstsPerByte = 8;                 // program size cap per allowed pattern byte
 inline constexpr std::size_t kMaxRegexInsts = std::size_t{1} << 31;  // indices are 32-bit
 
 // The pattern as it appears in a message: printable ASCII as is, other bytes as \xHH, cut
 // after 200 bytes so that a hostile pattern does not make a huge message.
-inline std::string quote_pattern(std::string_view p) {
+inline std::string regex_quote(std::string_view p) {
   constexpr std::size_t kShown = 200;
   static const char* const hex = "0123456789abcdef";
   std::string out = "'";
@@ -95,13 +95,13 @@ inline std::string quote_pattern(std::string_view p) {
   return out;
 }
 
-inline ByteSet digit_set() {
-  ByteSet s;
+inline RegexByteSet regex_digit_set() {
+  RegexByteSet s;
   s.add_range('0', '9');
   return s;
 }
-inline ByteSet word_set() {
-  ByteSet s;
+inline RegexByteSet regex_word_set() {
+  RegexByteSet s;
   s.add_range('a', 'z');
   s.add_range('A', 'Z');
   s.add_range('0', '9');
@@ -109,18 +109,22 @@ inline ByteSet word_set() {
   return s;
 }
 // Python's \s on str patterns, restricted to ASCII: space, \t \n \v \f \r and \x1c-\x1f.
-inline ByteSet space_set() {
-  ByteSet s;
+inline RegexByteSet regex_space_set() {
+  RegexByteSet s;
   s.add(' ');
   s.add_range('\t', '\r');
   s.add_range(0x1c, 0x1f);
   return s;
 }
 
-inline bool is_digit(char c) noexcept { return c >= '0' && c <= '9'; }
-inline bool is_alpha(char c) noexcept { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
-inline int hex_value(char c) noexcept {
-  if (is_digit(c)) return c - '0';
+inline bool regex_is_digit(char c) noexcept {
+  return c >= '0' && c <= '9';
+}
+inline bool regex_is_alpha(char c) noexcept {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+inline int regex_hex_value(char c) noexcept {
+  if (regex_is_digit(c)) return c - '0';
   if (c >= 'a' && c <= 'f') return c - 'a' + 10;
   if (c >= 'A' && c <= 'F') return c - 'A' + 10;
   return -1;
@@ -130,7 +134,7 @@ inline int hex_value(char c) noexcept {
 // happens at '(' and is bounded by kMaxRegexNesting.
 class RegexParser {
 public:
-  RegexParser(std::string_view pattern, std::string_view field, Program& program)
+  RegexParser(std::string_view pattern, std::string_view field, RegexProgram& program)
       : p_(pattern), field_(field), prog_(program) {}
 
   // Parses the whole pattern; returns the root node.
@@ -140,39 +144,34 @@ public:
     return root;
   }
 
-  const std::vector<Node>& nodes() const noexcept { return nodes_; }
-
-  [[noreturn]] void unsupported(std::size_t at, std::string_view construct) const {
-    throw format_error(molora::detail::cat(field_, ": unsupported regex construct '", construct, "' at position ", at,
-                                           " in pattern ", quote_pattern(p_)));
-  }
-  [[noreturn]] void malformed(std::size_t at, std::string_view expected, std::string_view got) const {
-    throw format_error(molora::detail::cat(field_, ": malformed regex at position ", at, " in pattern ",
-                                           quote_pattern(p_), ": expected ", expected, ", got ", got));
-  }
+  const std::vector<RegexNode>& nodes() const noexcept { return nodes_; }
 
 private:
   std::string_view p_;
   std::string_view field_;
-  Program& prog_;
-  std::vector<Node> nodes_;
+  RegexProgram& prog_;
+  std::vector<RegexNode> nodes_;
   std::size_t pos_ = 0;
+
+  [[noreturn]] void unsupported(std::size_t at, std::string_view construct) const {
+    throw format_error(molora::detail::cat(field_, ": unsupported regex construct '", construct, "' at position ", at,
+                                           " in pattern ", regex_quote(p_)));
+  }
+  [[noreturn]] void malformed(std::size_t at, std::string_view expected, std::string_view got) const {
+    throw format_error(molora::detail::cat(field_, ": malformed regex at position ", at, " in pattern ",
+                                           regex_quote(p_), ": expected ", expected, ", got ", got));
+  }
 
   bool at_end() const noexcept { return pos_ >= p_.size(); }
   char peek() const noexcept { return p_[pos_]; }
 
-  std::string describe_here() const {
-    if (at_end()) return "end of pattern";
-    return "'" + std::string(1, peek()) + "'";
-  }
-
-  std::uint32_t add_node(Node n) {
+  std::uint32_t add_node(RegexNode n) {
     nodes_.push_back(std::move(n));
     return static_cast<std::uint32_t>(nodes_.size() - 1);
   }
-  std::uint32_t add_set(const ByteSet& s) {
+  std::uint32_t add_set(const RegexByteSet& s) {
     prog_.sets.push_back(s);
-    Node n{Node::kSet, static_cast<std::uint32_t>(prog_.sets.size() - 1), {}, 0, 0};
+    RegexNode n{RegexNode::kSet, static_cast<std::uint32_t>(prog_.sets.size() - 1), {}, 0, 0};
     return add_node(std::move(n));
   }
 
@@ -183,7 +182,7 @@ private:
       alts.push_back(concat(depth));
     }
     if (alts.size() == 1) return alts[0];
-    return add_node(Node{Node::kAlternation, 0, std::move(alts), 0, 0});
+    return add_node(RegexNode{RegexNode::kAlternation, 0, std::move(alts), 0, 0});
   }
 
   std::uint32_t concat(std::size_t depth) {
@@ -195,20 +194,21 @@ private:
       if (quantifier(min, max)) {
         if (items.empty()) malformed(here, "an item before the quantifier", "nothing to repeat");
         if (last_is_repeat) malformed(here, "an item before the quantifier", "a second quantifier");
-        const Node::Kind k = nodes_[items.back()].kind;
-        if (k == Node::kBegin || k == Node::kEnd) malformed(here, "an item before the quantifier", "an anchor");
+        const RegexNode::Kind k = nodes_[items.back()].kind;
+        if (k == RegexNode::kBegin || k == RegexNode::kEnd)
+          malformed(here, "an item before the quantifier", "an anchor");
         if (!at_end() && peek() == '+') unsupported(here, std::string(p_.substr(here, pos_ + 1 - here)));
         if (!at_end() && peek() == '?') ++pos_;  // lazy: same set of full matches as greedy
-        items.back() = add_node(Node{Node::kRepeat, 0, {items.back()}, min, max});
+        items.back() = add_node(RegexNode{RegexNode::kRepeat, 0, {items.back()}, min, max});
         last_is_repeat = true;
         continue;
       }
       items.push_back(atom(depth));
       last_is_repeat = false;
     }
-    if (items.empty()) return add_node(Node{Node::kEmpty, 0, {}, 0, 0});
+    if (items.empty()) return add_node(RegexNode{RegexNode::kEmpty, 0, {}, 0, 0});
     if (items.size() == 1) return items[0];
-    return add_node(Node{Node::kConcat, 0, std::move(items), 0, 0});
+    return add_node(RegexNode{RegexNode::kConcat, 0, std::move(items), 0, 0});
   }
 
   // Reads a quantifier at pos_ if there is one. As in Python, a '{' that does not start
@@ -218,29 +218,27 @@ private:
     if (c == '*' || c == '+' || c == '?') {
       ++pos_;
       min = c == '+' ? 1 : 0;
-      max = c == '?' ? 1 : Node::kUnbounded;
+      max = c == '?' ? 1 : RegexNode::kUnbounded;
       return true;
     }
     if (c != '{') return false;
     const std::size_t here = pos_;
     std::size_t i = pos_ + 1;
     const std::size_t lo_begin = i;
-    while (i < p_.size() && is_digit(p_[i])) ++i;
+    while (i < p_.size() && regex_is_digit(p_[i])) ++i;
     const std::size_t lo_end = i;
     std::size_t hi_begin = lo_begin, hi_end = lo_end;
     if (i < p_.size() && p_[i] == ',') {
       hi_begin = ++i;
-      while (i < p_.size() && is_digit(p_[i])) ++i;
+      while (i < p_.size() && regex_is_digit(p_[i])) ++i;
       hi_end = i;
     }
     if (i >= p_.size() || p_[i] != '}' || (i == here + 1)) return false;  // "{}" too is a literal
     pos_ = i + 1;
     min = lo_begin == lo_end ? 0 : bound(here, p_.substr(lo_begin, lo_end - lo_begin));
-    max = hi_begin == hi_end ? Node::kUnbounded : bound(here, p_.substr(hi_begin, hi_end - hi_begin));
+    max = hi_begin == hi_end ? RegexNode::kUnbounded : bound(here, p_.substr(hi_begin, hi_end - hi_begin));
     if (hi_begin == lo_begin && hi_end == lo_end) max = min;  // {n}
-    if (max < min)
-      malformed(here, "a repeat count {n,m} with n <= m",
-                molora::detail::cat("{", min, ",", max, "}"));
+    if (max < min) malformed(here, "a repeat count {n,m} with n <= m", molora::detail::cat("{", min, ",", max, "}"));
     return true;
   }
 
@@ -259,23 +257,27 @@ private:
     const std::size_t here = pos_;
     const char c = p_[pos_++];
     switch (c) {
-      case '(': return group(here, depth);
-      case '[': return byte_class(here);
+      case '(':
+        return group(here, depth);
+      case '[':
+        return byte_class(here);
       case '\\': {
-        ByteSet s;
+        RegexByteSet s;
         escape(here, false, s);
         return add_set(s);
       }
       case '.': {
-        ByteSet s;
+        RegexByteSet s;
         s.add('\n');
         s.invert();
         return add_set(s);
       }
-      case '^': return add_node(Node{Node::kBegin, 0, {}, 0, 0});
-      case '$': return add_node(Node{Node::kEnd, 0, {}, 0, 0});
+      case '^':
+        return add_node(RegexNode{RegexNode::kBegin, 0, {}, 0, 0});
+      case '$':
+        return add_node(RegexNode{RegexNode::kEnd, 0, {}, 0, 0});
       default: {
-        ByteSet s;
+        RegexByteSet s;
         s.add(static_cast<unsigned char>(c));
         return add_set(s);
       }
@@ -299,32 +301,60 @@ private:
       }
     }
     const std::uint32_t inner = alternation(depth + 1);
-    if (at_end()) malformed(pos_, molora::detail::cat("')' closing the group opened at position ", here), "end of pattern");
+    if (at_end())
+      malformed(pos_, molora::detail::cat("')' closing the group opened at position ", here), "end of pattern");
     ++pos_;  // ')'
-    return add_node(Node{Node::kGroup, 0, {inner}, 0, 0});
+    return add_node(RegexNode{RegexNode::kGroup, 0, {inner}, 0, 0});
   }
 
   // Reads the escape after the backslash at `here` into `s` (one byte or a category).
   // Returns true for a category (\d \w \s and their negations), false for a single byte.
-  bool escape(std::size_t here, bool in_class, ByteSet& s) {
+  bool escape(std::size_t here, bool in_class, RegexByteSet& s) {
     if (at_end()) malformed(here, "a character after '\\'", "end of pattern");
     const char c = p_[pos_++];
     switch (c) {
-      case 'd': s = digit_set(); return true;
-      case 'w': s = word_set(); return true;
-      case 's': s = space_set(); return true;
-      case 'D': s = digit_set(); s.invert(); return true;
-      case 'W': s = word_set(); s.invert(); return true;
-      case 'S': s = space_set(); s.invert(); return true;
-      case 'n': s.add('\n'); return false;
-      case 't': s.add('\t'); return false;
-      case 'r': s.add('\r'); return false;
-      case 'f': s.add('\f'); return false;
-      case 'v': s.add('\v'); return false;
-      case 'a': s.add('\a'); return false;
+      case 'd':
+        s = regex_digit_set();
+        return true;
+      case 'w':
+        s = regex_word_set();
+        return true;
+      case 's':
+        s = regex_space_set();
+        return true;
+      case 'D':
+        s = regex_digit_set();
+        s.invert();
+        return true;
+      case 'W':
+        s = regex_word_set();
+        s.invert();
+        return true;
+      case 'S':
+        s = regex_space_set();
+        s.invert();
+        return true;
+      case 'n':
+        s.add('\n');
+        return false;
+      case 't':
+        s.add('\t');
+        return false;
+      case 'r':
+        s.add('\r');
+        return false;
+      case 'f':
+        s.add('\f');
+        return false;
+      case 'v':
+        s.add('\v');
+        return false;
+      case 'a':
+        s.add('\a');
+        return false;
       case 'x': {
-        const int h1 = pos_ < p_.size() ? hex_value(p_[pos_]) : -1;
-        const int h2 = pos_ + 1 < p_.size() ? hex_value(p_[pos_ + 1]) : -1;
+        const int h1 = pos_ < p_.size() ? regex_hex_value(p_[pos_]) : -1;
+        const int h2 = pos_ + 1 < p_.size() ? regex_hex_value(p_[pos_ + 1]) : -1;
         if (h1 < 0 || h2 < 0) malformed(here, "two hex digits after '\\x'", "fewer");
         pos_ += 2;
         s.add(static_cast<unsigned char>(h1 * 16 + h2));
@@ -336,12 +366,13 @@ private:
           return false;
         }
         break;
-      default: break;
+      default:
+        break;
     }
-    if (is_digit(c)) unsupported(here, std::string("\\") + c);  // backreference or octal
+    if (regex_is_digit(c)) unsupported(here, std::string("\\") + c);  // backreference or octal
     if (c == 'b' || c == 'B' || c == 'A' || c == 'Z' || c == 'p' || c == 'P' || c == 'N' || c == 'u' || c == 'U')
       unsupported(here, std::string("\\") + c);
-    if (is_alpha(c)) malformed(here, "a known escape", std::string("'\\") + c + "'");
+    if (regex_is_alpha(c)) malformed(here, "a known escape", std::string("'\\") + c + "'");
     s.add(static_cast<unsigned char>(c));  // an escaped metacharacter or punctuation
     return false;
   }
@@ -349,7 +380,7 @@ private:
   // Python's class syntax: ']' right after '[' or '[^' is a literal, '-' first or last is a
   // literal, a range needs single-byte ends in order.
   std::uint32_t byte_class(std::size_t here) {
-    ByteSet s;
+    RegexByteSet s;
     const bool negate = !at_end() && peek() == '^';
     if (negate) ++pos_;
     const std::size_t first = pos_;
@@ -358,7 +389,7 @@ private:
       const std::size_t item = pos_;
       const char c = p_[pos_++];
       if (c == ']' && item != first) break;
-      ByteSet lo_set;
+      RegexByteSet lo_set;
       bool lo_category = false;
       unsigned char lo = static_cast<unsigned char>(c);
       if (c == '\\') {
@@ -369,7 +400,7 @@ private:
         ++pos_;  // '-'
         const std::size_t hi_at = pos_;
         const char d = p_[pos_++];
-        ByteSet hi_set;
+        RegexByteSet hi_set;
         bool hi_category = false;
         unsigned char hi = static_cast<unsigned char>(d);
         if (d == '\\') {
@@ -391,7 +422,7 @@ private:
     return add_set(s);
   }
 
-  static unsigned char first_byte(const ByteSet& s) noexcept {
+  static unsigned char first_byte(const RegexByteSet& s) noexcept {
     for (unsigned c = 0; c < 256; ++c)
       if (s.has(static_cast<unsigned char>(c))) return static_cast<unsigned char>(c);
     return 0;
@@ -402,73 +433,82 @@ private:
 // by the group nesting limit; every emitted instruction is counted against `max_insts`.
 class RegexCompiler {
 public:
-  RegexCompiler(const std::vector<Node>& nodes, Program& program, std::size_t max_insts, std::string_view field,
-                std::string_view pattern)
+  RegexCompiler(const std::vector<RegexNode>& nodes, RegexProgram& program, std::size_t max_insts,
+                std::string_view field, std::string_view pattern)
       : nodes_(nodes), prog_(program), max_insts_(max_insts), field_(field), pattern_(pattern) {}
 
   void compile(std::uint32_t root) {
     emit(root);
-    push(Inst{Inst::kMatch, 0, 0});
+    push(RegexInst{RegexInst::kMatch, 0, 0});
   }
 
 private:
-  const std::vector<Node>& nodes_;
-  Program& prog_;
+  const std::vector<RegexNode>& nodes_;
+  RegexProgram& prog_;
   std::size_t max_insts_;
   std::string_view field_;
   std::string_view pattern_;
 
-  std::uint32_t push(Inst i) {
+  std::uint32_t push(RegexInst i) {
     if (prog_.insts.size() >= max_insts_)
       throw format_error(molora::detail::cat(field_, ": regex program size: expected at most ", max_insts_,
                                              " NFA instructions, got more (bounded repetition {n,m} expands in place)",
-                                             " in pattern ", quote_pattern(pattern_)));
+                                             " in pattern ", regex_quote(pattern_)));
     prog_.insts.push_back(i);
     return static_cast<std::uint32_t>(prog_.insts.size() - 1);
   }
   std::uint32_t here() const noexcept { return static_cast<std::uint32_t>(prog_.insts.size()); }
 
   void emit(std::uint32_t id) {
-    const Node& n = nodes_[id];
+    const RegexNode& n = nodes_[id];
     switch (n.kind) {
-      case Node::kEmpty: return;
-      case Node::kSet: push(Inst{Inst::kByte, n.set, 0}); return;
-      case Node::kBegin: push(Inst{Inst::kBegin, 0, 0}); return;
-      case Node::kEnd: push(Inst{Inst::kEnd, 0, 0}); return;
-      case Node::kGroup: emit(n.children[0]); return;
-      case Node::kConcat:
+      case RegexNode::kEmpty:
+        return;
+      case RegexNode::kSet:
+        push(RegexInst{RegexInst::kByte, n.set, 0});
+        return;
+      case RegexNode::kBegin:
+        push(RegexInst{RegexInst::kBegin, 0, 0});
+        return;
+      case RegexNode::kEnd:
+        push(RegexInst{RegexInst::kEnd, 0, 0});
+        return;
+      case RegexNode::kGroup:
+        emit(n.children[0]);
+        return;
+      case RegexNode::kConcat:
         for (const auto c : n.children) emit(c);
         return;
-      case Node::kAlternation: {
+      case RegexNode::kAlternation: {
         // split L1, next; L1: a; jump end; next: split L2, ...; last alternative
         std::vector<std::uint32_t> jumps;
         for (std::size_t i = 0; i + 1 < n.children.size(); ++i) {
-          const std::uint32_t split = push(Inst{Inst::kSplit, 0, 0});
+          const std::uint32_t split = push(RegexInst{RegexInst::kSplit, 0, 0});
           prog_.insts[split].arg0 = here();
           emit(n.children[i]);
-          jumps.push_back(push(Inst{Inst::kJump, 0, 0}));
+          jumps.push_back(push(RegexInst{RegexInst::kJump, 0, 0}));
           prog_.insts[split].arg1 = here();
         }
         emit(n.children.back());
         for (const auto j : jumps) prog_.insts[j].arg0 = here();
         return;
       }
-      case Node::kRepeat: {
+      case RegexNode::kRepeat: {
         const std::uint32_t child = n.children[0];
         for (std::uint32_t i = 0; i < n.min; ++i) emit(child);
-        if (n.max == Node::kUnbounded) {
+        if (n.max == RegexNode::kUnbounded) {
           // loop: split body, out; body; jump loop
-          const std::uint32_t loop = push(Inst{Inst::kSplit, 0, 0});
+          const std::uint32_t loop = push(RegexInst{RegexInst::kSplit, 0, 0});
           prog_.insts[loop].arg0 = here();
           emit(child);
-          push(Inst{Inst::kJump, loop, 0});
+          push(RegexInst{RegexInst::kJump, loop, 0});
           prog_.insts[loop].arg1 = here();
           return;
         }
         // max - min optional copies, nested: (e(e(e)?)?)?
         std::vector<std::uint32_t> splits;
         for (std::uint32_t i = n.min; i < n.max; ++i) {
-          const std::uint32_t split = push(Inst{Inst::kSplit, 0, 0});
+          const std::uint32_t split = push(RegexInst{RegexInst::kSplit, 0, 0});
           prog_.insts[split].arg0 = here();
           splits.push_back(split);
           emit(child);
@@ -481,9 +521,9 @@ private:
 };
 
 // Sparse set of instruction indices (Briggs-Torczon): O(1) insert, test and clear.
-class StateSet {
+class RegexStateSet {
 public:
-  explicit StateSet(std::size_t n) : dense_(n), sparse_(n) {}
+  explicit RegexStateSet(std::size_t n) : dense_(n), sparse_(n) {}
   bool contains(std::uint32_t i) const noexcept {
     const std::uint32_t d = sparse_[i];
     return d < size_ && dense_[d] == i;
@@ -504,8 +544,8 @@ private:
 // Adds `start` and everything reachable from it without consuming a byte to `set`, at text
 // position `pos`. Iterative; every instruction enters the set at most once per position,
 // and each entry counts one step.
-inline void add_closure(const Program& prog, StateSet& set, std::vector<std::uint32_t>& stack, std::uint32_t start,
-                        std::string_view text, std::size_t pos, std::size_t& steps) {
+inline void regex_closure(const RegexProgram& prog, RegexStateSet& set, std::vector<std::uint32_t>& stack,
+                          std::uint32_t start, std::string_view text, std::size_t pos, std::size_t& steps) {
   stack.clear();
   stack.push_back(start);
   while (!stack.empty()) {
@@ -514,47 +554,51 @@ inline void add_closure(const Program& prog, StateSet& set, std::vector<std::uin
     if (set.contains(pc)) continue;
     set.insert(pc);
     ++steps;
-    const Inst& in = prog.insts[pc];
+    const RegexInst& in = prog.insts[pc];
     switch (in.op) {
-      case Inst::kJump: stack.push_back(in.arg0); break;
-      case Inst::kSplit:
+      case RegexInst::kJump:
+        stack.push_back(in.arg0);
+        break;
+      case RegexInst::kSplit:
         stack.push_back(in.arg1);
         stack.push_back(in.arg0);
         break;
-      case Inst::kBegin:
+      case RegexInst::kBegin:
         if (pos == 0) stack.push_back(pc + 1);
         break;
-      case Inst::kEnd:  // Python's $: at the end, or before a newline that ends the text
+      case RegexInst::kEnd:  // Python's $: at the end, or before a newline that ends the text
         if (pos == text.size() || (pos + 1 == text.size() && text[pos] == '\n')) stack.push_back(pc + 1);
         break;
-      case Inst::kByte:
-      case Inst::kMatch: break;
+      case RegexInst::kByte:
+      case RegexInst::kMatch:
+        break;
     }
   }
 }
 
 // True when the program matches all of `text`. `steps` receives the number of state-set
 // entries made, at most program size x (text size + 1).
-inline bool run(const Program& prog, std::string_view text, std::size_t& steps) {
+inline bool regex_run(const RegexProgram& prog, std::string_view text, std::size_t& steps) {
   steps = 0;
   const std::size_t n = prog.insts.size();
-  StateSet cur(n), next(n);
+  RegexStateSet cur(n), next(n);
   std::vector<std::uint32_t> stack;
   stack.reserve(2 * n + 1);
-  add_closure(prog, cur, stack, 0, text, 0, steps);
+  regex_closure(prog, cur, stack, 0, text, 0, steps);
   for (std::size_t pos = 0; pos < text.size(); ++pos) {
     if (cur.size() == 0) return false;
     const auto c = static_cast<unsigned char>(text[pos]);
     next.clear();
     for (std::uint32_t k = 0; k < cur.size(); ++k) {
       const std::uint32_t pc = cur[k];
-      const Inst& in = prog.insts[pc];
-      if (in.op == Inst::kByte && prog.sets[in.arg0].has(c)) add_closure(prog, next, stack, pc + 1, text, pos + 1, steps);
+      const RegexInst& in = prog.insts[pc];
+      if (in.op == RegexInst::kByte && prog.sets[in.arg0].has(c))
+        regex_closure(prog, next, stack, pc + 1, text, pos + 1, steps);
     }
     std::swap(cur, next);
   }
   for (std::uint32_t k = 0; k < cur.size(); ++k)
-    if (prog.insts[cur[k]].op == Inst::kMatch) return true;
+    if (prog.insts[cur[k]].op == RegexInst::kMatch) return true;
   return false;
 }
 
@@ -577,7 +621,7 @@ public:
     if (pattern.size() > max_pattern_length)
       throw format_error(molora::detail::cat(field, ": regex pattern length: expected at most ", max_pattern_length,
                                              " bytes, got ", pattern.size(), " in pattern ",
-                                             detail::quote_pattern(pattern)));
+                                             detail::regex_quote(pattern)));
     detail::RegexParser parser(pattern, field, program_);
     const std::uint32_t root = parser.parse();
     const std::size_t bytes = std::max<std::size_t>(max_pattern_length, 1);
@@ -591,19 +635,19 @@ public:
   // text.size()) time, O(program_size()) memory, no recursion.
   bool full_match(std::string_view text) const {
     std::size_t steps = 0;
-    return detail::run(program_, text, steps);
+    return detail::regex_run(program_, text, steps);
   }
 
   // As above; `steps` receives the simulation's work count, at most
   // program_size() x (text.size() + 1).
-  bool full_match(std::string_view text, std::size_t& steps) const { return detail::run(program_, text, steps); }
+  bool full_match(std::string_view text, std::size_t& steps) const { return detail::regex_run(program_, text, steps); }
 
   const std::string& pattern() const noexcept { return pattern_; }
   std::size_t program_size() const noexcept { return program_.insts.size(); }
 
 private:
   std::string pattern_;
-  detail::Program program_;
+  detail::RegexProgram program_;
 };
 
 }  // namespace molora::io
