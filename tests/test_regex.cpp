@@ -271,7 +271,7 @@ TEST_CASE("Regex: each malformed pattern is a format_error saying what was expec
       {"[a", 0, "expected ']' closing the class, got end of pattern"},
       {"[]", 0, "expected ']' closing the class"},
       {"[a-", 0, "expected ']' closing the class"},
-      {"[z-a]", 1, "got 'z-a'"},
+      {"[z-a]", 1, "expected a range whose start is not after its end (by byte value), got 'z-a'"},
       {"[\\d-z]", 1, "expected a range between two single characters, got '\\d-z'"},
       {"[a-\\w]", 1, "got 'a-\\w'"},
       {"*a", 0, "got nothing to repeat"},
@@ -289,8 +289,8 @@ TEST_CASE("Regex: each malformed pattern is a format_error saying what was expec
       {"a{1,99999999999999999999}", 1, "got 99999999999999999999"},
       {"ab\\", 2, "expected a character after '\\', got end of pattern"},
       {"\\q", 0, "expected a known escape, got '\\q'"},
-      {"\\xZ1", 0, "expected two hex digits after '\\x'"},
-      {"\\x4", 0, "expected two hex digits after '\\x'"},
+      {"\\xZ1", 0, "expected two hex digits after '\\x', got '\\xZ1'"},
+      {"a\\x4", 1, "expected two hex digits after '\\x', got '\\x4'"},
       {"(?", 1, "expected ':' after '(?', got end of pattern"},
   };
   for (const auto& c : cases) {

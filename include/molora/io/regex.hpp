@@ -355,7 +355,8 @@ private:
       case 'x': {
         const int h1 = pos_ < p_.size() ? regex_hex_value(p_[pos_]) : -1;
         const int h2 = pos_ + 1 < p_.size() ? regex_hex_value(p_[pos_ + 1]) : -1;
-        if (h1 < 0 || h2 < 0) malformed(here, "two hex digits after '\\x'", "fewer");
+        if (h1 < 0 || h2 < 0)
+          malformed(here, "two hex digits after '\\x'", "'" + std::string(p_.substr(here, 4)) + "'");
         pos_ += 2;
         s.add(static_cast<unsigned char>(h1 * 16 + h2));
         return false;
@@ -409,7 +410,7 @@ private:
         }
         const std::string range(p_.substr(item, pos_ - item));
         if (lo_category || hi_category) malformed(item, "a range between two single characters", "'" + range + "'");
-        if (hi < lo) malformed(item, "a range whose start is not after its end", "'" + range + "'");
+        if (hi < lo) malformed(item, "a range whose start is not after its end (by byte value)", "'" + range + "'");
         s.add_range(lo, hi);
         continue;
       }
