@@ -7,6 +7,7 @@
 
 #include <molora/io/regex.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -246,15 +247,20 @@ TEST_CASE("Regex: each unsupported construct is a format_error naming it and its
       {"\\ba", "\\b", 0},         {"a\\B", "\\B", 1},          {"\\Aa", "\\A", 0},      {"a\\Z", "\\Z", 1},
       {"\\p{L}", "\\p", 0},       {"\\P{L}", "\\P", 0},        {"\\N{DASH}", "\\N", 0}, {"\\u0041", "\\u", 0},
       {"\\U00000041", "\\U", 0},
+      {"layers\\.\xc3\xa9", "non-ASCII byte \\xc3", 8}, {"a[\xe9]", "non-ASCII byte \\xe9", 2},
+      {"\\x80", "non-ASCII code point \\x80", 0},       {"[a\\xff]", "non-ASCII code point \\xff", 2},
   };
   for (const auto& c : cases) {
     const std::string pattern = c.pattern;
     CAPTURE(pattern);
     const std::string msg = error_of([&] { Regex(c.pattern, 4096, "cfg.json: target_modules"); });
     CHECK(msg.find(molora::detail::cat("cfg.json: target_modules: unsupported regex construct '", c.construct,
-                                       "' at position ", c.position, " in pattern '", c.pattern, "'")) !=
-          std::string::npos);
+                                       "' at position ", c.position, " in pattern ")) != std::string::npos);
+    const bool printable = std::all_of(pattern.begin(), pattern.end(), [](char ch) { return ch >= 0x20 && ch < 0x7f; });
+    if (printable) CHECK(msg.find("in pattern '" + pattern + "'") != std::string::npos);
   }
+  // other bytes are shown escaped
+  CHECK(error_of([] { Regex("a\tb\xc3\xa9"); }).find("in pattern 'a\\x09b\\xc3\\xa9'") != std::string::npos);
 }
 
 TEST_CASE("Regex: each malformed pattern is a format_error saying what was expected and what was found") {

@@ -6,9 +6,10 @@
 // O(program size) memory. It supports the subset real configs use (literals, escapes, `.`,
 // classes, groups, alternation, greedy and lazy quantifiers, bounded repetition, ^ and $);
 // every other construct, and every malformed pattern, is a molora::format_error naming the
-// construct, its position and the pattern. Text is matched byte by byte: for ASCII module
-// paths this is Python's semantics; bytes >= 0x80 are matched by `.`, negated classes and
-// \D \W \S, never by \d \w \s.
+// construct, its position and the pattern. Patterns must be ASCII; text is matched byte by
+// byte, which for ASCII module paths is Python's semantics (in a non-ASCII text, `.`, a
+// negated class and \D \W \S match one byte of a UTF-8 sequence where Python matches the
+// whole character).
 #pragma once
 
 #include <algorithm>
@@ -139,6 +140,13 @@ public:
 
   // Parses the whole pattern; returns the root node.
   std::uint32_t parse() {
+    // Python reads a str pattern as code points and the matcher reads bytes; the two agree
+    // only on ASCII, so a non-ASCII byte (a UTF-8 sequence in the pattern) is rejected.
+    for (std::size_t i = 0; i < p_.size(); ++i)
+      if (static_cast<unsigned char>(p_[i]) >= 0x80) {
+        const std::string quoted = regex_quote(p_.substr(i, 1));  // '\xHH'
+        unsupported(i, "non-ASCII byte " + quoted.substr(1, quoted.size() - 2));
+      }
     const std::uint32_t root = alternation(0);
     if (pos_ < p_.size()) malformed(pos_, "a '(' before this ')'", "an unbalanced ')'");
     return root;
@@ -357,6 +365,7 @@ private:
         const int h2 = pos_ + 1 < p_.size() ? regex_hex_value(p_[pos_ + 1]) : -1;
         if (h1 < 0 || h2 < 0)
           malformed(here, "two hex digits after '\\x'", "'" + std::string(p_.substr(here, 4)) + "'");
+        if (h1 >= 8) unsupported(here, "non-ASCII code point " + std::string(p_.substr(here, 4)));
         pos_ += 2;
         s.add(static_cast<unsigned char>(h1 * 16 + h2));
         return false;
