@@ -326,7 +326,8 @@ TEST_CASE("Regex: (a|aa)*b and (a*)*b on 5000 a's do work linear in the text") {
     const std::string pattern = c.pattern;
     CAPTURE(pattern);
     const Regex re(c.pattern);
-    for (std::size_t n : {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 5000}) {
+    const std::size_t lengths[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 5000};
+    for (const std::size_t n : lengths) {
       CAPTURE(n);
       const std::string as(n, 'a');
       std::size_t steps = 0;
