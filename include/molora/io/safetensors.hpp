@@ -11,8 +11,11 @@
 // rejected. (The reference insists on an exact in-order tiling; nothing we do relies on it,
 // and files written by other tools with alignment padding then still load.)
 //
-// The host must be little-endian (checked at compile time where the compiler says). As with
-// any mmap, a file truncated by another process while a reader maps it faults on access.
+// The header is parsed event by event into the tensor table (linear in its size, no JSON
+// tree) under the bounds of io::Limits. The host must be little-endian (checked at compile
+// time where the compiler says). A mapped file truncated by another process while a reader
+// maps it raises SIGBUS on access, which no exception can report: open files from places the
+// host does not control with Load::read, which copies them (up to Limits::max_read_bytes).
 #pragma once
 
 #include <Eigen/Core>
