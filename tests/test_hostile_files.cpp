@@ -108,8 +108,14 @@ TEST_CASE("hostile safetensors: the tensor count, name length and rank limits ar
   l.max_tensors = 10;
   check_contains(error_of([&] { SafetensorsReader(b.data(), b.size(), "count.safetensors", l); }),
                  {"count.safetensors", "number of tensors: expected at most 10 (Limits::max_tensors)"});
+  std::string md = "{\"__metadata__\":{";
+  for (int i = 0; i < 11; ++i) md += molora::detail::cat(i ? "," : "", "\"k", i, "\":\"v\"");
+  const auto mb = st_file(md + "}}");
+  check_contains(error_of([&] { SafetensorsReader(mb.data(), mb.size(), "meta.safetensors", l); }),
+                 {"meta.safetensors", "__metadata__: expected at most 10 entries (Limits::max_tensors)"});
   l.max_tensors = 11;
   CHECK(SafetensorsReader(b.data(), b.size(), "count.safetensors", l).size() == 11);
+  CHECK(SafetensorsReader(mb.data(), mb.size(), "meta.safetensors", l).metadata().size() == 11);
 
   const std::string long_name(30000, 'k');
   const auto nb = st_file("{\"" + long_name + "\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1);

@@ -542,6 +542,11 @@ public:
         return true;
       }
       case Ctx::metadata:
+        if (k.size() > r_.limits_.max_name_bytes || r_.metadata_.size() >= r_.limits_.max_tensors)
+          r_.fail_file(molora::detail::cat("__metadata__: expected at most ", r_.limits_.max_tensors,
+                                           " entries (Limits::max_tensors) with keys of at most ", r_.limits_.max_name_bytes,
+                                           " bytes (Limits::max_name_bytes), got ", r_.metadata_.size() + 1,
+                                           " entries, this key ", k.size(), " bytes"));
         if (r_.metadata_.count(k)) r_.fail_file(molora::detail::cat("__metadata__: duplicate key '", k, "'"));
         meta_key_ = k;
         return true;
