@@ -415,8 +415,10 @@ TEST_CASE("safetensors: malformed files are format_errors that say what is wrong
     CHECK(contains(msg, "not valid JSON"));
   }
   SUBCASE("deeply nested header") {
-    msg = open_error(dir, st_file(R"({"__metadata__":{"a":)" + std::string(100, '[') + std::string(100, ']') + "}}"));
+    msg = open_error(dir, st_file(R"({"t":{"extra":)" + std::string(100, '[') + std::string(100, ']') + "}}"));
     CHECK(contains(msg, "nesting depth"));
+    msg = open_error(dir, st_file(R"({"__metadata__":{"a":)" + std::string(100, '[') + std::string(100, ']') + "}}"));
+    CHECK(contains(msg, "__metadata__ entry 'a': expected a string, got array"));
   }
   SUBCASE("top level not an object") {
     msg = open_error(dir, st_file("[1, 2]"));

@@ -1,18 +1,23 @@
 // Checkpoint layouts: PEFT LoRA, MING-MOE and MixLoRA adapters loaded into molora's layers,
-// and molora's own layers saved in MING-MOE's layout (see ../shared/REFERENCES.md for the key
-// names). Loaders read the whole checkpoint, check that config and tensors agree (expert
-// count, rank, shapes, missing or extra keys) and only then build and return new layers, so
-// a bad file leaves nothing half-loaded. Every failure is a format_error naming the file,
-// the module and the key.
+// and molora's own layers saved in MING-MOE's layout. Loaders read the whole checkpoint, check
+// that config and tensors agree (expert count, rank, shapes, missing or extra keys) and only
+// then build and return new layers, so a bad file leaves nothing half-loaded. A number taken
+// from a config (num_experts) is bounded by io::Limits and confirmed by the tensors before
+// anything is allocated from it. Every failure is a format_error naming the file, the module
+// and the key, including a layer's own refusal of a value that came from the file.
 #pragma once
 
+#include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <optional>
 #include <regex>
 #include <set>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "../lora.hpp"
@@ -40,11 +45,18 @@ inline bool ends_with(const std::string& s, const std::string& p) {
   throw format_error(molora::detail::cat(file, ": module '", module, "': ", what));
 }
 
-// Shape of a tensor as [rows, cols]; format_error unless it is 2-D.
+// Shape of a tensor as [rows, cols]; format_error unless it is 2-D with both dimensions in
+// [1, max Index] (every loaded weight has in, out, r, E >= 1). Dims print as in the file.
 inline std::pair<Index, Index> dims2(const SafetensorsReader& r, const std::string& key, const std::string& module) {
   const auto& s = r.info(key).shape;
   if (s.size() != 2)
     fail(r.source(), module, molora::detail::mismatch("tensor '" + key + "' rank", 2, s.size()));
+  for (const std::uint64_t d : s)
+    if (d == 0 || d > static_cast<std::uint64_t>(std::numeric_limits<Index>::max()))
+      fail(r.source(), module,
+           molora::detail::mismatch("tensor '" + key + "' shape",
+                                    molora::detail::cat("dimensions in [1, ", std::numeric_limits<Index>::max(), "]"),
+                                    shape_to_string(s)));
   return {static_cast<Index>(s[0]), static_cast<Index>(s[1])};
 }
 
@@ -66,6 +78,44 @@ RowMatrix<Scalar> finite_matrix(const SafetensorsReader& r, const std::string& k
       fail(r.source(), module,
            molora::detail::cat("tensor '", key, "': expected finite values, got ", m.data()[i], " at flat index ", i));
   return m;
+}
+
+// Runs f(). A molora::error other than format_error (a layer refusing a value that came from
+// the file) leaves as a format_error naming the file and the module.
+template <class F>
+auto building(const std::string& file, const std::string& module, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const format_error&) {
+    throw;
+  } catch (const molora::error& e) {
+    fail(file, module, e.what());
+  }
+}
+
+// The LoRA scaling alpha / r (alpha / sqrt(r) with rsLoRA) must be a finite, normal value of
+// Scalar: 1e300 would turn every output into inf or NaN. `file` is where alpha came from.
+template <class Scalar>
+void check_scaling(const std::string& file, const std::string& module, double alpha, Index rank, bool rslora) {
+  const double s = rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
+  const double hi = static_cast<double>(std::numeric_limits<Scalar>::max());
+  const double lo = static_cast<double>(std::numeric_limits<Scalar>::min());
+  if (!(std::isfinite(s) && s <= hi && s >= lo))
+    fail(file, module,
+         molora::detail::cat("lora_alpha = ", alpha, " with r = ", rank, rslora ? " (rsLoRA)" : "", ": scaling expected a finite ",
+                             "normal ", sizeof(Scalar) == 4 ? "float" : "double", " in [", lo, ", ", hi, "], got ", s));
+}
+
+// Parses s[b, e) as a canonical decimal index (digits only, no leading zero, at most 18 digits).
+inline bool parse_index(const std::string& s, std::size_t b, std::size_t e, Index& out) {
+  if (b >= e || e - b > 18 || (s[b] == '0' && e - b > 1)) return false;
+  Index v = 0;
+  for (std::size_t i = b; i < e; ++i) {
+    if (s[i] < '0' || s[i] > '9') return false;
+    v = v * 10 + (s[i] - '0');
+  }
+  out = v;
+  return true;
 }
 
 inline std::string path_join(const std::string& dir, const std::string& file) {
@@ -96,11 +146,13 @@ struct PeftLoraAdapter {
 // [out, r] with r from the config, both present for every module, and each module must be
 // one the config's target_modules names (PEFT's rule: the module path equals a target or
 // ends with "." + target; a single string is a regex that must match the whole path).
+// `load` and `limits` say how the files are read (see Load and Limits).
 template <class Scalar>
-PeftLoraAdapter<Scalar> load_peft_lora(const std::string& config_path, const std::string& weights_path) {
-  PeftLoraAdapter<Scalar> out{PeftLoraConfig::from_file(config_path), {}, weights_path};
+PeftLoraAdapter<Scalar> load_peft_lora(const std::string& config_path, const std::string& weights_path,
+                                       Load load = Load::map, const Limits& limits = {}) {
+  PeftLoraAdapter<Scalar> out{PeftLoraConfig::from_file(config_path, limits), {}, weights_path};
   const PeftLoraConfig& cfg = out.config;
-  const SafetensorsReader r(weights_path);
+  const SafetensorsReader r(weights_path, load, limits);
   const std::string prefix = "base_model.model.";
   std::set<std::string> names;
   for (const auto& key : r.names()) {
@@ -133,19 +185,22 @@ PeftLoraAdapter<Scalar> load_peft_lora(const std::string& config_path, const std
       detail::fail(weights_path, module, molora::detail::mismatch("tensor '" + ka + "' rows (r from the config)", cfg.lora.r, ra));
     if (rb != cfg.lora.r)
       detail::fail(weights_path, module, molora::detail::mismatch("tensor '" + kb + "' columns (r from the config)", cfg.lora.r, rb));
-    LoRA<Scalar> lora(in, out_f, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.use_rslora);
-    lora.set_A(detail::finite_matrix<Scalar>(r, ka, module));
-    lora.set_B(detail::finite_matrix<Scalar>(r, kb, module));
-    out.modules.emplace(module, std::move(lora));
+    detail::check_scaling<Scalar>(config_path, module, cfg.lora.lora_alpha, cfg.lora.r, cfg.lora.use_rslora);
+    detail::building(weights_path, module, [&, &mod = module, in_f = in, o = out_f] {
+      LoRA<Scalar> lora(in_f, o, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.use_rslora);
+      lora.set_A(detail::finite_matrix<Scalar>(r, ka, mod));
+      lora.set_B(detail::finite_matrix<Scalar>(r, kb, mod));
+      out.modules.emplace(mod, std::move(lora));
+    });
   }
   return out;
 }
 
 // From a folder holding adapter_config.json and adapter_model.safetensors (save_pretrained).
 template <class Scalar>
-PeftLoraAdapter<Scalar> load_peft_lora(const std::string& dir) {
+PeftLoraAdapter<Scalar> load_peft_lora(const std::string& dir, Load load = Load::map, const Limits& limits = {}) {
   return load_peft_lora<Scalar>(detail::path_join(dir, "adapter_config.json"),
-                                detail::path_join(dir, "adapter_model.safetensors"));
+                                detail::path_join(dir, "adapter_model.safetensors"), load, limits);
 }
 
 // Merges a PEFT LoRA into its base weight in place (merge_and_unload). With
@@ -191,6 +246,8 @@ struct MingMoeLoadOptions {
   // override (alpha) or fill in what the config does not say.
   std::optional<double> lora_alpha;
   std::optional<bool> use_rslora;
+  Load load = Load::map;  // Load::read for files the host does not control
+  Limits limits;          // bounds on the files (and num_experts <= limits.max_experts)
 };
 
 // MING-MOE's MoLoRA adapters, one per projection, keyed by module path after MING's loader
@@ -218,8 +275,39 @@ inline std::string ming_strip(const std::string& key) {
   return k;
 }
 
+// MING's expert key after the module: "experts.<i>.lora_<A|B>_<j>.weight". Returns false for
+// any other text; i and j are any digit strings here (expert_index checks them).
+inline bool ming_expert_rest(const std::string& rest) {
+  std::size_t p = 0;
+  auto lit = [&](const char* t) {
+    const std::size_t n = std::char_traits<char>::length(t);
+    if (rest.compare(p, n, t) != 0) return false;
+    p += n;
+    return true;
+  };
+  auto digits = [&] {
+    const std::size_t b = p;
+    while (p < rest.size() && rest[p] >= '0' && rest[p] <= '9') ++p;
+    return p > b;
+  };
+  if (!lit("experts.") || !digits() || !lit(".lora_")) return false;
+  if (p >= rest.size() || (rest[p] != 'A' && rest[p] != 'B')) return false;
+  ++p;
+  return lit("_") && digits() && lit(".weight") && p == rest.size();
+}
+
+// The expert i of a rest that ming_expert_rest accepted, when both indices are the same
+// canonical number; false otherwise.
+inline bool ming_expert_index(const std::string& rest, Index& i) {
+  const std::size_t b = 8, e = rest.find('.', b);  // after "experts."
+  const std::size_t b2 = e + 8, e2 = rest.size() - 7;  // after ".lora_X_", before ".weight"
+  Index j = -1;
+  return parse_index(rest, b, e, i) && parse_index(rest, b2, e2, j) && i == j;
+}
+
 // Splits "<module>.switch.weight", "<module>.switch.bias", "<module>.experts.<i>.lora_A_<i>.weight"
-// and "..lora_B_<i>.weight" into module and the rest; returns false for other keys.
+// and "..lora_B_<i>.weight" into module and the rest; returns false for other keys. One pass
+// over the key, no recursion: any key length is safe (the reader bounds it anyway).
 inline bool ming_split(const std::string& stripped, std::string& module, std::string& rest) {
   for (const char* tail : {".switch.weight", ".switch.bias"})
     if (ends_with(stripped, tail)) {
@@ -227,14 +315,14 @@ inline bool ming_split(const std::string& stripped, std::string& module, std::st
       rest = tail + 1;
       return true;
     }
-  static const std::regex expert_re(R"((.+)\.(experts\.(\d+)\.lora_([AB])_(\d+)\.weight))");
-  std::smatch m;
-  if (std::regex_match(stripped, m, expert_re)) {
-    module = m[1];
-    rest = m[2];
-    return true;
-  }
-  return false;
+  // The expert part holds no ".experts.", so only the last occurrence can start it.
+  const std::size_t pos = stripped.rfind(".experts.");
+  if (pos == std::string::npos || pos == 0) return false;
+  std::string tail = stripped.substr(pos + 1);
+  if (!ming_expert_rest(tail)) return false;
+  module = stripped.substr(0, pos);
+  rest = std::move(tail);
+  return true;
 }
 
 }  // namespace detail
@@ -247,7 +335,7 @@ inline bool ming_split(const std::string& stripped, std::string& module, std::st
 template <class Scalar>
 MingMoeAdapters<Scalar> load_ming_moe(const std::string& config_path, const std::string& weights_path,
                                       const MingMoeLoadOptions& options = {}) {
-  MingMoeAdapters<Scalar> out{MingMoeConfig::from_file(config_path), {}, weights_path};
+  MingMoeAdapters<Scalar> out{MingMoeConfig::from_file(config_path, options.limits), {}, weights_path};
   const MingMoeConfig& cfg = out.config;
   if (cfg.share_expert)
     throw format_error(config_path + ": share_expert: expected false (molora has no shared expert yet), got true");
@@ -255,8 +343,12 @@ MingMoeAdapters<Scalar> load_ming_moe(const std::string& config_path, const std:
   if (!alpha)
     throw format_error(config_path + ": lora_alpha: expected a value in the config or in MingMoeLoadOptions, got none");
   const bool rslora = options.use_rslora.value_or(cfg.use_rslora);
+  const Index E = cfg.num_experts;
+  if (E > options.limits.max_experts)
+    throw format_error(molora::detail::cat(config_path, ": field 'num_experts': expected at most ", options.limits.max_experts,
+                                           " (Limits::max_experts), got ", E));
 
-  const SafetensorsReader r(weights_path);
+  const SafetensorsReader r(weights_path, options.load, options.limits);
   std::map<std::string, std::set<std::string>> keys_of;  // module -> rest-of-key
   std::map<std::string, std::string> full_key;           // module + "|" + rest -> key in file
   for (const auto& key : r.names()) {
@@ -271,61 +363,64 @@ MingMoeAdapters<Scalar> load_ming_moe(const std::string& config_path, const std:
   }
   if (keys_of.empty()) throw format_error(weights_path + ": expected MoLoRA tensors, got none");
 
-  const Index E = cfg.num_experts;
   for (const auto& [module, rests] : keys_of) {
     auto key = [&, &mod = module](const std::string& rest) -> std::string {
       auto it = full_key.find(mod + "|" + rest);
       if (it == full_key.end()) detail::fail(weights_path, mod, "missing tensor '" + rest + "'");
       return it->second;
     };
-    // Every key must be one we expect for E experts.
-    std::set<std::string> expected{"switch.weight", "switch.bias"};
-    for (Index i = 0; i < E; ++i) {
-      expected.insert(molora::detail::cat("experts.", i, ".lora_A_", i, ".weight"));
-      expected.insert(molora::detail::cat("experts.", i, ".lora_B_", i, ".weight"));
+    auto expert_key = [](Index i, char ab) { return molora::detail::cat("experts.", i, ".lora_", ab, "_", i, ".weight"); };
+    // Every key must be one we expect for E experts (decided from the key, not from a list
+    // of 2E names: E comes from the config and is only trusted once the file agrees).
+    for (const auto& rest : rests) {
+      Index i = 0;
+      if (rest == "switch.weight" || rest == "switch.bias" || (detail::ming_expert_index(rest, i) && i < E)) continue;
+      detail::fail(weights_path, module,
+                   molora::detail::cat("unexpected tensor '", full_key[module + "|" + rest], "' for num_experts = ", E,
+                                       " (", config_path, ")"));
     }
-    for (const auto& rest : rests)
-      if (!expected.count(rest))
-        detail::fail(weights_path, module,
-                     molora::detail::cat("unexpected tensor '", full_key[module + "|" + rest], "' for num_experts = ", E,
-                                         " (", config_path, ")"));
     const auto [er, in] = detail::dims2(r, key("switch.weight"), module);
     if (er != E)
       detail::fail(weights_path, module,
                    molora::detail::mismatch("switch.weight rows (num_experts from the config)", E, er));
     r.expect_shape(key("switch.bias"), E);
-    const auto [rank, in_a] = detail::dims2(r, key("experts.0.lora_A_0.weight"), module);
-    const auto [out_f, rank_b] = detail::dims2(r, key("experts.0.lora_B_0.weight"), module);
+    const auto [rank, in_a] = detail::dims2(r, key(expert_key(0, 'A')), module);
+    const auto [out_f, rank_b] = detail::dims2(r, key(expert_key(0, 'B')), module);
     if (cfg.r && *cfg.r != rank)
       detail::fail(weights_path, module, molora::detail::mismatch("experts.0.lora_A_0.weight rows (r from the config)", *cfg.r, rank));
     if (in_a != in)
       detail::fail(weights_path, module, molora::detail::mismatch("experts.0.lora_A_0.weight columns (in of switch.weight)", in, in_a));
     if (rank_b != rank)
       detail::fail(weights_path, module, molora::detail::mismatch("experts.0.lora_B_0.weight columns (r)", rank, rank_b));
-
-    MoLoRAConfig c;
-    c.in_features = in;
-    c.out_features = out_f;
-    c.num_experts = E;
-    c.top_k = cfg.num_experts_per_token;
-    c.rank = rank;
-    c.lora_alpha = *alpha;
-    c.use_rslora = rslora;
-    c.router_bias = true;
-    c.normalize_top_k = true;
-    c.selection = cfg.sampling() ? Selection::sampling : Selection::top_k;
-    MoLoRAAdapter<Scalar> adapter(c);
-    adapter.router().set_weight(detail::finite_matrix<Scalar>(r, key("switch.weight"), module));
-    adapter.router().set_bias(detail::finite_matrix<Scalar>(r, key("switch.bias"), module));
+    // All 2E tensors present and shaped before the layer allocates E experts.
     for (Index i = 0; i < E; ++i) {
-      const std::string ka = key(molora::detail::cat("experts.", i, ".lora_A_", i, ".weight"));
-      const std::string kb = key(molora::detail::cat("experts.", i, ".lora_B_", i, ".weight"));
-      detail::expect2(r, ka, module, rank, in);
-      detail::expect2(r, kb, module, out_f, rank);
-      adapter.set_expert_A(i, detail::finite_matrix<Scalar>(r, ka, module));
-      adapter.set_expert_B(i, detail::finite_matrix<Scalar>(r, kb, module));
+      detail::expect2(r, key(expert_key(i, 'A')), module, rank, in);
+      detail::expect2(r, key(expert_key(i, 'B')), module, out_f, rank);
     }
-    out.modules.emplace(module, std::move(adapter));
+    detail::check_scaling<Scalar>(options.lora_alpha ? std::string("MingMoeLoadOptions") : config_path, module, *alpha, rank,
+                                  rslora);
+
+    detail::building(weights_path, module, [&, &mod = module, in_f = in, o = out_f, rk = rank] {
+      MoLoRAConfig c;
+      c.in_features = in_f;
+      c.out_features = o;
+      c.num_experts = E;
+      c.top_k = cfg.num_experts_per_token;
+      c.rank = rk;
+      c.lora_alpha = *alpha;
+      c.use_rslora = rslora;
+      c.router_bias = true;
+      c.normalize_top_k = true;
+      c.selection = cfg.sampling() ? Selection::sampling : Selection::top_k;
+      MoLoRAAdapter<Scalar> adapter(c);
+      adapter.router().set_weight(detail::finite_matrix<Scalar>(r, key("switch.weight"), mod));
+      adapter.router().set_bias(detail::finite_matrix<Scalar>(r, key("switch.bias"), mod));
+      for (Index i = 0; i < E; ++i) {
+        adapter.set_expert_A(i, detail::finite_matrix<Scalar>(r, key(expert_key(i, 'A')), mod));
+        adapter.set_expert_B(i, detail::finite_matrix<Scalar>(r, key(expert_key(i, 'B')), mod));
+      }
+      out.modules.emplace(mod, std::move(adapter));
+    });
   }
   return out;
 }
@@ -370,7 +465,13 @@ void save_ming_moe(const std::string& dir, const std::map<std::string, const MoL
   config["r"] = c0.rank;
   config["lora_alpha"] = c0.lora_alpha;
   config["use_rslora"] = c0.use_rslora;
-  std::filesystem::create_directories(dir);
+  std::error_code ec, ec2;
+  std::filesystem::create_directories(dir, ec);
+  if (ec || !std::filesystem::is_directory(dir, ec2)) {
+    const bool file = std::filesystem::exists(dir, ec2) && !std::filesystem::is_directory(dir, ec2);
+    throw format_error(molora::detail::cat(dir, ": expected a directory to save the checkpoint in, got ",
+                                           file ? "an existing file that is not a directory" : "an error: " + ec.message()));
+  }
   save_safetensors(detail::path_join(dir, "non_lora_trainables.safetensors"), std::move(tensors), {{"format", "pt"}});
   const std::string cfg_path = detail::path_join(dir, "config.json"), tmp = cfg_path + ".tmp";
   {
@@ -378,7 +479,11 @@ void save_ming_moe(const std::string& dir, const std::map<std::string, const MoL
     f << config.dump(2) << "\n";
     if (!f) throw format_error(tmp + ": could not write the config");
   }
-  std::filesystem::rename(tmp, cfg_path);
+  std::filesystem::rename(tmp, cfg_path, ec);
+  if (ec) {
+    std::filesystem::remove(tmp, ec);
+    throw format_error(molora::detail::cat(cfg_path, ": cannot rename ", tmp, " into place: ", ec.message()));
+  }
 }
 
 // ---- MixLoRA ------------------------------------------------------------------------------
@@ -390,57 +495,84 @@ void save_ming_moe(const std::string& dir, const std::map<std::string, const MoL
 // `mixlora.layers.{L}.mlp.{gate,up,down}_proj.experts.{e}.lora_A.weight` / `lora_B.weight`.
 // Other layers' keys and attention LoRA keys (`...self_attn...`) are left for the caller
 // (see the README: attention LoRA loads with load_lora_tensor); unknown MLP keys are errors.
+// num_experts must be at most limits.max_experts, and is checked against the file before
+// anything depending on it is allocated.
 template <class Scalar, class DG, class DU, class DD>
 MixLoRAFeedForward<Scalar> load_mixlora_ffn(const MixLoRAConfig& cfg, const SafetensorsReader& r, Index layer,
                                             const Eigen::MatrixBase<DG>& w_gate, const Eigen::MatrixBase<DU>& w_up,
-                                            const Eigen::MatrixBase<DD>& w_down, const std::string& act_fn = "silu") {
+                                            const Eigen::MatrixBase<DD>& w_down, const std::string& act_fn = "silu",
+                                            const Limits& limits = {}) {
   const std::string p = molora::detail::cat("mixlora.layers.", layer, ".mlp.");
   const std::string module = p.substr(0, p.size() - 1);
+  const std::string cfg_source = cfg.source.empty() ? std::string("<MixLoRAConfig>") : cfg.source;
   const Index E = cfg.num_experts;
-  // Every MLP key of this layer must be expected.
-  std::set<std::string> expected{p + "moe_gate.weight"};
-  for (const char* proj : {"gate_proj", "up_proj", "down_proj"})
-    for (Index e = 0; e < E; ++e)
-      for (const char* ab : {"lora_A", "lora_B"}) expected.insert(molora::detail::cat(p, proj, ".experts.", e, ".", ab, ".weight"));
+  if (E > limits.max_experts)
+    throw format_error(molora::detail::cat(cfg_source, ": field 'num_experts': expected at most ", limits.max_experts,
+                                           " (Limits::max_experts), got ", E));
+  static const char* const projs[] = {"gate_proj", "up_proj", "down_proj"};
+  // Every MLP key of this layer must be expected for E experts (decided from the key itself).
+  auto expected = [&](const std::string& rest) {
+    if (rest == "moe_gate.weight") return true;
+    for (const char* proj : projs) {
+      const std::string head = std::string(proj) + ".experts.";
+      if (!detail::starts_with(rest, head)) continue;
+      const std::size_t dot = rest.find('.', head.size());
+      if (dot == std::string::npos) return false;
+      const std::string tail = rest.substr(dot);
+      Index e = 0;
+      return (tail == ".lora_A.weight" || tail == ".lora_B.weight") && detail::parse_index(rest, head.size(), dot, e) && e < E;
+    }
+    return false;
+  };
   for (const auto& key : r.names())
-    if (detail::starts_with(key, p) && !expected.count(key))
+    if (detail::starts_with(key, p) && !expected(key.substr(p.size())))
       detail::fail(r.source(), module, molora::detail::cat("unexpected tensor '", key, "' for num_experts = ", E));
-  for (const auto& key : expected)
-    if (!r.has(key)) detail::fail(r.source(), module, "missing tensor '" + key + "'");
+  auto key_of = [&](const char* proj, Index e, const char* ab) {
+    return molora::detail::cat(p, proj, ".experts.", e, ".", ab, ".weight");
+  };
+  if (!r.has(p + "moe_gate.weight")) detail::fail(r.source(), module, "missing tensor '" + p + "moe_gate.weight'");
   const auto [er, hidden] = detail::dims2(r, p + "moe_gate.weight", module);
   if (er != E) detail::fail(r.source(), module, molora::detail::mismatch("moe_gate.weight rows (num_experts)", E, er));
+  for (const char* proj : projs)  // E now agrees with a tensor in the file
+    for (Index e = 0; e < E; ++e)
+      for (const char* ab : {"lora_A", "lora_B"})
+        if (!r.has(key_of(proj, e, ab))) detail::fail(r.source(), module, "missing tensor '" + key_of(proj, e, ab) + "'");
   const Index inter = w_gate.rows();
   if (w_gate.cols() != hidden)
     detail::fail(r.source(), module, molora::detail::mismatch("base gate_proj columns (hidden of moe_gate)", hidden, w_gate.cols()));
-
-  MixLoRAFeedForwardConfig fc;
-  fc.hidden_size = hidden;
-  fc.intermediate_size = inter;
-  fc.num_experts = E;
-  fc.top_k = cfg.top_k;
-  fc.rank = cfg.expert.r;
-  fc.lora_alpha = cfg.expert.lora_alpha;
-  fc.use_rslora = cfg.expert.use_rslora;
-  fc.act = activation_from_string(cfg.act_fn.empty() ? act_fn : cfg.act_fn);
-  MixLoRAFeedForward<Scalar> ffn(fc);
-  ffn.set_base(w_gate, w_up, w_down);
-  ffn.router().set_weight(detail::finite_matrix<Scalar>(r, p + "moe_gate.weight", module));
+  detail::check_scaling<Scalar>(cfg_source, module, cfg.expert.lora_alpha, cfg.expert.r, cfg.expert.use_rslora);
   struct Proj {
     const char* name;
-    MoLoRAAdapter<Scalar>* adapter;
     Index in, out;
   };
-  for (const Proj& pr : {Proj{"gate_proj", &ffn.gate_proj(), hidden, inter}, Proj{"up_proj", &ffn.up_proj(), hidden, inter},
-                         Proj{"down_proj", &ffn.down_proj(), inter, hidden}})
+  const Proj shapes[] = {{"gate_proj", hidden, inter}, {"up_proj", hidden, inter}, {"down_proj", inter, hidden}};
+  for (const Proj& pr : shapes)
     for (Index e = 0; e < E; ++e) {
-      const std::string ka = molora::detail::cat(p, pr.name, ".experts.", e, ".lora_A.weight");
-      const std::string kb = molora::detail::cat(p, pr.name, ".experts.", e, ".lora_B.weight");
-      detail::expect2(r, ka, module, fc.rank, pr.in);
-      detail::expect2(r, kb, module, pr.out, fc.rank);
-      pr.adapter->set_expert_A(e, detail::finite_matrix<Scalar>(r, ka, module));
-      pr.adapter->set_expert_B(e, detail::finite_matrix<Scalar>(r, kb, module));
+      detail::expect2(r, key_of(pr.name, e, "lora_A"), module, cfg.expert.r, pr.in);
+      detail::expect2(r, key_of(pr.name, e, "lora_B"), module, pr.out, cfg.expert.r);
     }
-  return ffn;
+
+  return detail::building(r.source(), module, [&, hid = hidden] {
+    MixLoRAFeedForwardConfig fc;
+    fc.hidden_size = hid;
+    fc.intermediate_size = inter;
+    fc.num_experts = E;
+    fc.top_k = cfg.top_k;
+    fc.rank = cfg.expert.r;
+    fc.lora_alpha = cfg.expert.lora_alpha;
+    fc.use_rslora = cfg.expert.use_rslora;
+    fc.act = activation_from_string(cfg.act_fn.empty() ? act_fn : cfg.act_fn);
+    MixLoRAFeedForward<Scalar> ffn(fc);
+    ffn.set_base(w_gate, w_up, w_down);
+    ffn.router().set_weight(detail::finite_matrix<Scalar>(r, p + "moe_gate.weight", module));
+    MoLoRAAdapter<Scalar>* adapters[] = {&ffn.gate_proj(), &ffn.up_proj(), &ffn.down_proj()};
+    for (int j = 0; j < 3; ++j)
+      for (Index e = 0; e < E; ++e) {
+        adapters[j]->set_expert_A(e, detail::finite_matrix<Scalar>(r, key_of(projs[j], e, "lora_A"), module));
+        adapters[j]->set_expert_B(e, detail::finite_matrix<Scalar>(r, key_of(projs[j], e, "lora_B"), module));
+      }
+    return ffn;
+  });
 }
 
 }  // namespace molora::io

@@ -14,14 +14,13 @@
 
 #include <cmath>
 #include <cstdint>
-#include <fstream>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "../errors.hpp"
 #include "../types.hpp"
+#include "input.hpp"
 
 namespace molora::io {
 
@@ -46,13 +45,12 @@ public:
     return j;
   }
 
-  static std::string read_file(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw format_error(molora::detail::cat(path, ": cannot open for reading"));
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    if (in.bad()) throw format_error(molora::detail::cat(path, ": read failed"));
-    return ss.str();
+  // The whole file, which must be a regular file of at most `max_bytes` (a FIFO, a device or
+  // a directory is refused before anything is read).
+  static std::string read_file(const std::string& path, std::uint64_t max_bytes) {
+    std::string text;
+    RegularFile(path).read_all(text, max_bytes, "Limits::max_config_bytes");
+    return text;
   }
 
   bool has(const char* field) const {
@@ -207,8 +205,9 @@ struct PeftLoraConfig {
     return c;
   }
 
-  static PeftLoraConfig from_file(const std::string& path) {
-    return from_string(detail::JsonFields::read_file(path), path);
+  // Reads `path` (a regular file of at most limits.max_config_bytes) and parses it.
+  static PeftLoraConfig from_file(const std::string& path, const Limits& limits = {}) {
+    return from_string(detail::JsonFields::read_file(path, limits.max_config_bytes), path);
   }
 };
 
@@ -232,12 +231,14 @@ struct MixLoRAConfig {
   double router_init_range = 0.02;
   bool router_loss = true;
   std::string base_model_name_or_path;
+  std::string source;                      // where it was parsed from, for the loader's messages
 
   static MixLoRAConfig from_string(const std::string& text, const std::string& source = "<string>") {
     const nlohmann::json j = detail::JsonFields::parse_object(text, source);
     const detail::JsonFields f(j, source);
     detail::read_peft_type(f, "MIXLORA");
     MixLoRAConfig c;
+    c.source = source;
     c.routing_strategy = f.string("routing_strategy");
     if (c.routing_strategy != "mixtral" && c.routing_strategy != "mixlora")
       f.fail("routing_strategy", "\"mixtral\" (other strategies are unsupported)", "\"" + c.routing_strategy + "\"");
@@ -287,8 +288,9 @@ struct MixLoRAConfig {
     return c;
   }
 
-  static MixLoRAConfig from_file(const std::string& path) {
-    return from_string(detail::JsonFields::read_file(path), path);
+  // Reads `path` (a regular file of at most limits.max_config_bytes) and parses it.
+  static MixLoRAConfig from_file(const std::string& path, const Limits& limits = {}) {
+    return from_string(detail::JsonFields::read_file(path, limits.max_config_bytes), path);
   }
 };
 
@@ -348,8 +350,9 @@ struct MingMoeConfig {
     return c;
   }
 
-  static MingMoeConfig from_file(const std::string& path) {
-    return from_string(detail::JsonFields::read_file(path), path);
+  // Reads `path` (a regular file of at most limits.max_config_bytes) and parses it.
+  static MingMoeConfig from_file(const std::string& path, const Limits& limits = {}) {
+    return from_string(detail::JsonFields::read_file(path, limits.max_config_bytes), path);
   }
 };
 

@@ -11,8 +11,11 @@
 // rejected. (The reference insists on an exact in-order tiling; nothing we do relies on it,
 // and files written by other tools with alignment padding then still load.)
 //
-// The host must be little-endian (checked at compile time where the compiler says). As with
-// any mmap, a file truncated by another process while a reader maps it faults on access.
+// The header is parsed event by event into the tensor table (linear in its size, no JSON
+// tree) under the bounds of io::Limits. The host must be little-endian (checked at compile
+// time where the compiler says). A mapped file truncated by another process while a reader
+// maps it raises SIGBUS on access, which no exception can report: open files from places the
+// host does not control with Load::read, which copies them (up to Limits::max_read_bytes).
 #pragma once
 
 #include <Eigen/Core>
@@ -29,6 +32,7 @@
 #include <map>
 #include <memory>
 #include <set>
+#include <unordered_set>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -41,6 +45,7 @@
 
 #include "../errors.hpp"
 #include "../types.hpp"
+#include "input.hpp"
 
 #if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__)
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "molora::io::safetensors assumes a little-endian host");
@@ -216,38 +221,36 @@ protected:
   std::size_t size_ = 0;
 };
 
+// The file mapped read-only (Load::map). See Load for the SIGBUS caveat.
 class MappedFile final : public ByteSource {
 public:
   explicit MappedFile(const std::string& path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) throw format_error(molora::detail::cat(path, ": cannot open: ", std::strerror(errno)));
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      const int err = errno;
-      ::close(fd);
-      throw format_error(molora::detail::cat(path, ": cannot stat: ", std::strerror(err)));
-    }
-    if (!S_ISREG(st.st_mode)) {
-      ::close(fd);
-      throw format_error(molora::detail::cat(path, ": not a regular file"));
-    }
-    size_ = static_cast<std::size_t>(st.st_size);
+    const RegularFile file(path);
+    size_ = static_cast<std::size_t>(file.size());
     if (size_ > 0) {
-      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-      if (p == MAP_FAILED) {
-        const int err = errno;
-        ::close(fd);
-        throw format_error(molora::detail::cat(path, ": cannot mmap: ", std::strerror(err)));
-      }
+      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, file.fd(), 0);
+      if (p == MAP_FAILED) throw format_error(molora::detail::cat(path, ": cannot mmap: ", std::strerror(errno)));
       data_ = static_cast<const std::uint8_t*>(p);
     }
-    ::close(fd);  // the mapping stays valid
-  }
+  }  // the mapping outlives the descriptor
   ~MappedFile() override {
     if (data_) ::munmap(const_cast<std::uint8_t*>(data_), size_);
   }
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
+};
+
+// The file copied into memory (Load::read), at most `max_bytes` long.
+class ReadFile final : public ByteSource {
+public:
+  ReadFile(const std::string& path, std::uint64_t max_bytes) {
+    RegularFile(path).read_all(bytes_, max_bytes, "Limits::max_read_bytes");
+    data_ = bytes_.data();
+    size_ = bytes_.size();
+  }
+
+private:
+  std::vector<std::uint8_t> bytes_;
 };
 
 class OwnedBytes final : public ByteSource {
@@ -303,18 +306,18 @@ constexpr Dtype dtype_of() {
 // as long as some copy lives.
 class SafetensorsReader {
 public:
-  static constexpr std::uint64_t max_header_bytes = 100u * 1000u * 1000u;  // reference limit
-  static constexpr int max_header_depth = 32;
+  static constexpr int max_header_depth = 32;  // a real header nests 3 deep
 
-  // Maps `path` read-only. Throws format_error naming the file on any I/O or format problem.
-  explicit SafetensorsReader(const std::string& path)
-      : source_(path), bytes_(std::make_shared<detail::MappedFile>(path)) {
+  // Opens `path` (mapped, or read into memory with Load::read; see Load). Throws
+  // format_error naming the file on any I/O or format problem, or a limit exceeded.
+  explicit SafetensorsReader(const std::string& path, Load load = Load::map, const Limits& limits = {})
+      : source_(path), limits_(limits), bytes_(open(path, load, limits)) {
     parse();
   }
 
   // Copies `size` bytes at `data` (the fuzzer's entry). `source_name` appears in messages.
-  SafetensorsReader(const void* data, std::size_t size, std::string source_name = "<memory>")
-      : source_(std::move(source_name)), bytes_(std::make_shared<detail::OwnedBytes>(data, size)) {
+  SafetensorsReader(const void* data, std::size_t size, std::string source_name = "<memory>", const Limits& limits = {})
+      : source_(std::move(source_name)), limits_(limits), bytes_(std::make_shared<detail::OwnedBytes>(data, size)) {
     parse();
   }
 
@@ -399,12 +402,18 @@ public:
 
 private:
   std::string source_;
+  Limits limits_;
   std::shared_ptr<const detail::ByteSource> bytes_;
   std::uint64_t header_len_ = 0;
   std::map<std::string, TensorInfo> tensors_;
   std::map<std::string, std::string> metadata_;
 
   const std::uint8_t* data_section() const { return bytes_->data() + 8 + header_len_; }
+
+  static std::shared_ptr<const detail::ByteSource> open(const std::string& path, Load load, const Limits& limits) {
+    if (load == Load::read) return std::make_shared<detail::ReadFile>(path, limits.max_read_bytes);
+    return std::make_shared<detail::MappedFile>(path);
+  }
 
   [[noreturn]] void fail(const std::string& tensor, const std::string& what) const {
     throw format_error(molora::detail::cat(source_, ": tensor '", tensor, "': ", what));
@@ -444,146 +453,268 @@ private:
     for (std::uint64_t i = 0; i < t.numel; ++i, p += step) out[i] = detail::load_as<Scalar>(t.dtype, p);
   }
 
-  // Parses the JSON header with a callback that records duplicate keys (nlohmann keeps the
-  // last one silently) and then checks every entry.
-  void parse() {
-    const std::size_t size = bytes_->size();
-    if (size < 8) fail_file(molora::detail::mismatch("file size", "at least 8 bytes", size));
-    const std::uint8_t* p = bytes_->data();
-    std::uint64_t n = 0;
-    for (int i = 7; i >= 0; --i) n = (n << 8) | p[i];
-    if (n > max_header_bytes) fail_file(molora::detail::mismatch("header length", "at most 100000000 bytes", n));
-    if (n > size - 8)
-      fail_file(molora::detail::mismatch("header length", molora::detail::cat("at most ", size - 8, " (file size - 8)"), n));
-    header_len_ = n;
-    const std::uint64_t data_size = size - 8 - n;
+  class HeaderHandler;
 
-    // One set of keys per open object; a duplicate is remembered and reported after parsing.
-    std::vector<std::set<std::string>> open_keys;
-    std::string duplicate, current_top, duplicate_top;
-    std::size_t duplicate_depth = 0;
-    bool have_duplicate = false;
-    auto cb = [&](int depth, nlohmann::json::parse_event_t ev, nlohmann::json& parsed) {
-      using E = nlohmann::json::parse_event_t;
-      // A real header nests 3 deep; refusing deep nesting bounds the parser's memory.
-      if (depth > max_header_depth)
-        fail_file(molora::detail::mismatch("header nesting depth", molora::detail::cat("at most ", max_header_depth), "more"));
-      if (ev == E::object_start) {
-        open_keys.emplace_back();
-      } else if (ev == E::object_end) {
-        if (!open_keys.empty()) open_keys.pop_back();
-      } else if (ev == E::key && !open_keys.empty() && !have_duplicate) {
-        const std::string& k = parsed.get_ref<const std::string&>();
-        if (open_keys.size() == 1) current_top = k;
-        if (!open_keys.back().insert(k).second) {
-          have_duplicate = true;
-          duplicate = k;
-          duplicate_top = current_top;
-          duplicate_depth = open_keys.size();
+  // Reads the header length, then builds the tensor table straight from the JSON parser's
+  // events (HeaderHandler): no JSON tree, one hash or map lookup per key, so the work is
+  // linear in the header size. Then checks that no two byte ranges overlap.
+  void parse();
+};
+
+// SAX handler for the header: a stack of what each open container is, one state machine for
+// the entries. Every problem throws format_error at once, naming the tensor where there is one.
+class SafetensorsReader::HeaderHandler {
+public:
+  using json = nlohmann::json;
+
+  HeaderHandler(SafetensorsReader& r, std::uint64_t data_size) : r_(r), data_size_(data_size) {}
+
+  bool null() { return value("null"); }
+  bool boolean(bool) { return value("boolean"); }
+  bool number_integer(json::number_integer_t v) { return value("number", nullptr, std::to_string(v)); }
+  bool number_unsigned(json::number_unsigned_t v) { return value("number", nullptr, std::to_string(v), true, v); }
+  bool number_float(json::number_float_t, const std::string& s) { return value("number", nullptr, s); }
+  bool string(std::string& s) { return value("string", &s, "\"" + s.substr(0, 40) + "\""); }
+  bool binary(json::binary_t&) { return value("binary"); }
+
+  bool start_object(std::size_t) {
+    if (stack_.empty()) return push(Ctx::root);
+    switch (stack_.back()) {
+      case Ctx::root:
+        if (name_ == "__metadata__") return push(Ctx::metadata);
+        entry_ = Entry{};
+        if (!entry_keys_.empty()) entry_keys_ = {};
+        return push(Ctx::entry);
+      case Ctx::entry:
+        if (field_ == Field::other) {
+          skip_keys_.emplace_back();
+          return push(Ctx::skip_object);
         }
-      }
-      return true;
-    };
-    const char* h = reinterpret_cast<const char*>(p + 8);
-    nlohmann::json header;
-    try {
-      header = nlohmann::json::parse(h, h + n, cb, /*allow_exceptions=*/true);
-    } catch (const nlohmann::json::exception& e) {
-      fail_file(molora::detail::cat("header is not valid JSON: ", e.what()));
-    } catch (const std::bad_alloc&) {
-      fail_file("header is not valid JSON: out of memory while parsing");
-    }
-    if (have_duplicate) {
-      if (duplicate_depth == 1) fail(duplicate, "duplicate tensor name in the header");
-      fail(duplicate_top, molora::detail::cat("duplicate key '", duplicate, "' inside its header entry"));
-    }
-    if (!header.is_object())
-      fail_file(molora::detail::mismatch("header", "a JSON object", header.type_name()));
-
-    for (auto it = header.begin(); it != header.end(); ++it) {
-      const std::string& name = it.key();
-      const nlohmann::json& v = it.value();
-      if (name == "__metadata__") {
-        parse_metadata(v);
-        continue;
-      }
-      tensors_.emplace(name, parse_entry(name, v, data_size));
-    }
-
-    // Non-overlap: sort non-empty ranges by begin and compare neighbours.
-    std::vector<std::pair<const std::string*, const TensorInfo*>> order;
-    for (const auto& kv : tensors_)
-      if (kv.second.nbytes() > 0) order.emplace_back(&kv.first, &kv.second);
-    std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.second->begin < b.second->begin; });
-    for (std::size_t i = 1; i < order.size(); ++i) {
-      const TensorInfo& prev = *order[i - 1].second;
-      const TensorInfo& cur = *order[i].second;
-      if (cur.begin < prev.end)
-        fail(*order[i].first, molora::detail::cat("data_offsets [", cur.begin, ", ", cur.end, "] overlap tensor '",
-                                                  *order[i - 1].first, "' at [", prev.begin, ", ", prev.end, "]"));
+        return value("object");
+      case Ctx::skip_object:
+      case Ctx::skip_array: skip_keys_.emplace_back(); return push(Ctx::skip_object);
+      default: return value("object");
     }
   }
 
-  void parse_metadata(const nlohmann::json& v) {
-    if (!v.is_object()) fail_file(molora::detail::mismatch("__metadata__", "an object of string to string", v.type_name()));
-    for (auto it = v.begin(); it != v.end(); ++it) {
-      if (!it.value().is_string())
-        fail_file(molora::detail::mismatch(molora::detail::cat("__metadata__ entry '", it.key(), "'"), "a string",
-                                           it.value().type_name()));
-      metadata_.emplace(it.key(), it.value().get<std::string>());
+  bool start_array(std::size_t) {
+    if (stack_.empty()) r_.fail_file(molora::detail::mismatch("header", "a JSON object", "array"));
+    switch (stack_.back()) {
+      case Ctx::entry:
+        if (field_ == Field::shape) return push(Ctx::shape);
+        if (field_ == Field::offsets) return push(Ctx::offsets);
+        if (field_ == Field::other) return push(Ctx::skip_array);
+        return value("array");
+      case Ctx::skip_object:
+      case Ctx::skip_array: return push(Ctx::skip_array);
+      default: return value("array");
     }
   }
 
-  TensorInfo parse_entry(const std::string& name, const nlohmann::json& v, std::uint64_t data_size) const {
-    if (!v.is_object()) fail(name, molora::detail::mismatch("entry", "an object with dtype, shape, data_offsets", v.type_name()));
-    TensorInfo t;
+  bool key(std::string& k) {
+    switch (stack_.back()) {
+      case Ctx::root: {
+        if (k.size() > r_.limits_.max_name_bytes)
+          r_.fail_file(molora::detail::cat("tensor name '", k.substr(0, 40), "...': length: expected at most ",
+                                           r_.limits_.max_name_bytes, " bytes (Limits::max_name_bytes), got ", k.size()));
+        const bool dup = k == "__metadata__" ? seen_metadata_
+                                             : !r_.tensors_.empty() && !(r_.tensors_.rbegin()->first < k) &&
+                                                   r_.tensors_.count(k) != 0;  // sorted input never looks up
+        if (dup) r_.fail(k, "duplicate tensor name in the header");
+        if (k == "__metadata__") {
+          seen_metadata_ = true;
+        } else if (r_.tensors_.size() >= r_.limits_.max_tensors) {
+          r_.fail_file(molora::detail::cat("number of tensors: expected at most ", r_.limits_.max_tensors,
+                                           " (Limits::max_tensors), got more"));
+        }
+        name_ = k;
+        return true;
+      }
+      case Ctx::entry: {
+        unsigned bit = 0;
+        field_ = Field::other;
+        if (k == "dtype") field_ = Field::dtype, bit = 1;
+        if (k == "shape") field_ = Field::shape, bit = 2;
+        if (k == "data_offsets") field_ = Field::offsets, bit = 4;
+        const bool dup = bit ? (entry_.seen & bit) != 0 : !entry_keys_.insert(k).second;
+        if (dup) r_.fail(name_, molora::detail::cat("duplicate key '", k, "' inside its header entry"));
+        entry_.seen |= bit;
+        return true;
+      }
+      case Ctx::metadata:
+        if (k.size() > r_.limits_.max_name_bytes || r_.metadata_.size() >= r_.limits_.max_tensors)
+          r_.fail_file(molora::detail::cat("__metadata__: expected at most ", r_.limits_.max_tensors,
+                                           " entries (Limits::max_tensors) with keys of at most ", r_.limits_.max_name_bytes,
+                                           " bytes (Limits::max_name_bytes), got ", r_.metadata_.size() + 1,
+                                           " entries, this key ", k.size(), " bytes"));
+        if (r_.metadata_.count(k)) r_.fail_file(molora::detail::cat("__metadata__: duplicate key '", k, "'"));
+        meta_key_ = k;
+        return true;
+      default:  // skip_object
+        if (!skip_keys_.back().insert(k).second)
+          r_.fail(name_, molora::detail::cat("duplicate key '", k, "' inside its header entry"));
+        return true;
+    }
+  }
 
-    auto dt = v.find("dtype");
-    if (dt == v.end()) fail(name, "missing field 'dtype'");
-    if (!dt->is_string()) fail(name, molora::detail::mismatch("dtype", "a string", dt->type_name()));
-    if (!parse_dtype(dt->get_ref<const std::string&>(), t.dtype))
-      fail(name, molora::detail::mismatch("dtype", "one of F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL",
-                          molora::detail::cat("'", dt->get_ref<const std::string&>(), "'")));
+  bool end_object() {
+    const Ctx c = pop();
+    if (c == Ctx::entry) finish_entry();
+    if (c == Ctx::skip_object) skip_keys_.pop_back();
+    return true;
+  }
 
-    auto sh = v.find("shape");
-    if (sh == v.end()) fail(name, "missing field 'shape'");
-    if (!sh->is_array()) fail(name, molora::detail::mismatch("shape", "an array of non-negative integers", sh->type_name()));
-    t.numel = 1;
+  bool end_array() {
+    if (pop() == Ctx::offsets && entry_.n_offsets != 2) bad_offsets(molora::detail::cat(entry_.n_offsets, " entries"));
+    return true;
+  }
+
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) {
+    r_.fail_file(molora::detail::cat("header is not valid JSON: ", e.what()));
+  }
+
+private:
+  enum class Ctx { root, entry, metadata, shape, offsets, skip_object, skip_array };
+  enum class Field { dtype, shape, offsets, other };
+  struct Entry {
+    unsigned seen = 0;  // bits: dtype, shape, data_offsets
+    TensorInfo info;
     bool numel_overflow = false;
-    for (const auto& d : *sh) {
-      if (!d.is_number_unsigned()) fail(name, molora::detail::mismatch("shape entry", "a non-negative integer", d.dump()));
-      const auto dim = d.get<std::uint64_t>();
-      t.shape.push_back(dim);
-      if (!numel_overflow && detail::mul_overflows(t.numel, dim, t.numel)) numel_overflow = true;
+    int n_offsets = 0;
+  };
+
+  SafetensorsReader& r_;
+  std::uint64_t data_size_;
+  std::vector<Ctx> stack_;
+  std::string name_, meta_key_;
+  bool seen_metadata_ = false;
+  Field field_ = Field::other;
+  Entry entry_;
+  std::unordered_set<std::string> entry_keys_;                // keys other than the three
+  std::vector<std::unordered_set<std::string>> skip_keys_;  // keys of each ignored object
+
+  bool push(Ctx c) {
+    if (stack_.size() >= static_cast<std::size_t>(max_header_depth))
+      r_.fail_file(molora::detail::mismatch("header nesting depth", molora::detail::cat("at most ", max_header_depth), "more"));
+    stack_.push_back(c);
+    return true;
+  }
+  Ctx pop() {
+    const Ctx c = stack_.back();
+    stack_.pop_back();
+    return c;
+  }
+
+  [[noreturn]] void bad_offsets(const std::string& got) const {
+    r_.fail(name_, molora::detail::mismatch("data_offsets", "[begin, end] of two non-negative integers", got));
+  }
+
+  // A scalar (or, via start_*, a container where the format wants something else). `type` is
+  // nlohmann's type name, `repr` the value for messages.
+  bool value(const char* type, const std::string* str = nullptr, const std::string& repr = "", bool is_unsigned = false,
+             std::uint64_t u = 0) {
+    const std::string& shown = repr.empty() ? std::string(type) : repr;
+    if (stack_.empty()) r_.fail_file(molora::detail::mismatch("header", "a JSON object", type));
+    switch (stack_.back()) {
+      case Ctx::root:
+        if (name_ == "__metadata__") r_.fail_file(molora::detail::mismatch("__metadata__", "an object of string to string", type));
+        r_.fail(name_, molora::detail::mismatch("entry", "an object with dtype, shape, data_offsets", type));
+      case Ctx::entry:
+        switch (field_) {
+          case Field::dtype:
+            if (!str) r_.fail(name_, molora::detail::mismatch("dtype", "a string", type));
+            if (!parse_dtype(*str, entry_.info.dtype))
+              r_.fail(name_, molora::detail::mismatch("dtype", "one of F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL",
+                                                      molora::detail::cat("'", str->substr(0, 40), "'")));
+            return true;
+          case Field::shape: r_.fail(name_, molora::detail::mismatch("shape", "an array of non-negative integers", type));
+          case Field::offsets: bad_offsets(type);
+          case Field::other: return true;  // unknown keys are ignored; the reference defines none
+        }
+        return true;
+      case Ctx::metadata:
+        if (!str) r_.fail_file(molora::detail::mismatch(molora::detail::cat("__metadata__ entry '", meta_key_, "'"), "a string", type));
+        r_.metadata_.emplace(meta_key_, *str);
+        return true;
+      case Ctx::shape: {
+        if (!is_unsigned) r_.fail(name_, molora::detail::mismatch("shape entry", "a non-negative integer", shown));
+        TensorInfo& t = entry_.info;
+        if (t.shape.size() >= r_.limits_.max_rank)
+          r_.fail(name_, molora::detail::mismatch("rank", molora::detail::cat("at most ", r_.limits_.max_rank, " (Limits::max_rank)"), "more"));
+        t.shape.push_back(u);
+        if (!entry_.numel_overflow && detail::mul_overflows(t.numel, u, t.numel)) entry_.numel_overflow = true;
+        return true;
+      }
+      case Ctx::offsets:
+        if (!is_unsigned) bad_offsets(shown);
+        if (entry_.n_offsets >= 2) bad_offsets("more than two entries");
+        (entry_.n_offsets == 0 ? entry_.info.begin : entry_.info.end) = u;
+        ++entry_.n_offsets;
+        return true;
+      default: return true;  // inside an ignored value
     }
+  }
+
+  void finish_entry() {
+    TensorInfo& t = entry_.info;
+    if (!(entry_.seen & 1)) r_.fail(name_, "missing field 'dtype'");
+    if (!(entry_.seen & 2)) r_.fail(name_, "missing field 'shape'");
+    if (!(entry_.seen & 4)) r_.fail(name_, "missing field 'data_offsets'");
     // A zero anywhere makes the product 0 even if a partial product overflowed.
-    if (numel_overflow && std::find(t.shape.begin(), t.shape.end(), 0u) != t.shape.end()) {
-      numel_overflow = false;
+    if (entry_.numel_overflow && std::find(t.shape.begin(), t.shape.end(), 0u) != t.shape.end()) {
+      entry_.numel_overflow = false;
       t.numel = 0;
     }
-    if (numel_overflow) fail(name, molora::detail::cat("shape ", shape_to_string(t.shape), ": element count overflows 64 bits"));
-
-    auto off = v.find("data_offsets");
-    if (off == v.end()) fail(name, "missing field 'data_offsets'");
-    if (!off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned())
-      fail(name, molora::detail::mismatch("data_offsets", "[begin, end] of two non-negative integers", off->dump()));
-    t.begin = (*off)[0].get<std::uint64_t>();
-    t.end = (*off)[1].get<std::uint64_t>();
-    if (t.begin > t.end) fail(name, molora::detail::cat("data_offsets: expected begin <= end, got [", t.begin, ", ", t.end, "]"));
-    if (t.end > data_size)
-      fail(name, molora::detail::mismatch("data_offsets end", molora::detail::cat("at most the data size ", data_size), t.end));
-
+    if (entry_.numel_overflow)
+      r_.fail(name_, molora::detail::cat("shape ", shape_to_string(t.shape), ": element count overflows 64 bits"));
+    if (t.begin > t.end)
+      r_.fail(name_, molora::detail::cat("data_offsets: expected begin <= end, got [", t.begin, ", ", t.end, "]"));
+    if (t.end > data_size_)
+      r_.fail(name_, molora::detail::mismatch("data_offsets end", molora::detail::cat("at most the data size ", data_size_), t.end));
     std::uint64_t want = 0;
     if (detail::mul_overflows(t.numel, dtype_size(t.dtype), want))
-      fail(name, molora::detail::cat("shape ", shape_to_string(t.shape), " x ", to_string(t.dtype), ": byte count overflows 64 bits"));
+      r_.fail(name_, molora::detail::cat("shape ", shape_to_string(t.shape), " x ", to_string(t.dtype),
+                                         ": byte count overflows 64 bits"));
     if (want != t.nbytes())
-      fail(name, molora::detail::mismatch(molora::detail::cat("byte range for shape ", shape_to_string(t.shape), " x ", to_string(t.dtype)),
-                          molora::detail::cat(want, " bytes"), molora::detail::cat(t.nbytes(), " bytes")));
-
-    // Keys other than the three are ignored, as the reference does not define any.
-    return t;
+      r_.fail(name_, molora::detail::mismatch(
+                         molora::detail::cat("byte range for shape ", shape_to_string(t.shape), " x ", to_string(t.dtype)),
+                         molora::detail::cat(want, " bytes"), molora::detail::cat(t.nbytes(), " bytes")));
+    r_.tensors_.emplace_hint(r_.tensors_.end(), name_, std::move(t));
   }
 };
+
+inline void SafetensorsReader::parse() {
+  const std::size_t size = bytes_->size();
+  if (size < 8) fail_file(molora::detail::mismatch("file size", "at least 8 bytes", size));
+  const std::uint8_t* p = bytes_->data();
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | p[i];
+  if (n > limits_.max_header_bytes)
+    fail_file(molora::detail::mismatch("header length", molora::detail::cat("at most ", limits_.max_header_bytes, " bytes (Limits::max_header_bytes)"), n));
+  if (n > size - 8)
+    fail_file(molora::detail::mismatch("header length", molora::detail::cat("at most ", size - 8, " (file size - 8)"), n));
+  header_len_ = n;
+  const char* h = reinterpret_cast<const char*>(p + 8);
+  HeaderHandler handler(*this, size - 8 - n);
+  try {
+    nlohmann::json::sax_parse(h, h + n, &handler);
+  } catch (const std::bad_alloc&) {
+    fail_file("header: out of memory while parsing");
+  }
+
+  // Non-overlap: sort non-empty ranges by begin and compare neighbours.
+  std::vector<std::pair<const std::string*, const TensorInfo*>> order;
+  for (const auto& kv : tensors_)
+    if (kv.second.nbytes() > 0) order.emplace_back(&kv.first, &kv.second);
+  std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.second->begin < b.second->begin; });
+  for (std::size_t i = 1; i < order.size(); ++i) {
+    const TensorInfo& prev = *order[i - 1].second;
+    const TensorInfo& cur = *order[i].second;
+    if (cur.begin < prev.end)
+      fail(*order[i].first, molora::detail::cat("data_offsets [", cur.begin, ", ", cur.end, "] overlap tensor '",
+                                                *order[i - 1].first, "' at [", prev.begin, ", ", prev.end, "]"));
+  }
+}
 
 // ---- writing --------------------------------------------------------------------------------
 
