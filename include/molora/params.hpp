@@ -39,13 +39,14 @@ struct Parameter {
       : name(std::move(n)), value(v, r * c), grad(g, r * c), rows(r), cols(c), column_major(col_major) {}
 
   Index size() const { return rows * cols; }
-  // value as a [rows, cols] matrix in its own storage order.
+  // value as a [rows, cols] matrix in its own storage order; asking for the other order
+  // throws shape_error naming the parameter.
   Eigen::Map<RowMatrix<Scalar>> shaped_row_major() {
-    MOLORA_ASSERT(!column_major);
+    if (column_major) throw shape_error(detail::mismatch(name + " element order", "row-major", "column-major"));
     return {value.data(), rows, cols};
   }
   Eigen::Map<ColMatrix<Scalar>> shaped_col_major() {
-    MOLORA_ASSERT(column_major);
+    if (!column_major) throw shape_error(detail::mismatch(name + " element order", "column-major", "row-major"));
     return {value.data(), rows, cols};
   }
 };
