@@ -466,8 +466,7 @@ void train_route(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape) {
 template <class Scalar>
 void train_routed(const MoLoRAAdapter<Scalar>& a, const Routing<Scalar>& routing, MoLoRATape<Scalar>& tape) {
   validate_routing(routing, tape.num_tokens(), a.num_experts());
-  const auto x = tape.input();
-  for (Index t = 0; t < x.rows(); ++t) require_finite_token<Scalar>(x, t);
+  require_finite_tokens<Scalar>(tape.input());
   tape.routing = routing;
   tape.has_router = false;
   tape.logits.resize(0, 0);

@@ -118,6 +118,14 @@ void require_finite_token(const ConstRowRef<Scalar>& x, Index t) {
       throw numeric_error(cat("x of token ", t, ": expected finite values, got ", x(t, j), " at column ", j));
 }
 
+// Throws numeric_error naming the first token of x with a non-finite value (one vectorised
+// pass when all are finite).
+template <class Scalar>
+void require_finite_tokens(const ConstRowRef<Scalar>& x) {
+  if (x.allFinite()) return;
+  for (Index t = 0; t < x.rows(); ++t) require_finite_token(x, t);
+}
+
 }  // namespace detail
 
 template <class Scalar>
@@ -279,7 +287,7 @@ public:
   void check_routed(const ConstRowRef<Scalar>& x, const Routing<Scalar>& routing, const RowRef<Scalar>& y) const {
     check_io(x, y);
     validate_routing(routing, x.rows(), num_experts());
-    for (Index t = 0; t < x.rows(); ++t) detail::require_finite_token(x, t);
+    detail::require_finite_tokens(x);
   }
 
   // x itself, or its copy in ws when it shares memory with y.
@@ -474,7 +482,7 @@ public:
   Strategy strategy() const { return adapter_.strategy(); }
 
   // Base weight [out, in] and bias [out] (empty map without a bias), owned or wrapped.
-  // Throw state_error on a moved-from layer.
+  // Both throw state_error on a moved-from layer.
   BaseWeightMap base_weight() const {
     check_live();
     return BaseWeightMap(wrapped_weight_ ? wrapped_weight_ : owned_weight_.data(), out_features(), in_features());
