@@ -285,6 +285,9 @@ TEST_CASE("a moved-from layer, adapter, LoRA or MixLoRA block throws state_error
                        molora::state_error);
   CHECK_THROWS_AS(adapter.route_tokens(x, ws), molora::state_error);
   CHECK((y.array() == 42.f).all());
+  CHECK_THROWS_AS(adapter.set_expert_A(0, RowMatrix<float>::Zero(3, 6)), molora::state_error);
+  molora::MoLoRAGrads<float> grads(adapter2);
+  CHECK_THROWS_AS(molora::parameters(adapter, grads), molora::state_error);
 
   molora::LoRA<float> lora(6, 5, 3, 6.0);
   const auto lora2 = std::move(lora);
@@ -294,6 +297,8 @@ TEST_CASE("a moved-from layer, adapter, LoRA or MixLoRA block throws state_error
                        molora::state_error);
   molora::LoRATape<float> lt;
   CHECK_THROWS_AS(molora::add_delta_train(lora, x, y, lt), molora::state_error);
+  molora::LoRAGrads<float> lgrads(lora2);
+  CHECK_THROWS_AS(molora::parameters(lora, lgrads), molora::state_error);
   CHECK((y.array() == 42.f).all());
 
   molora::MixLoRAFeedForwardConfig f;
@@ -447,6 +452,8 @@ TEST_CASE("a workspace or tape already in use is refused, and released on return
   {
     const molora::detail::WorkspaceGuard other(lt.in_use, "test");
     CHECK_THROWS_AS(molora::add_delta_train(lora, x, y, lt), molora::state_error);
+  molora::LoRAGrads<float> lgrads(lora2);
+  CHECK_THROWS_AS(molora::parameters(lora, lgrads), molora::state_error);
   }
   CHECK_NOTHROW(molora::add_delta_train(lora, x, y, lt));
 

@@ -176,10 +176,11 @@ public:
   Eigen::Map<RowMatrix<Scalar>> mutable_stacked_A() { return {A_.data(), A_.rows(), A_.cols()}; }
   Eigen::Map<ColMatrix<Scalar>> mutable_stacked_B() { return {B_.data(), B_.rows(), B_.cols()}; }
 
-  // Sets expert e's A [r, in] / B [out, r]. Throws (and changes nothing) on a bad expert
-  // index, shape or a non-finite entry.
+  // Sets expert e's A [r, in] / B [out, r]. Throws (and changes nothing) on a moved-from
+  // adapter, a bad expert index, shape or a non-finite entry.
   template <class Derived>
   void set_expert_A(Index e, const Eigen::MatrixBase<Derived>& a) {
+    check_live();
     checked_expert(e);
     detail::require_shape(a, rank(), in_features(), "expert lora_A.weight");
     detail::require_finite(a, "expert lora_A.weight");
@@ -187,6 +188,7 @@ public:
   }
   template <class Derived>
   void set_expert_B(Index e, const Eigen::MatrixBase<Derived>& b) {
+    check_live();
     checked_expert(e);
     detail::require_shape(b, out_features(), rank(), "expert lora_B.weight");
     detail::require_finite(b, "expert lora_B.weight");
