@@ -148,20 +148,29 @@ TEST_CASE("caller routing with a bad id, a repeated expert or a non-finite weigh
   CHECK((y.array() == 42.f).all());
 }
 
-TEST_CASE("non-finite router logits are reported with the token; adapter output untouched") {
+TEST_CASE("non-finite router logits are reported with the token; output untouched") {
   const auto l = ref::random_layer<float>(good(), 6);
-  RowMatrix<float> x = ref::random_x<float>(5, 6, 7);
-  x(3, 2) = INFINITY;
   MoLoRALinear<float>::Workspace ws;
   RowMatrix<float> y = RowMatrix<float>::Constant(5, 5, 42.f);
+  // A non-finite x is named as x (forward_routed says the same, having no logits).
+  RowMatrix<float> x = ref::random_x<float>(5, 6, 7);
+  x(3, 2) = INFINITY;
+  const char* x_message = "molora numeric error: x of token 3: expected finite values, got inf at column 2";
+  CHECK_THROWS_WITH_AS(l.adapter().add_delta(x, y, ws), x_message, molora::numeric_error);
+  CHECK((y.array() == 42.f).all());
+  CHECK_THROWS_WITH_AS(l.forward(x, y, ws), x_message, molora::numeric_error);
+  CHECK((y.array() == 42.f).all());
+  // A finite x whose logits overflow is named by its logits.
+  auto big = l;
+  big.adapter().router().set_weight(RowMatrix<float>::Constant(4, 6, 1.f));
+  x.row(3).setConstant(1e38f);  // logit 6e38 overflows float
   try {
-    l.adapter().add_delta(x, y, ws);
+    big.forward(x, y, ws);
     FAIL("expected a numeric_error");
   } catch (const molora::numeric_error& e) {
     CHECK(std::string(e.what()).rfind("molora numeric error: router logits of token 3: expected finite values, got ", 0) == 0);
   }
   CHECK((y.array() == 42.f).all());
-  CHECK_THROWS_AS(l.forward(x, y, ws), molora::numeric_error);
 }
 
 TEST_CASE("T = 0 is a valid empty batch") {

@@ -161,6 +161,7 @@ struct LoRATape {
   RowMatrix<Scalar> hidden;          // [T, r] h = A x (unscaled)
   RowMatrix<Scalar> u;               // [T, r] backward scratch
   RowMatrix<Scalar> dxa;             // [T, in] backward scratch (dropout only)
+  detail::InUseFlag in_use;          // held by the call writing this tape
 
   void seed(std::uint64_t s) { noise_rng.seed(s); }
   Index num_tokens() const { return x.rows; }
@@ -188,11 +189,14 @@ struct LoRAGrads {
 
 // y += s * B A dropout(x) for x [T, in], y [T, out], saving into tape what add_backward needs.
 // x must stay alive and unchanged until add_backward (unless it shares memory with y: then the
-// tape keeps a copy). Throws shape_error on shapes, config_error on bad tape.options.
+// tape keeps a copy). Throws shape_error on shapes, config_error on bad tape.options,
+// state_error on a moved-from lora or a tape in use; y is unchanged when it throws.
 template <class Scalar, class Derived>
 void add_delta_train(const LoRA<Scalar>& lora, const Eigen::MatrixBase<Derived>& x_in, detail::OutRef<Scalar> y,
                      LoRATape<Scalar>& tape) {
+  const detail::WorkspaceGuard hold(tape.in_use, "LoRATape");
   const ConstRowRef<Scalar> x(x_in);
+  lora.check_live();
   tape.options.validate();
   if (x.cols() != lora.in_features())
     throw shape_error(detail::mismatch("x columns (in_features)", lora.in_features(), x.cols()));
@@ -216,9 +220,35 @@ void add_delta_train(const LoRA<Scalar>& lora, const Eigen::MatrixBase<Derived>&
 }
 
 namespace detail {
+
+// Throws shape_error naming the field unless x's record on a tape is a [T, in] input.
+template <class Scalar>
+void check_saved_input(const SavedInput<Scalar>& x, Index in) {
+  if (x.cols != in) throw shape_error(mismatch("tape.x columns (in_features)", in, x.cols));
+  if (x.owned && (x.copy.rows() != x.rows || x.copy.cols() != x.cols))
+    throw shape_error(mismatch("tape.x copy", shape_str(x.rows, x.cols), shape_str(x.copy.rows(), x.copy.cols())));
+  if (!x.owned && x.rows > 0 && x.data == nullptr)
+    throw shape_error(mismatch("tape.x", shape_str(x.rows, x.cols), "no data"));
+}
+
+// A backward trusts nothing on the tape: it must have been recorded by a layer of this shape.
+template <class Scalar>
+void check_tape(const LoRA<Scalar>& lora, const LoRATape<Scalar>& tape) {
+  const Index T = tape.num_tokens(), in = lora.in_features();
+  check_saved_input(tape.x, in);
+  require_rows_cols(tape.hidden, T, lora.rank(), "tape.hidden shape (tokens, rank)");
+  if (tape.has_dropout()) {
+    require_rows_cols(tape.dropout_scale, T, in, "tape.dropout_scale shape");
+    require_rows_cols(tape.adapter_input, T, in, "tape.adapter_input shape");
+  }
+}
+
 template <class Scalar>
 void lora_backward_impl(const LoRA<Scalar>& lora, LoRATape<Scalar>& tape, const ConstRowRef<Scalar>& dy,
                         LoRAGrads<Scalar>& grads, RowRef<Scalar>* dx) {
+  const WorkspaceGuard hold(tape.in_use, "LoRATape");
+  lora.check_live();
+  check_tape(lora, tape);
   const Index T = tape.num_tokens(), r = lora.rank();
   const Scalar s = lora.scaling();
   detail::require_rows_cols(dy, T, lora.out_features(), "dy shape");
@@ -292,6 +322,7 @@ struct MoLoRATape {
   std::vector<Scalar> row_scratch, spill, scale;
   std::vector<const Scalar*> in_rows;
   std::vector<Scalar*> out_rows;
+  detail::InUseFlag in_use;  // held by the call writing this tape (see errors.hpp)
 
   void seed(std::uint64_t s) {
     sampling_rng.seed(s);
@@ -330,13 +361,28 @@ struct MoLoRAGrads {
     A.setZero();
     B.setZero();
   }
-  // Expert e's blocks, views into A and B.
-  auto expert_A(Index e) { return A.middleRows(e * (A.rows() / router_weight.rows()), A.rows() / router_weight.rows()); }
-  auto expert_B(Index e) { return B.middleCols(e * (B.cols() / router_weight.rows()), B.cols() / router_weight.rows()); }
+  // Expert e's blocks, views into A and B. Throw shape_error for e outside [0, E).
+  auto expert_A(Index e) {
+    const Index r = A.rows() / checked_expert(e);
+    return A.middleRows(e * r, r);
+  }
+  auto expert_B(Index e) {
+    const Index r = B.cols() / checked_expert(e);
+    return B.middleCols(e * r, r);
+  }
+
+private:
+  // E after checking e against it.
+  Index checked_expert(Index e) const {
+    const Index E = router_weight.rows();
+    if (e < 0 || e >= E) throw shape_error(detail::mismatch("expert index", detail::cat("[0, ", E, ")"), e));
+    return E;
+  }
 };
 
 namespace detail {
 
+// Checks of every training forward, before anything is written (the caller holds the tape).
 template <class Scalar>
 void train_begin(const MoLoRAAdapter<Scalar>& a, const ConstRowRef<Scalar>& x, const RowRef<Scalar>& y,
                  MoLoRATape<Scalar>& tape) {
@@ -405,6 +451,8 @@ void train_route(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape) {
   for (Index t = 0; t < T; ++t) tape.in_rows[static_cast<std::size_t>(t)] = xr + t * ldx;
   shrink_rows(a.router().weight().data(), in, E, in, tape.in_rows.data(), T, tape.logits.data(), E, tape.spill.data());
   if (a.router().has_bias()) tape.logits.rowwise() += a.router().bias();
+  for (Index t = 0; t < T; ++t)  // a non-finite x is named as the layer's forward names it
+    if (!tape.logits.row(t).allFinite()) require_finite_token<Scalar>(x, t);
   tape.probs.resize(T, E);
   softmax_rows<Scalar>(tape.logits, tape.probs);  // [T, E]
   tape.row_scratch.resize(static_cast<std::size_t>(E));
@@ -418,6 +466,7 @@ void train_route(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape) {
 template <class Scalar>
 void train_routed(const MoLoRAAdapter<Scalar>& a, const Routing<Scalar>& routing, MoLoRATape<Scalar>& tape) {
   validate_routing(routing, tape.num_tokens(), a.num_experts());
+  require_finite_tokens<Scalar>(tape.input());
   tape.routing = routing;
   tape.has_router = false;
   tape.logits.resize(0, 0);
@@ -494,6 +543,70 @@ void train_experts(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, Row
 //      the jitter), all while the tile's x and dx chunks sit in L1.
 // So dy and x are each read once per slot and dx updated in place once per slot, with no
 // [T, in] temporary and no separate router pass, whatever the options.
+// A backward trusts nothing on the tape: every size it indexes with must be the one a
+// training forward of this adapter records (a tape from a layer of another E, k, r, in or T
+// would send the kernels outside their buffers). O(T*k + E). Throws shape_error naming the
+// tape field, the expected and the actual value.
+template <class Scalar>
+void check_tape(const MoLoRAAdapter<Scalar>& a, const MoLoRATape<Scalar>& tape) {
+  const Index T = tape.num_tokens(), E = a.num_experts(), r = a.rank(), in = a.in_features();
+  check_saved_input(tape.x, in);
+  if (tape.plan.num_experts() != E)
+    throw shape_error(mismatch("tape.plan experts (num_experts)", E, tape.plan.num_experts()));
+  const Index k = tape.routing.top_k();
+  if (tape.routing.num_tokens() != T) throw shape_error(mismatch("tape.routing rows (tokens)", T, tape.routing.num_tokens()));
+  if (k < 1 || k > E) throw shape_error(mismatch("tape.routing columns (top_k)", cat("1..", E), k));
+  require_rows_cols(tape.routing.weights, T, k, "tape.routing.weights shape");
+  const auto pairs = static_cast<std::size_t>(T * k);
+  const auto& p = tape.plan;
+  if (p.tokens.size() != pairs || p.slots.size() != pairs || p.gates.size() != pairs ||
+      p.offsets.front() != 0 || p.offsets.back() != T * k)
+    throw shape_error(mismatch("tape.plan pairs (tokens * top_k)", T * k, p.tokens.size()));
+  require_rows_cols(tape.hidden, T * k, r, "tape.hidden shape (pairs, rank)");
+  if (tape.has_router) {
+    require_rows_cols(tape.logits, T, E, "tape.logits shape");
+    require_rows_cols(tape.probs, T, E, "tape.probs shape");
+    require_rows_cols(tape.logit_grad, T, E, "tape.logit_grad shape");
+  }
+  if (tape.has_dropout()) {
+    require_rows_cols(tape.dropout_scale, T, in, "tape.dropout_scale shape");
+    require_rows_cols(tape.adapter_input, T, in, "tape.adapter_input shape");
+  }
+  if (tape.has_jitter()) {
+    require_rows_cols(tape.jitter, T, in, "tape.jitter shape");
+    require_rows_cols(tape.router_input, T, in, "tape.router_input shape");
+  }
+  for (Index e = 0; e < E; ++e)
+    if (p.count(e) < 0) throw shape_error(detail::mismatch(cat("tape.plan count of expert ", e), "a value >= 0", p.count(e)));
+  for (const std::int32_t e : p.active)
+    if (e < 0 || e >= E) throw shape_error(mismatch("tape.plan active expert", cat("[0, ", E, ")"), e));
+  for (std::size_t i = 0; i < pairs; ++i)
+    if (p.tokens[i] < 0 || p.tokens[i] >= T || p.slots[i] < 0 || p.slots[i] >= k)
+      throw shape_error(detail::mismatch(cat("tape.plan pair ", i, " (token, slot)"), cat("in [0, ", T, ") x [0, ", k, ")"),
+                                 cat("(", p.tokens[i], ", ", p.slots[i], ")")));
+  for (Index t = 0; t < T; ++t)
+    for (Index sl = 0; sl < k; ++sl)
+      if (tape.routing.ids(t, sl) < 0 || tape.routing.ids(t, sl) >= E)
+        throw shape_error(detail::mismatch(cat("tape.routing.ids of token ", t, " slot ", sl), cat("[0, ", E, ")"),
+                                   tape.routing.ids(t, sl)));
+}
+
+// Every check of a MoLoRA backward, before anything is written.
+template <class Scalar>
+void check_backward(const MoLoRAAdapter<Scalar>& a, const MoLoRATape<Scalar>& tape, const ConstRowRef<Scalar>& dy,
+                    const MoLoRAGrads<Scalar>& g, const RowRef<Scalar>* dx) {
+  const Index T = tape.num_tokens(), E = a.num_experts(), r = a.rank(), in = a.in_features(), out = a.out_features();
+  a.check_live();
+  check_tape(a, tape);
+  require_rows_cols(dy, T, out, "dy shape");
+  require_rows_cols(g.router_weight, E, in, "grads.router_weight shape");
+  require_rows_cols(g.router_bias, 1, E, "grads.router_bias shape");
+  require_rows_cols(g.A, E * r, in, "grads.A shape");
+  require_rows_cols(g.B, out, E * r, "grads.B shape");
+  if (dx) require_rows_cols(*dx, T, in, "dx shape");
+}
+
+// The caller holds the tape and has run check_backward.
 template <class Scalar>
 void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
                    MoLoRAGrads<Scalar>& g, RowRef<Scalar>* dx) {
@@ -502,14 +615,6 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
   const Index T = tape.num_tokens(), E = a.num_experts(), r = a.rank(), in = a.in_features(),
               out = a.out_features(), k = tape.routing.top_k();
   const Scalar s = a.scaling();
-  if (tape.plan.num_experts() != E || tape.x.cols != in)
-    throw shape_error(mismatch("tape (experts, in_features)", cat("(", E, ", ", in, ")"),
-                               cat("(", tape.plan.num_experts(), ", ", tape.x.cols, ")")));
-  require_rows_cols(dy, T, out, "dy shape");
-  require_rows_cols(g.router_weight, E, in, "grads.router_weight shape");
-  require_rows_cols(g.A, E * r, in, "grads.A shape");
-  require_rows_cols(g.B, out, E * r, "grads.B shape");
-  if (dx) require_rows_cols(*dx, T, in, "dx shape");
   if (T == 0) return;
 
   const Scalar* A = a.stacked_A().data();   // expert e: [r, in] at e*r*in
@@ -677,6 +782,7 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
 template <class Scalar, class Derived>
 const Routing<Scalar>& add_delta_train(const MoLoRAAdapter<Scalar>& a, const Eigen::MatrixBase<Derived>& x,
                                        detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
+  const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   const ConstRowRef<Scalar> xr(x);
   detail::train_begin(a, xr, y, tape);
   detail::train_route(a, tape);
@@ -689,6 +795,7 @@ const Routing<Scalar>& add_delta_train(const MoLoRAAdapter<Scalar>& a, const Eig
 template <class Scalar, class Derived>
 void add_delta_routed_train(const MoLoRAAdapter<Scalar>& a, const Eigen::MatrixBase<Derived>& x,
                             const Routing<Scalar>& routing, detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
+  const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   const ConstRowRef<Scalar> xr(x);
   detail::train_begin(a, xr, y, tape);
   detail::train_routed(a, routing, tape);
@@ -700,34 +807,45 @@ void add_delta_routed_train(const MoLoRAAdapter<Scalar>& a, const Eigen::MatrixB
 // own base matmul adds the base's x-gradient itself). dy is dL/dy [T, out]; tape is from the
 // last training forward of this adapter; the adapter's weights must not have changed since.
 // Only experts with routed tokens are touched. Also adds tape.logit_grad (auxiliary losses)
-// to the router's gradient. Throws shape_error on shapes.
+// to the router's gradient. Throws shape_error on shapes, the tape's included (a tape from
+// another layer), state_error on a moved-from adapter or a tape in use; nothing is written
+// then.
 template <class Scalar>
 void add_backward(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
                   MoLoRAGrads<Scalar>& grads, detail::OutRef<Scalar> dx) {
+  const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
+  detail::check_backward(a, tape, dy, grads, &dx);
   detail::backward_impl(a, tape, dy, grads, &dx);
 }
 template <class Scalar>
 void add_backward(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
                   MoLoRAGrads<Scalar>& grads) {
+  const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
+  detail::check_backward(a, tape, dy, grads, static_cast<const RowRef<Scalar>*>(nullptr));
   detail::backward_impl(a, tape, dy, grads, static_cast<RowRef<Scalar>*>(nullptr));
 }
 
 // y = x W0^T + b0 + delta(x), MoLoRALinear::forward's output (up to rounding), recording on
-// tape what backward needs.
+// tape what backward needs. Throws as forward does; y is unchanged when it throws (the
+// router runs before y is written).
 template <class Scalar, class Derived>
 const Routing<Scalar>& forward_train(const MoLoRALinear<Scalar>& layer, const Eigen::MatrixBase<Derived>& x,
                                      detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
+  const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   const ConstRowRef<Scalar> xr(x);
+  layer.check_live();
   detail::train_begin(layer.adapter(), xr, y, tape);
-  layer.forward_base(tape.input(), y);  // [T, out]
   detail::train_route(layer.adapter(), tape);
+  layer.forward_base(tape.input(), y);  // [T, out]
   detail::train_experts(layer.adapter(), tape, y);
   return tape.routing;
 }
 template <class Scalar, class Derived>
 void forward_routed_train(const MoLoRALinear<Scalar>& layer, const Eigen::MatrixBase<Derived>& x,
                           const Routing<Scalar>& routing, detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
+  const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   const ConstRowRef<Scalar> xr(x);
+  layer.check_live();
   detail::train_begin(layer.adapter(), xr, y, tape);
   detail::train_routed(layer.adapter(), routing, tape);
   layer.forward_base(tape.input(), y);  // [T, out]
@@ -743,11 +861,14 @@ void base_backward(const MoLoRALinear<Scalar>& layer, const detail::InRef<Scalar
 }
 
 // Writes dL/dx [T, in] (base + adapter + router) into dx and adds the adapter's gradients
-// into grads. The base weight is frozen: it gets no gradient.
+// into grads. The base weight is frozen: it gets no gradient. Throws as add_backward does,
+// before dx or grads are written.
 template <class Scalar>
 void backward(const MoLoRALinear<Scalar>& layer, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
               MoLoRAGrads<Scalar>& grads, detail::OutRef<Scalar> dx) {
-  detail::require_rows_cols(dy, tape.num_tokens(), layer.out_features(), "dy shape");
+  const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
+  layer.check_live();
+  detail::check_backward(layer.adapter(), tape, dy, grads, &dx);
   base_backward(layer, dy, dx);
   detail::backward_impl(layer.adapter(), tape, dy, grads, &dx);
 }
@@ -755,6 +876,9 @@ void backward(const MoLoRALinear<Scalar>& layer, MoLoRATape<Scalar>& tape, const
 template <class Scalar>
 void backward(const MoLoRALinear<Scalar>& layer, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
               MoLoRAGrads<Scalar>& grads) {
+  const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
+  layer.check_live();
+  detail::check_backward(layer.adapter(), tape, dy, grads, static_cast<const RowRef<Scalar>*>(nullptr));
   detail::backward_impl(layer.adapter(), tape, dy, grads, static_cast<RowRef<Scalar>*>(nullptr));
 }
 

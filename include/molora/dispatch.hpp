@@ -29,14 +29,23 @@ struct DispatchPlan {
     return m;
   }
 
-  // Requires: every id in [0, num_experts) (a validated Routing).
+  // Requires: num_experts >= 1, weights the shape of ids, every id in [0, num_experts) (a
+  // validated Routing passes). Throws config_error / shape_error / numeric_error otherwise;
+  // the plan is then unspecified.
   void build(const Routing<Scalar>& r, Index num_experts) {
     const Index T = r.num_tokens(), k = r.top_k();
+    if (num_experts < 1) throw config_error(detail::mismatch("num_experts", "a value >= 1", num_experts));
+    if (r.weights.rows() != T || r.weights.cols() != k)
+      throw shape_error(detail::mismatch("routing.weights", detail::shape_str(T, k),
+                                         detail::shape_str(r.weights.rows(), r.weights.cols())));
     offsets.assign(static_cast<std::size_t>(num_experts) + 1, 0);
     for (Index t = 0; t < T; ++t)
       for (Index s = 0; s < k; ++s) {
-        MOLORA_ASSERT(r.ids(t, s) >= 0 && r.ids(t, s) < num_experts);
-        ++offsets[static_cast<std::size_t>(r.ids(t, s)) + 1];
+        const std::int32_t id = r.ids(t, s);
+        if (id < 0 || id >= num_experts)
+          throw numeric_error(detail::cat("routing.ids of token ", t, " slot ", s, ": expected an expert id in [0, ",
+                                          num_experts, "), got ", id));
+        ++offsets[static_cast<std::size_t>(id) + 1];
       }
     active.clear();
     for (Index e = 0; e < num_experts; ++e) {

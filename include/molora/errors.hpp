@@ -1,9 +1,11 @@
 // Errors. Every failure a caller can cause (bad configuration, wrong shapes, non-finite
-// numbers, malformed files) is reported as an exception derived from molora::error whose
-// message names the field, the expected value and the actual one. Internal invariants use
-// MOLORA_ASSERT, which a host may override before including molora.
+// numbers, malformed files, a moved-from layer, a workspace used by two calls at once) is
+// reported as an exception derived from molora::error whose message names the field, the
+// expected value and the actual one. Internal invariants use MOLORA_ASSERT, which a host may
+// override before including molora. Also the workspace in-use guard (see WorkspaceGuard).
 #pragma once
 
+#include <atomic>
 #include <cassert>
 #include <sstream>
 #include <stdexcept>
@@ -47,6 +49,13 @@ public:
   explicit format_error(const std::string& what) : error("molora format error: " + what) {}
 };
 
+// An object in a state that does not allow the call: a moved-from layer, or a workspace
+// (or tape) that another call is still using.
+class state_error : public error {
+public:
+  explicit state_error(const std::string& what) : error("molora state error: " + what) {}
+};
+
 namespace detail {
 
 // Concatenates its arguments with operator<< into one string; used to build messages.
@@ -68,6 +77,62 @@ template <class I>
 std::string shape_str(I rows, I cols) {
   return cat("[", rows, ", ", cols, "]");
 }
+
+}  // namespace detail
+
+// The workspace in-use check. A workspace or tape written by two calls at once (two threads,
+// or a call re-entered from inside another) corrupts memory; with the check on, every call
+// that writes one holds its flag and a second call throws state_error instead. On by default
+// when NDEBUG is not defined; MOLORA_CHECK_WORKSPACE turns it on in any build,
+// MOLORA_NO_CHECK_WORKSPACE turns it off. The flag is in every build so that translation
+// units compiled either way agree on the workspaces' layout.
+#if !defined(MOLORA_NO_CHECK_WORKSPACE) && (defined(MOLORA_CHECK_WORKSPACE) || !defined(NDEBUG))
+#define MOLORA_DETAIL_CHECK_WORKSPACE 1
+#else
+#define MOLORA_DETAIL_CHECK_WORKSPACE 0
+#endif
+
+namespace detail {
+
+// One bool, copyable so that a workspace stays copyable and movable: a copy is not in use.
+class InUseFlag {
+public:
+  InUseFlag() = default;
+  InUseFlag(const InUseFlag&) noexcept {}
+  InUseFlag& operator=(const InUseFlag&) noexcept { return *this; }
+
+  bool try_acquire() noexcept { return !busy_.exchange(true, std::memory_order_acquire); }
+  void release() noexcept { busy_.store(false, std::memory_order_release); }
+  bool in_use() const noexcept { return busy_.load(std::memory_order_relaxed); }
+
+private:
+  std::atomic<bool> busy_{false};
+};
+
+// Holds a workspace's flag for its scope (released on return and on throw). Throws
+// state_error naming the workspace if the flag is already held. A no-op with the check off.
+class WorkspaceGuard {
+public:
+  WorkspaceGuard(InUseFlag& flag, const char* workspace) : flag_(flag) {
+#if MOLORA_DETAIL_CHECK_WORKSPACE
+    if (!flag_.try_acquire())
+      throw state_error(cat(workspace, ": expected a workspace no other call is using, got one already in use "
+                                       "(by another thread, or by a re-entrant call); use one per thread"));
+#else
+    (void)workspace;
+#endif
+  }
+  ~WorkspaceGuard() {
+#if MOLORA_DETAIL_CHECK_WORKSPACE
+    flag_.release();
+#endif
+  }
+  WorkspaceGuard(const WorkspaceGuard&) = delete;
+  WorkspaceGuard& operator=(const WorkspaceGuard&) = delete;
+
+private:
+  InUseFlag& flag_;
+};
 
 }  // namespace detail
 }  // namespace molora

@@ -103,17 +103,34 @@ void sample_row(const Scalar* logits, const Scalar* probs, Index num, Index k, s
 
 }  // namespace detail
 
-// Routes every token. Requires logits [T, E] with E == opt.num_experts, 1 <= top_k <= E
-// (validated by MoLoRAConfig). gen is used only for Selection::sampling and must then be
-// non-null. probs_scratch must hold E values. Throws numeric_error naming the first token
-// whose logits are not finite; out is then unspecified.
+namespace detail {
+
+// Throws config_error unless opt describes a routing (E >= 1, 1 <= k <= E, a known selection)
+// and shape_error unless logits has E columns.
+inline void check_gating(const GatingOptions& opt, Index logits_cols) {
+  if (opt.num_experts < 1) throw config_error(mismatch("num_experts", "a value >= 1", opt.num_experts));
+  if (opt.top_k < 1 || opt.top_k > opt.num_experts)
+    throw config_error(mismatch("top_k", cat("a value in [1, num_experts (", opt.num_experts, ")]"), opt.top_k));
+  if (opt.selection != Selection::top_k && opt.selection != Selection::sampling)
+    throw config_error(mismatch("selection", "top_k or sampling", static_cast<int>(opt.selection)));
+  if (logits_cols != opt.num_experts)
+    throw shape_error(mismatch("router logits columns (num_experts)", opt.num_experts, logits_cols));
+}
+
+}  // namespace detail
+
+// Routes every token. Requires logits [T, E] with E == opt.num_experts >= 1 and
+// 1 <= top_k <= E (throws config_error / shape_error otherwise). gen is used only for
+// Selection::sampling and must then be non-null. probs_scratch must hold E values. Throws
+// numeric_error naming the first token whose logits are not finite; out is then unspecified.
 template <class Scalar, class URBG = Generator>
 void route(const ConstRowRef<Scalar>& logits, const GatingOptions& opt, Routing<Scalar>& out, URBG* gen,
            Scalar* probs_scratch) {
   const Index T = logits.rows(), E = logits.cols(), k = opt.top_k;
-  MOLORA_ASSERT(E == opt.num_experts && k >= 1 && k <= E);
+  detail::check_gating(opt, E);
   if (opt.selection == Selection::sampling && gen == nullptr)
     throw config_error("selection: sampling needs a generator, got none");
+  if (probs_scratch == nullptr) throw config_error("probs_scratch: expected room for num_experts values, got null");
   out.resize(T, k);
   for (Index t = 0; t < T; ++t) {
     const Scalar* row = logits.row(t).data();
@@ -147,16 +164,20 @@ void route(const ConstRowRef<Scalar>& logits, const GatingOptions& opt, Routing<
 // Convenience overload that allocates its scratch.
 template <class Scalar, class URBG = Generator>
 Routing<Scalar> route(const ConstRowRef<Scalar>& logits, const GatingOptions& opt, URBG* gen = nullptr) {
+  detail::check_gating(opt, logits.cols());
   Routing<Scalar> out;
   std::vector<Scalar> scratch(static_cast<std::size_t>(logits.cols()));
   route(logits, opt, out, gen, scratch.data());
   return out;
 }
 
-// Row-wise stable softmax of logits [T, E] into probs [T, E].
+// Row-wise stable softmax of logits [T, E] into probs [T, E], E >= 1. Throws shape_error
+// (probs unchanged) otherwise.
 template <class Scalar>
 void softmax_rows(const ConstRowRef<Scalar>& logits, RowRef<Scalar> probs) {
-  MOLORA_ASSERT(probs.rows() == logits.rows() && probs.cols() == logits.cols());
+  if (logits.rows() > 0 && logits.cols() < 1)
+    throw shape_error(detail::mismatch("softmax logits columns", "a value >= 1", logits.cols()));
+  detail::require_shape(probs, logits.rows(), logits.cols(), "softmax probs");
   for (Index t = 0; t < logits.rows(); ++t) detail::softmax_row(logits.row(t).data(), logits.cols(), probs.row(t).data());
 }
 

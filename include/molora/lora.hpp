@@ -9,6 +9,7 @@
 
 #include <cmath>
 
+#include "config.hpp"
 #include "errors.hpp"
 #include "random.hpp"
 #include "types.hpp"
@@ -16,25 +17,6 @@
 namespace molora {
 
 namespace detail {
-
-// Throws numeric_error if m has a non-finite entry; names the field and the entry.
-template <class Derived>
-void require_finite(const Eigen::MatrixBase<Derived>& m, const char* field) {
-  for (Index i = 0; i < m.rows(); ++i)
-    for (Index j = 0; j < m.cols(); ++j)
-      if (!std::isfinite(static_cast<double>(m(i, j))))
-        throw numeric_error(cat(field, ": expected finite values, got ", m(i, j), " at [", i, ", ", j, "]"));
-}
-
-template <class Derived>
-void require_shape(const Eigen::MatrixBase<Derived>& m, Index rows, Index cols, const char* field) {
-  if (m.rows() != rows || m.cols() != cols)
-    throw shape_error(mismatch(field, shape_str(rows, cols), shape_str(m.rows(), m.cols())));
-}
-
-inline double lora_scaling(double alpha, Index rank, bool use_rslora) {
-  return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
-}
 
 // Fills m with PyTorch's kaiming_uniform_(a = sqrt(5)) for a Linear whose fan_in is
 // m.cols(): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -53,15 +35,14 @@ class LoRA {
   static_assert(detail::is_supported_scalar<Scalar>, "molora::LoRA supports float and double");
 
 public:
-  // A zero adapter (A = 0, B = 0). Throws config_error for a zero size or a bad alpha.
+  // A zero adapter (A = 0, B = 0). Throws config_error for a zero size, or an alpha whose
+  // scaling is not a normal Scalar.
   LoRA(Index in_features, Index out_features, Index rank, double lora_alpha, bool use_rslora = false)
       : in_(in_features), out_(out_features), rank_(rank) {
     if (in_features <= 0) throw config_error(detail::mismatch("in_features", "a value >= 1", in_features));
     if (out_features <= 0) throw config_error(detail::mismatch("out_features", "a value >= 1", out_features));
     if (rank <= 0) throw config_error(detail::mismatch("rank", "a value >= 1", rank));
-    if (!std::isfinite(lora_alpha) || !(lora_alpha > 0))
-      throw config_error(detail::mismatch("lora_alpha", "a finite value > 0", lora_alpha));
-    scaling_ = static_cast<Scalar>(detail::lora_scaling(lora_alpha, rank, use_rslora));
+    scaling_ = detail::checked_scaling<Scalar>(lora_alpha, rank, use_rslora);
     A_.setZero(rank, in_features);
     B_.setZero(out_features, rank);
   }
@@ -102,10 +83,11 @@ public:
   }
 
   // s * (x A^T) B^T as an expression, [T, out] for x [T, in]; `y += lora.delta(x)`.
-  // Asserts (does not throw) on x's width; the layers above check their inputs.
+  // Throws shape_error on x's width (when the expression is made), state_error if moved from.
   template <class Derived>
   auto delta(const Eigen::MatrixBase<Derived>& x) const {
-    MOLORA_ASSERT(x.cols() == in_);
+    check_live();
+    if (x.cols() != in_) throw shape_error(detail::mismatch("x columns (in_features)", in_, x.cols()));
     return ((x * A_.transpose()) * B_.transpose()) * scaling_;
   }
 
@@ -115,8 +97,16 @@ public:
   // W0 -= s * B A (PEFT unmerge).
   void unmerge(RowRef<Scalar> w) const { apply_merge(w, Scalar(-1)); }
 
+  // Throws state_error if this LoRA was moved from (its A and B no longer have its shape).
+  void check_live() const {
+    if (A_.rows() != rank_ || A_.cols() != in_ || B_.rows() != out_ || B_.cols() != rank_)
+      throw state_error(detail::cat("LoRA: expected a live adapter with lora_A ", detail::shape_str(rank_, in_),
+                                    ", got a moved-from one with lora_A ", detail::shape_str(A_.rows(), A_.cols())));
+  }
+
 private:
   void apply_merge(RowRef<Scalar>& w, Scalar sign) const {
+    check_live();
     detail::require_shape(w, out_, in_, "base weight");
     RowMatrix<Scalar> merged = w;
     merged.noalias() += (sign * scaling_) * (B_ * A_);  // [out, in]

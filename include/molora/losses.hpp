@@ -32,10 +32,21 @@ namespace molora {
 
 namespace detail {
 
+// Also checks the sizes the losses index with (a tape is a public struct).
 template <class Scalar>
 void require_router_tape(const MoLoRATape<Scalar>& tape, const char* loss) {
   if (!tape.has_router)
     throw config_error(cat(loss, ": expected a tape from a forward that ran the router, got one with caller-supplied routing"));
+  const Index T = tape.num_tokens(), E = tape.logits.cols();
+  require_rows_cols(tape.logits, T, E, "tape.logits shape");
+  require_rows_cols(tape.probs, T, E, "tape.probs shape");
+  require_rows_cols(tape.logit_grad, T, E, "tape.logit_grad shape");
+  if (tape.routing.num_tokens() != T) throw shape_error(mismatch("tape.routing rows (tokens)", T, tape.routing.num_tokens()));
+  for (Index t = 0; t < T; ++t)
+    for (Index s = 0; s < tape.routing.top_k(); ++s)
+      if (tape.routing.ids(t, s) < 0 || tape.routing.ids(t, s) >= E)
+        throw shape_error(detail::mismatch(cat("tape.routing.ids of token ", t, " slot ", s), cat("[0, ", E, ")"),
+                                   tape.routing.ids(t, s)));
 }
 
 }  // namespace detail
@@ -65,13 +76,15 @@ double load_balancing_loss(const std::vector<MoLoRATape<Scalar>*>& tapes, double
   const Vector<double> f = count / rows, P = prob / rows;
   const double value = coef * static_cast<double>(E) * f.dot(P);
   const Vector<double> c = (coef * static_cast<double>(E) / rows) * f;  // dL/dp_te, the same for every row
-  for (MoLoRATape<Scalar>* tape : tapes)
+  for (MoLoRATape<Scalar>* tape : tapes) {
+    const detail::WorkspaceGuard hold(tape->in_use, "MoLoRATape");  // one tape at a time: a repeated tape is fine
     for (Index t = 0; t < tape->num_tokens(); ++t) {
       double pc = 0;
       for (Index e = 0; e < E; ++e) pc += static_cast<double>(tape->probs(t, e)) * c(e);
       for (Index e = 0; e < E; ++e)
         tape->logit_grad(t, e) += static_cast<Scalar>(static_cast<double>(tape->probs(t, e)) * (c(e) - pc));
     }
+  }
   return value;
 }
 
@@ -86,6 +99,7 @@ double load_balancing_loss(MoLoRATape<Scalar>& tape, double coef) {
 // router.
 template <class Scalar>
 double router_z_loss(MoLoRATape<Scalar>& tape, double coef) {
+  const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   detail::require_router_tape(tape, "router_z_loss");
   const Index T = tape.num_tokens(), E = tape.logits.cols();
   if (T == 0) return 0;

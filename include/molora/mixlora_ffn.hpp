@@ -68,6 +68,7 @@ struct MixLoRAWorkspace {
   Routing<Scalar> one;                // [n_e, 1]: every gathered token -> this expert, weight 1
   MoLoRAWorkspace<Scalar> inner;      // for the per-projection adapters
   RowMatrix<Scalar> x_copy;
+  detail::InUseFlag in_use;           // held by the forward writing this workspace
 };
 
 template <class Scalar>
@@ -115,23 +116,28 @@ public:
   }
 
   // y = sum_top-k g_e expert_e(x) for x [T, hidden], y [T, hidden] (overwritten). Returns the
-  // routing. Throws shape_error / numeric_error as MoLoRALinear does.
+  // routing. Throws shape_error / numeric_error / state_error as MoLoRALinear does; y is
+  // unchanged when it throws.
   template <class Derived>
   const Routing<Scalar>& forward(const Eigen::MatrixBase<Derived>& x_in, RowRef<Scalar> y, Workspace& ws) const {
+    const detail::WorkspaceGuard hold(ws.in_use, "MixLoRAWorkspace");
+    check_live();
     const ConstRowRef<Scalar> x_ref(x_in);
-    const bool alias = detail::overlaps(x_ref, y);
-    if (alias) ws.x_copy = x_ref;
-    const ConstRowRef<Scalar> x = alias ? ConstRowRef<Scalar>(ws.x_copy) : x_ref;
-    const Index T = x.rows(), H = config_.hidden_size, I = config_.intermediate_size, E = config_.num_experts;
-    if (x.cols() != H) throw shape_error(detail::mismatch("x columns (hidden_size)", H, x.cols()));
+    const Index T = x_ref.rows(), H = config_.hidden_size, I = config_.intermediate_size, E = config_.num_experts;
+    if (x_ref.cols() != H) throw shape_error(detail::mismatch("x columns (hidden_size)", H, x_ref.cols()));
     if (y.rows() != T || y.cols() != H)
       throw shape_error(detail::mismatch("y shape", detail::shape_str(T, H), detail::shape_str(y.rows(), y.cols())));
     if (T == 0) {
       ws.routing.resize(0, config_.top_k);
       return ws.routing;
     }
+    const bool alias = detail::overlaps(x_ref, y);
+    if (alias) ws.x_copy = x_ref;
+    const ConstRowRef<Scalar> x = alias ? ConstRowRef<Scalar>(ws.x_copy) : x_ref;
     if (ws.logits.rows() != T || ws.logits.cols() != E) ws.logits.resize(T, E);
     router_.logits_into(x, ws.logits);  // [T, E]
+    for (Index t = 0; t < T; ++t)  // name x when a non-finite x made the logits so
+      if (!ws.logits.row(t).allFinite()) detail::require_finite_token(x, t);
     ws.probs.resize(static_cast<std::size_t>(E));
     GatingOptions opt{E, config_.top_k, true, Selection::top_k};
     route<Scalar, Generator>(ConstRowRef<Scalar>(ws.logits), opt, ws.routing, nullptr, ws.probs.data());
@@ -164,12 +170,13 @@ public:
         gate.row(i) = ws.gate_base.row(tok[i]);
         up.row(i) = ws.up_base.row(tok[i]);
       }
-      gate_.add_delta_routed(xg, ws.one, gate, ws.inner);  // (W1 + dW1_e) x
-      up_.add_delta_routed(xg, ws.one, up, ws.inner);      // (W3 + dW3_e) x
+      // ws.inner is held with ws; the inputs are this forward's own finite buffers.
+      gate_.apply_routing_unchecked(xg, ws.one, gate, ws.inner);  // (W1 + dW1_e) x
+      up_.apply_routing_unchecked(xg, ws.one, up, ws.inner);      // (W3 + dW3_e) x
       apply_activation(gate);
-      gate.array() *= up.array();                          // act(.) * up: [n, inter]
-      down.noalias() = gate * w_down_.transpose();         // [n, hidden]
-      down_.add_delta_routed(gate, ws.one, down, ws.inner);
+      gate.array() *= up.array();                                 // act(.) * up: [n, inter]
+      down.noalias() = gate * w_down_.transpose();                // [n, hidden]
+      down_.apply_routing_unchecked(gate, ws.one, down, ws.inner);
       for (Index i = 0; i < n; ++i) y.row(tok[i]) += g[i] * down.row(i);
     }
     return ws.routing;
@@ -181,6 +188,21 @@ public:
     RowMatrix<Scalar> y(x.rows(), config_.hidden_size);
     forward(x, y, ws);
     return y;
+  }
+
+  // Throws state_error if this block was moved from (its base weights or adapters no longer
+  // have the configured shapes).
+  void check_live() const {
+    const Index H = config_.hidden_size, I = config_.intermediate_size;
+    if (w_gate_.rows() != I || w_gate_.cols() != H || w_up_.rows() != I || w_up_.cols() != H ||
+        w_down_.rows() != H || w_down_.cols() != I || router_.in_features() != H ||
+        router_.num_experts() != config_.num_experts)
+      throw state_error(detail::cat("MixLoRAFeedForward: expected a live block with gate_proj.weight ",
+                                    detail::shape_str(I, H), ", got a moved-from one with gate_proj.weight ",
+                                    detail::shape_str(w_gate_.rows(), w_gate_.cols())));
+    gate_.check_live();
+    up_.check_live();
+    down_.check_live();
   }
 
 private:

@@ -11,7 +11,9 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "config.hpp"
@@ -57,7 +59,8 @@ inline const char* to_string(Strategy s) {
 // forward of the same batch size then allocates nothing with the fused strategy (a different
 // batch size resizes logits and routing, which are exactly [T, E] and [T, k]; the other
 // buffers only grow). Also holds the generator that the sampling selection draws from
-// (seed it with seed()).
+// (seed it with seed()). Two calls must not use one workspace at once: with the in-use check
+// on (errors.hpp, on by default without NDEBUG) the second throws state_error.
 template <class Scalar>
 struct MoLoRAWorkspace {
   RowMatrix<Scalar> logits;     // [T, E] router logits of the last forward
@@ -71,6 +74,7 @@ struct MoLoRAWorkspace {
   RowMatrix<Scalar> dense_hidden;      // [>= T, E*r] strategy dense_shrink: A_e x for every expert
   std::vector<Scalar> kernel_scratch;  // per thread: the fused kernels' h tile and spill
   Generator rng{0x6d6f6c6f7261ULL};
+  detail::InUseFlag in_use;  // held by the call writing this workspace
 
   void seed(std::uint64_t s) { rng.seed(s); }
 };
@@ -83,15 +87,43 @@ void reserve_rows(M& m, Index rows, Index cols) {
   if (m.rows() < rows || m.cols() != cols) m.resize(std::max(rows, m.rows()), cols);
 }
 
-// True if the memory spanned by two row-major views overlaps.
+// Byte range [first, last] spanned by a strided view: the extreme element offsets come from
+// each stride's sign, so a negative stride (a view walking its rows backwards) is covered.
+template <class V>
+std::pair<std::uintptr_t, std::uintptr_t> byte_range(const V& v) {
+  const auto extent = [](Index n, Index stride) {  // {min, max} of i * stride over [0, n)
+    const Index far = (n - 1) * stride;
+    return std::pair<Index, Index>(std::min<Index>(0, far), std::max<Index>(0, far));
+  };
+  const auto rows = extent(v.rows(), v.rowStride()), cols = extent(v.cols(), v.colStride());
+  const auto size = static_cast<std::intptr_t>(sizeof(*v.data()));
+  const auto base = reinterpret_cast<std::intptr_t>(v.data());
+  return {static_cast<std::uintptr_t>(base + (rows.first + cols.first) * size),
+          static_cast<std::uintptr_t>(base + (rows.second + cols.second + 1) * size - 1)};
+}
+
+// True if the memory spanned by two views (any strides, negative included) overlaps.
 template <class A, class B>
 bool overlaps(const A& a, const B& b) {
   if (a.size() == 0 || b.size() == 0) return false;
-  const auto* a0 = reinterpret_cast<const char*>(a.data());
-  const auto* a1 = reinterpret_cast<const char*>(a.data() + (a.rows() - 1) * a.outerStride() + a.cols());
-  const auto* b0 = reinterpret_cast<const char*>(b.data());
-  const auto* b1 = reinterpret_cast<const char*>(b.data() + (b.rows() - 1) * b.outerStride() + b.cols());
-  return a0 < b1 && b0 < a1;
+  const auto ra = byte_range(a), rb = byte_range(b);
+  return ra.first <= rb.second && rb.first <= ra.second;
+}
+
+// Throws numeric_error naming the token and column if row t of x has a non-finite value.
+template <class Scalar>
+void require_finite_token(const ConstRowRef<Scalar>& x, Index t) {
+  for (Index j = 0; j < x.cols(); ++j)
+    if (!std::isfinite(static_cast<double>(x(t, j))))
+      throw numeric_error(cat("x of token ", t, ": expected finite values, got ", x(t, j), " at column ", j));
+}
+
+// Throws numeric_error naming the first token of x with a non-finite value (one vectorised
+// pass when all are finite).
+template <class Scalar>
+void require_finite_tokens(const ConstRowRef<Scalar>& x) {
+  if (x.allFinite()) return;
+  for (Index t = 0; t < x.rows(); ++t) require_finite_token(x, t);
 }
 
 }  // namespace detail
@@ -107,7 +139,7 @@ public:
   explicit MoLoRAAdapter(const MoLoRAConfig& config)
       : config_((config.validate(), config)),
         router_(config.in_features, config.num_experts, config.router_bias),
-        scaling_(static_cast<Scalar>(config.scaling())) {
+        scaling_(config.template scaling_as<Scalar>()) {
     A_.setZero(config.num_experts * config.rank, config.in_features);
     B_.setZero(config.out_features, config.num_experts * config.rank);
   }
@@ -144,10 +176,11 @@ public:
   Eigen::Map<RowMatrix<Scalar>> mutable_stacked_A() { return {A_.data(), A_.rows(), A_.cols()}; }
   Eigen::Map<ColMatrix<Scalar>> mutable_stacked_B() { return {B_.data(), B_.rows(), B_.cols()}; }
 
-  // Sets expert e's A [r, in] / B [out, r]. Throws (and changes nothing) on a bad expert
-  // index, shape or a non-finite entry.
+  // Sets expert e's A [r, in] / B [out, r]. Throws (and changes nothing) on a moved-from
+  // adapter, a bad expert index, shape or a non-finite entry.
   template <class Derived>
   void set_expert_A(Index e, const Eigen::MatrixBase<Derived>& a) {
+    check_live();
     checked_expert(e);
     detail::require_shape(a, rank(), in_features(), "expert lora_A.weight");
     detail::require_finite(a, "expert lora_A.weight");
@@ -155,6 +188,7 @@ public:
   }
   template <class Derived>
   void set_expert_B(Index e, const Eigen::MatrixBase<Derived>& b) {
+    check_live();
     checked_expert(e);
     detail::require_shape(b, out_features(), rank(), "expert lora_B.weight");
     detail::require_finite(b, "expert lora_B.weight");
@@ -176,6 +210,7 @@ public:
   // router logits (naming the token); y is unchanged when it throws.
   template <class Derived>
   const Routing<Scalar>& add_delta(const Eigen::MatrixBase<Derived>& x, RowRef<Scalar> y, Workspace& ws) const {
+    const detail::WorkspaceGuard hold(ws.in_use, "MoLoRAWorkspace");
     return add_delta_impl(ConstRowRef<Scalar>(x), y, ws);
   }
   // Allocating convenience overload.
@@ -187,13 +222,14 @@ public:
 
   // y += delta(x) with routing supplied by the caller (task-annotated or multi-adapter
   // serving); k may differ from config().top_k. Throws on a routing that validate_routing
-  // rejects; y is then unchanged.
+  // rejects and numeric_error naming the token on a non-finite x (as add_delta does); y is
+  // then unchanged.
   template <class Derived>
   void add_delta_routed(const Eigen::MatrixBase<Derived>& x, const Routing<Scalar>& routing, RowRef<Scalar> y,
                         Workspace& ws) const {
+    const detail::WorkspaceGuard hold(ws.in_use, "MoLoRAWorkspace");
     ConstRowRef<Scalar> xr(x);
-    check_io(xr, y);
-    validate_routing(routing, xr.rows(), num_experts());
+    check_routed(xr, routing, y);
     if (xr.rows() == 0) return;
     apply_routing(unaliased(xr, y, ws), routing, y, ws);
   }
@@ -201,20 +237,44 @@ public:
   // Router logits [T, E] and routing for x, without touching any output.
   template <class Derived>
   const Routing<Scalar>& route_tokens(const Eigen::MatrixBase<Derived>& x, Workspace& ws) const {
+    const detail::WorkspaceGuard hold(ws.in_use, "MoLoRAWorkspace");
     ConstRowRef<Scalar> xr(x);
     check_x(xr);
     compute_routing(xr, ws);
     return ws.routing;
   }
 
-  // Internal: checks done, x does not alias y.
+  // Internal: checks done, x does not alias y, ws held by the caller.
   const Routing<Scalar>& add_delta_unchecked(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
     compute_routing(x, ws);
     apply_routing(x, ws.routing, y, ws);
     return ws.routing;
   }
+  // Internal, in two steps (the layer writes its base output in between): the routing into
+  // ws, then y += delta with a routing already checked.
+  const Routing<Scalar>& route_unchecked(const ConstRowRef<Scalar>& x, Workspace& ws) const {
+    compute_routing(x, ws);
+    return ws.routing;
+  }
+  void apply_routing_unchecked(const ConstRowRef<Scalar>& x, const Routing<Scalar>& routing, RowRef<Scalar> y,
+                               Workspace& ws) const {
+    apply_routing(x, routing, y, ws);
+  }
+
+  // Throws state_error if this adapter was moved from: its weights then no longer have the
+  // configured shapes (empty after a move construction, another layer's after a move
+  // assignment).
+  void check_live() const {
+    const Index E = num_experts(), r = rank(), in = in_features(), out = out_features();
+    if (A_.rows() != E * r || A_.cols() != in || B_.rows() != out || B_.cols() != E * r ||
+        router_.num_experts() != E || router_.in_features() != in)
+      throw state_error(detail::cat("MoLoRAAdapter: expected a live adapter with stacked A ",
+                                    detail::shape_str(E * r, in), ", got a moved-from one with stacked A ",
+                                    detail::shape_str(A_.rows(), A_.cols())));
+  }
 
   void check_x(const ConstRowRef<Scalar>& x) const {
+    check_live();
     if (x.cols() != in_features())
       throw shape_error(detail::mismatch("x columns (in_features)", in_features(), x.cols()));
   }
@@ -223,6 +283,13 @@ public:
     if (y.rows() != x.rows() || y.cols() != out_features())
       throw shape_error(detail::mismatch("y shape", detail::shape_str(x.rows(), out_features()),
                                          detail::shape_str(y.rows(), y.cols())));
+  }
+  // check_io, the routing (validate_routing) and x's values: with caller routing no router
+  // logits catch a non-finite x, so it is checked here, with add_delta's message.
+  void check_routed(const ConstRowRef<Scalar>& x, const Routing<Scalar>& routing, const RowRef<Scalar>& y) const {
+    check_io(x, y);
+    validate_routing(routing, x.rows(), num_experts());
+    detail::require_finite_tokens(x);
   }
 
   // x itself, or its copy in ws when it shares memory with y.
@@ -253,6 +320,10 @@ private:
     const Index T = x.rows(), E = num_experts();
     if (ws.logits.rows() != T || ws.logits.cols() != E) ws.logits.resize(T, E);
     router_logits_into(x, ws);  // [T, E]
+    // A non-finite logit from a non-finite x names x (as add_delta_routed does); one from
+    // overflow is left to route(), which names the logits.
+    for (Index t = 0; t < T; ++t)
+      if (!ws.logits.row(t).allFinite()) detail::require_finite_token(x, t);
     ws.probs.resize(static_cast<std::size_t>(E));
     route(ConstRowRef<Scalar>(ws.logits), GatingOptions::from(config_), ws.routing, &ws.rng, ws.probs.data());
   }
@@ -413,11 +484,16 @@ public:
   Strategy strategy() const { return adapter_.strategy(); }
 
   // Base weight [out, in] and bias [out] (empty map without a bias), owned or wrapped.
+  // Both throw state_error on a moved-from layer.
   BaseWeightMap base_weight() const {
+    check_live();
     return BaseWeightMap(wrapped_weight_ ? wrapped_weight_ : owned_weight_.data(), out_features(), in_features());
   }
   bool has_base_bias() const { return bias_ptr() != nullptr; }
-  BaseBiasMap base_bias() const { return BaseBiasMap(bias_ptr(), has_base_bias() ? out_features() : 0); }
+  BaseBiasMap base_bias() const {
+    check_live();
+    return BaseBiasMap(bias_ptr(), has_base_bias() ? out_features() : 0);
+  }
   bool wraps_base() const { return wrapped_weight_ != nullptr; }
 
   // Copies w [out, in] (finite) into an owned base weight; stops wrapping.
@@ -444,9 +520,12 @@ public:
     wrapped_bias_ = nullptr;
   }
   // Uses the host model's buffer as the base weight without a copy. The buffer must hold
-  // [out, in] row-major and outlive the layer's use of it. Throws shape_error on a mismatch.
+  // [out, in] row-major and outlive the layer's use of it; its values are checked here, once
+  // (as set_base_weight checks its copy), and must not be changed to non-finite ones later.
+  // Throws shape_error / numeric_error and leaves the layer unchanged.
   void wrap_base_weight(const BaseWeightMap& w) {
     detail::require_shape(w, out_features(), in_features(), "wrapped base weight");
+    detail::require_finite(w, "wrapped base weight");
     wrapped_weight_ = w.data();
     owned_weight_.resize(0, 0);
   }
@@ -454,24 +533,30 @@ public:
     if (b.size() != out_features())
       throw shape_error(detail::mismatch("wrapped base bias", detail::cat("[", out_features(), "]"),
                                          detail::cat("[", b.size(), "]")));
+    detail::require_finite(b, "wrapped base bias");
     wrapped_bias_ = b.data();
     owned_bias_.resize(0);
   }
 
   // y = x W0^T + b0 + delta(x), x [T, in], y [T, out]. Returns the routing used (in ws).
   // x and y may share memory (x is copied into ws first). Throws shape_error /
-  // numeric_error; y's contents are unspecified after a numeric_error.
+  // numeric_error (naming the token) / state_error (moved-from layer, ws in use); y is
+  // unchanged when it throws (the routing is computed before y is written).
   template <class Derived>
   const Routing<Scalar>& forward(const Eigen::MatrixBase<Derived>& x, RowRef<Scalar> y, Workspace& ws) const {
+    const detail::WorkspaceGuard hold(ws.in_use, "MoLoRAWorkspace");
     ConstRowRef<Scalar> xr(x);
+    check_live();
     adapter_.check_io(xr, y);
     if (xr.rows() == 0) {
       ws.routing.resize(0, config().top_k);
       return ws.routing;
     }
     const ConstRowRef<Scalar> xs = adapter_.unaliased(xr, y, ws);
+    const Routing<Scalar>& routing = adapter_.route_unchecked(xs, ws);
     base_into(xs, y);
-    return adapter_.add_delta_unchecked(xs, y, ws);
+    adapter_.apply_routing_unchecked(xs, routing, y, ws);
+    return routing;
   }
   template <class Derived>
   void forward(const Eigen::MatrixBase<Derived>& x, RowRef<Scalar> y) const {
@@ -486,22 +571,25 @@ public:
     return y;
   }
   // Same with routing supplied by the caller.
+  // Throws as forward does (a non-finite x with forward's message); y unchanged on a throw.
   template <class Derived>
   void forward_routed(const Eigen::MatrixBase<Derived>& x, const Routing<Scalar>& routing, RowRef<Scalar> y,
                       Workspace& ws) const {
+    const detail::WorkspaceGuard hold(ws.in_use, "MoLoRAWorkspace");
     ConstRowRef<Scalar> xr(x);
-    adapter_.check_io(xr, y);
-    validate_routing(routing, xr.rows(), adapter_.num_experts());
+    check_live();
+    adapter_.check_routed(xr, routing, y);
     if (xr.rows() == 0) return;
     const ConstRowRef<Scalar> xs = adapter_.unaliased(xr, y, ws);
     base_into(xs, y);
-    adapter_.add_delta_routed(xs, routing, y, ws);
+    adapter_.apply_routing_unchecked(xs, routing, y, ws);
   }
 
   // The base layer alone: y = x W0^T + b0 (what the adapter is measured against).
   template <class Derived>
   void forward_base(const Eigen::MatrixBase<Derived>& x, RowRef<Scalar> y) const {
     ConstRowRef<Scalar> xr(x);
+    check_live();
     adapter_.check_io(xr, y);
     if (detail::overlaps(xr, y)) {
       RowMatrix<Scalar> copy = xr;
@@ -509,6 +597,20 @@ public:
     } else {
       base_into(xr, y);
     }
+  }
+
+  // Throws state_error if this layer was moved from (its owned base weight or bias no longer
+  // has the layer's shape), then checks its adapter likewise.
+  void check_live() const {
+    const bool weight_ok = wrapped_weight_ != nullptr ||
+                           (owned_weight_.rows() == out_features() && owned_weight_.cols() == in_features());
+    const bool bias_ok = wrapped_bias_ != nullptr || owned_bias_.size() == 0 || owned_bias_.size() == out_features();
+    if (!weight_ok || !bias_ok)
+      throw state_error(detail::cat("MoLoRALinear: expected a live layer with base weight ",
+                                    detail::shape_str(out_features(), in_features()),
+                                    ", got a moved-from one with base weight ",
+                                    detail::shape_str(owned_weight_.rows(), owned_weight_.cols())));
+    adapter_.check_live();
   }
 
 private:

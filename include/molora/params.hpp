@@ -39,13 +39,14 @@ struct Parameter {
       : name(std::move(n)), value(v, r * c), grad(g, r * c), rows(r), cols(c), column_major(col_major) {}
 
   Index size() const { return rows * cols; }
-  // value as a [rows, cols] matrix in its own storage order.
+  // value as a [rows, cols] matrix in its own storage order; asking for the other order
+  // throws shape_error naming the parameter.
   Eigen::Map<RowMatrix<Scalar>> shaped_row_major() {
-    MOLORA_ASSERT(!column_major);
+    if (column_major) throw shape_error(detail::mismatch(name + " element order", "row-major", "column-major"));
     return {value.data(), rows, cols};
   }
   Eigen::Map<ColMatrix<Scalar>> shaped_col_major() {
-    MOLORA_ASSERT(column_major);
+    if (!column_major) throw shape_error(detail::mismatch(name + " element order", "column-major", "row-major"));
     return {value.data(), rows, cols};
   }
 };
@@ -54,9 +55,11 @@ template <class Scalar>
 using ParameterList = std::vector<Parameter<Scalar>>;
 
 // The adapter's trainable tensors with grads' matching buffers. grads must be sized for the
-// adapter (MoLoRAGrads(adapter)); throws shape_error otherwise.
+// adapter (MoLoRAGrads(adapter)); throws shape_error otherwise, state_error for a moved-from
+// adapter.
 template <class Scalar>
 ParameterList<Scalar> parameters(MoLoRAAdapter<Scalar>& a, MoLoRAGrads<Scalar>& grads, const std::string& prefix = "") {
+  a.check_live();  // views over a moved-from adapter's empty storage would dangle
   const Index E = a.num_experts(), r = a.rank(), in = a.in_features(), out = a.out_features();
   detail::require_rows_cols(grads.router_weight, E, in, "grads.router_weight shape");
   detail::require_rows_cols(grads.router_bias, 1, E, "grads.router_bias shape");
@@ -86,6 +89,7 @@ ParameterList<Scalar> parameters(MoLoRALinear<Scalar>& layer, MoLoRAGrads<Scalar
 // A plain LoRA's A and B.
 template <class Scalar>
 ParameterList<Scalar> parameters(LoRA<Scalar>& lora, LoRAGrads<Scalar>& grads, const std::string& prefix = "") {
+  lora.check_live();
   const Index r = lora.rank(), in = lora.in_features(), out = lora.out_features();
   detail::require_rows_cols(grads.A, r, in, "grads.A shape");
   detail::require_rows_cols(grads.B, out, r, "grads.B shape");

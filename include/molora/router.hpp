@@ -70,21 +70,28 @@ public:
     bias_.setZero();
   }
 
-  // logits [T, E] for x [T, in], as an expression. Asserts on x's width.
+  // logits [T, E] for x [T, in], as an expression. Throws shape_error on x's width when the
+  // expression is made.
   template <class Derived>
   auto logits(const Eigen::MatrixBase<Derived>& x) const {
-    MOLORA_ASSERT(x.cols() == in_features());
+    check_x(x.cols());
     return ((x * weight_.transpose()).rowwise() + bias_);
   }
 
-  // Writes logits into out [T, E] without allocating. Requires x [T, in], out [T, E].
+  // Writes logits into out [T, E] without allocating. Requires x [T, in], out [T, E]; throws
+  // shape_error (out unchanged) otherwise.
   void logits_into(const ConstRowRef<Scalar>& x, RowRef<Scalar> out) const {
-    MOLORA_ASSERT(x.cols() == in_features() && out.rows() == x.rows() && out.cols() == num_experts());
+    check_x(x.cols());
+    detail::require_shape(out, x.rows(), num_experts(), "router logits");
     out.noalias() = x * weight_.transpose();  // [T, E]
     if (has_bias_) out.rowwise() += bias_;
   }
 
 private:
+  void check_x(Index cols) const {
+    if (cols != in_features()) throw shape_error(detail::mismatch("router x columns (in_features)", in_features(), cols));
+  }
+
   bool has_bias_;
   RowMatrix<Scalar> weight_;  // [E, in]
   RowVector bias_;            // [E]
