@@ -118,16 +118,22 @@ inline const IsaKernels& current_isa() noexcept {
 
 }  // namespace detail
 
-#if MOLORA_RUNTIME_DISPATCH
-
-// The active ISA's table for Scalar.
+// The table of the kernels that run for Scalar: the active ISA's with run-time dispatch,
+// else the compile-time ISA's (for tests and measurement: the layers call the overloads).
 template <class Scalar>
 const KernelTable<Scalar>& active_kernels() noexcept {
+#if MOLORA_RUNTIME_DISPATCH
   if constexpr (std::is_same_v<Scalar, float>)
     return *detail::current_isa().f32;
   else
     return *detail::current_isa().f64;
+#else
+  static constexpr KernelTable<Scalar> table = detail::make_kernel_table<default_arch, Scalar>();
+  return table;
+#endif
 }
+
+#if MOLORA_RUNTIME_DISPATCH
 
 #define MOLORA_DISPATCHED_OVERLOAD(name, params, args)                         \
   template <class S>                                                           \
