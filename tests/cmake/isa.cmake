@@ -6,7 +6,8 @@
 #    one chosen, forcing, and that its results equal bitwise those of test_dispatch_native,
 #    the same source built with -march=native and the ISA pinned at compile time
 #    (MOLORA_PIN_ISA), which runs first (ctest fixture) and writes them to the build tree;
-#  - test_isa_symbols checks that each ISA object of the library exports its table only.
+#  - test_isa_symbols checks that each ISA object of the library exports its table only, and
+#    that test_dispatch and test_strategies hold no kernel compiled for their own ISA.
 # Without the library (MOLORA_DISPATCH=OFF, not x86-64), the tests run the compile-time ISA.
 
 function(molora_quiet_gcc_intrinsics target)
@@ -82,4 +83,5 @@ endforeach()
 string(REPLACE ";" "|" _molora_isa_objects "${MOLORA_ISA_OBJECTS}")
 add_test(NAME test_isa_symbols
   COMMAND ${CMAKE_COMMAND} -DNM=${CMAKE_NM} -DOBJECTS=${_molora_isa_objects}
+    -DPROGRAMS=$<TARGET_FILE:test_dispatch>|$<TARGET_FILE:test_strategies>
     -P ${CMAKE_CURRENT_SOURCE_DIR}/cmake/isa_symbols.script)

@@ -5,8 +5,8 @@
 // layers call (one indirect call per kernel call). Adding a kernel to the dispatch is one
 // line in that list. Also here: active_isa(), force_isa(), available_isas().
 //
-// dispatch_kernels.hpp and backward_kernels.hpp include this header at their end, so the
-// dispatched overloads are declared wherever the kernels are.
+// The kernel headers include this header at their end, so the dispatched overloads are
+// declared wherever the kernels are (before the layers' templates that call them).
 #pragma once
 
 #include <atomic>
