@@ -5,8 +5,10 @@
 // layers call (one indirect call per kernel call). Adding a kernel to the dispatch is one
 // line in that list. Also here: active_isa(), force_isa(), available_isas().
 //
-// The kernel headers include this header at their end, so the dispatched overloads are
-// declared wherever the kernels are (before the layers' templates that call them).
+// dispatch_kernels.hpp and backward_kernels.hpp include this header at their end, so the
+// dispatched overloads are declared before the layers' templates that call them, whichever
+// the layers include first. (Not lora_kernels.hpp: both include it before their own
+// declarations, which this header needs.)
 #pragma once
 
 #include <atomic>

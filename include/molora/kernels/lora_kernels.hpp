@@ -359,6 +359,3 @@ void fused(Arch arch, const Scalar* a, Index lda, const Scalar* bt, Index ldb, I
 }
 
 }  // namespace molora::kernels
-
-// The overloads for dispatched_arch (run-time ISA) sit next to the kernels they call.
-#include "dispatched.hpp"
