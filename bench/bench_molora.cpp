@@ -226,17 +226,17 @@ void BM_kernel(benchmark::State& st) {
     yr.push_back(y.row(i).data());
     hr.push_back(h.row(i).data());
   }
-  std::vector<float> scratch(static_cast<std::size_t>(std::max<Index>(k::fused_scratch_size<k::default_arch, float>(r),
-                                                                      n * r * k::simd_width<k::default_arch, float>())));
+  std::vector<float> scratch(static_cast<std::size_t>(std::max<Index>(k::fused_scratch_size<k::layer_arch, float>(r),
+                                                                      n * r * k::simd_width<k::layer_arch, float>())));
   Mat d(n, out);
   double flops = 0;
   for (auto _ : st) {
     switch (what) {
-      case 0: k::shrink(k::default_arch{}, a.data(), in, r, in, xr.data(), n, h.data(), r, scratch.data()); break;
-      case 1: k::expand(k::default_arch{}, bt.data(), out, r, out, hr.data(), scale.data(), n, yr.data()); break;
+      case 0: k::shrink(k::layer_arch{}, a.data(), in, r, in, xr.data(), n, h.data(), r, scratch.data()); break;
+      case 1: k::expand(k::layer_arch{}, bt.data(), out, r, out, hr.data(), scale.data(), n, yr.data()); break;
       case 2:
-        k::fused(k::default_arch{}, a.data(), in, bt.data(), out, r, in, out, xr.data(), yr.data(), scale.data(), n,
-                 scratch.data());
+        k::fused(k::layer_arch{}, a.data(), in, bt.data(), out, r, in, out, xr.data(), yr.data(), scale.data(), n,
+                 scratch.data(), k::kTile);
         break;
       default:
         h.noalias() = x * a.transpose();
@@ -661,7 +661,9 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   register_all();
-  benchmark::AddCustomContext("molora_kernel_isa", molora::kernels::arch_name());
+  benchmark::AddCustomContext("molora_kernel_isa", molora::kernels::active_isa());
+  // BM_peak_fma and BM_read_bandwidth use the compile-time ISA (-march), not the dispatched one.
+  benchmark::AddCustomContext("molora_compile_isa", molora::kernels::isa_name<molora::kernels::default_arch>());
 #if defined(MOLORA_USE_OPENMP)
   benchmark::AddCustomContext("molora_openmp", "on");
 #else

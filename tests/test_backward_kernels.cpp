@@ -3,14 +3,15 @@
 // the SIMD width, from below one vector to several chunks, tiles of 1 to 9 tokens gathered
 // from scattered rows, strides wider than the rows, gradients that already hold values, and
 // every grad_in variant (with and without dx, with and without a mask, with and without an
-// extra row, an expert term and a router term sharing dx rows). Built once per ISA and for
-// the scalar fallback
-// (tests/cmake/isa.cmake).
+// extra row, an expert term and a router term sharing dx rows). Run once per ISA, forced
+// at run time (tests/cmake/isa.cmake).
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <type_traits>
 #include <random>
 #include <vector>
 
@@ -218,9 +219,13 @@ void check_grad_in(Arch arch, Index r, Index in, Index n, bool with_dx, bool wit
 
 template <class Scalar, class Arch>
 void sweep(Arch arch) {
-  constexpr Index W = molora::kernels::simd_width<Arch, Scalar>();
-  const Index kco = molora::kernels::grad_out_chunk<Arch, Scalar>();
-  const Index kci = molora::kernels::grad_in_chunk<Arch, Scalar>();
+  namespace k = molora::kernels;
+  // The widths and chunks of the kernels that run: the run-time table's for layer_arch.
+  const auto& table = k::active_kernels<Scalar>();
+  const bool running = std::is_same_v<Arch, k::layer_arch>;
+  const Index W = running ? table.simd_width : k::simd_width<Arch, Scalar>();
+  const Index kco = running ? table.grad_out_chunk : k::grad_out_chunk<Arch, Scalar>();
+  const Index kci = running ? table.grad_in_chunk : k::grad_in_chunk<Arch, Scalar>();
   // Sizes below one vector, odd, and past one and two chunks with a scalar tail.
   const Index outs[] = {1, 7, 3 * W + 5, kco + W + 3, 2 * kco + 1};
   const Index ins[] = {1, 9, 2 * W + 3, kci + 3, 3 * kci + W - 1};
@@ -251,22 +256,28 @@ void sweep(Arch arch) {
 
 }  // namespace
 
-TEST_CASE("backward kernels: grad_out and grad_in match a double reference (float, this ISA)") {
-  MESSAGE("kernels compiled for " << molora::kernels::arch_name());
-  sweep<float>(molora::kernels::default_arch{});
+// layer_arch: through the run-time table when the test links molora::kernels (ctest runs
+// this once per ISA, forced by MOLORA_ISA), else the ISA this file is compiled for.
+TEST_CASE("backward kernels: grad_out and grad_in match a double reference (float, the ISA running)") {
+  MESSAGE("kernel ISA: " << molora::kernels::active_isa());
+  if (const char* isa = std::getenv("MOLORA_ISA"); isa && *isa) CHECK(molora::kernels::active_isa() == isa);
+  sweep<float>(molora::kernels::layer_arch{});
 }
 
-TEST_CASE("backward kernels: grad_out and grad_in match a double reference (double, this ISA)") {
-  sweep<double>(molora::kernels::default_arch{});
+TEST_CASE("backward kernels: grad_out and grad_in match a double reference (double, the ISA running)") {
+  sweep<double>(molora::kernels::layer_arch{});
 }
 
+#if !MOLORA_RUNTIME_DISPATCH
+// With run-time dispatch the scalar kernels are one of the ISAs above.
 TEST_CASE("backward kernels: the scalar fallback matches the same reference") {
   sweep<float>(molora::kernels::scalar_arch{});
   sweep<double>(molora::kernels::scalar_arch{});
 }
+#endif
 
 TEST_CASE("backward kernels: an empty tile and an empty term change nothing") {
-  using Arch = molora::kernels::default_arch;
+  using Arch = molora::kernels::layer_arch;
   const Index r = 3, in = 19;
   std::vector<float> w(r * in, 1.0f), dw(r * in, 2.0f), dx(in, 3.0f);
   const float* x = w.data();

@@ -1,9 +1,11 @@
 // The tile kernels (kernels/lora_kernels.hpp) against a plain double loop: any rank, in/out
 // that are not multiples of the SIMD width (including 1), tiles of 0 to 40 tokens gathered
-// from scattered rows; for the ISA this file is compiled for and for the scalar kernels.
+// from scattered rows; for the ISA running (each ISA in turn under ctest, see
+// tests/cmake/isa.cmake) and for the scalar kernels.
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -131,16 +133,24 @@ void suite() {
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("kernels: fused and shrink+expand match a double loop (compiled ISA)", Scalar, float, double) {
-  MESSAGE("kernel ISA: ", k::arch_name());
-  suite<k::default_arch, Scalar>();
+// layer_arch: the kernels the layers run, through the run-time table when the test links
+// molora::kernels (ctest runs this once per ISA, forced by MOLORA_ISA), else the ISA this
+// file is compiled for.
+TEST_CASE_TEMPLATE("kernels: fused and shrink+expand match a double loop (the ISA running)", Scalar, float, double) {
+  MESSAGE("kernel ISA: ", k::active_isa());
+  if (const char* isa = std::getenv("MOLORA_ISA"); isa && *isa) CHECK(k::active_isa() == isa);
+  suite<k::layer_arch, Scalar>();
 }
 
+#if !MOLORA_RUNTIME_DISPATCH
+// With run-time dispatch the scalar kernels are one of the ISAs above.
 TEST_CASE_TEMPLATE("kernels: scalar kernels match a double loop", Scalar, float, double) {
   suite<k::scalar_arch, Scalar>();
 }
+#endif
 
 TEST_CASE("kernels: the chunk of `in` depends only on the rank") {
-  CHECK(k::shrink_chunk<k::default_arch, float>(16) % k::simd_width<k::default_arch, float>() == 0);
-  CHECK(k::shrink_chunk<k::default_arch, float>(1000) >= 16 * k::simd_width<k::default_arch, float>());
+  const auto& t = k::active_kernels<float>();
+  CHECK(t.shrink_chunk(16) % t.simd_width == 0);
+  CHECK(t.shrink_chunk(1000) >= 16 * t.simd_width);
 }

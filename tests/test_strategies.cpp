@@ -1,8 +1,8 @@
 // Every expert strategy (eigen, dense_shrink, fused, automatic) against the double
 // loop-by-loop reference of tests/reference.hpp: ranks 1, 3, 16, 17, 64, 200; in/out that are
 // not multiples of the SIMD width (including 1); T from 0 to 300; every gating mode (top-k
-// renormalised, masked, k == E, sampling with a fixed seed, caller routing). Also compiled
-// for each ISA by tests/cmake/isa.cmake.
+// renormalised, masked, k == E, sampling with a fixed seed, caller routing). Run once per
+// ISA, forced at run time by tests/cmake/isa.cmake.
 #include <doctest/doctest.h>
 
 #include <array>

@@ -406,7 +406,7 @@ inline Index even_tile(Index n, Index t0) {
 // of kTile rows of rank r (and grad_out's for tiles of kGradTile rows).
 template <class Scalar>
 void reserve_kernel_scratch(MoLoRATape<Scalar>& tape, Index n, Index r) {
-  using Arch = kernels::default_arch;
+  using Arch = kernels::layer_arch;
   const auto need = static_cast<std::size_t>(std::max(kernels::kTile, kernels::kGradTile) * r *
                                              kernels::simd_width<Arch, Scalar>());
   if (tape.spill.size() < need) tape.spill.resize(need);
@@ -424,7 +424,7 @@ void shrink_rows(const Scalar* w, Index ldw, Index rows, Index cols, const Scala
                  Index ldo, Scalar* spill) {
   for (Index t0 = 0; t0 < n; t0 += kernels::kTile) {
     const Index nt = std::min<Index>(kernels::kTile, n - t0);
-    kernels::shrink(kernels::default_arch{}, w, ldw, rows, cols, x + t0, nt, out + t0 * ldo, ldo, spill);
+    kernels::shrink(kernels::layer_arch{}, w, ldw, rows, cols, x + t0, nt, out + t0 * ldo, ldo, spill);
   }
 }
 
@@ -483,7 +483,7 @@ void expand_rows(const Scalar* w, Index ldw, Index rows, Index cols, const Scala
                  Index n, Scalar* const* y) {
   for (Index t0 = 0; t0 < n; t0 += kernels::kTile) {
     const Index nt = std::min<Index>(kernels::kTile, n - t0);
-    kernels::expand(kernels::default_arch{}, w, ldw, rows, cols, h + t0, scale + t0, nt, y + t0);
+    kernels::expand(kernels::layer_arch{}, w, ldw, rows, cols, h + t0, scale + t0, nt, y + t0);
   }
 }
 
@@ -523,7 +523,7 @@ void train_experts(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, Row
     // against a tile of up to 8 tokens (same sums as the layer's shrink up to rounding; within
     // 3 % of its speed since the shrink reads 32 KB of A per pass).
     for (Index t0 = 0; t0 < n; t0 += even_tile(n, t0))
-      kernels::grad_out(kernels::default_arch{}, A + Index(e) * r * in, in, static_cast<Scalar*>(nullptr), 0, r, in,
+      kernels::grad_out(kernels::layer_arch{}, A + Index(e) * r * in, in, static_cast<Scalar*>(nullptr), 0, r, in,
                         tape.in_rows.data() + t0, static_cast<const Scalar*>(nullptr), 0, even_tile(n, t0),
                         h + t0 * r, r, tape.spill.data());
     for (Index i = 0; i < n; ++i) tape.in_rows[static_cast<std::size_t>(i)] = h + i * r;
@@ -610,7 +610,7 @@ void check_backward(const MoLoRAAdapter<Scalar>& a, const MoLoRATape<Scalar>& ta
 template <class Scalar>
 void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
                    MoLoRAGrads<Scalar>& g, RowRef<Scalar>* dx) {
-  using Arch = kernels::default_arch;
+  using Arch = kernels::layer_arch;
   constexpr Index kT = kernels::kGradTile;
   const Index T = tape.num_tokens(), E = a.num_experts(), r = a.rank(), in = a.in_features(),
               out = a.out_features(), k = tape.routing.top_k();

@@ -349,7 +349,7 @@ private:
   void router_logits_into(const ConstRowRef<Scalar>& x, Workspace& ws) const {
     const Index T = x.rows(), E = num_experts();
     const int threads = thread_count(T);
-    const Index per_thread = kernels::fused_scratch_size<kernels::default_arch, Scalar>(E);
+    const Index per_thread = kernels::fused_scratch_size<kernels::layer_arch, Scalar>(E);
     const auto need = static_cast<std::size_t>(per_thread * threads);
     if (ws.kernel_scratch.size() < need) ws.kernel_scratch.resize(need);
     Scalar* scratch = ws.kernel_scratch.data();
@@ -358,7 +358,7 @@ private:
     Scalar* out = ws.logits.data();
     const Index in = in_features(), ldx = x.outerStride();
     for_token_ranges(T, threads, [&](Index t0, Index t1, Index p) {
-      kernels::dense_rows(kernels::default_arch{}, w, in, E, in, xp, ldx, out, E, t0, t1, scratch + p * per_thread);
+      kernels::dense_rows(kernels::layer_arch{}, w, in, E, in, xp, ldx, out, E, t0, t1, scratch + p * per_thread);
     });
     if (router_.has_bias()) ws.logits.rowwise() += router_.bias();
   }
@@ -420,7 +420,7 @@ private:
   // Strategy fused: kernels/dispatch_kernels.hpp over each thread's tokens.
   void apply_fused(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
     const int threads = thread_count(x.rows());
-    const Index per_thread = kernels::fused_scratch_size<kernels::default_arch, Scalar>(rank());
+    const Index per_thread = kernels::fused_scratch_size<kernels::layer_arch, Scalar>(rank());
     const auto need = static_cast<std::size_t>(per_thread * threads);
     if (ws.kernel_scratch.size() < need) ws.kernel_scratch.resize(need);
     const auto w = expert_stack();
@@ -430,7 +430,7 @@ private:
     Scalar* yp = y.data();
     const Index ldx = x.outerStride(), ldy = y.outerStride();
     for_token_ranges(x.rows(), threads, [&](Index t0, Index t1, Index p) {
-      kernels::fused_tokens(kernels::default_arch{}, w, g, xp, ldx, yp, ldy, t0, t1, scratch + p * per_thread);
+      kernels::fused_tokens(kernels::layer_arch{}, w, g, xp, ldx, yp, ldy, t0, t1, scratch + p * per_thread);
     });
   }
 
@@ -448,7 +448,7 @@ private:
     Scalar* yp = y.data();
     const Index ldh = ws.dense_hidden.outerStride(), ldy = y.outerStride();
     for_token_ranges(T, thread_count(T), [&](Index t0, Index t1, Index) {
-      kernels::sparse_expand_tokens(kernels::default_arch{}, w, g, hp, ldh, yp, ldy, t0, t1);
+      kernels::sparse_expand_tokens(kernels::layer_arch{}, w, g, hp, ldh, yp, ldy, t0, t1);
     });
   }
 

@@ -1,63 +1,87 @@
-# The kernel and strategy tests once more for each instruction set the kernels are written
-# for, without -march=native (molora_add_test adds no ISA flags): SSE4.2, AVX2+FMA, AVX-512,
-# and the scalar fallback (MOLORA_NO_XSIMD). Two translation units per ISA keep the build
-# short on a small machine. A build whose ISA the host CPU lacks (per /proc/cpuinfo) is
-# compiled but disabled in ctest.
-#
-# GCC 12 reports -Wmaybe-uninitialized inside Eigen's and xsimd's AVX-512 intrinsics at -O2
-# and above (false positives in _mm512_extract*'s _mm256_undefined_*); it is silenced for
-# these targets only.
-
-set(_molora_kernel_test_sources
-  ${CMAKE_CURRENT_SOURCE_DIR}/test_kernels.cpp
-  ${CMAKE_CURRENT_SOURCE_DIR}/test_strategies.cpp
-  ${CMAKE_CURRENT_SOURCE_DIR}/test_backward_kernels.cpp)
+# The kernels' ISA chosen at run time (molora::kernels, MOLORA_DISPATCH):
+#  - the kernel, strategy and backward-kernel tests run once per ISA this CPU has, in the
+#    same binaries, forced by the environment variable MOLORA_ISA (their plain runs take
+#    the best ISA);
+#  - test_dispatch, built without -march, checks that the best ISA the CPU reports is the
+#    one chosen, forcing, and that its results equal bitwise those of test_dispatch_native,
+#    the same source built with -march=native and the ISA pinned at compile time
+#    (MOLORA_PIN_ISA), which runs first (ctest fixture) and writes them to the build tree;
+#  - test_isa_symbols checks that each ISA object of the library exports its table only, and
+#    that test_dispatch and test_strategies hold no kernel compiled for their own ISA.
+# Without the library (MOLORA_DISPATCH=OFF, not x86-64), the tests run the compile-time ISA.
 
 function(molora_quiet_gcc_intrinsics target)
+  # GCC 12 reports -Wmaybe-uninitialized inside Eigen's and xsimd's AVX-512 intrinsics.
   if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
     target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized)
   endif()
 endfunction()
 
-foreach(_t test_kernels test_strategies test_threads test_no_alloc)
+foreach(_t test_kernels test_strategies test_backward_kernels test_threads test_no_alloc)
   if(TARGET ${_t})
     molora_quiet_gcc_intrinsics(${_t})
   endif()
 endforeach()
 
-# The sanitizer build in CI turns these off: they are the same sources as test_kernels and
-# test_strategies, which it runs at the native ISA.
-option(MOLORA_ISA_TESTS "Build the kernel tests once per ISA (SSE4.2, AVX2, AVX-512, scalar)" ON)
+if(NOT TARGET molora::kernels)
+  return()
+endif()
 
-if(MOLORA_ISA_TESTS AND CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang" AND CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
-  set(_molora_isa_sse42 -msse4.2)
-  set(_molora_isa_avx2 -mavx2 -mfma)
-  set(_molora_isa_avx512 -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma)
-  # CPU flags (/proc/cpuinfo names) each build needs to run; on a host without them the
-  # target is still built but not registered with ctest (it would die of SIGILL).
-  set(_molora_cpu_sse42 sse4_2)
-  set(_molora_cpu_avx2 avx2 fma)
-  set(_molora_cpu_avx512 avx512f avx512bw avx512dq avx512vl)
-  set(_molora_cpuinfo "")
-  if(EXISTS /proc/cpuinfo)
-    file(READ /proc/cpuinfo _molora_cpuinfo)
-  endif()
-  foreach(_isa sse42 avx2 avx512)
-    molora_add_test(test_kernels_${_isa} ${_molora_kernel_test_sources})
-    target_compile_options(test_kernels_${_isa} PRIVATE ${_molora_isa_${_isa}})
-    molora_quiet_gcc_intrinsics(test_kernels_${_isa})
-    foreach(_flag IN LISTS _molora_cpu_${_isa})
-      if(_molora_cpuinfo AND NOT _molora_cpuinfo MATCHES "[ \t]${_flag}[ \n]")
-        message(STATUS "molora: this CPU lacks ${_flag}; test_kernels_${_isa} is built but not run")
-        set_tests_properties(test_kernels_${_isa} PROPERTIES DISABLED TRUE)
-        break()
-      endif()
-    endforeach()
+# The ISAs this CPU has, by /proc/cpuinfo's flags (the flags each ISA object is built with).
+set(_molora_cpu_avx512 avx512f avx512bw avx512dq avx512vl avx2 fma)
+set(_molora_cpu_avx2 avx2 fma)
+set(_molora_cpu_sse4.2 sse4_2)
+set(_molora_cpu_scalar "")
+set(_molora_cpuinfo "")
+if(EXISTS /proc/cpuinfo)
+  file(READ /proc/cpuinfo _molora_cpuinfo)
+endif()
+set(MOLORA_CPU_ISAS "")
+foreach(_isa avx512 avx2 sse4.2 scalar)
+  set(_has ON)
+  foreach(_flag IN LISTS _molora_cpu_${_isa})
+    if(NOT _molora_cpuinfo MATCHES "[ \t]${_flag}[ \n]")
+      set(_has OFF)
+    endif()
   endforeach()
-endif()
+  if(_has)
+    list(APPEND MOLORA_CPU_ISAS ${_isa})
+  else()
+    message(STATUS "molora: this CPU lacks ${_isa}; its kernels are built but not tested")
+  endif()
+endforeach()
 
-if(MOLORA_ISA_TESTS)
-  molora_add_test(test_kernels_scalar ${_molora_kernel_test_sources})
-  target_compile_definitions(test_kernels_scalar PRIVATE MOLORA_NO_XSIMD)
-  molora_quiet_gcc_intrinsics(test_kernels_scalar)
-endif()
+# The sanitizer build in CI turns these off (its plain runs take the best ISA).
+option(MOLORA_ISA_TESTS "Run the kernel, strategy and backward-kernel tests once per ISA" ON)
+foreach(_t test_kernels test_strategies test_backward_kernels)
+  if(NOT MOLORA_ISA_TESTS)
+    break()
+  endif()
+  foreach(_isa IN LISTS MOLORA_CPU_ISAS)
+    add_test(NAME ${_t}_${_isa} COMMAND ${_t})
+    set_tests_properties(${_t}_${_isa} PROPERTIES ENVIRONMENT MOLORA_ISA=${_isa})
+  endforeach()
+endforeach()
+
+set(_molora_dispatch_outputs ${CMAKE_CURRENT_BINARY_DIR}/dispatch_native_outputs.bin)
+molora_add_test(test_dispatch ${CMAKE_CURRENT_SOURCE_DIR}/test_dispatch.cpp)
+target_compile_definitions(test_dispatch PRIVATE MOLORA_DISPATCH_OUTPUTS="${_molora_dispatch_outputs}")
+molora_add_test(test_dispatch_native ${CMAKE_CURRENT_SOURCE_DIR}/test_dispatch.cpp)
+target_compile_definitions(test_dispatch_native PRIVATE MOLORA_PIN_ISA MOLORA_DISPATCH_OUTPUTS="${_molora_dispatch_outputs}")
+target_compile_options(test_dispatch_native PRIVATE -march=native)
+foreach(_t test_dispatch test_dispatch_native)
+  molora_quiet_gcc_intrinsics(${_t})
+endforeach()
+set_tests_properties(test_dispatch_native PROPERTIES FIXTURES_SETUP molora_native_outputs)
+set_tests_properties(test_dispatch PROPERTIES FIXTURES_REQUIRED molora_native_outputs)
+foreach(_isa IN LISTS MOLORA_CPU_ISAS)
+  add_test(NAME test_dispatch_${_isa} COMMAND test_dispatch)
+  set_tests_properties(test_dispatch_${_isa} PROPERTIES ENVIRONMENT MOLORA_ISA=${_isa}
+                       FIXTURES_REQUIRED molora_native_outputs)
+endforeach()
+
+string(REPLACE ";" "|" _molora_isa_objects "${MOLORA_ISA_OBJECTS}")
+add_test(NAME test_isa_symbols
+  COMMAND ${CMAKE_COMMAND} -DNM=${CMAKE_NM} -DOBJECTS=${_molora_isa_objects}
+    -DPROGRAMS=$<TARGET_FILE:test_dispatch>|$<TARGET_FILE:test_strategies>
+    -P ${CMAKE_CURRENT_SOURCE_DIR}/cmake/isa_symbols.script)

@@ -538,3 +538,6 @@ void grad_in(Arch arch, const GradInTerm<Scalar>* terms, Index num_terms, Index 
 }
 
 }  // namespace molora::kernels
+
+// The overloads for dispatched_arch (run-time ISA) sit next to the kernels they call.
+#include "dispatched.hpp"

@@ -122,3 +122,6 @@ void dense_rows(Arch arch, const Scalar* w, Index ldw, Index rows, Index in, con
 }
 
 }  // namespace molora::kernels
+
+// The overloads for dispatched_arch (run-time ISA) sit next to the kernels they call.
+#include "dispatched.hpp"

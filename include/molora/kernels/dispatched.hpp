@@ -1,0 +1,188 @@
+// The kernels called through a table chosen at run time (docs/design-notes.md, "Kernels' ISA
+// chosen at run time"). MOLORA_DISPATCHED_KERNELS is the one list of the kernels the table
+// holds: from it come the table's members, the per-ISA instantiation that fills a table
+// (compiled once per ISA in src/), and the overloads for the tag dispatched_arch that the
+// layers call (one indirect call per kernel call). Adding a kernel to the dispatch is one
+// line in that list. Also here: active_isa(), force_isa(), available_isas().
+//
+// dispatch_kernels.hpp and backward_kernels.hpp include this header at their end, so the
+// dispatched overloads are declared before the layers' templates that call them, whichever
+// the layers include first. (Not lora_kernels.hpp: both include it before their own
+// declarations, which this header needs.)
+#pragma once
+
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "../errors.hpp"
+#include "arch.hpp"
+#include "backward_kernels.hpp"
+#include "dispatch_kernels.hpp"
+#include "lora_kernels.hpp"
+
+// X(name, (parameters after the Arch tag), (arguments)) for every dispatched kernel; S is
+// the scalar type. (fused's `tile` has no default here.)
+#define MOLORA_DISPATCHED_KERNELS(X, S)                                                                          \
+  X(shrink, (const S* a, Index lda, Index r, Index in, const S* const* x, Index n, S* h, Index ldh, S* spill),    \
+    (a, lda, r, in, x, n, h, ldh, spill))                                                                        \
+  X(expand,                                                                                                      \
+    (const S* bt, Index ldb, Index r, Index out, const S* const* h, const S* scale, Index n, S* const* y),       \
+    (bt, ldb, r, out, h, scale, n, y))                                                                           \
+  X(fused,                                                                                                       \
+    (const S* a, Index lda, const S* bt, Index ldb, Index r, Index in, Index out, const S* const* x,             \
+     S* const* y, const S* scale, Index n, S* scratch, Index tile),                                              \
+    (a, lda, bt, ldb, r, in, out, x, y, scale, n, scratch, tile))                                                \
+  X(fused_tokens,                                                                                                \
+    (const ExpertStack<S>& w, const PairGroups<S>& g, const S* x, Index ldx, S* y, Index ldy, Index t_begin,     \
+     Index t_end, S* scratch),                                                                                   \
+    (w, g, x, ldx, y, ldy, t_begin, t_end, scratch))                                                             \
+  X(sparse_expand_tokens,                                                                                        \
+    (const ExpertStack<S>& w, const PairGroups<S>& g, const S* h, Index ldh, S* y, Index ldy, Index t_begin,     \
+     Index t_end),                                                                                               \
+    (w, g, h, ldh, y, ldy, t_begin, t_end))                                                                      \
+  X(dense_rows,                                                                                                  \
+    (const S* w, Index ldw, Index rows, Index in, const S* x, Index ldx, S* out, Index ldo, Index t_begin,       \
+     Index t_end, S* scratch),                                                                                   \
+    (w, ldw, rows, in, x, ldx, out, ldo, t_begin, t_end, scratch))                                               \
+  X(grad_out,                                                                                                    \
+    (const S* bt, Index ldb, S* dbt, Index lddb, Index r, Index out, const S* const* dy, const S* hs, Index ldh,  \
+     Index n, S* u, Index ldu, S* spill),                                                                        \
+    (bt, ldb, dbt, lddb, r, out, dy, hs, ldh, n, u, ldu, spill))                                                 \
+  X(grad_in, (const GradInTerm<S>* terms, Index num_terms, Index in, S* scratch), (terms, num_terms, in, scratch))
+
+#define MOLORA_DISPATCH_UNPAREN(...) __VA_ARGS__
+
+namespace molora::kernels {
+
+// One ISA's kernels for one Scalar, and the sizes that depend on its vector width.
+template <class Scalar>
+struct KernelTable {
+  Index simd_width;
+  Index grad_out_chunk;
+  Index grad_in_chunk;
+  Index (*shrink_chunk)(Index rank) noexcept;
+#define MOLORA_TABLE_MEMBER(name, params, args) void (*name) params noexcept;
+  MOLORA_DISPATCHED_KERNELS(MOLORA_TABLE_MEMBER, Scalar)
+#undef MOLORA_TABLE_MEMBER
+};
+
+// One ISA's tables: what the library's selector switches between.
+struct IsaKernels {
+  const char* name;
+  const KernelTable<float>* f32;
+  const KernelTable<double>* f64;
+};
+
+namespace detail {
+
+// Entry points with the Arch tag bound, for the table of Arch.
+template <class Arch, class S>
+struct KernelThunks {
+#define MOLORA_TABLE_THUNK(name, params, args) \
+  static void name params noexcept { kernels::name(Arch{}, MOLORA_DISPATCH_UNPAREN args); }
+  MOLORA_DISPATCHED_KERNELS(MOLORA_TABLE_THUNK, S)
+#undef MOLORA_TABLE_THUNK
+  static Index shrink_chunk(Index rank) noexcept { return kernels::shrink_chunk<Arch, S>(rank); }
+};
+
+// The table of Arch's kernels for S. Instantiated only by the per-ISA objects of the
+// library (src/), each compiled with its ISA's flags.
+template <class Arch, class S>
+constexpr KernelTable<S> make_kernel_table() noexcept {
+  KernelTable<S> t{};
+  t.simd_width = simd_width<Arch, S>();
+  t.grad_out_chunk = grad_out_chunk<Arch, S>();
+  t.grad_in_chunk = grad_in_chunk<Arch, S>();
+  t.shrink_chunk = &KernelThunks<Arch, S>::shrink_chunk;
+#define MOLORA_TABLE_FILL(name, params, args) t.name = &KernelThunks<Arch, S>::name;
+  MOLORA_DISPATCHED_KERNELS(MOLORA_TABLE_FILL, S)
+#undef MOLORA_TABLE_FILL
+  return t;
+}
+
+#if MOLORA_RUNTIME_DISPATCH
+// Defined in the library (src/dispatch.cpp). The active ISA, null until first chosen.
+extern std::atomic<const IsaKernels*> active_isa_kernels;
+// Chooses the ISA (MOLORA_ISA if set, else the best the CPU has) if none is yet. Throws
+// config_error for a MOLORA_ISA naming an unknown ISA or one the CPU lacks.
+const IsaKernels& choose_isa();
+// The same for the kernels' noexcept path: prints the error and aborts.
+const IsaKernels& choose_isa_or_abort() noexcept;
+const char* const* dispatch_isa_names() noexcept;  // this CPU's ISAs, best first, null-ended
+void dispatch_force_isa(const std::string& name);
+
+inline const IsaKernels& current_isa() noexcept {
+  const IsaKernels* k = active_isa_kernels.load(std::memory_order_acquire);
+  return k ? *k : choose_isa_or_abort();
+}
+#endif
+
+}  // namespace detail
+
+// The table of the kernels that run for Scalar: the active ISA's with run-time dispatch,
+// else the compile-time ISA's (for tests and measurement: the layers call the overloads).
+template <class Scalar>
+const KernelTable<Scalar>& active_kernels() noexcept {
+#if MOLORA_RUNTIME_DISPATCH
+  if constexpr (std::is_same_v<Scalar, float>)
+    return *detail::current_isa().f32;
+  else
+    return *detail::current_isa().f64;
+#else
+  static constexpr KernelTable<Scalar> table = detail::make_kernel_table<default_arch, Scalar>();
+  return table;
+#endif
+}
+
+#if MOLORA_RUNTIME_DISPATCH
+
+#define MOLORA_DISPATCHED_OVERLOAD(name, params, args)                         \
+  template <class S>                                                           \
+  void name(dispatched_arch, MOLORA_DISPATCH_UNPAREN params) noexcept {        \
+    active_kernels<S>().name(MOLORA_DISPATCH_UNPAREN args);                    \
+  }
+MOLORA_DISPATCHED_KERNELS(MOLORA_DISPATCHED_OVERLOAD, S)
+#undef MOLORA_DISPATCHED_OVERLOAD
+
+#endif
+
+// Name of the ISA the kernels run with: "avx512", "avx2", "sse4.2" or "scalar" (with
+// run-time dispatch, chosen on first use: MOLORA_ISA if set, else the best the CPU has;
+// otherwise the ISA the translation unit was compiled for). Throws config_error if
+// MOLORA_ISA names an unknown ISA or one this CPU lacks.
+inline std::string active_isa() {
+#if MOLORA_RUNTIME_DISPATCH
+  return detail::choose_isa().name;
+#else
+  return isa_name<default_arch>();
+#endif
+}
+
+// The ISAs that can run here, best first: with run-time dispatch, those of the four this
+// CPU has; otherwise only the compiled one.
+inline std::vector<std::string> available_isas() {
+#if MOLORA_RUNTIME_DISPATCH
+  std::vector<std::string> v;
+  for (const char* const* p = detail::dispatch_isa_names(); *p; ++p) v.emplace_back(*p);
+  return v;
+#else
+  return {isa_name<default_arch>()};
+#endif
+}
+
+// Makes every later kernel call run `isa` ("avx512", "avx2", "sse4.2", "scalar"). Meant for
+// tests and measurement, before layers run (a call racing with running layers may change
+// the ISA between two of their kernel calls). Throws config_error for an unknown name, an
+// ISA this CPU lacks, or (without run-time dispatch) any ISA but the compiled one.
+inline void force_isa(const std::string& isa) {
+#if MOLORA_RUNTIME_DISPATCH
+  detail::dispatch_force_isa(isa);
+#else
+  if (isa != isa_name<default_arch>())
+    throw config_error(::molora::detail::mismatch("molora::kernels::force_isa: ISA (this build has no run-time dispatch)",
+                                isa_name<default_arch>(), isa));
+#endif
+}
+
+}  // namespace molora::kernels
