@@ -13,20 +13,28 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cstdlib>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iomanip>
+#include <iostream>
 #include <limits>
 #include <map>
 #include <memory>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#ifdef MOLORA_USE_OPENMP
+#include <omp.h>
+#endif
 
 #include <molora/io/checkpoint.hpp>
 #include <molora/io/safetensors.hpp>
@@ -426,20 +434,22 @@ private:
     lo.lora_alpha = opt.lora_alpha;
     const auto ming = molora::io::load_ming_moe<float>(cfg_path, weights_path, lo);
     const Config& c = config_;
-    if (ming.config.hidden_size && *ming.config.hidden_size != c.hidden_size)
-      throw molora::format_error(molora::detail::cat(cfg_path, ": field 'hidden_size': ",
-                                                     molora::detail::mismatch("the model's", c.hidden_size, *ming.config.hidden_size)));
-    std::set<std::string> used;
+    std::set<std::string> used;  // tensor shapes first: their message names the tensor
     for (std::size_t l = 0; l < layers_.size(); ++l)
       for (std::size_t p = 0; p < 3; ++p) {
         const std::string module = molora::detail::cat("model.layers.", l, ".mlp.", kMlpNames[p]);
         const molora::MoLoRAAdapter<float>& a = ming.at(module);
         Projection& proj = layers_[l].mlp[p];
-        if (a.in_features() != proj.weight.cols() || a.out_features() != proj.weight.rows())
+        const std::string base = molora::detail::cat("the model's '", module, ".weight' ",
+                                                     molora::detail::shape_str(proj.weight.rows(), proj.weight.cols()));
+        if (a.in_features() != proj.weight.cols())
           throw molora::format_error(molora::detail::cat(
-              weights_path, ": tensor '", module, ".experts.0.lora_A_0.weight' / 'lora_B_0': ",
-              molora::detail::mismatch("adapter [in, out]", molora::detail::shape_str(proj.weight.cols(), proj.weight.rows()),
-                                       molora::detail::shape_str(a.in_features(), a.out_features()))));
+              weights_path, ": module '", module, "': tensor 'experts.0.lora_A_0.weight' columns: ",
+              molora::detail::mismatch("in_features of " + base, proj.weight.cols(), a.in_features())));
+        if (a.out_features() != proj.weight.rows())
+          throw molora::format_error(molora::detail::cat(
+              weights_path, ": module '", module, "': tensor 'experts.0.lora_B_0.weight' rows: ",
+              molora::detail::mismatch("out_features of " + base, proj.weight.rows(), a.out_features())));
         proj.attach(a);
         used.insert(module);
       }
@@ -448,6 +458,9 @@ private:
         throw molora::format_error(molora::detail::cat(weights_path, ": module '", module,
                                                        "': expected one of the model's MLP projections (layers 0..",
                                                        c.num_hidden_layers - 1, "), got an adapter for it"));
+    if (ming.config.hidden_size && *ming.config.hidden_size != c.hidden_size)
+      throw molora::format_error(molora::detail::cat(cfg_path, ": field 'hidden_size': ",
+                                                     molora::detail::mismatch("the model's", c.hidden_size, *ming.config.hidden_size)));
     num_experts_ = ming.config.num_experts;
   }
 
@@ -592,5 +605,135 @@ inline std::vector<Generation> generate_batch(Model& model, const std::vector<st
   }
   return out;
 }
+
+// ---- the command line (examples/qwen2_molora.cpp; here so the tests can run it) ------------
+
+namespace cli {
+
+inline const char* const kUsage =
+    "usage: qwen2_molora MODEL_DIR [--adapter DIR] [--lora-alpha A] --prompt ID,ID,... "
+    "--max-new-tokens N [--threads N]";
+
+struct BadFlag : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Args {
+  std::string model_dir;
+  AdapterOptions adapter;
+  std::vector<int> prompt;
+  long max_new_tokens = -1;
+  long threads = 0;
+};
+
+inline long parse_long(const std::string& flag, const std::string& text, long min) {
+  std::size_t used = 0;
+  long v = 0;
+  try {
+    v = std::stol(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || v < min)
+    throw BadFlag(flag + ": expected an integer >= " + std::to_string(min) + ", got '" + text + "'");
+  return v;
+}
+
+// Throws BadFlag with a one-line message.
+inline Args parse(const std::vector<std::string>& argv) {
+  Args a;
+  for (std::size_t i = 0; i < argv.size(); ++i) {
+    const std::string& arg = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argv.size()) throw BadFlag(arg + ": expected a value");
+      return argv[++i];
+    };
+    if (arg == "--adapter") {
+      a.adapter.dir = value();
+    } else if (arg == "--lora-alpha") {
+      const std::string v = value();
+      char* end = nullptr;
+      const double alpha = std::strtod(v.c_str(), &end);
+      if (v.empty() || *end != '\0' || !(alpha > 0) || !std::isfinite(alpha))
+        throw BadFlag("--lora-alpha: expected a number > 0, got '" + v + "'");
+      a.adapter.lora_alpha = alpha;
+    } else if (arg == "--prompt") {
+      std::stringstream ss(value());
+      std::string id;
+      while (std::getline(ss, id, ',')) a.prompt.push_back(static_cast<int>(parse_long("--prompt", id, 0)));
+      if (a.prompt.empty()) throw BadFlag("--prompt: expected comma-separated token ids, got none");
+    } else if (arg == "--max-new-tokens") {
+      a.max_new_tokens = parse_long(arg, value(), 0);
+    } else if (arg == "--threads") {
+      a.threads = parse_long(arg, value(), 1);
+#ifndef MOLORA_USE_OPENMP
+      throw BadFlag("--threads: needs the OpenMP build (configure with -DMOLORA_OPENMP=ON)");
+#endif
+    } else if (!arg.empty() && arg[0] == '-') {
+      throw BadFlag("unknown flag '" + arg + "'");
+    } else if (a.model_dir.empty()) {
+      a.model_dir = arg;
+    } else {
+      throw BadFlag("unexpected argument '" + arg + "'");
+    }
+  }
+  if (a.model_dir.empty()) throw BadFlag("missing MODEL_DIR");
+  if (a.prompt.empty()) throw BadFlag("missing --prompt");
+  if (a.max_new_tokens < 0) throw BadFlag("missing --max-new-tokens");
+  return a;
+}
+
+// The whole program: 0 on success, 2 on bad flags (message and usage on err), 1 on a
+// molora::error (a bad folder). The last line on out is the generated ids.
+inline int run(const std::vector<std::string>& argv, std::ostream& out, std::ostream& err) {
+  Args args;
+  try {
+    args = parse(argv);
+  } catch (const BadFlag& e) {
+    err << "qwen2_molora: " << e.what() << "\n" << kUsage << "\n";
+    return 2;
+  }
+#ifdef MOLORA_USE_OPENMP
+  if (args.threads > 0) omp_set_num_threads(static_cast<int>(args.threads));
+#endif
+  try {
+    Model model(args.model_dir, args.adapter);
+    const Config& c = model.config();
+    out << "model: " << c.num_hidden_layers << " layers, hidden " << c.hidden_size << ", " << c.num_attention_heads
+        << " heads (" << c.num_key_value_heads << " kv), vocab " << c.vocab_size << ", "
+        << (c.tie_word_embeddings ? "tied" : "untied") << " head; "
+        << (model.adapted() ? "MING-MOE adapter on gate/up/down" : "no adapter") << "\n";
+    const Generation g = generate(model, args.prompt, args.max_new_tokens);
+    if (model.adapted()) {
+      out << "expert load (tokens per expert over prompt and decode), gate | up | down:\n";
+      const auto& counts = model.expert_load().counts;
+      for (std::size_t l = 0; l < counts.size(); ++l) {
+        out << "  layer " << l << ":";
+        for (std::size_t p = 0; p < 3; ++p) {
+          if (p) out << " |";
+          for (long n : counts[l][p]) out << " " << n;
+        }
+        out << "\n";
+      }
+    }
+    const auto rate = [](double n, double s) { return molora::detail::cat(std::fixed, std::setprecision(1), n / std::max(s, 1e-12)); };
+    out << "prefill: " << args.prompt.size() << " tokens, "
+        << rate(static_cast<double>(args.prompt.size()), g.prefill_seconds) << " tokens/s\n";
+    if (args.max_new_tokens > 1)  // the first new token comes from the prefill's logits
+      out << "decode: " << args.max_new_tokens - 1 << " steps, "
+          << rate(static_cast<double>(args.max_new_tokens - 1), g.decode_seconds) << " tokens/s\n";
+    for (std::size_t i = 0; i < g.tokens.size(); ++i) out << (i ? " " : "") << g.tokens[i];
+    out << "\n";
+  } catch (const std::invalid_argument& e) {  // a token id out of range
+    err << "qwen2_molora: " << e.what() << "\n" << kUsage << "\n";
+    return 2;
+  } catch (const molora::error& e) {
+    err << "qwen2_molora: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace cli
 
 }  // namespace qwen2
