@@ -102,6 +102,9 @@ struct Config {
     if (present("hidden_act") && j.at("hidden_act") != "silu") fail("hidden_act", "\"silu\"", j.at("hidden_act"));
     if (present("use_sliding_window") && j.at("use_sliding_window") != false)
       fail("use_sliding_window", "false (sliding-window attention is not implemented)", j.at("use_sliding_window"));
+    if (present("layer_types"))
+      for (const auto& t : j.at("layer_types"))
+        if (t != "full_attention") fail("layer_types", "\"full_attention\" for every layer", t);
     if (present("rope_scaling")) {
       // transformers may spell plain RoPE as a rope_scaling object of type "default".
       const auto& rs = j.at("rope_scaling");
@@ -323,8 +326,23 @@ public:
   // config it cannot honour or tensors that are missing or disagree with the config.
   explicit Model(const std::string& dir, const AdapterOptions& adapter = {})
       : config_(Config::from_file((std::filesystem::path(dir) / "config.json").string())) {
+    load_weights(WeightFiles(dir));  // after the config, whose errors come first
+    if (!adapter.dir.empty()) attach_adapter(adapter);
+  }
+
+  // From any source of tensors with WeightFiles' matrix(name, rows, cols) and
+  // vector(name, n) (a benchmark's random weights, for one). The model owns what they return.
+  template <class Source>
+  Model(const Config& config, const Source& w) : config_(config) {
+    load_weights(w);
+  }
+  Model(const Model&) = delete;  // the molora layers point into this object's buffers
+  Model& operator=(const Model&) = delete;
+
+private:
+  template <class Source>
+  void load_weights(const Source& w) {
     const Config& c = config_;
-    const WeightFiles w(dir);
     const Index H = c.hidden_size, I = c.intermediate_size, hd = c.head_dim;
     const Index q_dim = c.num_attention_heads * hd, kv_dim = c.num_key_value_heads * hd;
     embed_ = w.matrix("model.embed_tokens.weight", c.vocab_size, H);
@@ -344,19 +362,42 @@ public:
       L.mlp[1].init(w.matrix(p + "mlp.up_proj.weight", I, H), Vec());
       L.mlp[2].init(w.matrix(p + "mlp.down_proj.weight", H, I), Vec());
     }
-    if (!adapter.dir.empty()) attach_adapter(adapter);
     init_rope();
     load_.reset(c.num_hidden_layers, num_experts_);
   }
-  Model(const Model&) = delete;  // the molora layers point into this object's buffers
-  Model& operator=(const Model&) = delete;
 
+public:
   const Config& config() const { return config_; }
   bool adapted() const { return num_experts_ > 0; }
   Index num_experts() const { return num_experts_; }
   const ExpertLoad& expert_load() const { return load_; }
   void reset_expert_load() { load_.reset(config_.num_hidden_layers, num_experts_); }
   const std::vector<Layer>& layers() const { return layers_; }
+
+  // Puts `adapter` on projection p (0 gate, 1 up, 2 down) of layer l. Every adapter must have
+  // the same number of experts. `source` names the file in the format_error of a mismatch.
+  void attach(std::size_t l, std::size_t p, const molora::MoLoRAAdapter<float>& a, const std::string& source = "adapter") {
+    if (l >= layers_.size() || p >= 3)
+      throw std::invalid_argument(molora::detail::cat("qwen2::Model::attach: layer ", l, " projection ", p, " out of range"));
+    const std::string module = molora::detail::cat("model.layers.", l, ".mlp.", kMlpNames[p]);
+    Projection& proj = layers_[l].mlp[p];
+    const std::string base = molora::detail::cat("the model's '", module, ".weight' ",
+                                                 molora::detail::shape_str(proj.weight.rows(), proj.weight.cols()));
+    if (a.in_features() != proj.weight.cols())
+      throw molora::format_error(molora::detail::cat(
+          source, ": module '", module, "': tensor 'experts.0.lora_A_0.weight' columns: ",
+          molora::detail::mismatch("in_features of " + base, proj.weight.cols(), a.in_features())));
+    if (a.out_features() != proj.weight.rows())
+      throw molora::format_error(molora::detail::cat(
+          source, ": module '", module, "': tensor 'experts.0.lora_B_0.weight' rows: ",
+          molora::detail::mismatch("out_features of " + base, proj.weight.rows(), a.out_features())));
+    if (num_experts_ != 0 && a.num_experts() != num_experts_)
+      throw molora::format_error(molora::detail::cat(source, ": module '", module, "': ",
+                                                     molora::detail::mismatch("num_experts", num_experts_, a.num_experts())));
+    proj.attach(a);
+    num_experts_ = a.num_experts();
+    load_.reset(config_.num_hidden_layers, num_experts_);
+  }
 
   // Runs tokens[s] (one or more new tokens) of every sequence s on top of caches[s], appends
   // their keys and values, and returns the logits of every new token, the sequences' rows one
@@ -438,19 +479,7 @@ private:
     for (std::size_t l = 0; l < layers_.size(); ++l)
       for (std::size_t p = 0; p < 3; ++p) {
         const std::string module = molora::detail::cat("model.layers.", l, ".mlp.", kMlpNames[p]);
-        const molora::MoLoRAAdapter<float>& a = ming.at(module);
-        Projection& proj = layers_[l].mlp[p];
-        const std::string base = molora::detail::cat("the model's '", module, ".weight' ",
-                                                     molora::detail::shape_str(proj.weight.rows(), proj.weight.cols()));
-        if (a.in_features() != proj.weight.cols())
-          throw molora::format_error(molora::detail::cat(
-              weights_path, ": module '", module, "': tensor 'experts.0.lora_A_0.weight' columns: ",
-              molora::detail::mismatch("in_features of " + base, proj.weight.cols(), a.in_features())));
-        if (a.out_features() != proj.weight.rows())
-          throw molora::format_error(molora::detail::cat(
-              weights_path, ": module '", module, "': tensor 'experts.0.lora_B_0.weight' rows: ",
-              molora::detail::mismatch("out_features of " + base, proj.weight.rows(), a.out_features())));
-        proj.attach(a);
+        attach(l, p, ming.at(module), weights_path);
         used.insert(module);
       }
     for (const auto& [module, a] : ming.modules)
@@ -461,7 +490,6 @@ private:
     if (ming.config.hidden_size && *ming.config.hidden_size != c.hidden_size)
       throw molora::format_error(molora::detail::cat(cfg_path, ": field 'hidden_size': ",
                                                      molora::detail::mismatch("the model's", c.hidden_size, *ming.config.hidden_size)));
-    num_experts_ = ming.config.num_experts;
   }
 
   void init_rope() {

@@ -82,8 +82,11 @@ TEST_CASE("qwen2 with MING-MOE adapters: logits, greedy tokens and expert load e
     CHECK(model.config().tie_word_embeddings == (std::string(variant) == "bf16"));
     const std::string key = std::string(variant) + ".adapter";
     const qwen2::Generation g = qwen2::generate(model, ref.prompt, 8);
-    CHECK(rel_error(g.prompt_logits, ref.prompt_logits(key)) < 1e-4);
-    CHECK(rel_error(g.step_logits, ref.step_logits(key)) < 1e-4);
+    const double e_prompt = rel_error(g.prompt_logits, ref.prompt_logits(key));
+    const double e_steps = rel_error(g.step_logits, ref.step_logits(key));
+    MESSAGE(key << ": max |logit error| / max |logit|: prompt " << e_prompt << ", decode " << e_steps);
+    CHECK(e_prompt < 1e-4);
+    CHECK(e_steps < 1e-4);
     CHECK(g.tokens == ref.tokens(key));
 
     // Tokens per expert over the prompt and the 7 decode steps, per layer and projection.
@@ -105,8 +108,11 @@ TEST_CASE("qwen2 without an adapter equals transformers' plain model") {
     CHECK_FALSE(model.adapted());
     const std::string key = std::string(variant) + ".plain";
     const qwen2::Generation g = qwen2::generate(model, ref.prompt, 8);
-    CHECK(rel_error(g.prompt_logits, ref.prompt_logits(key)) < 1e-4);
-    CHECK(rel_error(g.step_logits, ref.step_logits(key)) < 1e-4);
+    const double e_prompt = rel_error(g.prompt_logits, ref.prompt_logits(key));
+    const double e_steps = rel_error(g.step_logits, ref.step_logits(key));
+    MESSAGE(key << ": max |logit error| / max |logit|: prompt " << e_prompt << ", decode " << e_steps);
+    CHECK(e_prompt < 1e-4);
+    CHECK(e_steps < 1e-4);
     CHECK(g.tokens == ref.tokens(key));
     // The adapter changes the logits (so the test above sees it).
     CHECK(rel_error(ref.prompt_logits(std::string(variant) + ".adapter"), g.prompt_logits) > 1e-2);
@@ -241,6 +247,32 @@ TEST_CASE("qwen2 bad folders are format errors naming the file and the tensor or
     contains(msg, "tensor 'experts.0.lora_A_0.weight' columns");
     contains(msg, "expected 64, got 32");
   }
+  SUBCASE("an adapter without the last layer's projections, or with one too many") {
+    const std::string src = data_dir + "/adapter_f32";
+    for (const bool drop : {true, false}) {
+      CAPTURE(drop);
+      const std::string dir = tmp.file(drop ? "adapter_short" : "adapter_long");
+      std::filesystem::create_directories(dir);
+      std::filesystem::copy_file(src + "/config.json", dir + "/config.json");
+      const molora::io::SafetensorsReader r(src + "/non_lora_trainables.safetensors");
+      std::vector<molora::io::TensorToWrite> out;
+      for (const auto& name : r.names()) {
+        const auto& info = r.info(name);
+        const bool layer1 = name.find(".layers.1.") != std::string::npos;
+        if (drop && layer1) continue;
+        out.push_back(molora::io::make_tensor_raw(name, info.dtype, info.shape, r.bytes(name)));
+        if (!drop && layer1) {  // the same tensors again for a layer 2 the model lacks
+          std::string n2 = name;
+          n2.replace(n2.find(".layers.1."), 10, ".layers.2.");
+          out.push_back(molora::io::make_tensor_raw(n2, info.dtype, info.shape, r.bytes(name)));
+        }
+      }
+      molora::io::save_safetensors(dir + "/non_lora_trainables.safetensors", std::move(out));
+      const std::string msg = test_util::error_of([&] { qwen2::Model m(data_dir + "/f32", {dir, {}}); });
+      contains(msg, dir + "/non_lora_trainables.safetensors");
+      contains(msg, drop ? "module 'model.layers.1.mlp.gate_proj'" : "module 'model.layers.2.mlp.");
+    }
+  }
   SUBCASE("config fields it cannot honour") {
     struct Bad {
       const char* field;
@@ -250,6 +282,7 @@ TEST_CASE("qwen2 bad folders are format errors naming the file and the tensor or
         {"rope_scaling", {{"rope_type", "linear"}, {"factor", 2.0}}},
         {"rope_parameters", {{"rope_type", "yarn"}, {"rope_theta", 1e6}, {"factor", 4.0}}},
         {"use_sliding_window", true},
+        {"layer_types", {"full_attention", "sliding_attention"}},
         {"hidden_act", "gelu"},
         {"head_dim", 32},
         {"num_key_value_heads", 3},
@@ -321,6 +354,9 @@ TEST_CASE("qwen2_molora command line: prints the greedy tokens last, rejects bad
   }
 #endif
   std::ostringstream o, e;  // a folder that is not there: a format error, exit 1
-  CHECK(qwen2::cli::run({data_dir + "/no_such_model", "--prompt", "1", "--max-new-tokens", "1"}, o, e) == 1);
-  CHECK(e.str().find("no_such_model/config.json") != std::string::npos);
+  const int missing_rc = qwen2::cli::run({data_dir + "/no_such_model", "--prompt", "1", "--max-new-tokens", "1"}, o, e);
+  const std::string missing_err = e.str();
+  CAPTURE(missing_err);
+  CHECK(missing_rc == 1);
+  CHECK(missing_err.find("no_such_model/config.json") != std::string::npos);
 }
