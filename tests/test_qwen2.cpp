@@ -79,7 +79,7 @@ TEST_CASE("qwen2 with MING-MOE adapters: logits, greedy tokens and expert load e
     CAPTURE(std::string(variant));
     qwen2::Model model(data_dir + "/" + variant, adapter_for(variant));
     CHECK(model.adapted());
-    CHECK(model.config().tie_word_embeddings == (std::string(variant) == "bf16"));
+    CHECK_FALSE(model.config().tie_word_embeddings);
     const std::string key = std::string(variant) + ".adapter";
     const qwen2::Generation g = qwen2::generate(model, ref.prompt, 8);
     const double e_prompt = rel_error(g.prompt_logits, ref.prompt_logits(key));
@@ -166,6 +166,31 @@ TEST_CASE("qwen2 ragged batch of 4 sequences decodes as each alone") {
     // The full prompt's continuation in the batch is the reference's.
     CHECK(std::vector<int>(gen.begin(), gen.begin() + 6) == batch[1].tokens);
   }
+}
+
+TEST_CASE("qwen2 with tie_word_embeddings uses embed_tokens as the LM head") {
+  // A tied folder (no lm_head.weight) and an untied one whose lm_head.weight is a copy of
+  // embed_tokens.weight are the same model.
+  const Reference ref;
+  test_util::TempDir tmp;
+  const std::string tied = copy_model(tmp, "f32", "tied"), copied = copy_model(tmp, "f32", "copied");
+  nlohmann::json cfg = nlohmann::json::parse(test_util::read_text(tied + "/config.json"));
+  cfg["tie_word_embeddings"] = true;
+  test_util::write_text(tied + "/config.json", cfg.dump(2));
+  rewrite_model(tied, [](const std::string& n, Matrix&, std::vector<std::uint64_t>&) { return n != "lm_head.weight"; });
+  const Matrix embed = molora::io::SafetensorsReader(copied + "/model.safetensors").matrix<float>("model.embed_tokens.weight");
+  rewrite_model(copied, [&](const std::string& n, Matrix& m, std::vector<std::uint64_t>&) {
+    if (n == "lm_head.weight") m = embed;
+    return true;
+  });
+  qwen2::Model a(tied, adapter_for("f32")), b(copied, adapter_for("f32"));
+  CHECK(a.config().tie_word_embeddings);
+  const qwen2::Generation ga = qwen2::generate(a, ref.prompt, 8), gb = qwen2::generate(b, ref.prompt, 8);
+  CHECK(ga.prompt_logits == gb.prompt_logits);
+  CHECK(ga.step_logits == gb.step_logits);
+  CHECK(ga.tokens == gb.tokens);
+  // and it is not the untied fixture's head
+  CHECK(rel_error(ga.prompt_logits, ref.prompt_logits("f32.adapter")) > 1e-2);
 }
 
 TEST_CASE("qwen2 reads the sharded form (model.safetensors.index.json) and gives the same logits") {
