@@ -378,7 +378,9 @@ public:
   // the same number of experts. `source` names the file in the format_error of a mismatch.
   void attach(std::size_t l, std::size_t p, const molora::MoLoRAAdapter<float>& a, const std::string& source = "adapter") {
     if (l >= layers_.size() || p >= 3)
-      throw std::invalid_argument(molora::detail::cat("qwen2::Model::attach: layer ", l, " projection ", p, " out of range"));
+      throw molora::config_error(molora::detail::mismatch("qwen2 attach (layer, projection)",
+                                                          molora::detail::cat("layer < ", layers_.size(), ", projection < 3"),
+                                                          molora::detail::cat("(", l, ", ", p, ")")));
     const std::string module = molora::detail::cat("model.layers.", l, ".mlp.", kMlpNames[p]);
     Projection& proj = layers_[l].mlp[p];
     const std::string base = molora::detail::cat("the model's '", module, ".weight' ",
@@ -402,17 +404,21 @@ public:
   // Runs tokens[s] (one or more new tokens) of every sequence s on top of caches[s], appends
   // their keys and values, and returns the logits of every new token, the sequences' rows one
   // after the other: [sum of tokens[s].size(), vocab]. The projections run over all rows at
-  // once; attention runs per sequence over its own cache (causal). Throws
-  // std::invalid_argument on a token id out of range or an empty sequence.
+  // once; attention runs per sequence over its own cache (causal). Throws shape_error when
+  // the counts of sequences and caches differ or a sequence has no new token, config_error on
+  // a token id outside [0, vocab_size); nothing changes then.
   Matrix forward(const std::vector<std::vector<int>>& tokens, const std::vector<KVCache*>& caches) {
-    if (tokens.size() != caches.size()) throw std::invalid_argument("qwen2::Model::forward: one cache per sequence");
+    if (tokens.size() != caches.size())
+      throw molora::shape_error(molora::detail::mismatch("qwen2 forward caches (one per sequence)", tokens.size(), caches.size()));
     const Config& c = config_;
     Index rows = 0;
     for (std::size_t s = 0; s < tokens.size(); ++s) {
-      if (tokens[s].empty()) throw std::invalid_argument(molora::detail::cat("qwen2: sequence ", s, " has no new tokens"));
+      if (tokens[s].empty())
+        throw molora::shape_error(molora::detail::mismatch(molora::detail::cat("qwen2 forward new tokens of sequence ", s), "at least 1", 0));
       for (int id : tokens[s])
         if (id < 0 || id >= c.vocab_size)
-          throw std::invalid_argument(molora::detail::cat("qwen2: token id ", id, " out of range [0, ", c.vocab_size, ")"));
+          throw molora::config_error(molora::detail::mismatch(molora::detail::cat("qwen2 forward token id of sequence ", s),
+                                                              molora::detail::cat("a value in [0, vocab_size = ", c.vocab_size, ")"), id));
       rows += static_cast<Index>(tokens[s].size());
     }
     const Index kv_dim = c.num_key_value_heads * c.head_dim;
@@ -475,7 +481,7 @@ private:
     lo.lora_alpha = opt.lora_alpha;
     const auto ming = molora::io::load_ming_moe<float>(cfg_path, weights_path, lo);
     const Config& c = config_;
-    std::set<std::string> used;  // tensor shapes first: their message names the tensor
+    std::set<std::string> used;
     for (std::size_t l = 0; l < layers_.size(); ++l)
       for (std::size_t p = 0; p < 3; ++p) {
         const std::string module = molora::detail::cat("model.layers.", l, ".mlp.", kMlpNames[p]);
@@ -487,6 +493,7 @@ private:
         throw molora::format_error(molora::detail::cat(weights_path, ": module '", module,
                                                        "': expected one of the model's MLP projections (layers 0..",
                                                        c.num_hidden_layers - 1, "), got an adapter for it"));
+    // after the tensors, whose messages name the tensor
     if (ming.config.hidden_size && *ming.config.hidden_size != c.hidden_size)
       throw molora::format_error(molora::detail::cat(cfg_path, ": field 'hidden_size': ",
                                                      molora::detail::mismatch("the model's", c.hidden_size, *ming.config.hidden_size)));
@@ -731,6 +738,12 @@ inline int run(const std::vector<std::string>& argv, std::ostream& out, std::ost
         << " heads (" << c.num_key_value_heads << " kv), vocab " << c.vocab_size << ", "
         << (c.tie_word_embeddings ? "tied" : "untied") << " head; "
         << (model.adapted() ? "MING-MOE adapter on gate/up/down" : "no adapter") << "\n";
+    for (int id : args.prompt)
+      if (id >= c.vocab_size) {
+        err << "qwen2_molora: --prompt: expected token ids < vocab_size (" << c.vocab_size << "), got " << id << "\n"
+            << kUsage << "\n";
+        return 2;
+      }
     const Generation g = generate(model, args.prompt, args.max_new_tokens);
     if (model.adapted()) {
       out << "expert load (tokens per expert over prompt and decode), gate | up | down:\n";
@@ -752,9 +765,6 @@ inline int run(const std::vector<std::string>& argv, std::ostream& out, std::ost
           << rate(static_cast<double>(args.max_new_tokens - 1), g.decode_seconds) << " tokens/s\n";
     for (std::size_t i = 0; i < g.tokens.size(); ++i) out << (i ? " " : "") << g.tokens[i];
     out << "\n";
-  } catch (const std::invalid_argument& e) {  // a token id out of range
-    err << "qwen2_molora: " << e.what() << "\n" << kUsage << "\n";
-    return 2;
   } catch (const molora::error& e) {
     err << "qwen2_molora: " << e.what() << "\n";
     return 1;

@@ -141,6 +141,21 @@ TEST_CASE("qwen2 decoding with the KV cache equals running the whole sequence ag
   CHECK(rel_error(both, full) < 1e-5);
 }
 
+TEST_CASE("qwen2 forward checks its arguments and changes nothing when it throws") {
+  qwen2::Model model(data_dir + "/f32", adapter_for("f32"));
+  qwen2::KVCache a, b;
+  model.forward({1, 2, 3}, a);
+  CHECK_THROWS_AS(model.forward({{4}, {5}}, {&a}), molora::shape_error);
+  CHECK_THROWS_AS(model.forward({{4}, {}}, {&a, &b}), molora::shape_error);
+  CHECK_THROWS_AS(model.forward({{4}, {512}}, {&a, &b}), molora::config_error);
+  CHECK_THROWS_AS(model.forward({{-1}}, {&a}), molora::config_error);
+  CHECK(a.length == 3);
+  CHECK(b.length == 0);
+  const molora::MoLoRAAdapter<float>& some = model.layers()[0].mlp[0].layer->adapter();
+  CHECK_THROWS_AS(model.attach(2, 0, some), molora::config_error);
+  CHECK_THROWS_AS(model.attach(0, 2, some), molora::format_error);  // gate's adapter on down_proj: wrong shape
+}
+
 TEST_CASE("qwen2 ragged batch of 4 sequences decodes as each alone") {
   const Reference ref;
   for (const char* variant : {"f32", "bf16"}) {
