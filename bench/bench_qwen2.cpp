@@ -100,8 +100,8 @@ void BM_prefill(benchmark::State& state) {
     cache.clear();
     benchmark::DoNotOptimize(m.forward(prompt, cache).data());
   }
-  state.counters["tokens/s"] = benchmark::Counter(128.0 * static_cast<double>(state.iterations()),
-                                                  benchmark::Counter::kIsRate);
+  state.counters["tokens/s"] =
+      benchmark::Counter(128.0 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 
 // One decode step of `batch` sequences with contexts of 32, 40, 48, 56 tokens (each step

@@ -95,7 +95,8 @@ struct Config {
     c.rms_norm_eps = number("rms_norm_eps", j, "rms_norm_eps", 1e-6);
     c.rope_theta = number("rope_theta", j, "rope_theta", 10000.0);
     if (present("tie_word_embeddings")) {
-      if (!j.at("tie_word_embeddings").is_boolean()) fail("tie_word_embeddings", "true or false", j.at("tie_word_embeddings"));
+      if (!j.at("tie_word_embeddings").is_boolean())
+        fail("tie_word_embeddings", "true or false", j.at("tie_word_embeddings"));
       c.tie_word_embeddings = j.at("tie_word_embeddings").get<bool>();
     }
     if (present("model_type") && j.at("model_type") != "qwen2") fail("model_type", "\"qwen2\"", j.at("model_type"));
@@ -144,7 +145,7 @@ struct Config {
     return j;
   }
 
-private:
+ private:
   static std::string rope_type(const nlohmann::json& obj) {
     for (const char* key : {"rope_type", "type"})
       if (obj.contains(key) && obj.at(key).is_string()) return obj.at(key).get<std::string>();
@@ -158,7 +159,7 @@ private:
 // model.safetensors.index.json. Names resolve to (reader, file); a missing tensor or a shape
 // that disagrees with the config is a format_error naming the file and the tensor.
 class WeightFiles {
-public:
+ public:
   explicit WeightFiles(const std::string& dir) {
     namespace fs = std::filesystem;
     const std::string single = (fs::path(dir) / "model.safetensors").string();
@@ -168,14 +169,16 @@ public:
       return;
     }
     if (!fs::exists(index))
-      throw molora::format_error(molora::detail::cat(dir, ": expected model.safetensors or model.safetensors.index.json, got neither"));
+      throw molora::format_error(
+          molora::detail::cat(dir, ": expected model.safetensors or model.safetensors.index.json, got neither"));
     const nlohmann::json j = Config::read_json(index);
     if (!j.contains("weight_map") || !j.at("weight_map").is_object())
       throw molora::format_error(index + ": field 'weight_map': expected an object of tensor name -> file");
     std::map<std::string, std::size_t> file_index;
     for (const auto& [name, file] : j.at("weight_map").items()) {
       if (!file.is_string() || file.get<std::string>().find('/') != std::string::npos)
-        throw molora::format_error(molora::detail::cat(index, ": weight_map['", name, "']: expected a file name in the folder, got ", file.dump()));
+        throw molora::format_error(molora::detail::cat(index, ": weight_map['", name,
+                                                       "']: expected a file name in the folder, got ", file.dump()));
       const std::string f = file.get<std::string>();
       auto it = file_index.find(f);
       if (it == file_index.end()) {
@@ -201,7 +204,7 @@ public:
     return r.vector<float>(name);  // [n]
   }
 
-private:
+ private:
   std::vector<molora::io::SafetensorsReader> readers_;
   std::map<std::string, std::size_t> shard_of_;
   std::string index_path_;
@@ -255,7 +258,7 @@ struct Projection {
     return &layer->forward(x, y, ws);
   }
 
-private:
+ private:
   void make_layer(const molora::MoLoRAConfig& c) {
     layer = std::make_unique<molora::MoLoRALinear<float>>(c);
     layer->wrap_base_weight(molora::MoLoRALinear<float>::BaseWeightMap(weight.data(), weight.rows(), weight.cols()));
@@ -315,7 +318,7 @@ struct AdapterOptions {
 };
 
 class Model {
-public:
+ public:
   struct Layer {
     Vec input_norm, post_norm;  // [H]
     Projection q, k, v, o;
@@ -339,7 +342,7 @@ public:
   Model(const Model&) = delete;  // the molora layers point into this object's buffers
   Model& operator=(const Model&) = delete;
 
-private:
+ private:
   template <class Source>
   void load_weights(const Source& w) {
     const Config& c = config_;
@@ -366,7 +369,7 @@ private:
     load_.reset(c.num_hidden_layers, num_experts_);
   }
 
-public:
+ public:
   const Config& config() const { return config_; }
   bool adapted() const { return num_experts_ > 0; }
   Index num_experts() const { return num_experts_; }
@@ -376,26 +379,27 @@ public:
 
   // Puts `adapter` on projection p (0 gate, 1 up, 2 down) of layer l. Every adapter must have
   // the same number of experts. `source` names the file in the format_error of a mismatch.
-  void attach(std::size_t l, std::size_t p, const molora::MoLoRAAdapter<float>& a, const std::string& source = "adapter") {
+  void attach(std::size_t l, std::size_t p, const molora::MoLoRAAdapter<float>& a,
+              const std::string& source = "adapter") {
     if (l >= layers_.size() || p >= 3)
-      throw molora::config_error(molora::detail::mismatch("qwen2 attach (layer, projection)",
-                                                          molora::detail::cat("layer < ", layers_.size(), ", projection < 3"),
-                                                          molora::detail::cat("(", l, ", ", p, ")")));
+      throw molora::config_error(molora::detail::mismatch(
+          "qwen2 attach (layer, projection)", molora::detail::cat("layer < ", layers_.size(), ", projection < 3"),
+          molora::detail::cat("(", l, ", ", p, ")")));
     const std::string module = molora::detail::cat("model.layers.", l, ".mlp.", kMlpNames[p]);
     Projection& proj = layers_[l].mlp[p];
     const std::string base = molora::detail::cat("the model's '", module, ".weight' ",
                                                  molora::detail::shape_str(proj.weight.rows(), proj.weight.cols()));
     if (a.in_features() != proj.weight.cols())
-      throw molora::format_error(molora::detail::cat(
-          source, ": module '", module, "': tensor 'experts.0.lora_A_0.weight' columns: ",
-          molora::detail::mismatch("in_features of " + base, proj.weight.cols(), a.in_features())));
+      throw molora::format_error(
+          molora::detail::cat(source, ": module '", module, "': tensor 'experts.0.lora_A_0.weight' columns: ",
+                              molora::detail::mismatch("in_features of " + base, proj.weight.cols(), a.in_features())));
     if (a.out_features() != proj.weight.rows())
       throw molora::format_error(molora::detail::cat(
           source, ": module '", module, "': tensor 'experts.0.lora_B_0.weight' rows: ",
           molora::detail::mismatch("out_features of " + base, proj.weight.rows(), a.out_features())));
     if (num_experts_ != 0 && a.num_experts() != num_experts_)
-      throw molora::format_error(molora::detail::cat(source, ": module '", module, "': ",
-                                                     molora::detail::mismatch("num_experts", num_experts_, a.num_experts())));
+      throw molora::format_error(molora::detail::cat(
+          source, ": module '", module, "': ", molora::detail::mismatch("num_experts", num_experts_, a.num_experts())));
     proj.attach(a);
     num_experts_ = a.num_experts();
     load_.reset(config_.num_hidden_layers, num_experts_);
@@ -409,16 +413,19 @@ public:
   // a token id outside [0, vocab_size); nothing changes then.
   Matrix forward(const std::vector<std::vector<int>>& tokens, const std::vector<KVCache*>& caches) {
     if (tokens.size() != caches.size())
-      throw molora::shape_error(molora::detail::mismatch("qwen2 forward caches (one per sequence)", tokens.size(), caches.size()));
+      throw molora::shape_error(
+          molora::detail::mismatch("qwen2 forward caches (one per sequence)", tokens.size(), caches.size()));
     const Config& c = config_;
     Index rows = 0;
     for (std::size_t s = 0; s < tokens.size(); ++s) {
       if (tokens[s].empty())
-        throw molora::shape_error(molora::detail::mismatch(molora::detail::cat("qwen2 forward new tokens of sequence ", s), "at least 1", 0));
+        throw molora::shape_error(
+            molora::detail::mismatch(molora::detail::cat("qwen2 forward new tokens of sequence ", s), "at least 1", 0));
       for (int id : tokens[s])
         if (id < 0 || id >= c.vocab_size)
-          throw molora::config_error(molora::detail::mismatch(molora::detail::cat("qwen2 forward token id of sequence ", s),
-                                                              molora::detail::cat("a value in [0, vocab_size = ", c.vocab_size, ")"), id));
+          throw molora::config_error(
+              molora::detail::mismatch(molora::detail::cat("qwen2 forward token id of sequence ", s),
+                                       molora::detail::cat("a value in [0, vocab_size = ", c.vocab_size, ")"), id));
       rows += static_cast<Index>(tokens[s].size());
     }
     const Index kv_dim = c.num_key_value_heads * c.head_dim;
@@ -457,7 +464,7 @@ public:
   // One sequence: logits [tokens.size(), vocab].
   Matrix forward(const std::vector<int>& tokens, KVCache& cache) { return forward({tokens}, {&cache}); }
 
-private:
+ private:
   struct Scratch {
     Matrix h, x, q, k, v, ctx, attn, gate, up, mlp_out;
     Eigen::MatrixXf scores;
@@ -495,13 +502,14 @@ private:
                                                        c.num_hidden_layers - 1, "), got an adapter for it"));
     // after the tensors, whose messages name the tensor
     if (ming.config.hidden_size && *ming.config.hidden_size != c.hidden_size)
-      throw molora::format_error(molora::detail::cat(cfg_path, ": field 'hidden_size': ",
-                                                     molora::detail::mismatch("the model's", c.hidden_size, *ming.config.hidden_size)));
+      throw molora::format_error(molora::detail::cat(
+          cfg_path,
+          ": field 'hidden_size': ", molora::detail::mismatch("the model's", c.hidden_size, *ming.config.hidden_size)));
   }
 
   void init_rope() {
     const Index half = config_.head_dim / 2;
-    inv_freq_.resize(half);  // [hd / 2]
+    inv_freq_.resize(half);           // [hd / 2]
     for (Index i = 0; i < half; ++i)  // theta^(-2i / hd), rounded to float as transformers keeps it
       inv_freq_(i) = static_cast<float>(
           1.0 / std::pow(config_.rope_theta, static_cast<double>(2 * i) / static_cast<double>(config_.head_dim)));
@@ -528,9 +536,9 @@ private:
     const Layer& L = layers_[l];
     Scratch& s = scratch_;
     const Index hd = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads, group = nh / nkv;
-    L.q.forward(s.x, s.q, s.ws);  // [T, nh * hd]
-    L.k.forward(s.x, s.k, s.ws);  // [T, nkv * hd]
-    L.v.forward(s.x, s.v, s.ws);  // [T, nkv * hd]
+    L.q.forward(s.x, s.q, s.ws);        // [T, nh * hd]
+    L.k.forward(s.x, s.k, s.ws);        // [T, nkv * hd]
+    L.v.forward(s.x, s.v, s.ws);        // [T, nkv * hd]
     s.ctx.resize(s.x.rows(), nh * hd);  // [T, nh * hd]
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     for (std::size_t q = 0; q < tokens.size(); ++q) {
@@ -545,11 +553,11 @@ private:
       }
       for (Index head = 0; head < nh; ++head) {
         const Index g = head / group;
-        const auto qh = s.q.block(first[q], head * hd, n, hd);         // [n, hd]
-        const auto kh = cache.k[l].block(0, g * hd, len, hd);          // [len, hd]
-        const auto vh = cache.v[l].block(0, g * hd, len, hd);          // [len, hd]
-        s.scores.noalias() = (qh * kh.transpose()) * scale;             // [n, len]
-        for (Index i = 0; i < n; ++i) {  // causal softmax: token i sees positions <= p0 + i
+        const auto qh = s.q.block(first[q], head * hd, n, hd);  // [n, hd]
+        const auto kh = cache.k[l].block(0, g * hd, len, hd);   // [len, hd]
+        const auto vh = cache.v[l].block(0, g * hd, len, hd);   // [len, hd]
+        s.scores.noalias() = (qh * kh.transpose()) * scale;     // [n, len]
+        for (Index i = 0; i < n; ++i) {                         // causal softmax: token i sees positions <= p0 + i
           const Index seen = p0 + i + 1;
           auto row = s.scores.row(i);
           const float m = row.head(seen).maxCoeff();
@@ -566,9 +574,9 @@ private:
   void mlp(std::size_t l) {
     const Layer& L = layers_[l];
     Scratch& s = scratch_;
-    if (const auto* r = L.mlp[0].forward(s.x, s.gate, s.ws)) load_.add(l, 0, *r);  // [T, I]
-    if (const auto* r = L.mlp[1].forward(s.x, s.up, s.ws)) load_.add(l, 1, *r);    // [T, I]
-    s.gate.array() = s.gate.array() / (1.0f + (-s.gate.array()).exp()) * s.up.array();  // silu(gate) * up
+    if (const auto* r = L.mlp[0].forward(s.x, s.gate, s.ws)) load_.add(l, 0, *r);        // [T, I]
+    if (const auto* r = L.mlp[1].forward(s.x, s.up, s.ws)) load_.add(l, 1, *r);          // [T, I]
+    s.gate.array() = s.gate.array() / (1.0f + (-s.gate.array()).exp()) * s.up.array();   // silu(gate) * up
     if (const auto* r = L.mlp[2].forward(s.gate, s.mlp_out, s.ws)) load_.add(l, 2, *r);  // [T, H]
   }
 };
@@ -623,7 +631,7 @@ inline std::vector<Generation> generate_batch(Model& model, const std::vector<st
   Index row = 0;
   for (std::size_t s = 0; s < B; ++s) {
     const Index P = static_cast<Index>(prompts[s].size());
-    out[s].prompt_logits = logits.middleRows(row, P);  // [P, V]
+    out[s].prompt_logits = logits.middleRows(row, P);                      // [P, V]
     out[s].step_logits.resize(max_new_tokens, model.config().vocab_size);  // [N, V]
     if (max_new_tokens > 0) out[s].step_logits.row(0) = logits.row(row + P - 1);
     row += P;
@@ -757,7 +765,9 @@ inline int run(const std::vector<std::string>& argv, std::ostream& out, std::ost
         out << "\n";
       }
     }
-    const auto rate = [](double n, double s) { return molora::detail::cat(std::fixed, std::setprecision(1), n / std::max(s, 1e-12)); };
+    const auto rate = [](double n, double s) {
+      return molora::detail::cat(std::fixed, std::setprecision(1), n / std::max(s, 1e-12));
+    };
     out << "prefill: " << args.prompt.size() << " tokens, "
         << rate(static_cast<double>(args.prompt.size()), g.prefill_seconds) << " tokens/s\n";
     if (args.max_new_tokens > 1)  // the first new token comes from the prefill's logits

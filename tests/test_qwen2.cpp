@@ -44,7 +44,9 @@ struct Reference {
   std::vector<int> tokens(const std::string& key) const { return read_ids(r, key + ".tokens"); }
 };
 
-qwen2::AdapterOptions adapter_for(const std::string& variant) { return {data_dir + "/adapter_" + variant, {}}; }
+qwen2::AdapterOptions adapter_for(const std::string& variant) {
+  return {data_dir + "/adapter_" + variant, {}};
+}
 
 // Copies the fixture's model folder `variant` into tmp/name and returns that path.
 std::string copy_model(const test_util::TempDir& tmp, const std::string& variant, const std::string& name) {
@@ -167,8 +169,7 @@ TEST_CASE("qwen2 ragged batch of 4 sequences decodes as each alone") {
     std::vector<int> longer = p;
     const std::vector<int> gen = ref.tokens(std::string(variant) + ".adapter");
     longer.insert(longer.end(), gen.begin(), gen.begin() + 3);
-    const std::vector<std::vector<int>> prompts = {
-        {p.begin(), p.begin() + 5}, p, {p.begin(), p.begin() + 2}, longer};
+    const std::vector<std::vector<int>> prompts = {{p.begin(), p.begin() + 5}, p, {p.begin(), p.begin() + 2}, longer};
     const auto batch = qwen2::generate_batch(model, prompts, 6);
     REQUIRE(batch.size() == 4);
     for (std::size_t s = 0; s < prompts.size(); ++s) {
@@ -193,7 +194,8 @@ TEST_CASE("qwen2 with tie_word_embeddings uses embed_tokens as the LM head") {
   cfg["tie_word_embeddings"] = true;
   test_util::write_text(tied + "/config.json", cfg.dump(2));
   rewrite_model(tied, [](const std::string& n, Matrix&, std::vector<std::uint64_t>&) { return n != "lm_head.weight"; });
-  const Matrix embed = molora::io::SafetensorsReader(copied + "/model.safetensors").matrix<float>("model.embed_tokens.weight");
+  const Matrix embed =
+      molora::io::SafetensorsReader(copied + "/model.safetensors").matrix<float>("model.embed_tokens.weight");
   rewrite_model(copied, [&](const std::string& n, Matrix& m, std::vector<std::uint64_t>&) {
     if (n == "lm_head.weight") m = embed;
     return true;
@@ -261,7 +263,8 @@ TEST_CASE("qwen2 bad folders are format errors naming the file and the tensor or
   }
   SUBCASE("untied model without lm_head.weight") {
     const std::string dir = copy_model(tmp, "f32", "no_head");
-    rewrite_model(dir, [](const std::string& n, Matrix&, std::vector<std::uint64_t>&) { return n != "lm_head.weight"; });
+    rewrite_model(dir,
+                  [](const std::string& n, Matrix&, std::vector<std::uint64_t>&) { return n != "lm_head.weight"; });
     contains(test_util::error_of([&] { qwen2::Model m(dir); }), "'lm_head.weight'");
   }
   SUBCASE("a shape that disagrees with the config") {
@@ -346,9 +349,9 @@ TEST_CASE("qwen2_molora command line: prints the greedy tokens last, rejects bad
   std::string prompt;
   for (std::size_t i = 0; i < ref.prompt.size(); ++i) prompt += (i ? "," : "") + std::to_string(ref.prompt[i]);
   std::ostringstream out, err;
-  const int rc = qwen2::cli::run({data_dir + "/f32", "--adapter", data_dir + "/adapter_f32", "--prompt", prompt,
-                                  "--max-new-tokens", "8"},
-                                 out, err);
+  const int rc = qwen2::cli::run(
+      {data_dir + "/f32", "--adapter", data_dir + "/adapter_f32", "--prompt", prompt, "--max-new-tokens", "8"}, out,
+      err);
   CAPTURE(err.str());
   REQUIRE(rc == 0);
   std::string text = out.str(), last;
@@ -362,8 +365,8 @@ TEST_CASE("qwen2_molora command line: prints the greedy tokens last, rejects bad
 
   // --lora-alpha overrides the adapter's alpha: a different model, other logits.
   std::ostringstream out2, err2;
-  CHECK(qwen2::cli::run({data_dir + "/f32", "--adapter", data_dir + "/adapter_f32", "--lora-alpha", "0.001",
-                         "--prompt", prompt, "--max-new-tokens", "8"},
+  CHECK(qwen2::cli::run({data_dir + "/f32", "--adapter", data_dir + "/adapter_f32", "--lora-alpha", "0.001", "--prompt",
+                         prompt, "--max-new-tokens", "8"},
                         out2, err2) == 0);
   std::string last2;
   std::istringstream lines2(out2.str());
