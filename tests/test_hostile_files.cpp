@@ -287,6 +287,39 @@ TEST_CASE("hostile values: zero and 2^64-1 dimensions, and an alpha whose scalin
                  {"adapter_config.json", "module 'layers.0.", "scaling expected a finite normal float"});
 }
 
+TEST_CASE("hostile PEFT target_modules: the regex is matched in linear time, bad patterns are format_errors") {
+  TempDir dir;
+  const std::string peft = dir.file("peft");
+  fs::create_directories(peft);
+  fs::copy_file(data_dir + "/peft_lora/adapter_model.safetensors", peft + "/adapter_model.safetensors");
+  const auto with_pattern = [&](const std::string& pattern_json) {
+    write_text(peft + "/adapter_config.json",
+               R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": )" + pattern_json + "}");
+  };
+  // std::regex let regex_error escape here; the message names the file, field and construct
+  with_pattern(R"("(?=layers).*")");
+  check_contains(error_of([&] { (void)molora::io::load_peft_lora<float>(peft); }),
+                 {"adapter_config.json: target_modules", "unsupported regex construct '(?='", "position 0"});
+  with_pattern(R"("layers\\.(0")");
+  check_contains(error_of([&] { (void)molora::io::load_peft_lora<float>(peft); }),
+                 {"adapter_config.json: target_modules", "malformed regex"});
+  CHECK_THROWS_AS((void)molora::io::PeftLoraConfig::from_file(peft + "/adapter_config.json"), molora::format_error);
+  // a pattern that matches both modules, and one that matches only one (full match, as PEFT)
+  with_pattern(R"("layers\\.\\d+\\.(proj|other)")");
+  CHECK(molora::io::load_peft_lora<float>(peft).modules.size() == 2);
+  with_pattern(R"("proj")");  // a string is a pattern, not a suffix: full match fails on both
+  check_contains(error_of([&] { (void)molora::io::load_peft_lora<float>(peft); }), {"not among the config's target_modules"});
+  // exponential for a backtracking engine: (a|aa)* over a 1000-character module path
+  const std::string m(1000, 'a');
+  write_bytes(peft + "/adapter_model.safetensors",
+              st_file("{" + entry("base_model.model." + m + ".lora_A.weight", 1, 1, 0) + "," +
+                      entry("base_model.model." + m + ".lora_B.weight", 1, 1, 4) + "}", 8));
+  write_text(peft + "/adapter_config.json", R"({"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": "(a|aa)*b"})");
+  check_contains(error_of([&] { (void)molora::io::load_peft_lora<float>(peft); }), {"not among the config's target_modules"});
+  write_text(peft + "/adapter_config.json", R"({"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": "(a|aa)*"})");
+  CHECK(molora::io::load_peft_lora<float>(peft).modules.count(m) == 1);
+}
+
 TEST_CASE("hostile save target: save_ming_moe onto a regular file is a format_error naming it") {
   TempDir dir;
   const std::string w = dir.file("w.safetensors");

@@ -14,7 +14,6 @@
 #include <limits>
 #include <map>
 #include <optional>
-#include <regex>
 #include <set>
 #include <string>
 #include <system_error>
@@ -167,10 +166,13 @@ PeftLoraAdapter<Scalar> load_peft_lora(const std::string& config_path, const std
     names.insert(module);
   }
   if (names.empty()) throw format_error(weights_path + ": expected LoRA tensors, got none");
+  std::optional<Regex> target_re;  // linear-time matcher: the pattern comes from the file
+  if (cfg.target_modules_is_regex)
+    target_re.emplace(cfg.target_modules_regex, Regex::kDefaultMaxPatternLength, config_path + ": target_modules");
   for (const auto& module : names) {
     bool targeted = false;
-    if (cfg.target_modules_is_regex) {
-      targeted = std::regex_match(module, std::regex(cfg.target_modules_regex));
+    if (target_re) {
+      targeted = target_re->full_match(module);
     } else {
       for (const auto& t : cfg.target_modules) targeted = targeted || module == t || detail::ends_with(module, "." + t);
     }

@@ -21,6 +21,7 @@
 #include "../errors.hpp"
 #include "../types.hpp"
 #include "input.hpp"
+#include "regex.hpp"
 
 namespace molora::io {
 
@@ -190,6 +191,9 @@ struct PeftLoraConfig {
     if (t.is_string()) {
       c.target_modules_is_regex = true;
       c.target_modules_regex = t.get<std::string>();
+      // PEFT full-matches the string as a Python regex; compiling it here rejects a malformed
+      // or unsupported pattern while the config's name is at hand.
+      static_cast<void>(Regex(c.target_modules_regex, Regex::kDefaultMaxPatternLength, source + ": target_modules"));
     } else if (t.is_array()) {
       for (const auto& e : t) {
         if (!e.is_string()) f.fail("target_modules", "a list of strings or one regex string", detail::JsonFields::describe(t));
