@@ -18,6 +18,7 @@
 #include "dispatch.hpp"
 #include "errors.hpp"
 #include "gating.hpp"
+#include "kernels/base_kernels.hpp"
 #include "kernels/dispatch_kernels.hpp"
 #include "lora.hpp"
 #include "random.hpp"
@@ -49,6 +50,22 @@ inline const char* to_string(Strategy s) {
     case Strategy::eigen: return "eigen";
     case Strategy::dense_shrink: return "dense_shrink";
     case Strategy::fused: return "fused";
+  }
+  return "?";
+}
+
+// How MoLoRALinear computes its base product x W0^T + b0 (same values up to rounding):
+//   eigen      Eigen's GEMV / GEMM
+//   skinny     kernels::skinny_product: each row of W0 streamed once for all the tokens
+//   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, eigen from there on
+//              (measured in docs/benchmarks.md; a constant, whatever the thread count)
+enum class BaseStrategy { automatic, eigen, skinny };
+
+inline const char* to_string(BaseStrategy s) {
+  switch (s) {
+    case BaseStrategy::automatic: return "automatic";
+    case BaseStrategy::eigen: return "eigen";
+    case BaseStrategy::skinny: return "skinny";
   }
   return "?";
 }
@@ -411,6 +428,14 @@ public:
   // The adapter's strategy (see Strategy).
   void set_strategy(Strategy s) { adapter_.set_strategy(s); }
   Strategy strategy() const { return adapter_.strategy(); }
+  // How the base product is computed (default automatic). For measurement and tests.
+  void set_base_strategy(BaseStrategy s) { base_strategy_ = s; }
+  BaseStrategy base_strategy() const { return base_strategy_; }
+  // The base strategy `automatic` resolves to for T tokens.
+  BaseStrategy resolved_base_strategy(Index num_tokens) const {
+    if (base_strategy_ != BaseStrategy::automatic) return base_strategy_;
+    return num_tokens < kernels::skinny_crossover<Scalar>() ? BaseStrategy::skinny : BaseStrategy::eigen;
+  }
 
   // Base weight [out, in] and bias [out] (empty map without a bias), owned or wrapped.
   BaseWeightMap base_weight() const {
@@ -518,6 +543,13 @@ private:
   }
 
   void base_into(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y) const {
+    if (resolved_base_strategy(x.rows()) == BaseStrategy::skinny) {
+      // W0 is [out, in] contiguous, owned or wrapped; bias_ptr() is null without a bias.
+      kernels::skinny_product(kernels::default_arch{}, base_weight().data(), in_features(), in_features(), x.data(),
+                              x.outerStride(), x.rows(), bias_ptr(), y.data(), y.outerStride(), Index(0),
+                              out_features());  // [T, out]
+      return;
+    }
     y.noalias() = x * base_weight().transpose();  // [T, out]
     if (has_base_bias()) y.rowwise() += base_bias();
   }
@@ -527,6 +559,7 @@ private:
   Vector<Scalar> owned_bias_;                    // [out] or empty
   const Scalar* wrapped_weight_ = nullptr;
   const Scalar* wrapped_bias_ = nullptr;
+  BaseStrategy base_strategy_ = BaseStrategy::automatic;
 };
 
 }  // namespace molora
