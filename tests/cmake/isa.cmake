@@ -11,7 +11,8 @@
 set(_molora_kernel_test_sources
   ${CMAKE_CURRENT_SOURCE_DIR}/test_kernels.cpp
   ${CMAKE_CURRENT_SOURCE_DIR}/test_strategies.cpp
-  ${CMAKE_CURRENT_SOURCE_DIR}/test_backward_kernels.cpp)
+  ${CMAKE_CURRENT_SOURCE_DIR}/test_backward_kernels.cpp
+  ${CMAKE_CURRENT_SOURCE_DIR}/test_base_kernels.cpp)
 
 function(molora_quiet_gcc_intrinsics target)
   if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
@@ -19,7 +20,7 @@ function(molora_quiet_gcc_intrinsics target)
   endif()
 endfunction()
 
-foreach(_t test_kernels test_strategies test_threads test_no_alloc)
+foreach(_t test_kernels test_strategies test_threads test_no_alloc test_base_kernels)
   if(TARGET ${_t})
     molora_quiet_gcc_intrinsics(${_t})
   endif()

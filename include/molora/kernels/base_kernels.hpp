@@ -33,6 +33,13 @@ constexpr Index skinny_crossover() noexcept {
 // with more tokens streams W0 once per group of this many.
 constexpr Index kSkinnyGroup = 32;
 
+// How far ahead in each row of W0 the kernel prefetches (into L1): with 4 rows streamed at
+// once the hardware prefetchers alone left T = 4-8 at 1.14-1.31x the time of a plain read
+// of W0 (cold, 4096 x 4096 f32); 4 KiB ahead brought them to 0.99-1.12x, 2 and 8 KiB
+// did no better (docs/benchmarks.md). Past the row's end it touches the next rows or
+// nothing: prefetches do not fault.
+constexpr Index kSkinnyPrefetch = 4096;
+
 // ---- scalar kernel ------------------------------------------------------------------------
 
 // y[t*ldy + o] = sum_i w[o*ldw + i] * x[t*ldx + i] (+ bias[o]) for t < T, o in [o0, o1).
@@ -88,6 +95,10 @@ inline void skinny_block(const Scalar* w, Index ldw, const Scalar* x, Index ldx,
     B xv[RT];
     MOLORA_UNROLL
     for (int t = 0; t < RT; ++t) xv[t] = B::load_unaligned(x + t * ldx + c);
+#if defined(__GNUC__)
+    MOLORA_UNROLL
+    for (int j = 0; j < RO; ++j) __builtin_prefetch(w + j * ldw + c + kSkinnyPrefetch / Index(sizeof(Scalar)), 0, 3);
+#endif
     MOLORA_UNROLL
     for (int j = 0; j < RO; ++j) {
       const B wv = B::load_unaligned(w + j * ldw + c);
