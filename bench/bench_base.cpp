@@ -267,7 +267,7 @@ void register_all() {
           ->MinTime(0.5)
           ->Unit(benchmark::kMillisecond);
   for (int cold : {1, 0})
-    for (Index T : {1, 2, 4, 8, 12, 16, 24, 32, 64}) {
+    for (Index T : {1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192}) {
       benchmark::RegisterBenchmark(("base_product/f32/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm")).c_str(),
                                    BM_base_product<float>)
           ->Args({4096, 4096, T, cold})

@@ -22,11 +22,14 @@
 namespace molora::kernels {
 
 // Tokens below which MoLoRALinear uses skinny_product for its base product, and Eigen's GEMM
-// from there on. Measured single-threaded at 4096 x 4096 (docs/benchmarks.md): a fixed
-// constant, so that the choice never depends on the thread count.
+// from there on: where Eigen catches up, single-threaded at 4096 x 4096 (skinny / Eigen
+// time 0.87-0.89 at T = 96, 0.97 at 128, 1.14 at 192 for float; 0.94-0.99, 0.94-0.98,
+// 1.12-1.14 for double; docs/benchmarks.md). A constant, so the choice never depends on
+// the thread count.
+// The same for float and double.
 template <class Scalar>
 constexpr Index skinny_crossover() noexcept {
-  return std::is_same_v<Scalar, float> ? 16 : 16;
+  return 128;
 }
 
 // Tokens whose partial sums one pass over a block of rows keeps (in a stack buffer); a call
