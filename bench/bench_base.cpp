@@ -5,7 +5,8 @@
 //                                   alternately in one loop; cold = 1 rotates over enough
 //                                   layer copies to leave the last-level cache, cold = 0
 //                                   uses one copy. Counter read_share = median over
-//                                   iterations of forward time / read time.
+//                                   iterations of forward time / read time. With the suffix
+//                                   /eigen_base: the same with BaseStrategy::eigen (before).
 //   base_product/S/in/out/T/cold    the base product alone, skinny_product against Eigen's
 //                                   GEMM (+ bias) alternately in one loop, S = f32 or f64.
 //                                   Counter skinny_over_eigen = median of skinny / eigen
@@ -165,6 +166,7 @@ Spans weight_spans(const molora::MoLoRALinear<float>& l, const Mat<float>& x) {
 void BM_whole_layer(benchmark::State& st) {
   const Index in = st.range(0), out = st.range(1), T = st.range(2);
   const bool cold = st.range(3) != 0;
+  const auto base = st.range(4) != 0 ? molora::BaseStrategy::eigen : molora::BaseStrategy::automatic;
   auto& layers = layers_for(in, out, cold);
   const std::size_t n = cold ? layers.size() / 2 * 2 : 1;
   Mat<float> x(T, in);
@@ -173,7 +175,7 @@ void BM_whole_layer(benchmark::State& st) {
   molora::MoLoRAWorkspace<float> ws;
   std::vector<Spans> spans;
   for (std::size_t i = 0; i < n; ++i) {
-    layers[i]->set_base_strategy(molora::BaseStrategy::automatic);
+    layers[i]->set_base_strategy(base);
     spans.push_back(weight_spans(*layers[i], x));
   }
   layers[0]->forward(x, y, ws);  // sizes the workspace
@@ -258,14 +260,19 @@ void BM_base_product(benchmark::State& st) {
 }
 
 void register_all() {
-  for (int cold : {1, 0})
-    for (Index T : {1, 2, 4, 8, 16, 32, 64})
-      benchmark::RegisterBenchmark(("whole_layer/f32/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm")).c_str(),
-                                   BM_whole_layer)
-          ->Args({4096, 4096, T, cold})
-          ->UseManualTime()
-          ->MinTime(0.5)
-          ->Unit(benchmark::kMillisecond);
+  for (int eigen_base : {0, 1})
+    for (int cold : {1, 0})
+      for (Index T : {1, 2, 4, 8, 16, 32, 64}) {
+        if (eigen_base && (!cold || T > 8)) continue;
+        benchmark::RegisterBenchmark(("whole_layer/f32/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm") +
+                                      (eigen_base ? "/eigen_base" : ""))
+                                         .c_str(),
+                                     BM_whole_layer)
+            ->Args({4096, 4096, T, cold, eigen_base})
+            ->UseManualTime()
+            ->MinTime(0.5)
+            ->Unit(benchmark::kMillisecond);
+      }
   for (int cold : {1, 0})
     for (Index T : {1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192}) {
       benchmark::RegisterBenchmark(("base_product/f32/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm")).c_str(),

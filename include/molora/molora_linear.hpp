@@ -545,9 +545,28 @@ private:
   void base_into(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y) const {
     if (resolved_base_strategy(x.rows()) == BaseStrategy::skinny) {
       // W0 is [out, in] contiguous, owned or wrapped; bias_ptr() is null without a bias.
-      kernels::skinny_product(kernels::default_arch{}, base_weight().data(), in_features(), in_features(), x.data(),
-                              x.outerStride(), x.rows(), bias_ptr(), y.data(), y.outerStride(), Index(0),
-                              out_features());  // [T, out]
+      const Scalar* w = base_weight().data();
+      const Scalar* b = bias_ptr();
+      const Scalar* xp = x.data();
+      Scalar* yp = y.data();
+      const Index in = in_features(), out = out_features(), T = x.rows(), ldx = x.outerStride(),
+                  ldy = y.outerStride();
+      auto rows = [&](Index o0, Index o1) {
+        kernels::skinny_product(kernels::default_arch{}, w, in, in, xp, ldx, T, b, yp, ldy, o0, o1);  // [T, out]
+      };
+#if defined(MOLORA_USE_OPENMP)
+      // One contiguous range of rows per thread (multiples of 4, the register block), as
+      // Eigen's GEMM used the threads before; the split changes no bit of y.
+      if (out >= 64 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel
+        {
+          const Index p = omp_get_thread_num(), P = omp_get_num_threads();
+          rows(out * p / P / 4 * 4, p + 1 == P ? out : out * (p + 1) / P / 4 * 4);
+        }
+        return;
+      }
+#endif
+      rows(0, out);
       return;
     }
     y.noalias() = x * base_weight().transpose();  // [T, out]

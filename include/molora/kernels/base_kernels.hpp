@@ -22,11 +22,10 @@
 namespace molora::kernels {
 
 // Tokens below which MoLoRALinear uses skinny_product for its base product, and Eigen's GEMM
-// from there on: where Eigen catches up, single-threaded at 4096 x 4096 (skinny / Eigen
-// time 0.87-0.89 at T = 96, 0.97 at 128, 1.14 at 192 for float; 0.94-0.99, 0.94-0.98,
-// 1.12-1.14 for double; docs/benchmarks.md). A constant, so the choice never depends on
-// the thread count.
-// The same for float and double.
+// from there on: where Eigen catches up, single-threaded at 4096 x 4096, weights cold or
+// warm (skinny / Eigen time at T = 96 / 128 / 192: 0.87-0.89 / 0.97-1.01 / 1.14-1.16 for
+// float, 0.93-0.99 / 0.94-0.98 / 1.11-1.14 for double; docs/benchmarks.md). The same for
+// both scalars, and a constant, so the choice never depends on the thread count.
 template <class Scalar>
 constexpr Index skinny_crossover() noexcept {
   return 128;
