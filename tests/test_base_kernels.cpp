@@ -202,14 +202,14 @@ TEST_CASE_TEMPLATE("base_kernels: MoLoRALinear with the skinny base equals the E
           INFO("in=", in, " out=", out, " T=", T, " bias=", bias);
           CHECK(double((ys - ye).cwiseAbs().maxCoeff()) <= tol * scale);
           CHECK(double((bs - be).cwiseAbs().maxCoeff()) <= tol * scale);
-          // automatic is one of the two, bit for bit, on the side of the crossover T is on.
-          CHECK(ya == (T < crossover ? ys : ye));
+          // automatic is one of the two, bit for bit: skinny from 2 tokens to the crossover.
+          CHECK(ya == (T >= 2 && T < crossover ? ys : ye));
         }
       }
     }
 }
 
-TEST_CASE("base_kernels: the base strategy resolves at the crossover, whatever was set") {
+TEST_CASE("base_kernels: automatic resolves to skinny for 2 tokens up to the crossover; a set strategy is kept") {
   molora::MoLoRAConfig cfg;
   cfg.in_features = 8;
   cfg.out_features = 8;
@@ -219,12 +219,14 @@ TEST_CASE("base_kernels: the base strategy resolves at the crossover, whatever w
   molora::MoLoRALinear<float> layer(cfg);
   CHECK(layer.base_strategy() == molora::BaseStrategy::automatic);
   const Index c = k::skinny_crossover<float>();
-  CHECK(layer.resolved_base_strategy(1) == molora::BaseStrategy::skinny);
+  CHECK(layer.resolved_base_strategy(1) == molora::BaseStrategy::eigen);  // Eigen's GEMV
+  CHECK(layer.resolved_base_strategy(2) == molora::BaseStrategy::skinny);
   CHECK(layer.resolved_base_strategy(c - 1) == molora::BaseStrategy::skinny);
   CHECK(layer.resolved_base_strategy(c) == molora::BaseStrategy::eigen);
   layer.set_base_strategy(molora::BaseStrategy::eigen);
   CHECK(layer.resolved_base_strategy(1) == molora::BaseStrategy::eigen);
   layer.set_base_strategy(molora::BaseStrategy::skinny);
+  CHECK(layer.resolved_base_strategy(1) == molora::BaseStrategy::skinny);
   CHECK(layer.resolved_base_strategy(10 * c) == molora::BaseStrategy::skinny);
   CHECK(std::string(molora::to_string(molora::BaseStrategy::skinny)) == "skinny");
 }

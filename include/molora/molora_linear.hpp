@@ -57,8 +57,9 @@ inline const char* to_string(Strategy s) {
 // How MoLoRALinear computes its base product x W0^T + b0 (same values up to rounding):
 //   eigen      Eigen's GEMV / GEMM
 //   skinny     kernels::skinny_product: each row of W0 streamed once for all the tokens
-//   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, eigen from there on
-//              (measured in docs/benchmarks.md; a constant, whatever the thread count)
+//   automatic  skinny from 2 tokens to below kernels::skinny_crossover<Scalar>(), eigen
+//              from there on and for one token, where Eigen's GEMV was 0-8 % faster
+//              (measured in docs/benchmarks.md; constants, whatever the thread count)
 enum class BaseStrategy { automatic, eigen, skinny };
 
 inline const char* to_string(BaseStrategy s) {
@@ -434,7 +435,8 @@ public:
   // The base strategy `automatic` resolves to for T tokens.
   BaseStrategy resolved_base_strategy(Index num_tokens) const {
     if (base_strategy_ != BaseStrategy::automatic) return base_strategy_;
-    return num_tokens < kernels::skinny_crossover<Scalar>() ? BaseStrategy::skinny : BaseStrategy::eigen;
+    return num_tokens >= 2 && num_tokens < kernels::skinny_crossover<Scalar>() ? BaseStrategy::skinny
+                                                                               : BaseStrategy::eigen;
   }
 
   // Base weight [out, in] and bias [out] (empty map without a bias), owned or wrapped.
