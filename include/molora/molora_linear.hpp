@@ -20,6 +20,7 @@
 #include "dispatch.hpp"
 #include "errors.hpp"
 #include "gating.hpp"
+#include "kernels/base_kernels.hpp"
 #include "kernels/dispatch_kernels.hpp"
 #include "lora.hpp"
 #include "random.hpp"
@@ -51,6 +52,23 @@ inline const char* to_string(Strategy s) {
     case Strategy::eigen: return "eigen";
     case Strategy::dense_shrink: return "dense_shrink";
     case Strategy::fused: return "fused";
+  }
+  return "?";
+}
+
+// How MoLoRALinear computes its base product x W0^T + b0 (same values up to rounding):
+//   eigen      Eigen's GEMV / GEMM
+//   skinny     kernels::skinny_product: each row of W0 streamed once for all the tokens
+//   automatic  skinny from 2 tokens to below kernels::skinny_crossover<Scalar>(), eigen
+//              from there on and for one token, where Eigen's GEMV was 0-8 % faster
+//              (measured in docs/benchmarks.md; constants, whatever the thread count)
+enum class BaseStrategy { automatic, eigen, skinny };
+
+inline const char* to_string(BaseStrategy s) {
+  switch (s) {
+    case BaseStrategy::automatic: return "automatic";
+    case BaseStrategy::eigen: return "eigen";
+    case BaseStrategy::skinny: return "skinny";
   }
   return "?";
 }
@@ -482,6 +500,15 @@ public:
   // The adapter's strategy (see Strategy).
   void set_strategy(Strategy s) { adapter_.set_strategy(s); }
   Strategy strategy() const { return adapter_.strategy(); }
+  // How the base product is computed (default automatic). For measurement and tests.
+  void set_base_strategy(BaseStrategy s) { base_strategy_ = s; }
+  BaseStrategy base_strategy() const { return base_strategy_; }
+  // The base strategy `automatic` resolves to for T tokens.
+  BaseStrategy resolved_base_strategy(Index num_tokens) const {
+    if (base_strategy_ != BaseStrategy::automatic) return base_strategy_;
+    return num_tokens >= 2 && num_tokens < kernels::skinny_crossover<Scalar>() ? BaseStrategy::skinny
+                                                                               : BaseStrategy::eigen;
+  }
 
   // Base weight [out, in] and bias [out] (empty map without a bias), owned or wrapped.
   // Both throw state_error on a moved-from layer.
@@ -620,6 +647,32 @@ private:
   }
 
   void base_into(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y) const {
+    if (resolved_base_strategy(x.rows()) == BaseStrategy::skinny) {
+      // W0 is [out, in] contiguous, owned or wrapped; bias_ptr() is null without a bias.
+      const Scalar* w = base_weight().data();
+      const Scalar* b = bias_ptr();
+      const Scalar* xp = x.data();
+      Scalar* yp = y.data();
+      const Index in = in_features(), out = out_features(), T = x.rows(), ldx = x.outerStride(),
+                  ldy = y.outerStride();
+      auto rows = [&](Index o0, Index o1) {
+        kernels::skinny_product(kernels::layer_arch{}, w, in, in, xp, ldx, T, b, yp, ldy, o0, o1);  // [T, out]
+      };
+#if defined(MOLORA_USE_OPENMP)
+      // One contiguous range of rows per thread (multiples of 4, the register block), as
+      // Eigen's GEMM used the threads before; the split changes no bit of y.
+      if (out >= 64 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel
+        {
+          const Index p = omp_get_thread_num(), P = omp_get_num_threads();
+          rows(out * p / P / 4 * 4, p + 1 == P ? out : out * (p + 1) / P / 4 * 4);
+        }
+        return;
+      }
+#endif
+      rows(0, out);
+      return;
+    }
     y.noalias() = x * base_weight().transpose();  // [T, out]
     if (has_base_bias()) y.rowwise() += base_bias();
   }
@@ -629,6 +682,7 @@ private:
   Vector<Scalar> owned_bias_;                    // [out] or empty
   const Scalar* wrapped_weight_ = nullptr;
   const Scalar* wrapped_bias_ = nullptr;
+  BaseStrategy base_strategy_ = BaseStrategy::automatic;
 };
 
 }  // namespace molora

@@ -18,6 +18,7 @@
 #include "../errors.hpp"
 #include "arch.hpp"
 #include "backward_kernels.hpp"
+#include "base_kernels.hpp"
 #include "dispatch_kernels.hpp"
 #include "lora_kernels.hpp"
 
@@ -49,7 +50,11 @@
     (const S* bt, Index ldb, S* dbt, Index lddb, Index r, Index out, const S* const* dy, const S* hs, Index ldh,  \
      Index n, S* u, Index ldu, S* spill),                                                                        \
     (bt, ldb, dbt, lddb, r, out, dy, hs, ldh, n, u, ldu, spill))                                                 \
-  X(grad_in, (const GradInTerm<S>* terms, Index num_terms, Index in, S* scratch), (terms, num_terms, in, scratch))
+  X(grad_in, (const GradInTerm<S>* terms, Index num_terms, Index in, S* scratch), (terms, num_terms, in, scratch)) \
+  X(skinny_product,                                                                                              \
+    (const S* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy, Index o0,   \
+     Index o1),                                                                                                  \
+    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1))
 
 #define MOLORA_DISPATCH_UNPAREN(...) __VA_ARGS__
 

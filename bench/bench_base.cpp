@@ -1,0 +1,302 @@
+// The base product at decode sizes (Google Benchmark, not run by ctest):
+//   whole_layer/f32/in/out/T/cold   MoLoRALinear<float>::forward (E = 8, k = 2, r = 16) and a
+//                                   plain read of the weights it must read (W0, the router,
+//                                   the A_e and B_e of the experts the routing uses), timed
+//                                   alternately in one loop; cold = 1 rotates over enough
+//                                   layer copies to leave the last-level cache, cold = 0
+//                                   uses one copy. Counter read_share = median over
+//                                   iterations of forward time / read time. With the suffix
+//                                   /eigen_base: the same with BaseStrategy::eigen (before).
+//   base_product/S/in/out/T/cold    the base product alone, skinny_product against Eigen's
+//                                   GEMM (+ bias) alternately in one loop, S = f32 or f64.
+//                                   Counter skinny_over_eigen = median of skinny / eigen
+//                                   time (below 1: skinny is faster), with read_share of each.
+// Times are CPU time of the process (other jobs on a shared machine do not count). Run:
+//   bench_base --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+// GCC 12 reports -Wmaybe-uninitialized inside Eigen's and xsimd's AVX-512 intrinsics
+// (_mm256_undefined_* in _mm512_extract*): false positives, silenced for this file.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <ctime>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <molora/molora.hpp>
+
+namespace {
+
+using molora::Index;
+template <class Scalar>
+using Mat = molora::RowMatrix<Scalar>;
+using Spans = std::vector<std::pair<const void*, Index>>;  // (data, bytes)
+
+// Bytes of all layer copies of a cold run: well past this machine's 480 MiB of L3.
+constexpr double kColdBytes = 720.0 * (1 << 20);
+
+double cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : (v[(v.size() - 1) / 2] + v[v.size() / 2]) / 2;
+}
+
+// Deterministic fill in [-scale, scale] (an LCG; setRandom is slow for 16 M entries).
+template <class Derived>
+void fill(Eigen::MatrixBase<Derived>& m, std::uint64_t seed, double scale) {
+  using S = typename Derived::Scalar;
+  std::uint64_t s = seed * 0x9E3779B97F4A7C15ULL + 1;
+  S* p = m.derived().data();
+  for (Index i = 0; i < m.size(); ++i) {
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    p[i] = static_cast<S>(scale * (double(static_cast<std::uint32_t>(s >> 40)) / 8388608.0 - 1.0));
+  }
+}
+
+// Reads every byte of the spans once as floats, 8 vectors in flight (what any kernel needs
+// just to bring that data in). Spans are whole floats (f32 and f64 data alike).
+float stream_spans(const Spans& spans) {
+#if defined(MOLORA_NO_XSIMD)
+  float s = 0;
+  for (const auto& [p, bytes] : spans)
+    for (Index i = 0; i < bytes / Index(sizeof(float)); ++i) s += static_cast<const float*>(p)[i];
+  return s;
+#else
+  using B = xsimd::batch<float, molora::kernels::default_arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  constexpr int U = 8;
+  B acc[U];
+  for (int u = 0; u < U; ++u) acc[u] = B(0.f);
+  float tail = 0;
+  for (const auto& [v, bytes] : spans) {
+    const float* p = static_cast<const float*>(v);
+    const Index n = bytes / Index(sizeof(float));
+    Index i = 0;
+    for (; i + U * W <= n; i += U * W) {
+      MOLORA_UNROLL
+      for (int u = 0; u < U; ++u) acc[u] += B::load_unaligned(p + i + u * W);
+    }
+    for (; i < n; ++i) tail += p[i];
+  }
+  B sum = acc[0];
+  for (int u = 1; u < U; ++u) sum += acc[u];
+  alignas(64) float lanes[W];
+  sum.store_aligned(lanes);
+  for (Index l = 0; l < W; ++l) tail += lanes[l];
+  return tail;
+#endif
+}
+
+std::unique_ptr<molora::MoLoRALinear<float>> make_layer(Index in, Index out) {
+  molora::MoLoRAConfig c;
+  c.in_features = in;
+  c.out_features = out;
+  c.num_experts = 8;
+  c.top_k = 2;
+  c.rank = 16;
+  auto l = std::make_unique<molora::MoLoRALinear<float>>(c);
+  Mat<float> w(out, in);
+  fill(w, 1, 0.02);
+  l->set_base_weight(w);
+  Mat<float> b(1, out);
+  fill(b, 2, 0.02);
+  l->set_base_bias(b);
+  auto& a = l->adapter();
+  auto wr = a.router().mutable_weight();
+  fill(wr, 3, 0.05);
+  auto A = a.mutable_stacked_A();
+  fill(A, 4, 0.02);
+  auto Bm = a.mutable_stacked_B();
+  fill(Bm, 5, 0.02);
+  return l;
+}
+
+// Layer copies for a cold (enough copies to exceed the LLC, at least 2) or a warm (one) run.
+// Kept between benchmarks of the same shape.
+std::vector<std::unique_ptr<molora::MoLoRALinear<float>>>& layers_for(Index in, Index out, bool cold) {
+  static std::vector<std::unique_ptr<molora::MoLoRALinear<float>>> cached;
+  static Index c_in = 0, c_out = 0;
+  const double bytes = double(in) * double(out) * sizeof(float);
+  const auto want = static_cast<std::size_t>(cold ? std::max(2.0, kColdBytes / bytes + 1) : 1);
+  if (c_in != in || c_out != out || cached.size() < want) {
+    cached.clear();
+    cached.push_back(make_layer(in, out));
+    for (std::size_t i = 1; i < want; ++i)
+      cached.push_back(std::make_unique<molora::MoLoRALinear<float>>(*cached.front()));
+    c_in = in;
+    c_out = out;
+  }
+  return cached;
+}
+
+// The weights forward must read at least once for x: W0, its bias, the router and the A_e,
+// B_e of every expert the routing uses.
+Spans weight_spans(const molora::MoLoRALinear<float>& l, const Mat<float>& x) {
+  const auto& a = l.adapter();
+  const Index in = l.in_features(), out = l.out_features(), r = a.rank();
+  Spans s{{l.base_weight().data(), in * out * Index(sizeof(float))},
+          {l.base_bias().data(), out * Index(sizeof(float))},
+          {a.router().weight().data(), a.num_experts() * in * Index(sizeof(float))}};
+  molora::MoLoRAWorkspace<float> ws;
+  const auto& routing = a.route_tokens(x, ws);
+  std::vector<char> used(static_cast<std::size_t>(a.num_experts()), 0);
+  for (Index t = 0; t < routing.num_tokens(); ++t)
+    for (Index k = 0; k < routing.top_k(); ++k) used[static_cast<std::size_t>(routing.ids(t, k))] = 1;
+  for (Index e = 0; e < a.num_experts(); ++e) {
+    if (!used[static_cast<std::size_t>(e)]) continue;
+    s.emplace_back(a.stacked_A().data() + e * r * in, r * in * Index(sizeof(float)));
+    s.emplace_back(a.stacked_B().data() + e * r * out, r * out * Index(sizeof(float)));
+  }
+  return s;
+}
+
+// whole_layer/f32/in/out/T/cold. With n copies, iteration i runs forward on copy 2i and
+// reads copy 2i + 1 (mod n, n even when cold): each copy comes back after all the others.
+void BM_whole_layer(benchmark::State& st) {
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  const bool cold = st.range(3) != 0;
+  const auto base = st.range(4) != 0 ? molora::BaseStrategy::eigen : molora::BaseStrategy::automatic;
+  auto& layers = layers_for(in, out, cold);
+  const std::size_t n = cold ? layers.size() / 2 * 2 : 1;
+  Mat<float> x(T, in);
+  fill(x, 7 + static_cast<std::uint64_t>(T), 1.0);
+  Mat<float> y(T, out);
+  molora::MoLoRAWorkspace<float> ws;
+  std::vector<Spans> spans;
+  for (std::size_t i = 0; i < n; ++i) {
+    layers[i]->set_base_strategy(base);
+    spans.push_back(weight_spans(*layers[i], x));
+  }
+  layers[0]->forward(x, y, ws);  // sizes the workspace
+  std::vector<double> share, fwd, rd;
+  float sink = 0;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    const std::size_t f = cold ? (2 * i) % n : 0, r = cold ? (2 * i + 1) % n : 0;
+    ++i;
+    const double t0 = cpu_seconds();
+    layers[f]->forward(x, y, ws);
+    benchmark::ClobberMemory();
+    const double t1 = cpu_seconds();
+    sink += stream_spans(spans[r]);
+    const double t2 = cpu_seconds();
+    st.SetIterationTime(t1 - t0);
+    share.push_back((t1 - t0) / (t2 - t1));
+    fwd.push_back(t1 - t0);
+    rd.push_back(t2 - t1);
+  }
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(y.data());
+  st.counters["read_share"] = median(share);
+  st.counters["forward_ms"] = median(fwd) * 1e3;
+  st.counters["read_ms"] = median(rd) * 1e3;
+}
+
+// base_product/S/in/out/T/cold: skinny_product and Eigen's GEMM + bias (what forward_base
+// does with BaseStrategy::eigen) on the same W0 copy in turns first, then a read of another
+// copy. Cold: W0 copies past the LLC, as in whole_layer.
+template <class Scalar>
+void BM_base_product(benchmark::State& st) {
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  const bool cold = st.range(3) != 0;
+  const double bytes = double(in) * double(out) * sizeof(Scalar);
+  // Three copies per iteration, stepping by 3: n prime to 3 visits every copy in turn.
+  std::size_t n = cold ? static_cast<std::size_t>(std::max(4.0, kColdBytes / bytes + 1)) : 1;
+  while (cold && n % 3 == 0) ++n;
+  std::vector<Mat<Scalar>> w(n, Mat<Scalar>(out, in));
+  for (auto& m : w) fill(m, 1, 0.02);
+  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> b(out);
+  fill(b, 2, 0.02);
+  Mat<Scalar> x(T, in), y(T, out);
+  fill(x, 3, 1.0);
+  std::vector<double> ratio, share_s, share_e;
+  float sink = 0;
+  std::size_t i = 0;
+  bool skinny_first = false;
+  for (auto _ : st) {
+    double ts = 0, te = 0;
+    for (int pass = 0; pass < 2; ++pass) {
+      const bool skinny = (pass == 0) == skinny_first;
+      // Each product gets its own copy, untouched since the others all passed.
+      const std::size_t c = cold ? (3 * i + std::size_t(pass)) % n : 0;
+      const double t0 = cpu_seconds();
+      if (skinny) {
+        molora::kernels::skinny_product(molora::kernels::default_arch{}, w[c].data(), in, in, x.data(), in, T,
+                                        b.data(), y.data(), out, Index(0), out);
+      } else {
+        y.noalias() = x * w[c].transpose();  // [T, out]
+        y.rowwise() += b;
+      }
+      benchmark::ClobberMemory();
+      (skinny ? ts : te) = cpu_seconds() - t0;
+    }
+    const std::size_t c = cold ? (3 * i + 2) % n : 0;
+    skinny_first = !skinny_first;
+    ++i;
+    const double t0 = cpu_seconds();
+    sink += stream_spans({{w[c].data(), in * out * Index(sizeof(Scalar))}});
+    const double tr = cpu_seconds() - t0;
+    st.SetIterationTime(ts);
+    ratio.push_back(ts / te);
+    share_s.push_back(ts / tr);
+    share_e.push_back(te / tr);
+  }
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(y.data());
+  st.counters["skinny_over_eigen"] = median(ratio);
+  st.counters["skinny_read_share"] = median(share_s);
+  st.counters["eigen_read_share"] = median(share_e);
+}
+
+void register_all() {
+  for (int eigen_base : {0, 1})
+    for (int cold : {1, 0})
+      for (Index T : {1, 2, 4, 8, 16, 32, 64}) {
+        if (eigen_base && (!cold || T > 8)) continue;
+        benchmark::RegisterBenchmark(("whole_layer/f32/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm") +
+                                      (eigen_base ? "/eigen_base" : ""))
+                                         .c_str(),
+                                     BM_whole_layer)
+            ->Args({4096, 4096, T, cold, eigen_base})
+            ->UseManualTime()
+            ->MinTime(0.5)
+            ->Unit(benchmark::kMillisecond);
+      }
+  for (int cold : {1, 0})
+    for (Index T : {1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192}) {
+      benchmark::RegisterBenchmark(("base_product/f32/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm")).c_str(),
+                                   BM_base_product<float>)
+          ->Args({4096, 4096, T, cold})
+          ->UseManualTime()
+          ->MinTime(0.3)
+          ->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark(("base_product/f64/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm")).c_str(),
+                                   BM_base_product<double>)
+          ->Args({4096, 4096, T, cold})
+          ->UseManualTime()
+          ->MinTime(0.3)
+          ->Unit(benchmark::kMillisecond);
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

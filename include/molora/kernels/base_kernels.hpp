@@ -1,0 +1,207 @@
+// The base layer's product for a few tokens: y = x W0^T + b0 with W0 [out, in] row-major.
+// At decode sizes this product is bound by reading W0 from memory, so the kernel streams
+// each row of W0 once for all tokens: register blocks of a few rows x up to 4 tokens, the
+// rows' chunk of `in` kept in L1 while every token passes over it. From
+// skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to Eigen's GEMM, which
+// reuses W0 from cache better (docs/benchmarks.md, "The base product for few tokens").
+// Written once for any xsimd Arch over raw pointers, with a scalar fallback; like the other
+// kernels it checks nothing and throws nothing.
+//
+// Bitwise reproducibility: y[t, o] depends only on row o of W0, row t of x and b0[o], never
+// on the other rows or tokens of the call, the row range or the token blocking: each vector
+// accumulator sums over `in` in the same order whatever the chunking (partial sums spill to
+// memory exactly), lanes are reduced in a fixed order, then the scalar tail, then the bias.
+// Splitting the rows between threads therefore changes no bit of the result.
+#pragma once
+
+#include <cstddef>
+#include <type_traits>
+
+#include "lora_kernels.hpp"
+
+namespace molora::kernels {
+
+// Tokens below which MoLoRALinear uses skinny_product for its base product, and Eigen's GEMM
+// from there on: where Eigen catches up, single-threaded at 4096 x 4096, weights cold or
+// warm (skinny / Eigen time at T = 96 / 128 / 192: 0.87-0.89 / 0.97-1.01 / 1.14-1.16 for
+// float, 0.93-0.99 / 0.94-0.98 / 1.11-1.14 for double; docs/benchmarks.md). The same for
+// both scalars, and a constant, so the choice never depends on the thread count. (For one
+// token MoLoRALinear keeps Eigen's GEMV, 0-8 % faster than this kernel.)
+template <class Scalar>
+constexpr Index skinny_crossover() noexcept {
+  return 128;
+}
+
+// Tokens whose partial sums one pass over a block of rows keeps (in a stack buffer); a call
+// with more tokens streams W0 once per group of this many.
+constexpr Index kSkinnyGroup = 32;
+
+// How far ahead in each row of W0 the kernel prefetches (into L1): with 4 rows streamed at
+// once the hardware prefetchers alone left T = 4-8 at 1.14-1.31x the time of a plain read
+// of W0 (cold, 4096 x 4096 f32); 4 KiB ahead brought them to 0.99-1.12x, 2 and 8 KiB
+// did no better (docs/benchmarks.md). Past the row's end it touches the next rows or
+// nothing: prefetches do not fault.
+constexpr Index kSkinnyPrefetch = 4096;
+
+// ---- scalar kernel ------------------------------------------------------------------------
+
+// y[t*ldy + o] = sum_i w[o*ldw + i] * x[t*ldx + i] (+ bias[o]) for t < T, o in [o0, o1).
+template <class Scalar>
+void skinny_product(scalar_arch, const Scalar* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
+                    const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
+  for (Index t = 0; t < T; ++t)
+    for (Index o = o0; o < o1; ++o) {
+      Scalar s = 0;
+      for (Index i = 0; i < in; ++i) s += w[o * ldw + i] * x[t * ldx + i];
+      if (bias) s += bias[o];
+      y[t * ldy + o] = s;
+    }
+}
+
+#if !defined(MOLORA_NO_XSIMD)
+
+namespace detail {
+
+// Rows of W0 per register block: 4 with 32 vector registers (4 rows x 4 tokens = 16
+// accumulators), 2 with 16 (8 accumulators, leaving room for the x and W0 vectors).
+template <class Arch>
+constexpr int skinny_rows() noexcept {
+  return vector_registers<Arch>() >= 32 ? 4 : 2;
+}
+
+// Elements of `in` per pass when more than 4 tokens share a block of rows: the rows' chunk
+// (RO * kc values, 8 KiB) stays in L1 while each block of 4 tokens passes over it.
+template <class Arch, class Scalar, int RO>
+constexpr Index skinny_chunk() noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  constexpr Index kc = Index(8192) / (RO * Index(sizeof(Scalar))) / W * W;
+  return kc < 4 * W ? 4 * W : kc;
+}
+
+// One register block: RO rows of W0 x RT tokens over columns [c0, c1). The first pass
+// starts from zero, later ones reload the vector partial sums from spill (token t, row j
+// at (t * RO + j) * W); the last reduces them, adds the scalar columns [in_vec, in) and the
+// bias, and writes y.
+template <int RO, int RT, class Arch, class Scalar>
+inline void skinny_block(const Scalar* w, Index ldw, const Scalar* x, Index ldx, Index c0, Index c1, Index in_vec,
+                         Index in, bool first, bool last, Scalar* spill, const Scalar* bias, Scalar* y,
+                         Index ldy) noexcept {
+  using B = xsimd::batch<Scalar, Arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  B acc[RO][RT];
+  MOLORA_UNROLL
+  for (int j = 0; j < RO; ++j) {
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) acc[j][t] = first ? B(Scalar(0)) : B::load_aligned(spill + (t * RO + j) * W);
+  }
+  for (Index c = c0; c < c1; c += W) {
+    B xv[RT];
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) xv[t] = B::load_unaligned(x + t * ldx + c);
+#if defined(__GNUC__)
+    MOLORA_UNROLL
+    for (int j = 0; j < RO; ++j) __builtin_prefetch(w + j * ldw + c + kSkinnyPrefetch / Index(sizeof(Scalar)), 0, 3);
+#endif
+    MOLORA_UNROLL
+    for (int j = 0; j < RO; ++j) {
+      const B wv = B::load_unaligned(w + j * ldw + c);
+      MOLORA_UNROLL
+      for (int t = 0; t < RT; ++t) acc[j][t] = xsimd::fma(wv, xv[t], acc[j][t]);
+    }
+  }
+  if (!last) {
+    MOLORA_UNROLL
+    for (int j = 0; j < RO; ++j) {
+      MOLORA_UNROLL
+      for (int t = 0; t < RT; ++t) acc[j][t].store_aligned(spill + (t * RO + j) * W);
+    }
+    return;
+  }
+  // Reduced through memory, once per dot product (see finish_dots).
+  alignas(64) Scalar lanes[W];
+  for (int j = 0; j < RO; ++j)
+    for (int t = 0; t < RT; ++t) {
+      acc[j][t].store_aligned(lanes);
+      Scalar s = 0;
+      for (Index l = 0; l < W; ++l) s += lanes[l];
+      for (Index c = in_vec; c < in; ++c) s += w[j * ldw + c] * x[t * ldx + c];
+      if (bias) s += bias[j];
+      y[t * ldy + j] = s;
+    }
+}
+
+// RO rows starting at w for n <= kSkinnyGroup tokens: one pass over `in` for up to 4
+// tokens (nothing to reuse), else passes of skinny_chunk columns, each over all token
+// blocks (4, then a tail of 1 to 3).
+template <int RO, class Arch, class Scalar>
+inline void skinny_rows_block(const Scalar* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
+                              const Scalar* bias, Scalar* y, Index ldy, Scalar* spill) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  const Index in_vec = in - in % W;
+  const Index kc = n <= 4 ? in_vec : skinny_chunk<Arch, Scalar, RO>();
+  for (Index c0 = 0;; c0 += kc) {
+    const Index c1 = c0 + kc < in_vec ? c0 + kc : in_vec;
+    const bool first = c0 == 0, last = c1 == in_vec;
+    Index t = 0;
+    for (; t + 4 <= n; t += 4)
+      skinny_block<RO, 4, Arch>(w, ldw, x + t * ldx, ldx, c0, c1, in_vec, in, first, last, spill + t * RO * W, bias,
+                                y + t * ldy, ldy);
+    switch (n - t) {
+      case 3:
+        skinny_block<RO, 3, Arch>(w, ldw, x + t * ldx, ldx, c0, c1, in_vec, in, first, last, spill + t * RO * W,
+                                  bias, y + t * ldy, ldy);
+        break;
+      case 2:
+        skinny_block<RO, 2, Arch>(w, ldw, x + t * ldx, ldx, c0, c1, in_vec, in, first, last, spill + t * RO * W,
+                                  bias, y + t * ldy, ldy);
+        break;
+      case 1:
+        skinny_block<RO, 1, Arch>(w, ldw, x + t * ldx, ldx, c0, c1, in_vec, in, first, last, spill + t * RO * W,
+                                  bias, y + t * ldy, ldy);
+        break;
+      default: break;
+    }
+    if (last) break;
+  }
+}
+
+}  // namespace detail
+
+// The base product for rows [o0, o1) of W0: y[t*ldy + o] = sum_i w[o*ldw + i] * x[t*ldx + i]
+// (+ bias[o] when bias is not null) for t < T. Requires: w rows of `in` values with stride
+// ldw, x T rows with stride ldx >= in, y T rows with stride ldy, 0 <= o0 <= o1; y aliases
+// neither w, x nor bias. Fast for T below skinny_crossover (each row of W0 read once from
+// memory per kSkinnyGroup tokens); correct for any T.
+template <class Arch, class Scalar>
+void skinny_product(Arch, const Scalar* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
+                    const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  constexpr int RO = detail::skinny_rows<Arch>();
+  alignas(64) Scalar spill[kSkinnyGroup * RO * W];
+  for (Index t0 = 0; t0 < T; t0 += kSkinnyGroup) {
+    const Index n = T - t0 < kSkinnyGroup ? T - t0 : kSkinnyGroup;
+    const Scalar* xt = x + t0 * ldx;
+    Scalar* yt = y + t0 * ldy;
+    Index o = o0;
+    for (; o + RO <= o1; o += RO)
+      detail::skinny_rows_block<RO, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy,
+                                          spill);
+    if constexpr (RO > 2) {
+      if (o + 2 <= o1) {
+        detail::skinny_rows_block<2, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy,
+                                           spill);
+        o += 2;
+      }
+    }
+    if (o < o1)
+      detail::skinny_rows_block<1, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy,
+                                         spill);
+  }
+}
+
+#endif  // !MOLORA_NO_XSIMD
+
+}  // namespace molora::kernels
+
+// The overloads for dispatched_arch (run-time ISA) sit next to the kernels they call.
+#include "dispatched.hpp"

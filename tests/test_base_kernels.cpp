@@ -1,0 +1,263 @@
+// The base product for few tokens (kernels/base_kernels.hpp) against a plain double loop:
+// in and out from 1 to 70 and a few large (4096 x 33), T from 1 to past the crossover and
+// past one token group, with and without bias, strided x and y; row ranges and token
+// batches that change no bit; the ISA this file is compiled for and the scalar kernel;
+// and MoLoRALinear's forward with the skinny base against the Eigen base. Also compiled for
+// each ISA by tests/cmake/isa.cmake.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <molora/kernels/base_kernels.hpp>
+
+#include "reference.hpp"
+
+namespace k = molora::kernels;
+using k::Index;
+
+namespace {
+
+template <class Scalar>
+std::vector<Scalar> random_vec(Index n, std::mt19937_64& gen) {
+  std::uniform_real_distribution<double> u(-1, 1);
+  std::vector<Scalar> v(static_cast<std::size_t>(n));
+  for (auto& e : v) e = static_cast<Scalar>(u(gen));
+  return v;
+}
+
+std::size_t at(Index i) { return static_cast<std::size_t>(i); }
+
+// A product y [T, out] = x [T, in] W^T [in, out] + bias, every buffer strided and padded.
+template <class Scalar>
+struct Problem {
+  Index in, out, T, ldw, ldx, ldy;
+  bool with_bias;
+  std::vector<Scalar> w, x, bias, y0;
+
+  Problem(Index in_, Index out_, Index T_, bool bias_, std::uint64_t seed)
+      : in(in_), out(out_), T(T_), ldw(in_ + 3), ldx(in_ + 5), ldy(out_ + 2), with_bias(bias_) {
+    std::mt19937_64 gen(seed);
+    w = random_vec<Scalar>(out * ldw, gen);
+    x = random_vec<Scalar>(T * ldx, gen);
+    bias = random_vec<Scalar>(out, gen);
+    y0 = random_vec<Scalar>(T * ldy, gen);  // the padding must come back unchanged
+  }
+  const Scalar* bias_ptr() const { return with_bias ? bias.data() : nullptr; }
+
+  // Runs the kernel over rows [o0, o1) of a copy of y0 (or of y when given).
+  template <class Arch>
+  void run(std::vector<Scalar>& y, Index o0, Index o1) const {
+    k::skinny_product(Arch{}, w.data(), ldw, in, x.data(), ldx, T, bias_ptr(), y.data(), ldy, o0, o1);
+  }
+  template <class Arch>
+  std::vector<Scalar> run() const {
+    std::vector<Scalar> y = y0;
+    run<Arch>(y, 0, out);
+    return y;
+  }
+
+  // Loop by loop in double; also the error bound: eps * sqrt(in + 1) * sum |terms|, times 8.
+  void reference(std::vector<double>& ref, std::vector<double>& tol) const {
+    const double eps = std::numeric_limits<Scalar>::epsilon();
+    ref.assign(y0.begin(), y0.end());
+    tol.assign(y0.size(), 0.0);
+    for (Index t = 0; t < T; ++t)
+      for (Index o = 0; o < out; ++o) {
+        double s = 0, mag = 0;
+        for (Index i = 0; i < in; ++i) {
+          const double p = double(w[at(o * ldw + i)]) * double(x[at(t * ldx + i)]);
+          s += p;
+          mag += std::abs(p);
+        }
+        if (with_bias) {
+          s += double(bias[at(o)]);
+          mag += std::abs(double(bias[at(o)]));
+        }
+        ref[at(t * ldy + o)] = s;
+        tol[at(t * ldy + o)] = 8 * eps * std::sqrt(double(in) + 1) * mag;
+      }
+  }
+};
+
+template <class Arch, class Scalar>
+void check_against_reference(const Problem<Scalar>& p) {
+  std::vector<double> ref, tol;
+  p.reference(ref, tol);
+  const std::vector<Scalar> y = p.template run<Arch>();
+  std::size_t bad = 0;
+  double worst = 0;
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    const double err = std::abs(double(y[i]) - ref[i]);
+    // Padding (tol 0) must be left exactly as it was.
+    if (err > tol[i]) ++bad;
+    worst = std::max(worst, err - tol[i]);
+  }
+  INFO(Arch::name(), " in=", p.in, " out=", p.out, " T=", p.T, " bias=", p.with_bias, " worst excess=", worst);
+  CHECK(bad == 0);
+}
+
+template <class Arch, class Scalar>
+void reference_suite() {
+  constexpr Index crossover = k::skinny_crossover<Scalar>();
+  std::mt19937_64 gen(11);
+  std::uint64_t seed = 100;
+  // Every in and out from 1 to 70 (T and bias vary with them), then every T up to past the
+  // crossover on odd sizes, then a few large ones and T past one token group.
+  for (Index in = 1; in <= 70; ++in) {
+    const Index out = 1 + Index(gen() % 70);
+    check_against_reference<Arch>(Problem<Scalar>(in, out, 1 + Index(gen() % (crossover + 2)), in % 2 == 0, ++seed));
+  }
+  for (Index out = 1; out <= 70; ++out) {
+    const Index in = 1 + Index(gen() % 70);
+    check_against_reference<Arch>(Problem<Scalar>(in, out, 1 + Index(gen() % (crossover + 2)), out % 2 == 1, ++seed));
+  }
+  for (Index T = 1; T <= crossover + 2; ++T)
+    for (const Index in : {1, 7, 16, 33, 67})
+      for (const bool bias : {false, true}) {
+        const Index out = 1 + Index(gen() % 13);
+        check_against_reference<Arch>(Problem<Scalar>(in, out, T, bias, ++seed));
+      }
+  for (const Index T : {Index(1), Index(2), Index(3), Index(4), Index(5), Index(8), Index(9), crossover - 1, crossover})
+    check_against_reference<Arch>(Problem<Scalar>(4096, 33, T, T % 2 == 1, ++seed));
+  check_against_reference<Arch>(Problem<Scalar>(1000, 7, 6, true, ++seed));  // several chunks of in
+  for (const Index T : {k::kSkinnyGroup, k::kSkinnyGroup + 1, 2 * k::kSkinnyGroup + 3})
+    check_against_reference<Arch>(Problem<Scalar>(45, 11, T, true, ++seed));
+}
+
+// Rows split into random ranges give the same bits as one call; so does each token alone.
+template <class Arch, class Scalar>
+void split_suite() {
+  std::mt19937_64 gen(23);
+  std::uint64_t seed = 500;
+  for (const Index in : {1, 5, 16, 37, 300, 1030})
+    for (const Index T : {1, 3, 4, 6, 9, 17})
+      for (const Index out : {1, 6, 13, 29}) {
+        const Problem<Scalar> p(in, out, T, (in + T) % 2 == 0, ++seed);
+        const std::vector<Scalar> whole = p.template run<Arch>();
+        std::vector<Scalar> parts = p.y0;
+        for (Index o0 = 0; o0 < out;) {
+          const Index o1 = std::min(out, o0 + 1 + Index(gen() % 7));
+          p.template run<Arch>(parts, o0, o1);
+          o0 = o1;
+        }
+        std::vector<Scalar> singles = p.y0;
+        for (Index t = 0; t < T; ++t)
+          k::skinny_product(Arch{}, p.w.data(), p.ldw, in, p.x.data() + t * p.ldx, p.ldx, 1, p.bias_ptr(),
+                            singles.data() + t * p.ldy, p.ldy, 0, out);
+        INFO(Arch::name(), " in=", in, " out=", out, " T=", T);
+        CHECK(parts == whole);
+        CHECK(singles == whole);
+      }
+  // An empty range writes nothing.
+  const Problem<Scalar> p(8, 8, 2, true, ++seed);
+  std::vector<Scalar> y = p.y0;
+  p.template run<Arch>(y, 3, 3);
+  CHECK(y == p.y0);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("base_kernels: skinny_product matches the double reference", Scalar, float, double) {
+  // layer_arch: through the run-time table when the test links molora::kernels (ctest runs
+  // it once per ISA, forced by MOLORA_ISA), else the ISA this file is compiled for.
+  SUBCASE("the ISA running") {
+    MESSAGE("kernel ISA: ", k::active_isa());
+    if (const char* isa = std::getenv("MOLORA_ISA"); isa && *isa) CHECK(k::active_isa() == isa);
+    reference_suite<k::layer_arch, Scalar>();
+  }
+  SUBCASE("scalar") { reference_suite<k::scalar_arch, Scalar>(); }
+}
+
+TEST_CASE_TEMPLATE("base_kernels: row ranges and token batches change no bit", Scalar, float, double) {
+  SUBCASE("the ISA running") { split_suite<k::layer_arch, Scalar>(); }
+  SUBCASE("scalar") { split_suite<k::scalar_arch, Scalar>(); }
+}
+
+TEST_CASE_TEMPLATE("base_kernels: MoLoRALinear with the skinny base equals the Eigen base", Scalar, float, double) {
+  constexpr Index crossover = k::skinny_crossover<Scalar>();
+  const double tol = std::is_same_v<Scalar, float> ? 1e-4 : 1e-11;
+  for (const Index in : {1, 19, 64, 133})
+    for (const Index out : {1, 9, 70}) {
+      molora::MoLoRAConfig cfg;
+      cfg.in_features = in;
+      cfg.out_features = out;
+      cfg.num_experts = 4;
+      cfg.top_k = 2;
+      cfg.rank = 3;
+      for (const bool bias : {false, true}) {
+        auto layer = ref::random_layer<Scalar>(cfg, std::uint64_t(in * 100 + out), bias);
+        for (Index T = 1; T <= crossover + 2; ++T) {
+          const auto x = ref::random_x<Scalar>(T, in, std::uint64_t(T));
+          molora::RowMatrix<Scalar> ye(T, out), ys(T, out), ya(T, out), be(T, out), bs(T, out);
+          molora::MoLoRAWorkspace<Scalar> ws;
+          layer.set_base_strategy(molora::BaseStrategy::eigen);
+          layer.forward(x, ye, ws);
+          layer.forward_base(x, be);
+          layer.set_base_strategy(molora::BaseStrategy::skinny);
+          layer.forward(x, ys, ws);
+          layer.forward_base(x, bs);
+          layer.set_base_strategy(molora::BaseStrategy::automatic);
+          layer.forward(x, ya, ws);
+          const double scale = std::max<double>(1.0, double(ye.cwiseAbs().maxCoeff()));
+          INFO("in=", in, " out=", out, " T=", T, " bias=", bias);
+          CHECK(double((ys - ye).cwiseAbs().maxCoeff()) <= tol * scale);
+          CHECK(double((bs - be).cwiseAbs().maxCoeff()) <= tol * scale);
+          // automatic is one of the two, bit for bit: skinny from 2 tokens to the crossover.
+          CHECK(ya == (T >= 2 && T < crossover ? ys : ye));
+        }
+      }
+    }
+}
+
+TEST_CASE("base_kernels: automatic resolves to skinny for 2 tokens up to the crossover; a set strategy is kept") {
+  molora::MoLoRAConfig cfg;
+  cfg.in_features = 8;
+  cfg.out_features = 8;
+  cfg.num_experts = 2;
+  cfg.top_k = 1;
+  cfg.rank = 2;
+  molora::MoLoRALinear<float> layer(cfg);
+  CHECK(layer.base_strategy() == molora::BaseStrategy::automatic);
+  const Index c = k::skinny_crossover<float>();
+  CHECK(layer.resolved_base_strategy(1) == molora::BaseStrategy::eigen);  // Eigen's GEMV
+  CHECK(layer.resolved_base_strategy(2) == molora::BaseStrategy::skinny);
+  CHECK(layer.resolved_base_strategy(c - 1) == molora::BaseStrategy::skinny);
+  CHECK(layer.resolved_base_strategy(c) == molora::BaseStrategy::eigen);
+  layer.set_base_strategy(molora::BaseStrategy::eigen);
+  CHECK(layer.resolved_base_strategy(1) == molora::BaseStrategy::eigen);
+  layer.set_base_strategy(molora::BaseStrategy::skinny);
+  CHECK(layer.resolved_base_strategy(1) == molora::BaseStrategy::skinny);
+  CHECK(layer.resolved_base_strategy(10 * c) == molora::BaseStrategy::skinny);
+  CHECK(std::string(molora::to_string(molora::BaseStrategy::skinny)) == "skinny");
+}
+
+TEST_CASE("base_kernels: a wrapped base weight and x sharing y's memory") {
+  molora::MoLoRAConfig cfg;
+  cfg.in_features = 21;
+  cfg.out_features = 21;
+  cfg.num_experts = 3;
+  cfg.top_k = 2;
+  cfg.rank = 4;
+  auto owned = ref::random_layer<double>(cfg, 7);
+  const molora::RowMatrix<double> w = owned.base_weight();
+  const molora::Vector<double> b = owned.base_bias().transpose();
+  auto wrapped = owned;
+  wrapped.wrap_base_weight(molora::MoLoRALinear<double>::BaseWeightMap(w.data(), 21, 21));
+  wrapped.wrap_base_bias(Eigen::Map<const molora::Vector<double>>(b.data(), 21));
+  for (const Index T : {1, 5}) {
+    const auto x = ref::random_x<double>(T, 21, 3);
+    molora::RowMatrix<double> ye(T, 21), ys = x;  // ys: x and y in one buffer
+    owned.set_base_strategy(molora::BaseStrategy::eigen);
+    owned.forward(x, ye);
+    wrapped.set_base_strategy(molora::BaseStrategy::skinny);
+    wrapped.forward(ys, ys);
+    CHECK(double((ys - ye).cwiseAbs().maxCoeff()) <= 1e-12);
+  }
+}
