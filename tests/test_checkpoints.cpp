@@ -7,6 +7,7 @@
 #include <molora/io/checkpoint.hpp>
 
 #include <filesystem>
+#include <regex>
 
 #include "reference.hpp"
 #include "test_util.hpp"
