@@ -1,5 +1,5 @@
-// molora's forward benchmarks (Google Benchmark). Every number the performance targets of
-// issue 3 need comes out of this one binary in one run:
+// molora's forward benchmarks (Google Benchmark). Every number the layer-level performance
+// targets need comes out of this one binary in one run:
 //   peak_fma                      this core's FMA peak (an FMA-chain kernel, same ISA flags)
 //   read_bandwidth/KiB            one core's read bandwidth from L2 (1 MiB) and memory (64 MiB)
 //   peak_share/in/out/T           fused experts' GFLOP/s over the FMA peak, both timed in one loop
@@ -205,7 +205,7 @@ void BM_read_bandwidth(benchmark::State& st) {
 }
 BENCHMARK(BM_read_bandwidth)->Arg(1024)->Arg(65536)->MinTime(0.2)->Repetitions(3);
 
-// ---- one expert, data in cache (DESIGN.md's one-expert measurement) ------------------------
+// ---- one expert, data in cache (the one-expert measurement) ---------------------------------
 
 // kernel/<what>/n: what = 0 shrink, 1 expand, 2 fused, 3 Eigen's two GEMMs; in = out = 4096,
 // r = 16, n tokens of one expert.

@@ -1,4 +1,4 @@
-// Backward passes against central finite differences in double (STYLE.md 9), for dL/dx and
+// Backward passes against central finite differences in double, for dL/dx and
 // every parameter, in every gating mode, with dropout and jitter, on random shapes including
 // 1 and odd sizes. Inputs are resampled until no top-k set is within reach of a flip, and
 // every perturbed evaluation checks that the selected experts did not change.

@@ -1,5 +1,5 @@
 // The fused backward kernels (kernels/backward_kernels.hpp) against loop-by-loop references
-// in double (STYLE.md 10): ranks 1, 3, 17 and 64, `in` and `out` odd and not multiples of
+// in double: ranks 1, 3, 17 and 64, `in` and `out` odd and not multiples of
 // the SIMD width, from below one vector to several chunks, tiles of 1 to 9 tokens gathered
 // from scattered rows, strides wider than the rows, gradients that already hold values, and
 // every grad_in variant (with and without dx, with and without a mask, with and without an

@@ -1,5 +1,5 @@
 // Helpers shared by the tests (next to reference.hpp, which holds the loop-by-loop
-// references): random fills, central finite differences for the gradient checks (STYLE.md 9),
+// references): random fills, central finite differences for the gradient checks,
 // scratch directories and files that clean up after themselves, and the message of an
 // expected molora::format_error.
 #pragma once

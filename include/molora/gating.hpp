@@ -1,5 +1,5 @@
 // Gating: router logits -> Routing {expert ids [T, k], gate weights [T, k]}.
-// One routine covers every mode as options (DESIGN.md, "What a MoLoRA layer computes"):
+// One routine covers every mode as options (the maths is in README.md, "Conventions"):
 // softmax; top-k with ties to the lower expert index, or k distinct experts sampled from the
 // softmax; weights renormalised over the k (MING-MOE, MixLoRA, Mixtral) or the plain
 // masked probabilities (Switch, Zadouri). k == E is the dense soft mixture. Routing supplied

@@ -1,4 +1,4 @@
-// The fused MoLoRA expert kernels (DESIGN.md, "Performance model"): for a tile of tokens
+// The fused MoLoRA expert kernels (docs/design-notes.md, "Performance model"): for a tile of tokens
 // routed to one expert, shrink h = A_e x into a small L1 tile, then expand
 // y[tok] += (s * g) * B_e h straight into each token's output row. Written once for any
 // xsimd Arch over raw pointers and sizes, with scalar tails, any rank and any in/out;
