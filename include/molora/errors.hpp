@@ -120,6 +120,7 @@ public:
                                        "(by another thread, or by a re-entrant call); use one per thread"));
 #else
     (void)workspace;
+    (void)flag_;  // clang: -Wunused-private-field with the check off
 #endif
   }
   ~WorkspaceGuard() {
