@@ -73,6 +73,19 @@ void rewrite_model(const std::string& dir, Edit&& edit) {
   molora::io::save_safetensors(dir + "/model.safetensors", std::move(out));
 }
 
+// Prefill the reference prompt, decode 8 tokens greedily, and compare logits (within 1e-4
+// of the largest |logit|) and tokens with the reference's entry `key`.
+qwen2::Generation generate_and_compare(qwen2::Model& model, const Reference& ref, const std::string& key) {
+  qwen2::Generation g = qwen2::generate(model, ref.prompt, 8);
+  const double e_prompt = rel_error(g.prompt_logits, ref.prompt_logits(key));
+  const double e_steps = rel_error(g.step_logits, ref.step_logits(key));
+  MESSAGE(key << ": max |logit error| / max |logit|: prompt " << e_prompt << ", decode " << e_steps);
+  CHECK(e_prompt < 1e-4);
+  CHECK(e_steps < 1e-4);
+  CHECK(g.tokens == ref.tokens(key));
+  return g;
+}
+
 }  // namespace
 
 TEST_CASE("qwen2 with MING-MOE adapters: logits, greedy tokens and expert load equal transformers'") {
@@ -83,13 +96,7 @@ TEST_CASE("qwen2 with MING-MOE adapters: logits, greedy tokens and expert load e
     CHECK(model.adapted());
     CHECK_FALSE(model.config().tie_word_embeddings);
     const std::string key = std::string(variant) + ".adapter";
-    const qwen2::Generation g = qwen2::generate(model, ref.prompt, 8);
-    const double e_prompt = rel_error(g.prompt_logits, ref.prompt_logits(key));
-    const double e_steps = rel_error(g.step_logits, ref.step_logits(key));
-    MESSAGE(key << ": max |logit error| / max |logit|: prompt " << e_prompt << ", decode " << e_steps);
-    CHECK(e_prompt < 1e-4);
-    CHECK(e_steps < 1e-4);
-    CHECK(g.tokens == ref.tokens(key));
+    const qwen2::Generation g = generate_and_compare(model, ref, key);
 
     // Tokens per expert over the prompt and the 7 decode steps, per layer and projection.
     const std::vector<int> load = read_ids(ref.r, key + ".expert_load");  // [layers, 3, E]
@@ -109,13 +116,7 @@ TEST_CASE("qwen2 without an adapter equals transformers' plain model") {
     qwen2::Model model(data_dir + "/" + variant);
     CHECK_FALSE(model.adapted());
     const std::string key = std::string(variant) + ".plain";
-    const qwen2::Generation g = qwen2::generate(model, ref.prompt, 8);
-    const double e_prompt = rel_error(g.prompt_logits, ref.prompt_logits(key));
-    const double e_steps = rel_error(g.step_logits, ref.step_logits(key));
-    MESSAGE(key << ": max |logit error| / max |logit|: prompt " << e_prompt << ", decode " << e_steps);
-    CHECK(e_prompt < 1e-4);
-    CHECK(e_steps < 1e-4);
-    CHECK(g.tokens == ref.tokens(key));
+    const qwen2::Generation g = generate_and_compare(model, ref, key);
     // The adapter changes the logits (so the test above sees it).
     CHECK(rel_error(ref.prompt_logits(std::string(variant) + ".adapter"), g.prompt_logits) > 1e-2);
   }
