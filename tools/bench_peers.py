@@ -4,6 +4,7 @@
     python tools/bench_peers.py [--threads 1,2] [--tokens 1,4,16,64,256,1024]
                                 [--shapes 4096x4096,4096x11008,11008x4096]
                                 [--budget 1.5] [--json out.json]
+                                [--molora BUILD_DIR/python] [--peers base,ming,peft,molora]
 
 For every thread count, shape (in x out) and token count T it times, in one process and
 interleaved rep by rep (so that machine noise hits all three alike):
@@ -15,6 +16,15 @@ All under torch.no_grad(), float32, input shaped [1, T, in] like a decoder call.
 weight is random and non-zero.  Reps are chosen adaptively: at least --min-reps, at most
 --max-reps, stopping when a (T, shape) cell has used --budget seconds.  Reported: median
 wall time per call (ms) and the ratios median(adapted)/median(base).
+
+With --molora DIR (the folder holding the molora_py module: cmake -DMOLORA_PYTHON=ON
+-DMOLORA_OPENMP=ON, see docs/peers.md) a fourth variant runs in the same loop:
+  molora - molora's MoLoRALinear<float> over the same arrays (base weight wrapped in place,
+           router and experts copied from the MING layer), x and y numpy views of torch
+           tensors, the GIL released during the call
+and every cell first checks that molora's output equals the MING layer's within 1e-5 of
+the output's largest magnitude (the script stops otherwise). Both OpenMP runtimes (torch's
+and molora's) are told OMP_WAIT_POLICY=passive so they do not spin against each other.
 """
 
 from __future__ import annotations
@@ -28,8 +38,11 @@ import subprocess
 import sys
 import time
 
-import torch
-import torch.nn as nn
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch or molora_py load OpenMP
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ming_moe_reference import MingMoLoRALinear  # noqa: E402
@@ -84,6 +97,38 @@ def build(in_f: int, out_f: int, E: int, k: int, r: int, alpha: float, seed: int
     return base, ming, lora_layer
 
 
+def molora_layer(mod, ming, base, in_f: int, out_f: int, E: int, k: int, r: int, alpha: float):
+    """molora's layer holding the MING layer's weights (base wrapped in place, no copy)."""
+    layer = mod.MoLoRALinear(in_f, out_f, num_experts=E, top_k=k, rank=r, lora_alpha=alpha, router_bias=True)
+    layer.wrap_base_weight(base.weight.detach().numpy())
+    layer.set_router(ming.switch.weight.detach().numpy(), ming.switch.bias.detach().numpy())
+    for i in range(E):
+        layer.set_expert(i, ming.A(i).weight.detach().numpy(), ming.B(i).weight.detach().numpy())
+    return layer
+
+
+def molora_call(layer, out_f: int):
+    """A callable like an nn.Module's: y = layer(x) into a buffer kept per token count."""
+    bufs = {}
+
+    def call(x: torch.Tensor):
+        key = tuple(x.shape)
+        if key not in bufs:
+            bufs[key] = np.empty(key[:-1] + (out_f,), dtype=np.float32)
+        return layer.forward(x.numpy(), out=bufs[key])
+    return call
+
+
+def check_same(ming, call, x: torch.Tensor) -> float:
+    """max |molora - MING| / max |MING| on x; raises if above 1e-5."""
+    want = ming(x).numpy()
+    got = call(x)
+    err = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+    if not err <= 1e-5:
+        raise SystemExit(f"molora and MING-MOE differ: max error {err:.3g} of the output's max (limit 1e-5)")
+    return err
+
+
 def time_cell(fns: dict, x: torch.Tensor, budget: float, min_reps: int, max_reps: int):
     for fn in fns.values():  # warm-up
         fn(x)
@@ -114,7 +159,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-reps", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None, help="also write the tables as markdown here")
+    ap.add_argument("--molora", default=None, help="folder holding the molora_py module (adds the molora variant)")
+    ap.add_argument("--peers", default="base,ming,peft,molora", help="variants to time (molora needs --molora)")
     args = ap.parse_args(argv)
+    peers = [p for p in args.peers.split(",") if p]
+    mod = None
+    if args.molora and "molora" in peers:
+        sys.path.insert(0, os.path.abspath(args.molora))
+        import molora_py as mod  # noqa: E402
+    else:
+        peers = [p for p in peers if p != "molora"]
 
     threads = [int(t) for t in args.threads.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -127,7 +181,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "peft": peft.__version__,
         "cpu": cpu_model(), "nproc": os.cpu_count(),
         "E": args.experts, "k": args.topk, "r": args.rank, "alpha": args.alpha,
-        "loadavg_start": loadavg(),
+        "loadavg_start": loadavg(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "molora_isa": mod.active_isa() if mod else None, "peers": peers,
     }
     print(f"# {meta['date']}  torch {meta['torch']}  peft {meta['peft']}  cpu {meta['cpu']}")
     rows = []
@@ -135,23 +190,36 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for in_f, out_f in shapes:
             base, ming, lora_layer = build(in_f, out_f, args.experts, args.topk, args.rank, args.alpha, 1234)
-            fns = {"base": base, "ming": ming, "peft": lora_layer}
+            every = {"base": base, "ming": ming, "peft": lora_layer}
+            if mod:
+                every["molora"] = molora_call(
+                    molora_layer(mod, ming, base, in_f, out_f, args.experts, args.topk, args.rank, args.alpha), out_f)
+            fns = {n: every[n] for n in peers}
             for nt in threads:
                 torch.set_num_threads(nt)
+                if mod:
+                    mod.set_num_threads(nt)
                 print(f"\n## {in_f} -> {out_f}, threads={nt}")
-                print(f"{'T':>6} {'base ms':>10} {'ming ms':>10} {'peft ms':>10} {'ming/base':>10} {'peft/base':>10} {'reps':>5} {'load':>5}")
+                print(f"{'T':>6} " + " ".join(f"{n + ' ms':>10}" for n in peers)
+                      + (f" {'ming/molora':>11} {'err':>8}" if mod else "") + f" {'reps':>5} {'load':>5}")
                 for T in tokens:
                     x = torch.randn(1, T, in_f)
+                    err = check_same(ming, every["molora"], x) if mod else None
                     med, reps = time_cell(fns, x, args.budget, args.min_reps, args.max_reps)
-                    row = {"threads": nt, "in": in_f, "out": out_f, "T": T, "reps": reps,
-                           "base_ms": med["base"] * 1e3, "ming_ms": med["ming"] * 1e3, "peft_ms": med["peft"] * 1e3,
-                           "ratio_ming": med["ming"] / med["base"], "ratio_peft": med["peft"] / med["base"],
-                           "loadavg": loadavg()}
+                    row = {"threads": nt, "in": in_f, "out": out_f, "T": T, "reps": reps, "loadavg": loadavg()}
+                    for n in peers:
+                        row[n + "_ms"] = med[n] * 1e3
+                    for n in ("ming", "peft", "molora"):
+                        if n in med and "base" in med:
+                            row["ratio_" + n] = med[n] / med["base"]
+                    if mod and "ming" in med:
+                        row["ming_over_molora"] = med["ming"] / med["molora"]
+                        row["max_err"] = err
                     rows.append(row)
-                    print(f"{T:>6} {row['base_ms']:>10.3f} {row['ming_ms']:>10.3f} {row['peft_ms']:>10.3f} "
-                          f"{row['ratio_ming']:>10.3f} {row['ratio_peft']:>10.3f} {reps:>5} {row['loadavg']:>5.2f}",
-                          flush=True)
-            del base, ming, lora_layer, fns
+                    print(f"{T:>6} " + " ".join(f"{row[n + '_ms']:>10.3f}" for n in peers)
+                          + (f" {row.get('ming_over_molora', float('nan')):>11.3f} {err:>8.1e}" if mod else "")
+                          + f" {reps:>5} {row['loadavg']:>5.2f}", flush=True)
+            del base, ming, lora_layer, fns, every
     meta["loadavg_end"] = loadavg()
     if args.json:
         with open(args.json, "w") as f:
@@ -165,18 +233,25 @@ def main(argv=None) -> int:
 
 
 def markdown_tables(rows) -> str:
-    """One table per (shape, threads): median ms and adapted/base ratios per T."""
+    """One table per (shape, threads): median ms per variant, ratios, per T."""
     out = []
     keys = sorted({(r["in"], r["out"], r["threads"]) for r in rows}, key=lambda k: (k[2], k[0], k[1]))
+    names = {"base": "base", "ming": "MING-MOE", "peft": "PEFT LoRA", "molora": "molora"}
     for in_f, out_f, nt in keys:
+        cell = [r for r in rows if (r["in"], r["out"], r["threads"]) == (in_f, out_f, nt)]
+        ms = [n for n in names if n + "_ms" in cell[0]]
+        ratios = [n for n in ("ming", "peft", "molora") if "ratio_" + n in cell[0]]
+        extra = ["ming_over_molora", "max_err"] if "ming_over_molora" in cell[0] else []
         out.append(f"\n### {in_f} -> {out_f}, {nt} thread{'s' if nt > 1 else ''}\n")
-        out.append("| T | base ms | MING-MOE ms | PEFT LoRA ms | MING/base | PEFT/base | reps | load avg |")
-        out.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for r in rows:
-            if (r["in"], r["out"], r["threads"]) != (in_f, out_f, nt):
-                continue
-            out.append(f"| {r['T']} | {r['base_ms']:.3f} | {r['ming_ms']:.3f} | {r['peft_ms']:.3f} | "
-                       f"{r['ratio_ming']:.3f} | {r['ratio_peft']:.3f} | {r['reps']} | {r['loadavg']:.2f} |")
+        head = (["T"] + [names[n] + " ms" for n in ms] + [names[n] + "/base" for n in ratios]
+                + (["MING/molora", "max err"] if extra else []) + ["reps", "load avg"])
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + " ---: |" * len(head))
+        for r in cell:
+            vals = ([str(r["T"])] + [f"{r[n + '_ms']:.3f}" for n in ms] + [f"{r['ratio_' + n]:.3f}" for n in ratios]
+                    + ([f"{r['ming_over_molora']:.2f}", f"{r['max_err']:.1e}"] if extra else [])
+                    + [str(r["reps"]), f"{r['loadavg']:.2f}"])
+            out.append("| " + " | ".join(vals) + " |")
     return "\n".join(out) + "\n"
 
 
