@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -158,7 +159,7 @@ inline std::uint16_t double_to_bf16(double d) { return float_to_bf16(double_to_f
 
 // ==== end of the f16 / bf16 conversions ====================================================
 
-// a * b and a + b without wrap-around; false on overflow.
+// out = a * b, unless the product wraps around 64 bits: then true, and out is left as it was.
 inline bool mul_overflows(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
   if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return true;
   out = a * b;
@@ -193,6 +194,7 @@ Scalar load_as(Dtype dtype, const std::uint8_t* p) {
   }
 }
 
+// The file dtype that holds Scalar exactly: F32 for float, F64 for double.
 template <class Scalar>
 constexpr Dtype dtype_of() {
   static_assert(molora::detail::is_supported_scalar<Scalar>, "Scalar must be float or double");

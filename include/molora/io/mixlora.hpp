@@ -28,9 +28,10 @@ namespace molora::io {
 
 // MixLoRA (TUDB-Labs/MixLoRA, mixlora/config.py) adapter_config.json.
 //
-// MixLoRA itself only implements routing_strategy "mixtral" (softmax over all experts, top-k,
-// renormalised); that is what its files contain. "mixlora" is accepted as a synonym (it is how
-// our own references name the strategy); anything else ("switch", "dynamic", ...) is rejected.
+// MixLoRA 0.2.3 implements one routing strategy (softmax over all experts, top-k,
+// renormalised), which the configs it writes call "mixlora" and its code also calls
+// "mixtral"; both are accepted, anything else ("mixlora-dynamic", "mixlora-switch", ...) is
+// rejected as unsupported.
 // An "expert_lora" object overrides r / lora_alpha / lora_dropout / use_rslora for the experts
 // only, as MixLoRA does; `attention` keeps the top-level values.
 struct MixLoRAConfig {
