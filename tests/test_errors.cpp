@@ -1,5 +1,12 @@
 // Every bad input of the core layers, one by one: the exception type and its whole message
 // (field, expected, actual), and that nothing the caller holds is changed.
+#include <molora/molora.hpp>
+
+// The core headers include no JSON library: molora::molora does not link one, only molora::io.
+#ifdef NLOHMANN_JSON_VERSION_MAJOR
+#error "molora/molora.hpp includes nlohmann/json.hpp: only the io headers may"
+#endif
+
 #include <doctest/doctest.h>
 
 #include <cmath>

@@ -182,22 +182,22 @@ TEST_CASE("hostile MING-MOE: a very long key neither crashes the splitter nor pa
   // The splitter itself on a 2 MB key, and its corner cases.
   std::string module, rest;
   const std::string huge = std::string(2'000'000, 'm') + ".experts.12.lora_B_12.weight";
-  REQUIRE(molora::io::detail::ming_split(huge, module, rest));
+  REQUIRE(molora::io::internal::ming_split(huge, module, rest));
   CHECK(module.size() == 2'000'000);
   CHECK(rest == "experts.12.lora_B_12.weight");
-  CHECK(molora::io::detail::ming_split("m.experts.experts.1.lora_A_1.weight", module, rest));
+  CHECK(molora::io::internal::ming_split("m.experts.experts.1.lora_A_1.weight", module, rest));
   CHECK(module == "m.experts");
-  CHECK_FALSE(molora::io::detail::ming_split(".experts.1.lora_A_1.weight", module, rest));  // empty module
-  CHECK_FALSE(molora::io::detail::ming_split("m.experts.1.lora_C_1.weight", module, rest));
-  CHECK_FALSE(molora::io::detail::ming_split("m.experts..lora_A_1.weight", module, rest));
-  CHECK_FALSE(molora::io::detail::ming_split("m.experts.1.lora_A_1.weightx", module, rest));
+  CHECK_FALSE(molora::io::internal::ming_split(".experts.1.lora_A_1.weight", module, rest));  // empty module
+  CHECK_FALSE(molora::io::internal::ming_split("m.experts.1.lora_C_1.weight", module, rest));
+  CHECK_FALSE(molora::io::internal::ming_split("m.experts..lora_A_1.weight", module, rest));
+  CHECK_FALSE(molora::io::internal::ming_split("m.experts.1.lora_A_1.weightx", module, rest));
   Index i = -1;
-  CHECK((molora::io::detail::ming_split("m.experts.01.lora_A_01.weight", module, rest) &&
-         !molora::io::detail::ming_expert_index(rest, i)));  // leading zero: not expert 1
-  CHECK((molora::io::detail::ming_split("m.experts.1.lora_A_2.weight", module, rest) &&
-         !molora::io::detail::ming_expert_index(rest, i)));
-  CHECK((molora::io::detail::ming_split("m.experts.99999999999999999999.lora_A_99999999999999999999.weight", module, rest) &&
-         !molora::io::detail::ming_expert_index(rest, i)));  // does not fit: not an index
+  CHECK((molora::io::internal::ming_split("m.experts.01.lora_A_01.weight", module, rest) &&
+         !molora::io::internal::ming_expert_index(rest, i)));  // leading zero: not expert 1
+  CHECK((molora::io::internal::ming_split("m.experts.1.lora_A_2.weight", module, rest) &&
+         !molora::io::internal::ming_expert_index(rest, i)));
+  CHECK((molora::io::internal::ming_split("m.experts.99999999999999999999.lora_A_99999999999999999999.weight", module, rest) &&
+         !molora::io::internal::ming_expert_index(rest, i)));  // does not fit: not an index
 }
 
 TEST_CASE("hostile MING-MOE: num_experts from the config is bounded and checked against the file first") {

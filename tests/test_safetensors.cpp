@@ -50,91 +50,91 @@ std::string open_error(const TempDir& dir, const std::vector<std::uint8_t>& byte
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
-std::uint32_t fbits(float f) { return detail::float_bits(f); }
+std::uint32_t fbits(float f) { return internal::float_bits(f); }
 
 }  // namespace
 
 // ---- conversions -------------------------------------------------------------------------------
 
 TEST_CASE("safetensors: F16 -> float on hand-computed bit patterns") {
-  CHECK(detail::half_to_float(0x3c00) == 1.0f);
-  CHECK(detail::half_to_float(0xc100) == -2.5f);
-  CHECK(detail::half_to_float(0x7bff) == 65504.0f);
-  CHECK(detail::half_to_float(0x0400) == std::ldexp(1.0f, -14));         // smallest normal
-  CHECK(detail::half_to_float(0x0001) == std::ldexp(1.0f, -24));         // smallest subnormal
-  CHECK(detail::half_to_float(0x03ff) == std::ldexp(1023.0f, -24));      // largest subnormal
-  CHECK(detail::half_to_float(0x8001) == -std::ldexp(1.0f, -24));
-  CHECK(fbits(detail::half_to_float(0x8000)) == 0x80000000u);            // -0
-  CHECK(detail::half_to_float(0x7c00) == std::numeric_limits<float>::infinity());
-  CHECK(detail::half_to_float(0xfc00) == -std::numeric_limits<float>::infinity());
-  CHECK(std::isnan(detail::half_to_float(0x7e00)));
-  CHECK(std::isnan(detail::half_to_float(0x7c01)));  // signalling pattern stays NaN
-  CHECK(detail::half_to_float(0x3555) == 0.333251953125f);
+  CHECK(internal::half_to_float(0x3c00) == 1.0f);
+  CHECK(internal::half_to_float(0xc100) == -2.5f);
+  CHECK(internal::half_to_float(0x7bff) == 65504.0f);
+  CHECK(internal::half_to_float(0x0400) == std::ldexp(1.0f, -14));         // smallest normal
+  CHECK(internal::half_to_float(0x0001) == std::ldexp(1.0f, -24));         // smallest subnormal
+  CHECK(internal::half_to_float(0x03ff) == std::ldexp(1023.0f, -24));      // largest subnormal
+  CHECK(internal::half_to_float(0x8001) == -std::ldexp(1.0f, -24));
+  CHECK(fbits(internal::half_to_float(0x8000)) == 0x80000000u);            // -0
+  CHECK(internal::half_to_float(0x7c00) == std::numeric_limits<float>::infinity());
+  CHECK(internal::half_to_float(0xfc00) == -std::numeric_limits<float>::infinity());
+  CHECK(std::isnan(internal::half_to_float(0x7e00)));
+  CHECK(std::isnan(internal::half_to_float(0x7c01)));  // signalling pattern stays NaN
+  CHECK(internal::half_to_float(0x3555) == 0.333251953125f);
 }
 
 TEST_CASE("safetensors: float -> F16 rounds to nearest even") {
-  CHECK(detail::float_to_half(1.0f) == 0x3c00);
-  CHECK(detail::float_to_half(-2.5f) == 0xc100);
-  CHECK(detail::float_to_half(65504.0f) == 0x7bff);
-  CHECK(detail::float_to_half(65519.0f) == 0x7bff);     // below the midpoint to 65536
-  CHECK(detail::float_to_half(65520.0f) == 0x7c00);     // midpoint, odd mantissa -> up to inf
-  CHECK(detail::float_to_half(1e9f) == 0x7c00);
-  CHECK(detail::float_to_half(-1e9f) == 0xfc00);
-  CHECK(detail::float_to_half(std::ldexp(1.0f, -14)) == 0x0400);
-  CHECK(detail::float_to_half(std::ldexp(1.0f, -24)) == 0x0001);
-  CHECK(detail::float_to_half(std::ldexp(1.0f, -25)) == 0x0000);      // tie -> even (0)
-  CHECK(detail::float_to_half(std::ldexp(3.0f, -25)) == 0x0002);      // 1.5 units -> 2 (even)
-  CHECK(detail::float_to_half(std::ldexp(5.0f, -25)) == 0x0002);      // 2.5 units -> 2 (even)
-  CHECK(detail::float_to_half(std::ldexp(1.0f, -26)) == 0x0000);
-  CHECK(detail::float_to_half(std::ldexp(1023.5f, -24)) == 0x0400);   // rounds up into normals
-  CHECK(detail::float_to_half(1.0f + std::ldexp(1.0f, -11)) == 0x3c00);        // tie -> even
-  CHECK(detail::float_to_half(1.0f + std::ldexp(3.0f, -11)) == 0x3c02);        // tie -> even (up)
-  CHECK(detail::float_to_half(1.0f + std::ldexp(1.0f, -11) + std::ldexp(1.0f, -20)) == 0x3c01);
-  CHECK(detail::float_to_half(-0.0f) == 0x8000);
-  CHECK(detail::float_to_half(std::numeric_limits<float>::infinity()) == 0x7c00);
-  CHECK(detail::float_to_half(-std::numeric_limits<float>::infinity()) == 0xfc00);
-  const std::uint16_t nan = detail::float_to_half(std::numeric_limits<float>::quiet_NaN());
+  CHECK(internal::float_to_half(1.0f) == 0x3c00);
+  CHECK(internal::float_to_half(-2.5f) == 0xc100);
+  CHECK(internal::float_to_half(65504.0f) == 0x7bff);
+  CHECK(internal::float_to_half(65519.0f) == 0x7bff);     // below the midpoint to 65536
+  CHECK(internal::float_to_half(65520.0f) == 0x7c00);     // midpoint, odd mantissa -> up to inf
+  CHECK(internal::float_to_half(1e9f) == 0x7c00);
+  CHECK(internal::float_to_half(-1e9f) == 0xfc00);
+  CHECK(internal::float_to_half(std::ldexp(1.0f, -14)) == 0x0400);
+  CHECK(internal::float_to_half(std::ldexp(1.0f, -24)) == 0x0001);
+  CHECK(internal::float_to_half(std::ldexp(1.0f, -25)) == 0x0000);      // tie -> even (0)
+  CHECK(internal::float_to_half(std::ldexp(3.0f, -25)) == 0x0002);      // 1.5 units -> 2 (even)
+  CHECK(internal::float_to_half(std::ldexp(5.0f, -25)) == 0x0002);      // 2.5 units -> 2 (even)
+  CHECK(internal::float_to_half(std::ldexp(1.0f, -26)) == 0x0000);
+  CHECK(internal::float_to_half(std::ldexp(1023.5f, -24)) == 0x0400);   // rounds up into normals
+  CHECK(internal::float_to_half(1.0f + std::ldexp(1.0f, -11)) == 0x3c00);        // tie -> even
+  CHECK(internal::float_to_half(1.0f + std::ldexp(3.0f, -11)) == 0x3c02);        // tie -> even (up)
+  CHECK(internal::float_to_half(1.0f + std::ldexp(1.0f, -11) + std::ldexp(1.0f, -20)) == 0x3c01);
+  CHECK(internal::float_to_half(-0.0f) == 0x8000);
+  CHECK(internal::float_to_half(std::numeric_limits<float>::infinity()) == 0x7c00);
+  CHECK(internal::float_to_half(-std::numeric_limits<float>::infinity()) == 0xfc00);
+  const std::uint16_t nan = internal::float_to_half(std::numeric_limits<float>::quiet_NaN());
   CHECK((nan & 0x7c00) == 0x7c00);
   CHECK((nan & 0x03ff) != 0);
-  CHECK(detail::float_to_half(std::numeric_limits<float>::denorm_min()) == 0x0000);
+  CHECK(internal::float_to_half(std::numeric_limits<float>::denorm_min()) == 0x0000);
 
   // Every half survives half -> float -> half unchanged (NaNs stay NaN).
   int bad = 0;
   for (std::uint32_t h = 0; h <= 0xffff; ++h) {
     const auto h16 = static_cast<std::uint16_t>(h);
-    const float f = detail::half_to_float(h16);
-    const std::uint16_t back = detail::float_to_half(f);
+    const float f = internal::half_to_float(h16);
+    const std::uint16_t back = internal::float_to_half(f);
     const bool is_nan = (h16 & 0x7c00) == 0x7c00 && (h16 & 0x3ff);
-    if (is_nan ? !std::isnan(detail::half_to_float(back)) : back != h16) ++bad;
+    if (is_nan ? !std::isnan(internal::half_to_float(back)) : back != h16) ++bad;
   }
   CHECK(bad == 0);
 }
 
 TEST_CASE("safetensors: BF16 conversion and round-to-nearest-even") {
-  CHECK(detail::bf16_to_float(0x3f80) == 1.0f);
-  CHECK(detail::bf16_to_float(0xc020) == -2.5f);
-  CHECK(detail::bf16_to_float(0x7f80) == std::numeric_limits<float>::infinity());
-  CHECK(std::isnan(detail::bf16_to_float(0x7fc0)));
-  CHECK(detail::bf16_to_float(0x0001) == detail::bits_float(0x00010000u));  // subnormal
-  CHECK(detail::float_to_bf16(1.0f) == 0x3f80);
-  CHECK(detail::float_to_bf16(-2.5f) == 0xc020);
-  CHECK(detail::float_to_bf16(detail::bits_float(0x3f808000u)) == 0x3f80);  // tie, even stays
-  CHECK(detail::float_to_bf16(detail::bits_float(0x3f818000u)) == 0x3f82);  // tie, odd rounds up
-  CHECK(detail::float_to_bf16(detail::bits_float(0x3f808001u)) == 0x3f81);  // above tie
-  CHECK(detail::float_to_bf16(detail::bits_float(0x3f807fffu)) == 0x3f80);  // below tie
-  CHECK(detail::float_to_bf16(std::numeric_limits<float>::max()) == 0x7f80);  // rounds to inf
-  CHECK(detail::float_to_bf16(std::numeric_limits<float>::infinity()) == 0x7f80);
-  CHECK(detail::float_to_bf16(-std::numeric_limits<float>::infinity()) == 0xff80);
-  const std::uint16_t nan = detail::float_to_bf16(detail::bits_float(0x7f800001u));  // payload only in low bits
-  CHECK(std::isnan(detail::bf16_to_float(nan)));
+  CHECK(internal::bf16_to_float(0x3f80) == 1.0f);
+  CHECK(internal::bf16_to_float(0xc020) == -2.5f);
+  CHECK(internal::bf16_to_float(0x7f80) == std::numeric_limits<float>::infinity());
+  CHECK(std::isnan(internal::bf16_to_float(0x7fc0)));
+  CHECK(internal::bf16_to_float(0x0001) == internal::bits_float(0x00010000u));  // subnormal
+  CHECK(internal::float_to_bf16(1.0f) == 0x3f80);
+  CHECK(internal::float_to_bf16(-2.5f) == 0xc020);
+  CHECK(internal::float_to_bf16(internal::bits_float(0x3f808000u)) == 0x3f80);  // tie, even stays
+  CHECK(internal::float_to_bf16(internal::bits_float(0x3f818000u)) == 0x3f82);  // tie, odd rounds up
+  CHECK(internal::float_to_bf16(internal::bits_float(0x3f808001u)) == 0x3f81);  // above tie
+  CHECK(internal::float_to_bf16(internal::bits_float(0x3f807fffu)) == 0x3f80);  // below tie
+  CHECK(internal::float_to_bf16(std::numeric_limits<float>::max()) == 0x7f80);  // rounds to inf
+  CHECK(internal::float_to_bf16(std::numeric_limits<float>::infinity()) == 0x7f80);
+  CHECK(internal::float_to_bf16(-std::numeric_limits<float>::infinity()) == 0xff80);
+  const std::uint16_t nan = internal::float_to_bf16(internal::bits_float(0x7f800001u));  // payload only in low bits
+  CHECK(std::isnan(internal::bf16_to_float(nan)));
 
   // double -> BF16 is rounded once: 1 + 2^-8 + 2^-40 is just above the tie, so it rounds up,
   // where double -> float -> BF16 would land exactly on the tie and round down to 1.0.
-  CHECK(detail::double_to_bf16(1.0 + std::ldexp(1.0, -8) + std::ldexp(1.0, -40)) == 0x3f81);
-  CHECK(detail::double_to_bf16(1.0 + std::ldexp(1.0, -8)) == 0x3f80);
-  CHECK(detail::double_to_half(1.0 + std::ldexp(1.0, -11) + std::ldexp(1.0, -40)) == 0x3c01);
-  CHECK(detail::double_to_half(1e300) == 0x7c00);
-  CHECK(detail::double_to_bf16(-1e300) == 0xff80);
+  CHECK(internal::double_to_bf16(1.0 + std::ldexp(1.0, -8) + std::ldexp(1.0, -40)) == 0x3f81);
+  CHECK(internal::double_to_bf16(1.0 + std::ldexp(1.0, -8)) == 0x3f80);
+  CHECK(internal::double_to_half(1.0 + std::ldexp(1.0, -11) + std::ldexp(1.0, -40)) == 0x3c01);
+  CHECK(internal::double_to_half(1e300) == 0x7c00);
+  CHECK(internal::double_to_bf16(-1e300) == 0xff80);
 }
 
 // ---- round trips -------------------------------------------------------------------------------
@@ -182,8 +182,8 @@ TEST_CASE("safetensors: write then read every dtype into float and double") {
     std::uint16_t h, b;
     std::memcpy(&h, raw16 + 2 * i, 2);
     std::memcpy(&b, rawb + 2 * i, 2);
-    CHECK(h == detail::float_to_half(mf.data()[i]));
-    CHECK(b == detail::float_to_bf16(mf.data()[i]));
+    CHECK(h == internal::float_to_half(mf.data()[i]));
+    CHECK(b == internal::float_to_bf16(mf.data()[i]));
   }
   const RowMatrix<float> f16 = r.matrix<float>("f16");
   CHECK(std::isinf(f16(0, 0)));
@@ -193,7 +193,7 @@ TEST_CASE("safetensors: write then read every dtype into float and double") {
   for (molora::Index i = 0; i < md.size(); ++i) {
     std::uint16_t b;
     std::memcpy(&b, r.bytes("d_as_bf16") + 2 * i, 2);
-    CHECK(b == detail::double_to_bf16(md.data()[i]));
+    CHECK(b == internal::double_to_bf16(md.data()[i]));
   }
   CHECK(r.matrix<double>("d_as_f32").isApprox(md, 1e-6));
   CHECK(r.matrix<double>("d_as_f16").isApprox(md, 1e-3));

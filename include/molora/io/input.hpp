@@ -42,7 +42,7 @@ struct Limits {
 //        file cannot affect the reader. For files from places the host does not control.
 enum class Load { map, read };
 
-namespace detail {
+namespace internal {
 
 // "a directory", "a FIFO", ... for messages.
 inline const char* file_type_name(mode_t mode) {
@@ -108,5 +108,5 @@ private:
   std::uint64_t size_ = 0;
 };
 
-}  // namespace detail
+}  // namespace internal
 }  // namespace molora::io

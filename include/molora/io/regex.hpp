@@ -26,7 +26,7 @@
 
 namespace molora::io {
 
-namespace detail {
+namespace internal {
 
 // 256-bit set of bytes.
 struct RegexByteSet {
@@ -612,7 +612,7 @@ inline bool regex_run(const RegexProgram& prog, std::string_view text, std::size
   return false;
 }
 
-}  // namespace detail
+}  // namespace internal
 
 // A compiled pattern with Python `re.fullmatch` semantics over bytes (see the top of this
 // header for the subset). Immutable after construction; full_match may be called from
@@ -631,33 +631,33 @@ public:
     if (pattern.size() > max_pattern_length)
       throw format_error(molora::detail::cat(field, ": regex pattern length: expected at most ", max_pattern_length,
                                              " bytes, got ", pattern.size(), " in pattern ",
-                                             detail::regex_quote(pattern)));
-    detail::RegexParser parser(pattern, field, program_);
+                                             internal::regex_quote(pattern)));
+    internal::RegexParser parser(pattern, field, program_);
     const std::uint32_t root = parser.parse();
     const std::size_t bytes = std::max<std::size_t>(max_pattern_length, 1);
-    const std::size_t cap = bytes < detail::kMaxRegexInsts / detail::kRegexInstsPerByte
-                                ? detail::kRegexInstsPerByte * bytes
-                                : detail::kMaxRegexInsts;
-    detail::RegexCompiler(parser.nodes(), program_, cap, field, pattern).compile(root);
+    const std::size_t cap = bytes < internal::kMaxRegexInsts / internal::kRegexInstsPerByte
+                                ? internal::kRegexInstsPerByte * bytes
+                                : internal::kMaxRegexInsts;
+    internal::RegexCompiler(parser.nodes(), program_, cap, field, pattern).compile(root);
   }
 
   // True when the whole of `text` matches (Python's re.fullmatch). O(program_size() x
   // text.size()) time, O(program_size()) memory, no recursion.
   bool full_match(std::string_view text) const {
     std::size_t steps = 0;
-    return detail::regex_run(program_, text, steps);
+    return internal::regex_run(program_, text, steps);
   }
 
   // As above; `steps` receives the simulation's work count, at most
   // program_size() x (text.size() + 1).
-  bool full_match(std::string_view text, std::size_t& steps) const { return detail::regex_run(program_, text, steps); }
+  bool full_match(std::string_view text, std::size_t& steps) const { return internal::regex_run(program_, text, steps); }
 
   const std::string& pattern() const noexcept { return pattern_; }
   std::size_t program_size() const noexcept { return program_.insts.size(); }
 
 private:
   std::string pattern_;
-  detail::RegexProgram program_;
+  internal::RegexProgram program_;
 };
 
 }  // namespace molora::io
