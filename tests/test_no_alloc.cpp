@@ -162,12 +162,40 @@ TEST_CASE("no_alloc: record of Eigen heap use in the other paths") {
       MESSAGE("strategy=", std::string(molora::to_string(st)), " T=", T, ": add_delta new=", adapter.news,
               " eigen_heap=", adapter.eigen, "; MoLoRALinear::forward new=", linear.news, " eigen_heap=", linear.eigen);
     }
-  // A smaller batch after a larger one.
-  layer.set_strategy(Strategy::fused);
-  molora::MoLoRAWorkspace<float> ws;
-  const auto x = ref::random_x<float>(64, cfg.in_features, 17);
-  molora::RowMatrix<float> y = molora::RowMatrix<float>::Zero(64, cfg.out_features);
-  layer.adapter().add_delta(x, y, ws);
-  const Counts smaller = count_allocations([&] { layer.adapter().add_delta(x.topRows(16), y.topRows(16), ws); });
-  MESSAGE("fused, T=16 after T=64: new=", smaller.news, " eigen_heap=", smaller.eigen);
+}
+
+// A smaller batch after a larger one in the same workspace: the dispatch plan, the softmax
+// scratch, the kernels' scratch and the gathered rows keep their capacity, so no std
+// container allocates. The router logits [T, E] and the routing's ids and weights [T, k] are
+// exact-size Eigen matrices (the routing's are resized by route() in gating.hpp), so a new
+// T reallocates those three and nothing else.
+TEST_CASE("no_alloc: a smaller batch after a larger one reallocates only the exact-size logits and routing") {
+  for (const auto& cfg : {config(515, 333, 8, 2, 17), config(64, 48, 4, 4, 16), config(1, 1, 1, 1, 1)}) {
+    auto layer = ref::random_layer<float>(cfg, 15);
+    {
+      const Strategy st = Strategy::fused;
+      layer.set_strategy(st);
+      molora::MoLoRAWorkspace<float> ws;
+      const auto x = ref::random_x<float>(64, cfg.in_features, 17);
+      molora::RowMatrix<float> y = molora::RowMatrix<float>::Zero(64, cfg.out_features);
+      layer.adapter().add_delta(x, y, ws);
+      for (const Index T : {63, 16, 7, 1}) {
+        const Counts c = count_allocations([&] { layer.adapter().add_delta(x.topRows(T), y.topRows(T), ws); });
+        INFO("strategy=", std::string(molora::to_string(st)), " in=", cfg.in_features, " T=", T, " after a larger T");
+        CHECK(c.news == 0);
+        CHECK(c.eigen == 3);
+        // The same smaller T again allocates nothing at all.
+        const Counts again = count_allocations([&] { layer.adapter().add_delta(x.topRows(T), y.topRows(T), ws); });
+        CHECK(again.news == 0);
+        CHECK(again.eigen == 0);
+      }
+      // apply_expert keeps its plan's capacity: a smaller row count allocates nothing.
+      const Eigen::VectorXf scales = Eigen::VectorXf::Ones(64);
+      layer.adapter().apply_expert(0, x, y, scales, ws);
+      const Counts one = count_allocations(
+          [&] { layer.adapter().apply_expert(0, x.topRows(9), y.topRows(9), scales.head(9), ws); });
+      CHECK(one.news == 0);
+      CHECK(one.eigen == 0);
+    }
+  }
 }
