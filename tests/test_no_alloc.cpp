@@ -144,6 +144,24 @@ TEST_CASE("no_alloc: warm MoLoRALinear::forward at one token (decode), every str
   }
 }
 
+// Below 128 tokens the base product is the skinny kernel (no GEMM packing buffers).
+TEST_CASE("no_alloc: warm MoLoRALinear::forward below 128 tokens, strategy fused") {
+  for (const auto& cfg : {config(1024, 1024, 8, 2, 16), config(300, 200, 4, 4, 17)}) {
+    auto layer = ref::random_layer<float>(cfg, 20);
+    layer.set_strategy(Strategy::fused);
+    for (const Index T : {2, 7, 64, 127}) {
+      const auto x = ref::random_x<float>(T, cfg.in_features, 21);
+      molora::RowMatrix<float> y(T, cfg.out_features);
+      molora::MoLoRAWorkspace<float> ws;
+      layer.forward(x, y, ws);
+      const Counts c = count_allocations([&] { layer.forward(x, y, ws); });
+      INFO("in=", cfg.in_features, " T=", T);
+      CHECK(c.news == 0);
+      CHECK(c.eigen == 0);
+    }
+  }
+}
+
 // Not a requirement, a record: what the other strategies, smaller batches and the base
 // GEMM do (Eigen's GEMM takes its packing buffers from the heap when they exceed
 // EIGEN_STACK_ALLOCATION_LIMIT, 128 KB by default).

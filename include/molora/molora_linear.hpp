@@ -75,9 +75,9 @@ inline const char* to_string(BaseStrategy s) {
 }
 
 // Everything a forward writes besides its output. Reuse one per thread: a warm adapter
-// forward of the same batch size then allocates nothing with the fused strategy (a different
-// batch size resizes logits and routing, which are exactly [T, E] and [T, k]; the other
-// buffers only grow). Also holds the generator that the sampling selection draws from
+// forward then allocates nothing with the fused strategy (README, "Allocation"). A new batch
+// size reallocates logits and routing, which are exactly [T, E] and [T, k]; every other
+// buffer only grows, so a smaller batch after a larger one allocates nothing else. Also holds the generator that the sampling selection draws from
 // (seed it with seed()). Two calls must not use one workspace at once: with the in-use check
 // on (errors.hpp, on by default without NDEBUG) the second throws state_error.
 template <class Scalar>

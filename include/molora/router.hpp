@@ -75,8 +75,9 @@ public:
     return ((x * weight_.transpose()).rowwise() + bias_);
   }
 
-  // Writes logits into out [T, E] without allocating. Requires x [T, in], out [T, E]; throws
-  // shape_error (out unchanged) otherwise.
+  // Writes logits into out [T, E] by Eigen's product, which takes its packing buffers from
+  // the heap above EIGEN_STACK_ALLOCATION_LIMIT (logits_rows does not). Requires x [T, in],
+  // out [T, E]; throws shape_error (out unchanged) otherwise.
   void logits_into(const ConstRowRef<Scalar>& x, RowRef<Scalar> out) const {
     check_x(x.cols());
     detail::require_shape(out, x.rows(), num_experts(), "router logits");

@@ -1,7 +1,9 @@
 // Checkpoint layouts: PEFT LoRA, MING-MOE and MixLoRA adapters loaded into molora's layers,
-// and molora's own layers saved in MING-MOE's layout. Loaders read the whole checkpoint, check
-// that config and tensors agree (expert count, rank, shapes, missing or extra keys) and only
-// then build and return new layers, so a bad file leaves nothing half-loaded. A number taken
+// and molora's own layers saved in MING-MOE's layout. Loaders check that the file's keys
+// agree with its config (no unexpected key) and then, module by module, that the module's
+// tensors agree with it (expert count, rank, shapes, missing keys) before they build that
+// module's layer, whose setters check the values (finite) as they copy them in. The layers
+// are returned only when every module passed, so a bad file leaves nothing half-loaded. A number taken
 // from a config (num_experts) is bounded by io::Limits and confirmed by the tensors before
 // anything is allocated from it. Every failure is a format_error naming the file, the module
 // and the key, including a layer's own refusal of a value that came from the file.
@@ -496,7 +498,8 @@ void save_ming_moe(const std::string& dir, const std::map<std::string, const MoL
 // the caller gives. Keys: `mixlora.layers.{L}.mlp.moe_gate.weight` [E, hidden] and
 // `mixlora.layers.{L}.mlp.{gate,up,down}_proj.experts.{e}.lora_A.weight` / `lora_B.weight`.
 // Other layers' keys and attention LoRA keys (`...self_attn...`) are left for the caller
-// (see the README: attention LoRA loads with load_lora_tensor); unknown MLP keys are errors.
+// (the README: read an attention LoRA's two tensors with the reader and LoRA::set_A/set_B);
+// unknown MLP keys are errors.
 // num_experts must be at most limits.max_experts, and is checked against the file before
 // anything depending on it is allocated.
 template <class Scalar, class DG, class DU, class DD>
