@@ -13,22 +13,17 @@
 #include <molora/molora.hpp>
 
 #include "reference.hpp"
+#include "test_util.hpp"
 
 using molora::Index;
 using molora::RowMatrix;
 using molora::Strategy;
 
-namespace {
+using test_util::config;
+using test_util::message_of;
+using test_util::same_bits;
 
-molora::MoLoRAConfig config(Index in, Index out, Index E, Index k, Index r) {
-  molora::MoLoRAConfig c;
-  c.in_features = in;
-  c.out_features = out;
-  c.num_experts = E;
-  c.top_k = k;
-  c.rank = r;
-  return c;
-}
+namespace {
 
 template <class Scalar>
 Eigen::Matrix<Scalar, Eigen::Dynamic, 1> random_scales(Index n, std::uint64_t seed) {
@@ -36,22 +31,6 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, 1> random_scales(Index n, std::uint64_t se
   return m.col(0);
 }
 
-template <class M>
-bool same_bits(const M& a, const M& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(*a.data()) * static_cast<std::size_t>(a.size())) == 0;
-}
-
-template <class E, class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  }
-  FAIL("expected an exception");
-  return "";
-}
 
 }  // namespace
 
@@ -162,7 +141,7 @@ TEST_CASE("apply_expert: bad arguments throw, naming the field, and leave y unch
   x_nan(2, 4) = std::numeric_limits<float>::quiet_NaN();
   CHECK(message_of<molora::numeric_error>([&] { a.apply_expert(1, x_nan, y, scales, ws); }) ==
         "molora numeric error: x of token 2: expected finite values, got nan at column 4");
-  CHECK(std::memcmp(y.data(), y0.data(), sizeof(float) * 15) == 0);
+  CHECK(same_bits(y, y0));
 
   // A workspace another call holds.
   ws.in_use.try_acquire();
@@ -172,7 +151,7 @@ TEST_CASE("apply_expert: bad arguments throw, naming the field, and leave y unch
   auto adapter = layer.adapter();
   const auto taken = std::move(adapter);
   CHECK_THROWS_AS(adapter.apply_expert(0, x, y, scales, ws), molora::state_error);
-  CHECK(std::memcmp(y.data(), y0.data(), sizeof(float) * 15) == 0);
+  CHECK(same_bits(y, y0));
   CHECK_NOTHROW(a.apply_expert(0, x, y, scales, ws));
-  CHECK(std::memcmp(y.data(), y0.data(), sizeof(float) * 15) != 0);
+  CHECK_FALSE(same_bits(y, y0));
 }

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <new>
 
+
 namespace {
 std::atomic<long> g_new_count{0};
 std::atomic<long> g_eigen_heap{0};
@@ -29,6 +30,7 @@ std::atomic<long> g_eigen_heap{0};
 #include <molora/molora.hpp>
 
 #include "reference.hpp"
+#include "test_util.hpp"
 
 void* operator new(std::size_t n) {
   ++g_new_count;
@@ -48,6 +50,7 @@ void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 
 using molora::Index;
 using molora::Strategy;
+using test_util::config;
 
 namespace {
 
@@ -63,16 +66,6 @@ Counts count_allocations(F&& f) {
   f();
   Eigen::internal::set_is_malloc_allowed(true);
   return {g_new_count.load() - n0, g_eigen_heap.load() - e0};
-}
-
-molora::MoLoRAConfig config(Index in, Index out, Index E, Index k, Index r) {
-  molora::MoLoRAConfig c;
-  c.in_features = in;
-  c.out_features = out;
-  c.num_experts = E;
-  c.top_k = k;
-  c.rank = r;
-  return c;
 }
 
 }  // namespace

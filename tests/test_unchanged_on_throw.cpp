@@ -11,27 +11,15 @@
 #include <molora/molora.hpp>
 
 #include "reference.hpp"
+#include "test_util.hpp"
 
 using molora::Index;
 using molora::RowMatrix;
 
+using test_util::config;
+using test_util::same_bits;
+
 namespace {
-
-molora::MoLoRAConfig config(Index in, Index out, Index E, Index k, Index r) {
-  molora::MoLoRAConfig c;
-  c.in_features = in;
-  c.out_features = out;
-  c.num_experts = E;
-  c.top_k = k;
-  c.rank = r;
-  return c;
-}
-
-template <class M>
-bool same_bits(const M& a, const M& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(*a.data()) * static_cast<std::size_t>(a.size())) == 0;
-}
 
 // x with its last token poisoned: a NaN (the layer names x), or the largest finite value,
 // which overflows the router's logits when its weights are 2 (see overflowing) while x stays
