@@ -94,11 +94,17 @@ public:
   // the shrink kernel: no heap use (Eigen's GEMM takes its packing buffers from the heap
   // above EIGEN_STACK_ALLOCATION_LIMIT), and a token's bits do not depend on the range, the
   // batch or the thread count (the same values as logits_into up to rounding). Threads given
-  // disjoint ranges and their own scratch (logits_scratch_size()) may call it at once. The
-  // caller has checked the shapes (x [T, in], out [T, E]).
+  // disjoint ranges and their own scratch (logits_scratch_size() values) may call it at once.
+  // Requires x [T, in], out [T, E], 0 <= t_begin <= t_end <= T, scratch non-null; throws
+  // shape_error / config_error (out unchanged) otherwise.
   void logits_rows(const ConstRowRef<Scalar>& x, RowRef<Scalar>& out, Index t_begin, Index t_end,
                    Scalar* scratch) const {
-    MOLORA_ASSERT(x.cols() == in_features() && out.cols() == num_experts() && out.rows() == x.rows());
+    check_x(x.cols());
+    detail::require_shape(out, x.rows(), num_experts(), "router logits");
+    if (t_begin < 0 || t_begin > t_end || t_end > x.rows())
+      throw shape_error(detail::mismatch("router logits token range", detail::cat("within [0, ", x.rows(), "]"),
+                                         detail::cat("[", t_begin, ", ", t_end, ")")));
+    if (scratch == nullptr) throw config_error("router logits scratch: expected logits_scratch_size() values, got null");
     kernels::dense_rows(kernels::layer_arch{}, weight_.data(), in_features(), num_experts(), in_features(), x.data(),
                         x.outerStride(), out.data(), out.outerStride(), t_begin, t_end, scratch);  // [t1 - t0, E]
     if (has_bias_) out.middleRows(t_begin, t_end - t_begin).rowwise() += bias_;
