@@ -13,11 +13,6 @@
 //                                   time (below 1: skinny is faster), with read_share of each.
 // Times are CPU time of the process (other jobs on a shared machine do not count). Run:
 //   bench_base --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
-// GCC 12 reports -Wmaybe-uninitialized inside Eigen's and xsimd's AVX-512 intrinsics
-// (_mm256_undefined_* in _mm512_extract*): false positives, silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 #include <benchmark/benchmark.h>
 

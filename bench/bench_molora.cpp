@@ -15,11 +15,6 @@
 // token; the base's 2*in*out for base/ratio), weight_GBps (adapter/experts: bytes of the
 // weights the call uses over its time), ratio, speedup (threads_ratio). Run:
 //   bench_molora --benchmark_out=bench.json --benchmark_out_format=json
-// GCC 12 reports -Wmaybe-uninitialized inside Eigen's and xsimd's AVX-512 intrinsics
-// (_mm256_undefined_* in _mm512_extract*): false positives, silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 #include <benchmark/benchmark.h>
 

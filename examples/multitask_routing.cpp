@@ -7,12 +7,6 @@
 // --progress.
 //
 //   ./multitask_routing [--progress] [--steps N]
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 intrinsics header trips -W(maybe-)uninitialized inside Eigen's kernels
-// (GCC PR 105593, fixed in GCC 13); a false positive outside our code.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #include <unistd.h>
 
 #include <cstdio>

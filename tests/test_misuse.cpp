@@ -16,11 +16,13 @@
 #include <molora/molora.hpp>
 
 #include "reference.hpp"
+#include "test_util.hpp"
 
 using molora::Index;
 using molora::MoLoRAConfig;
 using molora::MoLoRALinear;
 using molora::RowMatrix;
+using test_util::message_of;
 
 namespace {
 
@@ -32,18 +34,6 @@ MoLoRAConfig small(Index rank = 3) {
   c.top_k = 2;
   c.rank = rank;
   return c;
-}
-
-// The message of what f throws as E (which must be thrown), for CHECKs on its parts.
-template <class E, class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  }
-  FAIL("expected an exception");
-  return "";
 }
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }

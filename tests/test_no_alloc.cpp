@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <new>
 
+
 namespace {
 std::atomic<long> g_new_count{0};
 std::atomic<long> g_eigen_heap{0};
@@ -29,6 +30,7 @@ std::atomic<long> g_eigen_heap{0};
 #include <molora/molora.hpp>
 
 #include "reference.hpp"
+#include "test_util.hpp"
 
 void* operator new(std::size_t n) {
   ++g_new_count;
@@ -48,6 +50,7 @@ void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 
 using molora::Index;
 using molora::Strategy;
+using test_util::config;
 
 namespace {
 
@@ -63,16 +66,6 @@ Counts count_allocations(F&& f) {
   f();
   Eigen::internal::set_is_malloc_allowed(true);
   return {g_new_count.load() - n0, g_eigen_heap.load() - e0};
-}
-
-molora::MoLoRAConfig config(Index in, Index out, Index E, Index k, Index r) {
-  molora::MoLoRAConfig c;
-  c.in_features = in;
-  c.out_features = out;
-  c.num_experts = E;
-  c.top_k = k;
-  c.rank = r;
-  return c;
 }
 
 }  // namespace
@@ -144,6 +137,24 @@ TEST_CASE("no_alloc: warm MoLoRALinear::forward at one token (decode), every str
   }
 }
 
+// Below 128 tokens the base product is the skinny kernel (no GEMM packing buffers).
+TEST_CASE("no_alloc: warm MoLoRALinear::forward below 128 tokens, strategy fused") {
+  for (const auto& cfg : {config(1024, 1024, 8, 2, 16), config(300, 200, 4, 4, 17)}) {
+    auto layer = ref::random_layer<float>(cfg, 20);
+    layer.set_strategy(Strategy::fused);
+    for (const Index T : {2, 7, 64, 127}) {
+      const auto x = ref::random_x<float>(T, cfg.in_features, 21);
+      molora::RowMatrix<float> y(T, cfg.out_features);
+      molora::MoLoRAWorkspace<float> ws;
+      layer.forward(x, y, ws);
+      const Counts c = count_allocations([&] { layer.forward(x, y, ws); });
+      INFO("in=", cfg.in_features, " T=", T);
+      CHECK(c.news == 0);
+      CHECK(c.eigen == 0);
+    }
+  }
+}
+
 // Not a requirement, a record: what the other strategies, smaller batches and the base
 // GEMM do (Eigen's GEMM takes its packing buffers from the heap when they exceed
 // EIGEN_STACK_ALLOCATION_LIMIT, 128 KB by default).
@@ -162,12 +173,40 @@ TEST_CASE("no_alloc: record of Eigen heap use in the other paths") {
       MESSAGE("strategy=", std::string(molora::to_string(st)), " T=", T, ": add_delta new=", adapter.news,
               " eigen_heap=", adapter.eigen, "; MoLoRALinear::forward new=", linear.news, " eigen_heap=", linear.eigen);
     }
-  // A smaller batch after a larger one.
-  layer.set_strategy(Strategy::fused);
-  molora::MoLoRAWorkspace<float> ws;
-  const auto x = ref::random_x<float>(64, cfg.in_features, 17);
-  molora::RowMatrix<float> y = molora::RowMatrix<float>::Zero(64, cfg.out_features);
-  layer.adapter().add_delta(x, y, ws);
-  const Counts smaller = count_allocations([&] { layer.adapter().add_delta(x.topRows(16), y.topRows(16), ws); });
-  MESSAGE("fused, T=16 after T=64: new=", smaller.news, " eigen_heap=", smaller.eigen);
+}
+
+// A smaller batch after a larger one in the same workspace: the dispatch plan, the softmax
+// scratch, the kernels' scratch and the gathered rows keep their capacity, so no std
+// container allocates. The router logits [T, E] and the routing's ids and weights [T, k] are
+// exact-size Eigen matrices (the routing's are resized by route() in gating.hpp), so a new
+// T reallocates those three and nothing else.
+TEST_CASE("no_alloc: a smaller batch after a larger one reallocates only the exact-size logits and routing") {
+  for (const auto& cfg : {config(515, 333, 8, 2, 17), config(64, 48, 4, 4, 16), config(1, 1, 1, 1, 1)}) {
+    auto layer = ref::random_layer<float>(cfg, 15);
+    {
+      const Strategy st = Strategy::fused;
+      layer.set_strategy(st);
+      molora::MoLoRAWorkspace<float> ws;
+      const auto x = ref::random_x<float>(64, cfg.in_features, 17);
+      molora::RowMatrix<float> y = molora::RowMatrix<float>::Zero(64, cfg.out_features);
+      layer.adapter().add_delta(x, y, ws);
+      for (const Index T : {63, 16, 7, 1}) {
+        const Counts c = count_allocations([&] { layer.adapter().add_delta(x.topRows(T), y.topRows(T), ws); });
+        INFO("strategy=", std::string(molora::to_string(st)), " in=", cfg.in_features, " T=", T, " after a larger T");
+        CHECK(c.news == 0);
+        CHECK(c.eigen == 3);
+        // The same smaller T again allocates nothing at all.
+        const Counts again = count_allocations([&] { layer.adapter().add_delta(x.topRows(T), y.topRows(T), ws); });
+        CHECK(again.news == 0);
+        CHECK(again.eigen == 0);
+      }
+      // apply_expert keeps its plan's capacity: a smaller row count allocates nothing.
+      const Eigen::VectorXf scales = Eigen::VectorXf::Ones(64);
+      layer.adapter().apply_expert(0, x, y, scales, ws);
+      const Counts one = count_allocations(
+          [&] { layer.adapter().apply_expert(0, x.topRows(9), y.topRows(9), scales.head(9), ws); });
+      CHECK(one.news == 0);
+      CHECK(one.eigen == 0);
+    }
+  }
 }

@@ -1,12 +1,13 @@
 // Helpers shared by the tests (next to reference.hpp, which holds the loop-by-loop
-// references): random fills, central finite differences for the gradient checks,
-// scratch directories and files that clean up after themselves, and the message of an
-// expected molora::format_error.
+// references): a layer configuration in one call, random fills, central finite differences
+// for the gradient checks, bitwise comparison, scratch directories and files that clean up
+// after themselves, and the message of an expected exception.
 #pragma once
 
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -21,11 +22,32 @@
 
 #include <unistd.h>
 
+#include <molora/config.hpp>
 #include <molora/errors.hpp>
 #include <molora/random.hpp>
 #include <molora/types.hpp>
 
 namespace test_util {
+
+// A MoLoRAConfig with the given sizes and the other fields at their defaults.
+inline molora::MoLoRAConfig config(molora::Index in, molora::Index out, molora::Index E, molora::Index k,
+                                   molora::Index r) {
+  molora::MoLoRAConfig c;
+  c.in_features = in;
+  c.out_features = out;
+  c.num_experts = E;
+  c.top_k = k;
+  c.rank = r;
+  return c;
+}
+
+// True if a and b have the same shape and the same bytes (NaNs and signed zeros included).
+template <class A, class B>
+bool same_bits(const A& a, const B& b) {
+  static_assert(sizeof(*a.data()) == sizeof(*b.data()), "same_bits compares matrices of one scalar type");
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.data(), b.data(), sizeof(*a.data()) * static_cast<std::size_t>(a.size())) == 0;
+}
 
 // m = scale * N(0, 1), entry by entry in row order (any Eigen matrix, Map or block).
 template <class M>
@@ -98,6 +120,18 @@ inline std::vector<std::uint8_t> read_bytes(const std::string& p) {
 inline void write_bytes(const std::string& p, const std::vector<std::uint8_t>& bytes) {
   std::ofstream out(p, std::ios::binary | std::ios::trunc);
   out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+// The message of the E that f() throws; fails the test (and returns "") if f throws nothing.
+template <class E, class F>
+std::string message_of(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  }
+  FAIL("expected an exception");
+  return {};
 }
 
 // The message of the molora::format_error that f() throws; fails the test (and returns "")

@@ -387,7 +387,7 @@ template <class Scalar>
 void train_begin(const MoLoRAAdapter<Scalar>& a, const ConstRowRef<Scalar>& x, const RowRef<Scalar>& y,
                  MoLoRATape<Scalar>& tape) {
   tape.options.validate();
-  a.check_io(x, y);
+  check_adapter_io(a, x, y);
   tape.x.save(x, y);
   tape.normalize_top_k = a.config().normalize_top_k;
 }

@@ -9,26 +9,12 @@
 
 #include <cmath>
 
-#include "config.hpp"
+#include "detail/checks.hpp"
 #include "errors.hpp"
-#include "random.hpp"
+#include "numeric.hpp"
 #include "types.hpp"
 
 namespace molora {
-
-namespace detail {
-
-// Fills m with PyTorch's kaiming_uniform_(a = sqrt(5)) for a Linear whose fan_in is
-// m.cols(): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-template <class Derived, class URBG>
-void kaiming_uniform_sqrt5(Eigen::MatrixBase<Derived>& m, URBG& gen) {
-  const double bound = 1.0 / std::sqrt(static_cast<double>(m.cols()));
-  for (Index i = 0; i < m.rows(); ++i)
-    for (Index j = 0; j < m.cols(); ++j)
-      m(i, j) = static_cast<typename Derived::Scalar>(uniform(gen, -bound, bound));
-}
-
-}  // namespace detail
 
 template <class Scalar>
 class LoRA {
@@ -39,9 +25,9 @@ public:
   // scaling is not a normal Scalar.
   LoRA(Index in_features, Index out_features, Index rank, double lora_alpha, bool use_rslora = false)
       : in_(in_features), out_(out_features), rank_(rank) {
-    if (in_features <= 0) throw config_error(detail::mismatch("in_features", "a value >= 1", in_features));
-    if (out_features <= 0) throw config_error(detail::mismatch("out_features", "a value >= 1", out_features));
-    if (rank <= 0) throw config_error(detail::mismatch("rank", "a value >= 1", rank));
+    detail::require_positive(in_features, "in_features");
+    detail::require_positive(out_features, "out_features");
+    detail::require_positive(rank, "rank");
     scaling_ = detail::checked_scaling<Scalar>(lora_alpha, rank, use_rslora);
     A_.setZero(rank, in_features);
     B_.setZero(out_features, rank);

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "backward.hpp"
+#include "detail/checks.hpp"
 #include "errors.hpp"
 #include "types.hpp"
 
@@ -38,9 +39,9 @@ void require_router_tape(const MoLoRATape<Scalar>& tape, const char* loss) {
   if (!tape.has_router)
     throw config_error(cat(loss, ": expected a tape from a forward that ran the router, got one with caller-supplied routing"));
   const Index T = tape.num_tokens(), E = tape.logits.cols();
-  require_rows_cols(tape.logits, T, E, "tape.logits shape");
-  require_rows_cols(tape.probs, T, E, "tape.probs shape");
-  require_rows_cols(tape.logit_grad, T, E, "tape.logit_grad shape");
+  require_shape(tape.logits, T, E, "tape.logits shape");
+  require_shape(tape.probs, T, E, "tape.probs shape");
+  require_shape(tape.logit_grad, T, E, "tape.logit_grad shape");
   if (tape.routing.num_tokens() != T) throw shape_error(mismatch("tape.routing rows (tokens)", T, tape.routing.num_tokens()));
   for (Index t = 0; t < T; ++t)
     for (Index s = 0; s < tape.routing.top_k(); ++s)

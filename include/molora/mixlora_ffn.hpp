@@ -5,13 +5,18 @@
 // The router (`moe_gate`, no bias) reads the block's input. As in MixLoRA, the base products
 // W1 x and W3 x are computed once for all tokens and shared by the experts; the down
 // projection runs per expert, on that expert's hidden activations. The experts' LoRA weights
-// live in three MoLoRAAdapters (one per projection) whose per-expert delta paths do the work.
+// live in three MoLoRAAdapters (one per projection); each expert's rows go through the
+// adapters' one-expert path (MoLoRAAdapter::apply_expert).
 #pragma once
 
 #include <cmath>
 #include <string>
 
+#include "detail/checks.hpp"
+#include "dispatch.hpp"
+#include "gating.hpp"
 #include "molora_linear.hpp"
+#include "router.hpp"
 
 namespace molora {
 
@@ -65,7 +70,6 @@ struct MixLoRAWorkspace {
   RowMatrix<Scalar> gate;             // [>= n_e, inter]
   RowMatrix<Scalar> up;               // [>= n_e, inter]
   RowMatrix<Scalar> down;             // [>= n_e, hidden]
-  Routing<Scalar> one;                // [n_e, 1]: every gathered token -> this expert, weight 1
   MoLoRAWorkspace<Scalar> inner;      // for the per-projection adapters
   RowMatrix<Scalar> x_copy;
   detail::InUseFlag in_use;           // held by the forward writing this workspace
@@ -125,8 +129,7 @@ public:
     const ConstRowRef<Scalar> x_ref(x_in);
     const Index T = x_ref.rows(), H = config_.hidden_size, I = config_.intermediate_size, E = config_.num_experts;
     if (x_ref.cols() != H) throw shape_error(detail::mismatch("x columns (hidden_size)", H, x_ref.cols()));
-    if (y.rows() != T || y.cols() != H)
-      throw shape_error(detail::mismatch("y shape", detail::shape_str(T, H), detail::shape_str(y.rows(), y.cols())));
+    detail::require_shape(y, T, H, "y shape");
     if (T == 0) {
       ws.routing.resize(0, config_.top_k);
       return ws.routing;
@@ -135,7 +138,7 @@ public:
     if (alias) ws.x_copy = x_ref;
     const ConstRowRef<Scalar> x = alias ? ConstRowRef<Scalar>(ws.x_copy) : x_ref;
     if (ws.logits.rows() != T || ws.logits.cols() != E) ws.logits.resize(T, E);
-    router_.logits_into(x, ws.logits);  // [T, E]
+    router_.logits_into(x, ws.logits);  // [T, E], Eigen's product (logits_rows would move the last bits)
     for (Index t = 0; t < T; ++t)  // name x when a non-finite x made the logits so
       if (!ws.logits.row(t).allFinite()) detail::require_finite_token(x, t);
     ws.probs.resize(static_cast<std::size_t>(E));
@@ -158,9 +161,6 @@ public:
       const Index n = ws.plan.count(e), b = ws.plan.begin(e);
       const auto* tok = ws.plan.tokens.data() + b;
       const auto* g = ws.plan.gates.data() + b;
-      ws.one.resize(n, 1);
-      ws.one.ids.setConstant(e);
-      ws.one.weights.setOnes();
       auto xg = ws.xg.topRows(n);      // [n, hidden]
       auto gate = ws.gate.topRows(n);  // [n, inter]
       auto up = ws.up.topRows(n);      // [n, inter]
@@ -170,13 +170,15 @@ public:
         gate.row(i) = ws.gate_base.row(tok[i]);
         up.row(i) = ws.up_base.row(tok[i]);
       }
-      // ws.inner is held with ws; the inputs are this forward's own finite buffers.
-      gate_.apply_routing_unchecked(xg, ws.one, gate, ws.inner);  // (W1 + dW1_e) x
-      up_.apply_routing_unchecked(xg, ws.one, up, ws.inner);      // (W3 + dW3_e) x
+      // Expert e's LoRA on each projection, gate 1 (g multiplies the block's output below):
+      // apply_expert's work without its checks, which this forward has made (shapes, a live
+      // block, finite x; the hidden rows are its own buffers). ws.inner is held with ws.
+      gate_.apply_expert_unchecked(e, xg, gate, nullptr, ws.inner);  // (W1 + dW1_e) x: [n, inter]
+      up_.apply_expert_unchecked(e, xg, up, nullptr, ws.inner);      // (W3 + dW3_e) x: [n, inter]
       apply_activation(gate);
-      gate.array() *= up.array();                                 // act(.) * up: [n, inter]
-      down.noalias() = gate * w_down_.transpose();                // [n, hidden]
-      down_.apply_routing_unchecked(gate, ws.one, down, ws.inner);
+      gate.array() *= up.array();                                    // act(.) * up: [n, inter]
+      down.noalias() = gate * w_down_.transpose();                   // [n, hidden]
+      down_.apply_expert_unchecked(e, gate, down, nullptr, ws.inner);
       for (Index i = 0; i < n; ++i) y.row(tok[i]) += g[i] * down.row(i);
     }
     return ws.routing;

@@ -17,12 +17,13 @@
 #include <vector>
 
 #include "config.hpp"
+#include "detail/checks.hpp"
 #include "dispatch.hpp"
 #include "errors.hpp"
 #include "gating.hpp"
 #include "kernels/base_kernels.hpp"
 #include "kernels/dispatch_kernels.hpp"
-#include "lora.hpp"
+#include "numeric.hpp"
 #include "random.hpp"
 #include "router.hpp"
 #include "types.hpp"
@@ -74,9 +75,9 @@ inline const char* to_string(BaseStrategy s) {
 }
 
 // Everything a forward writes besides its output. Reuse one per thread: a warm adapter
-// forward of the same batch size then allocates nothing with the fused strategy (a different
-// batch size resizes logits and routing, which are exactly [T, E] and [T, k]; the other
-// buffers only grow). Also holds the generator that the sampling selection draws from
+// forward then allocates nothing with the fused strategy (README, "Allocation"). A new batch
+// size reallocates logits and routing, which are exactly [T, E] and [T, k]; every other
+// buffer only grows, so a smaller batch after a larger one allocates nothing else. Also holds the generator that the sampling selection draws from
 // (seed it with seed()). Two calls must not use one workspace at once: with the in-use check
 // on (errors.hpp, on by default without NDEBUG) the second throws state_error.
 template <class Scalar>
@@ -105,45 +106,20 @@ void reserve_rows(M& m, Index rows, Index cols) {
   if (m.rows() < rows || m.cols() != cols) m.resize(std::max(rows, m.rows()), cols);
 }
 
-// Byte range [first, last] spanned by a strided view: the extreme element offsets come from
-// each stride's sign, so a negative stride (a view walking its rows backwards) is covered.
-template <class V>
-std::pair<std::uintptr_t, std::uintptr_t> byte_range(const V& v) {
-  const auto extent = [](Index n, Index stride) {  // {min, max} of i * stride over [0, n)
-    const Index far = (n - 1) * stride;
-    return std::pair<Index, Index>(std::min<Index>(0, far), std::max<Index>(0, far));
-  };
-  const auto rows = extent(v.rows(), v.rowStride()), cols = extent(v.cols(), v.colStride());
-  const auto size = static_cast<std::intptr_t>(sizeof(*v.data()));
-  const auto base = reinterpret_cast<std::intptr_t>(v.data());
-  return {static_cast<std::uintptr_t>(base + (rows.first + cols.first) * size),
-          static_cast<std::uintptr_t>(base + (rows.second + cols.second + 1) * size - 1)};
-}
+}  // namespace detail
 
-// True if the memory spanned by two views (any strides, negative included) overlaps.
-template <class A, class B>
-bool overlaps(const A& a, const B& b) {
-  if (a.size() == 0 || b.size() == 0) return false;
-  const auto ra = byte_range(a), rb = byte_range(b);
-  return ra.first <= rb.second && rb.first <= ra.second;
-}
-
-// Throws numeric_error naming the token and column if row t of x has a non-finite value.
 template <class Scalar>
-void require_finite_token(const ConstRowRef<Scalar>& x, Index t) {
-  for (Index j = 0; j < x.cols(); ++j)
-    if (!std::isfinite(static_cast<double>(x(t, j))))
-      throw numeric_error(cat("x of token ", t, ": expected finite values, got ", x(t, j), " at column ", j));
-}
-
-// Throws numeric_error naming the first token of x with a non-finite value (one vectorised
-// pass when all are finite).
+class MoLoRAAdapter;
 template <class Scalar>
-void require_finite_tokens(const ConstRowRef<Scalar>& x) {
-  if (x.allFinite()) return;
-  for (Index t = 0; t < x.rows(); ++t) require_finite_token(x, t);
-}
+class MoLoRALinear;
+template <class Scalar>
+class MixLoRAFeedForward;
 
+namespace detail {
+// The checks of an adapter's forward for a caller outside the layers (the training
+// forwards): a live adapter, x [T, in], y [T, out]. Throws state_error / shape_error.
+template <class Scalar>
+void check_adapter_io(const MoLoRAAdapter<Scalar>& a, const ConstRowRef<Scalar>& x, const RowRef<Scalar>& y);
 }  // namespace detail
 
 template <class Scalar>
@@ -262,21 +238,29 @@ public:
     return ws.routing;
   }
 
-  // Internal: checks done, x does not alias y, ws held by the caller.
-  const Routing<Scalar>& add_delta_unchecked(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
-    compute_routing(x, ws);
-    apply_routing(x, ws.routing, y, ws);
-    return ws.routing;
-  }
-  // Internal, in two steps (the layer writes its base output in between): the routing into
-  // ws, then y += delta with a routing already checked.
-  const Routing<Scalar>& route_unchecked(const ConstRowRef<Scalar>& x, Workspace& ws) const {
-    compute_routing(x, ws);
-    return ws.routing;
-  }
-  void apply_routing_unchecked(const ConstRowRef<Scalar>& x, const Routing<Scalar>& routing, RowRef<Scalar> y,
-                               Workspace& ws) const {
-    apply_routing(x, routing, y, ws);
+  // y_rows.row(i) += scales(i) * s * B_e A_e x_rows.row(i) for every row i: expert e alone
+  // on rows the caller chose (e.g. the tokens its own router sent to e), each with its own
+  // gate. x_rows [n, in], y_rows [n, out], scales n finite values (a row or a column); n = 0
+  // does nothing. x_rows and y_rows may share memory (x_rows is then copied into ws first).
+  // The same values, bit for bit, as add_delta_routed with a routing that sends row i to
+  // expert e alone with weight scales(i), without building or checking such a routing.
+  // Throws state_error (moved-from adapter, ws in use), shape_error (expert index, shapes) or
+  // numeric_error (a non-finite row of x_rows, named as "x of token i", or scale); y_rows is
+  // then unchanged.
+  template <class DX, class DS>
+  void apply_expert(Index e, const Eigen::MatrixBase<DX>& x_rows, RowRef<Scalar> y_rows,
+                    const Eigen::MatrixBase<DS>& scales, Workspace& ws) const {
+    const detail::WorkspaceGuard hold(ws.in_use, "MoLoRAWorkspace");
+    ConstRowRef<Scalar> xr(x_rows);
+    check_io(xr, y_rows);
+    checked_expert(e);
+    detail::require_vector(scales, xr.rows(), "scales");
+    detail::require_finite(scales, "scales");
+    detail::require_finite_tokens(xr);
+    if (xr.rows() == 0) return;
+    plan_one_expert(e, xr.rows(), ws.plan);
+    for (Index i = 0; i < xr.rows(); ++i) ws.plan.gates[static_cast<std::size_t>(i)] = static_cast<Scalar>(scales(i));
+    apply_plan(unaliased(xr, y_rows, ws), 1, y_rows, ws);
   }
 
   // Throws state_error if this adapter was moved from: its weights then no longer have the
@@ -291,6 +275,13 @@ public:
                                     detail::shape_str(A_.rows(), A_.cols())));
   }
 
+private:
+  // The layers built on the adapter call its unchecked steps after their own checks.
+  friend class MoLoRALinear<Scalar>;
+  friend class MixLoRAFeedForward<Scalar>;
+  template <class S>
+  friend void detail::check_adapter_io(const MoLoRAAdapter<S>&, const ConstRowRef<S>&, const RowRef<S>&);
+
   void check_x(const ConstRowRef<Scalar>& x) const {
     check_live();
     if (x.cols() != in_features())
@@ -298,9 +289,7 @@ public:
   }
   void check_io(const ConstRowRef<Scalar>& x, const RowRef<Scalar>& y) const {
     check_x(x);
-    if (y.rows() != x.rows() || y.cols() != out_features())
-      throw shape_error(detail::mismatch("y shape", detail::shape_str(x.rows(), out_features()),
-                                         detail::shape_str(y.rows(), y.cols())));
+    detail::require_shape(y, x.rows(), out_features(), "y shape");
   }
   // check_io, the routing (validate_routing) and x's values: with caller routing no router
   // logits catch a non-finite x, so it is checked here, with add_delta's message.
@@ -317,15 +306,38 @@ public:
     return ConstRowRef<Scalar>(ws.x_copy);
   }
 
-private:
+  // The steps of a forward whose checks are done (x does not alias y, ws held by the
+  // caller): the routing into ws, then y += delta with a routing already checked.
+  const Routing<Scalar>& route_unchecked(const ConstRowRef<Scalar>& x, Workspace& ws) const {
+    compute_routing(x, ws);
+    return ws.routing;
+  }
+  void apply_routing_unchecked(const ConstRowRef<Scalar>& x, const Routing<Scalar>& routing, RowRef<Scalar>& y,
+                               Workspace& ws) const {
+    apply_routing(x, routing, y, ws);
+  }
+  // apply_expert after its checks, with scales null meaning 1 for every row.
+  void apply_expert_unchecked(Index e, const ConstRowRef<Scalar>& x, RowRef<Scalar> y, const Scalar* scales,
+                              Workspace& ws) const {
+    const Index n = x.rows();
+    if (n == 0) return;
+    plan_one_expert(e, n, ws.plan);
+    for (Index i = 0; i < n; ++i) ws.plan.gates[static_cast<std::size_t>(i)] = scales ? scales[i] : Scalar(1);
+    apply_plan(x, 1, y, ws);
+  }
+
   const Routing<Scalar>& add_delta_impl(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
     check_io(x, y);
     if (x.rows() == 0) {
       ws.routing.resize(0, config_.top_k);
       return ws.routing;
     }
-    return add_delta_unchecked(unaliased(x, y, ws), y, ws);
+    const ConstRowRef<Scalar> xs = unaliased(x, y, ws);
+    compute_routing(xs, ws);
+    apply_routing(xs, ws.routing, y, ws);
+    return ws.routing;
   }
+
 
   Index checked_expert(Index e) const {
     if (e < 0 || e >= num_experts())
@@ -353,32 +365,42 @@ private:
   void apply_routing(const ConstRowRef<Scalar>& x, const Routing<Scalar>& routing, RowRef<Scalar>& y,
                      Workspace& ws) const {
     ws.plan.build(routing, num_experts());
-    switch (resolved_strategy(x.rows(), routing.top_k())) {
+    apply_plan(x, routing.top_k(), y, ws);
+  }
+  // y += the pairs of ws.plan (k experts per token), with the strategy resolved for them.
+  void apply_plan(const ConstRowRef<Scalar>& x, Index top_k, RowRef<Scalar>& y, Workspace& ws) const {
+    switch (resolved_strategy(x.rows(), top_k)) {
       case Strategy::eigen: apply_eigen(x, y, ws); break;
       case Strategy::dense_shrink: apply_dense_shrink(x, y, ws); break;
       default: apply_fused(x, y, ws); break;
     }
   }
+  // ws.plan = expert e alone, with rows 0..n-1 as its tokens (what DispatchPlan::build makes
+  // of a one-expert routing); the caller fills the n gates. Warm vectors do not allocate.
+  void plan_one_expert(Index e, Index n, DispatchPlan<Scalar>& plan) const {
+    const auto E = static_cast<std::size_t>(num_experts()), pairs = static_cast<std::size_t>(n);
+    plan.offsets.assign(E + 1, 0);
+    for (std::size_t j = static_cast<std::size_t>(e) + 1; j <= E; ++j) plan.offsets[j] = n;
+    plan.tokens.resize(pairs);
+    plan.slots.assign(pairs, 0);
+    plan.gates.resize(pairs);
+    for (std::size_t i = 0; i < pairs; ++i) plan.tokens[i] = static_cast<std::int32_t>(i);
+    plan.active.assign(1, static_cast<std::int32_t>(e));
+  }
 
-  // ws.logits = x W_r^T + b_r, by the shrink kernel over each thread's tokens: the same
-  // values as Router::logits_into up to rounding, but no heap use (Eigen's GEMM allocates its
-  // packing buffers above EIGEN_STACK_ALLOCATION_LIMIT) and bits independent of the batch
-  // and the thread count.
+  // ws.logits = x W_r^T + b_r by Router::logits_rows over each thread's tokens (no heap use,
+  // bits independent of the batch and the thread count).
   void router_logits_into(const ConstRowRef<Scalar>& x, Workspace& ws) const {
-    const Index T = x.rows(), E = num_experts();
+    const Index T = x.rows();
     const int threads = thread_count(T);
-    const Index per_thread = kernels::fused_scratch_size<kernels::layer_arch, Scalar>(E);
+    const Index per_thread = router_.logits_scratch_size();
     const auto need = static_cast<std::size_t>(per_thread * threads);
     if (ws.kernel_scratch.size() < need) ws.kernel_scratch.resize(need);
     Scalar* scratch = ws.kernel_scratch.data();
-    const Scalar* w = router_.weight().data();
-    const Scalar* xp = x.data();
-    Scalar* out = ws.logits.data();
-    const Index in = in_features(), ldx = x.outerStride();
+    RowRef<Scalar> out(ws.logits);
     for_token_ranges(T, threads, [&](Index t0, Index t1, Index p) {
-      kernels::dense_rows(kernels::layer_arch{}, w, in, E, in, xp, ldx, out, E, t0, t1, scratch + p * per_thread);
+      router_.logits_rows(x, out, t0, t1, scratch + p * per_thread);  // [T, E]
     });
-    if (router_.has_bias()) ws.logits.rowwise() += router_.bias();
   }
 
   // Strategy eigen: per expert, gather its tokens, shrink, scale, expand, scatter-add.
@@ -478,6 +500,13 @@ private:
   Strategy strategy_ = Strategy::automatic;
 };
 
+namespace detail {
+template <class Scalar>
+void check_adapter_io(const MoLoRAAdapter<Scalar>& a, const ConstRowRef<Scalar>& x, const RowRef<Scalar>& y) {
+  a.check_io(x, y);
+}
+}  // namespace detail
+
 template <class Scalar>
 class MoLoRALinear {
   static_assert(detail::is_supported_scalar<Scalar>, "molora::MoLoRALinear supports float and double");
@@ -534,9 +563,7 @@ public:
   // Copies b [out] (row or column) into an owned base bias; stops wrapping the bias.
   template <class Derived>
   void set_base_bias(const Eigen::MatrixBase<Derived>& b) {
-    if (b.size() != out_features() || (b.rows() != 1 && b.cols() != 1))
-      throw shape_error(detail::mismatch("base bias", detail::cat("[", out_features(), "]"),
-                                         detail::shape_str(b.rows(), b.cols())));
+    detail::require_vector(b, out_features(), "base bias");
     detail::require_finite(b, "base bias");
     owned_bias_.resize(out_features());
     for (Index i = 0; i < out_features(); ++i) owned_bias_(i) = static_cast<Scalar>(b(i));

@@ -1,5 +1,5 @@
 // AdamW as torch.optim.AdamW computes it (decoupled weight decay, bias-corrected moments),
-// stepping a ParameterList (params.hpp). For each parameter p with gradient g, at step t:
+// stepping a ParameterList (parameter.hpp). For each parameter p with gradient g, at step t:
 //
 //     p   <- p * (1 - lr * weight_decay)
 //     m   <- beta1 * m + (1 - beta1) * g
@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "errors.hpp"
-#include "params.hpp"
+#include "parameter.hpp"
 #include "types.hpp"
 
 namespace molora {

@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "../errors.hpp"
+#include "../numeric.hpp"
 #include "../types.hpp"
 #include "input.hpp"
 
@@ -150,9 +151,7 @@ struct LoraParams {
   double lora_dropout = 0;   // training only
   bool use_rslora = false;
 
-  double scaling() const {
-    return use_rslora ? lora_alpha / std::sqrt(static_cast<double>(r)) : lora_alpha / static_cast<double>(r);
-  }
+  double scaling() const { return lora_scaling(lora_alpha, r, use_rslora); }
 };
 
 }  // namespace molora::io

@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "../errors.hpp"
+#include "../numeric.hpp"
 #include "../types.hpp"
 #include "safetensors_reader.hpp"
 
@@ -86,7 +87,7 @@ auto building(const std::string& file, const std::string& module, F&& f) -> decl
 // Scalar: 1e300 would turn every output into inf or NaN. `file` is where alpha came from.
 template <class Scalar>
 void check_scaling(const std::string& file, const std::string& module, double alpha, Index rank, bool rslora) {
-  const double s = rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
+  const double s = lora_scaling(alpha, rank, rslora);
   const double hi = static_cast<double>(std::numeric_limits<Scalar>::max());
   const double lo = static_cast<double>(std::numeric_limits<Scalar>::min());
   if (!(std::isfinite(s) && s <= hi && s >= lo))
