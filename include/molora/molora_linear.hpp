@@ -25,6 +25,7 @@
 #include "lora.hpp"
 #include "random.hpp"
 #include "router.hpp"
+#include "saved_input.hpp"
 #include "types.hpp"
 
 #if defined(MOLORA_USE_OPENMP)
@@ -105,29 +106,6 @@ void reserve_rows(M& m, Index rows, Index cols) {
   if (m.rows() < rows || m.cols() != cols) m.resize(std::max(rows, m.rows()), cols);
 }
 
-// Byte range [first, last] spanned by a strided view: the extreme element offsets come from
-// each stride's sign, so a negative stride (a view walking its rows backwards) is covered.
-template <class V>
-std::pair<std::uintptr_t, std::uintptr_t> byte_range(const V& v) {
-  const auto extent = [](Index n, Index stride) {  // {min, max} of i * stride over [0, n)
-    const Index far = (n - 1) * stride;
-    return std::pair<Index, Index>(std::min<Index>(0, far), std::max<Index>(0, far));
-  };
-  const auto rows = extent(v.rows(), v.rowStride()), cols = extent(v.cols(), v.colStride());
-  const auto size = static_cast<std::intptr_t>(sizeof(*v.data()));
-  const auto base = reinterpret_cast<std::intptr_t>(v.data());
-  return {static_cast<std::uintptr_t>(base + (rows.first + cols.first) * size),
-          static_cast<std::uintptr_t>(base + (rows.second + cols.second + 1) * size - 1)};
-}
-
-// True if the memory spanned by two views (any strides, negative included) overlaps.
-template <class A, class B>
-bool overlaps(const A& a, const B& b) {
-  if (a.size() == 0 || b.size() == 0) return false;
-  const auto ra = byte_range(a), rb = byte_range(b);
-  return ra.first <= rb.second && rb.first <= ra.second;
-}
-
 // Throws numeric_error naming the token and column if row t of x has a non-finite value.
 template <class Scalar>
 void require_finite_token(const ConstRowRef<Scalar>& x, Index t) {
@@ -143,6 +121,11 @@ void require_finite_tokens(const ConstRowRef<Scalar>& x) {
   if (x.allFinite()) return;
   for (Index t = 0; t < x.rows(); ++t) require_finite_token(x, t);
 }
+
+// The training forward (backward.hpp): runs the adapter's own router, gating and fused
+// kernels, asking them to keep what the backward needs.
+template <class Scalar>
+struct TrainingPath;
 
 }  // namespace detail
 
@@ -318,6 +301,8 @@ public:
   }
 
 private:
+  friend struct detail::TrainingPath<Scalar>;
+
   const Routing<Scalar>& add_delta_impl(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
     check_io(x, y);
     if (x.rows() == 0) {
@@ -335,15 +320,17 @@ private:
 
   // Router logits and gating into ws.logits / ws.routing.
   void compute_routing(const ConstRowRef<Scalar>& x, Workspace& ws) const {
-    const Index T = x.rows(), E = num_experts();
-    if (ws.logits.rows() != T || ws.logits.cols() != E) ws.logits.resize(T, E);
-    router_logits_into(x, ws);  // [T, E]
-    // A non-finite logit from a non-finite x names x (as add_delta_routed does); one from
-    // overflow is left to route(), which names the logits.
-    for (Index t = 0; t < T; ++t)
-      if (!ws.logits.row(t).allFinite()) detail::require_finite_token(x, t);
-    ws.probs.resize(static_cast<std::size_t>(E));
+    router_logits_into(x, ws.logits, ws.kernel_scratch);  // [T, E]
+    check_logits(x, ws.logits);
+    ws.probs.resize(static_cast<std::size_t>(num_experts()));
     route(ConstRowRef<Scalar>(ws.logits), GatingOptions::from(config_), ws.routing, &ws.rng, ws.probs.data());
+  }
+
+  // A non-finite logit from a non-finite x names x (as add_delta_routed does); one from
+  // overflow is left to route(), which names the logits.
+  static void check_logits(const ConstRowRef<Scalar>& x, const RowMatrix<Scalar>& logits) {
+    for (Index t = 0; t < logits.rows(); ++t)
+      if (!logits.row(t).allFinite()) detail::require_finite_token(x, t);
   }
 
   // y[t] += sum over t's slots of g * s * B_e A_e x[t], with the strategy resolved for this
@@ -360,25 +347,27 @@ private:
     }
   }
 
-  // ws.logits = x W_r^T + b_r, by the shrink kernel over each thread's tokens: the same
+  // logits [T, E] = x W_r^T + b_r, by the shrink kernel over each thread's tokens: the same
   // values as Router::logits_into up to rounding, but no heap use (Eigen's GEMM allocates its
   // packing buffers above EIGEN_STACK_ALLOCATION_LIMIT) and bits independent of the batch
-  // and the thread count.
-  void router_logits_into(const ConstRowRef<Scalar>& x, Workspace& ws) const {
+  // and the thread count. kernel_scratch grows as needed.
+  void router_logits_into(const ConstRowRef<Scalar>& x, RowMatrix<Scalar>& logits,
+                          std::vector<Scalar>& kernel_scratch) const {
     const Index T = x.rows(), E = num_experts();
+    if (logits.rows() != T || logits.cols() != E) logits.resize(T, E);
     const int threads = thread_count(T);
     const Index per_thread = kernels::fused_scratch_size<kernels::layer_arch, Scalar>(E);
     const auto need = static_cast<std::size_t>(per_thread * threads);
-    if (ws.kernel_scratch.size() < need) ws.kernel_scratch.resize(need);
-    Scalar* scratch = ws.kernel_scratch.data();
+    if (kernel_scratch.size() < need) kernel_scratch.resize(need);
+    Scalar* scratch = kernel_scratch.data();
     const Scalar* w = router_.weight().data();
     const Scalar* xp = x.data();
-    Scalar* out = ws.logits.data();
+    Scalar* out = logits.data();
     const Index in = in_features(), ldx = x.outerStride();
     for_token_ranges(T, threads, [&](Index t0, Index t1, Index p) {
       kernels::dense_rows(kernels::layer_arch{}, w, in, E, in, xp, ldx, out, E, t0, t1, scratch + p * per_thread);
     });
-    if (router_.has_bias()) ws.logits.rowwise() += router_.bias();
+    if (router_.has_bias()) logits.rowwise() += router_.bias();
   }
 
   // Strategy eigen: per expert, gather its tokens, shrink, scale, expand, scatter-add.
@@ -437,18 +426,24 @@ private:
 
   // Strategy fused: kernels/dispatch_kernels.hpp over each thread's tokens.
   void apply_fused(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
+    apply_fused(x, y, ws.plan, ws.kernel_scratch, static_cast<Scalar*>(nullptr));
+  }
+  // The same over a given plan; kernel_scratch grows as needed. hidden (null, or
+  // [pairs, rank] row-major) keeps each pair's h = A_e x in plan order for a backward.
+  void apply_fused(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, const DispatchPlan<Scalar>& plan,
+                   std::vector<Scalar>& kernel_scratch, Scalar* hidden) const {
     const int threads = thread_count(x.rows());
     const Index per_thread = kernels::fused_scratch_size<kernels::layer_arch, Scalar>(rank());
     const auto need = static_cast<std::size_t>(per_thread * threads);
-    if (ws.kernel_scratch.size() < need) ws.kernel_scratch.resize(need);
+    if (kernel_scratch.size() < need) kernel_scratch.resize(need);
     const auto w = expert_stack();
-    const auto g = pair_groups(ws.plan);
-    Scalar* scratch = ws.kernel_scratch.data();
+    const auto g = pair_groups(plan);
+    Scalar* scratch = kernel_scratch.data();
     const Scalar* xp = x.data();
     Scalar* yp = y.data();
     const Index ldx = x.outerStride(), ldy = y.outerStride();
     for_token_ranges(x.rows(), threads, [&](Index t0, Index t1, Index p) {
-      kernels::fused_tokens(kernels::layer_arch{}, w, g, xp, ldx, yp, ldy, t0, t1, scratch + p * per_thread);
+      kernels::fused_tokens(kernels::layer_arch{}, w, g, xp, ldx, yp, ldy, t0, t1, scratch + p * per_thread, hidden);
     });
   }
 
