@@ -231,7 +231,7 @@ void BM_kernel(benchmark::State& st) {
       case 1: k::expand(k::layer_arch{}, bt.data(), out, r, out, hr.data(), scale.data(), n, yr.data()); break;
       case 2:
         k::fused(k::layer_arch{}, a.data(), in, bt.data(), out, r, in, out, xr.data(), yr.data(), scale.data(), n,
-                 scratch.data(), k::kTile);
+                 scratch.data(), k::kTile, static_cast<float*>(nullptr));
         break;
       default:
         h.noalias() = x * a.transpose();

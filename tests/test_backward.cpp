@@ -373,6 +373,98 @@ TEST_CASE("training forward in float equals the layer's forward") {
   CHECK((y - ref).cwiseAbs().maxCoeff() <= 1e-5f * std::max(1.0f, ref.cwiseAbs().maxCoeff()));
 }
 
+// One forward: the training forward runs the layer's router, gating, plan and fused kernels,
+// so without noise its y and routing are the fused forward's bit for bit, and what it keeps
+// (h per pair, probabilities) matches a double reference.
+TEST_CASE_TEMPLATE("training forward is the layer's fused forward, bit for bit, and keeps h and p", Scalar, float,
+                   double) {
+  struct Shape {
+    Index T, in, out, E, k, r;
+    bool normalize;
+    Selection selection;
+  };
+  const Shape shapes[] = {{1, 1, 1, 1, 1, 1, true, Selection::top_k},
+                          {5, 17, 9, 4, 2, 3, true, Selection::top_k},
+                          {37, 33, 19, 8, 2, 16, false, Selection::top_k},
+                          {70, 20, 31, 3, 3, 5, true, Selection::top_k},
+                          {13, 40, 7, 6, 2, 1, true, Selection::sampling},
+                          {9, 65, 130, 5, 3, 7, false, Selection::sampling}};
+  std::uint64_t seed = 40;
+  for (const Shape& sh : shapes) {
+    CAPTURE(sh.T);
+    CAPTURE(sh.E);
+    CAPTURE(sh.k);
+    MoLoRAConfig cfg;
+    cfg.in_features = sh.in;
+    cfg.out_features = sh.out;
+    cfg.num_experts = sh.E;
+    cfg.top_k = sh.k;
+    cfg.rank = sh.r;
+    cfg.normalize_top_k = sh.normalize;
+    cfg.selection = sh.selection;
+    MoLoRALinear<Scalar> layer(cfg);
+    layer.set_strategy(Strategy::fused);
+    Generator gen(seed++);
+    layer.adapter().init_default(gen);
+    auto B = layer.adapter().mutable_stacked_B();
+    fill(B, gen, 0.3);
+    auto br = layer.adapter().router().mutable_bias();
+    fill(br, gen, 0.5);
+    RowMatrix<Scalar> x(sh.T, sh.in), w0(sh.out, sh.in);
+    fill(x, gen, 1.0);
+    fill(w0, gen, 0.3);
+    layer.set_base_weight(w0);
+
+    RowMatrix<Scalar> y(sh.T, sh.out), ref(sh.T, sh.out);
+    MoLoRATape<Scalar> tape;
+    MoLoRAWorkspace<Scalar> ws;
+    tape.seed(seed);
+    ws.seed(seed);
+    forward_train(layer, x, y, tape);
+    layer.forward(x, ref, ws);
+    CHECK(y == ref);
+    CHECK(tape.routing.ids == ws.routing.ids);
+    CHECK(tape.routing.weights == ws.routing.weights);
+    CHECK(tape.logits == ws.logits);
+
+    // The adapter alone: the same delta, bit for bit.
+    RowMatrix<Scalar> d1 = RowMatrix<Scalar>::Zero(sh.T, sh.out), d2 = d1;
+    MoLoRATape<Scalar> tape2;
+    tape2.seed(seed);
+    ws.seed(seed);
+    add_delta_train(layer.adapter(), x, d1, tape2);
+    layer.adapter().add_delta(x, d2, ws);
+    CHECK(d1 == d2);
+
+    // What the tape keeps, against plain double loops.
+    const double tol = std::is_same_v<Scalar, float> ? 1e-5 : 1e-12;
+    double worst_p = 0, worst_h = 0;
+    for (Index t = 0; t < sh.T; ++t) {
+      double m = -1e300, z = 0;
+      for (Index e = 0; e < sh.E; ++e) m = std::max(m, double(tape.logits(t, e)));
+      for (Index e = 0; e < sh.E; ++e) z += std::exp(double(tape.logits(t, e)) - m);
+      for (Index e = 0; e < sh.E; ++e)
+        worst_p = std::max(worst_p, std::abs(double(tape.probs(t, e)) - std::exp(double(tape.logits(t, e)) - m) / z));
+    }
+    const auto& A = layer.adapter().stacked_A();
+    REQUIRE(tape.hidden.rows() == sh.T * sh.k);
+    for (std::size_t p = 0; p < tape.plan.tokens.size(); ++p) {
+      const Index t = tape.plan.tokens[p];
+      const Index e = tape.routing.ids(t, tape.plan.slots[p]);
+      for (Index j = 0; j < sh.r; ++j) {
+        double h = 0, scale = 0;
+        for (Index c = 0; c < sh.in; ++c) {
+          h += double(A(e * sh.r + j, c)) * double(x(t, c));
+          scale += std::abs(double(A(e * sh.r + j, c)) * double(x(t, c)));
+        }
+        worst_h = std::max(worst_h, std::abs(double(tape.hidden(Index(p), j)) - h) / std::max(1.0, scale));
+      }
+    }
+    CHECK(worst_p <= tol);
+    CHECK(worst_h <= tol);
+  }
+}
+
 TEST_CASE("backward: experts without tokens get exactly zero gradient") {
   Case c;
   c.T = 1;

@@ -244,3 +244,127 @@ TEST_CASE("MixLoRA-style normal router init has the asked standard deviation") {
   CHECK(std::abs(mean) < 0.002);
   CHECK(sd == doctest::Approx(0.02).epsilon(0.05));
 }
+
+// ---- the gating's backward ---------------------------------------------------------------
+
+namespace {
+
+// Logits whose experts are at least 0.5 apart within a token (a random order of 0.5 * e plus
+// noise below 0.1), so no finite-difference step changes the top-k selection.
+RowMatrix<double> separated_logits(Index T, Index E, std::uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::uniform_real_distribution<double> u(0.0, 0.1);
+  RowMatrix<double> z(T, E);
+  std::vector<int> order(static_cast<size_t>(E));
+  for (Index t = 0; t < T; ++t) {
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), g);
+    for (Index e = 0; e < E; ++e) z(t, e) = 0.5 * order[size_t(e)] - 0.25 * double(E) + u(g);
+  }
+  return z;
+}
+
+// L = sum_{t, s} c(t, s) * w(t, s), with each token's experts held at ids: the weights by
+// the plain double reference (ref::gate_weights).
+double gate_loss(const RowMatrix<double>& z, const molora::IdMatrix& ids, const RowMatrix<double>& c,
+                 bool normalize) {
+  double L = 0;
+  for (Index t = 0; t < z.rows(); ++t) {
+    std::vector<double> zt(z.row(t).data(), z.row(t).data() + z.cols());
+    std::vector<int> sel(ids.row(t).data(), ids.row(t).data() + ids.cols());
+    const auto w = ref::gate_weights(zt, sel, normalize);
+    for (Index s = 0; s < ids.cols(); ++s) L += c(t, s) * w[size_t(s)];
+  }
+  return L;
+}
+
+}  // namespace
+
+TEST_CASE("route_backward matches finite differences for every gating mode and shape") {
+  const Index shapes[][2] = {{1, 1}, {2, 1}, {2, 2}, {3, 2}, {5, 5}, {7, 3}, {8, 2}, {8, 8}, {17, 4}};
+  std::uint64_t seed = 100;
+  double worst = 0;
+  for (const auto& sh : shapes)
+    for (bool normalize : {true, false})
+      for (Selection sel : {Selection::top_k, Selection::sampling})
+        for (Index T : {1, 4, 9}) {
+          const Index E = sh[0], k = sh[1];
+          CAPTURE(E);
+          CAPTURE(k);
+          CAPTURE(normalize);
+          CAPTURE(T);
+          CAPTURE(static_cast<int>(sel));
+          const GatingOptions o = opts(E, k, normalize, sel);
+          const RowMatrix<double> z = separated_logits(T, E, seed++);
+          molora::Generator gen(seed++);
+          molora::Routing<double> r;
+          RowMatrix<double> probs;
+          molora::route_keep_probs<double>(z, o, r, &gen, probs);
+          // The kept probabilities are the softmax the forward used.
+          for (Index t = 0; t < T; ++t) {
+            const auto p = ref::softmax(std::vector<double>(z.row(t).data(), z.row(t).data() + E));
+            for (Index e = 0; e < E; ++e) CHECK(probs(t, e) == doctest::Approx(p[size_t(e)]).epsilon(1e-14));
+          }
+          const RowMatrix<double> c = ref::random_x<double>(T, k, seed++);  // dL/dg
+          const RowMatrix<double> base = ref::random_x<double>(T, E, seed++);
+          RowMatrix<double> dl = base;  // route_backward adds into it
+          molora::route_backward<double>(o, r, probs, c, dl);
+          dl -= base;
+          const double h = 1e-6;
+          for (Index t = 0; t < T; ++t)
+            for (Index j = 0; j < E; ++j) {
+              RowMatrix<double> zp = z, zm = z;
+              zp(t, j) += h;
+              zm(t, j) -= h;
+              if (sel == Selection::top_k) {  // the library's own selection does not move
+                REQUIRE(molora::route<double>(zp, o).ids == r.ids);
+                REQUIRE(molora::route<double>(zm, o).ids == r.ids);
+              }
+              const double fd = (gate_loss(zp, r.ids, c, normalize) - gate_loss(zm, r.ids, c, normalize)) / (2 * h);
+              const double err = std::abs(fd - dl(t, j)) / std::max(1.0, std::abs(fd));
+              worst = std::max(worst, err);
+              CHECK(err < 1e-7);
+              bool selected = false;
+              for (Index s = 0; s < k; ++s) selected = selected || r.ids(t, s) == j;
+              if (molora::route_backward_selected_only(o) && !selected) CHECK(dl(t, j) == 0.0);
+            }
+        }
+  MESSAGE("route_backward: worst finite-difference error ", worst);
+}
+
+TEST_CASE("route_backward in float agrees with double; it checks its arguments") {
+  const GatingOptions o = opts(6, 2, false);
+  const RowMatrix<double> z = separated_logits(5, 6, 7);
+  molora::Routing<double> rd;
+  RowMatrix<double> pd;
+  molora::route_keep_probs<double>(z, o, rd, static_cast<molora::Generator*>(nullptr), pd);
+  const RowMatrix<double> c = ref::random_x<double>(5, 2, 8);
+  RowMatrix<double> dld = RowMatrix<double>::Zero(5, 6);
+  molora::route_backward<double>(o, rd, pd, c, dld);
+  molora::Routing<float> rf;
+  RowMatrix<float> pf;
+  const RowMatrix<float> zf = z.cast<float>(), cf = c.cast<float>();
+  molora::route_keep_probs<float>(zf, o, rf, static_cast<molora::Generator*>(nullptr), pf);
+  REQUIRE(rf.ids == rd.ids);
+  RowMatrix<float> dlf = RowMatrix<float>::Zero(5, 6);
+  molora::route_backward<float>(o, rf, pf, cf, dlf);
+  CHECK((dlf.cast<double>() - dld).cwiseAbs().maxCoeff() < 1e-6);
+
+  RowMatrix<double> wrong(5, 5);
+  CHECK_THROWS_WITH_AS(molora::route_backward<double>(o, rd, pd, c, wrong),
+                       "molora shape error: dlogits: expected [5, 6], got [5, 5]", molora::shape_error);
+  const RowMatrix<double> c3(5, 3);
+  CHECK_THROWS_WITH_AS(molora::route_backward<double>(o, rd, pd, c3, dld),
+                       "molora shape error: gate_grad: expected [5, 2], got [5, 3]", molora::shape_error);
+  const RowMatrix<double> p_short(4, 6);
+  CHECK_THROWS_WITH_AS(molora::route_backward<double>(o, rd, p_short, c, dld),
+                       "molora shape error: probs: expected [5, 6], got [4, 6]", molora::shape_error);
+  // Renormalised gating reads no probabilities: an empty probs is fine.
+  CHECK_NOTHROW(molora::route_backward<double>(opts(6, 2, true), rd, RowMatrix<double>(), c, dld));
+  CHECK_THROWS_AS(molora::route_backward<double>(opts(6, 3, false), rd, pd, c, dld), molora::shape_error);
+  molora::Routing<double> bad = rd;
+  bad.ids(2, 1) = 6;
+  CHECK_THROWS_WITH_AS(molora::route_backward<double>(o, bad, pd, c, dld),
+                       "molora numeric error: routing.ids of token 2 slot 1: expected an expert id in [0, 6), got 6",
+                       molora::numeric_error);
+}

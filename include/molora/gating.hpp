@@ -119,18 +119,14 @@ inline void check_gating(const GatingOptions& opt, Index logits_cols) {
 
 }  // namespace detail
 
-// Routes every token. Requires logits [T, E] with E == opt.num_experts >= 1 and
-// 1 <= top_k <= E (throws config_error / shape_error otherwise). gen is used only for
-// Selection::sampling and must then be non-null. probs_scratch must hold E values. Throws
-// numeric_error naming the first token whose logits are not finite; out is then unspecified.
-template <class Scalar, class URBG = Generator>
-void route(const ConstRowRef<Scalar>& logits, const GatingOptions& opt, Routing<Scalar>& out, URBG* gen,
-           Scalar* probs_scratch) {
+namespace detail {
+
+// route() after its checks. Token t's softmax goes to probs + t * ldp: ldp = 0 reuses one
+// row of scratch, ldp = E keeps every token's probabilities (the training forward).
+template <class Scalar, class URBG>
+void route_rows(const ConstRowRef<Scalar>& logits, const GatingOptions& opt, Routing<Scalar>& out, URBG* gen,
+                Scalar* probs, Index ldp) {
   const Index T = logits.rows(), E = logits.cols(), k = opt.top_k;
-  detail::check_gating(opt, E);
-  if (opt.selection == Selection::sampling && gen == nullptr)
-    throw config_error("selection: sampling needs a generator, got none");
-  if (probs_scratch == nullptr) throw config_error("probs_scratch: expected room for num_experts values, got null");
   out.resize(T, k);
   for (Index t = 0; t < T; ++t) {
     const Scalar* row = logits.row(t).data();
@@ -138,10 +134,11 @@ void route(const ConstRowRef<Scalar>& logits, const GatingOptions& opt, Routing<
       if (!std::isfinite(static_cast<double>(row[e])))
         throw numeric_error(detail::cat("router logits of token ", t, ": expected finite values, got ", row[e],
                                         " for expert ", e));
-    detail::softmax_row(row, E, probs_scratch);
+    Scalar* p = probs + t * ldp;
+    detail::softmax_row(row, E, p);
     std::int32_t* ids = out.ids.row(t).data();
     if (opt.selection == Selection::sampling)
-      detail::sample_row(row, probs_scratch, E, k, ids, *gen);
+      detail::sample_row(row, p, E, k, ids, *gen);
     else
       detail::top_k_row(row, E, k, ids);
     Scalar* w = out.weights.row(t).data();
@@ -156,9 +153,108 @@ void route(const ConstRowRef<Scalar>& logits, const GatingOptions& opt, Routing<
       }
       for (Index s = 0; s < k; ++s) w[s] /= z;
     } else {
-      for (Index s = 0; s < k; ++s) w[s] = probs_scratch[ids[s]];
+      for (Index s = 0; s < k; ++s) w[s] = p[ids[s]];
     }
   }
+}
+
+// Throws config_error when sampling has no generator.
+template <class URBG>
+void check_generator(const GatingOptions& opt, const URBG* gen) {
+  if (opt.selection == Selection::sampling && gen == nullptr)
+    throw config_error("selection: sampling needs a generator, got none");
+}
+
+}  // namespace detail
+
+// Routes every token. Requires logits [T, E] with E == opt.num_experts >= 1 and
+// 1 <= top_k <= E (throws config_error / shape_error otherwise). gen is used only for
+// Selection::sampling and must then be non-null. probs_scratch must hold E values. Throws
+// numeric_error naming the first token whose logits are not finite; out is then unspecified.
+template <class Scalar, class URBG = Generator>
+void route(const ConstRowRef<Scalar>& logits, const GatingOptions& opt, Routing<Scalar>& out, URBG* gen,
+           Scalar* probs_scratch) {
+  detail::check_gating(opt, logits.cols());
+  detail::check_generator(opt, gen);
+  if (probs_scratch == nullptr) throw config_error("probs_scratch: expected room for num_experts values, got null");
+  detail::route_rows(logits, opt, out, gen, probs_scratch, 0);
+}
+
+// The same, keeping what route_backward needs: probs [T, E] gets softmax(logits) of every
+// token (the same values route() uses). Throws as route() does, and shape_error on probs.
+template <class Scalar, class URBG = Generator>
+void route_keep_probs(const ConstRowRef<Scalar>& logits, const GatingOptions& opt, Routing<Scalar>& out, URBG* gen,
+                      RowMatrix<Scalar>& probs) {
+  detail::check_gating(opt, logits.cols());
+  detail::check_generator(opt, gen);
+  if (probs.rows() != logits.rows() || probs.cols() != logits.cols()) probs.resize(logits.rows(), logits.cols());
+  detail::route_rows(logits, opt, out, gen, probs.data(), logits.cols());
+}
+
+// ---- the gating's backward ------------------------------------------------------------------
+//
+// Gradients reach the logits through the gate weights only, never through the discrete
+// choice of experts (top-k or sampling picks the same experts for a small change of the
+// logits, away from ties). With S the k experts of a token, dg its gate gradient per slot:
+//   renormalised (normalize_top_k): g = softmax of the logits in S, so
+//       dl_j = g_j (dg_j - sum_S g_i dg_i) for j in S, and 0 for every j outside S;
+//   masked: g_i = p_i with p the softmax over all E, so
+//       dl_j = p_j (dg_j - sum_S p_i dg_i) for every j (dg_j = 0 outside S).
+// Sampling only changes how S is chosen, so it shares these formulas; k == E is the first
+// with S = all experts.
+
+// True when the logit gradient of a token is zero off its selected experts (the router's
+// backward may then touch only their rows of W_r).
+inline bool route_backward_selected_only(const GatingOptions& opt) { return opt.normalize_top_k; }
+
+namespace detail {
+
+// route_backward after its checks.
+template <class Scalar>
+void route_backward_rows(const GatingOptions& opt, const Routing<Scalar>& routing, const Scalar* probs, Index ldp,
+                         const Scalar* gate_grad, Index ldg, Scalar* dlogits, Index ldl) {
+  const Index T = routing.num_tokens(), k = routing.top_k(), E = opt.num_experts;
+  for (Index t = 0; t < T; ++t) {
+    const Scalar* g = routing.weights.row(t).data();
+    const std::int32_t* ids = routing.ids.row(t).data();
+    const Scalar* dg = gate_grad + t * ldg;
+    Scalar* dl = dlogits + t * ldl;
+    Scalar dot = 0;
+    for (Index s = 0; s < k; ++s) dot += g[s] * dg[s];
+    if (opt.normalize_top_k) {
+      for (Index s = 0; s < k; ++s) dl[ids[s]] += g[s] * (dg[s] - dot);
+    } else {
+      const Scalar* p = probs + t * ldp;
+      for (Index j = 0; j < E; ++j) dl[j] -= p[j] * dot;
+      for (Index s = 0; s < k; ++s) dl[ids[s]] += p[ids[s]] * dg[s];
+    }
+  }
+}
+
+}  // namespace detail
+
+// dlogits [T, E] += dL/dlogits given dL/dg per (token, slot) in gate_grad [T, k], for the
+// routing route() produced with opt and, for the masked mode, the probabilities
+// route_keep_probs() kept (probs [T, E]; unread, and may be empty, when normalize_top_k).
+// Throws config_error / shape_error naming the field on options or shapes that do not fit,
+// numeric_error on an expert id outside [0, E); dlogits is then unchanged.
+template <class Scalar>
+void route_backward(const GatingOptions& opt, const Routing<Scalar>& routing, const ConstRowRef<Scalar>& probs,
+                    const ConstRowRef<Scalar>& gate_grad, RowRef<Scalar> dlogits) {
+  detail::check_gating(opt, opt.num_experts);
+  const Index T = routing.num_tokens(), k = routing.top_k(), E = opt.num_experts;
+  if (k != opt.top_k) throw shape_error(detail::mismatch("routing columns (top_k)", opt.top_k, k));
+  detail::require_shape(routing.weights, T, k, "routing.weights");
+  detail::require_shape(gate_grad, T, k, "gate_grad");
+  detail::require_shape(dlogits, T, E, "dlogits");
+  if (!opt.normalize_top_k) detail::require_shape(probs, T, E, "probs");
+  for (Index t = 0; t < T; ++t)
+    for (Index s = 0; s < k; ++s)
+      if (routing.ids(t, s) < 0 || routing.ids(t, s) >= E)
+        throw numeric_error(detail::cat("routing.ids of token ", t, " slot ", s, ": expected an expert id in [0, ", E,
+                                        "), got ", routing.ids(t, s)));
+  detail::route_backward_rows(opt, routing, probs.data(), probs.outerStride(), gate_grad.data(),
+                              gate_grad.outerStride(), dlogits.data(), dlogits.outerStride());
 }
 
 // Convenience overload that allocates its scratch.

@@ -1,5 +1,5 @@
 // Auxiliary router losses of MoE training: the Switch/Mixtral load-balancing loss and the
-// router z-loss. Each reads a training tape (backward.hpp) after the training forward,
+// router z-loss. Each reads a training tape (tape.hpp) after the training forward,
 // returns its value and adds its gradient with respect to the router logits into
 // tape.logit_grad, which the backward then carries into dL/dW_r, dL/db_r and dL/dx.
 //
@@ -24,9 +24,9 @@
 #include <cmath>
 #include <vector>
 
-#include "backward.hpp"
 #include "detail/checks.hpp"
 #include "errors.hpp"
+#include "tape.hpp"
 #include "types.hpp"
 
 namespace molora {

@@ -26,6 +26,7 @@
 #include "numeric.hpp"
 #include "random.hpp"
 #include "router.hpp"
+#include "saved_input.hpp"
 #include "types.hpp"
 
 #if defined(MOLORA_USE_OPENMP)
@@ -120,6 +121,10 @@ namespace detail {
 // forwards): a live adapter, x [T, in], y [T, out]. Throws state_error / shape_error.
 template <class Scalar>
 void check_adapter_io(const MoLoRAAdapter<Scalar>& a, const ConstRowRef<Scalar>& x, const RowRef<Scalar>& y);
+// The training forward (backward.hpp): runs the adapter's own router, gating and fused
+// kernels, asking them to keep what the backward needs.
+template <class Scalar>
+struct TrainingPath;
 }  // namespace detail
 
 template <class Scalar>
@@ -279,6 +284,7 @@ private:
   // The layers built on the adapter call its unchecked steps after their own checks.
   friend class MoLoRALinear<Scalar>;
   friend class MixLoRAFeedForward<Scalar>;
+  friend struct detail::TrainingPath<Scalar>;
   template <class S>
   friend void detail::check_adapter_io(const MoLoRAAdapter<S>&, const ConstRowRef<S>&, const RowRef<S>&);
 
@@ -347,15 +353,17 @@ private:
 
   // Router logits and gating into ws.logits / ws.routing.
   void compute_routing(const ConstRowRef<Scalar>& x, Workspace& ws) const {
-    const Index T = x.rows(), E = num_experts();
-    if (ws.logits.rows() != T || ws.logits.cols() != E) ws.logits.resize(T, E);
-    router_logits_into(x, ws);  // [T, E]
-    // A non-finite logit from a non-finite x names x (as add_delta_routed does); one from
-    // overflow is left to route(), which names the logits.
-    for (Index t = 0; t < T; ++t)
-      if (!ws.logits.row(t).allFinite()) detail::require_finite_token(x, t);
-    ws.probs.resize(static_cast<std::size_t>(E));
+    router_logits_into(x, ws.logits, ws.kernel_scratch);  // [T, E]
+    check_logits(x, ws.logits);
+    ws.probs.resize(static_cast<std::size_t>(num_experts()));
     route(ConstRowRef<Scalar>(ws.logits), GatingOptions::from(config_), ws.routing, &ws.rng, ws.probs.data());
+  }
+
+  // A non-finite logit from a non-finite x names x (as add_delta_routed does); one from
+  // overflow is left to route(), which names the logits.
+  static void check_logits(const ConstRowRef<Scalar>& x, const RowMatrix<Scalar>& logits) {
+    for (Index t = 0; t < logits.rows(); ++t)
+      if (!logits.row(t).allFinite()) detail::require_finite_token(x, t);
   }
 
   // y[t] += sum over t's slots of g * s * B_e A_e x[t], with the strategy resolved for this
@@ -388,16 +396,19 @@ private:
     plan.active.assign(1, static_cast<std::int32_t>(e));
   }
 
-  // ws.logits = x W_r^T + b_r by Router::logits_rows over each thread's tokens (no heap use,
-  // bits independent of the batch and the thread count).
-  void router_logits_into(const ConstRowRef<Scalar>& x, Workspace& ws) const {
-    const Index T = x.rows();
+  // logits [T, E] = x W_r^T + b_r by Router::logits_rows over each thread's tokens: no heap
+  // use once kernel_scratch is warm, bits independent of the batch and the thread count.
+  // Inference passes the workspace's buffers, training the tape's.
+  void router_logits_into(const ConstRowRef<Scalar>& x, RowMatrix<Scalar>& logits,
+                          std::vector<Scalar>& kernel_scratch) const {
+    const Index T = x.rows(), E = num_experts();
+    if (logits.rows() != T || logits.cols() != E) logits.resize(T, E);
     const int threads = thread_count(T);
     const Index per_thread = router_.logits_scratch_size();
     const auto need = static_cast<std::size_t>(per_thread * threads);
-    if (ws.kernel_scratch.size() < need) ws.kernel_scratch.resize(need);
-    Scalar* scratch = ws.kernel_scratch.data();
-    RowRef<Scalar> out(ws.logits);
+    if (kernel_scratch.size() < need) kernel_scratch.resize(need);
+    Scalar* scratch = kernel_scratch.data();
+    RowRef<Scalar> out(logits);
     for_token_ranges(T, threads, [&](Index t0, Index t1, Index p) {
       router_.logits_rows(x, out, t0, t1, scratch + p * per_thread);  // [T, E]
     });
@@ -459,18 +470,24 @@ private:
 
   // Strategy fused: kernels/dispatch_kernels.hpp over each thread's tokens.
   void apply_fused(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
+    apply_fused(x, y, ws.plan, ws.kernel_scratch, static_cast<Scalar*>(nullptr));
+  }
+  // The same over a given plan; kernel_scratch grows as needed. hidden (null, or
+  // [pairs, rank] row-major) keeps each pair's h = A_e x in plan order for a backward.
+  void apply_fused(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, const DispatchPlan<Scalar>& plan,
+                   std::vector<Scalar>& kernel_scratch, Scalar* hidden) const {
     const int threads = thread_count(x.rows());
     const Index per_thread = kernels::fused_scratch_size<kernels::layer_arch, Scalar>(rank());
     const auto need = static_cast<std::size_t>(per_thread * threads);
-    if (ws.kernel_scratch.size() < need) ws.kernel_scratch.resize(need);
+    if (kernel_scratch.size() < need) kernel_scratch.resize(need);
     const auto w = expert_stack();
-    const auto g = pair_groups(ws.plan);
-    Scalar* scratch = ws.kernel_scratch.data();
+    const auto g = pair_groups(plan);
+    Scalar* scratch = kernel_scratch.data();
     const Scalar* xp = x.data();
     Scalar* yp = y.data();
     const Index ldx = x.outerStride(), ldy = y.outerStride();
     for_token_ranges(x.rows(), threads, [&](Index t0, Index t1, Index p) {
-      kernels::fused_tokens(kernels::layer_arch{}, w, g, xp, ldx, yp, ldy, t0, t1, scratch + p * per_thread);
+      kernels::fused_tokens(kernels::layer_arch{}, w, g, xp, ldx, yp, ldy, t0, t1, scratch + p * per_thread, hidden);
     });
   }
 

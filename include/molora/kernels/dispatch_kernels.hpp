@@ -66,10 +66,12 @@ inline void for_each_tile(const PairGroups<Scalar>& g, Index t_begin, Index t_en
 
 // Strategy fused, tokens [t_begin, t_end): y[t] += sum over t's pairs (e, g) of
 // s * g * B_e A_e x[t]. x [T, in] and y [T, out] row-major with strides ldx, ldy (must not
-// overlap); scratch holds fused_scratch_size<Arch, Scalar>(rank) values.
+// overlap); scratch holds fused_scratch_size<Arch, Scalar>(rank) values. hidden (null, or
+// [pairs, rank] row-major in the groups' pair order) keeps h = A_e x[t] of pair p at
+// hidden + p*rank for a backward (the training forward); y gets the same bits either way.
 template <class Arch, class Scalar>
 void fused_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scalar>& g, const Scalar* x, Index ldx,
-                  Scalar* y, Index ldy, Index t_begin, Index t_end, Scalar* scratch) noexcept {
+                  Scalar* y, Index ldy, Index t_begin, Index t_end, Scalar* scratch, Scalar* hidden) noexcept {
   const Scalar* xr[kMaxTile];
   Scalar* yr[kMaxTile];
   Scalar sc[kMaxTile];
@@ -82,7 +84,7 @@ void fused_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scal
       sc[i] = w.scaling * g.gates[p0 + i];
     }
     fused(arch, w.a + Index(e) * r * w.in, w.in, w.b + Index(e) * r * w.out, w.out, r, w.in, w.out, xr, yr, sc, n,
-          scratch, tile);
+          scratch, tile, hidden ? hidden + p0 * r : nullptr);
   });
 }
 

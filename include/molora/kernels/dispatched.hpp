@@ -23,7 +23,7 @@
 #include "lora_kernels.hpp"
 
 // X(name, (parameters after the Arch tag), (arguments)) for every dispatched kernel; S is
-// the scalar type. (fused's `tile` has no default here.)
+// the scalar type. (fused's `tile` and `keep` have no defaults here.)
 #define MOLORA_DISPATCHED_KERNELS(X, S)                                                                          \
   X(shrink, (const S* a, Index lda, Index r, Index in, const S* const* x, Index n, S* h, Index ldh, S* spill),    \
     (a, lda, r, in, x, n, h, ldh, spill))                                                                        \
@@ -32,12 +32,12 @@
     (bt, ldb, r, out, h, scale, n, y))                                                                           \
   X(fused,                                                                                                       \
     (const S* a, Index lda, const S* bt, Index ldb, Index r, Index in, Index out, const S* const* x,             \
-     S* const* y, const S* scale, Index n, S* scratch, Index tile),                                              \
-    (a, lda, bt, ldb, r, in, out, x, y, scale, n, scratch, tile))                                                \
+     S* const* y, const S* scale, Index n, S* scratch, Index tile, S* keep),                                     \
+    (a, lda, bt, ldb, r, in, out, x, y, scale, n, scratch, tile, keep))                                          \
   X(fused_tokens,                                                                                                \
     (const ExpertStack<S>& w, const PairGroups<S>& g, const S* x, Index ldx, S* y, Index ldy, Index t_begin,     \
-     Index t_end, S* scratch),                                                                                   \
-    (w, g, x, ldx, y, ldy, t_begin, t_end, scratch))                                                             \
+     Index t_end, S* scratch, S* hidden),                                                                        \
+    (w, g, x, ldx, y, ldy, t_begin, t_end, scratch, hidden))                                                     \
   X(sparse_expand_tokens,                                                                                        \
     (const ExpertStack<S>& w, const PairGroups<S>& g, const S* h, Index ldh, S* y, Index ldy, Index t_begin,     \
      Index t_end),                                                                                               \

@@ -341,11 +341,13 @@ void expand(Arch, const Scalar* bt, Index ldb, Index r, Index out, const Scalar*
 // (1 <= tile <= kMaxTile): y[t] += scale[t] * B_e (A_e x[t]). Requires: a [r, in] (stride
 // lda), bt = B_e^T [r, out] (stride ldb), x[t] / y[t] rows of in / out values (y rows
 // distinct, not aliasing x or the weights), scratch of fused_scratch_size<Arch, Scalar>(r)
-// values. The tile changes the speed, not the values.
+// values. The tile changes the speed, not the values. keep (null, or n x r values aliasing
+// nothing else) asks to keep what a backward needs: h = A_e x[t] (unscaled) of token t is
+// then shrunk straight into keep + t*r instead of the scratch tile; y gets the same bits.
 template <class Arch, class Scalar>
 void fused(Arch arch, const Scalar* a, Index lda, const Scalar* bt, Index ldb, Index r, Index in, Index out,
            const Scalar* const* x, Scalar* const* y, const Scalar* scale, Index n, Scalar* scratch,
-           Index tile = kTile) noexcept {
+           Index tile = kTile, Scalar* keep = nullptr) noexcept {
   tile = tile < 1 ? 1 : tile > kMaxTile ? kMaxTile : tile;
   Scalar* h = scratch;
   Scalar* spill = scratch + tile * r;
@@ -353,6 +355,10 @@ void fused(Arch arch, const Scalar* a, Index lda, const Scalar* bt, Index ldb, I
   for (Index i = 0; i < tile; ++i) hrows[i] = h + i * r;
   for (Index t0 = 0; t0 < n; t0 += tile) {
     const Index nt = n - t0 < tile ? n - t0 : tile;
+    if (keep) {
+      h = keep + t0 * r;
+      for (Index i = 0; i < nt; ++i) hrows[i] = h + i * r;
+    }
     shrink(arch, a, lda, r, in, x + t0, nt, h, r, spill);
     expand(arch, bt, ldb, r, out, hrows, scale + t0, nt, y + t0);
   }

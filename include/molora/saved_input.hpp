@@ -1,0 +1,94 @@
+// What a call may keep of its input. Whether two strided views share memory (a layer then
+// copies x before it writes y), and SavedInput: where a training tape finds x at backward
+// time (the caller's buffer, or the tape's own copy when x shared memory with y). Also the
+// view types and the shape check the training entry points (lora_train.hpp, backward.hpp)
+// share.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
+#include "errors.hpp"
+#include "types.hpp"
+
+namespace molora::detail {
+
+// Views whose Scalar is not deduced from the argument (it comes from the layer), so a
+// RowMatrix or Map converts to them at a call.
+template <class T>
+struct no_deduce {
+  using type = T;
+};
+template <class Scalar>
+using InRef = typename no_deduce<ConstRowRef<Scalar>>::type;
+template <class Scalar>
+using OutRef = typename no_deduce<RowRef<Scalar>>::type;
+
+// Throws shape_error naming field unless m is [rows, cols].
+template <class D>
+void require_rows_cols(const D& m, Index rows, Index cols, const char* field) {
+  if (m.rows() != rows || m.cols() != cols)
+    throw shape_error(mismatch(field, shape_str(rows, cols), shape_str(m.rows(), m.cols())));
+}
+
+// Byte range [first, last] spanned by a strided view: the extreme element offsets come from
+// each stride's sign, so a negative stride (a view walking its rows backwards) is covered.
+template <class V>
+std::pair<std::uintptr_t, std::uintptr_t> byte_range(const V& v) {
+  const auto extent = [](Index n, Index stride) {  // {min, max} of i * stride over [0, n)
+    const Index far = (n - 1) * stride;
+    return std::pair<Index, Index>(std::min<Index>(0, far), std::max<Index>(0, far));
+  };
+  const auto rows = extent(v.rows(), v.rowStride()), cols = extent(v.cols(), v.colStride());
+  const auto size = static_cast<std::intptr_t>(sizeof(*v.data()));
+  const auto base = reinterpret_cast<std::intptr_t>(v.data());
+  return {static_cast<std::uintptr_t>(base + (rows.first + cols.first) * size),
+          static_cast<std::uintptr_t>(base + (rows.second + cols.second + 1) * size - 1)};
+}
+
+// True if the memory spanned by two views (any strides, negative included) overlaps.
+template <class A, class B>
+bool overlaps(const A& a, const B& b) {
+  if (a.size() == 0 || b.size() == 0) return false;
+  const auto ra = byte_range(a), rb = byte_range(b);
+  return ra.first <= rb.second && rb.first <= ra.second;
+}
+
+// Where a tape finds x: the caller's buffer (kept alive and unchanged until backward) or the
+// tape's own copy when x shared memory with y.
+template <class Scalar>
+struct SavedInput {
+  const Scalar* data = nullptr;
+  Index rows = 0, cols = 0, stride = 0;
+  bool owned = false;
+  RowMatrix<Scalar> copy;
+
+  using View = Eigen::Map<const RowMatrix<Scalar>, 0, Eigen::OuterStride<>>;
+
+  template <class Y>
+  void save(const ConstRowRef<Scalar>& x, const Y& y) {
+    owned = overlaps(x, y);
+    if (owned) copy = x;
+    data = x.data();
+    rows = x.rows();
+    cols = x.cols();
+    stride = x.outerStride();
+  }
+  View view() const {
+    if (owned) return View(copy.data(), copy.rows(), copy.cols(), Eigen::OuterStride<>(copy.cols()));
+    return View(data, rows, cols, Eigen::OuterStride<>(stride));
+  }
+};
+
+// Throws shape_error naming the field unless x's record on a tape is a [T, in] input.
+template <class Scalar>
+void check_saved_input(const SavedInput<Scalar>& x, Index in) {
+  if (x.cols != in) throw shape_error(mismatch("tape.x columns (in_features)", in, x.cols));
+  if (x.owned && (x.copy.rows() != x.rows || x.copy.cols() != x.cols))
+    throw shape_error(mismatch("tape.x copy", shape_str(x.rows, x.cols), shape_str(x.copy.rows(), x.copy.cols())));
+  if (!x.owned && x.rows > 0 && x.data == nullptr)
+    throw shape_error(mismatch("tape.x", shape_str(x.rows, x.cols), "no data"));
+}
+
+}  // namespace molora::detail
