@@ -26,8 +26,9 @@ bool cpu_has(const IsaKernels& k) {
   if (&k == &molora_kernels_isa_avx512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (&k == &molora_kernels_isa_avx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (&k == &molora_kernels_isa_avx2)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (&k == &molora_kernels_isa_sse42) return __builtin_cpu_supports("sse4.2");
   return true;
 }

@@ -28,8 +28,8 @@ if(NOT TARGET molora::kernels)
 endif()
 
 # The ISAs this CPU has, by /proc/cpuinfo's flags (the flags each ISA object is built with).
-set(_molora_cpu_avx512 avx512f avx512bw avx512dq avx512vl avx2 fma)
-set(_molora_cpu_avx2 avx2 fma)
+set(_molora_cpu_avx512 avx512f avx512bw avx512dq avx512vl avx2 fma f16c)
+set(_molora_cpu_avx2 avx2 fma f16c)
 set(_molora_cpu_sse4.2 sse4_2)
 set(_molora_cpu_scalar "")
 set(_molora_cpuinfo "")

@@ -54,7 +54,17 @@
   X(skinny_product,                                                                                              \
     (const S* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy, Index o0,   \
      Index o1),                                                                                                  \
-    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1))
+    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1))                                                              \
+  X(skinny_product_bf16,                                                                                         \
+    (const bf16* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy,          \
+     Index o0, Index o1),                                                                                        \
+    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1))                                                              \
+  X(skinny_product_f16,                                                                                          \
+    (const f16* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy,           \
+     Index o0, Index o1),                                                                                        \
+    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1))                                                              \
+  X(widen_bf16, (const bf16* src, Index n, S* dst), (src, n, dst))                                               \
+  X(widen_f16, (const f16* src, Index n, S* dst), (src, n, dst))
 
 #define MOLORA_DISPATCH_UNPAREN(...) __VA_ARGS__
 
@@ -149,6 +159,27 @@ const KernelTable<Scalar>& active_kernels() noexcept {
   }
 MOLORA_DISPATCHED_KERNELS(MOLORA_DISPATCHED_OVERLOAD, S)
 #undef MOLORA_DISPATCHED_OVERLOAD
+
+// The layers call skinny_product and widen for any weight type; 16-bit weights go to their
+// own table entries.
+template <class S>
+void skinny_product(dispatched_arch a, const bf16* w, Index ldw, Index in, const S* x, Index ldx, Index T,
+                    const S* bias, S* y, Index ldy, Index o0, Index o1) noexcept {
+  skinny_product_bf16(a, w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
+}
+template <class S>
+void skinny_product(dispatched_arch a, const f16* w, Index ldw, Index in, const S* x, Index ldx, Index T,
+                    const S* bias, S* y, Index ldy, Index o0, Index o1) noexcept {
+  skinny_product_f16(a, w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
+}
+template <class S>
+void widen(dispatched_arch a, const bf16* src, Index n, S* dst) noexcept {
+  widen_bf16(a, src, n, dst);
+}
+template <class S>
+void widen(dispatched_arch a, const f16* src, Index n, S* dst) noexcept {
+  widen_f16(a, src, n, dst);
+}
 
 #endif
 
