@@ -14,6 +14,7 @@
 // Splitting the rows between threads therefore changes no bit of the result.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <type_traits>
 
@@ -115,6 +116,23 @@ inline xsimd::batch<Scalar, Arch> load_weights(const W* p) noexcept {
   }
 }
 
+// s + a * b in the scalar tail: one rounding (FMA) on the ISAs with FMA, two on the others,
+// whatever the compiler would contract. At -O3 GCC vectorised the tails of some
+// instantiations across rows and tokens and contracted them differently, so float and bf16
+// weights (widened to the same values) gave different bits.
+template <class Arch, class Scalar>
+inline Scalar tail_mul_add(Scalar a, Scalar b, Scalar s) noexcept {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+  if constexpr (std::is_base_of_v<xsimd::fma3<xsimd::avx2>, Arch> || std::is_base_of_v<xsimd::avx512f, Arch>)
+    return std::fma(a, b, s);
+  else
+#endif
+  {
+    volatile Scalar p = a * b;  // rounded product, never fused with the sum
+    return s + p;
+  }
+}
+
 // Rows of W0 per register block: 4 with 32 vector registers (4 rows x 4 tokens = 16
 // accumulators), 2 with 16 (8 accumulators, leaving room for the x and W0 vectors).
 template <class Arch>
@@ -177,7 +195,7 @@ inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Ind
       acc[j][t].store_aligned(lanes);
       Scalar s = 0;
       for (Index l = 0; l < W; ++l) s += lanes[l];
-      for (Index c = in_vec; c < in; ++c) s += Scalar(to_float(w[j * ldw + c])) * x[t * ldx + c];
+      for (Index c = in_vec; c < in; ++c) s = tail_mul_add<Arch>(Scalar(to_float(w[j * ldw + c])), x[t * ldx + c], s);
       if (bias) s += bias[j];
       y[t * ldy + j] = s;
     }
