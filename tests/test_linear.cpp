@@ -6,6 +6,7 @@
 // ctest runs this once per ISA the CPU has (MOLORA_ISA, tests/cmake/isa.cmake).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -16,6 +17,8 @@
 #include <vector>
 
 #include <molora/molora.hpp>
+
+#include "reference.hpp"
 
 using molora::Index;
 
@@ -230,4 +233,105 @@ TEST_CASE("linear: errors name the field, the expected and the actual value") {
   CHECK(message([&] { l.forward(molora::RowMatrix<float>::Ones(4, 3), y); }).find("moved-from") != std::string::npos);
   molora::RowMatrix<float> empty_x(0, 3), empty_y(0, 2);
   moved.forward(empty_x, empty_y);  // T = 0 is an empty batch
+}
+
+namespace {
+
+// A MoLoRALinear<float, Weight> against the float layer holding its rounded base weight and
+// the same adapter: bit for bit with the skinny base (same kernel order), up to rounding with
+// Eigen's (blocked differently); the routing is the same in both (same router, same x).
+template <class Weight>
+void molora_half_base_suite() {
+  std::uint64_t seed = 70;
+  for (const Index in : {1, 19, 64, 133})
+    for (const Index out : {1, 9, 70}) {
+      molora::MoLoRAConfig cfg;
+      cfg.in_features = in;
+      cfg.out_features = out;
+      cfg.num_experts = 4;
+      cfg.top_k = 2;
+      cfg.rank = 3;
+      const auto f32 = ref::random_layer<float>(cfg, ++seed);
+      molora::MoLoRALinear<float, Weight> half(cfg);
+      half.adapter() = f32.adapter();
+      half.set_base_weight(f32.base_weight());
+      half.set_base_bias(f32.base_bias());
+      auto rounded = f32;
+      molora::RowMatrix<float> w(out, in);
+      for (Index o = 0; o < out; ++o)
+        for (Index i = 0; i < in; ++i) {
+          w(o, i) = molora::to_float(half.base_weight_data()[o * in + i]);
+          const auto want = std::is_same_v<Weight, molora::bf16> ? molora::to_bf16(f32.base_weight()(o, i)).bits
+                                                                 : molora::to_f16(f32.base_weight()(o, i)).bits;
+          REQUIRE(half.base_weight_data()[o * in + i].bits == want);
+        }
+      rounded.set_base_weight(w);
+      // The same weights wrapped from a host's buffer.
+      const std::vector<Weight> host(half.base_weight_data(), half.base_weight_data() + in * out);
+      molora::MoLoRALinear<float, Weight> wrapped = half;
+      wrapped.wrap_base_weight(host.data(), out, in);
+      CHECK(wrapped.wraps_base());
+      CHECK(wrapped.base_weight_data() == host.data());
+      for (const Index T : {1, 2, 3, 5, 8, 31, 127, 128, 150}) {
+        const auto x = ref::random_x<float>(T, in, std::uint64_t(T) + 1);
+        INFO("in=", in, " out=", out, " T=", T);
+        for (const auto s : {molora::BaseStrategy::skinny, molora::BaseStrategy::eigen}) {
+          half.set_base_strategy(s);
+          wrapped.set_base_strategy(s);
+          rounded.set_base_strategy(s);
+          molora::RowMatrix<float> yh(T, out), yw(T, out), yr(T, out), bh(T, out), br(T, out);
+          molora::MoLoRAWorkspace<float> ws;
+          const molora::IdMatrix ids_h = half.forward(x, yh, ws).ids;
+          const molora::IdMatrix ids_r = rounded.forward(x, yr, ws).ids;
+          wrapped.forward(x, yw, ws);
+          half.forward_base(x, bh);
+          rounded.forward_base(x, br);
+          CHECK(ids_h == ids_r);
+          CHECK(yw == yh);
+          if (s == molora::BaseStrategy::skinny) {
+            CHECK(yh == yr);
+            CHECK(bh == br);
+          } else {
+            const double scale = std::max(1.0, double(yr.cwiseAbs().maxCoeff()));
+            CHECK(double((yh - yr).cwiseAbs().maxCoeff()) <= 1e-5 * scale);
+            CHECK(double((bh - br).cwiseAbs().maxCoeff()) <= 1e-5 * scale);
+          }
+        }
+        half.set_base_strategy(molora::BaseStrategy::automatic);
+        CHECK(half.resolved_base_strategy(T) ==
+              (T < molora::kernels::skinny_crossover<float>() ? molora::BaseStrategy::skinny : molora::BaseStrategy::eigen));
+      }
+    }
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("linear: MoLoRALinear with a bf16 / f16 base equals the float layer holding the rounded base",
+                   Weight, molora::bf16, molora::f16) {
+  molora_half_base_suite<Weight>();
+}
+
+TEST_CASE("linear: MoLoRALinear's 16-bit base reports bad values and shapes") {
+  molora::MoLoRAConfig cfg;
+  cfg.in_features = 3;
+  cfg.out_features = 2;
+  cfg.num_experts = 2;
+  cfg.top_k = 1;
+  cfg.rank = 1;
+  molora::MoLoRALinear<float, molora::f16> layer(cfg);
+  molora::RowMatrix<double> w(2, 3);
+  w << 1, 2, 3, 4, 5, -1e5;
+  CHECK_THROWS_WITH_AS(layer.set_base_weight(w),
+                       doctest::Contains("base weight: expected values of magnitude <= 65504 after rounding to f16, got -100000 at [1, 2]"),
+                       molora::numeric_error);
+  CHECK(layer.base_weight_data()[5].bits == 0);
+  std::vector<molora::f16> buf(6, molora::f16{0x3c00});
+  CHECK_THROWS_WITH_AS(layer.wrap_base_weight(buf.data(), 3, 2), doctest::Contains("expected [2, 3], got [3, 2]"),
+                       molora::shape_error);
+  buf[1] = molora::f16{0x7c00};
+  CHECK_THROWS_WITH_AS(layer.wrap_base_weight(buf.data(), 2, 3), doctest::Contains("got inf at [0, 1]"),
+                       molora::numeric_error);
+  CHECK_FALSE(layer.wraps_base());
+  molora::MoLoRALinear<float, molora::f16> moved(std::move(layer));
+  CHECK_THROWS_AS(layer.check_live(), molora::state_error);
 }

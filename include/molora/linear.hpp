@@ -15,37 +15,23 @@
 #include <type_traits>
 #include <vector>
 
+#include "base_product.hpp"
 #include "config.hpp"
 #include "errors.hpp"
 #include "half.hpp"
-#include "kernels/base_kernels.hpp"
-#include "molora_linear.hpp"  // BaseStrategy and the input checks it shares
+#include "molora_linear.hpp"  // the input checks it shares (detail::overlaps, require_finite_tokens)
 #include "types.hpp"
 
-#if defined(MOLORA_USE_OPENMP)
-#include <omp.h>
-#endif
-
 namespace molora {
-
-namespace detail {
-template <class Scalar, class Weight>
-constexpr bool is_linear_weight =
-    std::is_same_v<Weight, Scalar> || (std::is_same_v<Scalar, float> && is_half<Weight>);
-}  // namespace detail
 
 template <class Scalar, class Weight = Scalar>
 class Linear {
   static_assert(detail::is_supported_scalar<Scalar>, "molora::Linear supports float and double activations");
-  static_assert(detail::is_linear_weight<Scalar, Weight>,
+  static_assert(detail::is_weight_for<Scalar, Weight>,
                 "molora::Linear: Weight is Scalar, or bf16 / f16 with float activations");
 
 public:
   using weight_type = Weight;
-
-  // Rows of W widened per Eigen product above the crossover (16-bit weights): about 256 KiB of
-  // float, so the block stays in L2 while Eigen packs it.
-  static constexpr Index kWidenBlockBytes = Index(256) << 10;
 
   // A zero weight [out, in] (owned), no bias. Throws config_error unless in, out >= 1.
   Linear(Index in_features, Index out_features) : in_(in_features), out_(out_features) {
@@ -57,16 +43,11 @@ public:
   Index in_features() const { return in_; }
   Index out_features() const { return out_; }
 
-  // How the product is computed (default automatic: skinny below
-  // kernels::skinny_crossover<Scalar>() tokens, Eigen from there on; for weights of the
-  // layer's own type one token also goes to Eigen's GEMV, as in MoLoRALinear).
+  // How the product is computed (default automatic, see BaseStrategy).
   void set_strategy(BaseStrategy s) { strategy_ = s; }
   BaseStrategy strategy() const { return strategy_; }
   BaseStrategy resolved_strategy(Index num_tokens) const {
-    if (strategy_ != BaseStrategy::automatic) return strategy_;
-    const Index first_skinny = std::is_same_v<Weight, Scalar> ? 2 : 1;
-    return num_tokens >= first_skinny && num_tokens < kernels::skinny_crossover<Scalar>() ? BaseStrategy::skinny
-                                                                                           : BaseStrategy::eigen;
+    return detail::resolve_base_strategy<Scalar, Weight>(strategy_, num_tokens);
   }
 
   // ---- weights ---------------------------------------------------------------------------
@@ -190,43 +171,8 @@ private:
   }
 
   void product(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y) const {
-    const Weight* w = weight_data();
-    const Scalar* b = has_bias() ? bias_.data() : nullptr;
-    const Index T = x.rows();
-    if (resolved_strategy(T) == BaseStrategy::skinny) {
-      const Scalar* xp = x.data();
-      Scalar* yp = y.data();
-      const Index in = in_, out = out_, ldx = x.outerStride(), ldy = y.outerStride();
-      auto rows = [&](Index o0, Index o1) {
-        kernels::skinny_product(kernels::layer_arch{}, w, in, in, xp, ldx, T, b, yp, ldy, o0, o1);  // [T, out]
-      };
-#if defined(MOLORA_USE_OPENMP)
-      // Contiguous ranges of rows per thread (multiples of 4); the split changes no bit of y.
-      if (out >= 64 && !omp_in_parallel() && omp_get_max_threads() > 1) {
-#pragma omp parallel
-        {
-          const Index p = omp_get_thread_num(), P = omp_get_num_threads();
-          rows(out * p / P / 4 * 4, p + 1 == P ? out : out * (p + 1) / P / 4 * 4);
-        }
-        return;
-      }
-#endif
-      rows(0, out);
-      return;
-    }
-    if constexpr (std::is_same_v<Weight, Scalar>) {
-      y.noalias() = x * Eigen::Map<const RowMatrix<Scalar>>(w, out_, in_).transpose();  // [T, out]
-    } else {
-      // Blocks of rows widened into a scratch (in the kernels), each one Eigen GEMM.
-      const Index rb = std::min(out_, std::max<Index>(16, kWidenBlockBytes / Index(sizeof(Scalar)) / in_));
-      std::vector<Scalar> block(static_cast<std::size_t>(rb * in_));
-      for (Index o = 0; o < out_; o += rb) {
-        const Index n = std::min(rb, out_ - o);
-        kernels::widen(kernels::layer_arch{}, w + o * in_, n * in_, block.data());
-        y.middleCols(o, n).noalias() = x * Eigen::Map<const RowMatrix<Scalar>>(block.data(), n, in_).transpose();  // [T, n]
-      }
-    }
-    if (b) y.rowwise() += bias_.transpose();
+    detail::base_product(weight_data(), in_, out_, has_bias() ? bias_.data() : nullptr, x, y,
+                         resolved_strategy(x.rows()));
   }
 
   Index in_, out_;
