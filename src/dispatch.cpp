@@ -97,6 +97,11 @@ const IsaKernels& choose_isa_or_abort() noexcept {
   }
 }
 
+bool dispatch_cpu_has_bf16_dot() noexcept {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+}
+
 const char* const* dispatch_isa_names() noexcept { return cpu_isas().names; }
 
 void dispatch_force_isa(const std::string& name) {

@@ -335,3 +335,45 @@ TEST_CASE("linear: MoLoRALinear's 16-bit base reports bad values and shapes") {
   molora::MoLoRALinear<float, molora::f16> moved(std::move(layer));
   CHECK_THROWS_AS(layer.check_live(), molora::state_error);
 }
+
+TEST_CASE("linear: the opt-in bf16-dot mode stays within its stated tolerance of the exact path") {
+  // Bound per output: 2^-8 sum |w x| (each activation rounded to bf16 moves by at most 2^-9
+  // of itself; twice that for margin) + 8 eps sqrt(in + 1) sum |w x| (float sums).
+  MESSAGE("AVX512_BF16 dot products: ", std::string(molora::kernels::bf16_dot_available() ? "yes" : "no (rounded x, exact kernel)"));
+  std::mt19937_64 gen(12);
+  Index checked = 0;
+  for (const Index in : {1, 2, 15, 16, 17, 31, 32, 33, 63, 100, 1025})
+    for (const Index T : {1, 2, 5, 40, 130}) {
+      const Index out = 1 + Index(gen() % 11);
+      molora::Linear<float, molora::bf16> layer(in, out);
+      layer.set_weight(random_matrix<double>(out, in, gen));
+      if (in % 2) layer.set_bias(random_matrix<double>(1, out, gen));
+      const auto x = random_matrix<float>(T, in, gen);
+      const molora::RowMatrix<float> exact = layer.forward(x);
+      layer.set_bf16_dot(true);
+      CHECK(layer.bf16_dot());
+      const molora::RowMatrix<float> dot = layer.forward(x);
+      layer.set_bf16_dot(false);
+      const double eps = std::numeric_limits<float>::epsilon();
+      Index bad = 0;
+      for (Index t = 0; t < T; ++t)
+        for (Index o = 0; o < out; ++o) {
+          double mag = 0, s = 0;
+          for (Index i = 0; i < in; ++i) {
+            const double p = double(molora::to_float(layer.weight_data()[o * in + i])) * double(x(t, i));
+            mag += std::abs(p);
+            // The mode's own value: x rounded to bf16, in double.
+            s += double(molora::to_float(layer.weight_data()[o * in + i])) *
+                 double(molora::to_float(molora::to_bf16(x(t, i))));
+          }
+          if (layer.has_bias()) s += double(layer.bias()(o));
+          const double sum_tol = 8 * eps * std::sqrt(double(in) + 1) * (mag + 1);
+          if (!(std::abs(double(dot(t, o)) - double(exact(t, o))) <= std::ldexp(mag, -8) + 2 * sum_tol)) ++bad;
+          if (!(std::abs(double(dot(t, o)) - s) <= sum_tol)) ++bad;  // it is the rounded-x product
+          ++checked;
+        }
+      INFO("in=", in, " T=", T, " out=", out);
+      CHECK(bad == 0);
+    }
+  CHECK(checked > 0);
+}

@@ -50,6 +50,17 @@ public:
     return detail::resolve_base_strategy<Scalar, Weight>(strategy_, num_tokens);
   }
 
+  // Opt-in for bf16 weights (default off): the activations are rounded to bf16 (to nearest
+  // even) before the product, whose pairs of products then run on AVX512_BF16's dot
+  // instruction where the CPU has it (kernels::bf16_dot_available(); one thread). The output
+  // differs from the exact path by the activations' rounding, at most 2^-8 sum_i |w_i x_i|
+  // per output, plus float summation error (tests/test_linear.cpp checks this bound).
+  template <class W = Weight, class = std::enable_if_t<std::is_same_v<W, bf16>>>
+  void set_bf16_dot(bool on) {
+    bf16_dot_ = on;
+  }
+  bool bf16_dot() const { return bf16_dot_; }
+
   // ---- weights ---------------------------------------------------------------------------
 
   // Copies w [out, in] (any Eigen expression, any scalar) into an owned weight, each value
@@ -171,8 +182,24 @@ private:
   }
 
   void product(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y) const {
-    detail::base_product(weight_data(), in_, out_, has_bias() ? bias_.data() : nullptr, x, y,
-                         resolved_strategy(x.rows()));
+    const Scalar* b = has_bias() ? bias_.data() : nullptr;
+    const BaseStrategy how = resolved_strategy(x.rows());
+    if constexpr (std::is_same_v<Weight, bf16>) {
+      if (bf16_dot_) {
+        if (how == BaseStrategy::skinny && kernels::bf16_dot_available()) {
+          kernels::skinny_product_bf16dot(kernels::layer_arch{}, weight_data(), in_, in_, x.data(), x.outerStride(),
+                                          x.rows(), b, y.data(), y.outerStride(), Index(0), out_);  // [T, out]
+          return;
+        }
+        // Without AVX512_BF16 (or above the crossover): the same rounding of x, exact products.
+        RowMatrix<Scalar> xb(x.rows(), in_);
+        for (Index t = 0; t < x.rows(); ++t)
+          for (Index i = 0; i < in_; ++i) xb(t, i) = to_float(to_bf16(x(t, i)));
+        detail::base_product(weight_data(), in_, out_, b, ConstRowRef<Scalar>(xb), y, how);
+        return;
+      }
+    }
+    detail::base_product(weight_data(), in_, out_, b, x, y, how);
   }
 
   Index in_, out_;
@@ -180,6 +207,7 @@ private:
   const Weight* wrapped_weight_ = nullptr;
   Vector<Scalar> bias_;               // [out] or empty
   BaseStrategy strategy_ = BaseStrategy::automatic;
+  bool bf16_dot_ = false;
 };
 
 }  // namespace molora

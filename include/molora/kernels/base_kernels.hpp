@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 
 #include "../half.hpp"
@@ -282,6 +283,63 @@ void widen(Arch, const W* src, Index n, Scalar* dst) noexcept {
 }
 
 #endif  // !MOLORA_NO_XSIMD
+
+// ---- opt-in bf16 dot products ------------------------------------------------------------
+
+// y[t*ldy + o] = sum_i bf16(x[t*ldx + i]) * w[o*ldw + i] (+ bias[o]) for t < T, o in
+// [o0, o1): the activations rounded to bf16 (to nearest even), products exact, sums in
+// float. With AVX512_BF16 (the AVX-512 object is compiled with -mavx512bf16; callers check
+// bf16_dot_available() first) each lane adds a pair of products per VDPBF16PS, which rounds
+// once per pair and flushes subnormals; elsewhere a plain loop in order. The two differ by
+// float summation error only (tests/test_linear.cpp states the tolerance).
+template <class Arch, class Scalar>
+void skinny_product_bf16dot(Arch, const bf16* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
+                            const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOLORA_NO_XSIMD)
+  if constexpr (std::is_same_v<Scalar, float> && std::is_base_of_v<xsimd::avx512bw, Arch>) {
+    constexpr int RO = 4;
+    const Index full = in - in % 32;
+    const auto rem = static_cast<unsigned>(in - full);
+    const __mmask16 mlo = static_cast<__mmask16>(rem >= 16 ? 0xffffu : (1u << rem) - 1u);
+    const __mmask16 mhi = static_cast<__mmask16>(rem <= 16 ? 0u : (1u << (rem - 16)) - 1u);
+    const __mmask32 mw = static_cast<__mmask32>(rem == 0 ? 0u : (std::uint64_t(1) << rem) - 1u);
+    for (Index o = o0; o < o1; o += RO) {
+      const int rows = o1 - o < RO ? int(o1 - o) : RO;
+      for (Index t = 0; t < T; ++t) {
+        const float* xt = x + t * ldx;
+        __m512 acc[RO];
+        for (int j = 0; j < RO; ++j) acc[j] = _mm512_setzero_ps();
+        for (Index c = 0; c < full; c += 32) {
+          const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xt + c + 16), _mm512_loadu_ps(xt + c));
+          for (int j = 0; j < rows; ++j)
+            acc[j] = _mm512_dpbf16_ps(acc[j], xv,
+                                      (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + (o + j) * ldw + c)));
+        }
+        if (rem) {
+          const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mhi, xt + full + 16),
+                                                  _mm512_maskz_loadu_ps(mlo, xt + full));
+          for (int j = 0; j < rows; ++j)
+            acc[j] = _mm512_dpbf16_ps(acc[j], xv, (__m512bh)_mm512_maskz_loadu_epi16(mw, w + (o + j) * ldw + full));
+        }
+        for (int j = 0; j < rows; ++j) {
+          float s = _mm512_reduce_add_ps(acc[j]);
+          if (bias) s += bias[o + j];
+          y[t * ldy + o + j] = s;
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (Index t = 0; t < T; ++t)
+    for (Index o = o0; o < o1; ++o) {
+      Scalar s = 0;
+      for (Index i = 0; i < in; ++i)
+        s += Scalar(to_float(to_bf16(static_cast<float>(x[t * ldx + i])))) * Scalar(to_float(w[o * ldw + i]));
+      if (bias) s += bias[o];
+      y[t * ldy + o] = s;
+    }
+}
 
 // The entries of the run-time table for 16-bit weights (one per weight type; the table's
 // members are named after the kernels).
