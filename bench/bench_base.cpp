@@ -1,5 +1,6 @@
 // The base product at decode sizes (Google Benchmark, not run by ctest):
-//   whole_layer/f32/in/out/T/cold   MoLoRALinear<float>::forward (E = 8, k = 2, r = 16) and a
+//   whole_layer/D/in/out/T/cold     MoLoRALinear<float, D>::forward (E = 8, k = 2, r = 16; the
+//                                   base weight stored as D = f32, bf16 or f16) and a
 //                                   plain read of the weights it must read (W0, the router,
 //                                   the A_e and B_e of the experts the routing uses), timed
 //                                   alternately in one loop; cold = 1 rotates over enough
@@ -21,6 +22,7 @@
 #include <ctime>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -93,17 +95,21 @@ float stream_spans(const Spans& spans) {
 #endif
 }
 
-std::unique_ptr<molora::MoLoRALinear<float>> make_layer(Index in, Index out) {
+template <class W>
+using Layer = molora::MoLoRALinear<float, W>;
+
+template <class W>
+std::unique_ptr<Layer<W>> make_layer(Index in, Index out) {
   molora::MoLoRAConfig c;
   c.in_features = in;
   c.out_features = out;
   c.num_experts = 8;
   c.top_k = 2;
   c.rank = 16;
-  auto l = std::make_unique<molora::MoLoRALinear<float>>(c);
+  auto l = std::make_unique<Layer<W>>(c);
   Mat<float> w(out, in);
   fill(w, 1, 0.02);
-  l->set_base_weight(w);
+  l->set_base_weight(w);  // rounded to W
   Mat<float> b(1, out);
   fill(b, 2, 0.02);
   l->set_base_bias(b);
@@ -118,29 +124,41 @@ std::unique_ptr<molora::MoLoRALinear<float>> make_layer(Index in, Index out) {
 }
 
 // Layer copies for a cold (enough copies to exceed the LLC, at least 2) or a warm (one) run.
-// Kept between benchmarks of the same shape.
-std::vector<std::unique_ptr<molora::MoLoRALinear<float>>>& layers_for(Index in, Index out, bool cold) {
-  static std::vector<std::unique_ptr<molora::MoLoRALinear<float>>> cached;
+// Kept between benchmarks of the same shape and dtype; the copies of another dtype are freed.
+// The one set of layer copies alive, whatever its dtype.
+std::shared_ptr<void>& live_copies() {
+  static std::shared_ptr<void> copies;
+  return copies;
+}
+
+template <class W>
+std::vector<std::unique_ptr<Layer<W>>>& layers_for(Index in, Index out, bool cold) {
+  using Copies = std::vector<std::unique_ptr<Layer<W>>>;
+  static Copies* cached = nullptr;
   static Index c_in = 0, c_out = 0;
-  const double bytes = double(in) * double(out) * sizeof(float);
+  const double bytes = double(in) * double(out) * sizeof(W);
   const auto want = static_cast<std::size_t>(cold ? std::max(2.0, kColdBytes / bytes + 1) : 1);
-  if (c_in != in || c_out != out || cached.size() < want) {
-    cached.clear();
-    cached.push_back(make_layer(in, out));
-    for (std::size_t i = 1; i < want; ++i)
-      cached.push_back(std::make_unique<molora::MoLoRALinear<float>>(*cached.front()));
+  std::shared_ptr<void>* owner = &live_copies();
+  if (cached == nullptr || owner->get() != cached || c_in != in || c_out != out || cached->size() < want) {
+    owner->reset();
+    auto fresh = std::make_shared<Copies>();
+    fresh->push_back(make_layer<W>(in, out));
+    for (std::size_t i = 1; i < want; ++i) fresh->push_back(std::make_unique<Layer<W>>(*fresh->front()));
+    cached = fresh.get();
+    *owner = fresh;
     c_in = in;
     c_out = out;
   }
-  return cached;
+  return *cached;
 }
 
-// The weights forward must read at least once for x: W0, its bias, the router and the A_e,
-// B_e of every expert the routing uses.
-Spans weight_spans(const molora::MoLoRALinear<float>& l, const Mat<float>& x) {
+// The weights forward must read at least once for x: W0 (in its own type), its bias, the
+// router and the A_e, B_e of every expert the routing uses.
+template <class W>
+Spans weight_spans(const Layer<W>& l, const Mat<float>& x) {
   const auto& a = l.adapter();
   const Index in = l.in_features(), out = l.out_features(), r = a.rank();
-  Spans s{{l.base_weight().data(), in * out * Index(sizeof(float))},
+  Spans s{{l.base_weight_data(), in * out * Index(sizeof(W))},
           {l.base_bias().data(), out * Index(sizeof(float))},
           {a.router().weight().data(), a.num_experts() * in * Index(sizeof(float))}};
   molora::MoLoRAWorkspace<float> ws;
@@ -156,13 +174,14 @@ Spans weight_spans(const molora::MoLoRALinear<float>& l, const Mat<float>& x) {
   return s;
 }
 
-// whole_layer/f32/in/out/T/cold. With n copies, iteration i runs forward on copy 2i and
+// whole_layer/D/in/out/T/cold. With n copies, iteration i runs forward on copy 2i and
 // reads copy 2i + 1 (mod n, n even when cold): each copy comes back after all the others.
+template <class W>
 void BM_whole_layer(benchmark::State& st) {
   const Index in = st.range(0), out = st.range(1), T = st.range(2);
   const bool cold = st.range(3) != 0;
   const auto base = st.range(4) != 0 ? molora::BaseStrategy::eigen : molora::BaseStrategy::automatic;
-  auto& layers = layers_for(in, out, cold);
+  auto& layers = layers_for<W>(in, out, cold);
   const std::size_t n = cold ? layers.size() / 2 * 2 : 1;
   Mat<float> x(T, in);
   fill(x, 7 + static_cast<std::uint64_t>(T), 1.0);
@@ -254,20 +273,27 @@ void BM_base_product(benchmark::State& st) {
   st.counters["eigen_read_share"] = median(share_e);
 }
 
-void register_all() {
+template <class W>
+void register_whole_layer(const char* dtype) {
   for (int eigen_base : {0, 1})
     for (int cold : {1, 0})
-      for (Index T : {1, 2, 4, 8, 16, 32, 64}) {
-        if (eigen_base && (!cold || T > 8)) continue;
-        benchmark::RegisterBenchmark(("whole_layer/f32/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm") +
-                                      (eigen_base ? "/eigen_base" : ""))
+      for (Index T : {1, 2, 4, 8, 16, 32, 64, 256}) {
+        if (eigen_base && (!cold || T > 8 || !std::is_same_v<W, float>)) continue;
+        benchmark::RegisterBenchmark((std::string("whole_layer/") + dtype + "/4096/4096/" + std::to_string(T) +
+                                      (cold ? "/cold" : "/warm") + (eigen_base ? "/eigen_base" : ""))
                                          .c_str(),
-                                     BM_whole_layer)
+                                     BM_whole_layer<W>)
             ->Args({4096, 4096, T, cold, eigen_base})
             ->UseManualTime()
             ->MinTime(0.5)
             ->Unit(benchmark::kMillisecond);
       }
+}
+
+void register_all() {
+  register_whole_layer<float>("f32");
+  register_whole_layer<molora::bf16>("bf16");
+  register_whole_layer<molora::f16>("f16");
   for (int cold : {1, 0})
     for (Index T : {1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192}) {
       benchmark::RegisterBenchmark(("base_product/f32/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm")).c_str(),

@@ -26,8 +26,9 @@ bool cpu_has(const IsaKernels& k) {
   if (&k == &molora_kernels_isa_avx512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (&k == &molora_kernels_isa_avx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (&k == &molora_kernels_isa_avx2)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (&k == &molora_kernels_isa_sse42) return __builtin_cpu_supports("sse4.2");
   return true;
 }
@@ -94,6 +95,11 @@ const IsaKernels& choose_isa_or_abort() noexcept {
     std::fprintf(stderr, "molora: cannot choose the kernels' ISA: %s\n", e.what());
     std::abort();
   }
+}
+
+bool dispatch_cpu_has_bf16_dot() noexcept {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
 }
 
 const char* const* dispatch_isa_names() noexcept { return cpu_isas().names; }

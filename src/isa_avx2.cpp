@@ -1,4 +1,4 @@
-// The kernels for AVX2 with FMA, compiled with -mavx2 -mfma only.
+// The kernels for AVX2 with FMA (and F16C, for f16 weights), compiled with -mavx2 -mfma -mf16c only.
 #include "isa_tables.hpp"
 
 using Arch = xsimd::fma3<xsimd::avx2>;

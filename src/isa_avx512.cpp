@@ -1,4 +1,4 @@
-// The kernels for AVX-512 F+BW+DQ+VL (with AVX2 and FMA), compiled with those flags only.
+// The kernels for AVX-512 F+BW+DQ+VL (with AVX2, FMA and F16C), compiled with those flags only.
 #include "isa_tables.hpp"
 
 using Arch = xsimd::avx512bw;

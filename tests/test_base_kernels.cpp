@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+
 #include <limits>
 #include <random>
 #include <string>
@@ -260,4 +261,58 @@ TEST_CASE("base_kernels: a wrapped base weight and x sharing y's memory") {
     wrapped.forward(ys, ys);
     CHECK(double((ys - ye).cwiseAbs().maxCoeff()) <= 1e-12);
   }
+}
+
+namespace {
+
+// Weights rounded to Weight, run with the 16-bit kernel and with the float kernel on the
+// widened weights: the same bits (same order of accumulation, exact widening).
+template <class Arch, class Weight>
+void half_weight_suite() {
+  std::mt19937_64 gen(31);
+  std::uint64_t seed = 900;
+  Index runs = 0;
+  for (const Index in : {1, 3, 8, 15, 16, 17, 31, 33, 64, 100, 257, 1030})
+    for (const Index T : {1, 2, 3, 4, 5, 7, 9, 33, 70})
+      for (const Index out : {1, 2, 5, 13}) {
+        Problem<float> p(in, out, T, (in + T + out) % 2 == 0, ++seed);
+        std::vector<Weight> wh(p.w.size());
+        for (std::size_t i = 0; i < wh.size(); ++i) {
+          float v = p.w[i];
+          if (i % 97 == 5) v *= 1e-6f;  // some f16 subnormals
+          if (i % 89 == 7) v *= 3e4f;   // and large values
+          wh[i] = std::is_same_v<Weight, molora::bf16> ? Weight{molora::to_bf16(v).bits} : Weight{molora::to_f16(v).bits};
+          p.w[i] = molora::to_float(wh[i]);
+        }
+        const std::vector<float> want = p.template run<Arch>();
+        std::vector<float> got = p.y0;
+        k::skinny_product(Arch{}, wh.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), got.data(), p.ldy, 0, out);
+        INFO(Arch::name(), " in=", in, " out=", out, " T=", T);
+        CHECK(got == want);
+        ++runs;
+      }
+  CHECK(runs == 12 * 9 * 4);
+  // widen: every bit pattern that is finite, exactly.
+  std::vector<Weight> all;
+  for (std::uint32_t b = 0; b < 65536; ++b) {
+    const Weight h{static_cast<std::uint16_t>(b)};
+    if (std::isfinite(molora::to_float(h))) all.push_back(h);
+  }
+  for (const std::size_t n : {all.size(), std::size_t(1), std::size_t(15), std::size_t(37)}) {
+    std::vector<float> w(n + 1, -7.0f);
+    k::widen(Arch{}, all.data(), Index(n), w.data());
+    bool exact = w[n] == -7.0f;  // nothing past n
+    for (std::size_t i = 0; i < n; ++i) exact = exact && w[i] == molora::to_float(all[i]) &&
+                                                std::signbit(w[i]) == std::signbit(molora::to_float(all[i]));
+    INFO("n=", n);
+    CHECK(exact);
+  }
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("base_kernels: bf16 and f16 weights give the float kernel's bits on the widened weights", Weight,
+                   molora::bf16, molora::f16) {
+  SUBCASE("the ISA running") { half_weight_suite<k::layer_arch, Weight>(); }
+  SUBCASE("scalar") { half_weight_suite<k::scalar_arch, Weight>(); }
 }

@@ -16,11 +16,13 @@
 #include <utility>
 #include <vector>
 
+#include "base_product.hpp"  // BaseStrategy
 #include "config.hpp"
 #include "detail/checks.hpp"
 #include "dispatch.hpp"
 #include "errors.hpp"
 #include "gating.hpp"
+#include "half.hpp"
 #include "kernels/base_kernels.hpp"
 #include "kernels/dispatch_kernels.hpp"
 #include "numeric.hpp"
@@ -54,23 +56,6 @@ inline const char* to_string(Strategy s) {
     case Strategy::eigen: return "eigen";
     case Strategy::dense_shrink: return "dense_shrink";
     case Strategy::fused: return "fused";
-  }
-  return "?";
-}
-
-// How MoLoRALinear computes its base product x W0^T + b0 (same values up to rounding):
-//   eigen      Eigen's GEMV / GEMM
-//   skinny     kernels::skinny_product: each row of W0 streamed once for all the tokens
-//   automatic  skinny from 2 tokens to below kernels::skinny_crossover<Scalar>(), eigen
-//              from there on and for one token, where Eigen's GEMV was 0-8 % faster
-//              (measured in docs/benchmarks.md; constants, whatever the thread count)
-enum class BaseStrategy { automatic, eigen, skinny };
-
-inline const char* to_string(BaseStrategy s) {
-  switch (s) {
-    case BaseStrategy::automatic: return "automatic";
-    case BaseStrategy::eigen: return "eigen";
-    case BaseStrategy::skinny: return "skinny";
   }
   return "?";
 }
@@ -111,7 +96,7 @@ void reserve_rows(M& m, Index rows, Index cols) {
 
 template <class Scalar>
 class MoLoRAAdapter;
-template <class Scalar>
+template <class Scalar, class BaseWeight = Scalar>
 class MoLoRALinear;
 template <class Scalar>
 class MixLoRAFeedForward;
@@ -282,7 +267,8 @@ public:
 
 private:
   // The layers built on the adapter call its unchecked steps after their own checks.
-  friend class MoLoRALinear<Scalar>;
+  template <class S, class W>
+  friend class MoLoRALinear;
   friend class MixLoRAFeedForward<Scalar>;
   friend struct detail::TrainingPath<Scalar>;
   template <class S>
@@ -524,9 +510,17 @@ void check_adapter_io(const MoLoRAAdapter<Scalar>& a, const ConstRowRef<Scalar>&
 }
 }  // namespace detail
 
-template <class Scalar>
+// BaseWeight: the base weight's storage type, Scalar or (float layers) bf16 / f16; the
+// router and the experts stay in Scalar. A 16-bit base is set from any values (rounded to
+// nearest even) or wrapped from a host's buffer; base_weight() (an Eigen map) exists only for
+// a base of type Scalar, base_weight_data() for any. (The default BaseWeight = Scalar is on
+// the declaration above the adapter.)
+template <class Scalar, class BaseWeight>
 class MoLoRALinear {
   static_assert(detail::is_supported_scalar<Scalar>, "molora::MoLoRALinear supports float and double");
+  static_assert(detail::is_weight_for<Scalar, BaseWeight>,
+                "molora::MoLoRALinear: BaseWeight is Scalar, or bf16 / f16 for a float layer");
+  static constexpr bool kHalfBase = !std::is_same_v<BaseWeight, Scalar>;
 
 public:
   using Workspace = MoLoRAWorkspace<Scalar>;
@@ -535,7 +529,10 @@ public:
 
   // Owns a zero base weight [out, in] without bias, and a zero adapter.
   explicit MoLoRALinear(const MoLoRAConfig& config) : adapter_(config) {
-    owned_weight_.setZero(config.out_features, config.in_features);
+    if constexpr (kHalfBase)
+      half_weight_.assign(static_cast<std::size_t>(config.out_features * config.in_features), BaseWeight{});
+    else
+      owned_weight_.setZero(config.out_features, config.in_features);
   }
 
   const MoLoRAConfig& config() const { return adapter_.config(); }
@@ -551,13 +548,12 @@ public:
   BaseStrategy base_strategy() const { return base_strategy_; }
   // The base strategy `automatic` resolves to for T tokens.
   BaseStrategy resolved_base_strategy(Index num_tokens) const {
-    if (base_strategy_ != BaseStrategy::automatic) return base_strategy_;
-    return num_tokens >= 2 && num_tokens < kernels::skinny_crossover<Scalar>() ? BaseStrategy::skinny
-                                                                               : BaseStrategy::eigen;
+    return detail::resolve_base_strategy<Scalar, BaseWeight>(base_strategy_, num_tokens);
   }
 
   // Base weight [out, in] and bias [out] (empty map without a bias), owned or wrapped.
   // Both throw state_error on a moved-from layer.
+  template <class W = BaseWeight, class = std::enable_if_t<std::is_same_v<W, Scalar>>>
   BaseWeightMap base_weight() const {
     check_live();
     return BaseWeightMap(wrapped_weight_ ? wrapped_weight_ : owned_weight_.data(), out_features(), in_features());
@@ -567,15 +563,34 @@ public:
     check_live();
     return BaseBiasMap(bias_ptr(), has_base_bias() ? out_features() : 0);
   }
-  bool wraps_base() const { return wrapped_weight_ != nullptr; }
+  bool wraps_base() const { return wrapped_weight_ != nullptr || wrapped_half_ != nullptr; }
+  // The base weight as stored, row-major [out, in], owned or wrapped (null when moved from).
+  const BaseWeight* base_weight_data() const {
+    if constexpr (kHalfBase)
+      return wrapped_half_ ? wrapped_half_ : half_weight_.data();
+    else
+      return wrapped_weight_ ? wrapped_weight_ : owned_weight_.data();
+  }
 
   // Copies w [out, in] (finite) into an owned base weight; stops wrapping.
+  // A 16-bit base: each value rounded to nearest even; numeric_error (naming the index and
+  // the value) for one that is not finite or, for f16, above 65504 after rounding.
   template <class Derived>
   void set_base_weight(const Eigen::MatrixBase<Derived>& w) {
     detail::require_shape(w, out_features(), in_features(), "base weight");
-    detail::require_finite(w, "base weight");
-    owned_weight_ = w.template cast<Scalar>();
-    wrapped_weight_ = nullptr;
+    if constexpr (kHalfBase) {
+      std::vector<BaseWeight> v(static_cast<std::size_t>(out_features() * in_features()));
+      for (Index o = 0; o < out_features(); ++o)
+        for (Index i = 0; i < in_features(); ++i)
+          v[static_cast<std::size_t>(o * in_features() + i)] =
+              detail::weight_from_float<BaseWeight>(static_cast<double>(w(o, i)), "base weight", o, i);
+      half_weight_.swap(v);
+      wrapped_half_ = nullptr;
+    } else {
+      detail::require_finite(w, "base weight");
+      owned_weight_ = w.template cast<Scalar>();
+      wrapped_weight_ = nullptr;
+    }
   }
   // Copies b [out] (row or column) into an owned base bias; stops wrapping the bias.
   template <class Derived>
@@ -594,11 +609,26 @@ public:
   // [out, in] row-major and outlive the layer's use of it; its values are checked here, once
   // (as set_base_weight checks its copy), and must not be changed to non-finite ones later.
   // Throws shape_error / numeric_error and leaves the layer unchanged.
+  template <class W = BaseWeight, class = std::enable_if_t<std::is_same_v<W, Scalar>>>
   void wrap_base_weight(const BaseWeightMap& w) {
     detail::require_shape(w, out_features(), in_features(), "wrapped base weight");
     detail::require_finite(w, "wrapped base weight");
     wrapped_weight_ = w.data();
     owned_weight_.resize(0, 0);
+  }
+  // A 16-bit base from the host's buffer (row-major [out, in] bf16 / f16, e.g. a checkpoint's
+  // tensor as stored), without a copy; the same lifetime rule and one check of its values.
+  template <class W = BaseWeight, class = std::enable_if_t<!std::is_same_v<W, Scalar>>>
+  void wrap_base_weight(const BaseWeight* w, Index out, Index in) {
+    if (out != out_features() || in != in_features())
+      throw shape_error(detail::mismatch("wrapped base weight", detail::shape_str(out_features(), in_features()),
+                                         detail::shape_str(out, in)));
+    if (!w) throw shape_error(detail::mismatch("wrapped base weight", "a buffer", "a null pointer"));
+    for (Index o = 0; o < out; ++o)
+      for (Index i = 0; i < in; ++i) detail::require_finite_weight(w[o * in + i], "wrapped base weight", o, i);
+    wrapped_half_ = w;
+    half_weight_.clear();
+    half_weight_.shrink_to_fit();
   }
   void wrap_base_bias(const Eigen::Map<const Vector<Scalar>>& b) {
     if (b.size() != out_features())
@@ -673,8 +703,10 @@ public:
   // Throws state_error if this layer was moved from (its owned base weight or bias no longer
   // has the layer's shape), then checks its adapter likewise.
   void check_live() const {
-    const bool weight_ok = wrapped_weight_ != nullptr ||
-                           (owned_weight_.rows() == out_features() && owned_weight_.cols() == in_features());
+    const bool weight_ok =
+        kHalfBase ? wrapped_half_ != nullptr || half_weight_.size() == static_cast<std::size_t>(out_features() * in_features())
+                  : wrapped_weight_ != nullptr ||
+                        (owned_weight_.rows() == out_features() && owned_weight_.cols() == in_features());
     const bool bias_ok = wrapped_bias_ != nullptr || owned_bias_.size() == 0 || owned_bias_.size() == out_features();
     if (!weight_ok || !bias_ok)
       throw state_error(detail::cat("MoLoRALinear: expected a live layer with base weight ",
@@ -691,34 +723,9 @@ private:
   }
 
   void base_into(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y) const {
-    if (resolved_base_strategy(x.rows()) == BaseStrategy::skinny) {
-      // W0 is [out, in] contiguous, owned or wrapped; bias_ptr() is null without a bias.
-      const Scalar* w = base_weight().data();
-      const Scalar* b = bias_ptr();
-      const Scalar* xp = x.data();
-      Scalar* yp = y.data();
-      const Index in = in_features(), out = out_features(), T = x.rows(), ldx = x.outerStride(),
-                  ldy = y.outerStride();
-      auto rows = [&](Index o0, Index o1) {
-        kernels::skinny_product(kernels::layer_arch{}, w, in, in, xp, ldx, T, b, yp, ldy, o0, o1);  // [T, out]
-      };
-#if defined(MOLORA_USE_OPENMP)
-      // One contiguous range of rows per thread (multiples of 4, the register block), as
-      // Eigen's GEMM used the threads before; the split changes no bit of y.
-      if (out >= 64 && !omp_in_parallel() && omp_get_max_threads() > 1) {
-#pragma omp parallel
-        {
-          const Index p = omp_get_thread_num(), P = omp_get_num_threads();
-          rows(out * p / P / 4 * 4, p + 1 == P ? out : out * (p + 1) / P / 4 * 4);
-        }
-        return;
-      }
-#endif
-      rows(0, out);
-      return;
-    }
-    y.noalias() = x * base_weight().transpose();  // [T, out]
-    if (has_base_bias()) y.rowwise() += base_bias();
+    // W0 is [out, in] contiguous, owned or wrapped; bias_ptr() is null without a bias.
+    detail::base_product(base_weight_data(), in_features(), out_features(), bias_ptr(), x, y,
+                         resolved_base_strategy(x.rows()));
   }
 
   MoLoRAAdapter<Scalar> adapter_;
@@ -727,6 +734,8 @@ private:
   const Scalar* wrapped_weight_ = nullptr;
   const Scalar* wrapped_bias_ = nullptr;
   BaseStrategy base_strategy_ = BaseStrategy::automatic;
+  std::vector<BaseWeight> half_weight_;      // 16-bit base [out, in] unless wrapping (else empty)
+  const BaseWeight* wrapped_half_ = nullptr;
 };
 
 }  // namespace molora

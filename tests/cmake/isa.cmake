@@ -17,7 +17,7 @@ function(molora_quiet_gcc_intrinsics target)
   endif()
 endfunction()
 
-foreach(_t test_kernels test_strategies test_backward_kernels test_base_kernels test_threads test_no_alloc)
+foreach(_t test_kernels test_strategies test_backward_kernels test_base_kernels test_linear test_threads test_no_alloc)
   if(TARGET ${_t})
     molora_quiet_gcc_intrinsics(${_t})
   endif()
@@ -28,8 +28,8 @@ if(NOT TARGET molora::kernels)
 endif()
 
 # The ISAs this CPU has, by /proc/cpuinfo's flags (the flags each ISA object is built with).
-set(_molora_cpu_avx512 avx512f avx512bw avx512dq avx512vl avx2 fma)
-set(_molora_cpu_avx2 avx2 fma)
+set(_molora_cpu_avx512 avx512f avx512bw avx512dq avx512vl avx2 fma f16c)
+set(_molora_cpu_avx2 avx2 fma f16c)
 set(_molora_cpu_sse4.2 sse4_2)
 set(_molora_cpu_scalar "")
 set(_molora_cpuinfo "")
@@ -53,7 +53,7 @@ endforeach()
 
 # The sanitizer build in CI turns these off (its plain runs take the best ISA).
 option(MOLORA_ISA_TESTS "Run the kernel, strategy and backward-kernel tests once per ISA" ON)
-foreach(_t test_kernels test_strategies test_backward_kernels test_base_kernels)
+foreach(_t test_kernels test_strategies test_backward_kernels test_base_kernels test_linear)
   if(NOT MOLORA_ISA_TESTS)
     break()
   endif()

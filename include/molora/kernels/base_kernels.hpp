@@ -14,10 +14,17 @@
 // Splitting the rows between threads therefore changes no bit of the result.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 
+#include "../half.hpp"
 #include "lora_kernels.hpp"
+
+#if !defined(MOLORA_NO_XSIMD) && (defined(__SSE2__) || defined(__AVX2__) || defined(__AVX512F__))
+#include <immintrin.h>
+#endif
 
 namespace molora::kernels {
 
@@ -46,21 +53,86 @@ constexpr Index kSkinnyPrefetch = 4096;
 // ---- scalar kernel ------------------------------------------------------------------------
 
 // y[t*ldy + o] = sum_i w[o*ldw + i] * x[t*ldx + i] (+ bias[o]) for t < T, o in [o0, o1).
-template <class Scalar>
-void skinny_product(scalar_arch, const Scalar* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
+// W is Scalar, or (Scalar float) bf16 / f16, widened exactly.
+template <class W, class Scalar>
+void skinny_product(scalar_arch, const W* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                     const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
   for (Index t = 0; t < T; ++t)
     for (Index o = o0; o < o1; ++o) {
       Scalar s = 0;
-      for (Index i = 0; i < in; ++i) s += w[o * ldw + i] * x[t * ldx + i];
+      for (Index i = 0; i < in; ++i) s += Scalar(to_float(w[o * ldw + i])) * x[t * ldx + i];
       if (bias) s += bias[o];
       y[t * ldy + o] = s;
     }
 }
 
+// dst[i] = src[i] widened exactly, i < n.
+template <class W, class Scalar>
+void widen(scalar_arch, const W* src, Index n, Scalar* dst) noexcept {
+  for (Index i = 0; i < n; ++i) dst[i] = Scalar(to_float(src[i]));
+}
+
 #if !defined(MOLORA_NO_XSIMD)
 
 namespace detail {
+
+// One vector of Scalar from W values at p (unaligned), widened exactly: a plain load for
+// W = Scalar; bf16 -> float by zero-extending each value into the upper half of a lane
+// (AVX-512, AVX2, SSE2); f16 -> float by the hardware conversion (AVX-512F, F16C); else, and
+// for f16 on SSE, through the scalar conversion of half.hpp (bit-exact, slower).
+template <class Arch, class Scalar, class W>
+inline xsimd::batch<Scalar, Arch> load_weights(const W* p) noexcept {
+  using B = xsimd::batch<Scalar, Arch>;
+  if constexpr (std::is_same_v<W, Scalar>) {
+    return B::load_unaligned(p);
+  } else {
+    if constexpr (std::is_same_v<Scalar, float> && std::is_same_v<W, bf16>) {
+#if defined(__AVX512F__)
+      if constexpr (B::size == 16)
+        return B(_mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16)));
+#endif
+#if defined(__AVX2__)
+      if constexpr (B::size == 8)
+        return B(_mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16)));
+#endif
+#if defined(__SSE2__)
+      if constexpr (B::size == 4)
+        return B(_mm_castsi128_ps(
+            _mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#endif
+    }
+    if constexpr (std::is_same_v<Scalar, float> && std::is_same_v<W, f16>) {
+#if defined(__AVX512F__)
+      if constexpr (B::size == 16) return B(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#endif
+#if defined(__F16C__)
+      if constexpr (B::size == 8) return B(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#endif
+    }
+    alignas(64) Scalar v[B::size];
+    for (std::size_t l = 0; l < B::size; ++l) v[l] = Scalar(to_float(p[l]));
+    return B::load_aligned(v);
+  }
+}
+
+// s + a * b in the scalar tail: one rounding (FMA) on the ISAs with FMA, two on the others,
+// whatever the compiler would contract. At -O3 GCC vectorised the tails of some
+// instantiations across rows and tokens and contracted them differently, so float and bf16
+// weights (widened to the same values) gave different bits.
+template <class Arch, class Scalar>
+inline Scalar tail_mul_add(Scalar a, Scalar b, Scalar s) noexcept {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+  if constexpr (std::is_base_of_v<xsimd::fma3<xsimd::avx2>, Arch> || std::is_base_of_v<xsimd::avx512f, Arch>)
+    return std::fma(a, b, s);
+  else
+#endif
+  {
+    volatile Scalar p = a * b;  // rounded product, never fused with the sum
+    return s + p;
+  }
+}
 
 // Rows of W0 per register block: 4 with 32 vector registers (4 rows x 4 tokens = 16
 // accumulators), 2 with 16 (8 accumulators, leaving room for the x and W0 vectors).
@@ -82,8 +154,8 @@ constexpr Index skinny_chunk() noexcept {
 // starts from zero, later ones reload the vector partial sums from spill (token t, row j
 // at (t * RO + j) * W); the last reduces them, adds the scalar columns [in_vec, in) and the
 // bias, and writes y.
-template <int RO, int RT, class Arch, class Scalar>
-inline void skinny_block(const Scalar* w, Index ldw, const Scalar* x, Index ldx, Index c0, Index c1, Index in_vec,
+template <int RO, int RT, class Arch, class Wt, class Scalar>
+inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Index c0, Index c1, Index in_vec,
                          Index in, bool first, bool last, Scalar* spill, const Scalar* bias, Scalar* y,
                          Index ldy) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
@@ -100,11 +172,11 @@ inline void skinny_block(const Scalar* w, Index ldw, const Scalar* x, Index ldx,
     for (int t = 0; t < RT; ++t) xv[t] = B::load_unaligned(x + t * ldx + c);
 #if defined(__GNUC__)
     MOLORA_UNROLL
-    for (int j = 0; j < RO; ++j) __builtin_prefetch(w + j * ldw + c + kSkinnyPrefetch / Index(sizeof(Scalar)), 0, 3);
+    for (int j = 0; j < RO; ++j) __builtin_prefetch(w + j * ldw + c + kSkinnyPrefetch / Index(sizeof(Wt)), 0, 3);
 #endif
     MOLORA_UNROLL
     for (int j = 0; j < RO; ++j) {
-      const B wv = B::load_unaligned(w + j * ldw + c);
+      const B wv = load_weights<Arch, Scalar>(w + j * ldw + c);
       MOLORA_UNROLL
       for (int t = 0; t < RT; ++t) acc[j][t] = xsimd::fma(wv, xv[t], acc[j][t]);
     }
@@ -124,7 +196,7 @@ inline void skinny_block(const Scalar* w, Index ldw, const Scalar* x, Index ldx,
       acc[j][t].store_aligned(lanes);
       Scalar s = 0;
       for (Index l = 0; l < W; ++l) s += lanes[l];
-      for (Index c = in_vec; c < in; ++c) s += w[j * ldw + c] * x[t * ldx + c];
+      for (Index c = in_vec; c < in; ++c) s = tail_mul_add<Arch>(Scalar(to_float(w[j * ldw + c])), x[t * ldx + c], s);
       if (bias) s += bias[j];
       y[t * ldy + j] = s;
     }
@@ -133,12 +205,12 @@ inline void skinny_block(const Scalar* w, Index ldw, const Scalar* x, Index ldx,
 // RO rows starting at w for n <= kSkinnyGroup tokens: one pass over `in` for up to 4
 // tokens (nothing to reuse), else passes of skinny_chunk columns, each over all token
 // blocks (4, then a tail of 1 to 3).
-template <int RO, class Arch, class Scalar>
-inline void skinny_rows_block(const Scalar* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
+template <int RO, class Arch, class Wt, class Scalar>
+inline void skinny_rows_block(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
                               const Scalar* bias, Scalar* y, Index ldy, Scalar* spill) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
   const Index in_vec = in - in % W;
-  const Index kc = n <= 4 ? in_vec : skinny_chunk<Arch, Scalar, RO>();
+  const Index kc = n <= 4 ? in_vec : skinny_chunk<Arch, Scalar, RO>();  // values of x per pass: same for any W
   for (Index c0 = 0;; c0 += kc) {
     const Index c1 = c0 + kc < in_vec ? c0 + kc : in_vec;
     const bool first = c0 == 0, last = c1 == in_vec;
@@ -171,9 +243,10 @@ inline void skinny_rows_block(const Scalar* w, Index ldw, Index in, const Scalar
 // (+ bias[o] when bias is not null) for t < T. Requires: w rows of `in` values with stride
 // ldw, x T rows with stride ldx >= in, y T rows with stride ldy, 0 <= o0 <= o1; y aliases
 // neither w, x nor bias. Fast for T below skinny_crossover (each row of W0 read once from
-// memory per kSkinnyGroup tokens); correct for any T.
-template <class Arch, class Scalar>
-void skinny_product(Arch, const Scalar* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
+// memory per kSkinnyGroup tokens); correct for any T. Wt is Scalar, or bf16 / f16 (widened
+// exactly in registers): the result is then bit for bit the one for the widened weights.
+template <class Arch, class Wt, class Scalar>
+void skinny_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                     const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
   constexpr int RO = detail::skinny_rows<Arch>();
@@ -199,7 +272,95 @@ void skinny_product(Arch, const Scalar* w, Index ldw, Index in, const Scalar* x,
   }
 }
 
+// dst[i] = src[i] widened exactly, i < n (W bf16 or f16): the Eigen path's weight blocks.
+template <class Arch, class W, class Scalar>
+void widen(Arch, const W* src, Index n, Scalar* dst) noexcept {
+  using B = xsimd::batch<Scalar, Arch>;
+  constexpr Index V = static_cast<Index>(B::size);
+  Index i = 0;
+  for (; i + V <= n; i += V) detail::load_weights<Arch, Scalar>(src + i).store_unaligned(dst + i);
+  for (; i < n; ++i) dst[i] = Scalar(to_float(src[i]));
+}
+
 #endif  // !MOLORA_NO_XSIMD
+
+// ---- opt-in bf16 dot products ------------------------------------------------------------
+
+// y[t*ldy + o] = sum_i bf16(x[t*ldx + i]) * w[o*ldw + i] (+ bias[o]) for t < T, o in
+// [o0, o1): the activations rounded to bf16 (to nearest even), products exact, sums in
+// float. With AVX512_BF16 (the AVX-512 object is compiled with -mavx512bf16; callers check
+// bf16_dot_available() first) each lane adds a pair of products per VDPBF16PS, which rounds
+// once per pair and flushes subnormals; elsewhere a plain loop in order. The two differ by
+// float summation error only (tests/test_linear.cpp states the tolerance).
+template <class Arch, class Scalar>
+void skinny_product_bf16dot(Arch, const bf16* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
+                            const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOLORA_NO_XSIMD)
+  if constexpr (std::is_same_v<Scalar, float> && std::is_base_of_v<xsimd::avx512bw, Arch>) {
+    constexpr int RO = 4;
+    const Index full = in - in % 32;
+    const auto rem = static_cast<unsigned>(in - full);
+    const __mmask16 mlo = static_cast<__mmask16>(rem >= 16 ? 0xffffu : (1u << rem) - 1u);
+    const __mmask16 mhi = static_cast<__mmask16>(rem <= 16 ? 0u : (1u << (rem - 16)) - 1u);
+    const __mmask32 mw = static_cast<__mmask32>(rem == 0 ? 0u : (std::uint64_t(1) << rem) - 1u);
+    for (Index o = o0; o < o1; o += RO) {
+      const int rows = o1 - o < RO ? int(o1 - o) : RO;
+      for (Index t = 0; t < T; ++t) {
+        const float* xt = x + t * ldx;
+        __m512 acc[RO];
+        for (int j = 0; j < RO; ++j) acc[j] = _mm512_setzero_ps();
+        for (Index c = 0; c < full; c += 32) {
+          const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xt + c + 16), _mm512_loadu_ps(xt + c));
+          for (int j = 0; j < rows; ++j)
+            acc[j] = _mm512_dpbf16_ps(acc[j], xv,
+                                      (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + (o + j) * ldw + c)));
+        }
+        if (rem) {
+          const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mhi, xt + full + 16),
+                                                  _mm512_maskz_loadu_ps(mlo, xt + full));
+          for (int j = 0; j < rows; ++j)
+            acc[j] = _mm512_dpbf16_ps(acc[j], xv, (__m512bh)_mm512_maskz_loadu_epi16(mw, w + (o + j) * ldw + full));
+        }
+        for (int j = 0; j < rows; ++j) {
+          float s = _mm512_reduce_add_ps(acc[j]);
+          if (bias) s += bias[o + j];
+          y[t * ldy + o + j] = s;
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (Index t = 0; t < T; ++t)
+    for (Index o = o0; o < o1; ++o) {
+      Scalar s = 0;
+      for (Index i = 0; i < in; ++i)
+        s += Scalar(to_float(to_bf16(static_cast<float>(x[t * ldx + i])))) * Scalar(to_float(w[o * ldw + i]));
+      if (bias) s += bias[o];
+      y[t * ldy + o] = s;
+    }
+}
+
+// The entries of the run-time table for 16-bit weights (one per weight type; the table's
+// members are named after the kernels).
+template <class Arch, class Scalar>
+void skinny_product_bf16(Arch a, const bf16* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
+                         const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
+  skinny_product(a, w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
+}
+template <class Arch, class Scalar>
+void skinny_product_f16(Arch a, const f16* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
+                        const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
+  skinny_product(a, w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
+}
+template <class Arch, class Scalar>
+void widen_bf16(Arch a, const bf16* src, Index n, Scalar* dst) noexcept {
+  widen(a, src, n, dst);
+}
+template <class Arch, class Scalar>
+void widen_f16(Arch a, const f16* src, Index n, Scalar* dst) noexcept {
+  widen(a, src, n, dst);
+}
 
 }  // namespace molora::kernels
 

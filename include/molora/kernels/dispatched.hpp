@@ -54,7 +54,21 @@
   X(skinny_product,                                                                                              \
     (const S* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy, Index o0,   \
      Index o1),                                                                                                  \
-    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1))
+    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1))                                                              \
+  X(skinny_product_bf16,                                                                                         \
+    (const bf16* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy,          \
+     Index o0, Index o1),                                                                                        \
+    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1))                                                              \
+  X(skinny_product_f16,                                                                                          \
+    (const f16* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy,           \
+     Index o0, Index o1),                                                                                        \
+    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1))                                                              \
+  X(skinny_product_bf16dot,                                                                                      \
+    (const bf16* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy,          \
+     Index o0, Index o1),                                                                                        \
+    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1))                                                              \
+  X(widen_bf16, (const bf16* src, Index n, S* dst), (src, n, dst))                                               \
+  X(widen_f16, (const f16* src, Index n, S* dst), (src, n, dst))
 
 #define MOLORA_DISPATCH_UNPAREN(...) __VA_ARGS__
 
@@ -107,6 +121,8 @@ constexpr KernelTable<S> make_kernel_table() noexcept {
 }
 
 #if MOLORA_RUNTIME_DISPATCH
+// Whether the CPU has AVX512_BF16 (src/dispatch.cpp).
+bool dispatch_cpu_has_bf16_dot() noexcept;
 // Defined in the library (src/dispatch.cpp). The active ISA, null until first chosen.
 extern std::atomic<const IsaKernels*> active_isa_kernels;
 // Chooses the ISA (MOLORA_ISA if set, else the best the CPU has) if none is yet. Throws
@@ -150,7 +166,42 @@ const KernelTable<Scalar>& active_kernels() noexcept {
 MOLORA_DISPATCHED_KERNELS(MOLORA_DISPATCHED_OVERLOAD, S)
 #undef MOLORA_DISPATCHED_OVERLOAD
 
+// The layers call skinny_product and widen for any weight type; 16-bit weights go to their
+// own table entries.
+template <class S>
+void skinny_product(dispatched_arch a, const bf16* w, Index ldw, Index in, const S* x, Index ldx, Index T,
+                    const S* bias, S* y, Index ldy, Index o0, Index o1) noexcept {
+  skinny_product_bf16(a, w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
+}
+template <class S>
+void skinny_product(dispatched_arch a, const f16* w, Index ldw, Index in, const S* x, Index ldx, Index T,
+                    const S* bias, S* y, Index ldy, Index o0, Index o1) noexcept {
+  skinny_product_f16(a, w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
+}
+template <class S>
+void widen(dispatched_arch a, const bf16* src, Index n, S* dst) noexcept {
+  widen_bf16(a, src, n, dst);
+}
+template <class S>
+void widen(dispatched_arch a, const f16* src, Index n, S* dst) noexcept {
+  widen_f16(a, src, n, dst);
+}
+
 #endif
+
+// Whether skinny_product_bf16dot runs AVX512_BF16's dot products here: the AVX-512 kernels
+// are active and the CPU has AVX512_BF16 (with run-time dispatch), or this translation unit
+// is compiled for both. Otherwise a caller of the bf16-dot mode rounds the activations itself
+// and runs the exact kernel (the kernel's own fallback is a plain loop, for tests).
+inline bool bf16_dot_available() {
+#if MOLORA_RUNTIME_DISPATCH
+  return std::string(detail::choose_isa().name) == "avx512" && detail::dispatch_cpu_has_bf16_dot();
+#elif defined(__AVX512BF16__) && defined(__AVX512BW__)
+  return std::is_base_of_v<xsimd::avx512bw, default_arch>;
+#else
+  return false;
+#endif
+}
 
 // Name of the ISA the kernels run with: "avx512", "avx2", "sse4.2" or "scalar" (with
 // run-time dispatch, chosen on first use: MOLORA_ISA if set, else the best the CPU has;

@@ -1,0 +1,105 @@
+// The base product y = x W^T (+ b) of MoLoRALinear and Linear, in one place: the strategy
+// switch (BaseStrategy), the crossover rule, and the calls into the kernels (skinny_product
+// below the crossover, rows split between OpenMP threads; Eigen's GEMM above it, over blocks
+// of widened rows for bf16 / f16 weights). docs/design-notes.md, "The base product for few
+// tokens" and "Weights in their own type".
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "half.hpp"
+#include "kernels/base_kernels.hpp"
+#include "types.hpp"
+
+#if defined(MOLORA_USE_OPENMP)
+#include <omp.h>
+#endif
+
+namespace molora {
+
+// How a layer computes its base product x W^T + b (same values up to rounding):
+//   eigen      Eigen's GEMV / GEMM (for 16-bit weights: over blocks of widened rows)
+//   skinny     kernels::skinny_product: each row of W streamed once for all the tokens
+//   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, eigen from there on;
+//              for weights of the layer's own type one token also goes to Eigen's GEMV,
+//              0-8 % faster there (measured in docs/benchmarks.md; constants, whatever the
+//              thread count), while 16-bit weights stay skinny (Eigen would need them widened)
+enum class BaseStrategy { automatic, eigen, skinny };
+
+inline const char* to_string(BaseStrategy s) {
+  switch (s) {
+    case BaseStrategy::automatic: return "automatic";
+    case BaseStrategy::eigen: return "eigen";
+    case BaseStrategy::skinny: return "skinny";
+  }
+  return "?";
+}
+
+namespace detail {
+
+// Weight types a layer of activations Scalar may hold: Scalar itself, or bf16 / f16 for float.
+template <class Scalar, class Weight>
+constexpr bool is_weight_for =
+    std::is_same_v<Weight, Scalar> || (std::is_same_v<Scalar, float> && is_half<Weight>);
+
+// What `automatic` (or a set strategy) means for T tokens.
+template <class Scalar, class Weight>
+BaseStrategy resolve_base_strategy(BaseStrategy s, Index num_tokens) {
+  if (s != BaseStrategy::automatic) return s;
+  const Index first_skinny = std::is_same_v<Weight, Scalar> ? 2 : 1;
+  return num_tokens >= first_skinny && num_tokens < kernels::skinny_crossover<Scalar>() ? BaseStrategy::skinny
+                                                                                         : BaseStrategy::eigen;
+}
+
+// Bytes of float rows widened per Eigen product for 16-bit weights: the block stays in L2
+// while Eigen packs it.
+constexpr Index kWidenBlockBytes = Index(256) << 10;
+
+// y = x W^T (+ bias) with W [out, in] row-major contiguous (out, in >= 1), bias null or
+// [out], x [T, in] and y [T, out] row-major, T >= 1, y not aliasing x, W or bias; `how` is
+// skinny or eigen (resolved). Checks nothing.
+template <class Scalar, class Weight>
+void base_product(const Weight* w, Index in, Index out, const Scalar* bias, const ConstRowRef<Scalar>& x,
+                  RowRef<Scalar>& y, BaseStrategy how) {
+  const Index T = x.rows();
+  if (how == BaseStrategy::skinny) {
+    const Scalar* xp = x.data();
+    Scalar* yp = y.data();
+    const Index ldx = x.outerStride(), ldy = y.outerStride();
+    auto rows = [&](Index o0, Index o1) {
+      kernels::skinny_product(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0, o1);  // [T, out]
+    };
+#if defined(MOLORA_USE_OPENMP)
+    // One contiguous range of rows per thread (multiples of 4, the register block), as
+    // Eigen's GEMM used the threads before; the split changes no bit of y.
+    if (out >= 64 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel
+      {
+        const Index p = omp_get_thread_num(), P = omp_get_num_threads();
+        rows(out * p / P / 4 * 4, p + 1 == P ? out : out * (p + 1) / P / 4 * 4);
+      }
+      return;
+    }
+#endif
+    rows(0, out);
+    return;
+  }
+  if constexpr (std::is_same_v<Weight, Scalar>) {
+    y.noalias() = x * Eigen::Map<const RowMatrix<Scalar>>(w, out, in).transpose();  // [T, out]
+  } else {
+    // Blocks of rows widened into a scratch (by the kernels), one Eigen GEMM each.
+    const Index rb = std::min(out, std::max<Index>(16, kWidenBlockBytes / Index(sizeof(Scalar)) / in));
+    std::vector<Scalar> block(static_cast<std::size_t>(rb * in));
+    for (Index o = 0; o < out; o += rb) {
+      const Index n = std::min(rb, out - o);
+      kernels::widen(kernels::layer_arch{}, w + o * in, n * in, block.data());
+      y.middleCols(o, n).noalias() = x * Eigen::Map<const RowMatrix<Scalar>>(block.data(), n, in).transpose();  // [T, n]
+    }
+  }
+  if (bias) y.rowwise() += Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(bias, out);
+}
+
+}  // namespace detail
+}  // namespace molora
