@@ -219,14 +219,13 @@ struct AdapterSegment {
 };
 
 // Everything an adapter set's forward writes besides its output. One per thread, reused:
-// a warm forward of the same batch size allocates nothing (buffers only grow, except
-// logits, exactly [adapted tokens, max E]).
+// a warm forward of the same or a smaller batch allocates nothing (buffers only grow).
 template <class Scalar>
 struct AdapterSetWorkspace {
   std::vector<std::int32_t> token_adapter;   // [T] from segments
   std::vector<Index> adapter_offsets;        // [N + 1] adapter a's tokens: adapter_tokens[offsets[a]..]
   std::vector<std::int32_t> adapter_tokens;  // adapted tokens grouped by adapter, ascending within one
-  RowMatrix<Scalar> logits;                  // [adapted tokens, max E]: row i is token adapter_tokens[i]
+  RowMatrix<Scalar> logits;                  // [>= adapted tokens, max E]: row i is token adapter_tokens[i]
   std::vector<Scalar> probs;                 // [max E] softmax scratch
   SetRouting<Scalar> routing;                // the routing of the last forward
   DispatchPlan<Scalar> plan;                 // pairs grouped by virtual expert; slots = pair index
@@ -416,7 +415,7 @@ private:
     // Router logits of each adapter's tokens (rows of ws.logits in adapter order), by the
     // shrink kernel as a single adapter computes them, then gating.
     const Index Emax = std::max<Index>(max_experts_, 1);
-    if (ws.logits.rows() != adapted || ws.logits.cols() != Emax) ws.logits.resize(adapted, Emax);
+    detail::reserve_rows(ws.logits, adapted, Emax);  // grows only
     reserve_scratch(ws, 1);
     ws.probs.resize(static_cast<std::size_t>(Emax));
     const Scalar* xp = x.data();
