@@ -11,3 +11,13 @@ if(MOLORA_TSAN_TESTS AND (NOT MOLORA_SANITIZE OR MOLORA_SANITIZE STREQUAL "threa
   endif()
   set_tests_properties(test_tenants_tsan PROPERTIES ENVIRONMENT "TSAN_OPTIONS=halt_on_error=1")
 endif()
+
+# test_adapter_set_omp: the set's tests with OpenMP, whose token ranges per thread must give
+# the same bits as each adapter alone (the bitwise checks of test_adapter_set).
+find_package(OpenMP QUIET)
+if(OpenMP_CXX_FOUND)
+  molora_add_test(test_adapter_set_omp ${CMAKE_CURRENT_SOURCE_DIR}/test_adapter_set.cpp)
+  target_link_libraries(test_adapter_set_omp PRIVATE molora_native_flags OpenMP::OpenMP_CXX)
+  target_compile_definitions(test_adapter_set_omp PRIVATE MOLORA_USE_OPENMP=1)
+  set_tests_properties(test_adapter_set_omp PROPERTIES ENVIRONMENT "OMP_NUM_THREADS=3")
+endif()
