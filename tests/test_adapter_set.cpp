@@ -407,3 +407,28 @@ TEST_CASE("adapter_set: errors name the field, the expected and the actual value
   CHECK_THROWS_WITH_AS(molora::SetAdapter<float>::wrap(v, nullptr),
                        "molora config error: adapter top_k: expected a value in [1, 1], got 2", molora::config_error);
 }
+
+TEST_CASE("adapter_set: caller routing gives the routed forward's result; bad routings are refused") {
+  auto f = mixed<double>(21, 15, 71);
+  const Index T = 30;
+  const auto x = ref::random_x<double>(T, 21, 72);
+  const auto ids = random_ids(T, 5, 73);
+  RowMatrix<double> y1 = RowMatrix<double>::Zero(T, 15), y2 = y1;
+  molora::AdapterSetWorkspace<double> ws;
+  const molora::SetRouting<double> routing = f.set->add_delta(x, ids, y1, ws);  // a copy
+  f.set->add_delta_routed(x, routing, y2, ws);
+  CHECK(y1 == y2);
+  auto bad = routing;
+  Index t_adapted = 0;
+  while (bad.adapter[std::size_t(t_adapted)] < 0 || bad.adapter[std::size_t(t_adapted)] == 3) ++t_adapted;
+  const auto E = f.set->adapter(bad.adapter[std::size_t(t_adapted)])->num_experts();
+  bad.experts[std::size_t(bad.offsets[std::size_t(t_adapted)])] = static_cast<std::int32_t>(E);
+  const std::string want = molora::detail::cat("molora numeric error: routing.experts of token ", t_adapted,
+                                               " slot 0: expected an expert id in [0, ", E, "), got ", E);
+  CHECK_THROWS_WITH_AS(f.set->add_delta_routed(x, bad, y2, ws), want.c_str(), molora::numeric_error);
+  bad = routing;
+  bad.adapter.pop_back();
+  CHECK_THROWS_WITH_AS(f.set->add_delta_routed(x, bad, y2, ws),
+                       "molora shape error: routing.adapter (one per token): expected 30, got 29", molora::shape_error);
+  CHECK(y1 == y2);
+}

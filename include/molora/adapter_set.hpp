@@ -327,6 +327,64 @@ public:
     return run(xr, TokenAdapters(ws.token_adapter.data(), total), y, ws);
   }
 
+  // y += delta with the routing supplied by the caller (task-annotated serving, or a
+  // benchmark's synthetic expert load): routing.adapter [T], offsets [T + 1], and for each
+  // token between 1 and E_a distinct experts of its adapter with finite weights (none for -1
+  // or an empty slot). Throws shape_error / numeric_error naming the token; y is then
+  // unchanged. A non-finite x is not checked here (no router runs): it stays in its rows.
+  template <class Derived>
+  void add_delta_routed(const Eigen::MatrixBase<Derived>& x, const SetRouting<Scalar>& routing, RowRef<Scalar> y,
+                        Workspace& ws) const {
+    const detail::WorkspaceGuard hold(ws.in_use, "AdapterSetWorkspace");
+    const ConstRowRef<Scalar> xr(x);
+    check_io(xr, y);
+    validate(routing, xr.rows());
+    const ConstRowRef<Scalar> xs = unaliased(xr, y, ws);
+    ws.routing.adapter = routing.adapter;  // same sizes when warm: no allocation
+    ws.routing.offsets = routing.offsets;
+    ws.routing.experts = routing.experts;
+    ws.routing.weights = routing.weights;
+    build_plan(ws);
+    apply(xs, y, ws);
+  }
+
+  // Throws shape_error / numeric_error naming the token unless routing is a valid ragged
+  // routing of T tokens over this set (see add_delta_routed).
+  void validate(const SetRouting<Scalar>& r, Index T) const {
+    if (r.num_tokens() != T) throw shape_error(detail::mismatch("routing.adapter (one per token)", T, r.num_tokens()));
+    if (static_cast<Index>(r.offsets.size()) != T + 1 || r.offsets[0] != 0)
+      throw shape_error(detail::mismatch("routing.offsets", detail::cat("T + 1 = ", T + 1, " offsets from 0"),
+                                         detail::cat(r.offsets.size(), " offsets from ", r.offsets.empty() ? -1 : r.offsets[0])));
+    if (static_cast<Index>(r.experts.size()) != r.offsets.back() || r.weights.size() != r.experts.size())
+      throw shape_error(detail::mismatch("routing.experts and routing.weights sizes", r.offsets.back(),
+                                         detail::cat(r.experts.size(), " and ", r.weights.size())));
+    for (Index t = 0; t < T; ++t) {
+      const std::int32_t a = r.adapter[static_cast<std::size_t>(t)];
+      if (a < -1 || a >= size())
+        throw numeric_error(detail::cat("routing.adapter of token ", t, ": expected -1 or an adapter id in [0, ", size(),
+                                        "), got ", a));
+      const Index b = r.offsets[static_cast<std::size_t>(t)], k = r.top_k(t);
+      const bool adapted = a >= 0 && adapters_[static_cast<std::size_t>(a)];
+      const Index E = adapted ? adapters_[static_cast<std::size_t>(a)]->num_experts() : 0;
+      if (adapted ? (k < 1 || k > E) : k != 0)
+        throw shape_error(detail::mismatch(detail::cat("routing pairs of token ", t),
+                                           adapted ? detail::cat("1..", E) : std::string("0 (base only)"), k));
+      for (Index s = 0; s < k; ++s) {
+        const std::int32_t e = r.experts[static_cast<std::size_t>(b + s)];
+        if (e < 0 || e >= E)
+          throw numeric_error(detail::cat("routing.experts of token ", t, " slot ", s, ": expected an expert id in [0, ",
+                                          E, "), got ", e));
+        for (Index j = 0; j < s; ++j)
+          if (r.experts[static_cast<std::size_t>(b + j)] == e)
+            throw numeric_error(detail::cat("routing.experts of token ", t, ": expected distinct experts, got expert ", e,
+                                            " in slots ", j, " and ", s));
+        const Scalar g = r.weights[static_cast<std::size_t>(b + s)];
+        if (!std::isfinite(static_cast<double>(g)))
+          throw numeric_error(detail::cat("routing.weights of token ", t, " slot ", s, ": expected a finite value, got ", g));
+      }
+    }
+  }
+
   // The routing alone (router logits into ws.logits, the pairs into ws.routing and ws.plan),
   // without touching any output. Throws as add_delta does.
   template <class Derived>
