@@ -27,6 +27,7 @@ std::atomic<long> g_eigen_heap{0};
 
 #include <doctest/doctest.h>
 
+#include <molora/adapter_set.hpp>
 #include <molora/molora.hpp>
 
 #include "reference.hpp"
@@ -208,5 +209,40 @@ TEST_CASE("no_alloc: a smaller batch after a larger one reallocates only the exa
       CHECK(one.news == 0);
       CHECK(one.eigen == 0);
     }
+  }
+}
+
+// An adapter set's warm forward (same batch, same adapter ids) allocates nothing either.
+TEST_CASE("no_alloc: warm AdapterSet::add_delta (mixed adapters, per-token ids and segments)") {
+  const Index in = 515, out = 333;
+  std::vector<molora::SetAdapter<float>::Ptr> adapters;
+  for (const auto& cfg : {config(in, out, 8, 2, 16), config(in, out, 4, 1, 7), config(in, out, 3, 3, 33)}) {
+    auto layer = ref::random_layer<float>(cfg, 20);
+    adapters.push_back(molora::SetAdapter<float>::share(
+        std::make_shared<const molora::MoLoRAAdapter<float>>(layer.adapter())));
+  }
+  auto lora = std::make_shared<molora::LoRA<float>>(in, out, 5, 10.0);
+  lora->set_A(ref::random_x<float>(5, in, 21));
+  lora->set_B(ref::random_x<float>(out, 5, 22));
+  adapters.push_back(molora::SetAdapter<float>::share(std::shared_ptr<const molora::LoRA<float>>(lora)));
+  const molora::AdapterSet<float> set(in, out, adapters);
+  for (const Index T : {1, 7, 64, 200}) {
+    const auto x = ref::random_x<float>(T, in, 23);
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(T));
+    for (Index t = 0; t < T; ++t) ids[static_cast<std::size_t>(t)] = static_cast<std::int32_t>((t * 7) % 5) - 1;
+    const std::vector<molora::AdapterSegment> segs = {{T / 2, 0}, {T - T / 2, 3}};
+    molora::RowMatrix<float> y = molora::RowMatrix<float>::Zero(T, out);
+    molora::AdapterSetWorkspace<float> ws;
+    set.add_delta(x, ids, y, ws);
+    set.add_delta_segments(x, segs, y, ws);
+    const Counts c = count_allocations([&] {
+      for (int rep = 0; rep < 3; ++rep) {
+        set.add_delta(x, ids, y, ws);
+        set.add_delta_segments(x, segs, y, ws);
+      }
+    });
+    INFO("T=", T);
+    CHECK(c.news == 0);
+    CHECK(c.eigen == 0);
   }
 }

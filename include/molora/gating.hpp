@@ -121,6 +121,33 @@ inline void check_gating(const GatingOptions& opt, Index logits_cols) {
 
 namespace detail {
 
+// Gating of one token with finite logits row [E]: its k experts into ids [k] and their
+// weights into w [k]; probs [E] is scratch (left holding softmax(row)). route() runs it per
+// token; AdapterSet runs it with each token's own adapter's options.
+template <class Scalar, class URBG>
+void gate_row(const Scalar* row, Index E, const GatingOptions& opt, std::int32_t* ids, Scalar* w, URBG* gen,
+              Scalar* probs) {
+  const Index k = opt.top_k;
+  softmax_row(row, E, probs);
+  if (opt.selection == Selection::sampling)
+    sample_row(row, probs, E, k, ids, *gen);
+  else
+    top_k_row(row, E, k, ids);
+  if (opt.normalize_top_k) {
+    // softmax over the k selected logits == p_i / sum_S p_j, without underflow.
+    Scalar m = row[ids[0]];
+    for (Index s = 1; s < k; ++s) m = row[ids[s]] > m ? row[ids[s]] : m;
+    Scalar z = 0;
+    for (Index s = 0; s < k; ++s) {
+      w[s] = std::exp(row[ids[s]] - m);
+      z += w[s];
+    }
+    for (Index s = 0; s < k; ++s) w[s] /= z;
+  } else {
+    for (Index s = 0; s < k; ++s) w[s] = probs[ids[s]];
+  }
+}
+
 // route() after its checks. Token t's softmax goes to probs + t * ldp: ldp = 0 reuses one
 // row of scratch, ldp = E keeps every token's probabilities (the training forward).
 template <class Scalar, class URBG>
@@ -134,27 +161,7 @@ void route_rows(const ConstRowRef<Scalar>& logits, const GatingOptions& opt, Rou
       if (!std::isfinite(static_cast<double>(row[e])))
         throw numeric_error(detail::cat("router logits of token ", t, ": expected finite values, got ", row[e],
                                         " for expert ", e));
-    Scalar* p = probs + t * ldp;
-    detail::softmax_row(row, E, p);
-    std::int32_t* ids = out.ids.row(t).data();
-    if (opt.selection == Selection::sampling)
-      detail::sample_row(row, p, E, k, ids, *gen);
-    else
-      detail::top_k_row(row, E, k, ids);
-    Scalar* w = out.weights.row(t).data();
-    if (opt.normalize_top_k) {
-      // softmax over the k selected logits == p_i / sum_S p_j, without underflow.
-      Scalar m = row[ids[0]];
-      for (Index s = 1; s < k; ++s) m = row[ids[s]] > m ? row[ids[s]] : m;
-      Scalar z = 0;
-      for (Index s = 0; s < k; ++s) {
-        w[s] = std::exp(row[ids[s]] - m);
-        z += w[s];
-      }
-      for (Index s = 0; s < k; ++s) w[s] /= z;
-    } else {
-      for (Index s = 0; s < k; ++s) w[s] = p[ids[s]];
-    }
+    detail::gate_row(row, E, opt, out.ids.row(t).data(), out.weights.row(t).data(), gen, probs + t * ldp);
   }
 }
 

@@ -24,3 +24,6 @@
 #include "params.hpp"
 #include "optim.hpp"
 #include "mixlora_ffn.hpp"
+#include "adapter_set.hpp"
+#include "adapter_set_backward.hpp"
+#include "tenants.hpp"

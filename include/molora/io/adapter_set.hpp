@@ -1,0 +1,172 @@
+// Set adapters in safetensors files, memory-mapped where the file allows (docs/design-notes.md,
+// "Adapter sets"). molora's set-adapter layout stores each tensor exactly as the set's kernels
+// read it, so an F32 file (F64 for double) is used in place: no copy, pages shared by every
+// process that maps the file, and the mapping lives as long as any set holds the adapter.
+// Any other float dtype (F16, BF16, or F32 into a double set) is converted once, at load.
+//
+// Layout, under an optional name prefix ("<prefix>." before each name, e.g. one file per
+// tenant with one prefix per projection):
+//   router.weight  [E, in]     absent for a plain LoRA (E = 1)
+//   router.bias    [E]         optional
+//   experts.A      [E*r, in]   every expert's lora_A stacked (expert e = rows e*r ..)
+//   experts.Bt     [E*r, out]  every expert's lora_B transposed and stacked (B_e^T [r, out])
+// and metadata "<prefix>.num_experts", ".top_k", ".rank", ".scaling" (alpha / r as trained),
+// ".normalize_top_k" ("true"/"false"), ".selection" ("top_k"/"sampling").
+#pragma once
+
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../adapter_set.hpp"
+#include "../errors.hpp"
+#include "safetensors.hpp"
+
+namespace molora {
+
+namespace detail {
+
+inline std::string set_key(const std::string& prefix, const char* name) {
+  return prefix.empty() ? std::string(name) : prefix + "." + name;
+}
+
+// The tensors and metadata of one adapter in the set-adapter layout.
+template <class Scalar>
+void append_set_adapter(std::vector<io::TensorToWrite>& tensors, std::map<std::string, std::string>& meta,
+                        const SetAdapter<Scalar>& a, const std::string& prefix, io::Dtype dtype) {
+  const auto& v = a.views();
+  const Index E = v.num_experts, r = v.rank, in = v.in_features, out = v.out_features;
+  auto u = [](Index n) { return static_cast<std::uint64_t>(n); };
+  if (v.router_weight)
+    tensors.push_back(io::make_tensor<Scalar>(set_key(prefix, "router.weight"), {u(E), u(in)}, v.router_weight, dtype));
+  if (v.router_bias) tensors.push_back(io::make_tensor<Scalar>(set_key(prefix, "router.bias"), {u(E)}, v.router_bias, dtype));
+  RowMatrix<Scalar> A(E * r, in), Bt(E * r, out);  // stacked, whatever the adapter's own storage
+  for (Index e = 0; e < E; ++e) {
+    A.middleRows(e * r, r) = Eigen::Map<const RowMatrix<Scalar>>(v.A[static_cast<std::size_t>(e)], r, in);
+    Bt.middleRows(e * r, r) = Eigen::Map<const RowMatrix<Scalar>>(v.Bt[static_cast<std::size_t>(e)], r, out);
+  }
+  tensors.push_back(io::make_tensor(set_key(prefix, "experts.A"), A, dtype));
+  tensors.push_back(io::make_tensor(set_key(prefix, "experts.Bt"), Bt, dtype));
+  meta[set_key(prefix, "num_experts")] = cat(E);
+  meta[set_key(prefix, "top_k")] = cat(v.top_k);
+  meta[set_key(prefix, "rank")] = cat(r);
+  char s[40];
+  std::snprintf(s, sizeof s, "%.17g", v.scaling);
+  meta[set_key(prefix, "scaling")] = s;
+  meta[set_key(prefix, "normalize_top_k")] = v.normalize_top_k ? "true" : "false";
+  meta[set_key(prefix, "selection")] = to_string(v.selection);
+}
+
+// Keeps a loaded adapter's weights alive: the file's mapping and any converted copies.
+template <class Scalar>
+struct LoadedSetAdapter {
+  io::SafetensorsReader file;
+  std::vector<RowMatrix<Scalar>> copies;
+};
+
+}  // namespace detail
+
+// Writes adapters (prefix -> adapter; "" = no prefix) to one file in the set-adapter layout.
+// dtype F32 (F64 for double) can be mapped back without a copy. Throws format_error on I/O.
+template <class Scalar>
+void save_set_adapters(const std::string& path, const std::map<std::string, const SetAdapter<Scalar>*>& adapters,
+                       io::Dtype dtype = io::internal::dtype_of<Scalar>()) {
+  std::vector<io::TensorToWrite> tensors;
+  std::map<std::string, std::string> meta;
+  meta["molora.format"] = "set_adapter";
+  for (const auto& [prefix, a] : adapters) {
+    if (!a) throw config_error(detail::mismatch(detail::cat("adapter '", prefix, "'"), "an adapter", "null"));
+    detail::append_set_adapter(tensors, meta, *a, prefix, dtype);
+  }
+  io::save_safetensors(path, std::move(tensors), meta);
+}
+
+// The adapter stored under `prefix` in file, as a SetAdapter with the given scale. Tensors
+// whose dtype is Scalar's and whose data is aligned are used in place (the adapter keeps the
+// mapping alive); others are converted once. *mapped (if given) tells whether every tensor
+// was used in place. Throws format_error naming the file and the tensor or key on anything
+// missing or malformed; numeric_error (with check_values) on a non-finite weight.
+template <class Scalar>
+typename SetAdapter<Scalar>::Ptr load_set_adapter(const io::SafetensorsReader& file, const std::string& prefix = "",
+                                                  double scale = 1, bool check_values = true, bool* mapped = nullptr) {
+  auto owner = std::make_shared<detail::LoadedSetAdapter<Scalar>>(detail::LoadedSetAdapter<Scalar>{file, {}});
+  const auto& meta = file.metadata();
+  auto fail = [&](const std::string& what) -> void {
+    throw format_error(detail::cat(file.source(), ": set adapter '", prefix, "': ", what));
+  };
+  auto get = [&](const char* key) {
+    const auto it = meta.find(detail::set_key(prefix, key));
+    if (it == meta.end()) fail(detail::mismatch(detail::cat("metadata ", detail::set_key(prefix, key)), "a value", "none"));
+    return it->second;
+  };
+  auto get_index = [&](const char* key) {
+    const std::string s = get(key);
+    char* end = nullptr;
+    const long long v = std::strtoll(s.c_str(), &end, 10);
+    if (s.empty() || *end != '\0' || v < 1 || v > (1LL << 31))
+      fail(detail::mismatch(detail::cat("metadata ", detail::set_key(prefix, key)), "an integer in [1, 2^31]", s));
+    return static_cast<Index>(v);
+  };
+  SetAdapterViews<Scalar> v;
+  v.num_experts = get_index("num_experts");
+  v.top_k = get_index("top_k");
+  v.rank = get_index("rank");
+  {
+    const std::string s = get("scaling");
+    char* end = nullptr;
+    v.scaling = std::strtod(s.c_str(), &end);
+    if (s.empty() || *end != '\0') fail(detail::mismatch("metadata scaling", "a number", s));
+    const std::string n = get("normalize_top_k");
+    if (n != "true" && n != "false") fail(detail::mismatch("metadata normalize_top_k", "true or false", n));
+    v.normalize_top_k = n == "true";
+    const std::string sel = get("selection");
+    if (sel != "top_k" && sel != "sampling") fail(detail::mismatch("metadata selection", "top_k or sampling", sel));
+    v.selection = sel == "top_k" ? Selection::top_k : Selection::sampling;
+  }
+  const Index E = v.num_experts, r = v.rank;
+  bool all_mapped = true;
+  // Tensor `name` [rows, cols] (cols = 0: a 1-D tensor [rows]), in place or converted.
+  auto tensor = [&](const char* name, Index rows, Index cols) -> const Scalar* {
+    const std::string key = detail::set_key(prefix, name);
+    if (cols > 0)
+      file.expect_shape(key, rows, cols);
+    else
+      file.expect_shape(key, rows);
+    if (file.info(key).dtype == io::internal::dtype_of<Scalar>()) {
+      try {
+        return file.template view<Scalar>(key).data();
+      } catch (const format_error&) {  // misaligned: convert below
+      }
+    }
+    all_mapped = false;
+    owner->copies.push_back(file.template matrix<Scalar>(key));
+    return owner->copies.back().data();
+  };
+  if (!file.has(detail::set_key(prefix, "experts.A"))) fail("no tensor experts.A");
+  const Index in = file.info(detail::set_key(prefix, "experts.A")).shape.size() == 2
+                       ? static_cast<Index>(file.info(detail::set_key(prefix, "experts.A")).shape[1])
+                       : 0;
+  const Index out = file.has(detail::set_key(prefix, "experts.Bt")) &&
+                            file.info(detail::set_key(prefix, "experts.Bt")).shape.size() == 2
+                        ? static_cast<Index>(file.info(detail::set_key(prefix, "experts.Bt")).shape[1])
+                        : 0;
+  if (in < 1 || out < 1) fail("experts.A and experts.Bt: expected 2-D tensors [E*r, in] and [E*r, out]");
+  v.in_features = in;
+  v.out_features = out;
+  owner->copies.reserve(4);  // pointers into copies stay valid
+  const Scalar* A = tensor("experts.A", E * r, in);
+  const Scalar* Bt = tensor("experts.Bt", E * r, out);
+  for (Index e = 0; e < E; ++e) {
+    v.A.push_back(A + e * r * in);
+    v.Bt.push_back(Bt + e * r * out);
+  }
+  if (file.has(detail::set_key(prefix, "router.weight"))) v.router_weight = tensor("router.weight", E, in);
+  if (file.has(detail::set_key(prefix, "router.bias"))) v.router_bias = tensor("router.bias", E, 0);
+  if (mapped) *mapped = all_mapped;
+  return SetAdapter<Scalar>::wrap(std::move(v), std::shared_ptr<const void>(owner, owner.get()), scale, check_values);
+}
+
+}  // namespace molora

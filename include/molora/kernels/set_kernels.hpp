@@ -1,0 +1,58 @@
+// The driver of an adapter set's forward (adapter_set.hpp): the fused shrink-expand kernel of
+// lora_kernels.hpp run over pairs grouped by *virtual* expert (one per expert of each adapter
+// in the set), each with its own weights, rank and scaling. It is fused_tokens
+// (dispatch_kernels.hpp) with a table of experts instead of one stack of equal rank: ranks
+// mix freely and nothing is padded. Per token, its experts are visited in ascending virtual
+// id, which for one token (one adapter) is ascending expert id, the order a single adapter
+// adds them in: a token's row gets the same bits as from its adapter alone.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "dispatch_kernels.hpp"
+#include "lora_kernels.hpp"
+
+namespace molora::kernels {
+
+// One virtual expert: A_e [rank, in] row-major at a (row stride lda), B_e^T [rank, out]
+// row-major at bt (row stride ldb), and the scaling s of its adapter (times the set's
+// per-adapter scale); tile is fused_tile for its shape.
+template <class Scalar>
+struct VirtualExpert {
+  const Scalar* a;
+  const Scalar* bt;
+  Index lda, ldb, rank, tile;
+  Scalar scaling;
+};
+
+// y[t] += sum over t's pairs (v, g) of s_v * g * B_v A_v x[t], for tokens [t_begin, t_end).
+// g groups the pairs by virtual expert (tokens ascending within one); experts[v] describes
+// virtual expert v. x [T, in], y [T, out] row-major with strides ldx, ldy (must not overlap);
+// scratch holds fused_scratch_size<Arch, Scalar>(max rank) values.
+template <class Arch, class Scalar>
+void fused_set_tokens(Arch arch, const VirtualExpert<Scalar>* experts, Index in, Index out,
+                      const PairGroups<Scalar>& g, const Scalar* x, Index ldx, Scalar* y, Index ldy, Index t_begin,
+                      Index t_end, Scalar* scratch) noexcept {
+  const Scalar* xr[kMaxTile];
+  Scalar* yr[kMaxTile];
+  Scalar sc[kMaxTile];
+  for (Index ai = 0; ai < g.num_active; ++ai) {
+    const std::int32_t v = g.active[ai];
+    const VirtualExpert<Scalar>& w = experts[v];
+    Index lo = 0, hi = 0;
+    detail::token_subrange(g, v, t_begin, t_end, lo, hi);
+    for (Index p0 = lo; p0 < hi; p0 += w.tile) {
+      const Index n = std::min(w.tile, hi - p0);
+      for (Index i = 0; i < n; ++i) {
+        const Index tok = g.tokens[p0 + i];
+        xr[i] = x + tok * ldx;
+        yr[i] = y + tok * ldy;
+        sc[i] = w.scaling * g.gates[p0 + i];
+      }
+      fused(arch, w.a, w.lda, w.bt, w.ldb, w.rank, in, out, xr, yr, sc, n, scratch, w.tile);
+    }
+  }
+}
+
+}  // namespace molora::kernels
