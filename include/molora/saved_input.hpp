@@ -1,5 +1,4 @@
-// What a call may keep of its input. Whether two strided views share memory (a layer then
-// copies x before it writes y), and SavedInput: where a training tape finds x at backward
+// SavedInput: where a training tape finds x at backward
 // time (the caller's buffer, or the tape's own copy when x shared memory with y). Also the
 // view types and the shape check the training entry points (lora_train.hpp, backward.hpp)
 // share.
@@ -9,6 +8,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "detail/checks.hpp"
 #include "errors.hpp"
 #include "types.hpp"
 
@@ -30,29 +30,6 @@ template <class D>
 void require_rows_cols(const D& m, Index rows, Index cols, const char* field) {
   if (m.rows() != rows || m.cols() != cols)
     throw shape_error(mismatch(field, shape_str(rows, cols), shape_str(m.rows(), m.cols())));
-}
-
-// Byte range [first, last] spanned by a strided view: the extreme element offsets come from
-// each stride's sign, so a negative stride (a view walking its rows backwards) is covered.
-template <class V>
-std::pair<std::uintptr_t, std::uintptr_t> byte_range(const V& v) {
-  const auto extent = [](Index n, Index stride) {  // {min, max} of i * stride over [0, n)
-    const Index far = (n - 1) * stride;
-    return std::pair<Index, Index>(std::min<Index>(0, far), std::max<Index>(0, far));
-  };
-  const auto rows = extent(v.rows(), v.rowStride()), cols = extent(v.cols(), v.colStride());
-  const auto size = static_cast<std::intptr_t>(sizeof(*v.data()));
-  const auto base = reinterpret_cast<std::intptr_t>(v.data());
-  return {static_cast<std::uintptr_t>(base + (rows.first + cols.first) * size),
-          static_cast<std::uintptr_t>(base + (rows.second + cols.second + 1) * size - 1)};
-}
-
-// True if the memory spanned by two views (any strides, negative included) overlaps.
-template <class A, class B>
-bool overlaps(const A& a, const B& b) {
-  if (a.size() == 0 || b.size() == 0) return false;
-  const auto ra = byte_range(a), rb = byte_range(b);
-  return ra.first <= rb.second && rb.first <= ra.second;
 }
 
 // Where a tape finds x: the caller's buffer (kept alive and unchanged until backward) or the
