@@ -657,3 +657,17 @@ TEST_CASE("training forward and backward of an empty batch do nothing") {
   CHECK(load_balancing_loss(tape, 0.1) == 0.0);
   CHECK(router_z_loss(tape, 0.1) == 0.0);
 }
+
+TEST_CASE("a backward refuses a tape whose gating does not fit the routing") {
+  Case c;
+  Harness hs(c);
+  hs.eval();
+  MoLoRAGrads<double> grads(hs.layer);
+  MoLoRATape<double> edited = hs.tape;
+  edited.gating.top_k = 3;
+  CHECK_THROWS_WITH_AS(backward(hs.layer, edited, hs.w, grads),
+                       "molora shape error: tape.gating (num_experts, top_k): expected (4, 2), got (4, 3)",
+                       shape_error);
+  CHECK(grads.A.isZero(0));
+  CHECK_NOTHROW(backward(hs.layer, hs.tape, hs.w, grads));
+}
