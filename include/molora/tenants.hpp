@@ -26,6 +26,14 @@
 #include "errors.hpp"
 #include "types.hpp"
 
+// C++20's std::atomic<std::shared_ptr> where the library has it (the free atomic_load /
+// atomic_store on a shared_ptr are deprecated there); C++17 uses those.
+#if defined(__cpp_lib_atomic_shared_ptr) && __cpp_lib_atomic_shared_ptr >= 201711L
+#define MOLORA_DETAIL_ATOMIC_SHARED_PTR 1
+#else
+#define MOLORA_DETAIL_ATOMIC_SHARED_PTR 0
+#endif
+
 namespace molora {
 
 // One tenant: an id, and one adapter per projection of the model (null = base only there).
@@ -147,7 +155,13 @@ public:
       : current_(std::make_shared<const Snapshot>(std::move(projections), std::vector<Tenant<Scalar>>{})) {}
 
   // The snapshot to run one forward of the model with (see the rule above).
-  typename Snapshot::Ptr current() const { return std::atomic_load_explicit(&current_, std::memory_order_acquire); }
+  typename Snapshot::Ptr current() const {
+#if MOLORA_DETAIL_ATOMIC_SHARED_PTR
+    return current_.load(std::memory_order_acquire);
+#else
+    return std::atomic_load_explicit(&current_, std::memory_order_acquire);
+#endif
+  }
   // Number of swaps so far.
   std::uint64_t version() const { return version_.load(std::memory_order_acquire); }
 
@@ -177,11 +191,19 @@ public:
 
 private:
   void publish(typename Snapshot::Ptr next) {
+#if MOLORA_DETAIL_ATOMIC_SHARED_PTR
+    current_.store(std::move(next), std::memory_order_release);
+#else
     std::atomic_store_explicit(&current_, std::move(next), std::memory_order_release);
+#endif
     version_.fetch_add(1, std::memory_order_acq_rel);
   }
 
+#if MOLORA_DETAIL_ATOMIC_SHARED_PTR
+  std::atomic<typename Snapshot::Ptr> current_;
+#else
   typename Snapshot::Ptr current_;  // accessed only through std::atomic_load / atomic_store
+#endif
   std::atomic<std::uint64_t> version_{0};
   std::mutex write_;
 };
