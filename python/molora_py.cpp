@@ -1,10 +1,14 @@
-// molora_py: a small Python module over MoLoRALinear<float>, for running molora beside
-// PyTorch in one process (tools/bench_peers.py). Weights are numpy arrays the module keeps
-// alive and reads in place (no copies); the forward releases the GIL.
+// molora_py: a small Python module over MoLoRALinear<float> and MoLoRALinear<float, bf16 /
+// f16>, for running molora beside PyTorch in one process (tools/bench_peers.py). Weights are
+// numpy arrays the module keeps alive and reads in place (no copies); the forward releases
+// the GIL. Activations are float32 in every class.
 //
 //   import molora_py
 //   layer = molora_py.MoLoRALinear(in_features, out_features, num_experts, top_k, rank, lora_alpha)
 //   layer.wrap_base_weight(w0)          # float32 [out, in], C order: used in place
+//   layer16 = molora_py.MoLoRALinearBF16(...)   # or MoLoRALinearF16: the base weight in 16 bits
+//   layer16.wrap_base_weight(bits)      # uint16 [out, in] (torch: w.view(torch.int16).numpy()
+//                                       # viewed as uint16), used in place
 //   layer.set_router(weight, bias)      # [E, in], [E] (bias None without a router bias)
 //   layer.set_expert(e, A, B)           # [r, in], [out, r]
 //   y = layer.forward(x)                # x float32 [T, in] (or [..., in]); y [T, out]
@@ -19,6 +23,7 @@
 
 #include <memory>
 #include <string>
+#include <type_traits>
 
 #if MOLORA_USE_OPENMP
 #include <omp.h>
@@ -50,16 +55,34 @@ Index folded_rows(const py::buffer_info& b, Index cols, const char* field) {
   return rows;
 }
 
+template <class W>
 class PyMoLoRALinear {
  public:
+  using Layer = molora::MoLoRALinear<float, W>;
+  static constexpr bool kHalf = !std::is_same_v<W, float>;
+
   PyMoLoRALinear(Index in, Index out, Index experts, Index top_k, Index rank, double alpha, bool router_bias)
       : layer_(make_config(in, out, experts, top_k, rank, alpha, router_bias)) {}
 
+  // float32 [out, in] for a float base; for a 16-bit base, the raw bits as a 2-byte integer
+  // array (uint16 or int16) [out, in]. C order in both cases: the layer reads it in place.
   void wrap_base_weight(const py::array& w) {
-    if (!py::isinstance<py::array_t<float>>(w) || !(w.flags() & py::array::c_style))
-      throw molora::shape_error("base weight: expected a C-ordered float32 array (no copy is made), got another array");
+    if (!(w.flags() & py::array::c_style))
+      throw molora::shape_error("base weight: expected a C-ordered array (no copy is made), got another layout");
     require_2d(w, out(), in(), "base weight");
-    layer_.wrap_base_weight(molora::MoLoRALinear<float>::BaseWeightMap(static_cast<const float*>(w.data()), out(), in()));
+    if constexpr (kHalf) {
+      // The buffer protocol's view of the element (numpy 2 moved the descriptor fields that
+      // Debian's pybind11 reads directly, so dtype().itemsize() is not trusted here).
+      const py::buffer_info b = w.request();
+      if (b.itemsize != 2 || (b.format != "H" && b.format != "h"))
+        throw molora::shape_error(molora::detail::cat("base weight: expected the 16-bit pattern as uint16/int16, got format '",
+                                                      b.format, "' of ", b.itemsize, " bytes"));
+      layer_.wrap_base_weight(static_cast<const W*>(w.data()), out(), in());
+    } else {
+      if (!py::isinstance<py::array_t<float>>(w))
+        throw molora::shape_error("base weight: expected float32, got another dtype");
+      layer_.wrap_base_weight(typename Layer::BaseWeightMap(static_cast<const float*>(w.data()), out(), in()));
+    }
     base_keep_ = w;  // the layer reads the array in place: keep it alive
   }
 
@@ -134,27 +157,35 @@ class PyMoLoRALinear {
     return c;
   }
 
-  molora::MoLoRALinear<float> layer_;
+  Layer layer_;
   molora::MoLoRAWorkspace<float> ws_;
   py::object base_keep_;
 };
+
+template <class W>
+void bind_layer(py::module_& m, const char* name) {
+  using L = PyMoLoRALinear<W>;
+  py::class_<L>(m, name)
+      .def(py::init<Index, Index, Index, Index, Index, double, bool>(), py::arg("in_features"),
+           py::arg("out_features"), py::arg("num_experts") = 8, py::arg("top_k") = 2, py::arg("rank") = 16,
+           py::arg("lora_alpha") = 32.0, py::arg("router_bias") = true)
+      .def("wrap_base_weight", &L::wrap_base_weight, py::arg("weight"))
+      .def("set_router", &L::set_router, py::arg("weight"), py::arg("bias") = py::none())
+      .def("set_expert", &L::set_expert, py::arg("e"), py::arg("A"), py::arg("B"))
+      .def("set_base_strategy", &L::set_base_strategy, py::arg("strategy"))
+      .def("forward", &L::forward, py::arg("x"), py::arg("out") = py::none())
+      .def_property_readonly("in_features", &L::in)
+      .def_property_readonly("out_features", &L::out);
+}
 
 }  // namespace
 
 PYBIND11_MODULE(molora_py, m) {
   m.doc() = "molora's MoLoRALinear over numpy float32 arrays (for side-by-side benchmarks)";
   py::register_exception<molora::error>(m, "Error", PyExc_ValueError);
-  py::class_<PyMoLoRALinear>(m, "MoLoRALinear")
-      .def(py::init<Index, Index, Index, Index, Index, double, bool>(), py::arg("in_features"),
-           py::arg("out_features"), py::arg("num_experts") = 8, py::arg("top_k") = 2, py::arg("rank") = 16,
-           py::arg("lora_alpha") = 32.0, py::arg("router_bias") = true)
-      .def("wrap_base_weight", &PyMoLoRALinear::wrap_base_weight, py::arg("weight"))
-      .def("set_router", &PyMoLoRALinear::set_router, py::arg("weight"), py::arg("bias") = py::none())
-      .def("set_expert", &PyMoLoRALinear::set_expert, py::arg("e"), py::arg("A"), py::arg("B"))
-      .def("set_base_strategy", &PyMoLoRALinear::set_base_strategy, py::arg("strategy"))
-      .def("forward", &PyMoLoRALinear::forward, py::arg("x"), py::arg("out") = py::none())
-      .def_property_readonly("in_features", &PyMoLoRALinear::in)
-      .def_property_readonly("out_features", &PyMoLoRALinear::out);
+  bind_layer<float>(m, "MoLoRALinear");
+  bind_layer<molora::bf16>(m, "MoLoRALinearBF16");
+  bind_layer<molora::f16>(m, "MoLoRALinearF16");
   m.def("active_isa", [] { return molora::kernels::active_isa(); });
   m.def("force_isa", [](const std::string& isa) { molora::kernels::force_isa(isa); }, py::arg("isa"));
   m.def("set_num_threads", [](int n) {

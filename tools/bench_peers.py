@@ -30,6 +30,7 @@ and molora's) are told OMP_WAIT_POLICY=passive so they do not spin against each 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -98,13 +99,48 @@ def build(in_f: int, out_f: int, E: int, k: int, r: int, alpha: float, seed: int
 
 
 def molora_layer(mod, ming, base, in_f: int, out_f: int, E: int, k: int, r: int, alpha: float):
-    """molora's layer holding the MING layer's weights (base wrapped in place, no copy)."""
-    layer = mod.MoLoRALinear(in_f, out_f, num_experts=E, top_k=k, rank=r, lora_alpha=alpha, router_bias=True)
-    layer.wrap_base_weight(base.weight.detach().numpy())
-    layer.set_router(ming.switch.weight.detach().numpy(), ming.switch.bias.detach().numpy())
+    """molora's layer holding the MING layer's weights (base wrapped in place, no copy).
+
+    A bf16 MING layer gives MoLoRALinearBF16: the base's bf16 bits wrapped in place, the
+    router widened to float (exactly: every bf16 value is a float), the experts as they are."""
+    half = base.weight.dtype == torch.bfloat16
+    cls = mod.MoLoRALinearBF16 if half else mod.MoLoRALinear
+    layer = cls(in_f, out_f, num_experts=E, top_k=k, rank=r, lora_alpha=alpha, router_bias=True)
+    if half:
+        layer.wrap_base_weight(base.weight.detach().view(torch.int16).numpy().view(np.uint16))
+    else:
+        layer.wrap_base_weight(base.weight.detach().numpy())
+
+    def f32(t):
+        return t.detach().float().contiguous().numpy()
+    layer.set_router(f32(ming.switch.weight), f32(ming.switch.bias))
     for i in range(E):
-        layer.set_expert(i, ming.A(i).weight.detach().numpy(), ming.B(i).weight.detach().numpy())
+        layer.set_expert(i, f32(ming.A(i).weight), f32(ming.B(i).weight))
     return layer
+
+
+def to_bf16(base, ming):
+    """bf16 copies of the base and the MING layer as MING-MOE runs in bf16: the base weight
+    (shared) and the router in bf16; the experts stay float32 (MING's layer casts x to float32
+    for them and casts their sum back)."""
+    base16 = copy.deepcopy(base).to(torch.bfloat16)
+    ming16 = copy.deepcopy(ming)
+    ming16.weight = base16.weight
+    ming16.switch.to(torch.bfloat16)
+    return base16, ming16
+
+
+def bf16_input(module):
+    """Calls module on a bf16 copy of x, made once per x (outside the timed call after warm-up)."""
+    cache = {}
+
+    def call(x: torch.Tensor):
+        key = id(x)
+        if key not in cache:
+            cache.clear()
+            cache[key] = (x, x.to(torch.bfloat16))
+        return module(cache[key][1])
+    return call
 
 
 def molora_call(layer, out_f: int):
@@ -119,13 +155,21 @@ def molora_call(layer, out_f: int):
     return call
 
 
-def check_same(ming, call, x: torch.Tensor) -> float:
-    """max |molora - MING| / max |MING| on x; raises if above 1e-5."""
-    want = ming(x).numpy()
+# molora against the MING layer, relative to the output's largest magnitude. f32: the same
+# products in another order. bf16: PyTorch keeps bf16 activations (x, h, each output rounded
+# to 8 significant bits, 2^-9 relative each), molora float activations over the same bf16
+# weights, so the two differ by a few bf16 roundings of the output.
+TOLERANCE = {"f32": 1e-5, "bf16": 2e-2}
+
+
+def check_same(ming, call, x: torch.Tensor, dtype: str) -> float:
+    """max |molora - MING| / max |MING| on x; stops the script if above TOLERANCE[dtype]."""
+    want = ming(x).float().numpy()
     got = call(x)
     err = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
-    if not err <= 1e-5:
-        raise SystemExit(f"molora and MING-MOE differ: max error {err:.3g} of the output's max (limit 1e-5)")
+    if not err <= TOLERANCE[dtype]:
+        raise SystemExit(f"molora and MING-MOE ({dtype}) differ: max error {err:.3g} of the output's max "
+                         f"(limit {TOLERANCE[dtype]:g})")
     return err
 
 
@@ -161,6 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", default=None, help="also write the tables as markdown here")
     ap.add_argument("--molora", default=None, help="folder holding the molora_py module (adds the molora variant)")
     ap.add_argument("--peers", default="base,ming,peft,molora", help="variants to time (molora needs --molora)")
+    ap.add_argument("--dtypes", default="f32", help="weight types: f32, bf16 (PEFT runs in f32 only)")
     args = ap.parse_args(argv)
     peers = [p for p in args.peers.split(",") if p]
     mod = None
@@ -189,25 +234,35 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.no_grad():
         for in_f, out_f in shapes:
-            base, ming, lora_layer = build(in_f, out_f, args.experts, args.topk, args.rank, args.alpha, 1234)
-            every = {"base": base, "ming": ming, "peft": lora_layer}
+          base32, ming32, lora_layer = build(in_f, out_f, args.experts, args.topk, args.rank, args.alpha, 1234)
+          for dtype in args.dtypes.split(","):
+            if dtype == "f32":
+                base, ming = base32, ming32
+                every = {"base": base, "ming": ming, "peft": lora_layer}
+            elif dtype == "bf16":
+                base, ming = to_bf16(base32, ming32)
+                every = {"base": bf16_input(base), "ming": bf16_input(ming)}
+            else:
+                raise SystemExit(f"--dtypes: expected f32 or bf16, got {dtype}")
             if mod:
                 every["molora"] = molora_call(
                     molora_layer(mod, ming, base, in_f, out_f, args.experts, args.topk, args.rank, args.alpha), out_f)
-            fns = {n: every[n] for n in peers}
+            fns = {n: every[n] for n in peers if n in every}
+            names = list(fns)
             for nt in threads:
                 torch.set_num_threads(nt)
                 if mod:
                     mod.set_num_threads(nt)
-                print(f"\n## {in_f} -> {out_f}, threads={nt}")
-                print(f"{'T':>6} " + " ".join(f"{n + ' ms':>10}" for n in peers)
+                print(f"\n## {in_f} -> {out_f}, {dtype}, threads={nt}")
+                print(f"{'T':>6} " + " ".join(f"{n + ' ms':>10}" for n in names)
                       + (f" {'ming/molora':>11} {'err':>8}" if mod else "") + f" {'reps':>5} {'load':>5}")
                 for T in tokens:
                     x = torch.randn(1, T, in_f)
-                    err = check_same(ming, every["molora"], x) if mod else None
+                    err = check_same(every["ming"], every["molora"], x, dtype) if mod else None
                     med, reps = time_cell(fns, x, args.budget, args.min_reps, args.max_reps)
-                    row = {"threads": nt, "in": in_f, "out": out_f, "T": T, "reps": reps, "loadavg": loadavg()}
-                    for n in peers:
+                    row = {"threads": nt, "in": in_f, "out": out_f, "dtype": dtype, "T": T, "reps": reps,
+                           "loadavg": loadavg()}
+                    for n in names:
                         row[n + "_ms"] = med[n] * 1e3
                     for n in ("ming", "peft", "molora"):
                         if n in med and "base" in med:
@@ -216,10 +271,11 @@ def main(argv=None) -> int:
                         row["ming_over_molora"] = med["ming"] / med["molora"]
                         row["max_err"] = err
                     rows.append(row)
-                    print(f"{T:>6} " + " ".join(f"{row[n + '_ms']:>10.3f}" for n in peers)
+                    print(f"{T:>6} " + " ".join(f"{row[n + '_ms']:>10.3f}" for n in names)
                           + (f" {row.get('ming_over_molora', float('nan')):>11.3f} {err:>8.1e}" if mod else "")
                           + f" {reps:>5} {row['loadavg']:>5.2f}", flush=True)
-            del base, ming, lora_layer, fns, every
+            del base, ming, fns, every
+          del base32, ming32, lora_layer
     meta["loadavg_end"] = loadavg()
     if args.json:
         with open(args.json, "w") as f:
@@ -235,14 +291,15 @@ def main(argv=None) -> int:
 def markdown_tables(rows) -> str:
     """One table per (shape, threads): median ms per variant, ratios, per T."""
     out = []
-    keys = sorted({(r["in"], r["out"], r["threads"]) for r in rows}, key=lambda k: (k[2], k[0], k[1]))
+    keys = sorted({(r["in"], r["out"], r.get("dtype", "f32"), r["threads"]) for r in rows},
+                  key=lambda k: (k[2], k[3], k[0], k[1]))
     names = {"base": "base", "ming": "MING-MOE", "peft": "PEFT LoRA", "molora": "molora"}
-    for in_f, out_f, nt in keys:
-        cell = [r for r in rows if (r["in"], r["out"], r["threads"]) == (in_f, out_f, nt)]
+    for in_f, out_f, dtype, nt in keys:
+        cell = [r for r in rows if (r["in"], r["out"], r.get("dtype", "f32"), r["threads"]) == (in_f, out_f, dtype, nt)]
         ms = [n for n in names if n + "_ms" in cell[0]]
         ratios = [n for n in ("ming", "peft", "molora") if "ratio_" + n in cell[0]]
         extra = ["ming_over_molora", "max_err"] if "ming_over_molora" in cell[0] else []
-        out.append(f"\n### {in_f} -> {out_f}, {nt} thread{'s' if nt > 1 else ''}\n")
+        out.append(f"\n### {in_f} -> {out_f}, {dtype} weights, {nt} thread{'s' if nt > 1 else ''}\n")
         head = (["T"] + [names[n] + " ms" for n in ms] + [names[n] + "/base" for n in ratios]
                 + (["MING/molora", "max err"] if extra else []) + ["reps", "load avg"])
         out.append("| " + " | ".join(head) + " |")
