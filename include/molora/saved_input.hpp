@@ -25,13 +25,6 @@ using InRef = typename no_deduce<ConstRowRef<Scalar>>::type;
 template <class Scalar>
 using OutRef = typename no_deduce<RowRef<Scalar>>::type;
 
-// Throws shape_error naming field unless m is [rows, cols].
-template <class D>
-void require_rows_cols(const D& m, Index rows, Index cols, const char* field) {
-  if (m.rows() != rows || m.cols() != cols)
-    throw shape_error(mismatch(field, shape_str(rows, cols), shape_str(m.rows(), m.cols())));
-}
-
 // Where a tape finds x: the caller's buffer (kept alive and unchanged until backward) or the
 // tape's own copy when x shared memory with y.
 template <class Scalar>
