@@ -1,7 +1,7 @@
 // SavedInput: where a training tape finds x at backward
 // time (the caller's buffer, or the tape's own copy when x shared memory with y). Also the
-// view types and the shape check the training entry points (lora_train.hpp, backward.hpp)
-// share.
+// view types the training entry points (lora_train.hpp, backward.hpp) share; their shape
+// checks are detail/checks.hpp's.
 #pragma once
 
 #include <algorithm>
