@@ -23,6 +23,7 @@ using molora::RowMatrix;
 using molora::io::Limits;
 using molora::io::Load;
 using molora::io::SafetensorsReader;
+using test_util::check_contains;
 using test_util::error_of;
 using test_util::read_bytes;
 using test_util::read_text;
@@ -35,10 +36,6 @@ namespace {
 const std::string data_dir = MOLORA_TEST_DATA_DIR;
 
 bool contains(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
-
-void check_contains(const std::string& msg, std::initializer_list<const char*> needles) {
-  for (const char* n : needles) CHECK_MESSAGE(contains(msg, n), "'" << std::string(n) << "' not in: " << msg);
-}
 
 // A safetensors file from its header text and data bytes.
 std::vector<std::uint8_t> st_file(const std::string& header, std::size_t data_bytes = 0) {

@@ -14,6 +14,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <initializer_list>
 #include <iterator>
 #include <random>
 #include <string>
@@ -147,6 +148,28 @@ std::string error_of(F&& f) {
   }
   FAIL("expected molora::format_error, nothing was thrown");
   return {};
+}
+
+// CHECKs that msg contains each of parts (the message is shown on failure).
+inline void check_contains(const std::string& msg, std::initializer_list<const char*> parts) {
+  for (const char* p : parts) {
+    INFO("message: " << msg);
+    CHECK(msg.find(p) != std::string::npos);
+  }
+}
+
+// max |got - want| / max(1e-30, max |want|), in double.
+template <class A, class B>
+double rel(const A& got, const B& want) {
+  return double((got.template cast<double>() - want.template cast<double>()).cwiseAbs().maxCoeff()) /
+         std::max(1e-30, double(want.template cast<double>().cwiseAbs().maxCoeff()));
+}
+
+// Copies the files of directory from into to (created if missing).
+inline void copy_dir(const std::string& from, const std::string& to) {
+  std::filesystem::create_directories(to);
+  for (const auto& e : std::filesystem::directory_iterator(from))
+    std::filesystem::copy_file(e.path(), std::filesystem::path(to) / e.path().filename());
 }
 
 }  // namespace test_util

@@ -94,7 +94,7 @@ void forward_train(const AdapterSet<Scalar>& set, const Eigen::MatrixBase<Derive
   tape.options.validate();
   const Index T = x.rows(), N = set.size(), in = set.in_features(), out = set.out_features();
   if (x.cols() != in) throw shape_error(detail::mismatch("x columns (in_features)", in, x.cols()));
-  detail::require_rows_cols(y, T, out, "y shape");
+  detail::require_shape(y, T, out, "y shape");
   if (ids.size != T) throw shape_error(detail::mismatch("adapter ids (one per token)", T, ids.size));
   tape.adapter.resize(static_cast<std::size_t>(T));
   tape.offsets.assign(static_cast<std::size_t>(N) + 1, 0);
@@ -162,8 +162,8 @@ void add_backward(const AdapterSet<Scalar>& set, AdapterSetTape<Scalar>& tape, c
                   AdapterSetGrads<Scalar>& grads, detail::OutRef<Scalar> dx) {
   const detail::WorkspaceGuard hold(tape.in_use, "AdapterSetTape");
   const Index T = tape.num_tokens, N = set.size(), in = set.in_features(), out = set.out_features();
-  detail::require_rows_cols(dy, T, out, "dy shape");
-  detail::require_rows_cols(dx, T, in, "dx shape");
+  detail::require_shape(dy, T, out, "dy shape");
+  detail::require_shape(dx, T, in, "dx shape");
   if (static_cast<Index>(tape.offsets.size()) != N + 1)
     throw shape_error(detail::mismatch("tape adapters (recorded by a set of this size)", N,
                                        static_cast<Index>(tape.offsets.size()) - 1));
@@ -175,13 +175,13 @@ void add_backward(const AdapterSet<Scalar>& set, AdapterSetTape<Scalar>& tape, c
     const Index E = ad.num_experts(), r = ad.rank();
     if (ad.molora_adapter()) {
       const auto& g = grads.molora[static_cast<std::size_t>(a)];
-      detail::require_rows_cols(g.A, E * r, in, detail::cat("grads of adapter ", a, ": A shape").c_str());
-      detail::require_rows_cols(g.B, out, E * r, detail::cat("grads of adapter ", a, ": B shape").c_str());
-      detail::require_rows_cols(g.router_weight, E, in, detail::cat("grads of adapter ", a, ": router_weight shape").c_str());
+      detail::require_shape(g.A, E * r, in, detail::cat("grads of adapter ", a, ": A shape").c_str());
+      detail::require_shape(g.B, out, E * r, detail::cat("grads of adapter ", a, ": B shape").c_str());
+      detail::require_shape(g.router_weight, E, in, detail::cat("grads of adapter ", a, ": router_weight shape").c_str());
     } else {
       const auto& g = grads.lora[static_cast<std::size_t>(a)];
-      detail::require_rows_cols(g.A, r, in, detail::cat("grads of adapter ", a, ": A shape").c_str());
-      detail::require_rows_cols(g.B, out, r, detail::cat("grads of adapter ", a, ": B shape").c_str());
+      detail::require_shape(g.A, r, in, detail::cat("grads of adapter ", a, ": A shape").c_str());
+      detail::require_shape(g.B, out, r, detail::cat("grads of adapter ", a, ": B shape").c_str());
     }
   }
   for (Index a = 0; a < N; ++a) {

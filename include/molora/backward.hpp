@@ -122,12 +122,12 @@ void check_backward(const MoLoRAAdapter<Scalar>& a, const MoLoRATape<Scalar>& ta
   const Index T = tape.num_tokens(), E = a.num_experts(), r = a.rank(), in = a.in_features(), out = a.out_features();
   a.check_live();
   check_tape(a, tape);
-  require_rows_cols(dy, T, out, "dy shape");
-  require_rows_cols(g.router_weight, E, in, "grads.router_weight shape");
-  require_rows_cols(g.router_bias, 1, E, "grads.router_bias shape");
-  require_rows_cols(g.A, E * r, in, "grads.A shape");
-  require_rows_cols(g.B, out, E * r, "grads.B shape");
-  if (dx) require_rows_cols(*dx, T, in, "dx shape");
+  require_shape(dy, T, out, "dy shape");
+  require_shape(g.router_weight, E, in, "grads.router_weight shape");
+  require_shape(g.router_bias, 1, E, "grads.router_bias shape");
+  require_shape(g.A, E * r, in, "grads.A shape");
+  require_shape(g.B, out, E * r, "grads.B shape");
+  if (dx) require_shape(*dx, T, in, "dx shape");
 }
 
 // Step 1. Fills tape.u [pairs, r] with dL/dh (plan order) and, with a router,
@@ -448,8 +448,8 @@ void forward_routed_train(const MoLoRALinear<Scalar>& layer, const Eigen::Matrix
 // dx = dy W0 [T, in]: the frozen base's x-gradient alone (no weight gradient).
 template <class Scalar>
 void base_backward(const MoLoRALinear<Scalar>& layer, const detail::InRef<Scalar>& dy, detail::OutRef<Scalar> dx) {
-  detail::require_rows_cols(dy, dy.rows(), layer.out_features(), "dy shape");
-  detail::require_rows_cols(dx, dy.rows(), layer.in_features(), "dx shape");
+  detail::require_shape(dy, dy.rows(), layer.out_features(), "dy shape");
+  detail::require_shape(dx, dy.rows(), layer.in_features(), "dx shape");
   dx.noalias() = dy * layer.base_weight();  // [T, in]
 }
 

@@ -18,11 +18,12 @@
 namespace molora {
 
 // The experts and gate weights of each token: row t holds token t's k experts, in the order
-// they were selected (descending probability for top-k, draw order for sampling).
+// they were selected (descending probability for top-k, draw order for sampling). Both are
+// GrowingMatrix: a routing reused for a smaller batch (a workspace's) keeps its storage.
 template <class Scalar>
 struct Routing {
-  IdMatrix ids;                // [T, k]
-  RowMatrix<Scalar> weights;   // [T, k]
+  GrowingMatrix<std::int32_t> ids;  // [T, k]
+  GrowingMatrix<Scalar> weights;    // [T, k]
 
   Index num_tokens() const { return ids.rows(); }
   Index top_k() const { return ids.cols(); }

@@ -55,6 +55,16 @@ inline std::uint32_t shift_right_rne(std::uint32_t x, unsigned shift) noexcept {
   return q;
 }
 
+// double -> float rounding to odd (truncate, then set the last bit if inexact). Rounding that
+// result to bf16 or f16 then equals rounding the double directly (no double rounding).
+inline float double_to_float_odd(double d) noexcept {
+  if (std::isnan(d)) return static_cast<float>(d);
+  float f = static_cast<float>(d);
+  if (static_cast<double>(f) == d) return f;
+  if (std::fabs(static_cast<double>(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
+  return bits_float(float_bits(f) | 1u);
+}
+
 }  // namespace detail
 
 // Exact widening.

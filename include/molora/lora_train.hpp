@@ -65,7 +65,7 @@ void add_delta_train(const LoRA<Scalar>& lora, const Eigen::MatrixBase<Derived>&
   tape.options.validate();
   if (x.cols() != lora.in_features())
     throw shape_error(detail::mismatch("x columns (in_features)", lora.in_features(), x.cols()));
-  detail::require_rows_cols(y, x.rows(), lora.out_features(), "y shape");
+  detail::require_shape(y, x.rows(), lora.out_features(), "y shape");
   tape.x.save(x, y);
   const auto xs = tape.x.view();
   detail::apply_noise(xs, tape.options.lora_dropout, tape.noise_rng, tape.dropout_scale, tape.adapter_input,
@@ -85,10 +85,10 @@ template <class Scalar>
 void check_tape(const LoRA<Scalar>& lora, const LoRATape<Scalar>& tape) {
   const Index T = tape.num_tokens(), in = lora.in_features();
   check_saved_input(tape.x, in);
-  require_rows_cols(tape.hidden, T, lora.rank(), "tape.hidden shape (tokens, rank)");
+  require_shape(tape.hidden, T, lora.rank(), "tape.hidden shape (tokens, rank)");
   if (tape.has_dropout()) {
-    require_rows_cols(tape.dropout_scale, T, in, "tape.dropout_scale shape");
-    require_rows_cols(tape.adapter_input, T, in, "tape.adapter_input shape");
+    require_shape(tape.dropout_scale, T, in, "tape.dropout_scale shape");
+    require_shape(tape.adapter_input, T, in, "tape.adapter_input shape");
   }
 }
 
@@ -100,10 +100,10 @@ void lora_backward_impl(const LoRA<Scalar>& lora, LoRATape<Scalar>& tape, const 
   check_tape(lora, tape);
   const Index T = tape.num_tokens(), r = lora.rank();
   const Scalar s = lora.scaling();
-  detail::require_rows_cols(dy, T, lora.out_features(), "dy shape");
-  detail::require_rows_cols(grads.A, r, lora.in_features(), "grads.A shape");
-  detail::require_rows_cols(grads.B, lora.out_features(), r, "grads.B shape");
-  if (dx) detail::require_rows_cols(*dx, T, lora.in_features(), "dx shape");
+  detail::require_shape(dy, T, lora.out_features(), "dy shape");
+  detail::require_shape(grads.A, r, lora.in_features(), "grads.A shape");
+  detail::require_shape(grads.B, lora.out_features(), r, "grads.B shape");
+  if (dx) detail::require_shape(*dx, T, lora.in_features(), "dx shape");
   if (T == 0) return;
   grads.B.noalias() += dy.transpose() * (tape.hidden * s);  // [out, r]
   tape.u.resize(T, r);

@@ -60,7 +60,7 @@ struct MixLoRAFeedForwardConfig {
 
 template <class Scalar>
 struct MixLoRAWorkspace {
-  RowMatrix<Scalar> logits;           // [T, E]
+  GrowingMatrix<Scalar> logits;       // [T, E], storage only grows
   Routing<Scalar> routing;            // [T, k]
   DispatchPlan<Scalar> plan;
   std::vector<Scalar> probs;          // [E]

@@ -61,14 +61,14 @@ inline const char* to_string(Strategy s) {
 }
 
 // Everything a forward writes besides its output. Reuse one per thread: a warm adapter
-// forward then allocates nothing with the fused strategy (README, "Allocation"). A new batch
-// size reallocates logits and routing, which are exactly [T, E] and [T, k]; every other
-// buffer only grows, so a smaller batch after a larger one allocates nothing else. Also holds the generator that the sampling selection draws from
+// forward then allocates nothing with the fused strategy (README, "Allocation"). Every buffer
+// only grows (logits and routing are GrowingMatrix views of their first T rows), so a smaller
+// batch after a larger one allocates nothing. Also holds the generator that the sampling selection draws from
 // (seed it with seed()). Two calls must not use one workspace at once: with the in-use check
 // on (errors.hpp, on by default without NDEBUG) the second throws state_error.
 template <class Scalar>
 struct MoLoRAWorkspace {
-  RowMatrix<Scalar> logits;     // [T, E] router logits of the last forward
+  GrowingMatrix<Scalar> logits;  // [T, E] router logits of the last forward
   Routing<Scalar> routing;      // [T, k] routing of the last forward
   DispatchPlan<Scalar> plan;    // pairs grouped by expert
   std::vector<Scalar> probs;    // [E] softmax scratch
@@ -347,7 +347,8 @@ private:
 
   // A non-finite logit from a non-finite x names x (as add_delta_routed does); one from
   // overflow is left to route(), which names the logits.
-  static void check_logits(const ConstRowRef<Scalar>& x, const RowMatrix<Scalar>& logits) {
+  template <class Logits>
+  static void check_logits(const ConstRowRef<Scalar>& x, const Logits& logits) {
     for (Index t = 0; t < logits.rows(); ++t)
       if (!logits.row(t).allFinite()) detail::require_finite_token(x, t);
   }
@@ -384,8 +385,9 @@ private:
 
   // logits [T, E] = x W_r^T + b_r by Router::logits_rows over each thread's tokens: no heap
   // use once kernel_scratch is warm, bits independent of the batch and the thread count.
-  // Inference passes the workspace's buffers, training the tape's.
-  void router_logits_into(const ConstRowRef<Scalar>& x, RowMatrix<Scalar>& logits,
+  // Inference passes the workspace's buffers (logits a GrowingMatrix), training the tape's.
+  template <class Logits>
+  void router_logits_into(const ConstRowRef<Scalar>& x, Logits& logits,
                           std::vector<Scalar>& kernel_scratch) const {
     const Index T = x.rows(), E = num_experts();
     if (logits.rows() != T || logits.cols() != E) logits.resize(T, E);

@@ -1,7 +1,7 @@
 // SavedInput: where a training tape finds x at backward
 // time (the caller's buffer, or the tape's own copy when x shared memory with y). Also the
-// view types and the shape check the training entry points (lora_train.hpp, backward.hpp)
-// share.
+// view types the training entry points (lora_train.hpp, backward.hpp) share; their shape
+// checks are detail/checks.hpp's.
 #pragma once
 
 #include <algorithm>
@@ -24,13 +24,6 @@ template <class Scalar>
 using InRef = typename no_deduce<ConstRowRef<Scalar>>::type;
 template <class Scalar>
 using OutRef = typename no_deduce<RowRef<Scalar>>::type;
-
-// Throws shape_error naming field unless m is [rows, cols].
-template <class D>
-void require_rows_cols(const D& m, Index rows, Index cols, const char* field) {
-  if (m.rows() != rows || m.cols() != cols)
-    throw shape_error(mismatch(field, shape_str(rows, cols), shape_str(m.rows(), m.cols())));
-}
 
 // Where a tape finds x: the caller's buffer (kept alive and unchanged until backward) or the
 // tape's own copy when x shared memory with y.

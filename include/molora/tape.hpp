@@ -122,28 +122,28 @@ void check_tape(const MoLoRAAdapter<Scalar>& a, const MoLoRATape<Scalar>& tape) 
   const Index k = tape.routing.top_k();
   if (tape.routing.num_tokens() != T) throw shape_error(mismatch("tape.routing rows (tokens)", T, tape.routing.num_tokens()));
   if (k < 1 || k > E) throw shape_error(mismatch("tape.routing columns (top_k)", cat("1..", E), k));
-  require_rows_cols(tape.routing.weights, T, k, "tape.routing.weights shape");
+  require_shape(tape.routing.weights, T, k, "tape.routing.weights shape");
   const auto pairs = static_cast<std::size_t>(T * k);
   const auto& p = tape.plan;
   if (p.tokens.size() != pairs || p.slots.size() != pairs || p.gates.size() != pairs ||
       p.offsets.front() != 0 || p.offsets.back() != T * k)
     throw shape_error(mismatch("tape.plan pairs (tokens * top_k)", T * k, p.tokens.size()));
-  require_rows_cols(tape.hidden, T * k, r, "tape.hidden shape (pairs, rank)");
+  require_shape(tape.hidden, T * k, r, "tape.hidden shape (pairs, rank)");
   if (tape.has_router) {
     if (tape.gating.num_experts != E || tape.gating.top_k != k)
       throw shape_error(mismatch("tape.gating (num_experts, top_k)", cat("(", E, ", ", k, ")"),
                                  cat("(", tape.gating.num_experts, ", ", tape.gating.top_k, ")")));
-    require_rows_cols(tape.logits, T, E, "tape.logits shape");
-    require_rows_cols(tape.probs, T, E, "tape.probs shape");
-    require_rows_cols(tape.logit_grad, T, E, "tape.logit_grad shape");
+    require_shape(tape.logits, T, E, "tape.logits shape");
+    require_shape(tape.probs, T, E, "tape.probs shape");
+    require_shape(tape.logit_grad, T, E, "tape.logit_grad shape");
   }
   if (tape.has_dropout()) {
-    require_rows_cols(tape.dropout_scale, T, in, "tape.dropout_scale shape");
-    require_rows_cols(tape.adapter_input, T, in, "tape.adapter_input shape");
+    require_shape(tape.dropout_scale, T, in, "tape.dropout_scale shape");
+    require_shape(tape.adapter_input, T, in, "tape.adapter_input shape");
   }
   if (tape.has_jitter()) {
-    require_rows_cols(tape.jitter, T, in, "tape.jitter shape");
-    require_rows_cols(tape.router_input, T, in, "tape.router_input shape");
+    require_shape(tape.jitter, T, in, "tape.jitter shape");
+    require_shape(tape.router_input, T, in, "tape.router_input shape");
   }
   for (Index e = 0; e < E; ++e)
     if (p.count(e) < 0) throw shape_error(detail::mismatch(cat("tape.plan count of expert ", e), "a value >= 0", p.count(e)));

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <utility>
 
 #include "../errors.hpp"
@@ -34,13 +35,26 @@ inline void require_positive(Index value, const char* field) {
   if (value <= 0) throw config_error(mismatch(field, "a value >= 1", value));
 }
 
+// [row, col] of m's first non-finite entry in row order, or {-1, -1} when all are finite.
+template <class Derived>
+std::pair<Index, Index> first_non_finite(const Eigen::MatrixBase<Derived>& m) {
+  for (Index i = 0; i < m.rows(); ++i)
+    for (Index j = 0; j < m.cols(); ++j)
+      if (!std::isfinite(static_cast<double>(m(i, j)))) return {i, j};
+  return {-1, -1};
+}
+
+// The message of a non-finite entry: "<field>: expected finite values, got <v> at [i, j]".
+template <class Derived>
+std::string non_finite_message(const Eigen::MatrixBase<Derived>& m, std::pair<Index, Index> at, const std::string& field) {
+  return cat(field, ": expected finite values, got ", m(at.first, at.second), " at [", at.first, ", ", at.second, "]");
+}
+
 // Throws numeric_error if m has a non-finite entry; names the field and the entry.
 template <class Derived>
 void require_finite(const Eigen::MatrixBase<Derived>& m, const char* field) {
-  for (Index i = 0; i < m.rows(); ++i)
-    for (Index j = 0; j < m.cols(); ++j)
-      if (!std::isfinite(static_cast<double>(m(i, j))))
-        throw numeric_error(cat(field, ": expected finite values, got ", m(i, j), " at [", i, ", ", j, "]"));
+  const auto at = first_non_finite(m);
+  if (at.first >= 0) throw numeric_error(non_finite_message(m, at, field));
 }
 
 // Throws numeric_error naming the token and column if row t of x has a non-finite value.

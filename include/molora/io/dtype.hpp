@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "../half.hpp"
 #include "../types.hpp"
 
 #if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__)
@@ -76,88 +77,18 @@ inline bool parse_dtype(const std::string& s, Dtype& out) {
 
 namespace internal {
 
-// ==== f16 / bf16 <-> float / double: the io's only half-precision conversions ==============
-// Bit-exact, round to nearest even, NaN kept as NaN. Kept together as one block so that a
-// shared numeric header can take them over as a whole.
+// f16 / bf16 <-> float / double for the file dtypes, on molora/half.hpp's conversions (the
+// same ones the 16-bit weights use): round to nearest even, NaN kept as NaN, bit for bit.
+using molora::detail::bits_float;
+using molora::detail::float_bits;
 
-inline std::uint32_t float_bits(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float bits_float(std::uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// IEEE binary16 -> float, exact (every half is a float). NaN payloads are kept.
-inline float half_to_float(std::uint16_t h) {
-  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
-  const std::uint32_t exp = (h >> 10) & 0x1fu;
-  const std::uint32_t mant = h & 0x3ffu;
-  if (exp == 0) {
-    // zero or subnormal: mant * 2^-24, exact in float
-    const float mag = std::ldexp(static_cast<float>(mant), -24);
-    return sign ? -mag : mag;
-  }
-  if (exp == 31) return bits_float(sign | 0x7f800000u | (mant << 13));
-  return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
-}
-
-// float -> IEEE binary16, round to nearest even; overflow gives inf, NaN stays (quiet) NaN.
-inline std::uint16_t float_to_half(float f) {
-  const std::uint32_t x = float_bits(f);
-  const std::uint32_t sign = (x >> 16) & 0x8000u;
-  const std::uint32_t ax = x & 0x7fffffffu;
-  if (ax >= 0x7f800000u) {  // inf or NaN
-    if (ax == 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7c00u);
-    return static_cast<std::uint16_t>(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
-  }
-  if (ax >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
-  const std::uint32_t e = ax >> 23;
-  if (e < 113) {
-    // result is a half subnormal (or rounds up to the smallest normal): units of 2^-24
-    if (e == 0) return static_cast<std::uint16_t>(sign);  // float subnormal << 2^-25
-    const std::uint32_t m = (ax & 0x7fffffu) | 0x800000u;
-    const std::uint32_t shift = 126u - e;  // >= 14
-    if (shift > 24) return static_cast<std::uint16_t>(sign);
-    std::uint32_t q = m >> shift;
-    const std::uint32_t rem = m & ((1u << shift) - 1u);
-    const std::uint32_t halfway = 1u << (shift - 1);
-    if (rem > halfway || (rem == halfway && (q & 1u))) ++q;
-    return static_cast<std::uint16_t>(sign | q);
-  }
-  std::uint32_t q = ((e - 112u) << 10) | ((ax >> 13) & 0x3ffu);
-  const std::uint32_t rem = ax & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (q & 1u))) ++q;  // a carry moves into the exponent
-  return static_cast<std::uint16_t>(sign | q);
-}
-
-inline float bf16_to_float(std::uint16_t b) { return bits_float(static_cast<std::uint32_t>(b) << 16); }
-
-// float -> bfloat16, round to nearest even; NaN stays (quiet) NaN.
-inline std::uint16_t float_to_bf16(float f) {
-  const std::uint32_t x = float_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40u);
-  const std::uint32_t rounded = x + 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<std::uint16_t>(rounded >> 16);
-}
-
-// double -> float rounding to odd (truncate, then set the last bit if inexact). Rounding that
-// result to half or bfloat16 then equals rounding the double directly (no double rounding).
-inline float double_to_float_odd(double d) {
-  if (std::isnan(d)) return static_cast<float>(d);
-  float f = static_cast<float>(d);
-  if (static_cast<double>(f) == d) return f;
-  if (std::fabs(static_cast<double>(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
-  return bits_float(float_bits(f) | 1u);
-}
-
-inline std::uint16_t double_to_half(double d) { return float_to_half(double_to_float_odd(d)); }
-inline std::uint16_t double_to_bf16(double d) { return float_to_bf16(double_to_float_odd(d)); }
-
-// ==== end of the f16 / bf16 conversions ====================================================
+inline float half_to_float(std::uint16_t h) { return molora::to_float(molora::f16_from_bits(h)); }
+inline std::uint16_t float_to_half(float f) { return molora::to_f16(f).bits; }
+inline float bf16_to_float(std::uint16_t b) { return molora::to_float(molora::bf16_from_bits(b)); }
+inline std::uint16_t float_to_bf16(float f) { return molora::to_bf16(f).bits; }
+// A double goes through float rounded to odd, so it is rounded once (half.hpp).
+inline std::uint16_t double_to_half(double d) { return float_to_half(molora::detail::double_to_float_odd(d)); }
+inline std::uint16_t double_to_bf16(double d) { return float_to_bf16(molora::detail::double_to_float_odd(d)); }
 
 // out = a * b, unless the product wraps around 64 bits: then true, and out is left as it was.
 inline bool mul_overflows(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {

@@ -11,6 +11,7 @@
 #include <string>
 #include <utility>
 
+#include "../detail/checks.hpp"
 #include "../errors.hpp"
 #include "../numeric.hpp"
 #include "../types.hpp"
@@ -59,14 +60,13 @@ inline void expect2(const SafetensorsReader& r, const std::string& key, const st
                                   molora::detail::shape_str(d.first, d.second)));
 }
 
-// Reads a float tensor and rejects non-finite entries, naming the key.
+// Reads a float tensor and rejects non-finite entries with the core's check (detail/checks.hpp),
+// its message naming the file, the module and the key.
 template <class Scalar>
 RowMatrix<Scalar> finite_matrix(const SafetensorsReader& r, const std::string& key, const std::string& module) {
   RowMatrix<Scalar> m = r.matrix<Scalar>(key);
-  for (Index i = 0; i < m.size(); ++i)
-    if (!std::isfinite(static_cast<double>(m.data()[i])))
-      fail(r.source(), module,
-           molora::detail::cat("tensor '", key, "': expected finite values, got ", m.data()[i], " at flat index ", i));
+  const auto at = molora::detail::first_non_finite(m);
+  if (at.first >= 0) fail(r.source(), module, molora::detail::non_finite_message(m, at, "tensor '" + key + "'"));
   return m;
 }
 

@@ -1,14 +1,18 @@
-// Parity with the real packages: PEFT LoRA, MING-MOE (reference re-statement) and MixLoRA
-// fixtures made by tools/make_fixtures.py (see tests/data/README.md), loaded through
-// molora::io and compared with the outputs the packages computed; MING-MOE save/load round
-// trip; configs that disagree with the tensors.
+// MING-MOE: config.json's parser (Qwen1.5's fields plus MING-MOE's; a realistic example,
+// then each missing or mistyped field as a format_error naming the file and the field), the
+// loader's parity with the reference re-statement's outputs and routing (tests/data/README.md),
+// the save/load round trip, and configs that disagree with the tensors.
 #include <doctest/doctest.h>
 
-#include <molora/io/checkpoint.hpp>
+#include <molora/io/ming_moe.hpp>
+#include <molora/io/safetensors.hpp>
 
 #include <filesystem>
+#include <initializer_list>
 #include <regex>
+#include <string>
 
+#include "io_test_util.hpp"
 #include "reference.hpp"
 #include "test_util.hpp"
 
@@ -16,73 +20,138 @@ namespace fs = std::filesystem;
 using molora::Index;
 using molora::RowMatrix;
 using molora::io::SafetensorsReader;
+using molora::io::MingMoeConfig;
+using test_util::check_contains;
+using test_util::copy_dir;
 using test_util::error_of;
 using test_util::read_text;
+using test_util::rel;
 using test_util::TempDir;
 using test_util::write_text;
+using io_test_util::check_error;
+using io_test_util::edited;
+using io_test_util::rewrite;
+using nlohmann::json;
 
 namespace {
 
 const std::string data_dir = MOLORA_TEST_DATA_DIR;
 
-// max |got - want| / max(1e-30, max |want|)
-template <class A, class B>
-double rel(const A& got, const B& want) {
-  return double((got.template cast<double>() - want.template cast<double>()).cwiseAbs().maxCoeff()) /
-         std::max(1e-30, double(want.template cast<double>().cwiseAbs().maxCoeff()));
-}
-
-void copy_dir(const std::string& from, const std::string& to) {
-  fs::create_directories(to);
-  for (const auto& e : fs::directory_iterator(from)) fs::copy_file(e.path(), fs::path(to) / e.path().filename());
-}
-
-// Rewrites a safetensors file keeping the tensors that `keep` accepts, renamed by `rename`.
-template <class Keep, class Rename>
-void rewrite(const std::string& from, const std::string& to, Keep keep, Rename rename) {
-  const SafetensorsReader r(from);
-  std::vector<molora::io::TensorToWrite> out;
-  for (const auto& n : r.names())
-    if (keep(n)) {
-      const auto& info = r.info(n);
-      out.push_back(molora::io::make_tensor_raw(rename(n), info.dtype, info.shape, r.bytes(n)));
-    }
-  molora::io::save_safetensors(to, std::move(out));
-}
+// Qwen1.5-1.8B-Chat's config.json plus MING-MOE's fields.
+const char* const kMingExample = R"({
+  "architectures": ["MoLoRAQwenForCausalLM"],
+  "attention_dropout": 0.0,
+  "bos_token_id": 151643,
+  "eos_token_id": 151645,
+  "hidden_act": "silu",
+  "hidden_size": 2048,
+  "initializer_range": 0.02,
+  "intermediate_size": 5504,
+  "max_position_embeddings": 32768,
+  "max_window_layers": 21,
+  "model_type": "qwen2",
+  "num_attention_heads": 16,
+  "num_hidden_layers": 24,
+  "num_key_value_heads": 16,
+  "rms_norm_eps": 1e-06,
+  "rope_theta": 1000000.0,
+  "sliding_window": 32768,
+  "tie_word_embeddings": false,
+  "torch_dtype": "bfloat16",
+  "transformers_version": "4.37.0",
+  "use_cache": true,
+  "use_sliding_window": false,
+  "vocab_size": 151936,
+  "num_experts": 8,
+  "num_experts_per_token": 2,
+  "expert_selection": "top_k",
+  "share_expert": false,
+  "r": 16,
+  "lora_alpha": 32,
+  "lora_dropout": 0.05
+})";
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("PEFT LoRA: unmerged and merged forward match PEFT's outputs", Scalar, float, double) {
-  for (const char* folder : {"peft_lora", "peft_lora_rslora"}) {
-    CAPTURE(folder);
-    const std::string dir = data_dir + "/" + folder;
-    const auto adapter = molora::io::load_peft_lora<Scalar>(dir);
-    const SafetensorsReader io(dir + "/io.safetensors"), base(dir + "/base.safetensors");
-    REQUIRE(adapter.modules.size() == 2);
-    CHECK(adapter.config.lora.use_rslora == (std::string(folder) == "peft_lora_rslora"));
-    for (const auto& [module, lora] : adapter.modules) {
-      CAPTURE(module);
-      const RowMatrix<Scalar> x = io.matrix<Scalar>("x." + module);
-      const auto layer = molora::io::lora_linear(lora, base.matrix<Scalar>(module + ".weight"),
-                                                 base.vector<Scalar>(module + ".bias"));
-      const RowMatrix<Scalar> y = layer.forward(x);
-      const double e_unmerged = rel(y, io.matrix<double>("y." + module));
-      CHECK(e_unmerged < 1e-5);
-      RowMatrix<Scalar> w = base.matrix<Scalar>(module + ".weight");
-      molora::io::merge_peft(lora, w);
-      CHECK(rel(w, io.matrix<double>("merged_weight." + module)) < 1e-5);
-      RowMatrix<Scalar> y_merged = x * w.transpose();
-      y_merged.rowwise() += base.vector<Scalar>(module + ".bias").transpose();
-      const double e_merged = rel(y_merged, io.matrix<double>("y_merged." + module));
-      CHECK(e_merged < 1e-5);
-      MESSAGE(std::string(folder), " ", module, ": rel. error unmerged ", e_unmerged, ", merged ", e_merged);
-      // fan_in_fan_out: the base stored [in, out] gets the transposed update
-      RowMatrix<Scalar> wt = base.matrix<Scalar>(module + ".weight").transpose();
-      molora::io::merge_peft(lora, wt, true);
-      CHECK(rel(RowMatrix<Scalar>(wt.transpose()), io.matrix<double>("merged_weight." + module)) < 1e-5);
-    }
-  }
+// ---- config parser ------------------------------------------------------------------------
+
+TEST_CASE("json_config: MING-MOE config.json") {
+  const auto c = MingMoeConfig::from_string(kMingExample);
+  CHECK(c.num_experts == 8);
+  CHECK(c.num_experts_per_token == 2);
+  CHECK(c.expert_selection == "top_k");
+  CHECK_FALSE(c.sampling());
+  CHECK_FALSE(c.share_expert);
+  CHECK(c.num_share_experts == 1);
+  CHECK_FALSE(c.use_rslora);
+  REQUIRE(c.r.has_value());
+  CHECK(*c.r == 16);
+  REQUIRE(c.lora_alpha.has_value());
+  CHECK(*c.lora_alpha == 32.0);
+  REQUIRE(c.lora_dropout.has_value());
+  CHECK(*c.lora_dropout == doctest::Approx(0.05));
+  CHECK(c.hidden_size == 2048);
+  CHECK(c.intermediate_size == 5504);
+  CHECK(c.num_hidden_layers == 24);
+  CHECK(c.model_type == "qwen2");
+  CHECK(c.hidden_act == "silu");
+
+  // Optional fields absent; lora_r spelling; sampling; shared expert.
+  const auto m = MingMoeConfig::from_string(
+      R"({"num_experts":4,"num_experts_per_token":4,"expert_selection":"sampling","share_expert":true,"lora_r":8})");
+  CHECK(m.sampling());
+  CHECK(m.share_expert);
+  CHECK(m.r == 8);
+  CHECK_FALSE(m.lora_alpha.has_value());
+  CHECK_FALSE(m.hidden_size.has_value());
+  CHECK(m.model_type.empty());
+  CHECK(MingMoeConfig::from_string(edited(kMingExample, {{"expert_selection", "topk"}})).expert_selection == "top_k");
+  const auto d = MingMoeConfig::from_string(R"({"num_experts":2,"num_experts_per_token":1})");
+  CHECK(d.expert_selection == "top_k");
+  CHECK_FALSE(d.r.has_value());
 }
+
+TEST_CASE("json_config: MING-MOE field errors") {
+  using C = MingMoeConfig;
+  check_error<C>(edited(kMingExample, {{"num_experts", nullptr}}), {"'num_experts'", "missing"});
+  check_error<C>(edited(kMingExample, {{"num_experts", 8.0}}), {"'num_experts'", "(number)"});
+  check_error<C>(edited(kMingExample, {{"num_experts_per_token", nullptr}}), {"'num_experts_per_token'", "missing"});
+  check_error<C>(edited(kMingExample, {{"num_experts_per_token", 9}}), {"'num_experts_per_token'", "num_experts = 8", "got 9"});
+  check_error<C>(edited(kMingExample, {{"num_experts_per_token", 0}}), {"'num_experts_per_token'", "got 0"});
+  check_error<C>(edited(kMingExample, {{"expert_selection", "top-k"}}), {"'expert_selection'", "\"sampling\"", "\"top-k\""});
+  check_error<C>(edited(kMingExample, {{"expert_selection", 1}}), {"'expert_selection'", "a string"});
+  check_error<C>(edited(kMingExample, {{"share_expert", "yes"}}), {"'share_expert'", "true or false"});
+  check_error<C>(edited(kMingExample, {{"r", "16"}}), {"'r'", "(string)"});
+  check_error<C>(edited(kMingExample, {{"lora_r", 8}}), {"'lora_r'", "same value as r"});
+  check_error<C>(edited(kMingExample, {{"lora_alpha", 0}}), {"'lora_alpha'"});
+  check_error<C>(edited(kMingExample, {{"lora_dropout", "0.05"}}), {"'lora_dropout'"});
+  check_error<C>(edited(kMingExample, {{"hidden_size", "2048"}}), {"'hidden_size'", "(string)"});
+  check_error<C>(edited(kMingExample, {{"intermediate_size", -1}}), {"'intermediate_size'", "got -1"});
+  check_error<C>(edited(kMingExample, {{"num_hidden_layers", 0}}), {"'num_hidden_layers'"});
+  check_error<C>(edited(kMingExample, {{"use_rslora", "no"}}), {"'use_rslora'"});
+  check_error<C>("{\"num_experts\": 8,}", {"not valid JSON"});
+  check_error<C>("\"config\"", {"expected a JSON object, got string"});
+}
+
+TEST_CASE("json_config: MING-MOE from_file reads the file, a missing file is a format_error naming it") {
+  TempDir dir;
+  const std::string missing = (dir.path / "nope.json").string();
+  check_contains(error_of([&] { (void)MingMoeConfig::from_file(missing); }), {"nope.json"});
+  const std::string ming = dir.write("config.json", kMingExample);
+  CHECK(MingMoeConfig::from_file(ming).num_experts == 8);
+}
+
+TEST_CASE("json_config: the fuzz seed corpus parses as MingMoeConfig or raises format_error") {
+  const fs::path corpus = fs::path(MOLORA_TEST_DATA_DIR) / ".." / "fuzz" / "corpus" / "fuzz_json_config";
+  REQUIRE(fs::is_directory(corpus));
+  int parsed = 0;
+  for (const auto& e : fs::directory_iterator(corpus)) {
+    try { (void)molora::io::MingMoeConfig::from_file(e.path().string()); ++parsed; } catch (const molora::format_error&) {}
+  }
+  CHECK(parsed >= 1);  // ming_moe
+}
+
+// ---- loader -------------------------------------------------------------------------------
 
 TEST_CASE_TEMPLATE("MING-MOE: each projection and the whole MLP match the reference outputs and routing", Scalar,
                    float, double) {
@@ -138,33 +207,6 @@ TEST_CASE_TEMPLATE("MING-MOE: each projection and the whole MLP match the refere
   }
 }
 
-TEST_CASE_TEMPLATE("MixLoRA: the feed-forward block matches the package's output, layer by layer", Scalar, float,
-                   double) {
-  const std::string dir = data_dir + "/mixlora";
-  const auto cfg = molora::io::MixLoRAConfig::from_file(dir + "/adapter_config.json");
-  const SafetensorsReader weights(dir + "/adapter_model.safetensors"), io(dir + "/io.safetensors"),
-      base(dir + "/base.safetensors");
-  for (Index L : {0, 1}) {
-    CAPTURE(L);
-    const std::string p = "layers." + std::to_string(L) + ".mlp.";
-    const auto ffn = molora::io::load_mixlora_ffn<Scalar>(cfg, weights, L, base.matrix<Scalar>(p + "gate_proj.weight"),
-                                                          base.matrix<Scalar>(p + "up_proj.weight"),
-                                                          base.matrix<Scalar>(p + "down_proj.weight"));
-    const RowMatrix<Scalar> x = io.matrix<Scalar>("x." + std::to_string(L));
-    typename molora::MixLoRAFeedForward<Scalar>::Workspace ws;
-    RowMatrix<Scalar> y(x.rows(), x.cols());
-    ffn.forward(x, y, ws);
-    CHECK(rel(ws.logits, io.matrix<double>("router_logits." + std::to_string(L))) < 1e-5);
-    const double e = rel(y, io.matrix<double>("y." + std::to_string(L)));
-    CHECK(e < 1e-5);
-    MESSAGE("mixlora layer ", L, ": rel. error ", e);
-    // in place (x and y the same buffer) gives the same
-    RowMatrix<Scalar> inplace = x;
-    ffn.forward(inplace, inplace, ws);
-    CHECK(inplace == y);
-  }
-}
-
 TEST_CASE_TEMPLATE("MING-MOE layout: save then load is bit for bit", Scalar, float, double) {
   molora::MoLoRAConfig c;
   c.in_features = 13;
@@ -201,7 +243,7 @@ TEST_CASE_TEMPLATE("MING-MOE layout: save then load is bit for bit", Scalar, flo
   CHECK(!fs::exists(tmp.file("bad/non_lora_trainables.safetensors")));
 }
 
-TEST_CASE("checkpoints whose config disagrees with the tensors are format errors naming module and key") {
+TEST_CASE("MING-MOE: a config that disagrees with the tensors is a format error naming module and key") {
   TempDir tmp;
   const std::string ming = data_dir + "/ming_moe";
   const std::string w = ming + "/non_lora_trainables.safetensors";
@@ -243,26 +285,4 @@ TEST_CASE("checkpoints whose config disagrees with the tensors are format errors
     return n;
   });
   expect(ming + "/config.json", swapped, "experts.1.lora_A_1.weight' shape: expected [4, 48], got [4, 32]");
-  // PEFT: rank in the config disagrees; a module outside target_modules
-  const std::string peft = tmp.file("peft");
-  copy_dir(data_dir + "/peft_lora", peft);
-  const std::string ptext = read_text(peft + "/adapter_config.json");
-  write_text(peft + "/adapter_config.json", std::regex_replace(ptext, std::regex("\"r\": 4"), "\"r\": 2"));
-  CHECK(error_of([&] { molora::io::load_peft_lora<float>(peft); }).find("rows (r from the config): expected 2, got 4") !=
-        std::string::npos);
-  write_text(peft + "/adapter_config.json",
-             std::regex_replace(ptext, std::regex("\"other\",\\s*"), ""));
-  CHECK(error_of([&] { molora::io::load_peft_lora<float>(peft); })
-            .find("module 'layers.0.other': not among the config's target_modules") != std::string::npos);
-  // MixLoRA: top-k/num_experts disagreeing with the tensors
-  const auto mcfg_text = read_text(data_dir + "/mixlora/adapter_config.json");
-  auto mcfg = molora::io::MixLoRAConfig::from_string(
-      std::regex_replace(mcfg_text, std::regex("\"num_experts\": 4"), "\"num_experts\": 3"), "mixlora-edited");
-  const SafetensorsReader mw(data_dir + "/mixlora/adapter_model.safetensors"), mb(data_dir + "/mixlora/base.safetensors");
-  const std::string msg = error_of([&] {
-    molora::io::load_mixlora_ffn<float>(mcfg, mw, 0, mb.matrix<float>("layers.0.mlp.gate_proj.weight"),
-                                        mb.matrix<float>("layers.0.mlp.up_proj.weight"),
-                                        mb.matrix<float>("layers.0.mlp.down_proj.weight"));
-  });
-  CHECK(msg.find("module 'mixlora.layers.0.mlp': unexpected tensor") != std::string::npos);
 }
