@@ -89,10 +89,10 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
   if constexpr (std::is_same_v<Weight, Scalar>) {
 #if defined(MOLORA_USE_OPENMP)
     // One token: Eigen's GEMV, rows split between the threads at multiples of 8. The GEMV
-    // takes rows in blocks of 8 (or 4, 2, 1) from the first row it is given, each row's dot
-    // product the same whatever block holds it, so ranges starting at multiples of 8 give
-    // every row the same bits as one call over all rows. At least 64 rows per range keep
-    // Eigen on its GEMV (not its coefficient-wise product for tiny sizes).
+    // takes rows in blocks of 8, then 4, 2, 1 from the first row it is given, and a row's
+    // bits depend on its block; ranges cut at multiples of 8 give every row the block it
+    // has in one call over all rows. About 64 rows per range (at least 56) keep Eigen on its
+    // GEMV rather than its coefficient-wise product for tiny sizes.
     if (T == 1 && out >= 128 && !omp_in_parallel() && omp_get_max_threads() > 1) {
       const int parts = static_cast<int>(std::min<Index>(omp_get_max_threads(), out / 64));
 #pragma omp parallel num_threads(parts)
