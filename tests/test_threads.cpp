@@ -159,6 +159,19 @@ TEST_CASE("threads: decode sizes (T = 1..20) give the same bits with 1 and 2 thr
       ref::Mat lin_want;
       for (const auto& row : X) lin_want.push_back(ref::base(base_only, row));
       CHECK(ref::rel_err(l2, lin_want) < 1e-4);
+      // The training forward keeps h = A_e x per pair: the same bits from the shared shrink.
+      if (T <= 7) {
+        molora::MoLoRATape<float> tape[2];
+        molora::RowMatrix<float> ty[2];
+        for (int n = 1; n <= 2; ++n) {
+          omp_set_num_threads(n);
+          ty[n - 1].resize(T, sh.out);
+          molora::forward_train(f32, x, ty[n - 1], tape[n - 1]);
+        }
+        CHECK(ty[0] == y1);
+        CHECK(ty[1] == y1);
+        CHECK(tape[0].hidden == tape[1].hidden);
+      }
     }
   }
   omp_set_num_threads(saved);
