@@ -24,8 +24,10 @@ namespace molora {
 //   skinny     kernels::skinny_product: each row of W streamed once for all the tokens
 //   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, eigen from there on;
 //              for weights of the layer's own type one token also goes to Eigen's GEMV,
-//              0-8 % faster there (measured in docs/benchmarks.md; constants, whatever the
-//              thread count), while 16-bit weights stay skinny (Eigen would need them widened)
+//              0-8 % faster there on one machine, the skinny kernel 1.37x its time on another
+//              (docs/benchmarks.md; with OpenMP its rows are split between the threads;
+//              constants, whatever the thread count), while 16-bit weights stay skinny
+//              (Eigen would need them widened)
 enum class BaseStrategy { automatic, eigen, skinny };
 
 inline const char* to_string(BaseStrategy s) {
