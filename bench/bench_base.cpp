@@ -12,7 +12,8 @@
 //                                   GEMM (+ bias) alternately in one loop, S = f32 or f64.
 //                                   Counter skinny_over_eigen = median of skinny / eigen
 //                                   time (below 1: skinny is faster), with read_share of each.
-// Times are CPU time of the process (other jobs on a shared machine do not count). Run:
+// Times are CPU time of the process (other jobs on a shared machine do not count), wall
+// time when built with OpenMP. Run:
 //   bench_base --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 
 #include <benchmark/benchmark.h>
@@ -38,9 +39,15 @@ using Spans = std::vector<std::pair<const void*, Index>>;  // (data, bytes)
 // Bytes of all layer copies of a cold run: well past this machine's 480 MiB of L3.
 constexpr double kColdBytes = 720.0 * (1 << 20);
 
+// With OpenMP (MOLORA_OPENMP=ON) the process's CPU time adds up the threads: wall time
+// instead, so that 1 and 2 threads can be compared (alternate runs on a shared machine).
 double cpu_seconds() {
   timespec ts{};
+#if defined(MOLORA_USE_OPENMP)
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+#else
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+#endif
   return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
 }
 

@@ -643,11 +643,14 @@ void register_all() {
         benchmark::RegisterBenchmark("threads", BM_threads)
             ->Args({static_cast<int64_t>(Strategy::automatic), 4096, 4096, T, n, whole})
             ->MinTime(whole ? 0.3 : 0.15)->UseRealTime()->Unit(benchmark::kMicrosecond);
-  for (int64_t T : {64, 256, 1024})
+  // T = 1, 4, 16: decode, where the base rows and the experts' columns are split instead of
+  // the tokens.
+  for (int64_t T : {1, 4, 16, 64, 256, 1024})
     for (int64_t whole : {0, 1})
       benchmark::RegisterBenchmark("threads_ratio", BM_threads_ratio)
           ->Args({static_cast<int64_t>(Strategy::automatic), 4096, 4096, T, whole})
-          ->Iterations(whole ? (T >= 1024 ? 9 : 25) : 101)->UseManualTime()->Unit(benchmark::kMicrosecond);
+          ->Iterations(whole ? (T >= 1024 ? 9 : T >= 64 ? 25 : 101) : 101)->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
 }
 
 }  // namespace

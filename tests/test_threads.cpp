@@ -1,7 +1,9 @@
 // Threads. (1) A const layer's forward called from several std::threads at once, each with
 // its own workspace, gives every thread the single-threaded result, bitwise, for every
 // strategy. (2) Built with OpenMP (tests/cmake/threads.cmake), the adapter's results are
-// bitwise identical with 1 and 2 OpenMP threads. Run under TSan by test_threads_tsan.
+// bitwise identical with 1 and 2 OpenMP threads, and so is the whole layer at decode sizes
+// (T below the token split: the base rows and the experts' output columns are split instead),
+// f32 and bf16 base, and Linear. Run under TSan by test_threads_tsan.
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -9,6 +11,7 @@
 #include <vector>
 
 #include "reference.hpp"
+#include "test_util.hpp"
 
 #if defined(MOLORA_USE_OPENMP)
 #include <omp.h>
@@ -90,6 +93,87 @@ TEST_CASE("threads: 1 and 2 OpenMP threads give bitwise identical results") {
         CHECK(d[0] == d[1]);  // the experts alone, same routing
         CHECK(y[0] == y[1]);  // the whole layer: router, base GEMM and experts
       }
+  omp_set_num_threads(saved);
+}
+
+namespace {
+
+// The layer's output for x with n OpenMP threads (a fresh workspace each time).
+template <class Layer>
+molora::RowMatrix<float> forward_with(const Layer& layer, const molora::RowMatrix<float>& x, int n) {
+  omp_set_num_threads(n);
+  molora::RowMatrix<float> y(x.rows(), layer.out_features());
+  molora::MoLoRAWorkspace<float> ws;
+  layer.forward(x, y, ws);
+  return y;
+}
+
+}  // namespace
+
+TEST_CASE("threads: decode sizes (T = 1..20) give the same bits with 1 and 2 threads, f32 and bf16 base") {
+  const int saved = omp_get_max_threads();
+  struct Shape {
+    Index in, out, E, k, r;
+  };
+  // out >= 256 splits the experts' columns, >= 128 the one-token GEMV; odd sizes leave tails.
+  for (const Shape sh : {Shape{1, 301, 3, 1, 1}, Shape{37, 517, 5, 2, 7}, Shape{261, 256, 4, 4, 16},
+                         Shape{130, 1031, 8, 2, 3}}) {
+    const auto cfg = test_util::config(sh.in, sh.out, sh.E, sh.k, sh.r);
+    const auto f32 = ref::random_layer<float>(cfg, 50 + std::uint64_t(sh.out));
+    molora::MoLoRALinear<float, molora::bf16> b16(cfg);
+    b16.set_base_weight(f32.base_weight());
+    b16.set_base_bias(f32.base_bias());
+    b16.adapter() = f32.adapter();
+    // The double reference of each: the bf16 layer's base holds the rounded weights.
+    const ref::Layer want32 = ref::from_layer(f32);
+    ref::Layer want16 = want32;
+    const molora::bf16* wb = b16.base_weight_data();
+    for (Index o = 0; o < sh.out; ++o)
+      for (Index i = 0; i < sh.in; ++i)
+        want16.W0[std::size_t(o)][std::size_t(i)] = double(molora::to_float(wb[o * sh.in + i]));
+    molora::Linear<float> lin32(sh.in, sh.out);
+    molora::Linear<float, molora::bf16> lin16(sh.in, sh.out);
+    lin32.set_weight(f32.base_weight());
+    lin16.set_weight(f32.base_weight());
+    for (Index T = 1; T <= 20; ++T) {
+      const auto x = ref::random_x<float>(T, sh.in, 60 + std::uint64_t(T));
+      const auto X = ref::from_eigen(x);
+      INFO("in=", sh.in, " out=", sh.out, " E=", sh.E, " k=", sh.k, " r=", sh.r, " T=", T);
+      const auto y1 = forward_with(f32, x, 1), y2 = forward_with(f32, x, 2);
+      CHECK(y1 == y2);
+      CHECK(ref::rel_err(y2, ref::forward(want32, X)) < 1e-4);
+      const auto h1 = forward_with(b16, x, 1), h2 = forward_with(b16, x, 2);
+      CHECK(h1 == h2);
+      CHECK(ref::rel_err(h2, ref::forward(want16, X)) < 1e-4);
+      molora::RowMatrix<float> l1(T, sh.out), l2(T, sh.out), m1(T, sh.out), m2(T, sh.out);
+      omp_set_num_threads(1);
+      lin32.forward(x, l1);
+      lin16.forward(x, m1);
+      omp_set_num_threads(2);
+      lin32.forward(x, l2);
+      lin16.forward(x, m2);
+      CHECK(l1 == l2);
+      CHECK(m1 == m2);
+      ref::Layer base_only = want32;
+      base_only.b0.clear();
+      ref::Mat lin_want;
+      for (const auto& row : X) lin_want.push_back(ref::base(base_only, row));
+      CHECK(ref::rel_err(l2, lin_want) < 1e-4);
+      // The training forward keeps h = A_e x per pair: the same bits from the shared shrink.
+      if (T <= 7) {
+        molora::MoLoRATape<float> tape[2];
+        molora::RowMatrix<float> ty[2];
+        for (int n = 1; n <= 2; ++n) {
+          omp_set_num_threads(n);
+          ty[n - 1].resize(T, sh.out);
+          molora::forward_train(f32, x, ty[n - 1], tape[n - 1]);
+        }
+        CHECK(ty[0] == y1);
+        CHECK(ty[1] == y1);
+        CHECK(tape[0].hidden == tape[1].hidden);
+      }
+    }
+  }
   omp_set_num_threads(saved);
 }
 #endif

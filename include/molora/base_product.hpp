@@ -24,8 +24,10 @@ namespace molora {
 //   skinny     kernels::skinny_product: each row of W streamed once for all the tokens
 //   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, eigen from there on;
 //              for weights of the layer's own type one token also goes to Eigen's GEMV,
-//              0-8 % faster there (measured in docs/benchmarks.md; constants, whatever the
-//              thread count), while 16-bit weights stay skinny (Eigen would need them widened)
+//              0-8 % faster there on one machine, the skinny kernel 1.37x its time on another
+//              (docs/benchmarks.md; with OpenMP its rows are split between the threads;
+//              constants, whatever the thread count), while 16-bit weights stay skinny
+//              (Eigen would need them widened)
 enum class BaseStrategy { automatic, eigen, skinny };
 
 inline const char* to_string(BaseStrategy s) {
@@ -87,7 +89,24 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
     return;
   }
   if constexpr (std::is_same_v<Weight, Scalar>) {
-    y.noalias() = x * Eigen::Map<const RowMatrix<Scalar>>(w, out, in).transpose();  // [T, out]
+#if defined(MOLORA_USE_OPENMP)
+    // One token: Eigen's GEMV, rows split between the threads at multiples of 8. The GEMV
+    // takes rows in blocks of 8, then 4, 2, 1 from the first row it is given, and a row's
+    // bits depend on its block; ranges cut at multiples of 8 give every row the block it
+    // has in one call over all rows. About 64 rows per range (at least 56) keep Eigen on its
+    // GEMV rather than its coefficient-wise product for tiny sizes.
+    if (T == 1 && out >= 128 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+      const int parts = static_cast<int>(std::min<Index>(omp_get_max_threads(), out / 64));
+#pragma omp parallel num_threads(parts)
+      {
+        const Index p = omp_get_thread_num(), P = omp_get_num_threads();
+        const Index o0 = out * p / P / 8 * 8, o1 = p + 1 == P ? out : out * (p + 1) / P / 8 * 8;
+        y.middleCols(o0, o1 - o0).noalias() =
+            x * Eigen::Map<const RowMatrix<Scalar>>(w + o0 * in, o1 - o0, in).transpose();  // [1, o1 - o0]
+      }
+    } else
+#endif
+      y.noalias() = x * Eigen::Map<const RowMatrix<Scalar>>(w, out, in).transpose();  // [T, out]
   } else {
     // Blocks of rows widened into a scratch (by the kernels), one Eigen GEMM each.
     const Index rb = std::min(out, std::max<Index>(16, kWidenBlockBytes / Index(sizeof(Scalar)) / in));

@@ -439,6 +439,18 @@ private:
     return 1;
   }
 
+  // Threads for the output columns of the experts' expand at T tokens: below the tokens
+  // thread_count splits (decode), OpenMP's current limit, at most one per 128 columns.
+  // Speed only: the column split gives the same bits as one thread.
+  int column_thread_count(Index num_tokens) const {
+#if defined(MOLORA_USE_OPENMP)
+    if (num_tokens >= 1 && thread_count(num_tokens) == 1 && out_features() >= 256 && !omp_in_parallel())
+      return static_cast<int>(std::min<Index>(std::max(1, omp_get_max_threads()), out_features() / 128));
+#endif
+    (void)num_tokens;
+    return 1;
+  }
+
   // Runs body(t_begin, t_end, thread) over contiguous token ranges, one per thread.
   template <class Body>
   static void for_token_ranges(Index num_tokens, int threads, const Body& body) {
@@ -464,6 +476,10 @@ private:
   // [pairs, rank] row-major) keeps each pair's h = A_e x in plan order for a backward.
   void apply_fused(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, const DispatchPlan<Scalar>& plan,
                    std::vector<Scalar>& kernel_scratch, Scalar* hidden) const {
+    if (const int col_threads = column_thread_count(x.rows()); col_threads > 1) {
+      apply_fused_columns(x, y, plan, kernel_scratch, hidden, col_threads);
+      return;
+    }
     const int threads = thread_count(x.rows());
     const Index per_thread = kernels::fused_scratch_size<kernels::layer_arch, Scalar>(rank());
     const auto need = static_cast<std::size_t>(per_thread * threads);
@@ -477,6 +493,40 @@ private:
     for_token_ranges(x.rows(), threads, [&](Index t0, Index t1, Index p) {
       kernels::fused_tokens(kernels::layer_arch{}, w, g, xp, ldx, yp, ldy, t0, t1, scratch + p * per_thread, hidden);
     });
+  }
+
+  // Strategy fused for few tokens on `threads` threads (OpenMP): the threads share the
+  // shrink of the pairs (h into hidden, or the front of kernel_scratch), then each adds the
+  // experts' expand to its own range of output columns (multiples of 64). The same bits as
+  // apply_fused on one thread (kernels::shrink_pairs, kernels::expand_pairs_columns).
+  void apply_fused_columns(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, const DispatchPlan<Scalar>& plan,
+                           std::vector<Scalar>& kernel_scratch, Scalar* hidden, int threads) const {
+#if defined(MOLORA_USE_OPENMP)
+    const Index r = rank(), out = out_features();
+    const auto pairs = static_cast<Index>(plan.tokens.size());
+    const Index spill_size = kernels::fused_scratch_size<kernels::layer_arch, Scalar>(r);
+    const Index h_size = hidden ? 0 : pairs * r;
+    const auto need = static_cast<std::size_t>(h_size + spill_size * threads);
+    if (kernel_scratch.size() < need) kernel_scratch.resize(need);
+    Scalar* h = hidden ? hidden : kernel_scratch.data();
+    Scalar* spill = kernel_scratch.data() + h_size;
+    const auto w = expert_stack();
+    const auto g = pair_groups(plan);
+    const Scalar* xp = x.data();
+    Scalar* yp = y.data();
+    const Index ldx = x.outerStride(), ldy = y.outerStride();
+#pragma omp parallel num_threads(threads)
+    {
+      const Index p = omp_get_thread_num(), P = omp_get_num_threads();
+      kernels::shrink_pairs(kernels::layer_arch{}, w, g, xp, ldx, pairs * p / P, pairs * (p + 1) / P, h,
+                            spill + p * spill_size);
+#pragma omp barrier
+      const Index o0 = out * p / P / 64 * 64, o1 = p + 1 == P ? out : out * (p + 1) / P / 64 * 64;
+      kernels::expand_pairs_columns(kernels::layer_arch{}, w, g, h, yp, ldy, o0, o1);
+    }
+#else
+    (void)x, (void)y, (void)plan, (void)kernel_scratch, (void)hidden, (void)threads;
+#endif
   }
 
   // Strategy dense_shrink: h [T, E*r] = x A_stacked^T by one GEMM, then the sparse expand.

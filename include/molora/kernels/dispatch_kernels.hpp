@@ -88,6 +88,54 @@ void fused_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scal
   });
 }
 
+// Strategy fused for few tokens, split by output columns between threads instead of by
+// tokens, in two steps. shrink_pairs: h = A_e x[t] for the pairs [p_begin, p_end) of the
+// groups (in their order), into h + p*rank; spill holds kTile * rank * simd_width values.
+// Each pair's h has the bits fused() computes for it (the shrink's values do not depend on
+// how the pairs are grouped into calls).
+template <class Arch, class Scalar>
+void shrink_pairs(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scalar>& g, const Scalar* x, Index ldx,
+                  Index p_begin, Index p_end, Scalar* h, Scalar* spill) noexcept {
+  const Scalar* xr[kTile];
+  const Index r = w.rank;
+  for (Index ai = 0; ai < g.num_active; ++ai) {
+    const std::int32_t e = g.active[ai];
+    const Index lo = std::max(p_begin, g.offsets[e]), hi = std::min(p_end, g.offsets[e + 1]);
+    for (Index p0 = lo; p0 < hi; p0 += kTile) {
+      const Index n = std::min(kTile, hi - p0);
+      for (Index i = 0; i < n; ++i) xr[i] = x + Index(g.tokens[p0 + i]) * ldx;
+      shrink(arch, w.a + Index(e) * r * w.in, w.in, r, w.in, xr, n, h + p0 * r, r, spill);
+    }
+  }
+}
+
+// expand_pairs_columns: y[t][o] += s * g * (B_e h)[o] for every pair and the columns
+// [o_begin, o_end) only, experts in ascending order per token. With o_begin a multiple of
+// 16 (any SIMD width) and o_end one too or the layer's out, every column goes through the
+// same vector lane or scalar tail as in fused(), so y gets fused()'s bits whatever the split.
+template <class Arch, class Scalar>
+void expand_pairs_columns(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scalar>& g, const Scalar* h,
+                          Scalar* y, Index ldy, Index o_begin, Index o_end) noexcept {
+  const Scalar* hr[kTile];
+  Scalar* yr[kTile];
+  Scalar sc[kTile];
+  const Index r = w.rank;
+  if (o_end <= o_begin) return;
+  for (Index ai = 0; ai < g.num_active; ++ai) {
+    const std::int32_t e = g.active[ai];
+    const Index lo = g.offsets[e], hi = g.offsets[e + 1];
+    for (Index p0 = lo; p0 < hi; p0 += kTile) {
+      const Index n = std::min(kTile, hi - p0);
+      for (Index i = 0; i < n; ++i) {
+        hr[i] = h + (p0 + i) * r;
+        yr[i] = y + Index(g.tokens[p0 + i]) * ldy + o_begin;
+        sc[i] = w.scaling * g.gates[p0 + i];
+      }
+      expand(arch, w.b + Index(e) * r * w.out + o_begin, w.out, r, o_end - o_begin, hr, sc, n, yr);
+    }
+  }
+}
+
 // Strategy dense_shrink's sparse expand, tokens [t_begin, t_end): h [T, E*r] row-major
 // (stride ldh) holds A_e x[t] for every expert; adds s * g * B_e h[t, e*r..] for t's pairs.
 template <class Arch, class Scalar>
