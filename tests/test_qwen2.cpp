@@ -477,6 +477,26 @@ TEST_CASE("qwen2_molora command line: prints the greedy tokens last, rejects bad
   for (int t : ref.tokens("f32.plain")) plain += (plain.empty() ? "" : " ") + std::to_string(t);
   CHECK(last2 == plain);  // a tiny alpha leaves the plain model
 
+  // The bf16 folder runs as stored, and with --widen as float; both give the reference tokens.
+  std::string want_bf16;
+  for (int t : ref.tokens("bf16.adapter")) want_bf16 += (want_bf16.empty() ? "" : " ") + std::to_string(t);
+  for (const bool widen : {false, true}) {
+    CAPTURE(widen);
+    std::vector<std::string> argv = {data_dir + "/bf16", "--adapter", data_dir + "/adapter_bf16",
+                                     "--prompt",          prompt,     "--max-new-tokens",
+                                     "8"};
+    if (widen) argv.push_back("--widen");
+    std::ostringstream o, e;
+    CHECK(qwen2::cli::run(argv, o, e) == 0);
+    const std::string t = o.str();
+    CHECK(t.find(widen ? "weights: projections f32, LM head f32 (widened)"
+                       : "weights: projections bf16, LM head bf16 (as stored)") != std::string::npos);
+    std::string l;
+    std::istringstream ls(t);
+    for (std::string line; std::getline(ls, line);) l = line;
+    CHECK(l == want_bf16);
+  }
+
   const std::vector<std::vector<std::string>> bad = {
       {},
       {data_dir + "/f32", "--max-new-tokens", "3"},
