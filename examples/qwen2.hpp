@@ -1,9 +1,12 @@
 // A Qwen2 decoder (the architecture transformers runs for Qwen1.5, MING-MOE's base) in plain
-// Eigen, with molora's MoLoRALinear on every MLP gate/up/down projection. It reads a Hugging
-// Face folder (config.json + model.safetensors, or a sharded model.safetensors.index.json;
-// F32 or BF16 tensors widened to float at load) and optionally a MING-MOE adapter folder
-// (config.json + non_lora_trainables.safetensors). Every weight lives in one owning buffer
-// per tensor; the molora layers wrap those buffers without copies. Prefill and decode go
+// Eigen on molora's layers: molora::Linear for the attention projections and the LM head,
+// MoLoRALinear on every MLP gate/up/down projection once an adapter is attached. It reads a
+// Hugging Face folder (config.json + model.safetensors, or a sharded
+// model.safetensors.index.json) and optionally a MING-MOE adapter folder (config.json +
+// non_lora_trainables.safetensors). Projection weights are kept as stored, tensor by tensor:
+// F32 as float and BF16 as bf16, wrapped in the memory-mapped file without a copy (the model
+// keeps the file mapped); LoadOptions::widen widens everything to float instead. Norm
+// weights, biases and the embedding table are widened to float once. Prefill and decode go
 // through one routine that takes a ragged batch: each sequence has its own KV cache, and the
 // projections run over the batch's current tokens at once. The numbers follow transformers'
 // Qwen2ForCausalLM in float32 (RMSNorm, rotate-half rotary embedding, grouped-query causal
@@ -13,8 +16,10 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
-#include <cstdlib>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -27,6 +32,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -155,12 +161,53 @@ struct Config {
 
 // ---- weights ------------------------------------------------------------------------------
 
+// One projection weight [rows, cols] as the model keeps it: float or bf16. It either points
+// into the memory-mapped safetensors file (no copy; the file stays mapped as long as the
+// model) or into a buffer of its own (widened, rounded, or copied because the file's bytes
+// are not aligned for the type).
+struct WeightData {
+  Index rows = 0, cols = 0;
+  const float* f32 = nullptr;          // exactly one of f32 / b16 is set
+  const molora::bf16* b16 = nullptr;
+  Matrix own_f32;                      // [rows, cols] when the float weight is a copy
+  std::vector<molora::bf16> own_b16;   // [rows * cols] when the bf16 weight is a copy
+  bool in_file = false;                // f32 / b16 point into the mapped file
+
+  bool is_bf16() const { return b16 != nullptr; }
+  std::size_t bytes() const { return static_cast<std::size_t>(rows * cols) * (is_bf16() ? 2 : 4); }
+
+  static WeightData owned(Matrix m) {
+    WeightData w;
+    w.rows = m.rows();
+    w.cols = m.cols();
+    w.own_f32 = std::move(m);
+    w.f32 = w.own_f32.data();
+    return w;
+  }
+  static WeightData owned_bf16(std::vector<molora::bf16> v, Index rows, Index cols) {
+    WeightData w;
+    w.rows = rows;
+    w.cols = cols;
+    w.own_b16 = std::move(v);
+    w.b16 = w.own_b16.data();
+    return w;
+  }
+  // Moving keeps the pointers right: Eigen and std::vector moves keep their buffers.
+};
+
+// How a folder's tensors are kept: as stored (F32 as float, BF16 as bf16, each wrapped in
+// the mapped file where aligned), or all widened to float once (the older behaviour, for
+// comparison). F16 and F64 tensors are always widened to float.
+struct LoadOptions {
+  bool widen = false;
+};
+
 // The tensors of a Hugging Face folder: one safetensors file, or the shards named by
 // model.safetensors.index.json. Names resolve to (reader, file); a missing tensor or a shape
 // that disagrees with the config is a format_error naming the file and the tensor.
 class WeightFiles {
  public:
-  explicit WeightFiles(const std::string& dir) {
+  explicit WeightFiles(const std::string& dir, LoadOptions options = {}) : options_(options) {
     namespace fs = std::filesystem;
     const std::string single = (fs::path(dir) / "model.safetensors").string();
     const std::string index = (fs::path(dir) / "model.safetensors.index.json").string();
@@ -191,6 +238,8 @@ class WeightFiles {
   }
 
   bool has(const std::string& name) const { return find(name) != nullptr; }
+  // The readers; a copy keeps the files mapped (the model keeps one while it wraps them).
+  const std::vector<molora::io::SafetensorsReader>& readers() const { return readers_; }
 
   // The tensor as float [rows, cols] (a 1-D tensor when cols == 0), checked against the shape.
   Matrix matrix(const std::string& name, Index rows, Index cols) const {
@@ -204,7 +253,42 @@ class WeightFiles {
     return r.vector<float>(name);  // [n]
   }
 
+  // A projection weight [rows, cols] as stored (see LoadOptions): F32 and BF16 wrapped in the
+  // mapped file when their data is aligned for the type (4 and 2 bytes), copied once
+  // otherwise; everything else, or everything with options.widen, widened to float.
+  WeightData weight(const std::string& name, Index rows, Index cols) const {
+    const molora::io::SafetensorsReader& r = reader(name);
+    r.expect_shape(name, rows, cols);
+    const molora::io::Dtype dtype = r.info(name).dtype;
+    const std::uint8_t* p = r.bytes(name);
+    const auto address = reinterpret_cast<std::uintptr_t>(p);
+    if (!options_.widen && dtype == molora::io::Dtype::BF16) {
+      WeightData w;
+      w.rows = rows;
+      w.cols = cols;
+      if (address % alignof(molora::bf16) == 0) {
+        w.b16 = reinterpret_cast<const molora::bf16*>(p);  // [rows, cols] in the file
+        w.in_file = true;
+      } else {
+        w.own_b16.resize(static_cast<std::size_t>(rows * cols));  // [rows * cols], one copy
+        std::memcpy(w.own_b16.data(), p, w.own_b16.size() * sizeof(molora::bf16));
+        w.b16 = w.own_b16.data();
+      }
+      return w;
+    }
+    if (dtype == molora::io::Dtype::F32 && address % alignof(float) == 0) {
+      WeightData w;
+      w.rows = rows;
+      w.cols = cols;
+      w.f32 = r.view<float>(name).data();  // [rows, cols] in the file
+      w.in_file = true;
+      return w;
+    }
+    return WeightData::owned(r.matrix<float>(name));  // [rows, cols] widened (or unaligned F32)
+  }
+
  private:
+  LoadOptions options_;
   std::vector<molora::io::SafetensorsReader> readers_;
   std::map<std::string, std::size_t> shard_of_;
   std::string index_path_;
@@ -223,46 +307,85 @@ class WeightFiles {
 
 // ---- building blocks -------------------------------------------------------------------------
 
-// A projection y = x W^T (+ b) over weights it owns, computed by a MoLoRALinear that wraps
-// them. Without an adapter the layer has one zero expert of rank 1 that never runs:
-// forward_base is the plain product. With an adapter, forward adds the routed experts' delta.
-struct Projection {
-  Matrix weight;  // [out, in], the buffer read from the file
-  Vec bias;       // [out] or empty
-  std::unique_ptr<molora::MoLoRALinear<float>> layer;
-  bool adapted = false;
+// A projection y = x W^T (+ b) over a WeightData: a molora::Linear (float or bf16 weight)
+// wrapping it, or, once an adapter is attached, a MoLoRALinear of the same weight type whose
+// forward adds the routed experts' delta. The bias stays float.
+class Projection {
+ public:
+  void init(WeightData w, Vec b) {
+    weight_ = std::move(w);
+    bias_ = std::move(b);
+    moe_f32_.reset();
+    moe_b16_.reset();
+    if (weight_.is_bf16()) {
+      plain_b16_ = std::make_unique<molora::Linear<float, molora::bf16>>(weight_.cols, weight_.rows);
+      plain_b16_->wrap_weight(weight_.b16, weight_.rows, weight_.cols);
+      if (bias_.size() > 0) plain_b16_->set_bias(bias_);
+    } else {
+      plain_f32_ = std::make_unique<molora::Linear<float>>(weight_.cols, weight_.rows);
+      plain_f32_->wrap_weight(weight_.f32, weight_.rows, weight_.cols);
+      if (bias_.size() > 0) plain_f32_->set_bias(bias_);
+    }
+  }
 
-  void init(Matrix w, Vec b) {
-    weight = std::move(w);
-    bias = std::move(b);
-    molora::MoLoRAConfig c;
-    c.in_features = weight.cols();
-    c.out_features = weight.rows();
-    c.num_experts = 1;
-    c.top_k = 1;
-    c.rank = 1;
-    make_layer(c);
-  }
+  // Replaces the plain layer by a MoLoRALinear with `adapter` over the same weight and bias.
   void attach(const molora::MoLoRAAdapter<float>& adapter) {
-    make_layer(adapter.config());
-    layer->adapter() = adapter;
-    adapted = true;
+    if (weight_.is_bf16())
+      make_moe(moe_b16_, adapter, weight_.b16);
+    else
+      make_moe(moe_f32_, adapter, weight_.f32);
+    plain_f32_.reset();
+    plain_b16_.reset();
   }
+
+  bool adapted() const { return moe_f32_ || moe_b16_; }
+  // The attached adapter, or nullptr.
+  const molora::MoLoRAAdapter<float>* adapter() const {
+    if (moe_f32_) return &moe_f32_->adapter();
+    return moe_b16_ ? &moe_b16_->adapter() : nullptr;
+  }
+  Index rows() const { return weight_.rows; }
+  Index cols() const { return weight_.cols; }
+  // "bf16" or "f32": the type the weight is kept in (and the product reads).
+  const char* weight_dtype() const { return weight_.is_bf16() ? "bf16" : "f32"; }
+  const WeightData& weight() const { return weight_; }
+  // The layer itself wraps the weight (no copy inside molora).
+  bool layer_wraps_weight() const {
+    if (plain_f32_) return plain_f32_->wraps_weight();
+    if (plain_b16_) return plain_b16_->wraps_weight();
+    return moe_f32_ ? moe_f32_->wraps_base() : moe_b16_ && moe_b16_->wraps_base();
+  }
+
   // y = x W^T + b (+ delta); returns the routing when adapted, nullptr otherwise.
   const molora::Routing<float>* forward(const Matrix& x, Matrix& y, molora::MoLoRAWorkspace<float>& ws) const {
-    y.resize(x.rows(), weight.rows());  // [T, out]
-    if (!adapted) {
-      layer->forward_base(x, y);
-      return nullptr;
-    }
-    return &layer->forward(x, y, ws);
+    y.resize(x.rows(), weight_.rows);  // [T, out]
+    if (moe_f32_) return &moe_f32_->forward(x, y, ws);
+    if (moe_b16_) return &moe_b16_->forward(x, y, ws);
+    if (plain_b16_)
+      plain_b16_->forward(x, y);
+    else
+      plain_f32_->forward(x, y);
+    return nullptr;
   }
 
  private:
-  void make_layer(const molora::MoLoRAConfig& c) {
-    layer = std::make_unique<molora::MoLoRALinear<float>>(c);
-    layer->wrap_base_weight(molora::MoLoRALinear<float>::BaseWeightMap(weight.data(), weight.rows(), weight.cols()));
-    if (bias.size() > 0) layer->wrap_base_bias(Eigen::Map<const Vec>(bias.data(), bias.size()));
+  WeightData weight_;
+  Vec bias_;  // [out] or empty
+  std::unique_ptr<molora::Linear<float>> plain_f32_;
+  std::unique_ptr<molora::Linear<float, molora::bf16>> plain_b16_;
+  std::unique_ptr<molora::MoLoRALinear<float>> moe_f32_;
+  std::unique_ptr<molora::MoLoRALinear<float, molora::bf16>> moe_b16_;
+
+  template <class W>
+  void make_moe(std::unique_ptr<molora::MoLoRALinear<float, W>>& layer, const molora::MoLoRAAdapter<float>& adapter,
+                const W* w) {
+    layer = std::make_unique<molora::MoLoRALinear<float, W>>(adapter.config());
+    if constexpr (std::is_same_v<W, float>)
+      layer->wrap_base_weight(typename molora::MoLoRALinear<float>::BaseWeightMap(w, weight_.rows, weight_.cols));
+    else
+      layer->wrap_base_weight(w, weight_.rows, weight_.cols);
+    if (bias_.size() > 0) layer->wrap_base_bias(Eigen::Map<const Vec>(bias_.data(), bias_.size()));
+    layer->adapter() = adapter;
   }
 };
 
@@ -327,14 +450,19 @@ class Model {
 
   // Loads the folder (and the adapter when options.dir is set). Throws format_error on a
   // config it cannot honour or tensors that are missing or disagree with the config.
-  explicit Model(const std::string& dir, const AdapterOptions& adapter = {})
+  // Projection weights are kept as stored (see LoadOptions): the model then wraps the mapped
+  // file's bytes and keeps the file mapped for its own lifetime.
+  explicit Model(const std::string& dir, const AdapterOptions& adapter = {}, const LoadOptions& load = {})
       : config_(Config::from_file((std::filesystem::path(dir) / "config.json").string())) {
-    load_weights(WeightFiles(dir));  // after the config, whose errors come first
+    const WeightFiles files(dir, load);  // after the config, whose errors come first
+    load_weights(files);
+    mapped_ = files.readers();  // shares the mappings the projections point into
     if (!adapter.dir.empty()) attach_adapter(adapter);
   }
 
-  // From any source of tensors with WeightFiles' matrix(name, rows, cols) and
-  // vector(name, n) (a benchmark's random weights, for one). The model owns what they return.
+  // From any source of tensors with WeightFiles' matrix(name, rows, cols), vector(name, n)
+  // and weight(name, rows, cols) (a benchmark's random weights, for one). The model owns
+  // what they return; a WeightData that points elsewhere must outlive the model.
   template <class Source>
   Model(const Config& config, const Source& w) : config_(config) {
     load_weights(w);
@@ -348,22 +476,24 @@ class Model {
     const Config& c = config_;
     const Index H = c.hidden_size, I = c.intermediate_size, hd = c.head_dim;
     const Index q_dim = c.num_attention_heads * hd, kv_dim = c.num_key_value_heads * hd;
-    embed_ = w.matrix("model.embed_tokens.weight", c.vocab_size, H);
+    embed_ = w.matrix("model.embed_tokens.weight", c.vocab_size, H);  // [V, H] widened once, for the lookup
     norm_ = w.vector("model.norm.weight", H);
-    if (!c.tie_word_embeddings) lm_head_ = w.matrix("lm_head.weight", c.vocab_size, H);
+    // The LM head as stored: embed_tokens' tensor when tied (wrapped again, as bf16 if stored so).
+    lm_head_.init(w.weight(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", c.vocab_size, H),
+                  Vec());
     layers_.resize(static_cast<std::size_t>(c.num_hidden_layers));
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       Layer& L = layers_[l];
       const std::string p = molora::detail::cat("model.layers.", l, ".");
       L.input_norm = w.vector(p + "input_layernorm.weight", H);
       L.post_norm = w.vector(p + "post_attention_layernorm.weight", H);
-      L.q.init(w.matrix(p + "self_attn.q_proj.weight", q_dim, H), w.vector(p + "self_attn.q_proj.bias", q_dim));
-      L.k.init(w.matrix(p + "self_attn.k_proj.weight", kv_dim, H), w.vector(p + "self_attn.k_proj.bias", kv_dim));
-      L.v.init(w.matrix(p + "self_attn.v_proj.weight", kv_dim, H), w.vector(p + "self_attn.v_proj.bias", kv_dim));
-      L.o.init(w.matrix(p + "self_attn.o_proj.weight", H, q_dim), Vec());
-      L.mlp[0].init(w.matrix(p + "mlp.gate_proj.weight", I, H), Vec());
-      L.mlp[1].init(w.matrix(p + "mlp.up_proj.weight", I, H), Vec());
-      L.mlp[2].init(w.matrix(p + "mlp.down_proj.weight", H, I), Vec());
+      L.q.init(w.weight(p + "self_attn.q_proj.weight", q_dim, H), w.vector(p + "self_attn.q_proj.bias", q_dim));
+      L.k.init(w.weight(p + "self_attn.k_proj.weight", kv_dim, H), w.vector(p + "self_attn.k_proj.bias", kv_dim));
+      L.v.init(w.weight(p + "self_attn.v_proj.weight", kv_dim, H), w.vector(p + "self_attn.v_proj.bias", kv_dim));
+      L.o.init(w.weight(p + "self_attn.o_proj.weight", H, q_dim), Vec());
+      L.mlp[0].init(w.weight(p + "mlp.gate_proj.weight", I, H), Vec());
+      L.mlp[1].init(w.weight(p + "mlp.up_proj.weight", I, H), Vec());
+      L.mlp[2].init(w.weight(p + "mlp.down_proj.weight", H, I), Vec());
     }
     init_rope();
     load_.reset(c.num_hidden_layers, num_experts_);
@@ -376,6 +506,31 @@ class Model {
   const ExpertLoad& expert_load() const { return load_; }
   void reset_expert_load() { load_.reset(config_.num_hidden_layers, num_experts_); }
   const std::vector<Layer>& layers() const { return layers_; }
+  const Projection& lm_head() const { return lm_head_; }
+
+  // Bytes of the weights one decode token reads from memory at least once: every projection's
+  // base weight and the LM head (not the adapters' routers and experts).
+  std::size_t projection_bytes() const {
+    std::size_t n = lm_head_.weight().bytes();
+    for (const Layer& L : layers_) {
+      for (const Projection* p : {&L.q, &L.k, &L.v, &L.o}) n += p->weight().bytes();
+      for (const Projection& p : L.mlp) n += p.weight().bytes();
+    }
+    return n;
+  }
+  // Calls f(pointer, bytes) for each buffer projection_bytes() counts.
+  template <class F>
+  void for_each_projection_weight(F&& f) const {
+    auto one = [&](const Projection& p) {
+      const WeightData& w = p.weight();
+      f(w.is_bf16() ? static_cast<const void*>(w.b16) : static_cast<const void*>(w.f32), w.bytes());
+    };
+    for (const Layer& L : layers_) {
+      for (const Projection* p : {&L.q, &L.k, &L.v, &L.o}) one(*p);
+      for (const Projection& p : L.mlp) one(p);
+    }
+    one(lm_head_);
+  }
 
   // Puts `adapter` on projection p (0 gate, 1 up, 2 down) of layer l. Every adapter must have
   // the same number of experts. `source` names the file in the format_error of a mismatch.
@@ -387,16 +542,16 @@ class Model {
           molora::detail::cat("(", l, ", ", p, ")")));
     const std::string module = molora::detail::cat("model.layers.", l, ".mlp.", kMlpNames[p]);
     Projection& proj = layers_[l].mlp[p];
-    const std::string base = molora::detail::cat("the model's '", module, ".weight' ",
-                                                 molora::detail::shape_str(proj.weight.rows(), proj.weight.cols()));
-    if (a.in_features() != proj.weight.cols())
+    const std::string base =
+        molora::detail::cat("the model's '", module, ".weight' ", molora::detail::shape_str(proj.rows(), proj.cols()));
+    if (a.in_features() != proj.cols())
       throw molora::format_error(
           molora::detail::cat(source, ": module '", module, "': tensor 'experts.0.lora_A_0.weight' columns: ",
-                              molora::detail::mismatch("in_features of " + base, proj.weight.cols(), a.in_features())));
-    if (a.out_features() != proj.weight.rows())
+                              molora::detail::mismatch("in_features of " + base, proj.cols(), a.in_features())));
+    if (a.out_features() != proj.rows())
       throw molora::format_error(molora::detail::cat(
           source, ": module '", module, "': tensor 'experts.0.lora_B_0.weight' rows: ",
-          molora::detail::mismatch("out_features of " + base, proj.weight.rows(), a.out_features())));
+          molora::detail::mismatch("out_features of " + base, proj.rows(), a.out_features())));
     if (num_experts_ != 0 && a.num_experts() != num_experts_)
       throw molora::format_error(molora::detail::cat(
           source, ": module '", module, "': ", molora::detail::mismatch("num_experts", num_experts_, a.num_experts())));
@@ -455,9 +610,8 @@ class Model {
     for (std::size_t s = 0; s < tokens.size(); ++s) caches[s]->length += static_cast<Index>(tokens[s].size());
 
     rms_norm(h, norm_, c.rms_norm_eps, scratch_.x);
-    const Matrix& head = c.tie_word_embeddings ? embed_ : lm_head_;
-    Matrix logits(rows, c.vocab_size);
-    logits.noalias() = scratch_.x * head.transpose();  // [T, V]
+    Matrix logits;
+    lm_head_.forward(scratch_.x, logits, scratch_.ws);  // [T, V]
     return logits;
   }
 
@@ -472,7 +626,9 @@ class Model {
   };
 
   Config config_;
-  Matrix embed_, lm_head_;  // [V, H]
+  std::vector<molora::io::SafetensorsReader> mapped_;  // the files the projections may point into
+  Matrix embed_;                                       // [V, H] float, for the token lookup
+  Projection lm_head_;                                 // [V, H]
   Vec norm_;                // [H]
   std::vector<Layer> layers_;
   Index num_experts_ = 0;
@@ -655,7 +811,7 @@ namespace cli {
 
 inline const char* const kUsage =
     "usage: qwen2_molora MODEL_DIR [--adapter DIR] [--lora-alpha A] --prompt ID,ID,... "
-    "--max-new-tokens N [--threads N]";
+    "--max-new-tokens N [--threads N] [--widen]";
 
 struct BadFlag : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -664,6 +820,7 @@ struct BadFlag : std::runtime_error {
 struct Args {
   std::string model_dir;
   AdapterOptions adapter;
+  LoadOptions load;
   std::vector<int> prompt;
   long max_new_tokens = -1;
   long threads = 0;
@@ -700,6 +857,8 @@ inline Args parse(const std::vector<std::string>& argv) {
       if (v.empty() || *end != '\0' || !(alpha > 0) || !std::isfinite(alpha))
         throw BadFlag("--lora-alpha: expected a number > 0, got '" + v + "'");
       a.adapter.lora_alpha = alpha;
+    } else if (arg == "--widen") {
+      a.load.widen = true;
     } else if (arg == "--prompt") {
       std::stringstream ss(value());
       std::string id;
@@ -740,12 +899,15 @@ inline int run(const std::vector<std::string>& argv, std::ostream& out, std::ost
   if (args.threads > 0) omp_set_num_threads(static_cast<int>(args.threads));
 #endif
   try {
-    Model model(args.model_dir, args.adapter);
+    Model model(args.model_dir, args.adapter, args.load);
     const Config& c = model.config();
     out << "model: " << c.num_hidden_layers << " layers, hidden " << c.hidden_size << ", " << c.num_attention_heads
         << " heads (" << c.num_key_value_heads << " kv), vocab " << c.vocab_size << ", "
         << (c.tie_word_embeddings ? "tied" : "untied") << " head; "
         << (model.adapted() ? "MING-MOE adapter on gate/up/down" : "no adapter") << "\n";
+    out << "weights: projections " << model.layers().front().q.weight_dtype() << ", LM head "
+        << model.lm_head().weight_dtype() << (args.load.widen ? " (widened)" : " (as stored)") << ", "
+        << model.projection_bytes() / (1 << 20) << " MiB read per decode step\n";
     for (int id : args.prompt)
       if (id >= c.vocab_size) {
         err << "qwen2_molora: --prompt: expected token ids < vocab_size (" << c.vocab_size << "), got " << id << "\n"

@@ -2,7 +2,10 @@
 // ids, decodes greedily, and prints the tokens, each layer's expert load and tokens/s.
 //
 //   qwen2_molora MODEL_DIR [--adapter DIR] [--lora-alpha A] --prompt 5,17,250
-//                --max-new-tokens N [--threads N]
+//                --max-new-tokens N [--threads N] [--widen]
+//
+// Projection weights are used as stored (BF16 stays bf16, read from the mapped file);
+// --widen converts every tensor to float at load instead.
 //
 // The last output line is the generated token ids separated by single spaces. The program
 // lives in qwen2::cli::run so that tests/test_qwen2.cpp runs exactly this code.

@@ -86,7 +86,107 @@ qwen2::Generation generate_and_compare(qwen2::Model& model, const Reference& ref
   return g;
 }
 
+// Every projection and the LM head keep the file's dtype ("f32" or "bf16") and point into
+// the mapped file, wrapped by their molora layer without a copy.
+void check_kept_as_stored(const qwen2::Model& model, const std::string& dtype) {
+  auto check = [&](const qwen2::Projection& p) {
+    CHECK(std::string(p.weight_dtype()) == dtype);
+    CHECK(p.weight().in_file);
+    CHECK(p.layer_wraps_weight());
+  };
+  for (const auto& L : model.layers()) {
+    for (const qwen2::Projection* p : {&L.q, &L.k, &L.v, &L.o}) check(*p);
+    for (const qwen2::Projection& p : L.mlp) check(p);
+  }
+  check(model.lm_head());
+}
+
+// A copy of dir/model.safetensors whose header is one space longer, so that the data section
+// starts at an odd offset and no BF16 tensor is 2-byte aligned in the mapping.
+void shift_data_by_one(const std::string& dir) {
+  const std::string path = dir + "/model.safetensors";
+  std::string bytes = test_util::read_text(path);
+  REQUIRE(bytes.size() > 8);
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[static_cast<std::size_t>(i)]);
+  REQUIRE(n % 2 == 0);
+  bytes.insert(8 + static_cast<std::size_t>(n), " ");
+  ++n;
+  for (int i = 0; i < 8; ++i) bytes[static_cast<std::size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
+  test_util::write_text(path, bytes);
+}
+
 }  // namespace
+
+TEST_CASE("qwen2 keeps BF16 weights as bf16: the widened model gives the same logits") {
+  const Reference ref;
+  for (const bool adapted : {true, false}) {
+    CAPTURE(adapted);
+    const qwen2::AdapterOptions adapter = adapted ? adapter_for("bf16") : qwen2::AdapterOptions{};
+    qwen2::Model kept(data_dir + "/bf16", adapter);
+    qwen2::LoadOptions widen;
+    widen.widen = true;
+    qwen2::Model wide(data_dir + "/bf16", adapter, widen);
+    check_kept_as_stored(kept, "bf16");
+    CHECK(std::string(wide.layers()[1].mlp[2].weight_dtype()) == "f32");
+    CHECK(std::string(wide.lm_head().weight_dtype()) == "f32");
+    CHECK_FALSE(wide.layers()[0].q.weight().in_file);
+    CHECK(2 * kept.projection_bytes() == wide.projection_bytes());
+    const qwen2::Generation gk = generate_and_compare(kept, ref, adapted ? "bf16.adapter" : "bf16.plain");
+    const qwen2::Generation gw = qwen2::generate(wide, ref.prompt, 8);
+    CHECK(rel_error(gk.prompt_logits, gw.prompt_logits) < 1e-5);
+    CHECK(rel_error(gk.step_logits, gw.step_logits) < 1e-5);
+    CHECK(gk.tokens == gw.tokens);
+  }
+}
+
+TEST_CASE("qwen2 handles dtypes per tensor (mixed F32 / BF16) and copies unaligned BF16 once") {
+  const Reference ref;
+  test_util::TempDir tmp;
+  SUBCASE("mixed file") {
+    // Layer 0's q_proj and down_proj and the LM head widened to F32 in the file, the rest BF16.
+    const std::string dir = copy_model(tmp, "bf16", "mixed");
+    const std::set<std::string> widened = {"model.layers.0.self_attn.q_proj.weight",
+                                           "model.layers.0.mlp.down_proj.weight", "lm_head.weight"};
+    std::vector<molora::io::TensorToWrite> out;
+    std::vector<Matrix> keep;  // F32 data must live until the file is written
+    {
+      const molora::io::SafetensorsReader r(dir + "/model.safetensors");
+      for (const auto& name : r.names()) {
+        const auto& info = r.info(name);
+        if (widened.count(name)) {
+          keep.push_back(r.matrix<float>(name));
+          out.push_back(molora::io::make_tensor(name, info.shape, keep.back().data(), molora::io::Dtype::F32));
+        } else {
+          out.push_back(molora::io::make_tensor_raw(name, info.dtype, info.shape, r.bytes(name)));
+        }
+      }
+      molora::io::save_safetensors(dir + "/model.safetensors.new", std::move(out));
+    }
+    std::filesystem::rename(dir + "/model.safetensors.new", dir + "/model.safetensors");
+    qwen2::Model model(dir, adapter_for("bf16"));
+    const auto& L0 = model.layers()[0];
+    CHECK(std::string(L0.q.weight_dtype()) == "f32");
+    CHECK(std::string(L0.k.weight_dtype()) == "bf16");
+    CHECK(std::string(L0.mlp[2].weight_dtype()) == "f32");
+    CHECK(std::string(L0.mlp[1].weight_dtype()) == "bf16");
+    CHECK(std::string(model.layers()[1].mlp[2].weight_dtype()) == "bf16");
+    CHECK(std::string(model.lm_head().weight_dtype()) == "f32");
+    CHECK(L0.q.weight().in_file);
+    CHECK(L0.mlp[1].weight().in_file);
+    generate_and_compare(model, ref, "bf16.adapter");
+  }
+  SUBCASE("unaligned BF16 data") {
+    const std::string dir = copy_model(tmp, "bf16", "unaligned");
+    shift_data_by_one(dir);
+    qwen2::Model model(dir, adapter_for("bf16"));
+    const auto& q = model.layers()[0].q;
+    CHECK(std::string(q.weight_dtype()) == "bf16");
+    CHECK_FALSE(q.weight().in_file);  // copied once
+    CHECK(std::string(model.layers()[1].mlp[0].weight_dtype()) == "bf16");
+    generate_and_compare(model, ref, "bf16.adapter");
+  }
+}
 
 TEST_CASE("qwen2 with MING-MOE adapters: logits, greedy tokens and expert load equal transformers'") {
   const Reference ref;
@@ -97,6 +197,7 @@ TEST_CASE("qwen2 with MING-MOE adapters: logits, greedy tokens and expert load e
     CHECK_FALSE(model.config().tie_word_embeddings);
     const std::string key = std::string(variant) + ".adapter";
     const qwen2::Generation g = generate_and_compare(model, ref, key);
+    check_kept_as_stored(model, variant);
 
     // Tokens per expert over the prompt and the 7 decode steps, per layer and projection.
     const std::vector<int> load = read_ids(ref.r, key + ".expert_load");  // [layers, 3, E]
@@ -154,7 +255,7 @@ TEST_CASE("qwen2 forward checks its arguments and changes nothing when it throws
   CHECK_THROWS_AS(model.forward({{-1}}, {&a}), molora::config_error);
   CHECK(a.length == 3);
   CHECK(b.length == 0);
-  const molora::MoLoRAAdapter<float>& some = model.layers()[0].mlp[0].layer->adapter();
+  const molora::MoLoRAAdapter<float>& some = *model.layers()[0].mlp[0].adapter();
   CHECK_THROWS_AS(model.attach(2, 0, some), molora::config_error);
   CHECK_THROWS_AS(model.attach(0, 2, some), molora::format_error);  // gate's adapter on down_proj: wrong shape
 }
@@ -375,6 +476,26 @@ TEST_CASE("qwen2_molora command line: prints the greedy tokens last, rejects bad
   std::string plain;
   for (int t : ref.tokens("f32.plain")) plain += (plain.empty() ? "" : " ") + std::to_string(t);
   CHECK(last2 == plain);  // a tiny alpha leaves the plain model
+
+  // The bf16 folder runs as stored, and with --widen as float; both give the reference tokens.
+  std::string want_bf16;
+  for (int t : ref.tokens("bf16.adapter")) want_bf16 += (want_bf16.empty() ? "" : " ") + std::to_string(t);
+  for (const bool widen : {false, true}) {
+    CAPTURE(widen);
+    std::vector<std::string> argv = {data_dir + "/bf16", "--adapter", data_dir + "/adapter_bf16",
+                                     "--prompt",          prompt,     "--max-new-tokens",
+                                     "8"};
+    if (widen) argv.push_back("--widen");
+    std::ostringstream o, e;
+    CHECK(qwen2::cli::run(argv, o, e) == 0);
+    const std::string t = o.str();
+    CHECK(t.find(widen ? "weights: projections f32, LM head f32 (widened)"
+                       : "weights: projections bf16, LM head bf16 (as stored)") != std::string::npos);
+    std::string l;
+    std::istringstream ls(t);
+    for (std::string line; std::getline(ls, line);) l = line;
+    CHECK(l == want_bf16);
+  }
 
   const std::vector<std::vector<std::string>> bad = {
       {},
