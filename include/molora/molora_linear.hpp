@@ -482,7 +482,9 @@ private:
     }
     const int threads = thread_count(x.rows());
     const Index per_thread = kernels::fused_scratch_size<kernels::layer_arch, Scalar>(rank());
-    const auto need = static_cast<std::size_t>(per_thread * threads);
+    // Split tokens also leave room for a later decode step's h (apply_fused_columns), so a
+    // warm workspace does not grow when the batch shrinks.
+    const auto need = static_cast<std::size_t>(per_thread * threads + (threads > 1 ? decode_hidden_size(0) : 0));
     if (kernel_scratch.size() < need) kernel_scratch.resize(need);
     const auto w = expert_stack();
     const auto g = pair_groups(plan);
@@ -495,6 +497,10 @@ private:
     });
   }
 
+  // Values of h that apply_fused_columns keeps in the scratch for `pairs` pairs: room for
+  // the most a decode step routes (7 tokens x top_k), whatever this one routes.
+  Index decode_hidden_size(Index pairs) const { return std::max<Index>(pairs, 7 * config_.top_k) * rank(); }
+
   // Strategy fused for few tokens on `threads` threads (OpenMP): the threads share the
   // shrink of the pairs (h into hidden, or the front of kernel_scratch), then each adds the
   // experts' expand to its own range of output columns (multiples of 64). The same bits as
@@ -505,7 +511,7 @@ private:
     const Index r = rank(), out = out_features();
     const auto pairs = static_cast<Index>(plan.tokens.size());
     const Index spill_size = kernels::fused_scratch_size<kernels::layer_arch, Scalar>(r);
-    const Index h_size = hidden ? 0 : pairs * r;
+    const Index h_size = hidden ? 0 : decode_hidden_size(pairs);
     const auto need = static_cast<std::size_t>(h_size + spill_size * threads);
     if (kernel_scratch.size() < need) kernel_scratch.resize(need);
     Scalar* h = hidden ? hidden : kernel_scratch.data();
