@@ -124,7 +124,8 @@ void check_caller_routing(Index in, Index out, Index E, Index r, Index T, Index 
       routing.weights(t, s) = Scalar(double(g() % 2001) / 1000.0 - 1.0);
     }
   }
-  const ref::Mat want = reference_delta<Scalar>(L, x, routing.ids, &routing.weights);
+  const molora::RowMatrix<Scalar> routing_weights = routing.weights;
+  const ref::Mat want = reference_delta<Scalar>(L, x, routing.ids, &routing_weights);
   for (const Strategy st : kStrategies) {
     layer.set_strategy(st);
     typename molora::MoLoRAAdapter<Scalar>::Workspace ws;
