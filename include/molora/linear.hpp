@@ -17,9 +17,9 @@
 
 #include "base_product.hpp"
 #include "config.hpp"
+#include "detail/checks.hpp"
 #include "errors.hpp"
 #include "half.hpp"
-#include "molora_linear.hpp"  // the input checks it shares (detail::overlaps, require_finite_tokens)
 #include "types.hpp"
 
 namespace molora {
