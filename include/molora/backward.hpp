@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "config.hpp"
@@ -421,8 +422,8 @@ void add_backward(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, cons
 // y = x W0^T + b0 + delta(x), MoLoRALinear::forward's output (up to rounding), recording on
 // tape what backward needs. Throws as forward does; y is unchanged when it throws (the
 // router runs before y is written).
-template <class Scalar, class Derived>
-const Routing<Scalar>& forward_train(const MoLoRALinear<Scalar>& layer, const Eigen::MatrixBase<Derived>& x,
+template <class Scalar, class BaseWeight, class Derived>
+const Routing<Scalar>& forward_train(const MoLoRALinear<Scalar, BaseWeight>& layer, const Eigen::MatrixBase<Derived>& x,
                                      detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
   const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   const ConstRowRef<Scalar> xr(x);
@@ -433,8 +434,8 @@ const Routing<Scalar>& forward_train(const MoLoRALinear<Scalar>& layer, const Ei
   detail::TrainingPath<Scalar>::experts(layer.adapter(), tape, y);
   return tape.routing;
 }
-template <class Scalar, class Derived>
-void forward_routed_train(const MoLoRALinear<Scalar>& layer, const Eigen::MatrixBase<Derived>& x,
+template <class Scalar, class BaseWeight, class Derived>
+void forward_routed_train(const MoLoRALinear<Scalar, BaseWeight>& layer, const Eigen::MatrixBase<Derived>& x,
                           const Routing<Scalar>& routing, detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
   const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   const ConstRowRef<Scalar> xr(x);
@@ -445,19 +446,49 @@ void forward_routed_train(const MoLoRALinear<Scalar>& layer, const Eigen::Matrix
   detail::TrainingPath<Scalar>::experts(layer.adapter(), tape, y);
 }
 
-// dx = dy W0 [T, in]: the frozen base's x-gradient alone (no weight gradient).
-template <class Scalar>
-void base_backward(const MoLoRALinear<Scalar>& layer, const detail::InRef<Scalar>& dy, detail::OutRef<Scalar> dx) {
+namespace detail {
+// Bytes of float rows widened per Eigen product in the backward of a 16-bit base. Each
+// block adds its rows' share into all of dx, so the block is larger than the forward's
+// (kWidenBlockBytes): dx is read and written out / rows-per-block times.
+constexpr Index kWidenBackwardBlockBytes = Index(2) << 20;
+
+// dx = dy W0 for W0 [out, in] row-major of the layer's own type (Eigen's GEMM) or bf16 / f16
+// (blocks of rows widened exactly by the kernels, each block's rows adding their share:
+// dx = sum over blocks of dy[:, rows] W0[rows, :]). Shapes checked by the caller.
+template <class Scalar, class Weight>
+void base_x_gradient(const Weight* w, Index in, Index out, const InRef<Scalar>& dy, OutRef<Scalar>& dx) {
+  if constexpr (std::is_same_v<Weight, Scalar>) {
+    dx.noalias() = dy * Eigen::Map<const RowMatrix<Scalar>>(w, out, in);  // [T, in]
+  } else {
+    const Index rb = std::min(out, std::max<Index>(16, kWidenBackwardBlockBytes / Index(sizeof(Scalar)) / in));
+    std::vector<Scalar> block(static_cast<std::size_t>(rb * in));
+    dx.setZero();
+    for (Index o = 0; o < out; o += rb) {
+      const Index n = std::min(rb, out - o);
+      kernels::widen(kernels::layer_arch{}, w + o * in, n * in, block.data());
+      dx.noalias() += dy.middleCols(o, n) * Eigen::Map<const RowMatrix<Scalar>>(block.data(), n, in);  // [T, in]
+    }
+  }
+}
+}  // namespace detail
+
+// dx = dy W0 [T, in]: the frozen base's x-gradient alone (no weight gradient). A bf16 / f16
+// base is widened exactly, block by block, so dx is the float layer's holding the rounded
+// weights up to the order of summation.
+template <class Scalar, class BaseWeight>
+void base_backward(const MoLoRALinear<Scalar, BaseWeight>& layer, const detail::InRef<Scalar>& dy,
+                   detail::OutRef<Scalar> dx) {
+  layer.check_live();
   detail::require_shape(dy, dy.rows(), layer.out_features(), "dy shape");
   detail::require_shape(dx, dy.rows(), layer.in_features(), "dx shape");
-  dx.noalias() = dy * layer.base_weight();  // [T, in]
+  detail::base_x_gradient<Scalar>(layer.base_weight_data(), layer.in_features(), layer.out_features(), dy, dx);
 }
 
 // Writes dL/dx [T, in] (base + adapter + router) into dx and adds the adapter's gradients
 // into grads. The base weight is frozen: it gets no gradient. Throws as add_backward does,
 // before dx or grads are written.
-template <class Scalar>
-void backward(const MoLoRALinear<Scalar>& layer, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
+template <class Scalar, class BaseWeight>
+void backward(const MoLoRALinear<Scalar, BaseWeight>& layer, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
               MoLoRAGrads<Scalar>& grads, detail::OutRef<Scalar> dx) {
   const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   layer.check_live();
@@ -466,8 +497,8 @@ void backward(const MoLoRALinear<Scalar>& layer, MoLoRATape<Scalar>& tape, const
   detail::backward_impl(layer.adapter(), tape, dy, grads, &dx);
 }
 // Without dL/dx (the first layer of a model): parameter gradients only.
-template <class Scalar>
-void backward(const MoLoRALinear<Scalar>& layer, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
+template <class Scalar, class BaseWeight>
+void backward(const MoLoRALinear<Scalar, BaseWeight>& layer, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
               MoLoRAGrads<Scalar>& grads) {
   const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   layer.check_live();

@@ -75,7 +75,8 @@ struct MoLoRAGrads {
 
   MoLoRAGrads() = default;
   explicit MoLoRAGrads(const MoLoRAAdapter<Scalar>& a) { resize_like(a); }
-  explicit MoLoRAGrads(const MoLoRALinear<Scalar>& l) { resize_like(l.adapter()); }
+  template <class BaseWeight>
+  explicit MoLoRAGrads(const MoLoRALinear<Scalar, BaseWeight>& l) { resize_like(l.adapter()); }
   void resize_like(const MoLoRAAdapter<Scalar>& a) {
     router_weight.setZero(a.num_experts(), a.in_features());
     router_bias.setZero(a.num_experts());
