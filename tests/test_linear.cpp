@@ -377,3 +377,49 @@ TEST_CASE("linear: the opt-in bf16-dot mode stays within its stated tolerance of
     }
   CHECK(checked > 0);
 }
+
+TEST_CASE("linear: MoLoRALinear's opt-in bf16-dot base is the Linear's, and the adapter sees exact x") {
+  // With the mode on, the layer's output is Linear's bf16-dot product of the same weights plus
+  // the adapter's delta on the exact x; the base alone stays within the stated tolerance of
+  // the exact base (the tolerance itself is checked above on Linear).
+  std::uint64_t seed = 500;
+  for (const Index in : {1, 17, 64, 133})
+    for (const Index out : {1, 9, 70}) {
+      molora::MoLoRAConfig cfg;
+      cfg.in_features = in;
+      cfg.out_features = out;
+      cfg.num_experts = 4;
+      cfg.top_k = 2;
+      cfg.rank = 3;
+      const auto f32 = ref::random_layer<float>(cfg, ++seed);
+      molora::MoLoRALinear<float, molora::bf16> layer(cfg);
+      layer.adapter() = f32.adapter();
+      layer.set_base_weight(f32.base_weight());
+      layer.set_base_bias(f32.base_bias());
+      molora::Linear<float, molora::bf16> lin(in, out);
+      lin.set_weight(f32.base_weight());
+      lin.set_bias(f32.base_bias());
+      lin.set_bf16_dot(true);
+      CHECK_FALSE(layer.bf16_dot());
+      layer.set_bf16_dot(true);
+      CHECK(layer.bf16_dot());
+      for (const Index T : {1, 3, 8, 130}) {
+        INFO("in=", in, " out=", out, " T=", T);
+        const auto x = ref::random_x<float>(T, in, seed * 7 + std::uint64_t(T));
+        molora::RowMatrix<float> base(T, out), y(T, out), delta = molora::RowMatrix<float>::Zero(T, out);
+        molora::MoLoRAWorkspace<float> ws;
+        layer.forward_base(x, base);
+        CHECK(base == lin.forward(x));  // the same product, bit for bit
+        layer.forward(x, y, ws);
+        layer.adapter().add_delta(x, delta, ws);
+        const double scale = std::max(1.0, double(y.cwiseAbs().maxCoeff()));
+        CHECK(double((y - (base + delta)).cwiseAbs().maxCoeff()) <= 1e-5 * scale);
+        // Not the exact base: with x rounded, some output moves (x has 24-bit mantissas).
+        layer.set_bf16_dot(false);
+        molora::RowMatrix<float> exact(T, out);
+        layer.forward_base(x, exact);
+        layer.set_bf16_dot(true);
+        if (in >= 17) CHECK(exact != base);
+      }
+    }
+}

@@ -120,5 +120,23 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
   if (bias) y.rowwise() += Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(bias, out);
 }
 
+// The opt-in bf16-dot product of a bf16 weight (Linear::set_bf16_dot,
+// MoLoRALinear::set_bf16_dot): y = round_bf16(x) W^T (+ bias). The skinny strategy runs
+// AVX512_BF16's dot kernel where kernels::bf16_dot_available() (one thread); otherwise, and
+// above the crossover, x is rounded into a scratch and the exact product runs on it. Same
+// requirements as base_product.
+inline void base_product_bf16dot(const bf16* w, Index in, Index out, const float* bias, const ConstRowRef<float>& x,
+                                 RowRef<float>& y, BaseStrategy how) {
+  if (how == BaseStrategy::skinny && kernels::bf16_dot_available()) {
+    kernels::skinny_product_bf16dot(kernels::layer_arch{}, w, in, in, x.data(), x.outerStride(), x.rows(), bias,
+                                    y.data(), y.outerStride(), Index(0), out);  // [T, out]
+    return;
+  }
+  RowMatrix<float> xb(x.rows(), in);
+  for (Index t = 0; t < x.rows(); ++t)
+    for (Index i = 0; i < in; ++i) xb(t, i) = to_float(to_bf16(x(t, i)));
+  base_product(w, in, out, bias, ConstRowRef<float>(xb), y, how);
+}
+
 }  // namespace detail
 }  // namespace molora

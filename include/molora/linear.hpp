@@ -185,19 +185,7 @@ private:
     const Scalar* b = has_bias() ? bias_.data() : nullptr;
     const BaseStrategy how = resolved_strategy(x.rows());
     if constexpr (std::is_same_v<Weight, bf16>) {
-      if (bf16_dot_) {
-        if (how == BaseStrategy::skinny && kernels::bf16_dot_available()) {
-          kernels::skinny_product_bf16dot(kernels::layer_arch{}, weight_data(), in_, in_, x.data(), x.outerStride(),
-                                          x.rows(), b, y.data(), y.outerStride(), Index(0), out_);  // [T, out]
-          return;
-        }
-        // Without AVX512_BF16 (or above the crossover): the same rounding of x, exact products.
-        RowMatrix<Scalar> xb(x.rows(), in_);
-        for (Index t = 0; t < x.rows(); ++t)
-          for (Index i = 0; i < in_; ++i) xb(t, i) = to_float(to_bf16(x(t, i)));
-        detail::base_product(weight_data(), in_, out_, b, ConstRowRef<Scalar>(xb), y, how);
-        return;
-      }
+      if (bf16_dot_) return detail::base_product_bf16dot(weight_data(), in_, out_, b, x, y, how);
     }
     detail::base_product(weight_data(), in_, out_, b, x, y, how);
   }
