@@ -135,13 +135,15 @@ def med(values):
     return statistics.median(values) if values else None
 
 
-def span(values):
+def span(values, pct: bool = False):
+    """median (min to max); as signed percentages with pct."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
+    f = (lambda v: f"{v * 100:+.1f} %") if pct else (lambda v: f"{v:.2f}")
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+        return f(values[0])
+    return f"{f(statistics.median(values))} ({f(min(values))} to {f(max(values))})"
 
 
 def summary(out: str) -> str:
@@ -188,19 +190,19 @@ def summary(out: str) -> str:
                 for impl, a in (("molora", 0), ("molora", 1)):
                     cells.append(f"{fmt(rate(k(impl, a)))} ({fmt(rate(k(impl, a), 1))})")
                 cost = ratios(k("molora", 1), k("molora", 0))
-                cells.append(span([c - 1 for c in cost]).replace("n/a", "n/a") if cost else "n/a")
+                cells.append(span([c - 1 for c in cost], pct=True))
                 for impl, a in (("pytorch", 0), ("pytorch", 1)):
                     cells.append(f"{fmt(rate(k(impl, a)))} ({fmt(rate(k(impl, a), 1))})")
                 cells.append(span(ratios(k("molora", 1), k("pytorch", 1), invert=True)))
                 what = "prefill 128" if phase == "prefill" else f"decode b{batch}"
                 lines.append(f"| {dt} | {t} | {what} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("adapter cost: adapted time / plain time - 1, round by round, median (min-max); "
-                 "molora / PyTorch: tokens/s ratio, adapted models, round by round")
+    lines.append("adapter cost: adapted time / plain time - 1 (wall), round by round, median (min to max); "
+                 "molora / PyTorch: tokens/s ratio of the adapted models, round by round")
     lines.append("")
 
     # Targets
-    lines.append("Targets (ratios from one round's runs; median (min-max) over the rounds):")
+    lines.append("Targets (ratios from one round's runs; median (min to max) over the rounds):")
     for dt in dtypes:
         for t in threads:
             rb = ("molora", dt, 0, t, "read", 1)
@@ -227,7 +229,7 @@ def summary(out: str) -> str:
                          f"  -> {verdict(vs, lambda v: v >= 1.5)}")
             for b, lim in ((1, 0.05), (4, 0.10)):
                 vs = [c - 1 for c in ratios(("molora", dt, 1, t, "decode", b), ("molora", dt, 0, t, "decode", b))]
-                lines.append(f"  adapter cost at decode b{b} = {span(vs)} (target <= {lim:.2f})  -> "
+                lines.append(f"  adapter cost at decode b{b} = {span(vs, pct=True)} (target <= +{lim * 100:.0f} %)  -> "
                              f"{verdict(vs, lambda v, lim=lim: v <= lim)}")
             pk = []
             for _, d in sorted(rounds.items()):
