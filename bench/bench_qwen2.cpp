@@ -165,8 +165,8 @@ __attribute__((target("avx2,fma"))) double fma_loop_avx2(long iters, float seed)
 }
 #endif
 
-// Scalar multiply-adds (no FMA unit assumed): the ceiling of the sse4.2 and scalar kernels
-// is not what they are compared against; this keeps the benchmark honest on such machines.
+// Scalar multiply-adds, the ceiling when the kernels run sse4.2 or scalar code (a machine
+// without AVX2 and FMA, or MOLORA_ISA set so).
 double fma_loop_scalar(long iters, float seed) {
   float acc[kChains];
   for (int i = 0; i < kChains; ++i) acc[i] = seed + static_cast<float>(i);
@@ -260,7 +260,8 @@ void BM_prefill(benchmark::State& state) {
 // The prefill's projections alone: every layer's seven products and the LM head of the plain
 // model over 128 rows, as prefill runs them (the same layers and weights), then the FMA peak
 // with as many threads. of_peak = projections' GFLOP/s / peak GFLOP/s, both wall time,
-// measured back to back.
+// measured back to back. (128 rows go to Eigen's GEMM, compiled for the build's ISA: in a
+// build without -march=native that is below the dispatched ISA whose peak is measured.)
 void BM_prefill_projections(benchmark::State& state) {
   const qwen2::Model& m = model(false, state.range(0) != 0);
   const Index threads = state.range(1);
