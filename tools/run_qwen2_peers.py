@@ -81,6 +81,16 @@ def machine_name() -> str:
 # ---- summary -------------------------------------------------------------------------------
 
 
+def read_json(path: str):
+    """The file's JSON, or None (with a note) for a run that was cut short."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"skipped {path}: {e}", file=sys.stderr)
+        return None
+
+
 def load(out: str):
     """{round: {key: (wall_s, cpu_s, extra)}}, key = (impl, dtype, adapter, threads, phase, batch):
     seconds per call (a prefill, a decode step, a read of the weights)."""
@@ -88,8 +98,9 @@ def load(out: str):
     for path in sorted(glob.glob(os.path.join(out, "cpp_*_r*.json"))):
         r = int(re.search(r"_r(\d+)\.json$", path).group(1))
         dtype = "bf16" if "cpp_bf16" in path else "f32"
-        with open(path) as f:
-            data = json.load(f)
+        data = read_json(path)
+        if data is None:
+            continue
         scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
         for b in data["benchmarks"]:
             if b.get("run_type") == "aggregate" or b.get("error_occurred"):
@@ -115,9 +126,8 @@ def load(out: str):
                 rounds.setdefault(r, {})[("molora", dtype, 0, t, "fma_peak", 1)] = (wall, cpu, {"GFLOP/s": b["GFLOP/s"]})
     for path in sorted(glob.glob(os.path.join(out, "py_*_r*.json"))):
         r = int(re.search(r"_r(\d+)\.json$", path).group(1))
-        with open(path) as f:
-            data = json.load(f)
-        for x in data["results"]:
+        data = read_json(path)
+        for x in (data or {}).get("results", []):
             key = ("pytorch", x["dtype"], x["adapter"], x["threads"], x["phase"], x["batch"])
             rounds.setdefault(r, {})[key] = (x["wall_ms"] / 1e3, x["cpu_ms"] / 1e3, {})
     return rounds
