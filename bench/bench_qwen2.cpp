@@ -2,16 +2,32 @@
 // layers, 16 heads, intermediate 2816, vocab 32000), random weights made in memory, with and
 // without MING-MOE adapters (E = 8, k = 2, r = 16) on every MLP projection: prefill tokens/s
 // (prompt 128) and decode tokens/s at batch 1 and 4, with the projection weights in float or
-// kept in bf16 (as a BF16 checkpoint is kept), and the read bound: the time to read once the
-// bytes of every projection weight and the LM head (what one decode step must read), cold
-// (the caches flushed before each read). docs/benchmarks.md has the figures.
+// kept in bf16 (as a BF16 checkpoint is kept), one OpenMP thread or two; the read bound: the
+// time to read once the bytes of every projection weight and the LM head (what one decode
+// step must read), cold (the caches flushed before each read); and the prefill projections'
+// GFLOP/s beside the FMA peak of the widest ISA the kernels dispatch to, measured in the same
+// process, so their ratio is one run's. tools/bench_qwen2_peers.py makes the same weights for
+// PyTorch; docs/benchmarks.md has the figures.
 //
-// Arguments: adapter (0 plain, 1 MING-MOE), bf16 (0 float weights, 1 bf16 weights); decode
-// also the batch size.
+// Arguments: adapter (0 plain, 1 MING-MOE), bf16 (0 float weights, 1 bf16 weights), threads
+// (2 only in the OpenMP build); decode also the batch size. Times are wall time ("Time") and
+// the CPU time of the whole process, every thread ("CPU"); rates are per wall second.
 #include <benchmark/benchmark.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define MOLORA_BENCH_X86 1
+#endif
+
+#ifdef MOLORA_USE_OPENMP
+#include <omp.h>
+#endif
 
 #include "../examples/qwen2.hpp"
 
@@ -108,23 +124,200 @@ std::vector<int> tokens(Index n, int salt) {
   return t;
 }
 
+// The OpenMP threads the layers use for the rest of a benchmark (1 without OpenMP).
+void use_threads(benchmark::State& state, Index threads) {
+#ifdef MOLORA_USE_OPENMP
+  (void)state;
+  omp_set_num_threads(static_cast<int>(threads));
+#else
+  if (threads != 1) state.SkipWithError("threads > 1 needs the OpenMP build (-DMOLORA_OPENMP=ON)");
+#endif
+}
+
+// ---- the FMA peak ---------------------------------------------------------------------------
+
+// A register-only loop of independent FMAs (16 accumulators, more than latency x throughput
+// on current x86 cores), at the widest ISA the kernels dispatch to; returns the FLOP it did
+// (2 per lane per FMA). Nothing touches memory, so this is the arithmetic ceiling a GEMM
+// could reach on one core.
+constexpr int kChains = 16;
+
+#ifdef MOLORA_BENCH_X86
+__attribute__((target("avx512f"))) double fma_loop_avx512(long iters, float seed) {
+  __m512 acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(seed + static_cast<float>(i));
+  const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+  for (long n = 0; n < iters; ++n)
+    for (int i = 0; i < kChains; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+  for (int i = 1; i < kChains; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+  benchmark::DoNotOptimize(acc[0]);
+  return 2.0 * 16 * kChains * static_cast<double>(iters);
+}
+__attribute__((target("avx2,fma"))) double fma_loop_avx2(long iters, float seed) {
+  __m256 acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm256_set1_ps(seed + static_cast<float>(i));
+  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+  for (long n = 0; n < iters; ++n)
+    for (int i = 0; i < kChains; ++i) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+  for (int i = 1; i < kChains; ++i) acc[0] = _mm256_add_ps(acc[0], acc[i]);
+  benchmark::DoNotOptimize(acc[0]);
+  return 2.0 * 8 * kChains * static_cast<double>(iters);
+}
+#endif
+
+// Scalar multiply-adds, the ceiling when the kernels run sse4.2 or scalar code (a machine
+// without AVX2 and FMA, or MOLORA_ISA set so).
+double fma_loop_scalar(long iters, float seed) {
+  float acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = seed + static_cast<float>(i);
+  for (long n = 0; n < iters; ++n)
+    for (int i = 0; i < kChains; ++i) acc[i] = acc[i] * 0.999999f + 1e-7f;
+  float sum = 0;
+  for (float v : acc) sum += v;
+  benchmark::DoNotOptimize(sum);
+  return 2.0 * kChains * static_cast<double>(iters);
+}
+
+double fma_loop(const std::string& isa, long iters, float seed) {
+#ifdef MOLORA_BENCH_X86
+  if (isa == "avx512") return fma_loop_avx512(iters, seed);
+  if (isa == "avx2") return fma_loop_avx2(iters, seed);
+#endif
+  (void)isa;
+  return fma_loop_scalar(iters, seed);
+}
+
+// FLOP of one call of fma_loop per thread on `threads` threads, all running at once.
+double fma_loop_threads(const std::string& isa, long iters, Index threads) {
+  double flop = 0;
+#ifdef MOLORA_USE_OPENMP
+#pragma omp parallel num_threads(static_cast<int>(threads)) reduction(+ : flop)
+  flop += fma_loop(isa, iters, static_cast<float>(omp_get_thread_num()));
+#else
+  (void)threads;
+  flop = fma_loop(isa, iters, 0.0f);
+#endif
+  return flop;
+}
+
+// The peak GFLOP/s (wall time) of `threads` threads: the best of 5 runs of about 40 ms each.
+double measure_fma_peak(Index threads) {
+  const std::string isa = molora::kernels::active_isa();
+  const long iters = 1L << 20;
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const double flop = fma_loop_threads(isa, iters, threads);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, flop / s / 1e9);
+  }
+  return best;
+}
+
+void BM_fma_peak(benchmark::State& state) {
+  const Index threads = state.range(0);
+  use_threads(state, threads);
+  const std::string isa = molora::kernels::active_isa();
+  double flop = 0;
+  for (auto _ : state) flop += fma_loop_threads(isa, 1L << 20, threads);
+  state.SetLabel(isa);
+  state.counters["GFLOP/s"] = benchmark::Counter(flop / 1e9, benchmark::Counter::kIsRate);
+}
+
+// ---- prefill ----------------------------------------------------------------------------------
+
+// Multiply-adds of every projection (attention q/k/v/o, MLP gate/up/down, the LM head) for
+// one token: the useful work of a prefill's products, not counting attention or the adapters.
+double projection_macs_per_token(const qwen2::Model& m) {
+  double macs = static_cast<double>(m.lm_head().rows() * m.lm_head().cols());
+  for (const qwen2::Model::Layer& L : m.layers()) {
+    for (const qwen2::Projection* p : {&L.q, &L.k, &L.v, &L.o}) macs += static_cast<double>(p->rows() * p->cols());
+    for (const qwen2::Projection& p : L.mlp) macs += static_cast<double>(p.rows() * p.cols());
+  }
+  return macs;
+}
+
+constexpr Index kPrompt = 128;
+
+// One 128-token prompt through the whole model. GFLOP/s counts only the projections' work,
+// over the whole prefill's time (attention, norms and the adapters included in the time).
 void BM_prefill(benchmark::State& state) {
-  qwen2::Model& m = model(state.range(0) != 0);
-  const std::vector<int> prompt = tokens(128, 1);
+  qwen2::Model& m = model(state.range(0) != 0, state.range(1) != 0);
+  use_threads(state, state.range(2));
+  const std::vector<int> prompt = tokens(kPrompt, 1);
   qwen2::KVCache cache;
+  m.forward(prompt, cache);  // warm-up: the cache and the workspaces reach their size
   for (auto _ : state) {
     cache.clear();
     benchmark::DoNotOptimize(m.forward(prompt, cache).data());
   }
-  state.counters["tokens/s"] =
-      benchmark::Counter(128.0 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  const double it = static_cast<double>(state.iterations());
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(kPrompt) * it, benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * projection_macs_per_token(m) * static_cast<double>(kPrompt) * it / 1e9,
+                                                 benchmark::Counter::kIsRate);
 }
+
+// The prefill's projections alone: every layer's seven products and the LM head of the plain
+// model over 128 rows, as prefill runs them (the same layers and weights), then the FMA peak
+// with as many threads. of_peak = projections' GFLOP/s / peak GFLOP/s, both wall time,
+// measured back to back. (128 rows go to Eigen's GEMM, compiled for the build's ISA: in a
+// build without -march=native that is below the dispatched ISA whose peak is measured.)
+void BM_prefill_projections(benchmark::State& state) {
+  const qwen2::Model& m = model(false, state.range(0) != 0);
+  const Index threads = state.range(1);
+  use_threads(state, threads);
+  const qwen2::Config& c = m.config();
+  qwen2::Matrix x(kPrompt, c.hidden_size), xi(kPrompt, c.intermediate_size), y;  // [T, H], [T, I]
+  RandomWeights::fill(x.data(), x.size(), 3, 1.0f, 0);
+  RandomWeights::fill(xi.data(), xi.size(), 5, 1.0f, 0);
+  molora::MoLoRAWorkspace<float> ws;
+  double seconds = 0;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (const qwen2::Model::Layer& L : m.layers()) {
+      for (const qwen2::Projection* p : {&L.q, &L.k, &L.v, &L.o, &L.mlp[0], &L.mlp[1]}) p->forward(x, y, ws);
+      L.mlp[2].forward(xi, y, ws);
+    }
+    m.lm_head().forward(x, y, ws);
+    benchmark::DoNotOptimize(y.data());
+    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  const double flop = 2.0 * projection_macs_per_token(m) * static_cast<double>(kPrompt) *
+                      static_cast<double>(state.iterations());
+  const double gflops = flop / seconds / 1e9, peak = measure_fma_peak(threads);
+  state.SetLabel(molora::kernels::active_isa());
+  state.counters["GFLOP/s"] = gflops;
+  state.counters["peak_GFLOP/s"] = peak;
+  state.counters["of_peak"] = gflops / peak;
+}
+
+// ---- decode ------------------------------------------------------------------------------------
+
+// Reads every projection weight and the LM head of m once (8-byte words, summed so the reads
+// cannot be dropped; each buffer split between the threads); returns the sum.
+std::uint64_t read_weights(const qwen2::Model& m) {
+  std::uint64_t total = 0;
+  m.for_each_projection_weight([&](const void* p, std::size_t bytes) {
+    const auto* w = static_cast<const std::uint64_t*>(p);
+    const auto n = static_cast<std::int64_t>(bytes / 8);
+    std::uint64_t sum = 0;
+#ifdef MOLORA_USE_OPENMP
+#pragma omp parallel for schedule(static) reduction(+ : sum)
+#endif
+    for (std::int64_t i = 0; i < n; ++i) sum += w[i];
+    total += sum;
+  });
+  return total;
+}
+
+double routed_adapter_bytes(const qwen2::Model& m);
 
 // One decode step of `batch` sequences with contexts of 32, 40, 48, 56 tokens (each step
 // rewinds the caches, so every step sees the same context lengths).
 void BM_decode(benchmark::State& state) {
   qwen2::Model& m = model(state.range(0) != 0, state.range(1) != 0);
   const std::size_t batch = static_cast<std::size_t>(state.range(2));
+  use_threads(state, state.range(3));
   std::vector<qwen2::KVCache> caches(batch);
   std::vector<qwen2::KVCache*> ptrs;
   std::vector<std::vector<int>> prompts, next;
@@ -134,20 +327,59 @@ void BM_decode(benchmark::State& state) {
     next.push_back({static_cast<int>(s) + 11});
   }
   m.forward(prompts, ptrs);
+  // At batch 1 each step is paired with a read of the bytes it needs, just before it (outside
+  // the timing): the weights stream through caches far smaller than them, so both are cold.
+  // over_read_bound = the steps' time over the reads' (scaled to the adapted bytes when
+  // adapted), paired step by step so that the machine's drift hits both.
+  const bool pair = batch == 1;
+  double step_s = 0, read_s = 0;
   for (auto _ : state) {
+    if (pair) {
+      state.PauseTiming();
+      const auto r0 = std::chrono::steady_clock::now();
+      benchmark::DoNotOptimize(read_weights(m));
+      read_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
+      state.ResumeTiming();
+    }
+    const auto t0 = std::chrono::steady_clock::now();
     for (std::size_t s = 0; s < batch; ++s) caches[s].length = static_cast<Index>(prompts[s].size());
     benchmark::DoNotOptimize(m.forward(next, ptrs).data());
+    step_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(batch) * static_cast<double>(state.iterations()),
                                                   benchmark::Counter::kIsRate);
+  if (pair) {
+    const double bytes = static_cast<double>(m.projection_bytes());
+    const double needed = bytes + (m.adapted() ? routed_adapter_bytes(m) : 0.0);
+    state.counters["over_read_bound"] = step_s / (read_s * needed / bytes);
+    state.counters["read_GB/s"] = bytes * static_cast<double>(state.iterations()) / read_s / 1e9;
+  }
 }
 
-// Reads every projection weight and the LM head of the plain model once (8-byte words, summed
-// so the reads cannot be dropped), after writing a 256 MB buffer outside the timing so that
-// nothing of the weights is left in the caches. tokens/s is the bound a decode step cannot
-// beat at batch 1; GB/s the bandwidth one thread reached.
+// Bytes one token at batch 1 reads of the adapters the benchmark attaches (MoLoRAConfig's
+// defaults, float as MoLoRAAdapter<float> keeps them): per MLP projection the router
+// [E, in] + [E], and the A [r, in] and B [out, r] of the k experts the token picks.
+double routed_adapter_bytes(const qwen2::Model& m) {
+  const molora::MoLoRAConfig mc;
+  const double E = static_cast<double>(mc.num_experts), k = static_cast<double>(mc.top_k);
+  const double r = static_cast<double>(mc.rank);
+  double b = 0;
+  for (const qwen2::Model::Layer& L : m.layers())
+    for (const qwen2::Projection& p : L.mlp) {
+      const double in = static_cast<double>(p.cols()), out = static_cast<double>(p.rows());
+      b += 4.0 * (E * (in + 1) + k * r * (in + out));
+    }
+  return b;
+}
+
+// Reads every projection weight and the LM head of the plain model once (read_weights), after
+// writing a 256 MB buffer outside the timing so that nothing of the weights is left in the caches.
+// tokens/s is the bound a plain decode step cannot beat at batch 1; GB/s the bandwidth the
+// threads reached; adapted_tokens/s the same bandwidth over the bytes plus what an adapted
+// token also reads (routers and the routed experts' A and B).
 void BM_read_bound(benchmark::State& state) {
   const qwen2::Model& m = model(false, state.range(0) != 0);
+  use_threads(state, state.range(1));
   std::vector<std::uint64_t> flush(std::size_t(32) << 20);  // 256 MB
   std::uint64_t salt = 0;
   for (auto _ : state) {
@@ -155,43 +387,78 @@ void BM_read_bound(benchmark::State& state) {
     for (std::size_t i = 0; i < flush.size(); i += 8) flush[i] = ++salt;
     benchmark::ClobberMemory();
     state.ResumeTiming();
-    std::uint64_t acc[4] = {0, 0, 0, 0};
-    m.for_each_projection_weight([&](const void* p, std::size_t bytes) {
-      const auto* w = static_cast<const std::uint64_t*>(p);
-      const std::size_t n = bytes / 8;
-      std::size_t i = 0;
-      for (; i + 4 <= n; i += 4) {
-        acc[0] += w[i];
-        acc[1] += w[i + 1];
-        acc[2] += w[i + 2];
-        acc[3] += w[i + 3];
-      }
-      for (; i < n; ++i) acc[0] += w[i];
-    });
-    benchmark::DoNotOptimize(acc[0] + acc[1] + acc[2] + acc[3]);
+    benchmark::DoNotOptimize(read_weights(m));
   }
   const double bytes = static_cast<double>(m.projection_bytes());
-  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
-  state.counters["GB/s"] =
-      benchmark::Counter(bytes * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+  const double adapted = bytes + routed_adapter_bytes(m);
+  const double it = static_cast<double>(state.iterations());
+  state.counters["tokens/s"] = benchmark::Counter(it, benchmark::Counter::kIsRate);
+  state.counters["adapted_tokens/s"] = benchmark::Counter(it * bytes / adapted, benchmark::Counter::kIsRate);
+  state.counters["GB/s"] = benchmark::Counter(bytes * it / 1e9, benchmark::Counter::kIsRate);
   state.counters["MB"] = bytes / 1e6;
+  state.counters["adapted_MB"] = adapted / 1e6;
+}
+
+#ifdef MOLORA_USE_OPENMP
+constexpr Index kMaxThreads = 2;
+#else
+constexpr Index kMaxThreads = 1;
+#endif
+
+void fma_args(benchmark::internal::Benchmark* b) {
+  for (Index t = 1; t <= kMaxThreads; ++t) b->Args({t});
+}
+void prefill_args(benchmark::internal::Benchmark* b) {
+  for (Index t = 1; t <= kMaxThreads; ++t)
+    for (Index bf16 : {0, 1})
+      for (Index adapter : {0, 1}) b->Args({adapter, bf16, t});
+}
+void projection_args(benchmark::internal::Benchmark* b) {
+  for (Index t = 1; t <= kMaxThreads; ++t)
+    for (Index bf16 : {0, 1}) b->Args({bf16, t});
+}
+void decode_args(benchmark::internal::Benchmark* b) {
+  for (Index t = 1; t <= kMaxThreads; ++t)
+    for (Index batch : {1, 4})
+      for (Index bf16 : {0, 1})
+        for (Index adapter : {0, 1}) b->Args({adapter, bf16, batch, t});
+}
+void read_args(benchmark::internal::Benchmark* b) {
+  for (Index t = 1; t <= kMaxThreads; ++t)
+    for (Index bf16 : {0, 1}) b->Args({bf16, t});
 }
 
 }  // namespace
 
-BENCHMARK(BM_prefill)->ArgName("adapter")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->Iterations(4);
+// Wall time for the rates (a process's threads run at once), and the CPU time of every thread.
+BENCHMARK(BM_fma_peak)->ArgName("threads")->Apply(fma_args)->UseRealTime()->MeasureProcessCPUTime()->Iterations(20);
+BENCHMARK(BM_prefill_projections)
+    ->ArgNames({"bf16", "threads"})
+    ->Apply(projection_args)
+    ->UseRealTime()
+    ->MeasureProcessCPUTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(3);
+BENCHMARK(BM_prefill)
+    ->ArgNames({"adapter", "bf16", "threads"})
+    ->Apply(prefill_args)
+    ->UseRealTime()
+    ->MeasureProcessCPUTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(3);
 BENCHMARK(BM_decode)
-    ->ArgNames({"adapter", "bf16", "batch"})
-    ->Args({0, 0, 1})
-    ->Args({1, 0, 1})
-    ->Args({0, 1, 1})
-    ->Args({1, 1, 1})
-    ->Args({0, 0, 4})
-    ->Args({1, 0, 4})
-    ->Args({0, 1, 4})
-    ->Args({1, 1, 4})
+    ->ArgNames({"adapter", "bf16", "batch", "threads"})
+    ->Apply(decode_args)
+    ->UseRealTime()
+    ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMillisecond)
     ->Iterations(20);
-BENCHMARK(BM_read_bound)->ArgName("bf16")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->Iterations(10);
+BENCHMARK(BM_read_bound)
+    ->ArgNames({"bf16", "threads"})
+    ->Apply(read_args)
+    ->UseRealTime()
+    ->MeasureProcessCPUTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(10);
 
 BENCHMARK_MAIN();
