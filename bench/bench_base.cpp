@@ -12,6 +12,13 @@
 //                                   GEMM (+ bias) alternately in one loop, S = f32 or f64.
 //                                   Counter skinny_over_eigen = median of skinny / eigen
 //                                   time (below 1: skinny is faster), with read_share of each.
+//   adapter_in_layer/D/in/out/T     the adapter at its own limit inside the layer, weights
+//                                   cold: forward, forward_base, the adapter alone
+//                                   (add_delta on the base's output) and a plain read of
+//                                   the router and the routed experts' A_e, B_e, each on its
+//                                   own cold copy in one loop. Counters: added_ms = median
+//                                   forward - median base, adapter_ms, read_ms (medians),
+//                                   added_over_read and adapter_over_read (target <= 1.2).
 // Times are CPU time of the process (other jobs on a shared machine do not count), wall
 // time when built with OpenMP. Run:
 //   bench_base --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
@@ -297,10 +304,89 @@ void register_whole_layer(const char* dtype) {
       }
 }
 
+// The router and the A_e, B_e of the experts x routes to (weight_spans without the base).
+template <class W>
+Spans adapter_spans(const Layer<W>& l, const Mat<float>& x) {
+  Spans s = weight_spans(l, x);
+  s.erase(s.begin(), s.begin() + 2);  // W0 and its bias
+  return s;
+}
+
+// adapter_in_layer/D/in/out/T: four copies per iteration (the forward, the base alone, the
+// adapter alone, the read), stepping by 4 over n copies with n odd, so every copy comes back
+// only after all the others (cold). The adapter alone adds its delta to y as forward does
+// after the base product; y is reset to the base's output outside the timing.
+template <class W>
+void BM_adapter_in_layer(benchmark::State& st) {
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  auto& layers = layers_for<W>(in, out, true);
+  std::size_t n = layers.size();
+  if (n % 2 == 0) --n;  // odd: prime to the step of 4
+  if (n < 5) {
+    st.SkipWithError("needs at least 5 cold layer copies");
+    return;
+  }
+  Mat<float> x(T, in);
+  fill(x, 11 + static_cast<std::uint64_t>(T), 1.0);
+  Mat<float> y(T, out), base_y(T, out);
+  molora::MoLoRAWorkspace<float> ws;
+  std::vector<Spans> spans;
+  for (std::size_t i = 0; i < n; ++i) spans.push_back(adapter_spans(*layers[i], x));
+  layers[0]->forward(x, y, ws);  // sizes the workspace
+  layers[0]->forward_base(x, base_y);
+  std::vector<double> fwd, base, adapter, rd, added_ratio, adapter_ratio;
+  float sink = 0;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    const std::size_t c0 = (4 * i) % n, c1 = (4 * i + 1) % n, c2 = (4 * i + 2) % n, c3 = (4 * i + 3) % n;
+    ++i;
+    double t0 = cpu_seconds();
+    layers[c0]->forward(x, y, ws);
+    benchmark::ClobberMemory();
+    const double tf = cpu_seconds() - t0;
+    t0 = cpu_seconds();
+    layers[c1]->forward_base(x, base_y);
+    benchmark::ClobberMemory();
+    const double tb = cpu_seconds() - t0;
+    y = base_y;
+    t0 = cpu_seconds();
+    layers[c2]->adapter().add_delta(x, y, ws);
+    benchmark::ClobberMemory();
+    const double ta = cpu_seconds() - t0;
+    t0 = cpu_seconds();
+    sink += stream_spans(spans[c3]);
+    const double tr = cpu_seconds() - t0;
+    st.SetIterationTime(tf);
+    fwd.push_back(tf);
+    base.push_back(tb);
+    adapter.push_back(ta);
+    rd.push_back(tr);
+    added_ratio.push_back((tf - tb) / tr);
+    adapter_ratio.push_back(ta / tr);
+  }
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(y.data());
+  const double read = median(rd);
+  st.counters["forward_ms"] = median(fwd) * 1e3;
+  st.counters["base_ms"] = median(base) * 1e3;
+  st.counters["added_ms"] = (median(fwd) - median(base)) * 1e3;
+  st.counters["adapter_ms"] = median(adapter) * 1e3;
+  st.counters["read_ms"] = read * 1e3;
+  st.counters["added_over_read"] = (median(fwd) - median(base)) / read;
+  st.counters["adapter_over_read"] = median(adapter_ratio);
+}
+
 void register_all() {
   register_whole_layer<float>("f32");
   register_whole_layer<molora::bf16>("bf16");
   register_whole_layer<molora::f16>("f16");
+  for (Index T : {1, 2, 4, 8})
+    benchmark::RegisterBenchmark(("adapter_in_layer/f32/4096/4096/" + std::to_string(T)).c_str(),
+                                 BM_adapter_in_layer<float>)
+        ->Args({4096, 4096, T})
+        ->UseManualTime()
+        ->MinTime(1.0)
+        ->Unit(benchmark::kMillisecond);
   for (int cold : {1, 0})
     for (Index T : {1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192}) {
       benchmark::RegisterBenchmark(("base_product/f32/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm")).c_str(),
