@@ -594,9 +594,9 @@ Cell run_cell(const Options& o, Evictor& evict, Index E, Index k, Index r, Index
   const bool deltas = do_run[kSet] && do_run[kLoop];
 
   // Warm up, then rounds until min_time has passed (at least 3): each round times the base,
-  // every strategy and the two adapter-only parts warm (in turns), then each again right
-  // after evicting the caches. Ratios are medians of the per-round ratios (paired, so a
-  // drift of the machine's speed between rounds cancels).
+  // every strategy and the two adapter-only parts warm (in turns, each after one untimed
+  // call of itself), then each again right after evicting the caches. Ratios are medians of
+  // the per-round ratios (paired, so a drift of the machine's speed between rounds cancels).
   for (int s = 0; s < kStrategies; ++s)
     if (do_run[s]) run[s]();
   Series warm, cold;
@@ -614,13 +614,18 @@ Cell run_cell(const Options& o, Evictor& evict, Index E, Index k, Index r, Index
           f();  // the cold calls before left the caches cold: one untimed call first
         return time_ms(f);
       };
-      sr.base.push_back(timed([&] { base.forward_base(x, y); }));
+      // The things timed, in turns; every other round in reverse order, so that none is
+      // always timed right after the same neighbour (what one call leaves in the caches).
+      std::vector<std::pair<std::vector<double>*, std::function<void()>>> items;
+      items.push_back({&sr.base, [&] { base.forward_base(x, y); }});
       for (int s = 0; s < kStrategies; ++s)
-        if (do_run[s]) sr.full[s].push_back(timed(run[s]));
+        if (do_run[s]) items.push_back({&sr.full[s], run[s]});
       if (deltas) {
-        sr.set_delta.push_back(timed(set_delta));
-        sr.loop_delta.push_back(timed(loop_delta));
+        items.push_back({&sr.set_delta, set_delta});
+        items.push_back({&sr.loop_delta, loop_delta});
       }
+      if (round % 2 == 1) std::reverse(items.begin(), items.end());
+      for (auto& item : items) item.first->push_back(timed(item.second));
     }
   }
   c.base_ms = median(warm.base);
