@@ -73,15 +73,21 @@ if(NOT nl EQUAL 13 OR NOT header MATCHES "^in,out,E,k,r,T,adapters,")
   message(FATAL_ERROR "CSV: expected a header and 12 rows, got ${nl} lines, header '${header}'")
 endif()
 
-# Only what was asked: set and loop, warm; --adapters T = one adapter per token.
-execute_process(COMMAND ${TOOL} --in 9 --out 5 --E 1 --r 2 --T 3 --adapters T --popularity distinct --strategy both
-                        --cache warm --min-time 0 --quiet --json ${OUT}/some.json RESULT_VARIABLE rc ERROR_VARIABLE err)
+# Only what was asked (set and loop, warm); --adapters T = one adapter per token; the list
+# of strategies is one quoted CSV field.
+execute_process(COMMAND ${TOOL} --in 9 --out 5 --E 1 --r 2 --T 3 --adapters T --popularity distinct --strategy set,loop
+                        --cache warm --min-time 0 --quiet --json ${OUT}/some.json --csv ${OUT}/some.csv
+                RESULT_VARIABLE rc ERROR_VARIABLE err)
 if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "--strategy both --cache warm failed (${rc}):\n${err}")
+  message(FATAL_ERROR "--strategy set,loop --cache warm failed (${rc}):\n${err}")
 endif()
 file(READ ${OUT}/some.json json)
 expect_cells("${json}" 0 FALSE base_ms set_ms loop_ms set_over_loop)
 expect_cells("${json}" 0 TRUE whole_ms merged_ms read_ms base_cold_ms set_cold_ms added_over_read)
+file(READ ${OUT}/some.csv csv)
+if(NOT csv MATCHES "\n9,5,1,1,2,3,3,distinct,own,\"set,loop\",")
+  message(FATAL_ERROR "CSV: expected the row to start 9,5,1,1,2,3,3,distinct,own,\"set,loop\", got:\n${csv}")
+endif()
 string(JSON N GET "${json}" 0 adapters)
 if(NOT N EQUAL 3)
   message(FATAL_ERROR "--adapters T with T = 3: expected 3 adapters, got ${N}")

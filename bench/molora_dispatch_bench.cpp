@@ -764,7 +764,10 @@ std::string as_csv(const std::vector<Cell>& cells) {
   for (std::size_t j = 0; j < cols.size(); ++j) s += std::string(j ? "," : "") + cols[j].name;
   s += "\n";
   for (const Cell& c : cells) {
-    for (std::size_t j = 0; j < cols.size(); ++j) s += (j ? "," : "") + cols[j].value(c);
+    for (std::size_t j = 0; j < cols.size(); ++j) {
+      const std::string v = cols[j].value(c);  // a list (--strategy set,loop) is quoted
+      s += (j ? "," : "") + (v.find(',') != std::string::npos ? "\"" + v + "\"" : v);
+    }
     s += "\n";
   }
   return s;

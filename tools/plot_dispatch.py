@@ -7,9 +7,9 @@
 
 One row of panels per adapter kind (E, r), three panels against T (log scale), one line per
 (popularity, adapters): the adapted layer's time over its base layer's (adapted_over_base,
-warm); the set's layer time over the adapter-only loop's (set_over_loop; solid warm, dashed
-cold; below 1 = the set is faster); and the time the set adds over the base against one
-read of the routed adapters' bytes, caches cold (added_over_read; the target is <= 1.2).
+warm); the set's part alone over the adapter-only loop's part (set_delta_over_loop_delta;
+solid warm, dashed cold; below 1 = the set is faster); and the set's part alone against one
+read of the routed adapters' bytes, caches cold (delta_over_read, log scale).
 Cells a strategy did not time (empty in the CSV) are left out. Needs matplotlib.
 """
 
@@ -31,6 +31,9 @@ def main() -> int:
     ap.add_argument("csv", nargs="+", help="CSV files written by molora_dispatch_bench --csv")
     ap.add_argument("-o", "--output", default="dispatch.png", help="image to write (default dispatch.png)")
     ap.add_argument("--dpi", type=int, default=90, help="resolution (default 90)")
+    ap.add_argument("--colors", type=int, default=64,
+                    help="a PNG is saved with this many palette colours when Pillow is present, "
+                         "about 4x smaller (0 = full colour; default 64)")
     args = ap.parse_args()
     try:
         import matplotlib
@@ -55,8 +58,8 @@ def main() -> int:
 
     panels = [
         ("adapted_over_base", None, "adapted / base (warm)", None),
-        ("set_over_loop", "set_over_loop_cold", "set / adapter-only loop", 1.0),
-        ("added_over_read", None, "(set - base) / read, cold", 1.2),
+        ("set_delta_over_loop_delta", "set_delta_over_loop_delta_cold", "set part / loop part", 1.0),
+        ("delta_over_read", None, "set part / read, cold", 1.2),
     ]
     fig, axes = plt.subplots(len(kinds), 3, figsize=(15, 4.2 * len(kinds)), squeeze=False)
     for ax_row, kind in zip(axes, sorted(kinds)):
@@ -81,9 +84,17 @@ def main() -> int:
             if target is not None:
                 ax.axhline(target, color="grey", lw=0.8, ls=":")
             ax.grid(True, which="both", alpha=0.3)
+        ax_row[2].set_yscale("log")
         ax_row[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.output, dpi=args.dpi)
+    if args.colors > 0 and args.output.lower().endswith(".png"):
+        try:
+            from PIL import Image
+
+            Image.open(args.output).convert("RGB").quantize(colors=args.colors).save(args.output, optimize=True)
+        except ImportError:
+            pass
     print(f"wrote {args.output}")
     return 0
 
