@@ -1,44 +1,98 @@
-# Run by ctest (molora_dispatch_bench_smoke): molora_dispatch_bench on a tiny sweep must
-# write JSON whose every cell has the expected fields and positive times, and CSV with a
-# header and one row per cell; a bad flag must exit 2 with a one-line error and the usage.
+# Run by ctest (molora_dispatch_bench_smoke): molora_dispatch_bench on a tiny sweep with every
+# strategy must write JSON whose every cell has positive times and ratios where the strategy
+# applies and null where it does not (merged only for E = 1, single only for identical), and
+# CSV with a header and one row per cell; --strategy / --cache must select what is timed; a
+# bad flag must exit 2 with a one-line error and the usage.
 cmake_minimum_required(VERSION 3.19)  # string(JSON)
 file(MAKE_DIRECTORY ${OUT})
 execute_process(COMMAND ${TOOL} --in 33 --out 17 --E 1,4 --k 1 --r 3 --T 1,5 --adapters 3
-                        --popularity uniform,distinct --min-time 0 --json ${OUT}/cells.json --csv ${OUT}/cells.csv
+                        --popularity uniform,distinct,identical --min-time 0 --json ${OUT}/cells.json --csv ${OUT}/cells.csv
                 RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "molora_dispatch_bench failed (${rc}):\n${out}\n${err}")
 endif()
-if(NOT out MATCHES "tokens/s")
-  message(FATAL_ERROR "no table in the output:\n${out}")
+if(NOT out MATCHES "tokens/s" OR NOT out MATCHES "merged n/a: E > 1")
+  message(FATAL_ERROR "no table or no n/a note in the output:\n${out}")
 endif()
-if(NOT err MATCHES "\\[8/8\\]")
+if(NOT err MATCHES "\\[12/12\\]")
   message(FATAL_ERROR "no progress lines on stderr:\n${err}")
 endif()
+
+# Every field in `fields` of cell i must be a number > 0 (or null, if `null` is TRUE).
+function(expect_cells json i null)
+  foreach(field IN LISTS ARGN)
+    string(JSON type TYPE "${json}" ${i} ${field})
+    if(null)
+      if(NOT type STREQUAL "NULL")
+        message(FATAL_ERROR "cell ${i}: ${field} is ${type}, expected null (n/a)")
+      endif()
+    else()
+      string(JSON v GET "${json}" ${i} ${field})
+      if(NOT type STREQUAL "NUMBER" OR NOT v GREATER 0)
+        message(FATAL_ERROR "cell ${i}: ${field} = ${v} (${type}), expected a number > 0")
+      endif()
+    endif()
+  endforeach()
+endfunction()
+
 file(READ ${OUT}/cells.json json)
 string(JSON n LENGTH "${json}")
-if(NOT n EQUAL 8)
-  message(FATAL_ERROR "expected 8 cells in the JSON, got ${n}:\n${json}")
+if(NOT n EQUAL 12)
+  message(FATAL_ERROR "expected 12 cells in the JSON, got ${n}:\n${json}")
 endif()
 math(EXPR last "${n} - 1")
 foreach(i RANGE ${last})
-  foreach(field base_ms set_ms loop_ms tokens_per_s gflops adapted_over_base set_over_loop)
-    string(JSON v GET "${json}" ${i} ${field})
-    if(NOT v GREATER 0)
-      message(FATAL_ERROR "cell ${i}: ${field} = ${v}, expected > 0")
-    endif()
-  endforeach()
+  expect_cells("${json}" ${i} FALSE base_ms set_ms loop_ms whole_ms read_ms base_cold_ms set_cold_ms loop_cold_ms
+               whole_cold_ms read_cold_ms set_delta_ms loop_delta_ms set_delta_cold_ms loop_delta_cold_ms tokens_per_s
+               gflops adapted_over_base adapted_over_base_cold set_over_loop set_over_loop_cold set_over_whole
+               set_over_whole_cold set_delta_over_loop_delta delta_over_read routed_mb)
+  string(JSON type TYPE "${json}" ${i} added_over_read)  # (set - base) may be < 0 at this size
+  if(NOT type STREQUAL "NUMBER")
+    message(FATAL_ERROR "cell ${i}: added_over_read is ${type}, expected a number")
+  endif()
+  string(JSON E GET "${json}" ${i} E)
   string(JSON pop GET "${json}" ${i} popularity)
-  if(NOT pop MATCHES "^(uniform|distinct)$")
+  if(NOT pop MATCHES "^(uniform|distinct|identical)$")
     message(FATAL_ERROR "cell ${i}: popularity '${pop}'")
   endif()
+  set(merged_na TRUE)
+  if(E EQUAL 1)
+    set(merged_na FALSE)
+  endif()
+  expect_cells("${json}" ${i} ${merged_na} merged_ms merged_cold_ms set_over_merged set_over_merged_cold)
+  set(single_na TRUE)
+  if(pop STREQUAL "identical")
+    set(single_na FALSE)
+  endif()
+  expect_cells("${json}" ${i} ${single_na} single_ms single_cold_ms set_over_single set_over_single_cold)
 endforeach()
 file(STRINGS ${OUT}/cells.csv lines)
 list(LENGTH lines nl)
 list(GET lines 0 header)
-if(NOT nl EQUAL 9 OR NOT header MATCHES "^in,out,E,k,r,T,adapters,")
-  message(FATAL_ERROR "CSV: expected a header and 8 rows, got ${nl} lines, header '${header}'")
+if(NOT nl EQUAL 13 OR NOT header MATCHES "^in,out,E,k,r,T,adapters,")
+  message(FATAL_ERROR "CSV: expected a header and 12 rows, got ${nl} lines, header '${header}'")
 endif()
+
+# Only what was asked (set and loop, warm); --adapters T = one adapter per token; the list
+# of strategies is one quoted CSV field.
+execute_process(COMMAND ${TOOL} --in 9 --out 5 --E 1 --r 2 --T 3 --adapters T --popularity distinct --strategy set,loop
+                        --cache warm --min-time 0 --quiet --json ${OUT}/some.json --csv ${OUT}/some.csv
+                RESULT_VARIABLE rc ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "--strategy set,loop --cache warm failed (${rc}):\n${err}")
+endif()
+file(READ ${OUT}/some.json json)
+expect_cells("${json}" 0 FALSE base_ms set_ms loop_ms set_over_loop)
+expect_cells("${json}" 0 TRUE whole_ms merged_ms read_ms base_cold_ms set_cold_ms added_over_read)
+file(READ ${OUT}/some.csv csv)
+if(NOT csv MATCHES "\n9,5,1,1,2,3,3,distinct,own,\"set,loop\",")
+  message(FATAL_ERROR "CSV: expected the row to start 9,5,1,1,2,3,3,distinct,own,\"set,loop\", got:\n${csv}")
+endif()
+string(JSON N GET "${json}" 0 adapters)
+if(NOT N EQUAL 3)
+  message(FATAL_ERROR "--adapters T with T = 3: expected 3 adapters, got ${N}")
+endif()
+
 execute_process(COMMAND ${TOOL} --E 4 --bogus 1 RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
 if(NOT rc EQUAL 2 OR NOT err MATCHES "^molora_dispatch_bench: unknown flag '--bogus'\nusage: ")
   message(FATAL_ERROR "a bad flag: expected exit 2, the error and the usage; got ${rc}:\n${err}")
@@ -46,4 +100,8 @@ endif()
 execute_process(COMMAND ${TOOL} --T 0 RESULT_VARIABLE rc ERROR_VARIABLE err)
 if(NOT rc EQUAL 2 OR NOT err MATCHES "--T: expected an integer >= 1, got '0'")
   message(FATAL_ERROR "--T 0: expected exit 2 naming the flag; got ${rc}:\n${err}")
+endif()
+execute_process(COMMAND ${TOOL} --strategy set,fast RESULT_VARIABLE rc ERROR_VARIABLE err)
+if(NOT rc EQUAL 2 OR NOT err MATCHES "--strategy: expected all \\| both \\| set")
+  message(FATAL_ERROR "--strategy set,fast: expected exit 2 naming the flag; got ${rc}:\n${err}")
 endif()
