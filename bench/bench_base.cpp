@@ -19,6 +19,12 @@
 //                                   own cold copy in one loop. Counters: added_ms = median
 //                                   forward - median base, adapter_ms, read_ms (medians),
 //                                   added_over_read and adapter_over_read (target <= 1.2).
+//   skinny/D/in/out/T/cold          skinny_product alone with W0 stored as D = f32, bf16 or f16
+//                                   (f32 activations), then a plain read of another copy of
+//                                   W0's bytes, alternately in one loop. Counters read_share =
+//                                   median of kernel / read time, kernel_gbs and read_gbs
+//                                   (W0's bytes over each median time), gflops (2 in out T
+//                                   over the kernel's median time).
 // Times are CPU time of the process (other jobs on a shared machine do not count), wall
 // time when built with OpenMP. Run:
 //   bench_base --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
@@ -287,6 +293,71 @@ void BM_base_product(benchmark::State& st) {
   st.counters["eigen_read_share"] = median(share_e);
 }
 
+// skinny/D/in/out/T/cold: the skinny kernel with W0 in D against a plain read of the same
+// number of bytes, as whole_layer does for the layer; cold rotates over copies past the LLC
+// (iteration i runs the kernel on copy 2i and reads copy 2i + 1, n even).
+template <class Wt>
+void BM_skinny(benchmark::State& st) {
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  const bool cold = st.range(3) != 0;
+  const Index bytes = in * out * Index(sizeof(Wt));
+  std::size_t n = cold ? static_cast<std::size_t>(std::max(4.0, kColdBytes / double(bytes) + 1)) : 1;
+  if (cold && n % 2 == 1) ++n;
+  Mat<float> w32(out, in);
+  fill(w32, 1, 0.02);
+  std::vector<Wt> proto(static_cast<std::size_t>(in * out));
+  for (std::size_t i = 0; i < proto.size(); ++i) {
+    if constexpr (std::is_same_v<Wt, float>)
+      proto[i] = w32.data()[i];
+    else if constexpr (std::is_same_v<Wt, molora::bf16>)
+      proto[i] = molora::to_bf16(w32.data()[i]);
+    else
+      proto[i] = molora::to_f16(w32.data()[i]);
+  }
+  std::vector<std::vector<Wt>> w(n, proto);
+  Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
+  fill(b, 2, 0.02);
+  Mat<float> x(T, in), y(T, out);
+  fill(x, 3, 1.0);
+  std::vector<double> share, tk, tr;
+  float sink = 0;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    const std::size_t f = cold ? (2 * i) % n : 0, r = cold ? (2 * i + 1) % n : 0;
+    ++i;
+    const double t0 = cpu_seconds();
+    molora::kernels::skinny_product(molora::kernels::layer_arch{}, w[f].data(), in, in, x.data(), in, T, b.data(),
+                                    y.data(), out, Index(0), out);  // [T, out]
+    benchmark::ClobberMemory();
+    const double t1 = cpu_seconds();
+    sink += stream_spans({{w[r].data(), bytes}});
+    const double t2 = cpu_seconds();
+    st.SetIterationTime(t1 - t0);
+    share.push_back((t1 - t0) / (t2 - t1));
+    tk.push_back(t1 - t0);
+    tr.push_back(t2 - t1);
+  }
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(y.data());
+  st.counters["read_share"] = median(share);
+  st.counters["kernel_gbs"] = double(bytes) / median(tk) * 1e-9;
+  st.counters["read_gbs"] = double(bytes) / median(tr) * 1e-9;
+  st.counters["gflops"] = 2.0 * double(in) * double(out) * double(T) / median(tk) * 1e-9;
+}
+
+template <class W>
+void register_skinny(const char* dtype) {
+  for (int cold : {1, 0})
+    for (Index T : {1, 2, 4, 8})
+      benchmark::RegisterBenchmark(
+          (std::string("skinny/") + dtype + "/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm")).c_str(),
+          BM_skinny<W>)
+          ->Args({4096, 4096, T, cold})
+          ->UseManualTime()
+          ->MinTime(0.3)
+          ->Unit(benchmark::kMillisecond);
+}
+
 template <class W>
 void register_whole_layer(const char* dtype) {
   for (int eigen_base : {0, 1})
@@ -387,6 +458,9 @@ void register_all() {
         ->UseManualTime()
         ->MinTime(1.0)
         ->Unit(benchmark::kMillisecond);
+  register_skinny<float>("f32");
+  register_skinny<molora::bf16>("bf16");
+  register_skinny<molora::f16>("f16");
   for (int cold : {1, 0})
     for (Index T : {1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192}) {
       benchmark::RegisterBenchmark(("base_product/f32/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm")).c_str(),

@@ -256,6 +256,11 @@ void skinny_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Ind
     const Scalar* xt = x + t0 * ldx;
     Scalar* yt = y + t0 * ldy;
     Index o = o0;
+    // One token: blocks of 8 rows (8 independent sums in flight, as in Eigen's GEMV).
+    if (n == 1)
+      for (; o + 8 <= o1; o += 8)
+        detail::skinny_rows_block<8, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy,
+                                           spill);
     for (; o + RO <= o1; o += RO)
       detail::skinny_rows_block<RO, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy,
                                           spill);
