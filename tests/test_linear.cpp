@@ -19,6 +19,7 @@
 #include <molora/molora.hpp>
 
 #include "reference.hpp"
+#include "test_util.hpp"
 
 using molora::Index;
 
@@ -245,12 +246,7 @@ void molora_half_base_suite() {
   std::uint64_t seed = 70;
   for (const Index in : {1, 19, 64, 133})
     for (const Index out : {1, 9, 70}) {
-      molora::MoLoRAConfig cfg;
-      cfg.in_features = in;
-      cfg.out_features = out;
-      cfg.num_experts = 4;
-      cfg.top_k = 2;
-      cfg.rank = 3;
+      const molora::MoLoRAConfig cfg = test_util::config(in, out, 4, 2, 3);
       const auto f32 = ref::random_layer<float>(cfg, ++seed);
       molora::MoLoRALinear<float, Weight> half(cfg);
       half.adapter() = f32.adapter();
@@ -385,12 +381,7 @@ TEST_CASE("linear: MoLoRALinear's opt-in bf16-dot base is the Linear's, and the 
   std::uint64_t seed = 500;
   for (const Index in : {1, 17, 64, 133})
     for (const Index out : {1, 9, 70}) {
-      molora::MoLoRAConfig cfg;
-      cfg.in_features = in;
-      cfg.out_features = out;
-      cfg.num_experts = 4;
-      cfg.top_k = 2;
-      cfg.rank = 3;
+      const molora::MoLoRAConfig cfg = test_util::config(in, out, 4, 2, 3);
       const auto f32 = ref::random_layer<float>(cfg, ++seed);
       molora::MoLoRALinear<float, molora::bf16> layer(cfg);
       layer.adapter() = f32.adapter();
