@@ -110,6 +110,51 @@ molora::RowMatrix<float> forward_with(const Layer& layer, const molora::RowMatri
 
 }  // namespace
 
+TEST_CASE("threads: a bf16 / f16 base above the skinny crossover gives the same bits with 1 and 2 threads") {
+  // Eigen's GEMM over blocks of widened rows, the blocks shared out between the threads;
+  // out spans one block (40) or several, with a short last block (1031 rows at in = 261).
+  const int saved = omp_get_max_threads();
+  for (const auto& [in, out] : {std::pair<Index, Index>{261, 40}, {261, 1031}, {4099, 70}}) {
+    const auto cfg = test_util::config(in, out, 4, 2, 3);
+    const auto f32 = ref::random_layer<float>(cfg, 70 + std::uint64_t(out));
+    molora::MoLoRALinear<float, molora::bf16> b16(cfg);
+    molora::MoLoRALinear<float, molora::f16> h16(cfg);
+    b16.set_base_weight(f32.base_weight());
+    b16.set_base_bias(f32.base_bias());
+    h16.set_base_weight(f32.base_weight());
+    h16.set_base_bias(f32.base_bias());
+    b16.adapter() = f32.adapter();
+    h16.adapter() = f32.adapter();
+    molora::Linear<float, molora::bf16> lin(in, out);
+    lin.set_weight(f32.base_weight());
+    const Index c = molora::kernels::skinny_crossover<float>();
+    for (const Index T : {c, c + 37, 2 * c + 1}) {
+      INFO("in=", in, " out=", out, " T=", T);
+      const auto x = ref::random_x<float>(T, in, 80 + std::uint64_t(T));
+      REQUIRE(b16.resolved_base_strategy(T) == molora::BaseStrategy::eigen);
+      const auto y1 = forward_with(b16, x, 1), y2 = forward_with(b16, x, 2);
+      CHECK(y1 == y2);
+      CHECK(forward_with(h16, x, 1) == forward_with(h16, x, 2));
+      molora::RowMatrix<float> l1(T, out), l2(T, out);
+      omp_set_num_threads(1);
+      lin.forward(x, l1);
+      omp_set_num_threads(2);
+      lin.forward(x, l2);
+      CHECK(l1 == l2);
+      // and the double reference of the rounded weights
+      const ref::Layer want = [&] {
+        ref::Layer r = ref::from_layer(f32);
+        for (Index o = 0; o < out; ++o)
+          for (Index i = 0; i < in; ++i)
+            r.W0[std::size_t(o)][std::size_t(i)] = double(molora::to_float(b16.base_weight_data()[o * in + i]));
+        return r;
+      }();
+      CHECK(ref::rel_err(y2, ref::forward(want, ref::from_eigen(x))) < 1e-4);
+    }
+  }
+  omp_set_num_threads(saved);
+}
+
 TEST_CASE("threads: decode sizes (T = 1..20) give the same bits with 1 and 2 threads, f32 and bf16 base") {
   const int saved = omp_get_max_threads();
   struct Shape {

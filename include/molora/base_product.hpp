@@ -108,14 +108,33 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
 #endif
       y.noalias() = x * Eigen::Map<const RowMatrix<Scalar>>(w, out, in).transpose();  // [T, out]
   } else {
-    // Blocks of rows widened into a scratch (by the kernels), one Eigen GEMM each.
+    // Blocks of rows widened into a scratch (by the kernels), one Eigen GEMM each. With
+    // OpenMP the blocks are shared out between the threads, each widening into its own
+    // scratch and running its GEMMs alone (Eigen does not split a GEMM inside a parallel
+    // region): split by Eigen instead, each GEMM of 16-odd output columns costs more in
+    // synchronisation than it gains. Every block is the same GEMM whatever the thread
+    // count, so y has the same bits.
     const Index rb = std::min(out, std::max<Index>(16, kWidenBlockBytes / Index(sizeof(Scalar)) / in));
-    std::vector<Scalar> block(static_cast<std::size_t>(rb * in));
-    for (Index o = 0; o < out; o += rb) {
-      const Index n = std::min(rb, out - o);
-      kernels::widen(kernels::layer_arch{}, w + o * in, n * in, block.data());
-      y.middleCols(o, n).noalias() = x * Eigen::Map<const RowMatrix<Scalar>>(block.data(), n, in).transpose();  // [T, n]
-    }
+    auto widened_blocks = [&](Index first, Index last) {  // the blocks [first, last)
+      std::vector<Scalar> block(static_cast<std::size_t>(rb * in));
+      for (Index o = first * rb; o < out && o < last * rb; o += rb) {
+        const Index n = std::min(rb, out - o);
+        kernels::widen(kernels::layer_arch{}, w + o * in, n * in, block.data());
+        y.middleCols(o, n).noalias() = x * Eigen::Map<const RowMatrix<Scalar>>(block.data(), n, in).transpose();  // [T, n]
+      }
+    };
+    const Index blocks = (out + rb - 1) / rb;
+#if defined(MOLORA_USE_OPENMP)
+    if (blocks > 1 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+      const int parts = static_cast<int>(std::min<Index>(omp_get_max_threads(), blocks));
+#pragma omp parallel num_threads(parts)
+      {
+        const Index p = omp_get_thread_num(), P = omp_get_num_threads();
+        widened_blocks(blocks * p / P, blocks * (p + 1) / P);
+      }
+    } else
+#endif
+      widened_blocks(0, blocks);
   }
   if (bias) y.rowwise() += Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(bias, out);
 }
