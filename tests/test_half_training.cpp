@@ -99,7 +99,8 @@ void training_suite() {
 template <class Weight>
 void base_backward_suite() {
   std::uint64_t seed = 900;
-  for (const auto& [in, out] : {std::pair<Index, Index>{1, 1}, {7, 33}, {129, 17}, {4099, 300}}) {
+  for (const auto& shape : {std::pair<Index, Index>{1, 1}, {7, 33}, {129, 17}, {4099, 300}}) {
+    const Index in = shape.first, out = shape.second;  // (not a structured binding: INFO captures them)
     molora::MoLoRAConfig cfg = test_util::config(in, out, 2, 1, 1);
     molora::MoLoRALinear<float, Weight> half(cfg);
     std::mt19937_64 g(++seed);

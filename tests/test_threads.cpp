@@ -114,7 +114,8 @@ TEST_CASE("threads: a bf16 / f16 base above the skinny crossover gives the same 
   // Eigen's GEMM over blocks of widened rows, the blocks shared out between the threads;
   // out spans one block (40) or several, with a short last block (1031 rows at in = 261).
   const int saved = omp_get_max_threads();
-  for (const auto& [in, out] : {std::pair<Index, Index>{261, 40}, {261, 1031}, {4099, 70}}) {
+  for (const auto& shape : {std::pair<Index, Index>{261, 40}, {261, 1031}, {4099, 70}}) {
+    const Index in = shape.first, out = shape.second;  // (not a structured binding: the lambda below captures them)
     const auto cfg = test_util::config(in, out, 4, 2, 3);
     const auto f32 = ref::random_layer<float>(cfg, 70 + std::uint64_t(out));
     molora::MoLoRALinear<float, molora::bf16> b16(cfg);
