@@ -460,14 +460,11 @@ void base_x_gradient(const Weight* w, Index in, Index out, const InRef<Scalar>& 
   if constexpr (std::is_same_v<Weight, Scalar>) {
     dx.noalias() = dy * Eigen::Map<const RowMatrix<Scalar>>(w, out, in);  // [T, in]
   } else {
-    const Index rb = std::min(out, std::max<Index>(16, kWidenBackwardBlockBytes / Index(sizeof(Scalar)) / in));
-    std::vector<Scalar> block(static_cast<std::size_t>(rb * in));
+    const Index rb = widened_block_rows<Scalar>(in, out, kWidenBackwardBlockBytes);
     dx.setZero();
-    for (Index o = 0; o < out; o += rb) {
-      const Index n = std::min(rb, out - o);
-      kernels::widen(kernels::layer_arch{}, w + o * in, n * in, block.data());
-      dx.noalias() += dy.middleCols(o, n) * Eigen::Map<const RowMatrix<Scalar>>(block.data(), n, in);  // [T, in]
-    }
+    for_widened_blocks<Scalar>(w, in, out, rb, 0, (out + rb - 1) / rb, [&](Index o, Index n, const auto& rows) {
+      dx.noalias() += dy.middleCols(o, n) * rows;  // [T, in]
+    });
   }
 }
 }  // namespace detail

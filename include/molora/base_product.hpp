@@ -59,6 +59,26 @@ BaseStrategy resolve_base_strategy(BaseStrategy s, Index num_tokens) {
 // while Eigen packs it.
 constexpr Index kWidenBlockBytes = Index(256) << 10;
 
+// Calls f(o, n, rows) for each block [o, o + n) of W's rows among blocks [first, last) of
+// `rows_per_block` rows, `rows` holding them widened to Scalar by the kernels (W [out, in]
+// row-major bf16 / f16). The one loop behind the 16-bit products above the crossover,
+// forward and backward.
+template <class Scalar, class Weight, class F>
+void for_widened_blocks(const Weight* w, Index in, Index out, Index rows_per_block, Index first, Index last, F&& f) {
+  std::vector<Scalar> block(static_cast<std::size_t>(rows_per_block * in));
+  for (Index o = first * rows_per_block; o < out && o < last * rows_per_block; o += rows_per_block) {
+    const Index n = std::min(rows_per_block, out - o);
+    kernels::widen(kernels::layer_arch{}, w + o * in, n * in, block.data());
+    f(o, n, Eigen::Map<const RowMatrix<Scalar>>(block.data(), n, in));
+  }
+}
+
+// Rows per widened block of `block_bytes` of Scalar (at least 16, at most out).
+template <class Scalar>
+Index widened_block_rows(Index in, Index out, Index block_bytes) {
+  return std::min(out, std::max<Index>(16, block_bytes / Index(sizeof(Scalar)) / in));
+}
+
 // y = x W^T (+ bias) with W [out, in] row-major contiguous (out, in >= 1), bias null or
 // [out], x [T, in] and y [T, out] row-major, T >= 1, y not aliasing x, W or bias; `how` is
 // skinny or eigen (resolved). Checks nothing.
@@ -114,14 +134,11 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
     // region): split by Eigen instead, each GEMM of 16-odd output columns costs more in
     // synchronisation than it gains. Every block is the same GEMM whatever the thread
     // count, so y has the same bits.
-    const Index rb = std::min(out, std::max<Index>(16, kWidenBlockBytes / Index(sizeof(Scalar)) / in));
+    const Index rb = widened_block_rows<Scalar>(in, out, kWidenBlockBytes);
     auto widened_blocks = [&](Index first, Index last) {  // the blocks [first, last)
-      std::vector<Scalar> block(static_cast<std::size_t>(rb * in));
-      for (Index o = first * rb; o < out && o < last * rb; o += rb) {
-        const Index n = std::min(rb, out - o);
-        kernels::widen(kernels::layer_arch{}, w + o * in, n * in, block.data());
-        y.middleCols(o, n).noalias() = x * Eigen::Map<const RowMatrix<Scalar>>(block.data(), n, in).transpose();  // [T, n]
-      }
+      for_widened_blocks<Scalar>(w, in, out, rb, first, last, [&](Index o, Index n, const auto& rows) {
+        y.middleCols(o, n).noalias() = x * rows.transpose();  // [T, n]
+      });
     };
     const Index blocks = (out + rb - 1) / rb;
 #if defined(MOLORA_USE_OPENMP)
