@@ -16,6 +16,8 @@
 #include <molora/backward.hpp>
 #include <molora/half.hpp>
 #include <molora/molora_linear.hpp>
+#include <molora/optim.hpp>
+#include <molora/params.hpp>
 
 #include "reference.hpp"
 #include "test_util.hpp"
@@ -131,7 +133,52 @@ void base_backward_suite() {
   }
 }
 
+// A few AdamW steps through parameters(): the 16-bit layer's adapter follows the float
+// layer's (holding the rounded base) bit for bit, and its base stays as it was.
+template <class Weight>
+void optimiser_suite() {
+  const molora::MoLoRAConfig cfg = test_util::config(37, 21, 4, 2, 3);
+  const auto f32 = ref::random_layer<float>(cfg, 77);
+  molora::MoLoRALinear<float, Weight> half(cfg);
+  half.adapter() = f32.adapter();
+  half.set_base_weight(f32.base_weight());
+  auto rounded = widened_copy(half, f32);
+  const std::vector<std::uint16_t> base_before(reinterpret_cast<const std::uint16_t*>(half.base_weight_data()),
+                                               reinterpret_cast<const std::uint16_t*>(half.base_weight_data()) + 37 * 21);
+  molora::MoLoRAGrads<float> gh(half), gr(rounded);
+  molora::AdamW<float> oh(molora::parameters(half, gh, "mlp.")), orr(molora::parameters(rounded, gr, "mlp."));
+  CHECK(oh.parameters().size() == orr.parameters().size());
+  CHECK(oh.parameters().front().name == "mlp.router.weight");
+  for (int step = 0; step < 3; ++step) {
+    INFO("step ", step);
+    const auto x = ref::random_x<float>(9, 37, 500 + std::uint64_t(step));
+    const auto dy = ref::random_x<float>(9, 21, 600 + std::uint64_t(step));
+    RowMatrix<float> yh(9, 21), yr(9, 21);
+    molora::MoLoRATape<float> th, tr;
+    oh.zero_grad();
+    orr.zero_grad();
+    molora::forward_train(half, x, yh, th);
+    molora::forward_train(rounded, x, yr, tr);
+    molora::backward(half, th, dy, gh);
+    molora::backward(rounded, tr, dy, gr);
+    oh.step();
+    orr.step();
+    CHECK(test_util::same_bits(half.adapter().stacked_A(), rounded.adapter().stacked_A()));
+    CHECK(test_util::same_bits(half.adapter().stacked_B(), rounded.adapter().stacked_B()));
+    CHECK(test_util::same_bits(half.adapter().router().weight(), rounded.adapter().router().weight()));
+  }
+  // The adapter moved, the frozen base did not.
+  CHECK(!test_util::same_bits(half.adapter().stacked_A(), f32.adapter().stacked_A()));
+  CHECK(std::equal(base_before.begin(), base_before.end(),
+                   reinterpret_cast<const std::uint16_t*>(half.base_weight_data())));
+}
+
 }  // namespace
+
+TEST_CASE_TEMPLATE("AdamW through parameters() trains the adapter over a frozen 16-bit base", Weight, molora::bf16,
+                   molora::f16) {
+  optimiser_suite<Weight>();
+}
 
 TEST_CASE_TEMPLATE("training over a frozen 16-bit base equals the float layer holding the rounded base", Weight,
                    molora::bf16, molora::f16) {

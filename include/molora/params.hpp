@@ -53,8 +53,10 @@ ParameterList<Scalar> parameters(MoLoRAAdapter<Scalar>& a, MoLoRAGrads<Scalar>& 
   return list;
 }
 
-template <class Scalar>
-ParameterList<Scalar> parameters(MoLoRALinear<Scalar>& layer, MoLoRAGrads<Scalar>& grads, const std::string& prefix = "") {
+// The layer's adapter (its base, float or 16-bit, is frozen and not listed).
+template <class Scalar, class BaseWeight>
+ParameterList<Scalar> parameters(MoLoRALinear<Scalar, BaseWeight>& layer, MoLoRAGrads<Scalar>& grads,
+                                 const std::string& prefix = "") {
   return parameters(layer.adapter(), grads, prefix);
 }
 
