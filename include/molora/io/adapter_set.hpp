@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdlib>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -167,6 +168,17 @@ typename SetAdapter<Scalar>::Ptr load_set_adapter(const io::SafetensorsReader& f
   if (file.has(detail::set_key(prefix, "router.bias"))) v.router_bias = tensor("router.bias", E, 0);
   if (mapped) *mapped = all_mapped;
   return SetAdapter<Scalar>::wrap(std::move(v), std::shared_ptr<const void>(owner, owner.get()), scale, check_values);
+}
+
+// A loader for AdapterStore (adapter_store.hpp): each call opens `path` (mapped) and loads
+// the adapter under `prefix`, as load_set_adapter does; what it throws passes through the
+// store's get().
+template <class Scalar>
+std::function<typename SetAdapter<Scalar>::Ptr()> set_adapter_loader(std::string path, std::string prefix = "",
+                                                                     double scale = 1, bool check_values = true) {
+  return [path = std::move(path), prefix = std::move(prefix), scale, check_values] {
+    return load_set_adapter<Scalar>(io::SafetensorsReader(path), prefix, scale, check_values);
+  };
 }
 
 }  // namespace molora
