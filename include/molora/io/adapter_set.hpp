@@ -18,6 +18,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -61,10 +62,11 @@ void append_set_adapter(std::vector<io::TensorToWrite>& tensors, std::map<std::s
   meta[set_key(prefix, "selection")] = to_string(v.selection);
 }
 
-// Keeps a loaded adapter's weights alive: the file's mapping and any converted copies.
+// Keeps a loaded adapter's weights alive: the file's mapping (only while some tensor is used
+// in place from it) and any converted copies.
 template <class Scalar>
 struct LoadedSetAdapter {
-  io::SafetensorsReader file;
+  std::optional<io::SafetensorsReader> file;
   std::vector<RowMatrix<Scalar>> copies;
 };
 
@@ -128,7 +130,7 @@ typename SetAdapter<Scalar>::Ptr load_set_adapter(const io::SafetensorsReader& f
     v.selection = sel == "top_k" ? Selection::top_k : Selection::sampling;
   }
   const Index E = v.num_experts, r = v.rank;
-  bool all_mapped = true;
+  bool all_mapped = true, any_mapped = false;
   // Tensor `name` [rows, cols] (cols = 0: a 1-D tensor [rows]), in place or converted.
   auto tensor = [&](const char* name, Index rows, Index cols) -> const Scalar* {
     const std::string key = detail::set_key(prefix, name);
@@ -138,7 +140,9 @@ typename SetAdapter<Scalar>::Ptr load_set_adapter(const io::SafetensorsReader& f
       file.expect_shape(key, rows);
     if (file.info(key).dtype == io::internal::dtype_of<Scalar>()) {
       try {
-        return file.template view<Scalar>(key).data();
+        const Scalar* p = file.template view<Scalar>(key).data();
+        any_mapped = true;
+        return p;
       } catch (const format_error&) {  // misaligned: convert below
       }
     }
@@ -167,6 +171,7 @@ typename SetAdapter<Scalar>::Ptr load_set_adapter(const io::SafetensorsReader& f
   if (file.has(detail::set_key(prefix, "router.weight"))) v.router_weight = tensor("router.weight", E, in);
   if (file.has(detail::set_key(prefix, "router.bias"))) v.router_bias = tensor("router.bias", E, 0);
   if (mapped) *mapped = all_mapped;
+  if (!any_mapped) owner->file.reset();  // every tensor converted: the mapping's pages are not needed
   return SetAdapter<Scalar>::wrap(std::move(v), std::shared_ptr<const void>(owner, owner.get()), scale, check_values);
 }
 
