@@ -301,7 +301,8 @@ double paired(const std::vector<double>& a, const std::vector<double>& b) {
 
 // One time per round of each thing timed, warm or cold.
 struct Series {
-  std::vector<double> base, set_delta, loop_delta;
+  std::vector<double> base, set_delta, loop_delta;  // set_delta, loop_delta: every pair of every round
+  std::vector<double> set_delta_round;               // the median of each round's set parts
   std::vector<double> full[kStrategies];
 };
 
@@ -632,6 +633,7 @@ Cell run_cell(const Options& o, Evictor& evict, Index E, Index k, Index r, Index
       // least 2 pairs). One pair per round gave the median of 5-10 ratios of 0.02-0.5 ms
       // calls at T <= 16 (a round is 0.2-0.4 s there): too few to resolve a few percent.
       if (deltas) {
+        const std::size_t first = sr.set_delta.size();
         const auto b0 = Clock::now();
         for (int j = 0; j < kDeltaMaxPairs; ++j) {
           if (j >= 2 && std::chrono::duration<double, std::milli>(Clock::now() - b0).count() >= kDeltaBlockMs[is_cold])
@@ -644,6 +646,8 @@ Cell run_cell(const Options& o, Evictor& evict, Index E, Index k, Index r, Index
               sr.loop_delta.push_back(timed(loop_delta));
           }
         }
+        sr.set_delta_round.push_back(
+            median(std::vector<double>(sr.set_delta.begin() + static_cast<std::ptrdiff_t>(first), sr.set_delta.end())));
       }
     }
     ++c.rounds;
@@ -686,7 +690,7 @@ Cell run_cell(const Options& o, Evictor& evict, Index E, Index k, Index r, Index
   for (std::size_t i = 0; i < added.size() && !cold.full[kSet].empty(); ++i) added[i] = cold.full[kSet][i] - cold.base[i];
   c.added_cold_ms = cold.full[kSet].empty() ? kNA : median(added);
   c.added_over_read = paired(added, cold.full[kRead]);
-  c.delta_over_read = paired(cold.set_delta, cold.full[kRead]);
+  c.delta_over_read = paired(cold.set_delta_round, cold.full[kRead]);
   c.adapter_gbps = c.routed_mb / c.added_cold_ms;  // MB/ms = GB/s
   return c;
 }
