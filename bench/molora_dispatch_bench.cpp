@@ -630,8 +630,8 @@ Cell run_cell(const Options& o, Evictor& evict, Index E, Index k, Index r, Index
       for (auto& item : items) item.first->push_back(timed(item.second));
       // The adapters' parts in their own block: pairs (set part, loop part), which one goes
       // first alternating from pair to pair, repeated for at least kDeltaBlockMs (and at
-      // least 2 pairs). One pair per round gave the median of 5-10 ratios of 0.02-0.5 ms
-      // calls at T <= 16 (a round is 0.2-0.4 s there): too few to resolve a few percent.
+      // least 2 pairs). One pair per round gave the median of some 10-20 ratios of 0.01-0.5 ms
+      // calls in a 2-s cell at T <= 16: too few to resolve a few percent.
       if (deltas) {
         const std::size_t first = sr.set_delta.size();
         const auto b0 = Clock::now();
