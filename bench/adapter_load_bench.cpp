@@ -9,11 +9,15 @@
 // and VmRSS / RssAnon / RssFile from /proc/self/status before the load, after it and after
 // the forward. "cold" first drops the files' pages from the page cache
 // (posix_fadvise DONTNEED on each file, after fsync), so the load reads them from the disk;
-// "warm" loads them as the writer left them (in the page cache). Not a test: no assertion.
+// "warm" loads them as the writer left them (in the page cache). Last, an AdapterStore
+// (adapter_store.hpp) with room for a quarter of the adapters cycles twice through all of
+// them (every get a reload: LRU's worst case), with the same resident-memory readings.
+// Not a test: no assertion.
 #include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -27,6 +31,7 @@
 #include <vector>
 
 #include <molora/adapter_set.hpp>
+#include <molora/adapter_store.hpp>
 #include <molora/io/adapter_set.hpp>
 #include <molora/molora.hpp>
 
@@ -180,6 +185,48 @@ void run_case(const Options& o, const char* kind, const char* dtype, bool cold, 
   std::fflush(stdout);
 }
 
+// The store case, in a child process: an AdapterStore with room for `keep` adapters (F32
+// files, mapped), two passes over all of them in order (each get() a reload once the store
+// is full, the worst case for LRU), one single-token forward per get. Prints one row.
+void run_store_case(const Options& o, const char* kind, Index keep) {
+  std::vector<std::string> ids;
+  std::size_t one = 0;
+  {
+    const molora::io::SafetensorsReader first(file_name(o.dir, kind, "f32", 0));
+    one = molora::load_set_adapter<float>(first, "")->weight_bytes();
+  }
+  molora::AdapterStore<float> store(one * static_cast<std::size_t>(keep));
+  for (Index i = 0; i < o.count; ++i) {
+    ids.push_back(std::string(kind) + std::to_string(i));
+    store.add(ids.back(), molora::set_adapter_loader<float>(file_name(o.dir, kind, "f32", i)));
+  }
+  Mat x(1, o.in), y(1, o.out);
+  fill(x.data(), x.size(), 11, 1.0f);
+  y.setZero();
+  const std::vector<std::int32_t> token{0};
+  molora::AdapterSetWorkspace<float> ws;
+  const Rss before = read_rss();
+  Rss peak = before;
+  const auto t0 = Clock::now();
+  for (int pass = 0; pass < 2; ++pass)
+    for (const std::string& id : ids) {
+      const molora::AdapterSet<float> set(o.in, o.out, {store.get(id)});
+      set.add_delta(x, token, y, ws);
+      const Rss r = read_rss();
+      if (r.vm > peak.vm) peak = r;
+    }
+  const double ms = since_ms(t0);
+  const Rss after = read_rss();
+  auto mib = [](long kb) { return double(kb) / 1024.0; };
+  std::printf("| %s | %ld | %.1f | %.3f | %llu / %llu | %.1f | %.1f / %.1f / %.1f | %.1f / %.1f / %.1f |\n", kind,
+              static_cast<long>(keep), double(store.budget_bytes()) / 1048576.0, ms / double(2 * o.count),
+              static_cast<unsigned long long>(store.loads()), static_cast<unsigned long long>(store.evictions()),
+              double(store.resident_bytes()) / 1048576.0, mib(peak.vm - before.vm), mib(peak.anon - before.anon),
+              mib(peak.file - before.file), mib(after.vm - before.vm), mib(after.anon - before.anon),
+              mib(after.file - before.file));
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -249,6 +296,30 @@ int main(int argc, char** argv) {
         int rc = 0;
         try {
           run_case(o, c.kind, c.dtype, c.cold, c.check);
+        } catch (const std::exception& e) {
+          std::fprintf(stderr, "adapter_load_bench: %s\n", e.what());
+          rc = 1;
+        }
+        std::fflush(stdout);
+        ::_exit(rc);
+      }
+      int ws = 0;
+      ::waitpid(pid, &ws, 0);
+      if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0) status = 1;
+    }
+    std::printf("\nAdapterStore, F32 files (mapped, check_values), two passes over all %ld adapters in order, one "
+                "single-token forward per get:\n\n| kind | budget (adapters) | budget MiB | ms / get | loads / "
+                "evictions | resident MiB at the end | peak: +VmRSS / +RssAnon / +RssFile MiB | end: +VmRSS / "
+                "+RssAnon / +RssFile MiB |\n|---|---|---|---|---|---|---|---|\n",
+                static_cast<long>(o.count));
+    std::fflush(stdout);
+    for (const char* kind : {"molora", "lora"}) {
+      const pid_t pid = ::fork();
+      if (pid < 0) throw std::runtime_error("fork failed");
+      if (pid == 0) {
+        int rc = 0;
+        try {
+          run_store_case(o, kind, std::max<Index>(1, o.count / 4));
         } catch (const std::exception& e) {
           std::fprintf(stderr, "adapter_load_bench: %s\n", e.what());
           rc = 1;
