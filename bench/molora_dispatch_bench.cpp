@@ -281,6 +281,7 @@ struct Cell {
   double over_cold[kStrategies] = {kNA, kNA, kNA, kNA, kNA, kNA};  // set / strategy, cold
   double adapted_over_base_cold = kNA, added_over_read = kNA, delta_over_read = kNA;
   Index active_experts = 0, adapters_used = 0;
+  Index rounds = 0, delta_pairs = 0, delta_pairs_cold = 0;  // samples behind the medians
   double expert_load = 0, adapter_load = 0, routed_mb = 0;  // load: max over mean
   std::string note;                                         // why a strategy is n/a
 };
@@ -300,11 +301,15 @@ double paired(const std::vector<double>& a, const std::vector<double>& b) {
 
 // One time per round of each thing timed, warm or cold.
 struct Series {
-  std::vector<double> base, set_delta, loop_delta;
+  std::vector<double> base, set_delta, loop_delta;  // set_delta, loop_delta: every pair of every round
+  std::vector<double> set_delta_round;               // the median of each round's set parts
   std::vector<double> full[kStrategies];
 };
 
 using Clock = std::chrono::steady_clock;
+// The adapters' parts' block per round (warm, cold): at least this long, at most this many pairs.
+constexpr double kDeltaBlockMs[2] = {20.0, 60.0};
+constexpr int kDeltaMaxPairs = 256;
 template <class F>
 double time_ms(F&& f) {
   const auto t0 = Clock::now();
@@ -593,10 +598,11 @@ Cell run_cell(const Options& o, Evictor& evict, Index E, Index k, Index r, Index
   auto loop_delta = [&] { per_adapter_loop(true, adapter_delta); };
   const bool deltas = do_run[kSet] && do_run[kLoop];
 
-  // Warm up, then rounds until min_time has passed (at least 3): each round times the base,
-  // every strategy and the two adapter-only parts warm (in turns, each after one untimed
-  // call of itself), then each again right after evicting the caches. Ratios are medians of
-  // the per-round ratios (paired, so a drift of the machine's speed between rounds cancels).
+  // Warm up, then rounds until min_time has passed (at least 3): each round times the base
+  // and every strategy warm (in turns, each after one untimed call of itself), then the two
+  // adapter-only parts as a block of alternating pairs, then all again, each right after
+  // evicting the caches. Ratios are medians of the per-round (per-pair for the adapters'
+  // parts) ratios: paired, so a drift of the machine's speed between rounds cancels.
   for (int s = 0; s < kStrategies; ++s)
     if (do_run[s]) run[s]();
   Series warm, cold;
@@ -620,14 +626,34 @@ Cell run_cell(const Options& o, Evictor& evict, Index E, Index k, Index r, Index
       items.push_back({&sr.base, [&] { base.forward_base(x, y); }});
       for (int s = 0; s < kStrategies; ++s)
         if (do_run[s]) items.push_back({&sr.full[s], run[s]});
-      if (deltas) {
-        items.push_back({&sr.set_delta, set_delta});
-        items.push_back({&sr.loop_delta, loop_delta});
-      }
       if (round % 2 == 1) std::reverse(items.begin(), items.end());
       for (auto& item : items) item.first->push_back(timed(item.second));
+      // The adapters' parts in their own block: pairs (set part, loop part), which one goes
+      // first alternating from pair to pair, repeated for at least kDeltaBlockMs (and at
+      // least 2 pairs). One pair per round gave the median of some 10-20 ratios of 0.01-0.5 ms
+      // calls in a 2-s cell at T <= 16: too few to resolve a few percent.
+      if (deltas) {
+        const std::size_t first = sr.set_delta.size();
+        const auto b0 = Clock::now();
+        for (int j = 0; j < kDeltaMaxPairs; ++j) {
+          if (j >= 2 && std::chrono::duration<double, std::milli>(Clock::now() - b0).count() >= kDeltaBlockMs[is_cold])
+            break;
+          const bool set_first = (j + static_cast<int>(round)) % 2 == 0;
+          for (const bool is_set : {set_first, !set_first}) {
+            if (is_set)
+              sr.set_delta.push_back(timed(set_delta));
+            else
+              sr.loop_delta.push_back(timed(loop_delta));
+          }
+        }
+        sr.set_delta_round.push_back(
+            median(std::vector<double>(sr.set_delta.begin() + static_cast<std::ptrdiff_t>(first), sr.set_delta.end())));
+      }
     }
+    ++c.rounds;
   }
+  c.delta_pairs = static_cast<Index>(warm.set_delta.size());
+  c.delta_pairs_cold = static_cast<Index>(cold.set_delta.size());
   c.base_ms = median(warm.base);
   c.base_cold_ms = median(cold.base);
   for (int s = 0; s < kStrategies; ++s) {
@@ -664,7 +690,7 @@ Cell run_cell(const Options& o, Evictor& evict, Index E, Index k, Index r, Index
   for (std::size_t i = 0; i < added.size() && !cold.full[kSet].empty(); ++i) added[i] = cold.full[kSet][i] - cold.base[i];
   c.added_cold_ms = cold.full[kSet].empty() ? kNA : median(added);
   c.added_over_read = paired(added, cold.full[kRead]);
-  c.delta_over_read = paired(cold.set_delta, cold.full[kRead]);
+  c.delta_over_read = paired(cold.set_delta_round, cold.full[kRead]);
   c.adapter_gbps = c.routed_mb / c.added_cold_ms;  // MB/ms = GB/s
   return c;
 }
@@ -731,6 +757,9 @@ std::vector<Column> columns() {
   dbl("adapter_load", [](const Cell& c) { return c.adapter_load; });
   dbl("routed_mb", [](const Cell& c) { return c.routed_mb; });
   dbl("adapter_gbps", [](const Cell& c) { return c.adapter_gbps; });
+  idx("rounds", &Cell::rounds);
+  idx("delta_pairs", &Cell::delta_pairs);
+  idx("delta_pairs_cold", &Cell::delta_pairs_cold);
   return cols;
 }
 

@@ -130,6 +130,13 @@ public:
   // The trainable object behind the views, if the adapter was shared from one (else null).
   const MoLoRAAdapter<Scalar>* molora_adapter() const { return molora_; }
   const LoRA<Scalar>* lora() const { return lora_; }
+  // Bytes of all its weights as the set reads them: router (and bias) and every expert's A
+  // and B (what it keeps resident, whether its owner maps them or holds a copy).
+  std::size_t weight_bytes() const {
+    const Index E = views_.num_experts;
+    const Index router = views_.router_weight ? E * views_.in_features : 0, bias = views_.router_bias ? E : 0;
+    return static_cast<std::size_t>(router + bias) * sizeof(Scalar) + static_cast<std::size_t>(E) * expert_bytes();
+  }
   // Bytes of expert weights (A and B) read for one routed expert.
   std::size_t expert_bytes() const {
     return static_cast<std::size_t>(views_.rank * (views_.in_features + views_.out_features)) * sizeof(Scalar);

@@ -27,3 +27,4 @@
 #include "adapter_set.hpp"
 #include "adapter_set_backward.hpp"
 #include "tenants.hpp"
+#include "adapter_store.hpp"

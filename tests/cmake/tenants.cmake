@@ -10,6 +10,16 @@ if(MOLORA_TSAN_TESTS AND (NOT MOLORA_SANITIZE OR MOLORA_SANITIZE STREQUAL "threa
     target_compile_options(test_tenants_tsan PRIVATE -Wno-maybe-uninitialized)
   endif()
   set_tests_properties(test_tenants_tsan PROPERTIES ENVIRONMENT "TSAN_OPTIONS=halt_on_error=1")
+  # test_adapter_store_tsan: the store's gets from several threads (adapter_store.hpp).
+  if(TARGET molora::io)
+    molora_add_test(test_adapter_store_tsan ${CMAKE_CURRENT_SOURCE_DIR}/test_adapter_store.cpp)
+    target_compile_options(test_adapter_store_tsan PRIVATE -fsanitize=thread -g -O1)
+    target_link_options(test_adapter_store_tsan PRIVATE -fsanitize=thread)
+    if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+      target_compile_options(test_adapter_store_tsan PRIVATE -Wno-maybe-uninitialized)
+    endif()
+    set_tests_properties(test_adapter_store_tsan PROPERTIES ENVIRONMENT "TSAN_OPTIONS=halt_on_error=1")
+  endif()
 endif()
 
 # test_adapter_set_omp: the set's tests with OpenMP, whose token ranges per thread must give

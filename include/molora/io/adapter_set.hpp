@@ -15,8 +15,10 @@
 #pragma once
 
 #include <cstdlib>
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -60,10 +62,11 @@ void append_set_adapter(std::vector<io::TensorToWrite>& tensors, std::map<std::s
   meta[set_key(prefix, "selection")] = to_string(v.selection);
 }
 
-// Keeps a loaded adapter's weights alive: the file's mapping and any converted copies.
+// Keeps a loaded adapter's weights alive: the file's mapping (only while some tensor is used
+// in place from it) and any converted copies.
 template <class Scalar>
 struct LoadedSetAdapter {
-  io::SafetensorsReader file;
+  std::optional<io::SafetensorsReader> file;
   std::vector<RowMatrix<Scalar>> copies;
 };
 
@@ -127,7 +130,7 @@ typename SetAdapter<Scalar>::Ptr load_set_adapter(const io::SafetensorsReader& f
     v.selection = sel == "top_k" ? Selection::top_k : Selection::sampling;
   }
   const Index E = v.num_experts, r = v.rank;
-  bool all_mapped = true;
+  bool all_mapped = true, any_mapped = false;
   // Tensor `name` [rows, cols] (cols = 0: a 1-D tensor [rows]), in place or converted.
   auto tensor = [&](const char* name, Index rows, Index cols) -> const Scalar* {
     const std::string key = detail::set_key(prefix, name);
@@ -137,7 +140,9 @@ typename SetAdapter<Scalar>::Ptr load_set_adapter(const io::SafetensorsReader& f
       file.expect_shape(key, rows);
     if (file.info(key).dtype == io::internal::dtype_of<Scalar>()) {
       try {
-        return file.template view<Scalar>(key).data();
+        const Scalar* p = file.template view<Scalar>(key).data();
+        any_mapped = true;
+        return p;
       } catch (const format_error&) {  // misaligned: convert below
       }
     }
@@ -166,7 +171,19 @@ typename SetAdapter<Scalar>::Ptr load_set_adapter(const io::SafetensorsReader& f
   if (file.has(detail::set_key(prefix, "router.weight"))) v.router_weight = tensor("router.weight", E, in);
   if (file.has(detail::set_key(prefix, "router.bias"))) v.router_bias = tensor("router.bias", E, 0);
   if (mapped) *mapped = all_mapped;
+  if (!any_mapped) owner->file.reset();  // every tensor converted: the mapping's pages are not needed
   return SetAdapter<Scalar>::wrap(std::move(v), std::shared_ptr<const void>(owner, owner.get()), scale, check_values);
+}
+
+// A loader for AdapterStore (adapter_store.hpp): each call opens `path` (mapped) and loads
+// the adapter under `prefix`, as load_set_adapter does; what it throws passes through the
+// store's get().
+template <class Scalar>
+std::function<typename SetAdapter<Scalar>::Ptr()> set_adapter_loader(std::string path, std::string prefix = "",
+                                                                     double scale = 1, bool check_values = true) {
+  return [path = std::move(path), prefix = std::move(prefix), scale, check_values] {
+    return load_set_adapter<Scalar>(io::SafetensorsReader(path), prefix, scale, check_values);
+  };
 }
 
 }  // namespace molora
