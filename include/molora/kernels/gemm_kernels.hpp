@@ -25,6 +25,10 @@
 #include "../half.hpp"
 #include "lora_kernels.hpp"
 
+#if !defined(MOLORA_NO_XSIMD) && (defined(__AVX__) || defined(__AVX512F__))
+#include <immintrin.h>
+#endif
+
 namespace molora::kernels {
 
 // Inputs per packed block: the sums of y are split at multiples of it (see above). A panel of
@@ -79,19 +83,103 @@ constexpr int gemm_mr() noexcept {
 }
 constexpr int kGemmNV = 2;
 
+// Whether transpose_square transposes V x V blocks of Scalar on Arch in registers.
+template <class Arch, class Scalar>
+constexpr bool has_transpose() noexcept {
+  constexpr std::size_t V = xsimd::batch<Scalar, Arch>::size;
+  (void)V;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Scalar, float> && V == 16) return true;
+#endif
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<Scalar, float> && V == 8) return true;
+#endif
+  return false;
+}
+
+// r[j] lane l <- r[l] lane j, for the V x V blocks has_transpose allows.
+template <class Arch, class Scalar>
+inline void transpose_square(xsimd::batch<Scalar, Arch>* r) noexcept {
+  using B [[maybe_unused]] = xsimd::batch<Scalar, Arch>;
+  (void)r;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Scalar, float> && B::size == 16) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+      u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+      u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    // u[4q + j] holds, in 128-bit lane c, column 4c + j of rows 4q..4q+3.
+    for (int h = 0; h < 16; h += 8)
+      for (int j = 0; j < 4; ++j) {
+        t[h + j] = _mm512_shuffle_f32x4(u[h + j], u[h + 4 + j], 0x88);
+        t[h + 4 + j] = _mm512_shuffle_f32x4(u[h + j], u[h + 4 + j], 0xDD);
+      }
+    for (int j = 0; j < 8; ++j) {
+      r[j] = B(_mm512_shuffle_f32x4(t[j], t[8 + j], 0x88));
+      r[8 + j] = B(_mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD));
+    }
+    return;
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<Scalar, float> && B::size == 8) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+      u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+      u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+      r[j] = B(_mm256_permute2f128_ps(u[j], u[4 + j], 0x20));
+      r[4 + j] = B(_mm256_permute2f128_ps(u[j], u[4 + j], 0x31));
+    }
+    return;
+  }
+#endif
+}
+
 // Packs rows [o, o + cols) of W (cols <= NR), inputs [p, p + kc), into dst[k * NR + j],
-// widened; columns j >= cols are zero.
+// widened; columns j >= cols are zero. Full panels go through V x V transposes in registers
+// where the ISA has them.
 template <class Arch, Index NR, class Wt, class Scalar>
 inline void gemm_pack_w(const Wt* w, Index ldw, Index cols, Index kc, Scalar* dst) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
   constexpr Index V = static_cast<Index>(B::size);
-  alignas(64) Scalar row[kGemmKC];
-  for (Index j = 0; j < cols; ++j) {
-    const Wt* src = w + j * ldw;
-    Index k = 0;
-    for (; k + V <= kc; k += V) load_weights<Arch, Scalar>(src + k).store_aligned(row + k);
-    for (; k < kc; ++k) row[k] = Scalar(to_float(src[k]));
-    for (k = 0; k < kc; ++k) dst[k * NR + j] = row[k];
+  Index k0 = 0;
+  if constexpr (has_transpose<Arch, Scalar>()) {
+    if (cols == NR) {
+      B r[V];
+      for (; k0 + V <= kc; k0 += V)
+        for (Index h = 0; h < NR; h += V) {
+          MOLORA_UNROLL
+          for (Index j = 0; j < V; ++j) r[j] = load_weights<Arch, Scalar>(w + (h + j) * ldw + k0);
+          transpose_square<Arch, Scalar>(r);
+          MOLORA_UNROLL
+          for (Index j = 0; j < V; ++j) r[j].store_aligned(dst + (k0 + j) * NR + h);
+        }
+    }
+  }
+  if (k0 < kc) {
+    alignas(64) Scalar row[kGemmKC];
+    for (Index j = 0; j < cols; ++j) {
+      const Wt* src = w + j * ldw;
+      Index k = k0;
+      for (; k + V <= kc; k += V) load_weights<Arch, Scalar>(src + k).store_unaligned(row + k);
+      for (; k < kc; ++k) row[k] = Scalar(to_float(src[k]));
+      for (k = k0; k < kc; ++k) dst[k * NR + j] = row[k];
+    }
   }
   for (Index j = cols; j < NR; ++j)
     for (Index k = 0; k < kc; ++k) dst[k * NR + j] = Scalar(0);
