@@ -213,15 +213,16 @@ TEST_CASE_TEMPLATE("base_kernels: MoLoRALinear with the skinny base equals the E
           CHECK(double((ys - ye).cwiseAbs().maxCoeff()) <= tol * scale);
           CHECK(double((bs - be).cwiseAbs().maxCoeff()) <= tol * scale);
           // automatic is one of them, bit for bit: skinny from 2 tokens to the crossover, then
-          // gemm for float.
-          const bool gemm = std::is_same_v<Scalar, float> && T >= crossover;
+          // many_tokens_strategy.
+          const bool gemm =
+              T >= crossover && molora::detail::many_tokens_strategy<Scalar, Scalar>() == molora::BaseStrategy::gemm;
           CHECK(ya == (T >= 2 && T < crossover ? ys : gemm ? yg : ye));
         }
       }
     }
 }
 
-TEST_CASE("base_kernels: automatic resolves to skinny for 2 tokens up to the crossover, then gemm; a set strategy is kept") {
+TEST_CASE("base_kernels: automatic resolves to skinny for 2 tokens up to the crossover; a set strategy is kept") {
   molora::MoLoRAConfig cfg;
   cfg.in_features = 8;
   cfg.out_features = 8;
@@ -234,7 +235,7 @@ TEST_CASE("base_kernels: automatic resolves to skinny for 2 tokens up to the cro
   CHECK(layer.resolved_base_strategy(1) == molora::BaseStrategy::eigen);  // Eigen's GEMV
   CHECK(layer.resolved_base_strategy(2) == molora::BaseStrategy::skinny);
   CHECK(layer.resolved_base_strategy(c - 1) == molora::BaseStrategy::skinny);
-  CHECK(layer.resolved_base_strategy(c) == molora::BaseStrategy::gemm);
+  CHECK(layer.resolved_base_strategy(c) == molora::detail::many_tokens_strategy<float, float>());
   layer.set_base_strategy(molora::BaseStrategy::eigen);
   CHECK(layer.resolved_base_strategy(1) == molora::BaseStrategy::eigen);
   layer.set_base_strategy(molora::BaseStrategy::skinny);

@@ -298,7 +298,8 @@ void molora_half_base_suite() {
         }
         half.set_base_strategy(molora::BaseStrategy::automatic);
         CHECK(half.resolved_base_strategy(T) ==
-              (T < molora::kernels::skinny_crossover<float>() ? molora::BaseStrategy::skinny : molora::BaseStrategy::gemm));
+              (T < molora::kernels::skinny_crossover<float>() ? molora::BaseStrategy::skinny
+                                                               : molora::detail::many_tokens_strategy<float, Weight>()));
       }
     }
 }

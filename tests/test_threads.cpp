@@ -135,7 +135,6 @@ TEST_CASE("threads: above the skinny crossover, f32 / bf16 / f16 bases give the 
       for (const Index T : {c, c + 37, 2 * c + 1}) {
         INFO("in=", in, " out=", out, " T=", T, " strategy=", molora::to_string(s));
         const auto x = ref::random_x<float>(T, in, 80 + std::uint64_t(T));
-        REQUIRE(b16.resolved_base_strategy(T) == molora::BaseStrategy::gemm);
         b16.set_base_strategy(s);
         h16.set_base_strategy(s);
         f32.set_base_strategy(s);

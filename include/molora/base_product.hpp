@@ -25,8 +25,8 @@ namespace molora {
 //   eigen      Eigen's GEMV / GEMM (for 16-bit weights: over blocks of widened rows)
 //   skinny     kernels::skinny_product: each row of W streamed once for all the tokens
 //   gemm       kernels::gemm_product: packed panels of x and W (16-bit W widened while packed)
-//   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, from there on gemm
-//              for float activations and eigen for double;
+//   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, from there on
+//              detail::many_tokens_strategy (gemm for float activations, eigen for double);
 //              for weights of the layer's own type one token also goes to Eigen's GEMV,
 //              0-8 % faster there on one machine, the skinny kernel 1.37x its time on another
 //              (docs/benchmarks.md; with OpenMP its rows are split between the threads;
@@ -51,14 +51,21 @@ template <class Scalar, class Weight>
 constexpr bool is_weight_for =
     std::is_same_v<Weight, Scalar> || (std::is_same_v<Scalar, float> && is_half<Weight>);
 
+// What `automatic` takes from the crossover on: gemm for float activations (any weight
+// type), Eigen's GEMM for double (docs/benchmarks.md, "The base product for many tokens").
+template <class Scalar, class Weight>
+constexpr BaseStrategy many_tokens_strategy() noexcept {
+  return std::is_same_v<Scalar, float> ? BaseStrategy::gemm : BaseStrategy::eigen;
+}
+
 // What `automatic` (or a set strategy) means for T tokens.
 template <class Scalar, class Weight>
 BaseStrategy resolve_base_strategy(BaseStrategy s, Index num_tokens) {
   if (s != BaseStrategy::automatic) return s;
   const Index first_skinny = std::is_same_v<Weight, Scalar> ? 2 : 1;
   if (num_tokens >= first_skinny && num_tokens < kernels::skinny_crossover<Scalar>()) return BaseStrategy::skinny;
-  return std::is_same_v<Scalar, float> && num_tokens >= kernels::skinny_crossover<Scalar>() ? BaseStrategy::gemm
-                                                                                            : BaseStrategy::eigen;
+  return num_tokens >= kernels::skinny_crossover<Scalar>() ? many_tokens_strategy<Scalar, Weight>()
+                                                           : BaseStrategy::eigen;
 }
 
 // Bytes of float rows widened per Eigen product for 16-bit weights: the block stays in L2
