@@ -161,7 +161,7 @@ void split_suite() {
         for (Index t = 0; t < T; ++t) p.template run<Arch>(singles, 0, out, t, t + 1);
         for (Index t0 = 0; t0 < T;) {
           const Index t1 = std::min(T, t0 + 1 + Index(gen() % 9));
-          const Index o0 = Index(gen() % Index(out));
+          const Index o0 = Index(gen() % std::uint64_t(out));
           p.template run<Arch>(ranges, 0, o0, t0, t1);
           p.template run<Arch>(ranges, o0, out, t0, t1);
           t0 = t1;
