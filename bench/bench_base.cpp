@@ -25,6 +25,14 @@
 //                                   median of kernel / read time, kernel_gbs and read_gbs
 //                                   (W0's bytes over each median time), gflops (2 in out T
 //                                   over the kernel's median time).
+//   gemm/D/in/out/T                 the base product above the crossover with W0 stored as
+//                                   D = f32, bf16 or f16 (f32 activations, bias, weights
+//                                   warm): kernels::gemm_product (BaseStrategy::gemm) against
+//                                   Eigen's GEMM (BaseStrategy::eigen, over widened row blocks
+//                                   for 16-bit weights) alternately in one loop. Counters
+//                                   gemm_over_eigen = median of gemm / eigen time (below 1:
+//                                   gemm is faster), gemm_gflops and eigen_gflops (2 in out T
+//                                   over each median time).
 // Times are CPU time of the process (other jobs on a shared machine do not count), wall
 // time when built with OpenMP. Run:
 //   bench_base --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
@@ -447,7 +455,68 @@ void BM_adapter_in_layer(benchmark::State& st) {
   st.counters["adapter_over_read"] = median(adapter_ratio);
 }
 
+// gemm/D/in/out/T: both strategies of detail::base_product on the same weights, in turns.
+template <class W>
+void BM_gemm(benchmark::State& st) {
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  Mat<float> wf(out, in), x(T, in), bias(1, out), y(T, out);
+  fill(wf, 3, 0.05);
+  fill(x, 5 + static_cast<std::uint64_t>(T), 1.0);
+  fill(bias, 7, 0.1);
+  std::vector<W> w(static_cast<std::size_t>(in * out));
+  for (Index i = 0; i < in * out; ++i) {
+    if constexpr (std::is_same_v<W, float>)
+      w[static_cast<std::size_t>(i)] = wf.data()[i];
+    else if constexpr (std::is_same_v<W, molora::bf16>)
+      w[static_cast<std::size_t>(i)] = molora::to_bf16(wf.data()[i]);
+    else
+      w[static_cast<std::size_t>(i)] = molora::to_f16(wf.data()[i]);
+  }
+  const molora::ConstRowRef<float> xr(x);
+  molora::RowRef<float> yr(y);
+  auto run = [&](molora::BaseStrategy how) {
+    const double t0 = cpu_seconds();
+    molora::detail::base_product(w.data(), in, out, bias.data(), xr, yr, how);
+    benchmark::ClobberMemory();
+    return cpu_seconds() - t0;
+  };
+  run(molora::BaseStrategy::gemm);  // warms the weights and the scratch
+  run(molora::BaseStrategy::eigen);
+  std::vector<double> tg, te, ratio;
+  for (auto _ : st) {
+    const double g = run(molora::BaseStrategy::gemm);
+    const double e = run(molora::BaseStrategy::eigen);
+    st.SetIterationTime(g);
+    tg.push_back(g);
+    te.push_back(e);
+    ratio.push_back(g / e);
+  }
+  benchmark::DoNotOptimize(y.data());
+  const double flop = 2.0 * double(in) * double(out) * double(T);
+  st.counters["gemm_over_eigen"] = median(ratio);
+  st.counters["gemm_gflops"] = flop / median(tg) * 1e-9;
+  st.counters["eigen_gflops"] = flop / median(te) * 1e-9;
+}
+
+template <class W>
+void register_gemm(const std::string& d) {
+  const std::vector<std::pair<Index, Index>> shapes = {{4096, 4096}, {1024, 2816}, {2816, 1024}, {1024, 1024},
+                                                       {1024, 128}};
+  for (const auto& [in, out] : shapes)
+    for (Index T : {128, 256, 512, 1024})
+      benchmark::RegisterBenchmark(
+          ("gemm/" + d + "/" + std::to_string(in) + "/" + std::to_string(out) + "/" + std::to_string(T)).c_str(),
+          BM_gemm<W>)
+          ->Args({in, out, T})
+          ->UseManualTime()
+          ->MinTime(0.2)
+          ->Unit(benchmark::kMillisecond);
+}
+
 void register_all() {
+  register_gemm<float>("f32");
+  register_gemm<molora::bf16>("bf16");
+  register_gemm<molora::f16>("f16");
   register_whole_layer<float>("f32");
   register_whole_layer<molora::bf16>("bf16");
   register_whole_layer<molora::f16>("f16");

@@ -196,7 +196,7 @@ TEST_CASE_TEMPLATE("base_kernels: MoLoRALinear with the skinny base equals the E
         auto layer = ref::random_layer<Scalar>(cfg, std::uint64_t(in * 100 + out), bias);
         for (Index T = 1; T <= crossover + 2; ++T) {
           const auto x = ref::random_x<Scalar>(T, in, std::uint64_t(T));
-          molora::RowMatrix<Scalar> ye(T, out), ys(T, out), ya(T, out), be(T, out), bs(T, out);
+          molora::RowMatrix<Scalar> ye(T, out), ys(T, out), ya(T, out), yg(T, out), be(T, out), bs(T, out);
           molora::MoLoRAWorkspace<Scalar> ws;
           layer.set_base_strategy(molora::BaseStrategy::eigen);
           layer.forward(x, ye, ws);
@@ -204,14 +204,19 @@ TEST_CASE_TEMPLATE("base_kernels: MoLoRALinear with the skinny base equals the E
           layer.set_base_strategy(molora::BaseStrategy::skinny);
           layer.forward(x, ys, ws);
           layer.forward_base(x, bs);
+          layer.set_base_strategy(molora::BaseStrategy::gemm);
+          layer.forward(x, yg, ws);
           layer.set_base_strategy(molora::BaseStrategy::automatic);
           layer.forward(x, ya, ws);
           const double scale = std::max<double>(1.0, double(ye.cwiseAbs().maxCoeff()));
           INFO("in=", in, " out=", out, " T=", T, " bias=", bias);
           CHECK(double((ys - ye).cwiseAbs().maxCoeff()) <= tol * scale);
           CHECK(double((bs - be).cwiseAbs().maxCoeff()) <= tol * scale);
-          // automatic is one of the two, bit for bit: skinny from 2 tokens to the crossover.
-          CHECK(ya == (T >= 2 && T < crossover ? ys : ye));
+          // automatic is one of them, bit for bit: skinny from 2 tokens to the crossover, then
+          // many_tokens_strategy.
+          const bool gemm =
+              T >= crossover && molora::detail::many_tokens_strategy<Scalar, Scalar>() == molora::BaseStrategy::gemm;
+          CHECK(ya == (T >= 2 && T < crossover ? ys : gemm ? yg : ye));
         }
       }
     }
@@ -230,7 +235,7 @@ TEST_CASE("base_kernels: automatic resolves to skinny for 2 tokens up to the cro
   CHECK(layer.resolved_base_strategy(1) == molora::BaseStrategy::eigen);  // Eigen's GEMV
   CHECK(layer.resolved_base_strategy(2) == molora::BaseStrategy::skinny);
   CHECK(layer.resolved_base_strategy(c - 1) == molora::BaseStrategy::skinny);
-  CHECK(layer.resolved_base_strategy(c) == molora::BaseStrategy::eigen);
+  CHECK(layer.resolved_base_strategy(c) == molora::detail::many_tokens_strategy<float, float>());
   layer.set_base_strategy(molora::BaseStrategy::eigen);
   CHECK(layer.resolved_base_strategy(1) == molora::BaseStrategy::eigen);
   layer.set_base_strategy(molora::BaseStrategy::skinny);

@@ -79,7 +79,7 @@ void reference_suite() {
     layer.forward(x, y);
     check_reference(layer, x, y, "automatic");
     (layer.resolved_strategy(T) == molora::BaseStrategy::skinny ? skinny_runs : eigen_runs)++;
-    for (const auto s : {molora::BaseStrategy::skinny, molora::BaseStrategy::eigen}) {
+    for (const auto s : {molora::BaseStrategy::skinny, molora::BaseStrategy::eigen, molora::BaseStrategy::gemm}) {
       layer.set_strategy(s);
       molora::RowMatrix<Scalar> ys(T, out);
       layer.forward(x, ys);
@@ -99,7 +99,7 @@ void reference_suite() {
   }
 }
 
-// A float layer holding the widened weights: the same bits for the skinny kernel, the same
+// A float layer holding the widened weights: the same bits for the skinny and gemm kernels, the same
 // values up to rounding for Eigen's product (whose blocking differs with the row blocks).
 template <class Weight>
 void widened_equality_suite() {
@@ -116,6 +116,9 @@ void widened_equality_suite() {
     INFO("in=", in, " out=", out, " T=", T);
     half.set_strategy(molora::BaseStrategy::skinny);
     full.set_strategy(molora::BaseStrategy::skinny);
+    CHECK(half.forward(x) == full.forward(x));
+    half.set_strategy(molora::BaseStrategy::gemm);
+    full.set_strategy(molora::BaseStrategy::gemm);
     CHECK(half.forward(x) == full.forward(x));
     half.set_strategy(molora::BaseStrategy::eigen);
     full.set_strategy(molora::BaseStrategy::eigen);
@@ -271,7 +274,7 @@ void molora_half_base_suite() {
       for (const Index T : {1, 2, 3, 5, 8, 31, 127, 128, 150}) {
         const auto x = ref::random_x<float>(T, in, std::uint64_t(T) + 1);
         INFO("in=", in, " out=", out, " T=", T);
-        for (const auto s : {molora::BaseStrategy::skinny, molora::BaseStrategy::eigen}) {
+        for (const auto s : {molora::BaseStrategy::skinny, molora::BaseStrategy::eigen, molora::BaseStrategy::gemm}) {
           half.set_base_strategy(s);
           wrapped.set_base_strategy(s);
           rounded.set_base_strategy(s);
@@ -284,7 +287,7 @@ void molora_half_base_suite() {
           rounded.forward_base(x, br);
           CHECK(ids_h == ids_r);
           CHECK(yw == yh);
-          if (s == molora::BaseStrategy::skinny) {
+          if (s != molora::BaseStrategy::eigen) {  // skinny and gemm widen in registers / while packing
             CHECK(yh == yr);
             CHECK(bh == br);
           } else {
@@ -295,7 +298,8 @@ void molora_half_base_suite() {
         }
         half.set_base_strategy(molora::BaseStrategy::automatic);
         CHECK(half.resolved_base_strategy(T) ==
-              (T < molora::kernels::skinny_crossover<float>() ? molora::BaseStrategy::skinny : molora::BaseStrategy::eigen));
+              (T < molora::kernels::skinny_crossover<float>() ? molora::BaseStrategy::skinny
+                                                               : molora::detail::many_tokens_strategy<float, Weight>()));
       }
     }
 }

@@ -3,7 +3,7 @@
 // strategy. (2) Built with OpenMP (tests/cmake/threads.cmake), the adapter's results are
 // bitwise identical with 1 and 2 OpenMP threads, and so is the whole layer at decode sizes
 // (T below the token split: the base rows and the experts' output columns are split instead),
-// f32 and bf16 base, and Linear. Run under TSan by test_threads_tsan.
+// f32 and bf16 base, and Linear, and above the skinny crossover (base product gemm or eigen). Run under TSan by test_threads_tsan.
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -110,14 +110,16 @@ molora::RowMatrix<float> forward_with(const Layer& layer, const molora::RowMatri
 
 }  // namespace
 
-TEST_CASE("threads: a bf16 / f16 base above the skinny crossover gives the same bits with 1 and 2 threads") {
-  // Eigen's GEMM over blocks of widened rows, the blocks shared out between the threads;
-  // out spans one block (40) or several, with a short last block (1031 rows at in = 261).
+TEST_CASE("threads: above the skinny crossover, f32 / bf16 / f16 bases give the same bits with 1 and 2 threads") {
+  // Strategy gemm (the default for float): the outputs split between the threads at
+  // multiples of 64. Strategy eigen: Eigen's GEMM over blocks of widened rows, the blocks
+  // shared out between the threads; out spans one block (40) or several, with a short last
+  // block (1031 rows at in = 261).
   const int saved = omp_get_max_threads();
-  for (const auto& shape : {std::pair<Index, Index>{261, 40}, {261, 1031}, {4099, 70}}) {
+  for (const auto& shape : {std::pair<Index, Index>{261, 40}, {261, 1031}, {4099, 70}, {300, 130}}) {
     const Index in = shape.first, out = shape.second;  // (not a structured binding: the lambda below captures them)
     const auto cfg = test_util::config(in, out, 4, 2, 3);
-    const auto f32 = ref::random_layer<float>(cfg, 70 + std::uint64_t(out));
+    auto f32 = ref::random_layer<float>(cfg, 70 + std::uint64_t(out));
     molora::MoLoRALinear<float, molora::bf16> b16(cfg);
     molora::MoLoRALinear<float, molora::f16> h16(cfg);
     b16.set_base_weight(f32.base_weight());
@@ -129,29 +131,37 @@ TEST_CASE("threads: a bf16 / f16 base above the skinny crossover gives the same 
     molora::Linear<float, molora::bf16> lin(in, out);
     lin.set_weight(f32.base_weight());
     const Index c = molora::kernels::skinny_crossover<float>();
-    for (const Index T : {c, c + 37, 2 * c + 1}) {
-      INFO("in=", in, " out=", out, " T=", T);
-      const auto x = ref::random_x<float>(T, in, 80 + std::uint64_t(T));
-      REQUIRE(b16.resolved_base_strategy(T) == molora::BaseStrategy::eigen);
-      const auto y1 = forward_with(b16, x, 1), y2 = forward_with(b16, x, 2);
-      CHECK(y1 == y2);
-      CHECK(forward_with(h16, x, 1) == forward_with(h16, x, 2));
-      molora::RowMatrix<float> l1(T, out), l2(T, out);
-      omp_set_num_threads(1);
-      lin.forward(x, l1);
-      omp_set_num_threads(2);
-      lin.forward(x, l2);
-      CHECK(l1 == l2);
-      // and the double reference of the rounded weights
-      const ref::Layer want = [&] {
-        ref::Layer r = ref::from_layer(f32);
-        for (Index o = 0; o < out; ++o)
-          for (Index i = 0; i < in; ++i)
-            r.W0[std::size_t(o)][std::size_t(i)] = double(molora::to_float(b16.base_weight_data()[o * in + i]));
-        return r;
-      }();
-      CHECK(ref::rel_err(y2, ref::forward(want, ref::from_eigen(x))) < 1e-4);
-    }
+    for (const auto s : {molora::BaseStrategy::gemm, molora::BaseStrategy::eigen})
+      for (const Index T : {c, c + 37, 2 * c + 1}) {
+        INFO("in=", in, " out=", out, " T=", T, " strategy=", molora::to_string(s));
+        const auto x = ref::random_x<float>(T, in, 80 + std::uint64_t(T));
+        b16.set_base_strategy(s);
+        h16.set_base_strategy(s);
+        f32.set_base_strategy(s);
+        lin.set_strategy(s);
+        const auto y1 = forward_with(b16, x, 1), y2 = forward_with(b16, x, 2);
+        CHECK(y1 == y2);
+        CHECK(forward_with(h16, x, 1) == forward_with(h16, x, 2));
+        if (s == molora::BaseStrategy::gemm) CHECK(forward_with(f32, x, 1) == forward_with(f32, x, 2));
+        molora::RowMatrix<float> l1(T, out), l2(T, out);
+        omp_set_num_threads(1);
+        lin.forward(x, l1);
+        omp_set_num_threads(2);
+        lin.forward(x, l2);
+        CHECK(l1 == l2);
+        // and the double reference of the rounded weights
+        const ref::Layer want = [&] {
+          ref::Layer r = ref::from_layer(f32);
+          for (Index o = 0; o < out; ++o)
+            for (Index i = 0; i < in; ++i)
+              r.W0[std::size_t(o)][std::size_t(i)] = double(molora::to_float(b16.base_weight_data()[o * in + i]));
+          return r;
+        }();
+        CHECK(ref::rel_err(y2, ref::forward(want, ref::from_eigen(x))) < 1e-4);
+        b16.set_base_strategy(molora::BaseStrategy::automatic);
+        h16.set_base_strategy(molora::BaseStrategy::automatic);
+        f32.set_base_strategy(molora::BaseStrategy::automatic);
+      }
   }
   omp_set_num_threads(saved);
 }

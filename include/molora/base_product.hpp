@@ -1,8 +1,9 @@
 // The base product y = x W^T (+ b) of MoLoRALinear and Linear, in one place: the strategy
 // switch (BaseStrategy), the crossover rule, and the calls into the kernels (skinny_product
-// below the crossover, rows split between OpenMP threads; Eigen's GEMM above it, over blocks
-// of widened rows for bf16 / f16 weights). docs/design-notes.md, "The base product for few
-// tokens" and "Weights in their own type".
+// below the crossover, rows split between OpenMP threads; above it, for float, molora's packed
+// GEMM gemm_product, outputs split between threads, or Eigen's GEMM, over blocks of widened
+// rows for bf16 / f16 weights). docs/design-notes.md, "The base product for few tokens", "The
+// base product for many tokens" and "Weights in their own type".
 #pragma once
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 
 #include "half.hpp"
 #include "kernels/base_kernels.hpp"
+#include "kernels/gemm_kernels.hpp"
 #include "types.hpp"
 
 #if defined(MOLORA_USE_OPENMP)
@@ -22,19 +24,22 @@ namespace molora {
 // How a layer computes its base product x W^T + b (same values up to rounding):
 //   eigen      Eigen's GEMV / GEMM (for 16-bit weights: over blocks of widened rows)
 //   skinny     kernels::skinny_product: each row of W streamed once for all the tokens
-//   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, eigen from there on;
+//   gemm       kernels::gemm_product: packed panels of x and W (16-bit W widened while packed)
+//   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, from there on
+//              detail::many_tokens_strategy (gemm for float activations, eigen for double);
 //              for weights of the layer's own type one token also goes to Eigen's GEMV,
 //              0-8 % faster there on one machine, the skinny kernel 1.37x its time on another
 //              (docs/benchmarks.md; with OpenMP its rows are split between the threads;
 //              constants, whatever the thread count), while 16-bit weights stay skinny
 //              (Eigen would need them widened)
-enum class BaseStrategy { automatic, eigen, skinny };
+enum class BaseStrategy { automatic, eigen, skinny, gemm };
 
 inline const char* to_string(BaseStrategy s) {
   switch (s) {
     case BaseStrategy::automatic: return "automatic";
     case BaseStrategy::eigen: return "eigen";
     case BaseStrategy::skinny: return "skinny";
+    case BaseStrategy::gemm: return "gemm";
   }
   return "?";
 }
@@ -46,13 +51,21 @@ template <class Scalar, class Weight>
 constexpr bool is_weight_for =
     std::is_same_v<Weight, Scalar> || (std::is_same_v<Scalar, float> && is_half<Weight>);
 
+// What `automatic` takes from the crossover on: gemm for float activations (any weight
+// type), Eigen's GEMM for double (docs/benchmarks.md, "The base product for many tokens").
+template <class Scalar, class Weight>
+constexpr BaseStrategy many_tokens_strategy() noexcept {
+  return std::is_same_v<Scalar, float> ? BaseStrategy::gemm : BaseStrategy::eigen;
+}
+
 // What `automatic` (or a set strategy) means for T tokens.
 template <class Scalar, class Weight>
 BaseStrategy resolve_base_strategy(BaseStrategy s, Index num_tokens) {
   if (s != BaseStrategy::automatic) return s;
   const Index first_skinny = std::is_same_v<Weight, Scalar> ? 2 : 1;
-  return num_tokens >= first_skinny && num_tokens < kernels::skinny_crossover<Scalar>() ? BaseStrategy::skinny
-                                                                                         : BaseStrategy::eigen;
+  if (num_tokens >= first_skinny && num_tokens < kernels::skinny_crossover<Scalar>()) return BaseStrategy::skinny;
+  return num_tokens >= kernels::skinny_crossover<Scalar>() ? many_tokens_strategy<Scalar, Weight>()
+                                                           : BaseStrategy::eigen;
 }
 
 // Bytes of float rows widened per Eigen product for 16-bit weights: the block stays in L2
@@ -81,7 +94,7 @@ Index widened_block_rows(Index in, Index out, Index block_bytes) {
 
 // y = x W^T (+ bias) with W [out, in] row-major contiguous (out, in >= 1), bias null or
 // [out], x [T, in] and y [T, out] row-major, T >= 1, y not aliasing x, W or bias; `how` is
-// skinny or eigen (resolved). Checks nothing.
+// skinny, gemm or eigen (resolved). Checks nothing.
 template <class Scalar, class Weight>
 void base_product(const Weight* w, Index in, Index out, const Scalar* bias, const ConstRowRef<Scalar>& x,
                   RowRef<Scalar>& y, BaseStrategy how) {
@@ -106,6 +119,33 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
     }
 #endif
     rows(0, out);
+    return;
+  }
+  if (how == BaseStrategy::gemm) {
+    // Each thread packs into its own scratch, kept between calls.
+    thread_local std::vector<Scalar> scratch;
+    const Scalar* xp = x.data();
+    Scalar* yp = y.data();
+    const Index ldx = x.outerStride(), ldy = y.outerStride();
+    auto columns = [&](Index o0, Index o1) {
+      scratch.resize(static_cast<std::size_t>(kernels::gemm_scratch_size<Scalar>()));
+      kernels::gemm_product(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0, o1,
+                            scratch.data());  // [T, o1 - o0]
+    };
+#if defined(MOLORA_USE_OPENMP)
+    // One contiguous range of outputs per thread, cut at multiples of 64 (whole register
+    // blocks for any ISA; the split changes no bit of y anyway).
+    if (out >= 128 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+      const int parts = static_cast<int>(std::min<Index>(omp_get_max_threads(), out / 64));
+#pragma omp parallel num_threads(parts)
+      {
+        const Index p = omp_get_thread_num(), P = omp_get_num_threads();
+        columns(out * p / P / 64 * 64, p + 1 == P ? out : out * (p + 1) / P / 64 * 64);
+      }
+      return;
+    }
+#endif
+    columns(0, out);
     return;
   }
   if constexpr (std::is_same_v<Weight, Scalar>) {

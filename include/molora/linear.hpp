@@ -4,9 +4,9 @@
 // layer (activations and accumulation stay float, weights widen exactly in registers, so the
 // outputs are those of a float layer holding the rounded weights). The layer owns its
 // weights or wraps a host's buffer without a copy. Same kernels and strategy switch as
-// MoLoRALinear's base: skinny_product for few tokens, Eigen's GEMM above the crossover
-// (over blocks of widened rows for 16-bit weights). docs/design-notes.md, "Weights in their
-// own type" and "The base product for few tokens".
+// MoLoRALinear's base: skinny_product for few tokens, above the crossover gemm_product for
+// float (16-bit weights widened while packed) and Eigen's GEMM for double. docs/design-notes.md,
+// "Weights in their own type", "The base product for few tokens" and "... for many tokens".
 #pragma once
 
 #include <algorithm>

@@ -2,8 +2,9 @@
 // At decode sizes this product is bound by reading W0 from memory, so the kernel streams
 // each row of W0 once for all tokens: register blocks of a few rows x up to 4 tokens, the
 // rows' chunk of `in` kept in L1 while every token passes over it. From
-// skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to Eigen's GEMM, which
-// reuses W0 from cache better (docs/benchmarks.md, "The base product for few tokens").
+// skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to a GEMM (gemm_product
+// for float, Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The
+// base product for few tokens").
 // Written once for any xsimd Arch over raw pointers, with a scalar fallback; like the other
 // kernels it checks nothing and throws nothing.
 //

@@ -20,6 +20,7 @@
 #include "backward_kernels.hpp"
 #include "base_kernels.hpp"
 #include "dispatch_kernels.hpp"
+#include "gemm_kernels.hpp"
 #include "lora_kernels.hpp"
 
 // X(name, (parameters after the Arch tag), (arguments)) for every dispatched kernel; S is
@@ -68,7 +69,19 @@
      Index o0, Index o1),                                                                                        \
     (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1))                                                              \
   X(widen_bf16, (const bf16* src, Index n, S* dst), (src, n, dst))                                               \
-  X(widen_f16, (const f16* src, Index n, S* dst), (src, n, dst))
+  X(widen_f16, (const f16* src, Index n, S* dst), (src, n, dst))                                                 \
+  X(gemm_product,                                                                                                \
+    (const S* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy, Index o0,   \
+     Index o1, S* scratch),                                                                                      \
+    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1, scratch))                                                      \
+  X(gemm_product_bf16,                                                                                           \
+    (const bf16* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy,          \
+     Index o0, Index o1, S* scratch),                                                                            \
+    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1, scratch))                                                      \
+  X(gemm_product_f16,                                                                                            \
+    (const f16* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy,           \
+     Index o0, Index o1, S* scratch),                                                                            \
+    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1, scratch))
 
 #define MOLORA_DISPATCH_UNPAREN(...) __VA_ARGS__
 
@@ -166,8 +179,8 @@ const KernelTable<Scalar>& active_kernels() noexcept {
 MOLORA_DISPATCHED_KERNELS(MOLORA_DISPATCHED_OVERLOAD, S)
 #undef MOLORA_DISPATCHED_OVERLOAD
 
-// The layers call skinny_product and widen for any weight type; 16-bit weights go to their
-// own table entries.
+// The layers call skinny_product, widen and gemm_product for any weight type; 16-bit
+// weights go to their own table entries.
 template <class S>
 void skinny_product(dispatched_arch a, const bf16* w, Index ldw, Index in, const S* x, Index ldx, Index T,
                     const S* bias, S* y, Index ldy, Index o0, Index o1) noexcept {
@@ -185,6 +198,16 @@ void widen(dispatched_arch a, const bf16* src, Index n, S* dst) noexcept {
 template <class S>
 void widen(dispatched_arch a, const f16* src, Index n, S* dst) noexcept {
   widen_f16(a, src, n, dst);
+}
+template <class S>
+void gemm_product(dispatched_arch a, const bf16* w, Index ldw, Index in, const S* x, Index ldx, Index T,
+                  const S* bias, S* y, Index ldy, Index o0, Index o1, S* scratch) noexcept {
+  gemm_product_bf16(a, w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1, scratch);
+}
+template <class S>
+void gemm_product(dispatched_arch a, const f16* w, Index ldw, Index in, const S* x, Index ldx, Index T,
+                  const S* bias, S* y, Index ldy, Index o0, Index o1, S* scratch) noexcept {
+  gemm_product_f16(a, w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1, scratch);
 }
 
 #endif

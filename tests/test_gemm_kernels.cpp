@@ -1,0 +1,297 @@
+// The packed GEMM of the base product for many tokens (kernels/gemm_kernels.hpp) against a
+// plain double loop: in, out and T from 1 up, odd, across the register block (MR x NR) and
+// the packed blocks (kGemmKC, kGemmNC, kGemmMC), float / bf16 / f16 weights, with and without
+// bias, strided x and y whose padding must come back untouched; output ranges and token
+// subsets that change no bit; 16-bit weights bit for bit their widened float copy; the ISA
+// running and the scalar kernel; and Linear / MoLoRALinear with the gemm base against the
+// Eigen base. Also run once per ISA by tests/cmake/isa.cmake.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <molora/kernels/gemm_kernels.hpp>
+
+#include "reference.hpp"
+
+namespace k = molora::kernels;
+using k::Index;
+using molora::bf16;
+using molora::f16;
+
+namespace {
+
+std::size_t at(Index i) { return static_cast<std::size_t>(i); }
+
+// y [T, out] = x [T, in] W^T + bias with W of type Weight, every buffer strided and padded.
+template <class Scalar, class Weight>
+struct Problem {
+  Index in, out, T, ldw, ldx, ldy;
+  bool with_bias;
+  std::vector<Weight> w;
+  std::vector<Scalar> x, bias, y0;
+
+  Problem(Index in_, Index out_, Index T_, bool bias_, std::uint64_t seed)
+      : in(in_), out(out_), T(T_), ldw(in_ + 3), ldx(in_ + 5), ldy(out_ + 2), with_bias(bias_) {
+    std::mt19937_64 gen(seed);
+    std::uniform_real_distribution<double> u(-1, 1);
+    w.resize(at(out * ldw));
+    for (auto& e : w) {
+      if constexpr (std::is_same_v<Weight, bf16>)
+        e = molora::to_bf16(float(u(gen)));
+      else if constexpr (std::is_same_v<Weight, f16>)
+        e = molora::to_f16(float(u(gen)));
+      else
+        e = Weight(u(gen));
+    }
+    auto fill = [&](std::vector<Scalar>& v, Index n) {
+      v.resize(at(n));
+      for (auto& e : v) e = Scalar(u(gen));
+    };
+    fill(x, T * ldx);
+    fill(bias, out);
+    fill(y0, T * ldy);  // the padding must come back unchanged
+  }
+  const Scalar* bias_ptr() const { return with_bias ? bias.data() : nullptr; }
+  double weight(Index o, Index i) const { return double(molora::to_float(w[at(o * ldw + i)])); }
+
+  // Outputs [o0, o1) of tokens [t0, t1) into y.
+  template <class Arch>
+  void run(std::vector<Scalar>& y, Index o0, Index o1, Index t0, Index t1) const {
+    std::vector<Scalar> scratch(at(k::gemm_scratch_size<Scalar>()) + 1);
+    // An odd start: the kernel aligns its packed blocks itself.
+    k::gemm_product(Arch{}, w.data(), ldw, in, x.data() + t0 * ldx, ldx, t1 - t0, bias_ptr(), y.data() + t0 * ldy,
+                    ldy, o0, o1, scratch.data() + 1);
+  }
+  template <class Arch>
+  std::vector<Scalar> run() const {
+    std::vector<Scalar> y = y0;
+    run<Arch>(y, 0, out, 0, T);
+    return y;
+  }
+
+  // Loop by loop in double; also the error bound: eps * sqrt(in + 1) * sum |terms|, times 8.
+  void reference(std::vector<double>& ref, std::vector<double>& tol) const {
+    const double eps = std::numeric_limits<Scalar>::epsilon();
+    ref.assign(y0.begin(), y0.end());
+    tol.assign(y0.size(), 0.0);
+    for (Index t = 0; t < T; ++t)
+      for (Index o = 0; o < out; ++o) {
+        double s = 0, mag = 0;
+        for (Index i = 0; i < in; ++i) {
+          const double p = weight(o, i) * double(x[at(t * ldx + i)]);
+          s += p;
+          mag += std::abs(p);
+        }
+        if (with_bias) {
+          s += double(bias[at(o)]);
+          mag += std::abs(double(bias[at(o)]));
+        }
+        ref[at(t * ldy + o)] = s;
+        tol[at(t * ldy + o)] = 8 * eps * std::sqrt(double(in) + 1) * mag;
+      }
+  }
+};
+
+template <class Arch, class Scalar, class Weight>
+void check_against_reference(const Problem<Scalar, Weight>& p) {
+  std::vector<double> ref, tol;
+  p.reference(ref, tol);
+  const std::vector<Scalar> y = p.template run<Arch>();
+  std::size_t bad = 0;
+  double worst = -std::numeric_limits<double>::infinity();
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    const double err = std::abs(double(y[i]) - ref[i]);
+    if (err > tol[i]) ++bad;  // padding (tol 0) must be left exactly as it was
+    worst = std::max(worst, err - tol[i]);
+  }
+  INFO(Arch::name(), " weights=", molora::detail::weight_type_name<Weight>(), " in=", p.in, " out=", p.out,
+       " T=", p.T, " bias=", p.with_bias, " worst excess=", worst);
+  CHECK(bad == 0);
+}
+
+template <class Arch, class Scalar, class Weight>
+void reference_suite() {
+  std::mt19937_64 gen(31);
+  std::uint64_t seed = 1000;
+  auto check = [&](Index in, Index out, Index T, bool bias) {
+    check_against_reference<Arch>(Problem<Scalar, Weight>(in, out, T, bias, ++seed));
+  };
+  // Small random shapes from 1 (every edge of the register block), then each size across the
+  // register block and the packed blocks, the others small.
+  for (int n = 0; n < 120; ++n)
+    check(1 + Index(gen() % 70), 1 + Index(gen() % 80), 1 + Index(gen() % 40), n % 2 == 0);
+  for (const Index in : {Index(1), Index(2), k::kGemmKC - 1, k::kGemmKC, k::kGemmKC + 1, 2 * k::kGemmKC + 37})
+    check(in, 1 + Index(gen() % 70), 1 + Index(gen() % 30), in % 2 == 1);
+  for (const Index out : {Index(31), Index(32), Index(33), Index(63), Index(65), k::kGemmNC - 1, k::kGemmNC,
+                          k::kGemmNC + 1, 2 * k::kGemmNC + 29})
+    check(1 + Index(gen() % 40), out, 1 + Index(gen() % 20), out % 2 == 0);
+  for (const Index T : {Index(5), Index(6), Index(7), Index(11), Index(12), Index(13), Index(14), Index(15),
+                        Index(24), Index(25), k::kGemmMC - 1, k::kGemmMC, k::kGemmMC + 1, 2 * k::kGemmMC + 17})
+    check(1 + Index(gen() % 40), 1 + Index(gen() % 50), T, T % 2 == 1);
+  // Every block size crossed at once, at the layers' sizes.
+  check(k::kGemmKC + 45, k::kGemmNC + 77, 131, true);
+  check(1024, 96, 128, false);
+}
+
+// Random output ranges and token ranges give the same bits as one call; so does each token
+// alone; the empty range writes nothing.
+template <class Arch, class Scalar, class Weight>
+void split_suite() {
+  std::mt19937_64 gen(47);
+  std::uint64_t seed = 5000;
+  for (const Index in : {1, 5, 16, 37, 300, 530})
+    for (const Index T : {1, 3, 13, 30})
+      for (const Index out : {1, 6, 45, 97}) {
+        const Problem<Scalar, Weight> p(in, out, T, (in + T) % 2 == 0, ++seed);
+        const std::vector<Scalar> whole = p.template run<Arch>();
+        std::vector<Scalar> parts = p.y0, singles = p.y0, ranges = p.y0;
+        for (Index o0 = 0; o0 < out;) {
+          const Index o1 = std::min(out, o0 + 1 + Index(gen() % 40));
+          p.template run<Arch>(parts, o0, o1, 0, T);
+          o0 = o1;
+        }
+        for (Index t = 0; t < T; ++t) p.template run<Arch>(singles, 0, out, t, t + 1);
+        for (Index t0 = 0; t0 < T;) {
+          const Index t1 = std::min(T, t0 + 1 + Index(gen() % 9));
+          const Index o0 = Index(gen() % std::uint64_t(out));
+          p.template run<Arch>(ranges, 0, o0, t0, t1);
+          p.template run<Arch>(ranges, o0, out, t0, t1);
+          t0 = t1;
+        }
+        INFO(Arch::name(), " in=", in, " out=", out, " T=", T);
+        CHECK(parts == whole);
+        CHECK(singles == whole);
+        CHECK(ranges == whole);
+      }
+  const Problem<Scalar, Weight> p(8, 8, 2, true, ++seed);
+  std::vector<Scalar> y = p.y0;
+  p.template run<Arch>(y, 3, 3, 0, 2);
+  CHECK(y == p.y0);
+}
+
+// 16-bit weights give the bits of a float problem holding their widened values.
+template <class Arch, class Weight>
+void widened_suite() {
+  std::uint64_t seed = 9000;
+  for (const Index in : {1, 17, 255, 300})
+    for (const Index out : {3, 33, 70})
+      for (const Index T : {1, 12, 29}) {
+        const Problem<float, Weight> half(in, out, T, out % 2 == 1, ++seed);
+        Problem<float, float> full(in, out, T, out % 2 == 1, seed);
+        for (std::size_t i = 0; i < half.w.size(); ++i) full.w[i] = molora::to_float(half.w[i]);
+        INFO(Arch::name(), " in=", in, " out=", out, " T=", T);
+        CHECK(half.template run<Arch>() == full.template run<Arch>());
+      }
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("gemm_kernels: gemm_product matches the double reference", Weight, float, bf16, f16) {
+  // layer_arch: through the run-time table when the test links molora::kernels (ctest runs
+  // it once per ISA, forced by MOLORA_ISA), else the ISA this file is compiled for.
+  SUBCASE("the ISA running") {
+    MESSAGE("kernel ISA: ", k::active_isa());
+    if (const char* isa = std::getenv("MOLORA_ISA"); isa && *isa) CHECK(k::active_isa() == isa);
+    reference_suite<k::layer_arch, float, Weight>();
+  }
+  SUBCASE("scalar") { reference_suite<k::scalar_arch, float, Weight>(); }
+}
+
+TEST_CASE("gemm_kernels: gemm_product for double matches the double reference") {
+  SUBCASE("the ISA running") { reference_suite<k::layer_arch, double, double>(); }
+  SUBCASE("scalar") { reference_suite<k::scalar_arch, double, double>(); }
+}
+
+TEST_CASE_TEMPLATE("gemm_kernels: output ranges and token ranges change no bit", Weight, float, bf16, f16) {
+  SUBCASE("the ISA running") { split_suite<k::layer_arch, float, Weight>(); }
+  SUBCASE("scalar") { split_suite<k::scalar_arch, float, Weight>(); }
+}
+
+TEST_CASE_TEMPLATE("gemm_kernels: 16-bit weights give their widened float copy's bits", Weight, bf16, f16) {
+  SUBCASE("the ISA running") { widened_suite<k::layer_arch, Weight>(); }
+  SUBCASE("scalar") { widened_suite<k::scalar_arch, Weight>(); }
+}
+
+TEST_CASE_TEMPLATE("gemm_kernels: Linear with the gemm base equals the Eigen base above the crossover", Weight, float,
+                   bf16, f16) {
+  std::mt19937_64 gen(5);
+  const Index c = k::skinny_crossover<float>();
+  for (const Index T : {c, c + 1, c + 37, 2 * c + 3})
+    for (const bool bias : {false, true}) {
+      const Index in = 1 + Index(gen() % 400), out = 1 + Index(gen() % 200);
+      molora::Linear<float, Weight> layer(in, out);
+      layer.set_weight(ref::random_x<double>(out, in, gen()));
+      if (bias) layer.set_bias(ref::random_x<double>(out, 1, gen()));
+      const auto x = ref::random_x<float>(T, in, gen());
+      layer.set_strategy(molora::BaseStrategy::eigen);
+      const molora::RowMatrix<float> ye = layer.forward(x);
+      layer.set_strategy(molora::BaseStrategy::gemm);
+      const molora::RowMatrix<float> yg = layer.forward(x);
+      layer.set_strategy(molora::BaseStrategy::automatic);
+      const molora::RowMatrix<float> ya = layer.forward(x);
+      INFO("in=", in, " out=", out, " T=", T, " bias=", bias);
+      const bool gemm = molora::detail::many_tokens_strategy<float, Weight>() == molora::BaseStrategy::gemm;
+      CHECK(layer.resolved_strategy(T) == molora::detail::many_tokens_strategy<float, Weight>());
+      CHECK(ya == (gemm ? yg : ye));
+      const double scale = std::max(1.0, double(ye.cwiseAbs().maxCoeff()));
+      CHECK(double((yg - ye).cwiseAbs().maxCoeff()) <= 1e-6 * std::sqrt(double(in)) * scale);
+    }
+}
+
+TEST_CASE("gemm_kernels: MoLoRALinear with the gemm base equals the Eigen base above the crossover") {
+  const Index c = k::skinny_crossover<float>();
+  for (const Index in : {1, 19, 133, 300})
+    for (const Index out : {1, 9, 70, 161}) {
+      molora::MoLoRAConfig cfg;
+      cfg.in_features = in;
+      cfg.out_features = out;
+      cfg.num_experts = 4;
+      cfg.top_k = 2;
+      cfg.rank = 3;
+      for (const bool bias : {false, true}) {
+        auto layer = ref::random_layer<float>(cfg, std::uint64_t(in * 100 + out), bias);
+        for (const Index T : {c, c + 5, 2 * c + 1}) {
+          const auto x = ref::random_x<float>(T, in, std::uint64_t(T));
+          molora::RowMatrix<float> ye(T, out), yg(T, out), ya(T, out), be(T, out), bg(T, out);
+          molora::MoLoRAWorkspace<float> ws;
+          layer.set_base_strategy(molora::BaseStrategy::eigen);
+          layer.forward(x, ye, ws);
+          layer.forward_base(x, be);
+          layer.set_base_strategy(molora::BaseStrategy::gemm);
+          layer.forward(x, yg, ws);
+          layer.forward_base(x, bg);
+          layer.set_base_strategy(molora::BaseStrategy::automatic);
+          layer.forward(x, ya, ws);
+          const double scale = std::max(1.0, double(ye.cwiseAbs().maxCoeff()));
+          const double tol = 1e-6 * std::sqrt(double(in)) * scale;
+          INFO("in=", in, " out=", out, " T=", T, " bias=", bias);
+          CHECK(double((yg - ye).cwiseAbs().maxCoeff()) <= tol);
+          CHECK(double((bg - be).cwiseAbs().maxCoeff()) <= tol);
+          CHECK(ya == (molora::detail::many_tokens_strategy<float, float>() == molora::BaseStrategy::gemm ? yg : ye));
+        }
+      }
+    }
+}
+
+TEST_CASE("gemm_kernels: automatic resolves to many_tokens_strategy from the crossover on; a set strategy is kept") {
+  const Index c = k::skinny_crossover<float>();
+  molora::Linear<float> f(4, 4);
+  molora::Linear<float, bf16> h(4, 4);
+  molora::Linear<double> d(4, 4);
+  CHECK(f.resolved_strategy(c - 1) == molora::BaseStrategy::skinny);
+  CHECK(f.resolved_strategy(c) == molora::detail::many_tokens_strategy<float, float>());
+  CHECK(h.resolved_strategy(c) == molora::detail::many_tokens_strategy<float, bf16>());
+  CHECK(d.resolved_strategy(c) == molora::BaseStrategy::eigen);
+  CHECK(molora::detail::many_tokens_strategy<double, double>() == molora::BaseStrategy::eigen);
+  f.set_strategy(molora::BaseStrategy::gemm);
+  CHECK(f.resolved_strategy(1) == molora::BaseStrategy::gemm);
+  CHECK(std::string(molora::to_string(molora::BaseStrategy::gemm)) == "gemm");
+}
