@@ -18,6 +18,7 @@
 // float copy.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -58,7 +59,15 @@ void gemm_product(scalar_arch, const W* w, Index ldw, Index in, const Scalar* x,
       Scalar s = 0;
       for (Index p = 0; p < in; p += kGemmKC) {
         Scalar acc = 0;
-        for (Index i = p; i < in && i < p + kGemmKC; ++i) acc += Scalar(to_float(w[o * ldw + i])) * x[t * ldx + i];
+        for (Index i = p; i < in && i < p + kGemmKC; ++i) {
+#if defined(__FMA__)
+          // Fused explicitly, as in skinny_product's scalar kernel: left to the compiler, a
+          // -march build may contract the float and the 16-bit instantiations differently.
+          acc = std::fma(Scalar(to_float(w[o * ldw + i])), x[t * ldx + i], acc);
+#else
+          acc += Scalar(to_float(w[o * ldw + i])) * x[t * ldx + i];
+#endif
+        }
         s = p == 0 ? acc : s + acc;
       }
       if (bias) s += bias[o];
