@@ -67,7 +67,15 @@ void skinny_product(scalar_arch, const W* w, Index ldw, Index in, const Scalar* 
   for (Index t = 0; t < T; ++t)
     for (Index o = o0; o < o1; ++o) {
       Scalar s = 0;
-      for (Index i = 0; i < in; ++i) s += Scalar(to_float(w[o * ldw + i])) * x[t * ldx + i];
+      for (Index i = 0; i < in; ++i) {
+#if defined(__FMA__)
+        // Fused explicitly: with -march=native GCC contracted the float and the bf16 / f16
+        // instantiations differently, so widened weights gave other bits than float ones.
+        s = std::fma(Scalar(to_float(w[o * ldw + i])), x[t * ldx + i], s);
+#else
+        s += Scalar(to_float(w[o * ldw + i])) * x[t * ldx + i];
+#endif
+      }
       if (bias) s += bias[o];
       y[t * ldy + o] = s;
     }
