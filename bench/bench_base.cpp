@@ -424,7 +424,7 @@ void BM_skinny_paths(benchmark::State& st) {
 template <class W>
 void register_skinny_paths(const char* dtype) {
   for (int cold : {1, 0})
-    for (Index T : {1, 2, 4, 8})
+    for (Index T : {1, 2, 4, 6, 8})
       benchmark::RegisterBenchmark((std::string("skinny_paths/") + dtype + "/4096/4096/" + std::to_string(T) +
                                     (cold ? "/cold" : "/warm"))
                                        .c_str(),

@@ -1,7 +1,8 @@
 // The base layer's product for a few tokens: y = x W0^T + b0 with W0 [out, in] row-major.
 // At decode sizes this product is bound by reading W0 from memory, so the kernel streams
 // each row of W0 once for all tokens: register blocks of a few rows x up to 4 tokens, the
-// rows' chunk of `in` kept in L1 while every token passes over it. From
+// rows' chunk of `in` kept in L1 while every token passes over it; for 5-8 tokens, pairs of
+// rows along the whole of `in` with every token in registers. From
 // skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to Eigen's GEMM, which
 // reuses W0 from cache better (docs/benchmarks.md, "The base product for few tokens").
 // Written once for any xsimd Arch over raw pointers, with a scalar fallback; like the other
@@ -50,12 +51,15 @@ constexpr Index kSkinnyGroup = 32;
 // nothing: prefetches do not fault.
 constexpr Index kSkinnyPrefetch = 4096;
 
-// Tokens up to which skinny_product streams the rows of W0 one after the other (one
-// sequential stream, as a plain read of W0), and rows per step of that stream (1: one row
-// at a time; 2: a pair of consecutive rows sharing each load of x). docs/benchmarks.md,
-// "The skinny kernel alone at the memory limit".
+// The streamed path: skinny_product runs it for kSkinnyStreamFrom <= T <= kSkinnyStreamTokens,
+// pairs of consecutive rows (kSkinnyStreamRows) one after the other, each along the whole of
+// `in` with all T tokens in registers. Cold, 4096 x 4096 on Zen 4 it took 0.71-0.98x the
+// blocked kernel's time at T = 6-8 but 1.12-1.33x at T = 1-4 (one row at a time: 1.2-1.6x),
+// where the blocked kernel's 4 or 8 rows side by side keep more misses in flight
+// (docs/benchmarks.md, "One sequential stream of rows").
+constexpr Index kSkinnyStreamFrom = 5;
 constexpr Index kSkinnyStreamTokens = 8;
-constexpr int kSkinnyStreamRows = 1;
+constexpr int kSkinnyStreamRows = 2;
 
 // ---- scalar kernel ------------------------------------------------------------------------
 
@@ -253,9 +257,8 @@ inline void skinny_rows_block(const Wt* w, Index ldw, Index in, const Scalar* x,
 }
 
 // Rows of W0 one after the other, n <= kSkinnyStreamTokens tokens in one register block:
-// each row (RO = 1) or pair of consecutive rows (RO = 2) read once along the whole of `in`,
-// so memory sees one sequential stream, as in a plain read of W0. x is re-read from cache
-// for every row. Same order of every sum as skinny_rows_block (one vector accumulator per
+// each row (RO = 1) or pair of consecutive rows (RO = 2) read once along the whole of `in`
+// (one or two streams through memory), x re-read from cache for every row. Same order of every sum as skinny_rows_block (one vector accumulator per
 // dot product, summed along `in`, lanes reduced, tail, bias), so the same bits.
 template <int RO, class Arch, class Wt, class Scalar>
 inline void skinny_stream_rows(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
@@ -335,12 +338,12 @@ void skinny_product_streamed(const Wt* w, Index ldw, Index in, const Scalar* x, 
 // neither w, x nor bias. Fast for T below skinny_crossover (each row of W0 read once from
 // memory per kSkinnyGroup tokens); correct for any T. Wt is Scalar, or bf16 / f16 (widened
 // exactly in registers): the result is then bit for bit the one for the widened weights.
-// Up to kSkinnyStreamTokens tokens the rows are streamed one after the other, from there on
-// in blocks of rows; both sum in the same order, so give the same bits.
+// From kSkinnyStreamFrom to kSkinnyStreamTokens tokens the rows are streamed pair after pair,
+// otherwise taken in blocks of rows; both sum in the same order, so give the same bits.
 template <class Arch, class Wt, class Scalar>
 void skinny_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                     const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
-  if (T <= kSkinnyStreamTokens)
+  if (T >= kSkinnyStreamFrom && T <= kSkinnyStreamTokens)
     detail::skinny_product_streamed<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
   else
     detail::skinny_product_blocked<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
