@@ -26,9 +26,10 @@
 //                                   (W0's bytes over each median time), gflops (2 in out T
 //                                   over the kernel's median time).
 //   skinny_paths/D/in/out/T/cold    the two paths of skinny_product (kernels compiled for this
-//                                   binary's ISA), W0 in D: streamed (rows one after the
-//                                   other, what skinny_product runs for T <= 8) and blocked
-//                                   (4 rows x 4 tokens, 8 rows at T = 1: the kernel before),
+//                                   binary's ISA), W0 in D: streamed (pairs of rows one
+//                                   after the other, what skinny_product runs for T = 5-8)
+//                                   and blocked (4 rows x 4 tokens, 8 rows at T = 1: the
+//                                   kernel before, still used for T = 1-4 and from 9),
 //                                   each on its own copy, then a plain read of a third,
 //                                   alternately in one loop. Counters streamed_over_blocked
 //                                   (median of the ratio), streamed_read_share and
