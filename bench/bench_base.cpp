@@ -25,6 +25,15 @@
 //                                   median of kernel / read time, kernel_gbs and read_gbs
 //                                   (W0's bytes over each median time), gflops (2 in out T
 //                                   over the kernel's median time).
+//   skinny_paths/D/in/out/T/cold    the two paths of skinny_product (kernels compiled for this
+//                                   binary's ISA), W0 in D: streamed (pairs of rows one
+//                                   after the other, what skinny_product runs for T = 5-8)
+//                                   and blocked (4 rows x 4 tokens, 8 rows at T = 1: the
+//                                   kernel before, still used for T = 1-4 and from 9),
+//                                   each on its own copy, then a plain read of a third,
+//                                   alternately in one loop. Counters streamed_over_blocked
+//                                   (median of the ratio), streamed_read_share and
+//                                   blocked_read_share, and the three median times.
 //   gemm/D/in/out/T                 the base product above the crossover with W0 stored as
 //                                   D = f32, bf16 or f16 (f32 activations, bias, weights
 //                                   warm): kernels::gemm_product (BaseStrategy::gemm) against
@@ -353,6 +362,88 @@ void BM_skinny(benchmark::State& st) {
   st.counters["gflops"] = 2.0 * double(in) * double(out) * double(T) / median(tk) * 1e-9;
 }
 
+// skinny_paths/D/in/out/T/cold: three copies per iteration (the two paths, in alternating
+// order, and the read), stepping by 3 over n copies with n prime to 3.
+template <class Wt>
+void BM_skinny_paths(benchmark::State& st) {
+  namespace kd = molora::kernels::detail;
+  using Arch = molora::kernels::default_arch;
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  const bool cold = st.range(3) != 0;
+  const Index bytes = in * out * Index(sizeof(Wt));
+  std::size_t n = cold ? static_cast<std::size_t>(std::max(4.0, kColdBytes / double(bytes) + 1)) : 1;
+  while (cold && n % 3 == 0) ++n;
+  Mat<float> w32(out, in);
+  fill(w32, 1, 0.02);
+  std::vector<Wt> proto(static_cast<std::size_t>(in * out));
+  for (std::size_t i = 0; i < proto.size(); ++i) {
+    if constexpr (std::is_same_v<Wt, float>)
+      proto[i] = w32.data()[i];
+    else if constexpr (std::is_same_v<Wt, molora::bf16>)
+      proto[i] = molora::to_bf16(w32.data()[i]);
+    else
+      proto[i] = molora::to_f16(w32.data()[i]);
+  }
+  std::vector<std::vector<Wt>> w(n, proto);
+  Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
+  fill(b, 2, 0.02);
+  Mat<float> x(T, in), y(T, out);
+  fill(x, 3, 1.0);
+  std::vector<double> ratio, share_s, share_b, ts_all, tb_all, tr_all;
+  float sink = 0;
+  std::size_t i = 0;
+  bool streamed_first = false;
+  for (auto _ : st) {
+    double ts = 0, tb = 0;
+    for (int pass = 0; pass < 2; ++pass) {
+      const bool streamed = (pass == 0) == streamed_first;
+      const std::size_t c = cold ? (3 * i + std::size_t(pass)) % n : 0;
+      const double t0 = cpu_seconds();
+      if (streamed)
+        kd::skinny_product_streamed<Arch>(w[c].data(), in, in, x.data(), in, T, b.data(), y.data(), out, Index(0), out);
+      else
+        kd::skinny_product_blocked<Arch>(w[c].data(), in, in, x.data(), in, T, b.data(), y.data(), out, Index(0), out);
+      benchmark::ClobberMemory();
+      (streamed ? ts : tb) = cpu_seconds() - t0;
+    }
+    const std::size_t c = cold ? (3 * i + 2) % n : 0;
+    streamed_first = !streamed_first;
+    ++i;
+    const double t0 = cpu_seconds();
+    sink += stream_spans({{w[c].data(), bytes}});
+    const double tr = cpu_seconds() - t0;
+    st.SetIterationTime(ts);
+    ratio.push_back(ts / tb);
+    share_s.push_back(ts / tr);
+    share_b.push_back(tb / tr);
+    ts_all.push_back(ts);
+    tb_all.push_back(tb);
+    tr_all.push_back(tr);
+  }
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(y.data());
+  st.counters["streamed_over_blocked"] = median(ratio);
+  st.counters["streamed_read_share"] = median(share_s);
+  st.counters["blocked_read_share"] = median(share_b);
+  st.counters["streamed_ms"] = median(ts_all) * 1e3;
+  st.counters["blocked_ms"] = median(tb_all) * 1e3;
+  st.counters["read_ms"] = median(tr_all) * 1e3;
+}
+
+template <class W>
+void register_skinny_paths(const char* dtype) {
+  for (int cold : {1, 0})
+    for (Index T : {1, 2, 4, 6, 8})
+      benchmark::RegisterBenchmark((std::string("skinny_paths/") + dtype + "/4096/4096/" + std::to_string(T) +
+                                    (cold ? "/cold" : "/warm"))
+                                       .c_str(),
+                                   BM_skinny_paths<W>)
+          ->Args({4096, 4096, T, cold})
+          ->UseManualTime()
+          ->MinTime(0.3)
+          ->Unit(benchmark::kMillisecond);
+}
+
 template <class W>
 void register_skinny(const char* dtype) {
   for (int cold : {1, 0})
@@ -530,6 +621,9 @@ void register_all() {
   register_skinny<float>("f32");
   register_skinny<molora::bf16>("bf16");
   register_skinny<molora::f16>("f16");
+  register_skinny_paths<float>("f32");
+  register_skinny_paths<molora::bf16>("bf16");
+  register_skinny_paths<molora::f16>("f16");
   for (int cold : {1, 0})
     for (Index T : {1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192}) {
       benchmark::RegisterBenchmark(("base_product/f32/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm")).c_str(),

@@ -127,6 +127,11 @@ void reference_suite() {
       }
   for (const Index T : {Index(1), Index(2), Index(3), Index(4), Index(5), Index(8), Index(9), crossover - 1, crossover})
     check_against_reference<Arch>(Problem<Scalar>(4096, 33, T, T % 2 == 1, ++seed));
+  // Every T of the streamed path and the first of the blocked one, on sizes around the SIMD
+  // widths (and 1).
+  for (Index T = 1; T <= k::kSkinnyStreamTokens + 1; ++T)
+    for (const Index in : {1, 3, 15, 16, 17, 33, 100, 257})
+      for (const Index out : {1, 2, 3, 7}) check_against_reference<Arch>(Problem<Scalar>(in, out, T, (in + out) % 2 == 0, ++seed));
   check_against_reference<Arch>(Problem<Scalar>(1000, 7, 6, true, ++seed));  // several chunks of in
   for (const Index T : {k::kSkinnyGroup, k::kSkinnyGroup + 1, 2 * k::kSkinnyGroup + 3})
     check_against_reference<Arch>(Problem<Scalar>(45, 11, T, true, ++seed));
@@ -278,7 +283,7 @@ void half_weight_suite() {
   std::uint64_t seed = 900;
   Index runs = 0;
   for (const Index in : {1, 3, 8, 15, 16, 17, 31, 33, 64, 100, 257, 1030})
-    for (const Index T : {1, 2, 3, 4, 5, 7, 9, 33, 70})
+    for (const Index T : {1, 2, 3, 4, 5, 6, 7, 8, 9, 33, 70})
       for (const Index out : {1, 2, 5, 13}) {
         Problem<float> p(in, out, T, (in + T + out) % 2 == 0, ++seed);
         std::vector<Weight> wh(p.w.size());
@@ -296,7 +301,7 @@ void half_weight_suite() {
         CHECK(got == want);
         ++runs;
       }
-  CHECK(runs == 12 * 9 * 4);
+  CHECK(runs == 12 * 11 * 4);
   // widen: every bit pattern that is finite, exactly.
   std::vector<Weight> all;
   for (std::uint32_t b = 0; b < 65536; ++b) {
@@ -315,6 +320,66 @@ void half_weight_suite() {
 }
 
 }  // namespace
+
+namespace {
+
+// The two paths of skinny_product called directly (the ISA this file is compiled for, and
+// scalar): the streamed one (rows one after the other, T <= kSkinnyStreamTokens) and the
+// blocked one give the same bits for every T, on every row range, with W0 in Scalar or (for
+// float) bf16 / f16; and the streamed one matches the double reference.
+template <class Arch, class Scalar, class Weight>
+void paths_suite() {
+  namespace kd = k::detail;
+  std::uint64_t seed = 1300;
+  Index runs = 0;
+  for (const Index in : {1, 2, 7, 15, 16, 17, 31, 33, 64, 65, 257})
+    for (Index T = 1; T <= k::kSkinnyStreamTokens + 2; ++T)
+      for (const Index out : {1, 2, 3, 5, 9}) {
+        Problem<Scalar> p(in, out, T, (in + T + out) % 2 == 1, ++seed);
+        std::vector<Weight> wt(p.w.size());
+        for (std::size_t i = 0; i < wt.size(); ++i) {
+          if constexpr (std::is_same_v<Weight, Scalar>)
+            wt[i] = p.w[i];
+          else if constexpr (std::is_same_v<Weight, molora::bf16>)
+            wt[i] = molora::to_bf16(float(p.w[i]));
+          else
+            wt[i] = molora::to_f16(float(p.w[i]));
+          p.w[i] = Scalar(molora::to_float(wt[i]));  // the reference sees the rounded weights
+        }
+        std::vector<Scalar> streamed = p.y0, blocked = p.y0, ranges = p.y0;
+        kd::skinny_product_streamed<Arch>(wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), streamed.data(),
+                                          p.ldy, Index(0), out);
+        kd::skinny_product_blocked<Arch>(wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), blocked.data(),
+                                         p.ldy, Index(0), out);
+        for (Index o0 = 0; o0 < out;) {  // ranges of 1, 2, 3, ... rows
+          const Index o1 = std::min(out, o0 + 1 + o0 % 3);
+          kd::skinny_product_streamed<Arch>(wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), ranges.data(),
+                                            p.ldy, o0, o1);
+          o0 = o1;
+        }
+        std::vector<double> ref, tol;
+        p.reference(ref, tol);
+        std::size_t bad = 0;
+        for (std::size_t i = 0; i < streamed.size(); ++i) bad += std::abs(double(streamed[i]) - ref[i]) > tol[i];
+        INFO(Arch::name(), " in=", in, " out=", out, " T=", T);
+        CHECK(streamed == blocked);
+        CHECK(ranges == streamed);
+        CHECK(bad == 0);
+        ++runs;
+      }
+  CHECK(runs == 11 * (k::kSkinnyStreamTokens + 2) * 5);
+}
+
+}  // namespace
+
+#if !defined(MOLORA_NO_XSIMD)
+TEST_CASE("base_kernels: the streamed and the blocked path give the same bits, and match the double reference") {
+  SUBCASE("f32") { paths_suite<k::default_arch, float, float>(); }
+  SUBCASE("f64") { paths_suite<k::default_arch, double, double>(); }
+  SUBCASE("bf16") { paths_suite<k::default_arch, float, molora::bf16>(); }
+  SUBCASE("f16") { paths_suite<k::default_arch, float, molora::f16>(); }
+}
+#endif
 
 TEST_CASE_TEMPLATE("base_kernels: bf16 and f16 weights give the float kernel's bits on the widened weights", Weight,
                    molora::bf16, molora::f16) {

@@ -1,7 +1,8 @@
 // The base layer's product for a few tokens: y = x W0^T + b0 with W0 [out, in] row-major.
 // At decode sizes this product is bound by reading W0 from memory, so the kernel streams
 // each row of W0 once for all tokens: register blocks of a few rows x up to 4 tokens, the
-// rows' chunk of `in` kept in L1 while every token passes over it. From
+// rows' chunk of `in` kept in L1 while every token passes over it; for 5-8 tokens, pairs of
+// rows along the whole of `in` with every token in registers. From
 // skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to a GEMM (gemm_product
 // for float, Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The
 // base product for few tokens").
@@ -29,8 +30,10 @@
 
 namespace molora::kernels {
 
-// Tokens below which MoLoRALinear uses skinny_product for its base product, and Eigen's GEMM
-// from there on: where Eigen catches up, single-threaded at 4096 x 4096, weights cold or
+// Tokens below which MoLoRALinear uses skinny_product for its base product, and a GEMM from
+// there on (gemm_product for float, Eigen's for double). Measured against Eigen's GEMM, where
+// it catches up (gemm_product, faster than Eigen at T = 128, was not yet measured against
+// the skinny kernel below it), single-threaded at 4096 x 4096, weights cold or
 // warm (skinny / Eigen time at T = 96 / 128 / 192: 0.87-0.89 / 0.97-1.01 / 1.14-1.16 for
 // float, 0.93-0.99 / 0.94-0.98 / 1.11-1.14 for double; docs/benchmarks.md). The same for
 // both scalars, and a constant, so the choice never depends on the thread count. (For one
@@ -51,6 +54,16 @@ constexpr Index kSkinnyGroup = 32;
 // nothing: prefetches do not fault.
 constexpr Index kSkinnyPrefetch = 4096;
 
+// The streamed path: skinny_product runs it for kSkinnyStreamFrom <= T <= kSkinnyStreamTokens,
+// pairs of consecutive rows (kSkinnyStreamRows) one after the other, each along the whole of
+// `in` with all T tokens in registers. Cold, 4096 x 4096 on Zen 4 it took 0.71-0.98x the
+// blocked kernel's time at T = 6-8 but 1.12-1.33x at T = 1-4 (one row at a time: 1.2-1.6x),
+// where the blocked kernel's 4 or 8 rows side by side keep more misses in flight
+// (docs/benchmarks.md, "One sequential stream of rows").
+constexpr Index kSkinnyStreamFrom = 5;
+constexpr Index kSkinnyStreamTokens = 8;
+constexpr int kSkinnyStreamRows = 2;
+
 // ---- scalar kernel ------------------------------------------------------------------------
 
 // y[t*ldy + o] = sum_i w[o*ldw + i] * x[t*ldx + i] (+ bias[o]) for t < T, o in [o0, o1).
@@ -61,7 +74,15 @@ void skinny_product(scalar_arch, const W* w, Index ldw, Index in, const Scalar* 
   for (Index t = 0; t < T; ++t)
     for (Index o = o0; o < o1; ++o) {
       Scalar s = 0;
-      for (Index i = 0; i < in; ++i) s += Scalar(to_float(w[o * ldw + i])) * x[t * ldx + i];
+      for (Index i = 0; i < in; ++i) {
+#if defined(__FMA__)
+        // Fused explicitly: with -march=native GCC contracted the float and the bf16 / f16
+        // instantiations differently, so widened weights gave other bits than float ones.
+        s = std::fma(Scalar(to_float(w[o * ldw + i])), x[t * ldx + i], s);
+#else
+        s += Scalar(to_float(w[o * ldw + i])) * x[t * ldx + i];
+#endif
+      }
       if (bias) s += bias[o];
       y[t * ldy + o] = s;
     }
@@ -238,19 +259,47 @@ inline void skinny_rows_block(const Wt* w, Index ldw, Index in, const Scalar* x,
   }
 }
 
-}  // namespace detail
-
-// The base product for rows [o0, o1) of W0: y[t*ldy + o] = sum_i w[o*ldw + i] * x[t*ldx + i]
-// (+ bias[o] when bias is not null) for t < T. Requires: w rows of `in` values with stride
-// ldw, x T rows with stride ldx >= in, y T rows with stride ldy, 0 <= o0 <= o1; y aliases
-// neither w, x nor bias. Fast for T below skinny_crossover (each row of W0 read once from
-// memory per kSkinnyGroup tokens); correct for any T. Wt is Scalar, or bf16 / f16 (widened
-// exactly in registers): the result is then bit for bit the one for the widened weights.
-template <class Arch, class Wt, class Scalar>
-void skinny_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
-                    const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
+// Rows of W0 one after the other, n <= kSkinnyStreamTokens tokens in one register block:
+// each row (RO = 1) or pair of consecutive rows (RO = 2) read once along the whole of `in`
+// (one or two streams through memory), x re-read from cache for every row. Same order of every sum as skinny_rows_block (one vector accumulator per
+// dot product, summed along `in`, lanes reduced, tail, bias), so the same bits.
+template <int RO, class Arch, class Wt, class Scalar>
+inline void skinny_stream_rows(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
+                               const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
-  constexpr int RO = detail::skinny_rows<Arch>();
+  const Index in_vec = in - in % W;
+  auto rows = [&](auto tokens) {
+    constexpr int RT = decltype(tokens)::value;
+    Index o = o0;
+    for (; o + RO <= o1; o += RO)
+      skinny_block<RO, RT, Arch>(w + o * ldw, ldw, x, ldx, Index(0), in_vec, in_vec, in, true, true,
+                                 static_cast<Scalar*>(nullptr), bias ? bias + o : nullptr, y + o, ldy);
+    if constexpr (RO > 1)
+      for (; o < o1; ++o)
+        skinny_block<1, RT, Arch>(w + o * ldw, ldw, x, ldx, Index(0), in_vec, in_vec, in, true, true,
+                                  static_cast<Scalar*>(nullptr), bias ? bias + o : nullptr, y + o, ldy);
+  };
+  switch (n) {
+    case 1: rows(std::integral_constant<int, 1>{}); break;
+    case 2: rows(std::integral_constant<int, 2>{}); break;
+    case 3: rows(std::integral_constant<int, 3>{}); break;
+    case 4: rows(std::integral_constant<int, 4>{}); break;
+    case 5: rows(std::integral_constant<int, 5>{}); break;
+    case 6: rows(std::integral_constant<int, 6>{}); break;
+    case 7: rows(std::integral_constant<int, 7>{}); break;
+    case 8: rows(std::integral_constant<int, 8>{}); break;
+    default: break;
+  }
+}
+
+// The blocked kernel: register blocks of RO = skinny_rows rows x up to 4 tokens (8 rows for
+// one token), `in` in L1-sized chunks when more than 4 tokens share a block, kSkinnyGroup
+// tokens per pass over W0.
+template <class Arch, class Wt, class Scalar>
+void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
+                            const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  constexpr int RO = skinny_rows<Arch>();
   alignas(64) Scalar spill[kSkinnyGroup * RO * W];
   for (Index t0 = 0; t0 < T; t0 += kSkinnyGroup) {
     const Index n = T - t0 < kSkinnyGroup ? T - t0 : kSkinnyGroup;
@@ -260,22 +309,47 @@ void skinny_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Ind
     // One token: blocks of 8 rows (8 independent sums in flight, as in Eigen's GEMV).
     if (n == 1)
       for (; o + 8 <= o1; o += 8)
-        detail::skinny_rows_block<8, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy,
-                                           spill);
+        skinny_rows_block<8, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy, spill);
     for (; o + RO <= o1; o += RO)
-      detail::skinny_rows_block<RO, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy,
-                                          spill);
+      skinny_rows_block<RO, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy, spill);
     if constexpr (RO > 2) {
       if (o + 2 <= o1) {
-        detail::skinny_rows_block<2, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy,
-                                           spill);
+        skinny_rows_block<2, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy, spill);
         o += 2;
       }
     }
     if (o < o1)
-      detail::skinny_rows_block<1, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy,
-                                         spill);
+      skinny_rows_block<1, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy, spill);
   }
+}
+
+// The streamed kernel for T <= kSkinnyStreamTokens (any T: larger ones in groups).
+template <class Arch, class Wt, class Scalar>
+void skinny_product_streamed(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
+                             const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
+  for (Index t0 = 0; t0 < T; t0 += kSkinnyStreamTokens) {
+    const Index n = T - t0 < kSkinnyStreamTokens ? T - t0 : kSkinnyStreamTokens;
+    skinny_stream_rows<kSkinnyStreamRows, Arch>(w, ldw, in, x + t0 * ldx, ldx, n, bias, y + t0 * ldy, ldy, o0, o1);
+  }
+}
+
+}  // namespace detail
+
+// The base product for rows [o0, o1) of W0: y[t*ldy + o] = sum_i w[o*ldw + i] * x[t*ldx + i]
+// (+ bias[o] when bias is not null) for t < T. Requires: w rows of `in` values with stride
+// ldw, x T rows with stride ldx >= in, y T rows with stride ldy, 0 <= o0 <= o1; y aliases
+// neither w, x nor bias. Fast for T below skinny_crossover (each row of W0 read once from
+// memory per kSkinnyGroup tokens); correct for any T. Wt is Scalar, or bf16 / f16 (widened
+// exactly in registers): the result is then bit for bit the one for the widened weights.
+// From kSkinnyStreamFrom to kSkinnyStreamTokens tokens the rows are streamed pair after pair,
+// otherwise taken in blocks of rows; both sum in the same order, so give the same bits.
+template <class Arch, class Wt, class Scalar>
+void skinny_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
+                    const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
+  if (T >= kSkinnyStreamFrom && T <= kSkinnyStreamTokens)
+    detail::skinny_product_streamed<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
+  else
+    detail::skinny_product_blocked<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
 }
 
 // dst[i] = src[i] widened exactly, i < n (W bf16 or f16): the Eigen path's weight blocks.
