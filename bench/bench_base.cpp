@@ -310,6 +310,23 @@ void BM_base_product(benchmark::State& st) {
   st.counters["eigen_read_share"] = median(share_e);
 }
 
+// W0 [out, in] filled as make_layer fills it, rounded to Wt, row-major.
+template <class Wt>
+std::vector<Wt> weights_as(Index in, Index out) {
+  Mat<float> w32(out, in);
+  fill(w32, 1, 0.02);
+  std::vector<Wt> w(static_cast<std::size_t>(in * out));
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    if constexpr (std::is_same_v<Wt, float>)
+      w[i] = w32.data()[i];
+    else if constexpr (std::is_same_v<Wt, molora::bf16>)
+      w[i] = molora::to_bf16(w32.data()[i]);
+    else
+      w[i] = molora::to_f16(w32.data()[i]);
+  }
+  return w;
+}
+
 // skinny/D/in/out/T/cold: the skinny kernel with W0 in D against a plain read of the same
 // number of bytes, as whole_layer does for the layer; cold rotates over copies past the LLC
 // (iteration i runs the kernel on copy 2i and reads copy 2i + 1, n even).
@@ -320,18 +337,7 @@ void BM_skinny(benchmark::State& st) {
   const Index bytes = in * out * Index(sizeof(Wt));
   std::size_t n = cold ? static_cast<std::size_t>(std::max(4.0, kColdBytes / double(bytes) + 1)) : 1;
   if (cold && n % 2 == 1) ++n;
-  Mat<float> w32(out, in);
-  fill(w32, 1, 0.02);
-  std::vector<Wt> proto(static_cast<std::size_t>(in * out));
-  for (std::size_t i = 0; i < proto.size(); ++i) {
-    if constexpr (std::is_same_v<Wt, float>)
-      proto[i] = w32.data()[i];
-    else if constexpr (std::is_same_v<Wt, molora::bf16>)
-      proto[i] = molora::to_bf16(w32.data()[i]);
-    else
-      proto[i] = molora::to_f16(w32.data()[i]);
-  }
-  std::vector<std::vector<Wt>> w(n, proto);
+  std::vector<std::vector<Wt>> w(n, weights_as<Wt>(in, out));
   Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
   fill(b, 2, 0.02);
   Mat<float> x(T, in), y(T, out);
@@ -373,18 +379,7 @@ void BM_skinny_paths(benchmark::State& st) {
   const Index bytes = in * out * Index(sizeof(Wt));
   std::size_t n = cold ? static_cast<std::size_t>(std::max(4.0, kColdBytes / double(bytes) + 1)) : 1;
   while (cold && n % 3 == 0) ++n;
-  Mat<float> w32(out, in);
-  fill(w32, 1, 0.02);
-  std::vector<Wt> proto(static_cast<std::size_t>(in * out));
-  for (std::size_t i = 0; i < proto.size(); ++i) {
-    if constexpr (std::is_same_v<Wt, float>)
-      proto[i] = w32.data()[i];
-    else if constexpr (std::is_same_v<Wt, molora::bf16>)
-      proto[i] = molora::to_bf16(w32.data()[i]);
-    else
-      proto[i] = molora::to_f16(w32.data()[i]);
-  }
-  std::vector<std::vector<Wt>> w(n, proto);
+  std::vector<std::vector<Wt>> w(n, weights_as<Wt>(in, out));
   Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
   fill(b, 2, 0.02);
   Mat<float> x(T, in), y(T, out);
