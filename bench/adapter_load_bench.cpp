@@ -227,6 +227,28 @@ void run_store_case(const Options& o, const char* kind, Index keep) {
   std::fflush(stdout);
 }
 
+// Runs f in a child process, so that each case starts from a fresh address space and its
+// resident memory is its own; true when the child exited with 0.
+template <class F>
+bool in_child(F&& f) {
+  const pid_t pid = ::fork();
+  if (pid < 0) throw std::runtime_error("fork failed");
+  if (pid == 0) {
+    int rc = 0;
+    try {
+      f();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "adapter_load_bench: %s\n", e.what());
+      rc = 1;
+    }
+    std::fflush(stdout);
+    ::_exit(rc);
+  }
+  int ws = 0;
+  ::waitpid(pid, &ws, 0);
+  return WIFEXITED(ws) && WEXITSTATUS(ws) == 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -290,22 +312,7 @@ int main(int argc, char** argv) {
       cases.push_back({kind, "f32", true, false});
     }
     for (const Case& c : cases) {
-      const pid_t pid = ::fork();
-      if (pid < 0) throw std::runtime_error("fork failed");
-      if (pid == 0) {
-        int rc = 0;
-        try {
-          run_case(o, c.kind, c.dtype, c.cold, c.check);
-        } catch (const std::exception& e) {
-          std::fprintf(stderr, "adapter_load_bench: %s\n", e.what());
-          rc = 1;
-        }
-        std::fflush(stdout);
-        ::_exit(rc);
-      }
-      int ws = 0;
-      ::waitpid(pid, &ws, 0);
-      if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0) status = 1;
+      if (!in_child([&] { run_case(o, c.kind, c.dtype, c.cold, c.check); })) status = 1;
     }
     std::printf("\nAdapterStore, F32 files (mapped, check_values), two passes over all %ld adapters in order, one "
                 "single-token forward per get:\n\n| kind | budget (adapters) | budget MiB | ms / get | loads / "
@@ -314,22 +321,7 @@ int main(int argc, char** argv) {
                 static_cast<long>(o.count));
     std::fflush(stdout);
     for (const char* kind : {"molora", "lora"}) {
-      const pid_t pid = ::fork();
-      if (pid < 0) throw std::runtime_error("fork failed");
-      if (pid == 0) {
-        int rc = 0;
-        try {
-          run_store_case(o, kind, std::max<Index>(1, o.count / 4));
-        } catch (const std::exception& e) {
-          std::fprintf(stderr, "adapter_load_bench: %s\n", e.what());
-          rc = 1;
-        }
-        std::fflush(stdout);
-        ::_exit(rc);
-      }
-      int ws = 0;
-      ::waitpid(pid, &ws, 0);
-      if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0) status = 1;
+      if (!in_child([&] { run_store_case(o, kind, std::max<Index>(1, o.count / 4)); })) status = 1;
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "adapter_load_bench: %s\n", e.what());

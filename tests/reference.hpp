@@ -15,6 +15,30 @@ namespace ref {
 
 using Mat = std::vector<std::vector<double>>;  // [rows][cols]
 
+// The base product over strided buffers, y[t, o] = sum_i weight(o, i) x[t, i] (+ bias[o]),
+// into ref[t * ldy + o]; the rest of ref (padding) is left as it is. tol gets the error
+// bound of a float kernel with machine epsilon eps: 8 eps sqrt(in + 1) sum |terms|.
+template <class WeightAt, class Scalar>
+void strided_base_product(WeightAt weight, const Scalar* x, long ldx, const Scalar* bias, long T, long in, long out,
+                          long ldy, double eps, std::vector<double>& ref, std::vector<double>& tol) {
+  const auto at = [](long i) { return static_cast<std::size_t>(i); };
+  for (long t = 0; t < T; ++t)
+    for (long o = 0; o < out; ++o) {
+      double s = 0, mag = 0;
+      for (long i = 0; i < in; ++i) {
+        const double p = double(weight(o, i)) * double(x[at(t * ldx + i)]);
+        s += p;
+        mag += std::abs(p);
+      }
+      if (bias) {
+        s += double(bias[at(o)]);
+        mag += std::abs(double(bias[at(o)]));
+      }
+      ref[at(t * ldy + o)] = s;
+      tol[at(t * ldy + o)] = 8 * eps * std::sqrt(double(in) + 1) * mag;
+    }
+}
+
 inline Mat zeros(long rows, long cols) { return Mat(static_cast<size_t>(rows), std::vector<double>(static_cast<size_t>(cols), 0.0)); }
 
 template <class M>

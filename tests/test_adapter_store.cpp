@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -17,6 +18,7 @@
 #include <molora/adapter_store.hpp>
 #include <molora/io/adapter_set.hpp>
 
+#include "set_adapters.hpp"
 #include "test_util.hpp"
 
 using molora::Index;
@@ -24,40 +26,11 @@ using molora::RowMatrix;
 
 namespace {
 
+using molora_test::random_lora_adapter;
+using molora_test::random_molora_adapter;
+using molora_test::uniform_matrix;
+
 using Ptr = molora::SetAdapter<float>::Ptr;
-
-RowMatrix<float> random_matrix(Index rows, Index cols, std::uint64_t seed) {
-  std::mt19937_64 g(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  RowMatrix<float> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = u(g);
-  return m;
-}
-
-Ptr molora_adapter(Index in, Index out, Index E, Index k, Index r, std::uint64_t seed) {
-  molora::MoLoRAConfig c;
-  c.in_features = in;
-  c.out_features = out;
-  c.num_experts = E;
-  c.top_k = k;
-  c.rank = r;
-  c.router_bias = seed % 2 == 0;
-  auto a = std::make_shared<molora::MoLoRAAdapter<float>>(c);
-  a->router().set_weight(random_matrix(E, in, seed));
-  if (c.router_bias) a->router().set_bias(random_matrix(1, E, seed + 1));
-  for (Index e = 0; e < E; ++e) {
-    a->set_expert_A(e, random_matrix(r, in, seed + 2 + std::uint64_t(e)));
-    a->set_expert_B(e, random_matrix(out, r, seed + 50 + std::uint64_t(e)));
-  }
-  return molora::SetAdapter<float>::share(std::shared_ptr<const molora::MoLoRAAdapter<float>>(a));
-}
-
-Ptr lora_adapter(Index in, Index out, Index r, std::uint64_t seed) {
-  auto l = std::make_shared<molora::LoRA<float>>(in, out, r, 2.0 * double(r));
-  l->set_A(random_matrix(r, in, seed));
-  l->set_B(random_matrix(out, r, seed + 1));
-  return molora::SetAdapter<float>::share(std::shared_ptr<const molora::LoRA<float>>(l));
-}
 
 // Every weight of a and b (router, bias, each expert's A and B^T) bitwise equal, and the
 // same configuration.
@@ -112,10 +85,10 @@ std::map<std::string, Ptr> make_adapters(Index in, Index out, int n, std::uint64
     const Index r = 1 + Index(g() % 9);
     const std::string id = "tenant-" + std::to_string(i);
     if (i % 3 == 1)
-      m[id] = lora_adapter(in, out, r, seed + 100 * std::uint64_t(i));
+      m[id] = random_lora_adapter(in, out, r, seed + 100 * std::uint64_t(i));
     else {
       const Index E = 1 + Index(g() % 5), k = 1 + Index(g() % std::uint64_t(E));
-      m[id] = molora_adapter(in, out, E, k, r, seed + 100 * std::uint64_t(i));
+      m[id] = random_molora_adapter(in, out, E, k, r, i % 2 == 0, seed + 100 * std::uint64_t(i));
     }
   }
   return m;
@@ -124,9 +97,9 @@ std::map<std::string, Ptr> make_adapters(Index in, Index out, int n, std::uint64
 }  // namespace
 
 TEST_CASE("adapter_store: weight_bytes counts router, bias and every expert") {
-  const auto a = molora_adapter(13, 7, 3, 2, 5, 2);  // even seed: with a bias
+  const auto a = random_molora_adapter(13, 7, 3, 2, 5, true, 2);
   CHECK(a->weight_bytes() == sizeof(float) * std::size_t(3 * 13 + 3 + 3 * 5 * (13 + 7)));
-  const auto l = lora_adapter(13, 7, 4, 3);
+  const auto l = random_lora_adapter(13, 7, 4, 3);
   CHECK(l->weight_bytes() == sizeof(float) * std::size_t(4 * (13 + 7)));
 }
 
@@ -189,8 +162,8 @@ TEST_CASE("adapter_store: least recently used evicted first, budget never exceed
 TEST_CASE("adapter_store: an evicted adapter is reloaded from its file with the same bits") {
   test_util::TempDir dir;
   const Index in = 37, out = 23;
-  const std::vector<Ptr> originals = {molora_adapter(in, out, 4, 2, 6, 10), lora_adapter(in, out, 3, 11),
-                                      molora_adapter(in, out, 1, 1, 1, 12), lora_adapter(in, out, 1, 13)};
+  const std::vector<Ptr> originals = {random_molora_adapter(in, out, 4, 2, 6, true, 10), random_lora_adapter(in, out, 3, 11),
+                                      random_molora_adapter(in, out, 1, 1, 1, false, 12), random_lora_adapter(in, out, 1, 13)};
   std::size_t largest = 0;
   for (const auto& a : originals) largest = std::max(largest, a->weight_bytes());
   molora::AdapterStore<float> store(largest);  // room for one of the largest at a time
@@ -199,7 +172,7 @@ TEST_CASE("adapter_store: an evicted adapter is reloaded from its file with the 
     molora::save_set_adapters<float>(path, {{"proj", originals[i].get()}});
     store.add("a" + std::to_string(i), molora::set_adapter_loader<float>(path, "proj"));
   }
-  const RowMatrix<float> x = random_matrix(9, in, 5);
+  const RowMatrix<float> x = uniform_matrix(9, in, 5);
   std::vector<std::weak_ptr<const molora::SetAdapter<float>>> first(originals.size());
   for (int pass = 0; pass < 2; ++pass)
     for (std::size_t i = 0; i < originals.size(); ++i) {
@@ -227,7 +200,7 @@ TEST_CASE("adapter_store: an evicted adapter is reloaded from its file with the 
 }
 
 TEST_CASE("adapter_store: errors name the id; a failed get changes nothing") {
-  const auto a = molora_adapter(11, 5, 2, 1, 3, 1), b = lora_adapter(11, 5, 2, 2);
+  const auto a = random_molora_adapter(11, 5, 2, 1, 3, false, 1), b = random_lora_adapter(11, 5, 2, 2);
   CHECK_THROWS_AS(molora::AdapterStore<float>(0), molora::config_error);
   molora::AdapterStore<float> store(a->weight_bytes());
   store.add("a", [a] { return a; });
@@ -236,8 +209,11 @@ TEST_CASE("adapter_store: errors name the id; a failed get changes nothing") {
   CHECK_THROWS_AS(store.add("empty", molora::AdapterStore<float>::Loader{}), molora::config_error);
   CHECK_THROWS_WITH_AS(store.get("nobody"), doctest::Contains("\"nobody\""), molora::config_error);
   store.add("null", [] { return Ptr{}; });
-  store.add("big", [] { return molora_adapter(11, 5, 4, 2, 8, 3); });
+  store.add("big", [] { return random_molora_adapter(11, 5, 4, 2, 8, false, 3); });
   store.add("bad-file", molora::set_adapter_loader<float>("/nonexistent/dir/x.safetensors"));
+  CHECK_THROWS_WITH_AS(molora::set_adapter_loader<float>(""), doctest::Contains("path"), molora::config_error);
+  CHECK_THROWS_WITH_AS(molora::set_adapter_loader<float>("x.safetensors", "", std::nan("")),
+                       doctest::Contains("scale"), molora::config_error);
   CHECK(store.get("a") == a);
   CHECK_THROWS_WITH_AS(store.get("null"), doctest::Contains("\"null\""), molora::config_error);
   CHECK_THROWS_WITH_AS(store.get("big"), doctest::Contains("\"big\" weight bytes"), molora::config_error);
@@ -260,7 +236,7 @@ TEST_CASE("adapter_store: gets and forwards on several threads") {
     const Ptr a = kv.second;
     store.add(kv.first, [a] { return a; });
   }
-  const RowMatrix<float> x = random_matrix(5, in, 3);
+  const RowMatrix<float> x = uniform_matrix(5, in, 3);
   std::map<std::string, RowMatrix<float>> expected;
   for (const auto& kv : adapters) expected[kv.first] = forward_one(kv.second, x);
   std::atomic<int> wrong{0}, over_budget{0};

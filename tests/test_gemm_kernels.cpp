@@ -79,24 +79,10 @@ struct Problem {
 
   // Loop by loop in double; also the error bound: eps * sqrt(in + 1) * sum |terms|, times 8.
   void reference(std::vector<double>& ref, std::vector<double>& tol) const {
-    const double eps = std::numeric_limits<Scalar>::epsilon();
     ref.assign(y0.begin(), y0.end());
     tol.assign(y0.size(), 0.0);
-    for (Index t = 0; t < T; ++t)
-      for (Index o = 0; o < out; ++o) {
-        double s = 0, mag = 0;
-        for (Index i = 0; i < in; ++i) {
-          const double p = weight(o, i) * double(x[at(t * ldx + i)]);
-          s += p;
-          mag += std::abs(p);
-        }
-        if (with_bias) {
-          s += double(bias[at(o)]);
-          mag += std::abs(double(bias[at(o)]));
-        }
-        ref[at(t * ldy + o)] = s;
-        tol[at(t * ldy + o)] = 8 * eps * std::sqrt(double(in) + 1) * mag;
-      }
+    ref::strided_base_product([this](Index o, Index i) { return weight(o, i); }, x.data(), ldx, bias_ptr(), T, in, out, ldy,
+                              std::numeric_limits<Scalar>::epsilon(), ref, tol);
   }
 };
 

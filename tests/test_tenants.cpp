@@ -13,44 +13,18 @@
 
 #include <molora/tenants.hpp>
 
+#include "set_adapters.hpp"
+
 using molora::Index;
 using molora::RowMatrix;
 
 namespace {
 
+using molora_test::random_lora_adapter;
+using molora_test::random_molora_adapter;
+using molora_test::uniform_matrix;
+
 using Ptr = molora::SetAdapter<float>::Ptr;
-
-RowMatrix<float> random_matrix(Index rows, Index cols, std::uint64_t seed) {
-  std::mt19937_64 g(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  RowMatrix<float> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = u(g);
-  return m;
-}
-
-Ptr molora_adapter(Index in, Index out, Index E, Index k, Index r, std::uint64_t seed) {
-  molora::MoLoRAConfig c;
-  c.in_features = in;
-  c.out_features = out;
-  c.num_experts = E;
-  c.top_k = k;
-  c.rank = r;
-  auto a = std::make_shared<molora::MoLoRAAdapter<float>>(c);
-  a->router().set_weight(random_matrix(E, in, seed));
-  a->router().set_bias(random_matrix(1, E, seed + 1));
-  for (Index e = 0; e < E; ++e) {
-    a->set_expert_A(e, random_matrix(r, in, seed + 2 + std::uint64_t(e)));
-    a->set_expert_B(e, random_matrix(out, r, seed + 100 + std::uint64_t(e)));
-  }
-  return molora::SetAdapter<float>::share(std::shared_ptr<const molora::MoLoRAAdapter<float>>(a));
-}
-
-Ptr lora_adapter(Index in, Index out, Index r, std::uint64_t seed) {
-  auto l = std::make_shared<molora::LoRA<float>>(in, out, r, 2.0 * double(r));
-  l->set_A(random_matrix(r, in, seed));
-  l->set_B(random_matrix(out, r, seed + 1));
-  return molora::SetAdapter<float>::share(std::shared_ptr<const molora::LoRA<float>>(l));
-}
 
 // A two-projection model: 40 -> 24 and 24 -> 40.
 const std::vector<molora::ProjectionShape> kShapes = {{40, 24}, {24, 40}};
@@ -60,11 +34,11 @@ molora::Tenant<float> make_tenant(int i) {
   t.id = "tenant-" + std::to_string(i);
   const auto seed = std::uint64_t(1000 * (i + 1));
   if (i % 3 == 0)
-    t.adapters = {molora_adapter(40, 24, 4, 2, 8, seed), lora_adapter(24, 40, 4, seed + 500)};
+    t.adapters = {random_molora_adapter(40, 24, 4, 2, 8, true, seed), random_lora_adapter(24, 40, 4, seed + 500)};
   else if (i % 3 == 1)
-    t.adapters = {lora_adapter(40, 24, 16, seed), molora_adapter(24, 40, 3, 1, 5, seed + 500)};
+    t.adapters = {random_lora_adapter(40, 24, 16, seed), random_molora_adapter(24, 40, 3, 1, 5, true, seed + 500)};
   else
-    t.adapters = {molora_adapter(40, 24, 8, 2, 3, seed), nullptr};  // base only in projection 1
+    t.adapters = {random_molora_adapter(40, 24, 8, 2, 3, true, seed), nullptr};  // base only in projection 1
   return t;
 }
 
@@ -98,7 +72,7 @@ TEST_CASE("tenants: a snapshot puts each tenant's adapters in the same slot of e
   CHECK(snap->projection(1).adapter(2) == nullptr);
   // A mixed batch equals each tenant's batch alone, row by row, bitwise.
   const Index T = 23;
-  const RowMatrix<float> x = random_matrix(T, 40, 7);
+  const RowMatrix<float> x = uniform_matrix(T, 40, 7);
   std::vector<std::string> mix;
   for (Index t = 0; t < T; ++t) mix.push_back("tenant-" + std::to_string(t % 4));
   molora::AdapterSetWorkspace<float> ws;
@@ -114,7 +88,7 @@ TEST_CASE("tenants: replace, drop and scale swap whole tenants; old snapshots st
   for (int i = 0; i < 3; ++i) reg.add(make_tenant(i));
   const auto before = reg.current();
   const Index T = 9;
-  const RowMatrix<float> x = random_matrix(T, 40, 8);
+  const RowMatrix<float> x = uniform_matrix(T, 40, 8);
   const std::vector<std::string> ones(std::size_t(T), "tenant-1");
   molora::AdapterSetWorkspace<float> ws;
   const RowMatrix<float> y_before = model_forward(*before, x, ones, ws);
@@ -147,11 +121,11 @@ TEST_CASE("tenants: bad tenants are refused and the current snapshot is unchange
   molora::TenantRegistry<float> reg(kShapes);
   reg.add(make_tenant(0));
   const auto snap = reg.current();
-  molora::Tenant<float> wrong_count{"short", {lora_adapter(40, 24, 2, 9)}};
+  molora::Tenant<float> wrong_count{"short", {random_lora_adapter(40, 24, 2, 9)}};
   CHECK_THROWS_WITH_AS(reg.add(wrong_count),
                        "molora shape error: tenant \"short\" adapters (one per projection): expected 2, got 1",
                        molora::shape_error);
-  molora::Tenant<float> wrong_shape{"swapped", {lora_adapter(24, 40, 2, 9), lora_adapter(40, 24, 2, 10)}};
+  molora::Tenant<float> wrong_shape{"swapped", {random_lora_adapter(24, 40, 2, 9), random_lora_adapter(40, 24, 2, 10)}};
   CHECK_THROWS_WITH_AS(reg.add(wrong_shape),
                        "molora shape error: tenant \"swapped\" adapter for projection 0 shape (in, out): expected "
                        "40 -> 24, got 24 -> 40",
@@ -170,7 +144,7 @@ TEST_CASE("tenants: forwards on several threads while another thread adds and dr
   for (int i = 0; i < kTenants; ++i) all.push_back(make_tenant(i));
   // What each tenant's rows must be (each token's row depends only on its own adapters).
   const Index T = 12;
-  const RowMatrix<float> x = random_matrix(T, 40, 9);
+  const RowMatrix<float> x = uniform_matrix(T, 40, 9);
   std::vector<RowMatrix<float>> want;
   {
     const molora::TenantSnapshot<float> full(kShapes, all);

@@ -14,6 +14,7 @@
 // ".normalize_top_k" ("true"/"false"), ".selection" ("top_k"/"sampling").
 #pragma once
 
+#include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <map>
@@ -181,6 +182,9 @@ typename SetAdapter<Scalar>::Ptr load_set_adapter(const io::SafetensorsReader& f
 template <class Scalar>
 std::function<typename SetAdapter<Scalar>::Ptr()> set_adapter_loader(std::string path, std::string prefix = "",
                                                                      double scale = 1, bool check_values = true) {
+  // Checked now, where the caller registers the adapter, not at its first load.
+  if (path.empty()) throw config_error(detail::mismatch("set adapter loader path", "a file path", "\"\""));
+  if (!std::isfinite(scale)) throw config_error(detail::mismatch("set adapter loader scale", "a finite value", scale));
   return [path = std::move(path), prefix = std::move(prefix), scale, check_values] {
     return load_set_adapter<Scalar>(io::SafetensorsReader(path), prefix, scale, check_values);
   };
