@@ -9,6 +9,8 @@
 
 #include <molora/adapter_set.hpp>
 
+#include "test_util.hpp"
+
 namespace molora_test {
 
 inline molora::RowMatrix<float> uniform_matrix(molora::Index rows, molora::Index cols, std::uint64_t seed) {
@@ -24,12 +26,7 @@ inline molora::RowMatrix<float> uniform_matrix(molora::Index rows, molora::Index
 inline molora::SetAdapter<float>::Ptr random_molora_adapter(molora::Index in, molora::Index out, molora::Index E,
                                                             molora::Index k, molora::Index r, bool bias,
                                                             std::uint64_t seed) {
-  molora::MoLoRAConfig c;
-  c.in_features = in;
-  c.out_features = out;
-  c.num_experts = E;
-  c.top_k = k;
-  c.rank = r;
+  molora::MoLoRAConfig c = test_util::config(in, out, E, k, r);
   c.router_bias = bias;
   c.normalize_top_k = !bias;
   auto a = std::make_shared<molora::MoLoRAAdapter<float>>(c);
