@@ -12,8 +12,11 @@
 // Arguments: adapter (0 plain, 1 MING-MOE), bf16 (0 float weights, 1 bf16 weights), threads
 // (2 only in the OpenMP build); decode also the batch size. Times are wall time ("Time") and
 // the CPU time of the whole process, every thread ("CPU"); rates are per wall second.
+// BM_adapter_cost times plain and adapted decode steps alternately in one loop (the
+// adapters' cost as one run's ratio).
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -356,6 +359,64 @@ void BM_decode(benchmark::State& state) {
   }
 }
 
+// The adapters' cost in one run: a decode step of the plain model and one of the adapted model
+// (the same random base weights, each model its own copy, so both steps read their weights
+// cold) alternately, the order swapped every iteration so that neither always follows the
+// other. cost_pct = median over iterations of (adapted step / plain step) - 1, in percent:
+// the machine's drift moves both steps of a pair alike. The reported time is the pair's.
+void BM_adapter_cost(benchmark::State& state) {
+  const bool bf16 = state.range(0) != 0;
+  qwen2::Model& plain = model(false, bf16);
+  qwen2::Model& adapted = model(true, bf16);
+  const std::size_t batch = static_cast<std::size_t>(state.range(1));
+  use_threads(state, state.range(2));
+  struct Run {
+    qwen2::Model* m;
+    std::vector<qwen2::KVCache> caches;
+    std::vector<qwen2::KVCache*> ptrs;
+  };
+  std::vector<std::vector<int>> prompts, next;
+  for (std::size_t s = 0; s < batch; ++s) {
+    prompts.push_back(tokens(32 + 8 * static_cast<Index>(s), static_cast<int>(s) + 2));
+    next.push_back({static_cast<int>(s) + 11});
+  }
+  Run runs[2] = {{&plain, std::vector<qwen2::KVCache>(batch), {}}, {&adapted, std::vector<qwen2::KVCache>(batch), {}}};
+  for (Run& r : runs) {
+    for (qwen2::KVCache& c : r.caches) r.ptrs.push_back(&c);
+    r.m->forward(prompts, r.ptrs);
+  }
+  auto step = [&](Run& r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (std::size_t s = 0; s < batch; ++s) r.caches[s].length = static_cast<Index>(prompts[s].size());
+    benchmark::DoNotOptimize(r.m->forward(next, r.ptrs).data());
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  std::vector<double> ratio, t_plain, t_adapted;
+  bool plain_first = true;
+  for (auto _ : state) {
+    double tp = 0, ta = 0;
+    if (plain_first) {
+      tp = step(runs[0]);
+      ta = step(runs[1]);
+    } else {
+      ta = step(runs[1]);
+      tp = step(runs[0]);
+    }
+    plain_first = !plain_first;
+    ratio.push_back(ta / tp);
+    t_plain.push_back(tp);
+    t_adapted.push_back(ta);
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const std::size_t n = v.size();
+    return n == 0 ? 0.0 : n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  };
+  state.counters["cost_pct"] = 100.0 * (median(ratio) - 1.0);
+  state.counters["plain_ms"] = 1e3 * median(t_plain);
+  state.counters["adapted_ms"] = 1e3 * median(t_adapted);
+}
+
 // Bytes one token at batch 1 reads of the adapters the benchmark attaches (MoLoRAConfig's
 // defaults, float as MoLoRAAdapter<float> keeps them): per MLP projection the router
 // [E, in] + [E], and the A [r, in] and B [out, r] of the k experts the token picks.
@@ -423,6 +484,11 @@ void decode_args(benchmark::internal::Benchmark* b) {
       for (Index bf16 : {0, 1})
         for (Index adapter : {0, 1}) b->Args({adapter, bf16, batch, t});
 }
+void cost_args(benchmark::internal::Benchmark* b) {
+  for (Index t = 1; t <= kMaxThreads; ++t)
+    for (Index batch : {1, 4})
+      for (Index bf16 : {0, 1}) b->Args({bf16, batch, t});
+}
 void read_args(benchmark::internal::Benchmark* b) {
   for (Index t = 1; t <= kMaxThreads; ++t)
     for (Index bf16 : {0, 1}) b->Args({bf16, t});
@@ -453,6 +519,13 @@ BENCHMARK(BM_decode)
     ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMillisecond)
     ->Iterations(20);
+BENCHMARK(BM_adapter_cost)
+    ->ArgNames({"bf16", "batch", "threads"})
+    ->Apply(cost_args)
+    ->UseRealTime()
+    ->MeasureProcessCPUTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(40);
 BENCHMARK(BM_read_bound)
     ->ArgNames({"bf16", "threads"})
     ->Apply(read_args)
