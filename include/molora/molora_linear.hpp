@@ -382,14 +382,22 @@ public:
     if (live_size(A_) != E * r * in || live_size(B_) != out * E * r || !router_.live() ||
         router_.num_experts() != E || router_.in_features() != in)
       throw state_error(detail::cat("MoLoRAAdapter: expected a live adapter with stacked A ",
-                                    detail::shape_str(E * r, in), ", got a moved-from one with ",
-                                    live_size(A_), " values of stacked A"));
+                                    detail::shape_str(E * r, in), ", got a moved-from one with stacked A ",
+                                    stacked_A_shape()));
   }
 
 private:
   template <class Storage>
   static Index live_size(const Storage& m) {
     return static_cast<Index>(m.size());
+  }
+  std::string stacked_A_shape() const {
+    if constexpr (kHalf) {
+      const Index in = A_.empty() ? 0 : in_features();
+      return detail::shape_str(in ? live_size(A_) / in : 0, in);
+    } else {
+      return detail::shape_str(A_.rows(), A_.cols());
+    }
   }
 
   // The layers built on the adapter call its unchecked steps after their own checks.
