@@ -283,3 +283,23 @@ TEST_CASE("half adapter: every strategy runs fused; a fresh adapter adds nothing
   h.add_delta(x, y);
   CHECK(test_util::same_bits(y, y0));  // B = 0
 }
+
+TEST_CASE("half adapter: a bf16 base with bf16 router and experts equals the bf16 base with the widened float adapter") {
+  for (const Shape& sh : {kShapes[1], kShapes[4]}) {
+    auto f32 = rounded_layer(sh, 123, false);
+    molora::MoLoRALinear<float, bf16> base16(f32.config());
+    molora::MoLoRALinear<float, bf16, bf16> all16(f32.config());
+    base16.set_base_weight(f32.base_weight());
+    all16.set_base_weight(f32.base_weight());
+    base16.set_base_bias(f32.base_bias());
+    all16.set_base_bias(f32.base_bias());
+    base16.adapter() = f32.adapter();
+    base16.set_strategy(molora::Strategy::fused);
+    all16.adapter() = molora::convert_adapter<bf16>(f32.adapter());
+    for (Index T : {1, 3, 8, 17, 130}) {
+      INFO("in=", sh.in, " out=", sh.out, " T=", T);
+      const auto x = ref::random_x<float>(T, sh.in, 200 + std::uint64_t(T));
+      CHECK(test_util::same_bits(base16.forward(x), all16.forward(x)));
+    }
+  }
+}

@@ -168,7 +168,7 @@ public:
   Strategy strategy() const { return strategy_; }
   // The strategy `automatic` resolves to for T tokens and k experts per token.
   Strategy resolved_strategy(Index num_tokens, Index top_k) const {
-    if (kHalf) return Strategy::fused;  // eigen and dense_shrink multiply Scalar matrices
+    if constexpr (kHalf) return Strategy::fused;  // eigen and dense_shrink multiply Scalar matrices
     if (strategy_ != Strategy::automatic) return strategy_;
     // Dense routing: the dense shrink does no extra work and is one large GEMM.
     if (top_k == num_experts() && num_tokens >= 64) return Strategy::dense_shrink;
