@@ -7,6 +7,8 @@
 #include <molora/io/ming_moe.hpp>
 #include <molora/io/safetensors.hpp>
 
+#include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <initializer_list>
 #include <regex>
@@ -285,4 +287,133 @@ TEST_CASE("MING-MOE: a config that disagrees with the tensors is a format error 
     return n;
   });
   expect(ming + "/config.json", swapped, "experts.1.lora_A_1.weight' shape: expected [4, 48], got [4, 32]");
+}
+
+namespace {
+
+// MING-MOE's keys of one module's tensors, with each tensor's dtype chosen by `dtype_of`.
+template <class DtypeOf>
+std::vector<molora::io::TensorToWrite> ming_tensors(const std::string& module, const molora::MoLoRAAdapter<float>& a,
+                                                    DtypeOf dtype_of) {
+  using molora::io::make_tensor;
+  const std::string p = "base_model.model." + module + ".";
+  std::vector<molora::io::TensorToWrite> t;
+  t.push_back(make_tensor(p + "switch.weight", a.router().weight(), dtype_of("switch.weight", 0)));
+  const molora::Vector<float> bias = a.router().bias().transpose();
+  t.push_back(make_tensor(p + "switch.bias", bias, molora::io::Dtype::F32));
+  for (Index i = 0; i < a.num_experts(); ++i) {
+    const RowMatrix<float> A = a.expert_A(i), B = a.expert_B(i);
+    t.push_back(make_tensor(molora::detail::cat(p, "experts.", i, ".lora_A_", i, ".weight"), A, dtype_of("A", i)));
+    t.push_back(make_tensor(molora::detail::cat(p, "experts.", i, ".lora_B_", i, ".weight"), B, dtype_of("B", i)));
+  }
+  return t;
+}
+
+template <class W>
+bool same_storage(const molora::MoLoRAAdapter<float, W>& a, const molora::MoLoRAAdapter<float, W>& b) {
+  const auto n_a = std::size_t(a.num_experts() * a.rank() * a.in_features());
+  const auto n_b = std::size_t(a.num_experts() * a.rank() * a.out_features());
+  const auto n_r = std::size_t(a.num_experts() * a.in_features());
+  return std::memcmp(a.stacked_A_data(), b.stacked_A_data(), n_a * sizeof(W)) == 0 &&
+         std::memcmp(a.stacked_B_data(), b.stacked_B_data(), n_b * sizeof(W)) == 0 &&
+         std::memcmp(a.router().weight_data(), b.router().weight_data(), n_r * sizeof(W)) == 0 &&
+         a.router().bias() == b.router().bias() && a.scaling() == b.scaling();
+}
+
+}  // namespace
+
+TEST_CASE("MING-MOE: bf16 / mixed files load into 16-bit adapters as stored and into float ones widened") {
+  using molora::bf16;
+  using molora::f16;
+  using molora::io::Dtype;
+  molora::MoLoRAConfig c;
+  c.in_features = 19;
+  c.out_features = 11;
+  c.num_experts = 3;
+  c.top_k = 2;
+  c.rank = 5;
+  c.lora_alpha = 7;
+  const auto a = ref::random_layer<float>(c, 4).adapter();
+  const std::string module = "model.layers.0.mlp.up_proj";
+  TempDir tmp;
+  molora::io::save_ming_moe<float>(tmp.file("ckpt"), {{module, &a}});
+  const std::string cfg = tmp.file("ckpt/config.json");
+  const std::string all_bf16 = tmp.file("bf16.safetensors"), mixed = tmp.file("mixed.safetensors");
+  molora::io::save_safetensors(all_bf16, ming_tensors(module, a, [](const char*, Index) { return Dtype::BF16; }));
+  // Router bf16, A of expert 1 F32, B of expert 2 F16, the rest bf16.
+  auto mixed_dtype = [](const char* what, Index i) {
+    const std::string w = what;
+    return w == "A" && i == 1 ? Dtype::F32 : w == "B" && i == 2 ? Dtype::F16 : Dtype::BF16;
+  };
+  molora::io::save_safetensors(mixed, ming_tensors(module, a, mixed_dtype));
+
+  for (const std::string& file : {all_bf16, mixed}) {
+    INFO(file);
+    const auto wide = molora::io::load_ming_moe<float>(cfg, file).at(module);
+    const auto kept = molora::io::load_ming_moe<float, bf16>(cfg, file).at(module);
+    // Kept as stored, or rounded per tensor: the bits of the widened load rounded to bf16
+    // (exact for the bf16 tensors, rounding for the F32 / F16 ones).
+    CHECK(same_storage(kept, molora::convert_adapter<bf16>(wide)));
+    // The bf16 tensors of the file, as stored.
+    const auto ra = molora::convert_adapter<bf16>(a);
+    CHECK(std::memcmp(kept.router().weight_data(), ra.router().weight_data(), 3 * 19 * sizeof(bf16)) == 0);
+    CHECK(std::memcmp(kept.stacked_A_data(), ra.stacked_A_data(), 5 * 19 * sizeof(bf16)) == 0);  // expert 0
+    // The widened load holds exactly the file's values: F32 tensors unchanged.
+    if (file == mixed) CHECK(wide.expert_A(1) == a.expert_A(1));
+    // The kept adapter's output is the float adapter's on the widened weights, bit for bit.
+    auto widened = molora::convert_adapter<float>(kept);
+    widened.set_strategy(molora::Strategy::fused);
+    const auto x = ref::random_x<float>(9, 19, 8);
+    RowMatrix<float> y1 = RowMatrix<float>::Zero(9, 11), y2 = y1;
+    kept.add_delta(x, y1);
+    widened.add_delta(x, y2);
+    CHECK(test_util::same_bits(y1, y2));
+    if (file == all_bf16) {
+      CHECK(same_storage(molora::convert_adapter<bf16>(wide), kept));
+      // A bf16 file into f16 storage: each value rounded from its widened bf16 value.
+      const auto h = molora::io::load_ming_moe<float, f16>(cfg, file).at(module);
+      CHECK(same_storage(h, molora::convert_adapter<f16>(wide)));
+    }
+  }
+
+  // Saved from a 16-bit adapter: the file holds its bits as stored, and loads back as them.
+  const auto kept = molora::io::load_ming_moe<float, bf16>(cfg, mixed).at(module);
+  molora::io::save_ming_moe<float, bf16>(tmp.file("again"), {{module, &kept}});
+  const SafetensorsReader again(tmp.file("again/non_lora_trainables.safetensors"));
+  CHECK(again.info("base_model.model." + module + ".experts.1.lora_A_1.weight").dtype == Dtype::BF16);
+  CHECK(same_storage(molora::io::load_ming_moe<float, bf16>(tmp.file("again/config.json"),
+                                                            tmp.file("again/non_lora_trainables.safetensors"))
+                         .at(module),
+                     kept));
+
+  // An F32 value past f16's range: a numeric_error naming the file, the key and the index;
+  // bf16 storage holds it.
+  auto big = a;
+  RowMatrix<float> A1 = a.expert_A(1);
+  A1(2, 3) = 1e5f;
+  big.set_expert_A(1, A1);
+  const std::string over = tmp.file("over.safetensors");
+  molora::io::save_safetensors(over, ming_tensors(module, big, mixed_dtype));
+  const std::string msg =
+      test_util::message_of<molora::numeric_error>([&] { (void)molora::io::load_ming_moe<float, f16>(cfg, over); });
+  CHECK(msg.find(over) != std::string::npos);
+  CHECK(msg.find("experts.1.lora_A_1.weight") != std::string::npos);
+  CHECK(msg.find("[2, 3]") != std::string::npos);
+  CHECK(msg.find("100000") != std::string::npos);
+  CHECK_NOTHROW((void)molora::io::load_ming_moe<float, bf16>(cfg, over));
+  // A non-finite stored bf16 value is a format_error, as for a float load.
+  auto nan = a;
+  RowMatrix<float> B0 = a.expert_B(0);
+  B0(1, 1) = std::nanf("");
+  CHECK_THROWS(nan.set_expert_B(0, B0));  // the layer refuses it: write the file by hand
+  auto tensors = ming_tensors(module, a, [](const char*, Index) { return Dtype::BF16; });
+  for (auto& t : tensors)
+    if (t.name.find("experts.0.lora_B_0") != std::string::npos) {
+      t.bytes[2 * (1 * 5 + 1)] = 0xc0;
+      t.bytes[2 * (1 * 5 + 1) + 1] = 0x7f;  // 0x7fc0: NaN
+    }
+  const std::string bad = tmp.file("nan.safetensors");
+  molora::io::save_safetensors(bad, std::move(tensors));
+  CHECK_THROWS_AS(((void)molora::io::load_ming_moe<float, bf16>(cfg, bad)), molora::format_error);
+  CHECK_THROWS_AS((void)molora::io::load_ming_moe<float>(cfg, bad), molora::format_error);
 }

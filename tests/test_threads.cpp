@@ -3,7 +3,8 @@
 // strategy. (2) Built with OpenMP (tests/cmake/threads.cmake), the adapter's results are
 // bitwise identical with 1 and 2 OpenMP threads, and so is the whole layer at decode sizes
 // (T below the token split: the base rows and the experts' output columns are split instead),
-// f32 and bf16 base, and Linear, and above the skinny crossover (base product gemm or eigen). Run under TSan by test_threads_tsan.
+// f32 and bf16 base, and Linear, and above the skinny crossover (base product gemm or eigen); also
+// with bf16 / f16 router and experts. Run under TSan by test_threads_tsan.
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -228,6 +229,38 @@ TEST_CASE("threads: decode sizes (T = 1..20) give the same bits with 1 and 2 thr
         CHECK(ty[1] == y1);
         CHECK(tape[0].hidden == tape[1].hidden);
       }
+    }
+  }
+  omp_set_num_threads(saved);
+}
+
+TEST_CASE("threads: bf16 / f16 router and experts give the same bits with 1 and 2 threads, equal to the float adapter's") {
+  // Decode sizes (shared shrink, experts' columns split), T above the token split, and
+  // above 128; the float layer holds the widened weights and runs strategy fused.
+  const int saved = omp_get_max_threads();
+  for (const auto& cfg : {test_util::config(37, 517, 5, 2, 7), test_util::config(130, 256, 4, 4, 16)}) {
+    auto f32 = ref::random_layer<float>(cfg, 80 + std::uint64_t(cfg.out_features));
+    f32.adapter() = molora::convert_adapter<float>(molora::convert_adapter<molora::bf16>(f32.adapter()));
+    f32.set_strategy(Strategy::fused);
+    molora::MoLoRALinear<float, float, molora::bf16> b16(cfg);
+    b16.set_base_weight(f32.base_weight());
+    b16.set_base_bias(f32.base_bias());
+    b16.adapter() = molora::convert_adapter<molora::bf16>(f32.adapter());
+    auto f32h = f32;
+    f32h.adapter() = molora::convert_adapter<float>(molora::convert_adapter<molora::f16>(f32.adapter()));
+    molora::MoLoRALinear<float, float, molora::f16> h16(cfg);
+    h16.set_base_weight(f32.base_weight());
+    h16.set_base_bias(f32.base_bias());
+    h16.adapter() = molora::convert_adapter<molora::f16>(f32h.adapter());
+    for (Index T : {1, 2, 3, 5, 7, 8, 9, 13, 20, 37, 129, 200}) {
+      const auto x = ref::random_x<float>(T, cfg.in_features, 90 + std::uint64_t(T));
+      INFO("out=", cfg.out_features, " T=", T);
+      const auto y1 = forward_with(b16, x, 1), y2 = forward_with(b16, x, 2);
+      CHECK(y1 == y2);
+      CHECK(y2 == forward_with(f32, x, 2));
+      const auto z1 = forward_with(h16, x, 1), z2 = forward_with(h16, x, 2);
+      CHECK(z1 == z2);
+      CHECK(z2 == forward_with(f32h, x, 2));
     }
   }
   omp_set_num_threads(saved);

@@ -373,9 +373,10 @@ void backward_impl(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, con
 // needs. x [T, in] must stay alive and unchanged until add_backward, unless it shares memory
 // with y (the tape then keeps a copy). Zeroes tape.logit_grad. Returns the routing used.
 // Throws shape_error / numeric_error (non-finite logits) / config_error (bad options).
-template <class Scalar, class Derived>
-const Routing<Scalar>& add_delta_train(const MoLoRAAdapter<Scalar>& a, const Eigen::MatrixBase<Derived>& x,
+template <class Scalar, class AdapterWeight, class Derived>
+const Routing<Scalar>& add_delta_train(const MoLoRAAdapter<Scalar, AdapterWeight>& a, const Eigen::MatrixBase<Derived>& x,
                                        detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
+  static_assert(detail::require_trainable_adapter<Scalar, AdapterWeight>());
   const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   const ConstRowRef<Scalar> xr(x);
   detail::train_begin(a, xr, y, tape);
@@ -386,9 +387,10 @@ const Routing<Scalar>& add_delta_train(const MoLoRAAdapter<Scalar>& a, const Eig
 
 // Same with routing supplied by the caller: its weights are constants, the router is not
 // run and gets no gradient (load_balancing_loss / router_z_loss then throw).
-template <class Scalar, class Derived>
-void add_delta_routed_train(const MoLoRAAdapter<Scalar>& a, const Eigen::MatrixBase<Derived>& x,
+template <class Scalar, class AdapterWeight, class Derived>
+void add_delta_routed_train(const MoLoRAAdapter<Scalar, AdapterWeight>& a, const Eigen::MatrixBase<Derived>& x,
                             const Routing<Scalar>& routing, detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
+  static_assert(detail::require_trainable_adapter<Scalar, AdapterWeight>());
   const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   const ConstRowRef<Scalar> xr(x);
   detail::train_begin(a, xr, y, tape);
@@ -404,16 +406,18 @@ void add_delta_routed_train(const MoLoRAAdapter<Scalar>& a, const Eigen::MatrixB
 // to the router's gradient. Throws shape_error on shapes, the tape's included (a tape from
 // another layer), state_error on a moved-from adapter or a tape in use; nothing is written
 // then.
-template <class Scalar>
-void add_backward(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
+template <class Scalar, class AdapterWeight>
+void add_backward(const MoLoRAAdapter<Scalar, AdapterWeight>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
                   MoLoRAGrads<Scalar>& grads, detail::OutRef<Scalar> dx) {
+  static_assert(detail::require_trainable_adapter<Scalar, AdapterWeight>());
   const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   detail::check_backward(a, tape, dy, grads, &dx);
   detail::backward_impl(a, tape, dy, grads, &dx);
 }
-template <class Scalar>
-void add_backward(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
+template <class Scalar, class AdapterWeight>
+void add_backward(const MoLoRAAdapter<Scalar, AdapterWeight>& a, MoLoRATape<Scalar>& tape, const detail::InRef<Scalar>& dy,
                   MoLoRAGrads<Scalar>& grads) {
+  static_assert(detail::require_trainable_adapter<Scalar, AdapterWeight>());
   const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   detail::check_backward(a, tape, dy, grads, static_cast<const RowRef<Scalar>*>(nullptr));
   detail::backward_impl(a, tape, dy, grads, static_cast<RowRef<Scalar>*>(nullptr));
@@ -422,9 +426,10 @@ void add_backward(const MoLoRAAdapter<Scalar>& a, MoLoRATape<Scalar>& tape, cons
 // y = x W0^T + b0 + delta(x), MoLoRALinear::forward's output (up to rounding), recording on
 // tape what backward needs. Throws as forward does; y is unchanged when it throws (the
 // router runs before y is written).
-template <class Scalar, class BaseWeight, class Derived>
-const Routing<Scalar>& forward_train(const MoLoRALinear<Scalar, BaseWeight>& layer, const Eigen::MatrixBase<Derived>& x,
+template <class Scalar, class BaseWeight, class AdapterWeight, class Derived>
+const Routing<Scalar>& forward_train(const MoLoRALinear<Scalar, BaseWeight, AdapterWeight>& layer, const Eigen::MatrixBase<Derived>& x,
                                      detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
+  static_assert(detail::require_trainable_adapter<Scalar, AdapterWeight>());
   const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   const ConstRowRef<Scalar> xr(x);
   layer.check_live();
@@ -434,9 +439,10 @@ const Routing<Scalar>& forward_train(const MoLoRALinear<Scalar, BaseWeight>& lay
   detail::TrainingPath<Scalar>::experts(layer.adapter(), tape, y);
   return tape.routing;
 }
-template <class Scalar, class BaseWeight, class Derived>
-void forward_routed_train(const MoLoRALinear<Scalar, BaseWeight>& layer, const Eigen::MatrixBase<Derived>& x,
+template <class Scalar, class BaseWeight, class AdapterWeight, class Derived>
+void forward_routed_train(const MoLoRALinear<Scalar, BaseWeight, AdapterWeight>& layer, const Eigen::MatrixBase<Derived>& x,
                           const Routing<Scalar>& routing, detail::OutRef<Scalar> y, MoLoRATape<Scalar>& tape) {
+  static_assert(detail::require_trainable_adapter<Scalar, AdapterWeight>());
   const detail::WorkspaceGuard hold(tape.in_use, "MoLoRATape");
   const ConstRowRef<Scalar> xr(x);
   layer.check_live();
@@ -472,8 +478,8 @@ void base_x_gradient(const Weight* w, Index in, Index out, const InRef<Scalar>& 
 // dx = dy W0 [T, in]: the frozen base's x-gradient alone (no weight gradient). A bf16 / f16
 // base is widened exactly, block by block, so dx is the float layer's holding the rounded
 // weights up to the order of summation.
-template <class Scalar, class BaseWeight>
-void base_backward(const MoLoRALinear<Scalar, BaseWeight>& layer, const detail::InRef<Scalar>& dy,
+template <class Scalar, class BaseWeight, class AdapterWeight>
+void base_backward(const MoLoRALinear<Scalar, BaseWeight, AdapterWeight>& layer, const detail::InRef<Scalar>& dy,
                    detail::OutRef<Scalar> dx) {
   layer.check_live();
   detail::require_shape(dy, dy.rows(), layer.out_features(), "dy shape");

@@ -197,7 +197,7 @@ public:
   void check_live() const {
     const Index H = config_.hidden_size, I = config_.intermediate_size;
     if (w_gate_.rows() != I || w_gate_.cols() != H || w_up_.rows() != I || w_up_.cols() != H ||
-        w_down_.rows() != H || w_down_.cols() != I || router_.in_features() != H ||
+        w_down_.rows() != H || w_down_.cols() != I || !router_.live() || router_.in_features() != H ||
         router_.num_experts() != config_.num_experts)
       throw state_error(detail::cat("MixLoRAFeedForward: expected a live block with gate_proj.weight ",
                                     detail::shape_str(I, H), ", got a moved-from one with gate_proj.weight ",

@@ -8,11 +8,21 @@
 // [e*r, (e+1)*r)), all experts' B as one [out, E*r] column-major matrix (expert e is columns
 // [e*r, (e+1)*r)). Each expert's block is contiguous, and the stacked A is what a dense
 // shrink multiplies in one GEMM.
+//
+// Adapter weights in 16 bits (inference): MoLoRAAdapter<float, bf16 | f16> keeps the router
+// weight and the stacked A and B in bf16 / f16 with the same layouts (router bias and
+// scaling stay float); values set are rounded to nearest even, and the kernels widen them
+// exactly as they load them, so the output is bitwise the float adapter's holding the
+// widened weights (strategy fused; a 16-bit adapter runs fused whatever its strategy).
+// Training needs a float adapter (static_assert in backward.hpp / params.hpp);
+// convert_adapter<W>() rounds a float adapter into 16 bits and widens one back.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -94,9 +104,9 @@ void reserve_rows(M& m, Index rows, Index cols) {
 
 }  // namespace detail
 
-template <class Scalar>
+template <class Scalar, class Weight = Scalar>
 class MoLoRAAdapter;
-template <class Scalar, class BaseWeight = Scalar>
+template <class Scalar, class BaseWeight = Scalar, class AdapterWeight = Scalar>
 class MoLoRALinear;
 template <class Scalar>
 class MixLoRAFeedForward;
@@ -112,20 +122,34 @@ template <class Scalar>
 struct TrainingPath;
 }  // namespace detail
 
-template <class Scalar>
+// Weight: the storage type of the router weight and the experts' A and B: Scalar, or for a
+// float adapter bf16 / f16 (inference only; see the top of this header).
+template <class Scalar, class Weight>
 class MoLoRAAdapter {
   static_assert(detail::is_supported_scalar<Scalar>, "molora::MoLoRAAdapter supports float and double");
+  static_assert(detail::is_weight_for<Scalar, Weight>,
+                "molora::MoLoRAAdapter: Weight is Scalar, or bf16 / f16 for a float adapter");
+  static constexpr bool kHalf = !std::is_same_v<Weight, Scalar>;
+  template <class W>
+  using IfScalar = std::enable_if_t<std::is_same_v<W, Scalar>>;
 
 public:
   using Workspace = MoLoRAWorkspace<Scalar>;
+  using WeightType = Weight;
 
   // A zero adapter (router and experts zero). Validates config (throws config_error).
   explicit MoLoRAAdapter(const MoLoRAConfig& config)
       : config_((config.validate(), config)),
         router_(config.in_features, config.num_experts, config.router_bias),
         scaling_(config.template scaling_as<Scalar>()) {
-    A_.setZero(config.num_experts * config.rank, config.in_features);
-    B_.setZero(config.out_features, config.num_experts * config.rank);
+    const Index E = config.num_experts, r = config.rank;
+    if constexpr (kHalf) {
+      A_.assign(static_cast<std::size_t>(E * r * config.in_features), Weight{});
+      B_.assign(static_cast<std::size_t>(E * r * config.out_features), Weight{});
+    } else {
+      A_.setZero(E * r, config.in_features);
+      B_.setZero(config.out_features, E * r);
+    }
   }
 
   const MoLoRAConfig& config() const { return config_; }
@@ -135,8 +159,8 @@ public:
   Index rank() const { return config_.rank; }
   Scalar scaling() const { return scaling_; }
 
-  const Router<Scalar>& router() const { return router_; }
-  Router<Scalar>& router() { return router_; }
+  const Router<Scalar, Weight>& router() const { return router_; }
+  Router<Scalar, Weight>& router() { return router_; }
 
   // The strategy used for the experts' delta (default automatic). For measurement and
   // tests; every strategy computes the same values up to rounding.
@@ -144,48 +168,145 @@ public:
   Strategy strategy() const { return strategy_; }
   // The strategy `automatic` resolves to for T tokens and k experts per token.
   Strategy resolved_strategy(Index num_tokens, Index top_k) const {
+    if constexpr (kHalf) return Strategy::fused;  // eigen and dense_shrink multiply Scalar matrices
     if (strategy_ != Strategy::automatic) return strategy_;
     // Dense routing: the dense shrink does no extra work and is one large GEMM.
     if (top_k == num_experts() && num_tokens >= 64) return Strategy::dense_shrink;
     return Strategy::fused;
   }
 
-  // Expert e's A [r, in] and B [out, r] as read-only views into the stacked storage.
-  auto expert_A(Index e) const { return A_.middleRows(checked_expert(e) * rank(), rank()); }
-  auto expert_B(Index e) const { return B_.middleCols(checked_expert(e) * rank(), rank()); }
-  const RowMatrix<Scalar>& stacked_A() const { return A_; }  // [E*r, in]
-  const ColMatrix<Scalar>& stacked_B() const { return B_; }  // [out, E*r]
+  // Expert e's A [r, in] and B [out, r] as read-only views into the stacked storage (a
+  // Scalar adapter; any adapter has the widened copies below).
+  template <class W = Weight, class = IfScalar<W>>
+  auto expert_A(Index e) const {
+    return A_.middleRows(checked_expert(e) * rank(), rank());
+  }
+  template <class W = Weight, class = IfScalar<W>>
+  auto expert_B(Index e) const {
+    return B_.middleCols(checked_expert(e) * rank(), rank());
+  }
+  template <class W = Weight, class = IfScalar<W>>
+  const RowMatrix<Scalar>& stacked_A() const {  // [E*r, in]
+    return A_;
+  }
+  template <class W = Weight, class = IfScalar<W>>
+  const ColMatrix<Scalar>& stacked_B() const {  // [out, E*r]
+    return B_;
+  }
   // Writable views for optimisers and loaders that have checked shapes and values; the
-  // layout must not change (no resize).
-  Eigen::Map<RowMatrix<Scalar>> mutable_stacked_A() { return {A_.data(), A_.rows(), A_.cols()}; }
-  Eigen::Map<ColMatrix<Scalar>> mutable_stacked_B() { return {B_.data(), B_.rows(), B_.cols()}; }
+  // layout must not change (no resize). A Scalar adapter only.
+  template <class W = Weight, class = IfScalar<W>>
+  Eigen::Map<RowMatrix<Scalar>> mutable_stacked_A() {
+    return {A_.data(), A_.rows(), A_.cols()};
+  }
+  template <class W = Weight, class = IfScalar<W>>
+  Eigen::Map<ColMatrix<Scalar>> mutable_stacked_B() {
+    return {B_.data(), B_.rows(), B_.cols()};
+  }
+  // The stacked weights as stored, for any Weight: A [E*r, in] row-major, B [out, E*r]
+  // column-major (expert e's B^T [r, out] rows at e*r*out). Null when moved from.
+  const Weight* stacked_A_data() const { return live_size(A_) > 0 ? A_.data() : nullptr; }
+  const Weight* stacked_B_data() const { return live_size(B_) > 0 ? B_.data() : nullptr; }
+  // The stacked weights widened exactly to Scalar (copies; for any Weight).
+  RowMatrix<Scalar> widened_stacked_A() const {
+    check_live();
+    RowMatrix<Scalar> a(num_experts() * rank(), in_features());  // [E*r, in]
+    for (Index i = 0; i < a.size(); ++i) a.data()[i] = Scalar(to_float(A_.data()[i]));
+    return a;
+  }
+  ColMatrix<Scalar> widened_stacked_B() const {
+    check_live();
+    ColMatrix<Scalar> b(out_features(), num_experts() * rank());  // [out, E*r]
+    for (Index i = 0; i < b.size(); ++i) b.data()[i] = Scalar(to_float(B_.data()[i]));
+    return b;
+  }
 
-  // Sets expert e's A [r, in] / B [out, r]. Throws (and changes nothing) on a moved-from
-  // adapter, a bad expert index, shape or a non-finite entry.
+  // Sets expert e's A [r, in] / B [out, r]. A 16-bit adapter rounds each value to nearest
+  // even (numeric_error naming the expert, index and value for one past f16's range).
+  // Throws (and changes nothing) on a moved-from adapter, a bad expert index, shape or a
+  // non-finite entry.
   template <class Derived>
   void set_expert_A(Index e, const Eigen::MatrixBase<Derived>& a) {
     check_live();
     checked_expert(e);
     detail::require_shape(a, rank(), in_features(), "expert lora_A.weight");
-    detail::require_finite(a, "expert lora_A.weight");
-    A_.middleRows(e * rank(), rank()) = a.template cast<Scalar>();
+    if constexpr (kHalf) {
+      const std::string field = detail::cat("experts.", e, ".lora_A.weight");
+      std::vector<Weight> v(static_cast<std::size_t>(rank() * in_features()));
+      for (Index j = 0; j < rank(); ++j)
+        for (Index c = 0; c < in_features(); ++c)
+          v[static_cast<std::size_t>(j * in_features() + c)] =
+              detail::weight_from_float<Weight>(static_cast<double>(a(j, c)), field.c_str(), j, c);
+      std::copy(v.begin(), v.end(), A_.begin() + e * rank() * in_features());
+    } else {
+      detail::require_finite(a, "expert lora_A.weight");
+      A_.middleRows(e * rank(), rank()) = a.template cast<Scalar>();
+    }
   }
   template <class Derived>
   void set_expert_B(Index e, const Eigen::MatrixBase<Derived>& b) {
     check_live();
     checked_expert(e);
     detail::require_shape(b, out_features(), rank(), "expert lora_B.weight");
-    detail::require_finite(b, "expert lora_B.weight");
-    B_.middleCols(e * rank(), rank()) = b.template cast<Scalar>();
+    if constexpr (kHalf) {
+      const std::string field = detail::cat("experts.", e, ".lora_B.weight");
+      std::vector<Weight> v(static_cast<std::size_t>(rank() * out_features()));  // B_e^T [r, out]
+      for (Index o = 0; o < out_features(); ++o)
+        for (Index j = 0; j < rank(); ++j)
+          v[static_cast<std::size_t>(j * out_features() + o)] =
+              detail::weight_from_float<Weight>(static_cast<double>(b(o, j)), field.c_str(), o, j);
+      std::copy(v.begin(), v.end(), B_.begin() + e * rank() * out_features());
+    } else {
+      detail::require_finite(b, "expert lora_B.weight");
+      B_.middleCols(e * rank(), rank()) = b.template cast<Scalar>();
+    }
+  }
+  // A 16-bit adapter's expert e from values as stored (e.g. a checkpoint's tensors): a
+  // row-major [r, in] (PyTorch's lora_A.weight), b row-major [out, r] (lora_B.weight).
+  // Copied; each value checked finite (numeric_error naming the expert and index). Throws
+  // (and changes nothing) as set_expert_A / set_expert_B do.
+  template <class W = Weight, class = std::enable_if_t<!std::is_same_v<W, Scalar>>>
+  void set_expert_A_stored(Index e, const Weight* a) {
+    check_live();
+    checked_expert(e);
+    if (!a) throw shape_error(detail::mismatch("expert lora_A.weight", "a buffer", "a null pointer"));
+    const Index in = in_features(), r = rank();
+    const std::string field = detail::cat("experts.", e, ".lora_A.weight");
+    for (Index j = 0; j < r; ++j)
+      for (Index c = 0; c < in; ++c) detail::require_finite_weight(a[j * in + c], field.c_str(), j, c);
+    std::copy(a, a + r * in, A_.begin() + e * r * in);
+  }
+  template <class W = Weight, class = std::enable_if_t<!std::is_same_v<W, Scalar>>>
+  void set_expert_B_stored(Index e, const Weight* b) {
+    check_live();
+    checked_expert(e);
+    if (!b) throw shape_error(detail::mismatch("expert lora_B.weight", "a buffer", "a null pointer"));
+    const Index out = out_features(), r = rank();
+    const std::string field = detail::cat("experts.", e, ".lora_B.weight");
+    for (Index o = 0; o < out; ++o)
+      for (Index j = 0; j < r; ++j) detail::require_finite_weight(b[o * r + j], field.c_str(), o, j);
+    Weight* bt = B_.data() + e * r * out;  // B_e^T [r, out]
+    for (Index o = 0; o < out; ++o)
+      for (Index j = 0; j < r; ++j) bt[j * out + o] = b[o * r + j];
   }
 
   // MING-MOE's initialisation: router as torch.nn.Linear, experts as PEFT (A kaiming-uniform,
-  // B zero, so a fresh adapter adds nothing).
+  // B zero, so a fresh adapter adds nothing). A 16-bit adapter draws the same values and
+  // rounds them.
   template <class URBG>
   void init_default(URBG& gen) {
     router_.init_uniform(gen);
-    detail::kaiming_uniform_sqrt5(A_, gen);
-    B_.setZero();
+    if constexpr (kHalf) {
+      RowMatrix<Scalar> a(num_experts() * rank(), in_features());
+      detail::kaiming_uniform_sqrt5(a, gen);
+      for (Index i = 0; i < a.size(); ++i)
+        A_[static_cast<std::size_t>(i)] = detail::weight_from_float<Weight>(a.data()[i], "experts lora_A.weight",
+                                                                            i / in_features(), i % in_features());
+      std::fill(B_.begin(), B_.end(), Weight{});
+    } else {
+      detail::kaiming_uniform_sqrt5(A_, gen);
+      B_.setZero();
+    }
   }
 
   // y += delta(x) for x [T, in], y [T, out]; routes with the configured gating.
@@ -258,16 +379,29 @@ public:
   // assignment).
   void check_live() const {
     const Index E = num_experts(), r = rank(), in = in_features(), out = out_features();
-    if (A_.rows() != E * r || A_.cols() != in || B_.rows() != out || B_.cols() != E * r ||
+    if (live_size(A_) != E * r * in || live_size(B_) != out * E * r || !router_.live() ||
         router_.num_experts() != E || router_.in_features() != in)
       throw state_error(detail::cat("MoLoRAAdapter: expected a live adapter with stacked A ",
                                     detail::shape_str(E * r, in), ", got a moved-from one with stacked A ",
-                                    detail::shape_str(A_.rows(), A_.cols())));
+                                    stacked_A_shape()));
   }
 
 private:
+  template <class Storage>
+  static Index live_size(const Storage& m) {
+    return static_cast<Index>(m.size());
+  }
+  std::string stacked_A_shape() const {
+    if constexpr (kHalf) {
+      const Index in = A_.empty() ? 0 : in_features();
+      return detail::shape_str(in ? live_size(A_) / in : 0, in);
+    } else {
+      return detail::shape_str(A_.rows(), A_.cols());
+    }
+  }
+
   // The layers built on the adapter call its unchecked steps after their own checks.
-  template <class S, class W>
+  template <class S, class BW, class AW>
   friend class MoLoRALinear;
   friend class MixLoRAFeedForward<Scalar>;
   friend struct detail::TrainingPath<Scalar>;
@@ -364,10 +498,15 @@ private:
   }
   // y += the pairs of ws.plan (k experts per token), with the strategy resolved for them.
   void apply_plan(const ConstRowRef<Scalar>& x, Index top_k, RowRef<Scalar>& y, Workspace& ws) const {
-    switch (resolved_strategy(x.rows(), top_k)) {
-      case Strategy::eigen: apply_eigen(x, y, ws); break;
-      case Strategy::dense_shrink: apply_dense_shrink(x, y, ws); break;
-      default: apply_fused(x, y, ws); break;
+    if constexpr (kHalf) {
+      (void)top_k;
+      apply_fused(x, y, ws);
+    } else {
+      switch (resolved_strategy(x.rows(), top_k)) {
+        case Strategy::eigen: apply_eigen(x, y, ws); break;
+        case Strategy::dense_shrink: apply_dense_shrink(x, y, ws); break;
+        default: apply_fused(x, y, ws); break;
+      }
     }
   }
   // ws.plan = expert e alone, with rows 0..n-1 as its tokens (what DispatchPlan::build makes
@@ -403,6 +542,7 @@ private:
   }
 
   // Strategy eigen: per expert, gather its tokens, shrink, scale, expand, scatter-add.
+  template <class W = Weight, class = IfScalar<W>>
   void apply_eigen(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
     const Index n_max = ws.plan.max_count(), r = rank();
     detail::reserve_rows(ws.gathered, n_max, in_features());
@@ -423,7 +563,7 @@ private:
     }
   }
 
-  kernels::ExpertStack<Scalar> expert_stack() const {
+  kernels::ExpertStack<Scalar, Weight> expert_stack() const {
     return {A_.data(), B_.data(), rank(), in_features(), out_features(), scaling_};
   }
   static kernels::PairGroups<Scalar> pair_groups(const DispatchPlan<Scalar>& p) {
@@ -536,6 +676,7 @@ private:
   }
 
   // Strategy dense_shrink: h [T, E*r] = x A_stacked^T by one GEMM, then the sparse expand.
+  template <class W = Weight, class = IfScalar<W>>
   void apply_dense_shrink(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
     const Index T = x.rows();
     detail::reserve_rows(ws.dense_hidden, T, A_.rows());
@@ -554,26 +695,63 @@ private:
   }
 
   MoLoRAConfig config_;
-  Router<Scalar> router_;
+  Router<Scalar, Weight> router_;
   Scalar scaling_;
-  RowMatrix<Scalar> A_;  // [E*r, in]
-  ColMatrix<Scalar> B_;  // [out, E*r]
+  std::conditional_t<kHalf, std::vector<Weight>, RowMatrix<Scalar>> A_;  // [E*r, in]
+  std::conditional_t<kHalf, std::vector<Weight>, ColMatrix<Scalar>> B_;  // [out, E*r]
   Strategy strategy_ = Strategy::automatic;
 };
 
+// The adapter with its router weight and experts stored as To: rounded to nearest even into
+// bf16 / f16 (numeric_error naming the tensor, index and value for one past f16's range),
+// widened exactly into Scalar (so convert_adapter<float>(convert_adapter<bf16>(a)) holds
+// a's weights rounded to bf16). Config, router bias, scaling and strategy are kept. Throws
+// state_error for a moved-from adapter.
+template <class To, class Scalar, class From>
+MoLoRAAdapter<Scalar, To> convert_adapter(const MoLoRAAdapter<Scalar, From>& a) {
+  a.check_live();
+  MoLoRAAdapter<Scalar, To> b(a.config());
+  b.set_strategy(a.strategy());
+  const Index E = a.num_experts(), r = a.rank(), in = a.in_features();
+  RowMatrix<Scalar> router_weight(E, in);  // [E, in]
+  const From* w = a.router().weight_data();
+  for (Index i = 0; i < router_weight.size(); ++i) router_weight.data()[i] = Scalar(to_float(w[i]));
+  b.router().set_weight(router_weight);
+  if (a.router().has_bias()) b.router().set_bias(a.router().bias());
+  const RowMatrix<Scalar> A = a.widened_stacked_A();  // [E*r, in]
+  const ColMatrix<Scalar> B = a.widened_stacked_B();  // [out, E*r]
+  for (Index e = 0; e < E; ++e) {
+    b.set_expert_A(e, A.middleRows(e * r, r));
+    b.set_expert_B(e, B.middleCols(e * r, r));
+  }
+  return b;
+}
+
 namespace detail {
+// The training entry points (backward.hpp, params.hpp) take adapters of any weight type so
+// that a 16-bit one stops here, at compile time, with this message rather than a failed
+// overload: training keeps Scalar master weights for what it trains.
+template <class Scalar, class AdapterWeight>
+constexpr bool require_trainable_adapter() {
+  static_assert(std::is_same_v<AdapterWeight, Scalar>,
+                "molora training (forward_train, add_delta_train, backward, add_backward, parameters, "
+                "optimisers) needs an adapter whose router and experts are stored as Scalar (master weights); "
+                "train MoLoRAAdapter<float> and convert_adapter<bf16 or f16>() it for inference");
+  return true;
+}
+
 template <class Scalar>
 void check_adapter_io(const MoLoRAAdapter<Scalar>& a, const ConstRowRef<Scalar>& x, const RowRef<Scalar>& y) {
   a.check_io(x, y);
 }
 }  // namespace detail
 
-// BaseWeight: the base weight's storage type, Scalar or (float layers) bf16 / f16; the
-// router and the experts stay in Scalar. A 16-bit base is set from any values (rounded to
+// BaseWeight: the base weight's storage type, Scalar or (float layers) bf16 / f16;
+// AdapterWeight: the router's and the experts' (MoLoRAAdapter's Weight), chosen apart. A 16-bit base is set from any values (rounded to
 // nearest even) or wrapped from a host's buffer; base_weight() (an Eigen map) exists only for
 // a base of type Scalar, base_weight_data() for any. (The default BaseWeight = Scalar is on
 // the declaration above the adapter.)
-template <class Scalar, class BaseWeight>
+template <class Scalar, class BaseWeight, class AdapterWeight>
 class MoLoRALinear {
   static_assert(detail::is_supported_scalar<Scalar>, "molora::MoLoRALinear supports float and double");
   static_assert(detail::is_weight_for<Scalar, BaseWeight>,
@@ -596,8 +774,9 @@ public:
   const MoLoRAConfig& config() const { return adapter_.config(); }
   Index in_features() const { return adapter_.in_features(); }
   Index out_features() const { return adapter_.out_features(); }
-  const MoLoRAAdapter<Scalar>& adapter() const { return adapter_; }
-  MoLoRAAdapter<Scalar>& adapter() { return adapter_; }
+  using Adapter = MoLoRAAdapter<Scalar, AdapterWeight>;
+  const Adapter& adapter() const { return adapter_; }
+  Adapter& adapter() { return adapter_; }
   // The adapter's strategy (see Strategy).
   void set_strategy(Strategy s) { adapter_.set_strategy(s); }
   Strategy strategy() const { return adapter_.strategy(); }
@@ -800,7 +979,7 @@ private:
                          resolved_base_strategy(x.rows()));
   }
 
-  MoLoRAAdapter<Scalar> adapter_;
+  Adapter adapter_;
   RowMatrix<Scalar> owned_weight_;               // [out, in] unless wrapping
   Vector<Scalar> owned_bias_;                    // [out] or empty
   const Scalar* wrapped_weight_ = nullptr;

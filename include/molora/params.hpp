@@ -29,8 +29,10 @@ namespace molora {
 // The adapter's trainable tensors with grads' matching buffers. grads must be sized for the
 // adapter (MoLoRAGrads(adapter)); throws shape_error otherwise, state_error for a moved-from
 // adapter.
-template <class Scalar>
-ParameterList<Scalar> parameters(MoLoRAAdapter<Scalar>& a, MoLoRAGrads<Scalar>& grads, const std::string& prefix = "") {
+template <class Scalar, class AdapterWeight>
+ParameterList<Scalar> parameters(MoLoRAAdapter<Scalar, AdapterWeight>& a, MoLoRAGrads<Scalar>& grads,
+                                 const std::string& prefix = "") {
+  static_assert(detail::require_trainable_adapter<Scalar, AdapterWeight>());
   a.check_live();  // views over a moved-from adapter's empty storage would dangle
   const Index E = a.num_experts(), r = a.rank(), in = a.in_features(), out = a.out_features();
   detail::require_shape(grads.router_weight, E, in, "grads.router_weight shape");
@@ -54,8 +56,8 @@ ParameterList<Scalar> parameters(MoLoRAAdapter<Scalar>& a, MoLoRAGrads<Scalar>& 
 }
 
 // The layer's adapter (its base, float or 16-bit, is frozen and not listed).
-template <class Scalar, class BaseWeight>
-ParameterList<Scalar> parameters(MoLoRALinear<Scalar, BaseWeight>& layer, MoLoRAGrads<Scalar>& grads,
+template <class Scalar, class BaseWeight, class AdapterWeight>
+ParameterList<Scalar> parameters(MoLoRALinear<Scalar, BaseWeight, AdapterWeight>& layer, MoLoRAGrads<Scalar>& grads,
                                  const std::string& prefix = "") {
   return parameters(layer.adapter(), grads, prefix);
 }

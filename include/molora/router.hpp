@@ -2,9 +2,16 @@
 // (`switch`) has a bias; MoLoRA (Zadouri) and MixLoRA's `moe_gate` do not. The layers compute
 // their logits here, through the shrink kernel (logits_rows); logits() and logits_into() are
 // Eigen's product, for callers outside a layer.
+//
+// Weight: the weight's storage type, Scalar or (float routers, inference) bf16 / f16, set
+// rounded to nearest even and widened exactly by the kernel; the bias stays Scalar.
 #pragma once
 
+#include <type_traits>
+#include <vector>
+
 #include "detail/checks.hpp"
+#include "half.hpp"
 #include "errors.hpp"
 #include "kernels/dispatch_kernels.hpp"
 #include "numeric.hpp"
@@ -12,38 +19,77 @@
 
 namespace molora {
 
-template <class Scalar>
+template <class Scalar, class Weight = Scalar>
 class Router {
   static_assert(detail::is_supported_scalar<Scalar>, "molora::Router supports float and double");
+  static_assert(std::is_same_v<Weight, Scalar> || (std::is_same_v<Scalar, float> && detail::is_half<Weight>),
+                "molora::Router: Weight is Scalar, or bf16 / f16 for a float router");
+  static constexpr bool kHalf = !std::is_same_v<Weight, Scalar>;
 
 public:
   using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
+  using WeightType = Weight;
 
   // A zero router. Throws config_error for zero sizes.
   Router(Index in_features, Index num_experts, bool has_bias)
-      : has_bias_(has_bias) {
+      : has_bias_(has_bias), in_features_(in_features), num_experts_(num_experts) {
     detail::require_positive(in_features, "in_features");
     detail::require_positive(num_experts, "num_experts");
-    weight_.setZero(num_experts, in_features);
+    if constexpr (kHalf)
+      weight_.assign(static_cast<std::size_t>(num_experts * in_features), Weight{});
+    else
+      weight_.setZero(num_experts, in_features);
     bias_.setZero(num_experts);
   }
 
-  Index in_features() const { return weight_.cols(); }
-  Index num_experts() const { return weight_.rows(); }
+  Index in_features() const { return in_features_; }
+  Index num_experts() const { return num_experts_; }
   bool has_bias() const { return has_bias_; }
+  // Whether the weight still has its shape (false once moved from).
+  bool live() const { return weight_size() == num_experts_ * in_features_; }
 
-  const RowMatrix<Scalar>& weight() const { return weight_; }  // [E, in]
-  const RowVector& bias() const { return bias_; }              // [E], zero without a bias
-  // Writable views for optimisers (shape fixed).
-  Eigen::Map<RowMatrix<Scalar>> mutable_weight() { return {weight_.data(), weight_.rows(), weight_.cols()}; }
+  // The weight [E, in] row-major as stored (null when moved from).
+  const Weight* weight_data() const { return weight_size() > 0 ? weight_.data() : nullptr; }
+  template <class W = Weight, class = std::enable_if_t<std::is_same_v<W, Scalar>>>
+  const RowMatrix<Scalar>& weight() const {  // [E, in]
+    return weight_;
+  }
+  const RowVector& bias() const { return bias_; }  // [E], zero without a bias
+  // Writable views for optimisers (shape fixed; a Scalar weight only: training keeps its
+  // master weights in Scalar).
+  template <class W = Weight, class = std::enable_if_t<std::is_same_v<W, Scalar>>>
+  Eigen::Map<RowMatrix<Scalar>> mutable_weight() {
+    return {weight_.data(), weight_.rows(), weight_.cols()};
+  }
   Eigen::Map<RowVector> mutable_bias() { return {bias_.data(), bias_.size()}; }
 
-  // Requires w [E, in], finite. Unchanged on failure.
+  // Requires w [E, in], finite (a 16-bit weight: rounded to nearest even; numeric_error
+  // naming the index and value for one past f16's range). Unchanged on failure.
   template <class Derived>
   void set_weight(const Eigen::MatrixBase<Derived>& w) {
     detail::require_shape(w, num_experts(), in_features(), "router.weight");
-    detail::require_finite(w, "router.weight");
-    weight_ = w.template cast<Scalar>();
+    if constexpr (kHalf) {
+      std::vector<Weight> v(static_cast<std::size_t>(num_experts() * in_features()));
+      for (Index e = 0; e < num_experts(); ++e)
+        for (Index i = 0; i < in_features(); ++i)
+          v[static_cast<std::size_t>(e * in_features() + i)] =
+              detail::weight_from_float<Weight>(static_cast<double>(w(e, i)), "router.weight", e, i);
+      weight_.swap(v);
+    } else {
+      detail::require_finite(w, "router.weight");
+      weight_ = w.template cast<Scalar>();
+    }
+  }
+  // A 16-bit weight from values as stored (row-major [E, in], e.g. a checkpoint's tensor),
+  // copied; each checked finite (numeric_error naming the index). Unchanged on failure.
+  template <class W = Weight, class = std::enable_if_t<!std::is_same_v<W, Scalar>>>
+  void set_weight_stored(const Weight* w, Index rows, Index cols) {
+    if (rows != num_experts() || cols != in_features())
+      throw shape_error(detail::mismatch("router.weight", detail::shape_str(num_experts(), in_features()),
+                                         detail::shape_str(rows, cols)));
+    for (Index e = 0; e < rows; ++e)
+      for (Index i = 0; i < cols; ++i) detail::require_finite_weight(w[e * cols + i], "router.weight", e, i);
+    weight_.assign(w, w + rows * cols);
   }
   // Requires a router with a bias, and b with E entries (row or column), finite.
   template <class Derived>
@@ -55,29 +101,43 @@ public:
   }
 
   // PyTorch's nn.Linear default: weight and bias U(-1/sqrt(in), 1/sqrt(in)) (MING-MOE).
+  // A 16-bit weight draws the same values and rounds them.
   template <class URBG>
   void init_uniform(URBG& gen) {
-    detail::kaiming_uniform_sqrt5(weight_, gen);
+    if constexpr (kHalf) {
+      RowMatrix<Scalar> w(num_experts(), in_features());
+      detail::kaiming_uniform_sqrt5(w, gen);
+      set_weight(w);
+    } else {
+      detail::kaiming_uniform_sqrt5(weight_, gen);
+    }
     if (has_bias_) detail::linear_bias_uniform(bias_, in_features(), gen);
   }
   // N(0, std^2) weight, zero bias (MixLoRA: std = 0.02).
   template <class URBG>
   void init_normal(URBG& gen, double std_dev) {
-    detail::normal_fill(weight_, std_dev, gen);
+    if constexpr (kHalf) {
+      RowMatrix<Scalar> w(num_experts(), in_features());
+      detail::normal_fill(w, std_dev, gen);
+      set_weight(w);
+    } else {
+      detail::normal_fill(weight_, std_dev, gen);
+    }
     bias_.setZero();
   }
 
-  // logits [T, E] for x [T, in], as an expression. Throws shape_error on x's width when the
-  // expression is made.
-  template <class Derived>
+  // logits [T, E] for x [T, in], as an expression (a Scalar weight). Throws shape_error on
+  // x's width when the expression is made.
+  template <class Derived, class W = Weight, class = std::enable_if_t<std::is_same_v<W, Scalar>>>
   auto logits(const Eigen::MatrixBase<Derived>& x) const {
     check_x(x.cols());
     return ((x * weight_.transpose()).rowwise() + bias_);
   }
 
-  // Writes logits into out [T, E] by Eigen's product, which takes its packing buffers from
-  // the heap above EIGEN_STACK_ALLOCATION_LIMIT (logits_rows does not). Requires x [T, in],
-  // out [T, E]; throws shape_error (out unchanged) otherwise.
+  // Writes logits into out [T, E] by Eigen's product (a Scalar weight), which takes its
+  // packing buffers from the heap above EIGEN_STACK_ALLOCATION_LIMIT (logits_rows does not).
+  // Requires x [T, in], out [T, E]; throws shape_error (out unchanged) otherwise.
+  template <class W = Weight, class = std::enable_if_t<std::is_same_v<W, Scalar>>>
   void logits_into(const ConstRowRef<Scalar>& x, RowRef<Scalar> out) const {
     check_x(x.cols());
     detail::require_shape(out, x.rows(), num_experts(), "router logits");
@@ -115,9 +175,12 @@ private:
     if (cols != in_features()) throw shape_error(detail::mismatch("router x columns (in_features)", in_features(), cols));
   }
 
+  Index weight_size() const { return static_cast<Index>(weight_.size()); }
+
   bool has_bias_;
-  RowMatrix<Scalar> weight_;  // [E, in]
-  RowVector bias_;            // [E]
+  Index in_features_, num_experts_;
+  std::conditional_t<kHalf, std::vector<Weight>, RowMatrix<Scalar>> weight_;  // [E, in]
+  RowVector bias_;                                                            // [E]
 };
 
 }  // namespace molora

@@ -17,7 +17,7 @@ function(molora_quiet_gcc_intrinsics target)
   endif()
 endfunction()
 
-foreach(_t test_kernels test_strategies test_backward_kernels test_base_kernels test_gemm_kernels test_linear test_threads test_no_alloc)
+foreach(_t test_kernels test_strategies test_backward_kernels test_base_kernels test_gemm_kernels test_linear test_threads test_no_alloc test_half_adapter)
   if(TARGET ${_t})
     molora_quiet_gcc_intrinsics(${_t})
   endif()
@@ -53,7 +53,7 @@ endforeach()
 
 # The sanitizer build in CI turns these off (its plain runs take the best ISA).
 option(MOLORA_ISA_TESTS "Run the kernel, strategy and backward-kernel tests once per ISA" ON)
-foreach(_t test_kernels test_strategies test_backward_kernels test_base_kernels test_gemm_kernels test_linear)
+foreach(_t test_kernels test_strategies test_backward_kernels test_base_kernels test_gemm_kernels test_linear test_half_adapter)
   if(NOT MOLORA_ISA_TESTS)
     break()
   endif()

@@ -1,18 +1,22 @@
 // What the checkpoint formats' loaders share (peft.hpp, ming_moe.hpp, mixlora.hpp): the
 // message of a failure (file, module, key), shape checks of a reader's tensors, reading a
 // tensor that must be finite, the check that alpha gives a usable scaling, canonical index
-// parsing, and turning a layer's refusal of a value from the file into a format_error.
+// parsing, and turning a layer's refusal of a value from the file into a format_error; and
+// reading a weight tensor into a 16-bit adapter's storage as the file says (stored_weights).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "../detail/checks.hpp"
 #include "../errors.hpp"
+#include "../half.hpp"
 #include "../numeric.hpp"
 #include "../types.hpp"
 #include "safetensors_reader.hpp"
@@ -70,17 +74,67 @@ RowMatrix<Scalar> finite_matrix(const SafetensorsReader& r, const std::string& k
   return m;
 }
 
-// Runs f(). A molora::error other than format_error (a layer refusing a value that came from
-// the file) leaves as a format_error naming the file and the module.
+// A value of the file that its tensor's storage type cannot hold (f16 overflow after
+// rounding), already named by file, module and key: building() lets it through.
+class stored_value_error : public numeric_error {
+public:
+  using numeric_error::numeric_error;
+};
+
+// Runs f(). A molora::error other than format_error or stored_value_error (a layer refusing
+// a value that came from the file) leaves as a format_error naming the file and the module.
 template <class F>
 auto building(const std::string& file, const std::string& module, F&& f) -> decltype(f()) {
   try {
     return f();
   } catch (const format_error&) {
     throw;
+  } catch (const stored_value_error&) {
+    throw;
   } catch (const molora::error& e) {
     fail(file, module, e.what());
   }
+}
+
+// The dtype that stores Weight (bf16 / f16).
+template <class Weight>
+constexpr Dtype half_dtype() {
+  static_assert(molora::detail::is_half<Weight>, "bf16 or f16");
+  return std::is_same_v<Weight, bf16> ? Dtype::BF16 : Dtype::F16;
+}
+
+// A 2-D weight tensor as Weight (bf16 / f16) values, row-major, as the file says: stored in
+// Weight's dtype, its values are copied as they are; stored in another float dtype, each is
+// read and rounded to nearest even. A non-finite value is a format_error (as finite_matrix);
+// one past f16's range after rounding a stored_value_error (a numeric_error) naming the file,
+// the module, the key, the index and the value.
+template <class Weight>
+std::vector<Weight> stored_weights(const SafetensorsReader& r, const std::string& key, const std::string& module) {
+  const TensorInfo& t = r.info(key);
+  const auto [rows, cols] = dims2(r, key, module);
+  std::vector<Weight> v(static_cast<std::size_t>(rows * cols));
+  if (t.dtype == half_dtype<Weight>()) {
+    std::memcpy(v.data(), r.bytes(key), v.size() * sizeof(Weight));  // little-endian, as x86-64 and ARM64
+    for (Index i = 0; i < rows; ++i)
+      for (Index j = 0; j < cols; ++j)
+        if (!std::isfinite(to_float(v[static_cast<std::size_t>(i * cols + j)])))
+          fail(r.source(), module,
+               molora::detail::cat("tensor '", key, "': expected finite values, got ",
+                                   to_float(v[static_cast<std::size_t>(i * cols + j)]), " at [", i, ", ", j, "]"));
+    return v;
+  }
+  const RowMatrix<double> m = finite_matrix<double>(r, key, module);
+  const std::string field = molora::detail::cat(r.source(), ": module '", module, "': tensor '", key, "' into ",
+                                                molora::detail::weight_type_name<Weight>());
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) {
+      try {
+        v[static_cast<std::size_t>(i * cols + j)] = molora::detail::weight_from_float<Weight>(m(i, j), field.c_str(), i, j);
+      } catch (const numeric_error& e) {
+        throw stored_value_error(e.what());
+      }
+    }
+  return v;
 }
 
 // The LoRA scaling alpha / r (alpha / sqrt(r) with rsLoRA) must be a finite, normal value of

@@ -6,6 +6,9 @@
 // (expert count, rank, shapes, missing or extra keys) before it allocates that module's
 // experts, and builds its adapter from values checked finite as they are read. A bad file
 // throws format_error naming the file, the module and the key, and nothing is returned.
+// load_ming_moe<float, bf16 | f16> keeps the router weight and the experts in 16 bits:
+// tensors stored in that dtype are kept as stored, others (e.g. a mixed file's F32 ones)
+// rounded to nearest even, tensor by tensor; load_ming_moe<float> widens any 16-bit tensor.
 #pragma once
 
 #include <Eigen/Core>
@@ -19,6 +22,7 @@
 #include <set>
 #include <string>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -111,13 +115,13 @@ struct MingMoeLoadOptions {
 
 // MING-MOE's MoLoRA adapters, one per projection, keyed by module path after MING's loader
 // strips "base_model." and then the leading "model." (e.g. "model.layers.0.mlp.gate_proj").
-template <class Scalar>
+template <class Scalar, class Weight = Scalar>
 struct MingMoeAdapters {
   MingMoeConfig config;
-  std::map<std::string, MoLoRAAdapter<Scalar>> modules;
+  std::map<std::string, MoLoRAAdapter<Scalar, Weight>> modules;
   std::string source;
 
-  const MoLoRAAdapter<Scalar>& at(const std::string& module) const {
+  const MoLoRAAdapter<Scalar, Weight>& at(const std::string& module) const {
     auto it = modules.find(module);
     if (it == modules.end()) throw format_error(molora::detail::cat(source, ": no MoLoRA adapter for module '", module, "'"));
     return it->second;
@@ -191,10 +195,12 @@ inline bool ming_split(const std::string& stripped, std::string& module, std::st
 // a router `switch.weight` [E, in] and `switch.bias` [E], and for each expert i < E
 // `experts.i.lora_A_i.weight` [r, in] and `experts.i.lora_B_i.weight` [out, r] with one r
 // for all (equal to the config's r when it has one), and nothing else.
-template <class Scalar>
-MingMoeAdapters<Scalar> load_ming_moe(const std::string& config_path, const std::string& weights_path,
-                                      const MingMoeLoadOptions& options = {}) {
-  MingMoeAdapters<Scalar> out{MingMoeConfig::from_file(config_path, options.limits), {}, weights_path};
+// Weight: the adapters' storage (see the top of this header); a value of an F32 / F64 tensor
+// past f16's range is then a numeric_error naming the file, module, key and index.
+template <class Scalar, class Weight = Scalar>
+MingMoeAdapters<Scalar, Weight> load_ming_moe(const std::string& config_path, const std::string& weights_path,
+                                              const MingMoeLoadOptions& options = {}) {
+  MingMoeAdapters<Scalar, Weight> out{MingMoeConfig::from_file(config_path, options.limits), {}, weights_path};
   const MingMoeConfig& cfg = out.config;
   if (cfg.share_expert)
     throw format_error(config_path + ": share_expert: expected false (molora has no shared expert yet), got true");
@@ -271,13 +277,21 @@ MingMoeAdapters<Scalar> load_ming_moe(const std::string& config_path, const std:
       c.router_bias = true;
       c.normalize_top_k = true;
       c.selection = cfg.sampling() ? Selection::sampling : Selection::top_k;
-      MoLoRAAdapter<Scalar> adapter(c);
-      adapter.router().set_weight(internal::finite_matrix<Scalar>(r, key("switch.weight"), mod));
-      adapter.router().set_bias(internal::finite_matrix<Scalar>(r, key("switch.bias"), mod));
-      for (Index i = 0; i < E; ++i) {
-        adapter.set_expert_A(i, internal::finite_matrix<Scalar>(r, key(expert_key(i, 'A')), mod));
-        adapter.set_expert_B(i, internal::finite_matrix<Scalar>(r, key(expert_key(i, 'B')), mod));
+      MoLoRAAdapter<Scalar, Weight> adapter(c);
+      if constexpr (std::is_same_v<Weight, Scalar>) {
+        adapter.router().set_weight(internal::finite_matrix<Scalar>(r, key("switch.weight"), mod));
+        for (Index i = 0; i < E; ++i) {
+          adapter.set_expert_A(i, internal::finite_matrix<Scalar>(r, key(expert_key(i, 'A')), mod));
+          adapter.set_expert_B(i, internal::finite_matrix<Scalar>(r, key(expert_key(i, 'B')), mod));
+        }
+      } else {
+        adapter.router().set_weight_stored(internal::stored_weights<Weight>(r, key("switch.weight"), mod).data(), E, in_f);
+        for (Index i = 0; i < E; ++i) {
+          adapter.set_expert_A_stored(i, internal::stored_weights<Weight>(r, key(expert_key(i, 'A')), mod).data());
+          adapter.set_expert_B_stored(i, internal::stored_weights<Weight>(r, key(expert_key(i, 'B')), mod).data());
+        }
       }
+      adapter.router().set_bias(internal::finite_matrix<Scalar>(r, key("switch.bias"), mod));
       out.modules.emplace(mod, std::move(adapter));
     });
   }
@@ -290,9 +304,10 @@ MingMoeAdapters<Scalar> load_ming_moe(const std::string& config_path, const std:
 // and `dir/config.json` with num_experts, num_experts_per_token, expert_selection,
 // share_expert, r, lora_alpha, use_rslora plus `extra_config` fields (e.g. the base model's).
 // All adapters must share E, k, r, alpha, rsLoRA and selection, and use MING's gating (router
-// bias, renormalised top-k): otherwise format_error, and nothing is written.
-template <class Scalar>
-void save_ming_moe(const std::string& dir, const std::map<std::string, const MoLoRAAdapter<Scalar>*>& modules,
+// bias, renormalised top-k): otherwise format_error, and nothing is written. Adapters stored
+// in bf16 / f16 (Weight) write their router weight and experts in that dtype, as stored.
+template <class Scalar, class Weight = Scalar>
+void save_ming_moe(const std::string& dir, const std::map<std::string, const MoLoRAAdapter<Scalar, Weight>*>& modules,
                    const nlohmann::json& extra_config = nlohmann::json::object()) {
   if (modules.empty()) throw format_error(dir + ": expected at least one module to save, got none");
   const MoLoRAConfig& c0 = modules.begin()->second->config();
@@ -308,12 +323,25 @@ void save_ming_moe(const std::string& dir, const std::map<std::string, const MoL
     if (!c.router_bias || !c.normalize_top_k)
       internal::fail(dir, module, "expected router_bias = true and normalize_top_k = true (MING-MOE's gating)");
     const std::string p = "base_model.model." + module + ".";
-    tensors.push_back(make_tensor(p + "switch.weight", adapter->router().weight()));
-    tensors.push_back(make_tensor<Scalar>(p + "switch.bias", {static_cast<std::uint64_t>(c.num_experts)},
-                                          adapter->router().bias().data(), io::internal::dtype_of<Scalar>()));
-    for (Index i = 0; i < c.num_experts; ++i) {
-      tensors.push_back(make_tensor(molora::detail::cat(p, "experts.", i, ".lora_A_", i, ".weight"), adapter->expert_A(i)));
-      tensors.push_back(make_tensor(molora::detail::cat(p, "experts.", i, ".lora_B_", i, ".weight"), adapter->expert_B(i)));
+    if constexpr (!std::is_same_v<Weight, Scalar>) {
+      // The widened values round back to the stored bits.
+      const auto wide = convert_adapter<Scalar>(*adapter);
+      constexpr Dtype d = internal::half_dtype<Weight>();
+      tensors.push_back(make_tensor(p + "switch.weight", wide.router().weight(), d));
+      tensors.push_back(make_tensor<Scalar>(p + "switch.bias", {static_cast<std::uint64_t>(c.num_experts)},
+                                            adapter->router().bias().data(), io::internal::dtype_of<Scalar>()));
+      for (Index i = 0; i < c.num_experts; ++i) {
+        tensors.push_back(make_tensor(molora::detail::cat(p, "experts.", i, ".lora_A_", i, ".weight"), wide.expert_A(i), d));
+        tensors.push_back(make_tensor(molora::detail::cat(p, "experts.", i, ".lora_B_", i, ".weight"), wide.expert_B(i), d));
+      }
+    } else {
+      tensors.push_back(make_tensor(p + "switch.weight", adapter->router().weight()));
+      tensors.push_back(make_tensor<Scalar>(p + "switch.bias", {static_cast<std::uint64_t>(c.num_experts)},
+                                            adapter->router().bias().data(), io::internal::dtype_of<Scalar>()));
+      for (Index i = 0; i < c.num_experts; ++i) {
+        tensors.push_back(make_tensor(molora::detail::cat(p, "experts.", i, ".lora_A_", i, ".weight"), adapter->expert_A(i)));
+        tensors.push_back(make_tensor(molora::detail::cat(p, "experts.", i, ".lora_B_", i, ".weight"), adapter->expert_B(i)));
+      }
     }
   }
   nlohmann::json config = extra_config.is_object() ? extra_config : nlohmann::json::object();

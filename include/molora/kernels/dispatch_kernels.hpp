@@ -4,6 +4,10 @@
 // Each driver handles only the tokens in [t_begin, t_end), so threads given disjoint token
 // ranges write disjoint rows of y; per token, experts are added in ascending order whatever
 // the range, so the result does not depend on how the tokens were split.
+//
+// The experts' weights have their own type Wt (ExpertStack's second parameter): Scalar, or
+// for float bf16 / f16, widened as the tile kernels load them (lora_kernels.hpp), so a
+// 16-bit stack gives the bits of a Scalar stack holding the widened values.
 #pragma once
 
 #include <algorithm>
@@ -15,10 +19,11 @@ namespace molora::kernels {
 
 // All experts of one layer: stacked A [E*r, in] row-major and stacked B [out, E*r]
 // column-major, i.e. expert e's A at a + e*r*in and its B^T [r, out] at b + e*r*out.
-template <class Scalar>
+// Wt: the weights' storage type (Scalar, bf16 or f16); the scaling stays Scalar.
+template <class Scalar, class Wt = Scalar>
 struct ExpertStack {
-  const Scalar* a;
-  const Scalar* b;
+  const Wt* a;
+  const Wt* b;
   Index rank, in, out;
   Scalar scaling;
 };
@@ -69,13 +74,13 @@ inline void for_each_tile(const PairGroups<Scalar>& g, Index t_begin, Index t_en
 // overlap); scratch holds fused_scratch_size<Arch, Scalar>(rank) values. hidden (null, or
 // [pairs, rank] row-major in the groups' pair order) keeps h = A_e x[t] of pair p at
 // hidden + p*rank for a backward (the training forward); y gets the same bits either way.
-template <class Arch, class Scalar>
-void fused_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scalar>& g, const Scalar* x, Index ldx,
+template <class Arch, class Scalar, class Wt>
+void fused_tokens(Arch arch, const ExpertStack<Scalar, Wt>& w, const PairGroups<Scalar>& g, const Scalar* x, Index ldx,
                   Scalar* y, Index ldy, Index t_begin, Index t_end, Scalar* scratch, Scalar* hidden) noexcept {
   const Scalar* xr[kMaxTile];
   Scalar* yr[kMaxTile];
   Scalar sc[kMaxTile];
-  const Index r = w.rank, tile = fused_tile<Scalar>(r, w.in, w.out);
+  const Index r = w.rank, tile = fused_tile<Wt>(r, w.in, w.out);
   detail::for_each_tile(g, t_begin, t_end, tile, [&](std::int32_t e, Index p0, Index n) {
     for (Index i = 0; i < n; ++i) {
       const Index tok = g.tokens[p0 + i];
@@ -93,8 +98,8 @@ void fused_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scal
 // groups (in their order), into h + p*rank; spill holds kTile * rank * simd_width values.
 // Each pair's h has the bits fused() computes for it (the shrink's values do not depend on
 // how the pairs are grouped into calls).
-template <class Arch, class Scalar>
-void shrink_pairs(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scalar>& g, const Scalar* x, Index ldx,
+template <class Arch, class Scalar, class Wt>
+void shrink_pairs(Arch arch, const ExpertStack<Scalar, Wt>& w, const PairGroups<Scalar>& g, const Scalar* x, Index ldx,
                   Index p_begin, Index p_end, Scalar* h, Scalar* spill) noexcept {
   const Scalar* xr[kTile];
   const Index r = w.rank;
@@ -113,8 +118,8 @@ void shrink_pairs(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scal
 // [o_begin, o_end) only, experts in ascending order per token. With o_begin a multiple of
 // 16 (any SIMD width) and o_end one too or the layer's out, every column goes through the
 // same vector lane or scalar tail as in fused(), so y gets fused()'s bits whatever the split.
-template <class Arch, class Scalar>
-void expand_pairs_columns(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scalar>& g, const Scalar* h,
+template <class Arch, class Scalar, class Wt>
+void expand_pairs_columns(Arch arch, const ExpertStack<Scalar, Wt>& w, const PairGroups<Scalar>& g, const Scalar* h,
                           Scalar* y, Index ldy, Index o_begin, Index o_end) noexcept {
   const Scalar* hr[kTile];
   Scalar* yr[kTile];
@@ -138,8 +143,8 @@ void expand_pairs_columns(Arch arch, const ExpertStack<Scalar>& w, const PairGro
 
 // Strategy dense_shrink's sparse expand, tokens [t_begin, t_end): h [T, E*r] row-major
 // (stride ldh) holds A_e x[t] for every expert; adds s * g * B_e h[t, e*r..] for t's pairs.
-template <class Arch, class Scalar>
-void sparse_expand_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGroups<Scalar>& g, const Scalar* h,
+template <class Arch, class Scalar, class Wt>
+void sparse_expand_tokens(Arch arch, const ExpertStack<Scalar, Wt>& w, const PairGroups<Scalar>& g, const Scalar* h,
                           Index ldh, Scalar* y, Index ldy, Index t_begin, Index t_end) noexcept {
   const Scalar* hr[kTile];
   Scalar* yr[kTile];
@@ -160,8 +165,8 @@ void sparse_expand_tokens(Arch arch, const ExpertStack<Scalar>& w, const PairGro
 // row-major [rows, in] matrix w (stride ldw): out[t*ldo + j] = sum_c w[j*ldw + c] x[t*ldx + c].
 // The router's logits (rows = E) without a GEMM's heap-allocated packing buffers; each
 // token's values do not depend on the range. scratch: fused_scratch_size<Arch, Scalar>(rows).
-template <class Arch, class Scalar>
-void dense_rows(Arch arch, const Scalar* w, Index ldw, Index rows, Index in, const Scalar* x, Index ldx,
+template <class Arch, class Wt, class Scalar>
+void dense_rows(Arch arch, const Wt* w, Index ldw, Index rows, Index in, const Scalar* x, Index ldx,
                 Scalar* out, Index ldo, Index t_begin, Index t_end, Scalar* scratch) noexcept {
   const Scalar* xr[kTile];
   for (Index t0 = t_begin; t0 < t_end; t0 += kTile) {
@@ -169,6 +174,41 @@ void dense_rows(Arch arch, const Scalar* w, Index ldw, Index rows, Index in, con
     for (Index i = 0; i < n; ++i) xr[i] = x + (t0 + i) * ldx;
     shrink(arch, w, ldw, rows, in, xr, n, out + t0 * ldo, ldo, scratch);
   }
+}
+
+// The entries of the dispatch table for 16-bit experts (dispatched.hpp): the kernels above
+// with the weight type in the name, as the table needs one member per signature.
+template <class Arch, class Scalar>
+void shrink_bf16(Arch a, const bf16* w, Index lda, Index r, Index in, const Scalar* const* x, Index n, Scalar* h,
+                 Index ldh, Scalar* spill) noexcept {
+  shrink(a, w, lda, r, in, x, n, h, ldh, spill);
+}
+template <class Arch, class Scalar>
+void shrink_f16(Arch a, const f16* w, Index lda, Index r, Index in, const Scalar* const* x, Index n, Scalar* h,
+                Index ldh, Scalar* spill) noexcept {
+  shrink(a, w, lda, r, in, x, n, h, ldh, spill);
+}
+template <class Arch, class Scalar>
+void expand_bf16(Arch a, const bf16* bt, Index ldb, Index r, Index out, const Scalar* const* h, const Scalar* scale,
+                 Index n, Scalar* const* y) noexcept {
+  expand(a, bt, ldb, r, out, h, scale, n, y);
+}
+template <class Arch, class Scalar>
+void expand_f16(Arch a, const f16* bt, Index ldb, Index r, Index out, const Scalar* const* h, const Scalar* scale,
+                Index n, Scalar* const* y) noexcept {
+  expand(a, bt, ldb, r, out, h, scale, n, y);
+}
+template <class Arch, class Scalar>
+void fused_tokens_bf16(Arch a, const ExpertStack<Scalar, bf16>& w, const PairGroups<Scalar>& g, const Scalar* x,
+                       Index ldx, Scalar* y, Index ldy, Index t_begin, Index t_end, Scalar* scratch,
+                       Scalar* hidden) noexcept {
+  fused_tokens(a, w, g, x, ldx, y, ldy, t_begin, t_end, scratch, hidden);
+}
+template <class Arch, class Scalar>
+void fused_tokens_f16(Arch a, const ExpertStack<Scalar, f16>& w, const PairGroups<Scalar>& g, const Scalar* x,
+                      Index ldx, Scalar* y, Index ldy, Index t_begin, Index t_end, Scalar* scratch,
+                      Scalar* hidden) noexcept {
+  fused_tokens(a, w, g, x, ldx, y, ldy, t_begin, t_end, scratch, hidden);
 }
 
 }  // namespace molora::kernels

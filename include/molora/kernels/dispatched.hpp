@@ -68,6 +68,26 @@
     (const bf16* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy,          \
      Index o0, Index o1),                                                                                        \
     (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1))                                                              \
+  X(shrink_bf16,                                                                                                 \
+    (const bf16* a, Index lda, Index r, Index in, const S* const* x, Index n, S* h, Index ldh, S* spill),         \
+    (a, lda, r, in, x, n, h, ldh, spill))                                                                        \
+  X(shrink_f16,                                                                                                  \
+    (const f16* a, Index lda, Index r, Index in, const S* const* x, Index n, S* h, Index ldh, S* spill),          \
+    (a, lda, r, in, x, n, h, ldh, spill))                                                                        \
+  X(expand_bf16,                                                                                                 \
+    (const bf16* bt, Index ldb, Index r, Index out, const S* const* h, const S* scale, Index n, S* const* y),     \
+    (bt, ldb, r, out, h, scale, n, y))                                                                           \
+  X(expand_f16,                                                                                                  \
+    (const f16* bt, Index ldb, Index r, Index out, const S* const* h, const S* scale, Index n, S* const* y),      \
+    (bt, ldb, r, out, h, scale, n, y))                                                                           \
+  X(fused_tokens_bf16,                                                                                           \
+    (const ExpertStack<S, bf16>& w, const PairGroups<S>& g, const S* x, Index ldx, S* y, Index ldy,              \
+     Index t_begin, Index t_end, S* scratch, S* hidden),                                                         \
+    (w, g, x, ldx, y, ldy, t_begin, t_end, scratch, hidden))                                                     \
+  X(fused_tokens_f16,                                                                                            \
+    (const ExpertStack<S, f16>& w, const PairGroups<S>& g, const S* x, Index ldx, S* y, Index ldy,               \
+     Index t_begin, Index t_end, S* scratch, S* hidden),                                                         \
+    (w, g, x, ldx, y, ldy, t_begin, t_end, scratch, hidden))                                                     \
   X(widen_bf16, (const bf16* src, Index n, S* dst), (src, n, dst))                                               \
   X(widen_f16, (const f16* src, Index n, S* dst), (src, n, dst))                                                 \
   X(gemm_product,                                                                                                \
@@ -190,6 +210,38 @@ template <class S>
 void skinny_product(dispatched_arch a, const f16* w, Index ldw, Index in, const S* x, Index ldx, Index T,
                     const S* bias, S* y, Index ldy, Index o0, Index o1) noexcept {
   skinny_product_f16(a, w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
+}
+// The same for the expert kernels' 16-bit weights (shrink also serves a 16-bit router's
+// logits through dense_rows).
+template <class S>
+void shrink(dispatched_arch d, const bf16* a, Index lda, Index r, Index in, const S* const* x, Index n, S* h,
+            Index ldh, S* spill) noexcept {
+  shrink_bf16(d, a, lda, r, in, x, n, h, ldh, spill);
+}
+template <class S>
+void shrink(dispatched_arch d, const f16* a, Index lda, Index r, Index in, const S* const* x, Index n, S* h,
+            Index ldh, S* spill) noexcept {
+  shrink_f16(d, a, lda, r, in, x, n, h, ldh, spill);
+}
+template <class S>
+void expand(dispatched_arch d, const bf16* bt, Index ldb, Index r, Index out, const S* const* h, const S* scale,
+            Index n, S* const* y) noexcept {
+  expand_bf16(d, bt, ldb, r, out, h, scale, n, y);
+}
+template <class S>
+void expand(dispatched_arch d, const f16* bt, Index ldb, Index r, Index out, const S* const* h, const S* scale,
+            Index n, S* const* y) noexcept {
+  expand_f16(d, bt, ldb, r, out, h, scale, n, y);
+}
+template <class S>
+void fused_tokens(dispatched_arch d, const ExpertStack<S, bf16>& w, const PairGroups<S>& g, const S* x, Index ldx,
+                  S* y, Index ldy, Index t_begin, Index t_end, S* scratch, S* hidden) noexcept {
+  fused_tokens_bf16(d, w, g, x, ldx, y, ldy, t_begin, t_end, scratch, hidden);
+}
+template <class S>
+void fused_tokens(dispatched_arch d, const ExpertStack<S, f16>& w, const PairGroups<S>& g, const S* x, Index ldx,
+                  S* y, Index ldy, Index t_begin, Index t_end, S* scratch, S* hidden) noexcept {
+  fused_tokens_f16(d, w, g, x, ldx, y, ldy, t_begin, t_end, scratch, hidden);
 }
 template <class S>
 void widen(dispatched_arch a, const bf16* src, Index n, S* dst) noexcept {

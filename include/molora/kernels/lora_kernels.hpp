@@ -15,12 +15,19 @@
 // whatever the chunking (partial sums spill to memory and come back exactly), and the lanes
 // are reduced in a fixed order. Splitting the tokens between threads therefore changes no
 // bit of the result.
+//
+// Weights in 16 bits: the weight pointers (A_e, B_e^T) have their own type W, Scalar or (for
+// float) bf16 / f16, widened exactly as they are loaded (base_kernels.hpp's load_weights) and
+// summed in the same order, with the scalar tails fused the same way (tail_mul_add): a
+// 16-bit expert gives the bits of a Scalar expert holding the widened values.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
+#include "../half.hpp"
 #include "arch.hpp"
 
 #if defined(__clang__)
@@ -73,26 +80,42 @@ constexpr Index fused_scratch_size(Index rank) noexcept {
 
 // ---- scalar kernels ----------------------------------------------------------------------
 
-// h[t*ldh + j] = sum_c a[j*lda + c] * x[t][c] for t < n, j < r.
+namespace detail {
+
+// s + a * b of the scalar kernels: fused explicitly where the object has FMA, so that a
+// weight widened from 16 bits and the same value stored as Scalar give the same bits
+// whatever the compiler would contract in each instantiation.
 template <class Scalar>
-void shrink(scalar_arch, const Scalar* a, Index lda, Index r, Index in, const Scalar* const* x, Index n, Scalar* h,
+inline Scalar scalar_mul_add(Scalar a, Scalar b, Scalar s) noexcept {
+#if defined(__FMA__)
+  return std::fma(a, b, s);
+#else
+  return s + a * b;
+#endif
+}
+
+}  // namespace detail
+
+// h[t*ldh + j] = sum_c a[j*lda + c] * x[t][c] for t < n, j < r. Wt: Scalar, bf16 or f16.
+template <class Wt, class Scalar>
+void shrink(scalar_arch, const Wt* a, Index lda, Index r, Index in, const Scalar* const* x, Index n, Scalar* h,
             Index ldh, Scalar* /*spill*/) noexcept {
   for (Index t = 0; t < n; ++t)
     for (Index j = 0; j < r; ++j) {
       Scalar s = 0;
-      for (Index c = 0; c < in; ++c) s += a[j * lda + c] * x[t][c];
+      for (Index c = 0; c < in; ++c) s = detail::scalar_mul_add(Scalar(to_float(a[j * lda + c])), x[t][c], s);
       h[t * ldh + j] = s;
     }
 }
 
 // y[t][o] += scale[t] * sum_j h[t][j] * bt[j*ldb + o] for t < n, o < out.
-template <class Scalar>
-void expand(scalar_arch, const Scalar* bt, Index ldb, Index r, Index out, const Scalar* const* h,
-            const Scalar* scale, Index n, Scalar* const* y) noexcept {
+template <class Wt, class Scalar>
+void expand(scalar_arch, const Wt* bt, Index ldb, Index r, Index out, const Scalar* const* h, const Scalar* scale,
+            Index n, Scalar* const* y) noexcept {
   for (Index t = 0; t < n; ++t)
     for (Index o = 0; o < out; ++o) {
       Scalar s = 0;
-      for (Index j = 0; j < r; ++j) s += h[t][j] * bt[j * ldb + o];
+      for (Index j = 0; j < r; ++j) s = detail::scalar_mul_add(h[t][j], Scalar(to_float(bt[j * ldb + o])), s);
       y[t][o] += scale[t] * s;
     }
 }
@@ -100,6 +123,13 @@ void expand(scalar_arch, const Scalar* bt, Index ldb, Index r, Index out, const 
 #if !defined(MOLORA_NO_XSIMD)
 
 namespace detail {
+
+// Defined in base_kernels.hpp (which includes this header): one vector of Scalar from W
+// values widened exactly, and the scalar tails' s + a * b with a fixed fusion per ISA.
+template <class Arch, class Scalar, class W>
+inline xsimd::batch<Scalar, Arch> load_weights(const W* p) noexcept;
+template <class Arch, class Scalar>
+inline Scalar tail_mul_add(Scalar a, Scalar b, Scalar s) noexcept;
 
 // Vector registers the kernels may plan for: 32 with AVX-512, 16 otherwise (SSE, AVX2).
 template <class Arch>
@@ -139,8 +169,8 @@ inline void finish_dots(const B (&acc)[RJ][RT], bool last, Scalar* spill, Index 
 // columns [c0, c1) of `in`. The first pass starts from zero, later passes reload the
 // partial sums from `spill`; the last pass reduces them, adds the scalar tail
 // [in_vec, in) and writes h.
-template <int RJ, int RT, class Arch, class Scalar>
-inline void shrink_block(const Scalar* a, Index lda, const Scalar* const* x, Index c0, Index c1, Index in_vec,
+template <int RJ, int RT, class Arch, class Wt, class Scalar>
+inline void shrink_block(const Wt* a, Index lda, const Scalar* const* x, Index c0, Index c1, Index in_vec,
                          Index in, bool first, bool last, Scalar* spill, Index spill_ld, Scalar* h,
                          Index ldh) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
@@ -158,21 +188,21 @@ inline void shrink_block(const Scalar* a, Index lda, const Scalar* const* x, Ind
     for (int t = 0; t < RT; ++t) xv[t] = B::load_unaligned(x[t] + c);
     MOLORA_UNROLL
     for (int j = 0; j < RJ; ++j) {
-      const B av = B::load_unaligned(a + j * lda + c);
+      const B av = load_weights<Arch, Scalar>(a + j * lda + c);
       MOLORA_UNROLL
       for (int t = 0; t < RT; ++t) acc[j][t] = xsimd::fma(av, xv[t], acc[j][t]);
     }
   }
   finish_dots<RJ, RT>(acc, last, spill, spill_ld, h, ldh, [&](int j, int t, Scalar s) {
-    for (Index c = in_vec; c < in; ++c) s += a[j * lda + c] * x[t][c];
+    for (Index c = in_vec; c < in; ++c) s = tail_mul_add<Arch>(Scalar(to_float(a[j * lda + c])), x[t][c], s);
     return s;
   });
 }
 
 // All rank rows of one block of RT tokens: blocks of 8 rows (RT <= 2) or 4 rows, then
 // tails of 4, 2 and 1 rows.
-template <int RT, class Arch, class Scalar>
-inline void shrink_tokens(const Scalar* a, Index lda, Index r, const Scalar* const* x, Index c0, Index c1,
+template <int RT, class Arch, class Wt, class Scalar>
+inline void shrink_tokens(const Wt* a, Index lda, Index r, const Scalar* const* x, Index c0, Index c1,
                           Index in_vec, Index in, bool first, bool last, Scalar* spill, Index spill_ld, Scalar* h,
                           Index ldh) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
@@ -200,8 +230,8 @@ inline void shrink_tokens(const Scalar* a, Index lda, Index r, const Scalar* con
 
 // One register block of the expand: RT tokens x NV output vectors starting at column o,
 // summed over the rank, then y += scale * acc.
-template <int RT, int NV, class Arch, class Scalar>
-inline void expand_block(const Scalar* bt, Index ldb, Index r, const Scalar* const* h, const Scalar* scale,
+template <int RT, int NV, class Arch, class Wt, class Scalar>
+inline void expand_block(const Wt* bt, Index ldb, Index r, const Scalar* const* h, const Scalar* scale,
                          Scalar* const* y, Index o) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
   constexpr Index W = static_cast<Index>(B::size);
@@ -211,11 +241,11 @@ inline void expand_block(const Scalar* bt, Index ldb, Index r, const Scalar* con
     MOLORA_UNROLL
     for (int v = 0; v < NV; ++v) acc[t][v] = B(Scalar(0));
   }
-  const Scalar* col = bt + o;
+  const Wt* col = bt + o;
   for (Index j = 0; j < r; ++j, col += ldb) {
     B bv[NV];
     MOLORA_UNROLL
-    for (int v = 0; v < NV; ++v) bv[v] = B::load_unaligned(col + v * W);
+    for (int v = 0; v < NV; ++v) bv[v] = load_weights<Arch, Scalar>(col + v * W);
     MOLORA_UNROLL
     for (int t = 0; t < RT; ++t) {
       const B hv(h[t][j]);
@@ -235,8 +265,8 @@ inline void expand_block(const Scalar* bt, Index ldb, Index r, const Scalar* con
 }
 
 // Every token block (4, then a tail of 1 to 3) for NV vectors at column o.
-template <int NV, class Arch, class Scalar>
-inline void expand_columns(const Scalar* bt, Index ldb, Index r, const Scalar* const* h, const Scalar* scale,
+template <int NV, class Arch, class Wt, class Scalar>
+inline void expand_columns(const Wt* bt, Index ldb, Index r, const Scalar* const* h, const Scalar* scale,
                            Index n, Scalar* const* y, Index o) noexcept {
   Index t = 0;
   for (; t + 4 <= n; t += 4) expand_block<4, NV, Arch>(bt, ldb, r, h + t, scale + t, y + t, o);
@@ -254,8 +284,8 @@ inline void expand_columns(const Scalar* bt, Index ldb, Index r, const Scalar* c
 // Requires: a [r, in] with row stride lda; x[t] points at in values; h holds n rows of
 // stride ldh >= r; spill holds n * r * simd_width values (unused, may be null, when
 // in < shrink_chunk + simd_width). h must not alias a or x.
-template <class Arch, class Scalar>
-void shrink(Arch, const Scalar* a, Index lda, Index r, Index in, const Scalar* const* x, Index n, Scalar* h,
+template <class Arch, class Wt, class Scalar>
+void shrink(Arch, const Wt* a, Index lda, Index r, Index in, const Scalar* const* x, Index n, Scalar* h,
             Index ldh, Scalar* spill) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
   const Index in_vec = in - in % W, spill_ld = r * W;
@@ -294,8 +324,8 @@ void shrink(Arch, const Scalar* a, Index lda, Index r, Index in, const Scalar* c
 // Expand of a tile: y[t][o] += scale[t] * sum_j h[t][j] * bt[j*ldb + o] for t < n, o < out.
 // Requires: bt [r, out] with row stride ldb; h[t] points at r values; y[t] at out values,
 // distinct rows that alias neither bt nor h.
-template <class Arch, class Scalar>
-void expand(Arch, const Scalar* bt, Index ldb, Index r, Index out, const Scalar* const* h, const Scalar* scale,
+template <class Arch, class Wt, class Scalar>
+void expand(Arch, const Wt* bt, Index ldb, Index r, Index out, const Scalar* const* h, const Scalar* scale,
             Index n, Scalar* const* y) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
   const Index out_vec = out - out % W;
@@ -330,7 +360,7 @@ void expand(Arch, const Scalar* bt, Index ldb, Index r, Index out, const Scalar*
   for (; o < out; ++o)
     for (Index t = 0; t < n; ++t) {
       Scalar s = 0;
-      for (Index j = 0; j < r; ++j) s += h[t][j] * bt[j * ldb + o];
+      for (Index j = 0; j < r; ++j) s = detail::tail_mul_add<Arch>(h[t][j], Scalar(to_float(bt[j * ldb + o])), s);
       y[t][o] += scale[t] * s;
     }
 }
@@ -344,8 +374,8 @@ void expand(Arch, const Scalar* bt, Index ldb, Index r, Index out, const Scalar*
 // values. The tile changes the speed, not the values. keep (null, or n x r values aliasing
 // nothing else) asks to keep what a backward needs: h = A_e x[t] (unscaled) of token t is
 // then shrunk straight into keep + t*r instead of the scratch tile; y gets the same bits.
-template <class Arch, class Scalar>
-void fused(Arch arch, const Scalar* a, Index lda, const Scalar* bt, Index ldb, Index r, Index in, Index out,
+template <class Arch, class Wt, class Scalar>
+void fused(Arch arch, const Wt* a, Index lda, const Wt* bt, Index ldb, Index r, Index in, Index out,
            const Scalar* const* x, Scalar* const* y, const Scalar* scale, Index n, Scalar* scratch,
            Index tile = kTile, Scalar* keep = nullptr) noexcept {
   tile = tile < 1 ? 1 : tile > kMaxTile ? kMaxTile : tile;
