@@ -9,7 +9,8 @@
 // process, so their ratio is one run's. tools/bench_qwen2_peers.py makes the same weights for
 // PyTorch; docs/benchmarks.md has the figures.
 //
-// Arguments: adapter (0 plain, 1 MING-MOE), bf16 (0 float weights, 1 bf16 weights), threads
+// Arguments: adapter (0 plain, 1 MING-MOE), bf16 (0 float weights, 1 bf16 weights and bf16
+// routers and experts), threads
 // (2 only in the OpenMP build); decode also the batch size. Times are wall time ("Time") and
 // the CPU time of the whole process, every thread ("CPU"); rates are per wall second.
 // BM_adapter_cost times plain and adapted decode steps alternately in one loop (the
@@ -114,7 +115,10 @@ qwen2::Model& model(bool adapted, bool bf16 = false) {
             RandomWeights::fill(b.data(), b.size(), gen(), 0.01f, 0);
             a.set_expert_B(e, b);
           }
-          m->attach(l, p, a);
+          if (bf16)  // as a BF16 checkpoint keeps them (the example loads such a file so)
+            m->attach(l, p, molora::convert_adapter<molora::bf16>(a));
+          else
+            m->attach(l, p, a);
         }
     }
   }
@@ -418,8 +422,9 @@ void BM_adapter_cost(benchmark::State& state) {
 }
 
 // Bytes one token at batch 1 reads of the adapters the benchmark attaches (MoLoRAConfig's
-// defaults, float as MoLoRAAdapter<float> keeps them): per MLP projection the router
-// [E, in] + [E], and the A [r, in] and B [out, r] of the k experts the token picks.
+// defaults; router weight and experts float, or bf16 beside bf16 weights; the router's bias
+// float): per MLP projection the router [E, in] + [E], and the A [r, in] and B [out, r] of
+// the k experts the token picks.
 double routed_adapter_bytes(const qwen2::Model& m) {
   const molora::MoLoRAConfig mc;
   const double E = static_cast<double>(mc.num_experts), k = static_cast<double>(mc.top_k);
@@ -428,7 +433,8 @@ double routed_adapter_bytes(const qwen2::Model& m) {
   for (const qwen2::Model::Layer& L : m.layers())
     for (const qwen2::Projection& p : L.mlp) {
       const double in = static_cast<double>(p.cols()), out = static_cast<double>(p.rows());
-      b += 4.0 * (E * (in + 1) + k * r * (in + out));
+      const double w = std::string(p.adapter_dtype()) == "bf16" ? 2.0 : 4.0;
+      b += w * (E * in + k * r * (in + out)) + 4.0 * E;
     }
   return b;
 }

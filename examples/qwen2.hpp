@@ -32,6 +32,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -315,8 +316,7 @@ class Projection {
   void init(WeightData w, Vec b) {
     weight_ = std::move(w);
     bias_ = std::move(b);
-    moe_f32_.reset();
-    moe_b16_.reset();
+    detach();
     if (weight_.is_bf16()) {
       plain_b16_ = std::make_unique<molora::Linear<float, molora::bf16>>(weight_.cols, weight_.rows);
       plain_b16_->wrap_weight(weight_.b16, weight_.rows, weight_.cols);
@@ -329,20 +329,29 @@ class Projection {
   }
 
   // Replaces the plain layer by a MoLoRALinear with `adapter` over the same weight and bias.
-  void attach(const molora::MoLoRAAdapter<float>& adapter) {
+  // The adapter's router and experts stay in their own type: float, or bf16 as a BF16 adapter
+  // file keeps them (Model::attach_adapter).
+  template <class AW>
+  void attach(const molora::MoLoRAAdapter<float, AW>& adapter) {
+    detach();
     if (weight_.is_bf16())
-      make_moe(moe_b16_, adapter, weight_.b16);
+      make_moe(std::get<Moe<molora::bf16, AW>>(moe_), adapter, weight_.b16);
     else
-      make_moe(moe_f32_, adapter, weight_.f32);
+      make_moe(std::get<Moe<float, AW>>(moe_), adapter, weight_.f32);
     plain_f32_.reset();
     plain_b16_.reset();
   }
 
-  bool adapted() const { return moe_f32_ || moe_b16_; }
-  // The attached adapter, or nullptr.
+  bool adapted() const { return with_moe([](const auto&) { return true; }, false); }
+  // The attached adapter when its router and experts are float, or nullptr.
   const molora::MoLoRAAdapter<float>* adapter() const {
-    if (moe_f32_) return &moe_f32_->adapter();
-    return moe_b16_ ? &moe_b16_->adapter() : nullptr;
+    if (const auto& m = std::get<Moe<float, float>>(moe_)) return &m->adapter();
+    if (const auto& m = std::get<Moe<molora::bf16, float>>(moe_)) return &m->adapter();
+    return nullptr;
+  }
+  // "bf16" or "f32": the type the attached adapter's router and experts are kept in ("" if none).
+  const char* adapter_dtype() const {
+    return with_moe([](const auto& m) { return adapter_dtype_of(*m); }, "");
   }
   Index rows() const { return weight_.rows; }
   Index cols() const { return weight_.cols; }
@@ -353,14 +362,16 @@ class Projection {
   bool layer_wraps_weight() const {
     if (plain_f32_) return plain_f32_->wraps_weight();
     if (plain_b16_) return plain_b16_->wraps_weight();
-    return moe_f32_ ? moe_f32_->wraps_base() : moe_b16_ && moe_b16_->wraps_base();
+    return with_moe([](const auto& m) { return m->wraps_base(); }, false);
   }
 
   // y = x W^T + b (+ delta); returns the routing when adapted, nullptr otherwise.
   const molora::Routing<float>* forward(const Matrix& x, Matrix& y, molora::MoLoRAWorkspace<float>& ws) const {
     y.resize(x.rows(), weight_.rows);  // [T, out]
-    if (moe_f32_) return &moe_f32_->forward(x, y, ws);
-    if (moe_b16_) return &moe_b16_->forward(x, y, ws);
+    const molora::Routing<float>* routing =
+        with_moe([&](const auto& m) -> const molora::Routing<float>* { return &m->forward(x, y, ws); },
+                 static_cast<const molora::Routing<float>*>(nullptr));
+    if (routing) return routing;
     if (plain_b16_)
       plain_b16_->forward(x, y);
     else
@@ -373,13 +384,36 @@ class Projection {
   Vec bias_;  // [out] or empty
   std::unique_ptr<molora::Linear<float>> plain_f32_;
   std::unique_ptr<molora::Linear<float, molora::bf16>> plain_b16_;
-  std::unique_ptr<molora::MoLoRALinear<float>> moe_f32_;
-  std::unique_ptr<molora::MoLoRALinear<float, molora::bf16>> moe_b16_;
+  // The adapted layer, at most one of the four: base weight float or bf16, router and
+  // experts float or bf16.
+  template <class BW, class AW>
+  using Moe = std::unique_ptr<molora::MoLoRALinear<float, BW, AW>>;
+  std::tuple<Moe<float, float>, Moe<molora::bf16, float>, Moe<float, molora::bf16>, Moe<molora::bf16, molora::bf16>>
+      moe_;
 
-  template <class W>
-  void make_moe(std::unique_ptr<molora::MoLoRALinear<float, W>>& layer, const molora::MoLoRAAdapter<float>& adapter,
-                const W* w) {
-    layer = std::make_unique<molora::MoLoRALinear<float, W>>(adapter.config());
+  void detach() {
+    std::apply([](auto&... m) { (m.reset(), ...); }, moe_);
+  }
+  // f(layer) on the adapted layer, or `none` when there is none.
+  template <class F, class R>
+  R with_moe(F&& f, R none) const {
+    R out = none;
+    bool found = false;
+    std::apply(
+        [&](const auto&... m) {
+          ((!found && m ? (out = f(m), found = true) : false), ...);
+        },
+        moe_);
+    return out;
+  }
+  template <class BW, class AW>
+  static const char* adapter_dtype_of(const molora::MoLoRALinear<float, BW, AW>&) {
+    return std::is_same_v<AW, molora::bf16> ? "bf16" : "f32";
+  }
+
+  template <class W, class AW>
+  void make_moe(Moe<W, AW>& layer, const molora::MoLoRAAdapter<float, AW>& adapter, const W* w) {
+    layer = std::make_unique<molora::MoLoRALinear<float, W, AW>>(adapter.config());
     if constexpr (std::is_same_v<W, float>)
       layer->wrap_base_weight(typename molora::MoLoRALinear<float>::BaseWeightMap(w, weight_.rows, weight_.cols));
     else
@@ -457,6 +491,7 @@ class Model {
     const WeightFiles files(dir, load);  // after the config, whose errors come first
     load_weights(files);
     mapped_ = files.readers();  // shares the mappings the projections point into
+    widen_ = load.widen;
     if (!adapter.dir.empty()) attach_adapter(adapter);
   }
 
@@ -532,9 +567,11 @@ class Model {
     one(lm_head_);
   }
 
-  // Puts `adapter` on projection p (0 gate, 1 up, 2 down) of layer l. Every adapter must have
-  // the same number of experts. `source` names the file in the format_error of a mismatch.
-  void attach(std::size_t l, std::size_t p, const molora::MoLoRAAdapter<float>& a,
+  // Puts `adapter` on projection p (0 gate, 1 up, 2 down) of layer l; its router and experts
+  // float or bf16 (AW). Every adapter must have the same number of experts. `source` names the
+  // file in the format_error of a mismatch.
+  template <class AW>
+  void attach(std::size_t l, std::size_t p, const molora::MoLoRAAdapter<float, AW>& a,
               const std::string& source = "adapter") {
     if (l >= layers_.size() || p >= 3)
       throw molora::config_error(molora::detail::mismatch(
@@ -635,6 +672,7 @@ class Model {
   Vec inv_freq_;  // [head_dim / 2]
   ExpertLoad load_;
   Scratch scratch_;
+  bool widen_ = false;  // LoadOptions::widen: the adapter float too
 
   void attach_adapter(const AdapterOptions& opt) {
     namespace fs = std::filesystem;
@@ -642,7 +680,24 @@ class Model {
     const std::string weights_path = (fs::path(opt.dir) / "non_lora_trainables.safetensors").string();
     molora::io::MingMoeLoadOptions lo;
     lo.lora_alpha = opt.lora_alpha;
-    const auto ming = molora::io::load_ming_moe<float>(cfg_path, weights_path, lo);
+    // Kept as stored, as the model's weights are: a file whose tensors are all BF16 gives bf16
+    // routers and experts (half the bytes a decode step reads of them), any other file float
+    // (a BF16 tensor of a mixed file widened exactly). LoadOptions::widen makes it float.
+    bool all_bf16 = !widen_;
+    try {
+      const molora::io::SafetensorsReader r(weights_path);
+      for (const std::string& name : r.names()) all_bf16 = all_bf16 && r.info(name).dtype == molora::io::Dtype::BF16;
+    } catch (const molora::error&) {
+      all_bf16 = false;  // the float load below reports it, after the config's errors
+    }
+    if (all_bf16)
+      attach_modules(molora::io::load_ming_moe<float, molora::bf16>(cfg_path, weights_path, lo), cfg_path, weights_path);
+    else
+      attach_modules(molora::io::load_ming_moe<float>(cfg_path, weights_path, lo), cfg_path, weights_path);
+  }
+
+  template <class Adapters>
+  void attach_modules(const Adapters& ming, const std::string& cfg_path, const std::string& weights_path) {
     const Config& c = config_;
     std::set<std::string> used;
     for (std::size_t l = 0; l < layers_.size(); ++l)
@@ -904,7 +959,10 @@ inline int run(const std::vector<std::string>& argv, std::ostream& out, std::ost
     out << "model: " << c.num_hidden_layers << " layers, hidden " << c.hidden_size << ", " << c.num_attention_heads
         << " heads (" << c.num_key_value_heads << " kv), vocab " << c.vocab_size << ", "
         << (c.tie_word_embeddings ? "tied" : "untied") << " head; "
-        << (model.adapted() ? "MING-MOE adapter on gate/up/down" : "no adapter") << "\n";
+        << (model.adapted() ? std::string("MING-MOE adapter on gate/up/down (router and experts ") +
+                                  model.layers().front().mlp[0].adapter_dtype() + ")"
+                            : std::string("no adapter"))
+        << "\n";
     out << "weights: projections " << model.layers().front().q.weight_dtype() << ", LM head "
         << model.lm_head().weight_dtype() << (args.load.widen ? " (widened)" : " (as stored)") << ", "
         << model.projection_bytes() / (1 << 20) << " MiB read per decode step\n";

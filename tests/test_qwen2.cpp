@@ -128,6 +128,9 @@ TEST_CASE("qwen2 keeps BF16 weights as bf16: the widened model gives the same lo
     widen.widen = true;
     qwen2::Model wide(data_dir + "/bf16", adapter, widen);
     check_kept_as_stored(kept, "bf16");
+    // The adapter file is all BF16: kept as stored, its routers and experts are bf16 too.
+    CHECK(std::string(kept.layers()[1].mlp[2].adapter_dtype()) == (adapted ? "bf16" : ""));
+    CHECK(std::string(wide.layers()[1].mlp[2].adapter_dtype()) == (adapted ? "f32" : ""));
     CHECK(std::string(wide.layers()[1].mlp[2].weight_dtype()) == "f32");
     CHECK(std::string(wide.lm_head().weight_dtype()) == "f32");
     CHECK_FALSE(wide.layers()[0].q.weight().in_file);
@@ -174,6 +177,33 @@ TEST_CASE("qwen2 handles dtypes per tensor (mixed F32 / BF16) and copies unalign
     CHECK(std::string(model.lm_head().weight_dtype()) == "f32");
     CHECK(L0.q.weight().in_file);
     CHECK(L0.mlp[1].weight().in_file);
+    generate_and_compare(model, ref, "bf16.adapter");
+  }
+  SUBCASE("mixed adapter file: routers and experts float") {
+    // One router weight widened to F32 in the adapter file: the file is no longer all BF16,
+    // so every adapter is loaded float (the BF16 tensors widened exactly).
+    const std::string dir = tmp.file("adapter_mixed");
+    std::filesystem::create_directories(dir);
+    std::filesystem::copy_file(data_dir + "/adapter_bf16/config.json", dir + "/config.json");
+    std::vector<molora::io::TensorToWrite> out;
+    std::vector<Matrix> keep;
+    {
+      const molora::io::SafetensorsReader r(data_dir + "/adapter_bf16/non_lora_trainables.safetensors");
+      for (const auto& name : r.names()) {
+        const auto& info = r.info(name);
+        if (keep.empty() && info.shape.size() == 2 && name.find("switch") != std::string::npos) {
+          keep.push_back(r.matrix<float>(name));
+          out.push_back(molora::io::make_tensor(name, info.shape, keep.back().data(), molora::io::Dtype::F32));
+        } else {
+          out.push_back(molora::io::make_tensor_raw(name, info.dtype, info.shape, r.bytes(name)));
+        }
+      }
+      REQUIRE(keep.size() == 1);
+      molora::io::save_safetensors(dir + "/non_lora_trainables.safetensors", std::move(out));
+    }
+    qwen2::Model model(data_dir + "/bf16", qwen2::AdapterOptions{dir, {}});
+    CHECK(std::string(model.layers()[0].mlp[0].adapter_dtype()) == "f32");
+    CHECK(std::string(model.layers()[1].mlp[2].adapter_dtype()) == "f32");
     generate_and_compare(model, ref, "bf16.adapter");
   }
   SUBCASE("unaligned BF16 data") {
