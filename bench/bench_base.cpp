@@ -619,11 +619,11 @@ void register_gemm(const std::string& d) {
 //                                   pad32_over_ldw (medians of the ratios).
 //   layer_reads/D/4096/4096/T/cold  whole_layer with two yardsticks in one loop: forward,
 //                                   stream_spans over its weights (read_share, as
-//                                   whole_layer) and the best read above (W0 in 16 rows side
+//                                   whole_layer) and the best read above (W0 in 8 rows side
 //                                   by side, then the other spans; rows_read_share).
 //   threads_read/4096/4096/cold     (OpenMP builds) a plain read of a cold 64 MiB W0 by one
 //                                   thread, then by two threads each reading half of the
-//                                   rows (16 rows side by side); counter two_over_one =
+//                                   rows (8 rows side by side); counter two_over_one =
 //                                   median of one-thread time / two-thread time.
 //   threads_layer/D/4096/4096/T     (OpenMP builds) whole-layer forward with 1 and with 2
 //                                   threads, each on its own cold copy, alternately;
@@ -765,10 +765,10 @@ void BM_skinny_ldw(benchmark::State& st) {
   st.counters["pad32_over_ldw"] = median(r32);
 }
 
-// The best plain read of the layer's weights: W0 in 16 rows side by side, then the rest.
+// The best plain read of the layer's weights (read_variants): W0 in 8 rows side by side, then the rest.
 template <class W>
 float read_rows_then_rest(const Layer<W>& l, const Spans& spans) {
-  float s = stream_rows<16>(l.base_weight_data(), l.out_features(), l.in_features() * Index(sizeof(W)));
+  float s = stream_rows<8>(l.base_weight_data(), l.out_features(), l.in_features() * Index(sizeof(W)));
   return s + stream_spans(Spans(spans.begin() + 1, spans.end()));
 }
 
@@ -832,7 +832,7 @@ void BM_threads_read(benchmark::State& st) {
     const float* b = w[(2 * i + 1) % n].data();
     ++i;
     double t0 = cpu_seconds();
-    sink += stream_rows<16>(a, out, row_bytes);
+    sink += stream_rows<8>(a, out, row_bytes);
     const double one = cpu_seconds() - t0;
     float s2 = 0;
     t0 = cpu_seconds();
@@ -840,7 +840,7 @@ void BM_threads_read(benchmark::State& st) {
     {
       const Index p = omp_get_thread_num(), P = omp_get_num_threads();
       const Index o0 = out * p / P, o1 = out * (p + 1) / P;
-      s2 += stream_rows<16>(b + o0 * in, o1 - o0, row_bytes);
+      s2 += stream_rows<8>(b + o0 * in, o1 - o0, row_bytes);
     }
     const double two = cpu_seconds() - t0;
     sink += s2;
@@ -902,20 +902,21 @@ void register_few_tokens_limits() {
   };
   reg("read_variants/f32/4096/4096/cold", BM_read_variants<float>, {4096, 4096});
   reg("read_variants/bf16/4096/4096/cold", BM_read_variants<molora::bf16>, {4096, 4096});
-  for (Index T : {1, 2, 4, 8}) {
+  // One dtype after the other: layers_for keeps the layer copies of one dtype only.
+  for (Index T : {1, 2, 4, 8})
     reg("skinny_ldw/f32/4096/4096/" + std::to_string(T) + "/cold", BM_skinny_ldw<float>, {4096, 4096, T});
+  for (Index T : {1, 2, 4, 8})
     reg("skinny_ldw/bf16/4096/4096/" + std::to_string(T) + "/cold", BM_skinny_ldw<molora::bf16>, {4096, 4096, T});
-  }
-  for (Index T : {1, 2, 4, 8}) {
+  for (Index T : {1, 2, 4, 8})
     reg("layer_reads/f32/4096/4096/" + std::to_string(T) + "/cold", BM_layer_reads<float>, {4096, 4096, T});
+  for (Index T : {1, 2, 4, 8})
     reg("layer_reads/bf16/4096/4096/" + std::to_string(T) + "/cold", BM_layer_reads<molora::bf16>, {4096, 4096, T});
-  }
 #if defined(MOLORA_USE_OPENMP)
   reg("threads_read/4096/4096/cold", BM_threads_read, {4096, 4096});
-  for (Index T : {1, 2, 4, 8}) {
+  for (Index T : {1, 2, 4, 8})
     reg("threads_layer/f32/4096/4096/" + std::to_string(T), BM_threads_layer<float>, {4096, 4096, T});
+  for (Index T : {1, 2, 4, 8})
     reg("threads_layer/bf16/4096/4096/" + std::to_string(T), BM_threads_layer<molora::bf16>, {4096, 4096, T});
-  }
 #endif
 }
 

@@ -1,8 +1,9 @@
 // The base layer's product for a few tokens: y = x W0^T + b0 with W0 [out, in] row-major.
 // At decode sizes this product is bound by reading W0 from memory, so the kernel streams
-// each row of W0 once for all tokens: register blocks of a few rows x up to 4 tokens, the
-// rows' chunk of `in` kept in L1 while every token passes over it; for 5-8 tokens, pairs of
-// rows along the whole of `in` with every token in registers. From
+// each row of W0 once for all tokens: register blocks of a few rows (8 side by side with
+// AVX-512 up to 8 tokens) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
+// token passes over it; on 16-register ISAs, for 5-8 tokens, pairs of rows along the whole
+// of `in` with every token in registers. From
 // skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to a GEMM (gemm_product
 // for float, Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The
 // base product for few tokens").
@@ -54,12 +55,12 @@ constexpr Index kSkinnyGroup = 32;
 // nothing: prefetches do not fault.
 constexpr Index kSkinnyPrefetch = 4096;
 
-// The streamed path: skinny_product runs it for kSkinnyStreamFrom <= T <= kSkinnyStreamTokens,
-// pairs of consecutive rows (kSkinnyStreamRows) one after the other, each along the whole of
-// `in` with all T tokens in registers. Cold, 4096 x 4096 on Zen 4 it took 0.71-0.98x the
-// blocked kernel's time at T = 6-8 but 1.12-1.33x at T = 1-4 (one row at a time: 1.2-1.6x),
-// where the blocked kernel's 4 or 8 rows side by side keep more misses in flight
-// (docs/benchmarks.md, "One sequential stream of rows").
+// The streamed path: skinny_product runs it for kSkinnyStreamFrom <= T <= kSkinnyStreamTokens
+// on ISAs with 16 vector registers, pairs of consecutive rows (kSkinnyStreamRows) one after
+// the other, each along the whole of `in` with all T tokens in registers. Cold, 4096 x 4096
+// on Zen 4 it took 0.71-0.98x the time of 4-row blocks with prefetch at T = 6-8 (docs/
+// benchmarks.md, "One sequential stream of rows"), but 8 rows side by side without prefetch
+// beat it there too ("Eight rows side by side"), so with 32 registers the blocked path runs.
 constexpr Index kSkinnyStreamFrom = 5;
 constexpr Index kSkinnyStreamTokens = 8;
 constexpr int kSkinnyStreamRows = 2;
@@ -310,13 +311,14 @@ inline void skinny_rows_range(const Wt* w, Index ldw, Index in, const Scalar* x,
   }
 }
 
-// The blocked kernel. With 32 vector registers, up to 4 tokens take one pass along `in`
-// with many rows side by side and no software prefetch: 16 rows for one token, 8 rows x
-// up to 4 tokens (16 to 32 row streams in flight measured faster than 4 with the prefetch,
-// and than one sequential stream: docs/benchmarks.md, "Rows side by side"); more tokens
-// take 4 rows x 4 tokens over L1-sized chunks of `in`, prefetching kSkinnyPrefetch ahead,
-// kSkinnyGroup tokens per pass over W0. With 16 registers: 8 rows for one token, else 2
-// rows x 4 tokens, prefetching. The block shape changes no bit.
+// The blocked kernel. With 32 vector registers, 8 rows side by side and no software
+// prefetch up to kSkinnyStreamTokens tokens: one pass along `in` for up to 4 tokens (8 rows
+// x T), then 8 rows x 2 tokens over L1-sized chunks of `in`; 8 row streams measured faster
+// than 4 rows with the prefetch, than the streamed pairs of rows, and than one sequential
+// stream, and 16 rows (16 KiB apart for f32) thrash the 8-way L1 sets (docs/benchmarks.md,
+// "Eight rows side by side"). More tokens: 4 rows x 4 tokens over chunks, prefetching
+// kSkinnyPrefetch ahead, kSkinnyGroup tokens per pass over W0. With 16 registers: 8 rows
+// for one token, else 2 rows x 4 tokens, prefetching. The block shape changes no bit.
 template <class Arch, class Wt, class Scalar>
 void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                             const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
@@ -330,9 +332,11 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
     Scalar* yt = y + t0 * ldy;
     if constexpr (wide) {
       if (n == 1)
-        skinny_rows_range<16, 1, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+        skinny_rows_range<8, 1, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n <= 4)
         skinny_rows_range<8, 4, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+      else if (n <= kSkinnyStreamTokens)
+        skinny_rows_range<8, 2, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else
         skinny_rows_range<RO, 4, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
     } else {
@@ -362,12 +366,13 @@ void skinny_product_streamed(const Wt* w, Index ldw, Index in, const Scalar* x, 
 // neither w, x nor bias. Fast for T below skinny_crossover (each row of W0 read once from
 // memory per kSkinnyGroup tokens); correct for any T. Wt is Scalar, or bf16 / f16 (widened
 // exactly in registers): the result is then bit for bit the one for the widened weights.
-// From kSkinnyStreamFrom to kSkinnyStreamTokens tokens the rows are streamed pair after pair,
-// otherwise taken in blocks of rows; both sum in the same order, so give the same bits.
+// From kSkinnyStreamFrom to kSkinnyStreamTokens tokens on 16-register ISAs the rows are
+// streamed pair after pair, otherwise taken in blocks of rows; both sum in the same order, so
+// give the same bits.
 template <class Arch, class Wt, class Scalar>
 void skinny_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                     const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
-  if (T >= kSkinnyStreamFrom && T <= kSkinnyStreamTokens)
+  if (vector_registers<Arch>() < 32 && T >= kSkinnyStreamFrom && T <= kSkinnyStreamTokens)
     detail::skinny_product_streamed<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
   else
     detail::skinny_product_blocked<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
