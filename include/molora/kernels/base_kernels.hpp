@@ -372,7 +372,7 @@ void skinny_product_streamed(const Wt* w, Index ldw, Index in, const Scalar* x, 
 template <class Arch, class Wt, class Scalar>
 void skinny_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                     const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
-  if (vector_registers<Arch>() < 32 && T >= kSkinnyStreamFrom && T <= kSkinnyStreamTokens)
+  if (detail::vector_registers<Arch>() < 32 && T >= kSkinnyStreamFrom && T <= kSkinnyStreamTokens)
     detail::skinny_product_streamed<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
   else
     detail::skinny_product_blocked<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
