@@ -52,12 +52,17 @@
 #include <cstdint>
 #include <ctime>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include <molora/molora.hpp>
+
+#if defined(MOLORA_USE_OPENMP)
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -599,6 +604,322 @@ void register_gemm(const std::string& d) {
           ->Unit(benchmark::kMillisecond);
 }
 
+// ---- few tokens at the memory limit: the yardstick, cache-set aliasing, two threads --------
+//   read_variants/D/4096/4096/cold  plain reads of W0's bytes (D = f32 or bf16), each on its
+//                                   own cold copy, alternately in one loop: stream_spans (one
+//                                   sequential stream, 8 vectors of the widest ISA in
+//                                   flight), the same with 256-bit vectors, and R = 4, 8, 16
+//                                   rows side by side (R streams, as a GEMV over R rows
+//                                   reads W0). Counters: each median time and its median
+//                                   ratio to stream_spans.
+//   skinny_ldw/D/4096/4096/T/cold   skinny_product (as the layer runs it) over W0 stored with
+//                                   leading dimension in, in + 16 and in + 32 (rows 16 KiB
+//                                   apart for f32 map to the same L1 sets), alternately.
+//                                   Counters: each median time, pad16_over_ldw and
+//                                   pad32_over_ldw (medians of the ratios).
+//   layer_reads/D/4096/4096/T/cold  whole_layer with two yardsticks in one loop: forward,
+//                                   stream_spans over its weights (read_share, as
+//                                   whole_layer) and the best read above (W0 in 8 rows side
+//                                   by side, then the other spans; rows_read_share).
+//   threads_read/4096/4096/cold     (OpenMP builds) a plain read of a cold 64 MiB W0 by one
+//                                   thread, then by two threads each reading half of the
+//                                   rows (8 rows side by side); counter two_over_one =
+//                                   median of one-thread time / two-thread time.
+//   threads_layer/D/4096/4096/T     (OpenMP builds) whole-layer forward with 1 and with 2
+//                                   threads, each on its own cold copy, alternately;
+//                                   counter speedup = median of 1-thread / 2-thread time.
+
+// Reads `rows` rows of row_bytes (a multiple of 4 floats' width) R at a time side by side,
+// one vector accumulator per row: R streams through memory.
+template <int R>
+float stream_rows(const void* data, Index rows, Index row_bytes) {
+#if defined(MOLORA_NO_XSIMD)
+  return stream_spans({{data, rows * row_bytes}});
+#else
+  using B = xsimd::batch<float, molora::kernels::default_arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  const Index n = row_bytes / Index(sizeof(float)) / W * W;
+  B acc[R];
+  for (int u = 0; u < R; ++u) acc[u] = B(0.f);
+  const auto* p = static_cast<const float*>(data);
+  const Index ld = row_bytes / Index(sizeof(float));
+  Index o = 0;
+  for (; o + R <= rows; o += R)
+    for (Index i = 0; i < n; i += W) {
+      MOLORA_UNROLL
+      for (int u = 0; u < R; ++u) acc[u] += B::load_unaligned(p + (o + u) * ld + i);
+    }
+  float tail = o < rows ? stream_spans({{p + o * ld, (rows - o) * row_bytes}}) : 0.f;
+  B sum = acc[0];
+  for (int u = 1; u < R; ++u) sum += acc[u];
+  return tail + xsimd::hadd(sum);
+#endif
+}
+
+// One sequential stream, 8 vectors of 256 bits in flight (stream_spans with half-width loads).
+float stream_256(const void* data, Index bytes) {
+#if defined(MOLORA_NO_XSIMD) || !defined(__AVX__)
+  return stream_spans({{data, bytes}});
+#else
+  using B = xsimd::batch<float, xsimd::avx>;
+  B acc[8];
+  for (auto& a : acc) a = B(0.f);
+  const auto* p = static_cast<const float*>(data);
+  const Index n = bytes / Index(sizeof(float)) / 64 * 64;
+  for (Index i = 0; i < n; i += 64) {
+    MOLORA_UNROLL
+    for (int u = 0; u < 8; ++u) acc[u] += B::load_unaligned(p + i + 8 * u);
+  }
+  B sum = acc[0];
+  for (int u = 1; u < 8; ++u) sum += acc[u];
+  return xsimd::hadd(sum);
+#endif
+}
+
+// Copies of W0 (rows of `ld` values, the first `in` of them set) for a cold rotation of
+// at least `min_copies` copies per pass, n prime to `step`.
+template <class Wt>
+std::vector<std::vector<Wt>> cold_copies(Index in, Index ld, Index out, bool cold, std::size_t step) {
+  const double bytes = double(ld) * double(out) * sizeof(Wt);
+  std::size_t n = cold ? static_cast<std::size_t>(std::max(double(step) + 1, kColdBytes / bytes + 1)) : 1;
+  while (cold && std::gcd(n, step) != 1) ++n;
+  const std::vector<Wt> packed = weights_as<Wt>(in, out);
+  std::vector<Wt> w(static_cast<std::size_t>(ld * out), Wt{});
+  for (Index o = 0; o < out; ++o)
+    std::copy(packed.begin() + o * in, packed.begin() + (o + 1) * in, w.begin() + o * ld);
+  return std::vector<std::vector<Wt>>(n, w);
+}
+
+template <class Wt>
+void BM_read_variants(benchmark::State& st) {
+  const Index in = st.range(0), out = st.range(1);
+  const Index row_bytes = in * Index(sizeof(Wt)), bytes = out * row_bytes;
+  const char* names[] = {"stream_spans", "stream_256", "rows4", "rows8", "rows16"};
+  constexpr std::size_t V = 5;
+  auto w = cold_copies<Wt>(in, in, out, true, V);
+  const std::size_t n = w.size();
+  std::vector<double> t[V], ratio[V];
+  float sink = 0;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    double tv[V];
+    for (std::size_t v = 0; v < V; ++v) {
+      const void* p = w[(V * i + v) % n].data();
+      const double t0 = cpu_seconds();
+      switch (v) {
+        case 0: sink += stream_spans({{p, bytes}}); break;
+        case 1: sink += stream_256(p, bytes); break;
+        case 2: sink += stream_rows<4>(p, out, row_bytes); break;
+        case 3: sink += stream_rows<8>(p, out, row_bytes); break;
+        default: sink += stream_rows<16>(p, out, row_bytes); break;
+      }
+      tv[v] = cpu_seconds() - t0;
+      t[v].push_back(tv[v]);
+      ratio[v].push_back(tv[v] / tv[0]);
+    }
+    ++i;
+    st.SetIterationTime(tv[0]);
+  }
+  benchmark::DoNotOptimize(sink);
+  for (std::size_t v = 0; v < V; ++v) {
+    st.counters[std::string(names[v]) + "_ms"] = median(t[v]) * 1e3;
+    if (v) st.counters[std::string(names[v]) + "_over_spans"] = median(ratio[v]);
+  }
+}
+
+template <class Wt>
+void BM_skinny_ldw(benchmark::State& st) {
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  const Index ld = in + 32;
+  auto w = cold_copies<Wt>(in, ld, out, true, 3);
+  const std::size_t n = w.size();
+  Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
+  fill(b, 2, 0.02);
+  Mat<float> x(T, in), y(T, out);
+  fill(x, 3, 1.0);
+  const Index lds[3] = {in, in + 16, in + 32};
+  std::vector<double> t[3], r16, r32;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    double tv[3];
+    for (int v = 0; v < 3; ++v) {
+      const int k = (v + int(i)) % 3;  // rotating order
+      const Wt* p = w[(3 * i + std::size_t(v)) % n].data();
+      const double t0 = cpu_seconds();
+      molora::kernels::skinny_product(molora::kernels::layer_arch{}, p, lds[k], in, x.data(), in, T, b.data(), y.data(),
+                                      out, Index(0), out);  // [T, out]
+      benchmark::ClobberMemory();
+      tv[k] = cpu_seconds() - t0;
+    }
+    ++i;
+    for (int k = 0; k < 3; ++k) t[k].push_back(tv[k]);
+    r16.push_back(tv[1] / tv[0]);
+    r32.push_back(tv[2] / tv[0]);
+    st.SetIterationTime(tv[0]);
+  }
+  benchmark::DoNotOptimize(y.data());
+  st.counters["ldw_ms"] = median(t[0]) * 1e3;
+  st.counters["pad16_ms"] = median(t[1]) * 1e3;
+  st.counters["pad32_ms"] = median(t[2]) * 1e3;
+  st.counters["pad16_over_ldw"] = median(r16);
+  st.counters["pad32_over_ldw"] = median(r32);
+}
+
+// The best plain read of the layer's weights (read_variants): W0 in 8 rows side by side, then the rest.
+template <class W>
+float read_rows_then_rest(const Layer<W>& l, const Spans& spans) {
+  float s = stream_rows<8>(l.base_weight_data(), l.out_features(), l.in_features() * Index(sizeof(W)));
+  return s + stream_spans(Spans(spans.begin() + 1, spans.end()));
+}
+
+template <class W>
+void BM_layer_reads(benchmark::State& st) {
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  auto& layers = layers_for<W>(in, out, true);
+  std::size_t n = layers.size();
+  while (n % 3 == 0) --n;
+  Mat<float> x(T, in);
+  fill(x, 7 + static_cast<std::uint64_t>(T), 1.0);
+  Mat<float> y(T, out);
+  molora::MoLoRAWorkspace<float> ws;
+  std::vector<Spans> spans;
+  for (std::size_t i = 0; i < n; ++i) {
+    layers[i]->set_base_strategy(molora::BaseStrategy::automatic);
+    spans.push_back(weight_spans(*layers[i], x));
+  }
+  layers[0]->forward(x, y, ws);
+  std::vector<double> fwd, rd, rr, share, rshare;
+  float sink = 0;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    const std::size_t c0 = (3 * i) % n, c1 = (3 * i + 1) % n, c2 = (3 * i + 2) % n;
+    ++i;
+    const double t0 = cpu_seconds();
+    layers[c0]->forward(x, y, ws);
+    benchmark::ClobberMemory();
+    const double t1 = cpu_seconds();
+    sink += stream_spans(spans[c1]);
+    const double t2 = cpu_seconds();
+    sink += read_rows_then_rest(*layers[c2], spans[c2]);
+    const double t3 = cpu_seconds();
+    st.SetIterationTime(t1 - t0);
+    fwd.push_back(t1 - t0);
+    rd.push_back(t2 - t1);
+    rr.push_back(t3 - t2);
+    share.push_back((t1 - t0) / (t2 - t1));
+    rshare.push_back((t1 - t0) / (t3 - t2));
+  }
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(y.data());
+  st.counters["forward_ms"] = median(fwd) * 1e3;
+  st.counters["read_ms"] = median(rd) * 1e3;
+  st.counters["rows_read_ms"] = median(rr) * 1e3;
+  st.counters["read_share"] = median(share);
+  st.counters["rows_read_share"] = median(rshare);
+}
+
+#if defined(MOLORA_USE_OPENMP)
+void BM_threads_read(benchmark::State& st) {
+  const Index in = st.range(0), out = st.range(1);
+  auto w = cold_copies<float>(in, in, out, true, 2);
+  const std::size_t n = w.size();
+  const Index row_bytes = in * Index(sizeof(float));
+  std::vector<double> t1s, t2s, ratio;
+  float sink = 0;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    const float* a = w[(2 * i) % n].data();
+    const float* b = w[(2 * i + 1) % n].data();
+    ++i;
+    double t0 = cpu_seconds();
+    sink += stream_rows<8>(a, out, row_bytes);
+    const double one = cpu_seconds() - t0;
+    float s2 = 0;
+    t0 = cpu_seconds();
+#pragma omp parallel num_threads(2) reduction(+ : s2)
+    {
+      const Index p = omp_get_thread_num(), P = omp_get_num_threads();
+      const Index o0 = out * p / P, o1 = out * (p + 1) / P;
+      s2 += stream_rows<8>(b + o0 * in, o1 - o0, row_bytes);
+    }
+    const double two = cpu_seconds() - t0;
+    sink += s2;
+    t1s.push_back(one);
+    t2s.push_back(two);
+    ratio.push_back(one / two);
+    st.SetIterationTime(two);
+  }
+  benchmark::DoNotOptimize(sink);
+  st.counters["one_ms"] = median(t1s) * 1e3;
+  st.counters["two_ms"] = median(t2s) * 1e3;
+  st.counters["two_over_one"] = median(ratio);
+}
+
+template <class W>
+void BM_threads_layer(benchmark::State& st) {
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  auto& layers = layers_for<W>(in, out, true);
+  const std::size_t n = layers.size() / 2 * 2 - 1;  // odd: prime to the step of 2
+  Mat<float> x(T, in);
+  fill(x, 7 + static_cast<std::uint64_t>(T), 1.0);
+  Mat<float> y(T, out);
+  molora::MoLoRAWorkspace<float> ws;
+  for (std::size_t c = 0; c < n; ++c) layers[c]->set_base_strategy(molora::BaseStrategy::automatic);
+  const int max_threads = omp_get_max_threads();
+  omp_set_num_threads(2);
+  layers[0]->forward(x, y, ws);
+  std::vector<double> t1s, t2s, ratio;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    double tv[2];
+    for (int k = 0; k < 2; ++k) {
+      const int threads = (k + int(i)) % 2 + 1;  // alternating order
+      omp_set_num_threads(threads);
+      const std::size_t c = (2 * i + std::size_t(k)) % n;
+      const double t0 = cpu_seconds();
+      layers[c]->forward(x, y, ws);
+      benchmark::ClobberMemory();
+      tv[threads - 1] = cpu_seconds() - t0;
+    }
+    ++i;
+    t1s.push_back(tv[0]);
+    t2s.push_back(tv[1]);
+    ratio.push_back(tv[0] / tv[1]);
+    st.SetIterationTime(tv[1]);
+  }
+  omp_set_num_threads(max_threads);
+  benchmark::DoNotOptimize(y.data());
+  st.counters["one_ms"] = median(t1s) * 1e3;
+  st.counters["two_ms"] = median(t2s) * 1e3;
+  st.counters["speedup"] = median(ratio);
+}
+#endif
+
+void register_few_tokens_limits() {
+  auto reg = [](const std::string& name, auto fn, std::vector<int64_t> args) {
+    benchmark::RegisterBenchmark(name.c_str(), fn)->Args(args)->UseManualTime()->MinTime(0.3)->Unit(
+        benchmark::kMillisecond);
+  };
+  reg("read_variants/f32/4096/4096/cold", BM_read_variants<float>, {4096, 4096});
+  reg("read_variants/bf16/4096/4096/cold", BM_read_variants<molora::bf16>, {4096, 4096});
+  // One dtype after the other: layers_for keeps the layer copies of one dtype only.
+  for (Index T : {1, 2, 4, 8})
+    reg("skinny_ldw/f32/4096/4096/" + std::to_string(T) + "/cold", BM_skinny_ldw<float>, {4096, 4096, T});
+  for (Index T : {1, 2, 4, 8})
+    reg("skinny_ldw/bf16/4096/4096/" + std::to_string(T) + "/cold", BM_skinny_ldw<molora::bf16>, {4096, 4096, T});
+  for (Index T : {1, 2, 4, 8})
+    reg("layer_reads/f32/4096/4096/" + std::to_string(T) + "/cold", BM_layer_reads<float>, {4096, 4096, T});
+  for (Index T : {1, 2, 4, 8})
+    reg("layer_reads/bf16/4096/4096/" + std::to_string(T) + "/cold", BM_layer_reads<molora::bf16>, {4096, 4096, T});
+#if defined(MOLORA_USE_OPENMP)
+  reg("threads_read/4096/4096/cold", BM_threads_read, {4096, 4096});
+  for (Index T : {1, 2, 4, 8})
+    reg("threads_layer/f32/4096/4096/" + std::to_string(T), BM_threads_layer<float>, {4096, 4096, T});
+  for (Index T : {1, 2, 4, 8})
+    reg("threads_layer/bf16/4096/4096/" + std::to_string(T), BM_threads_layer<molora::bf16>, {4096, 4096, T});
+#endif
+}
+
 void register_all() {
   register_gemm<float>("f32");
   register_gemm<molora::bf16>("bf16");
@@ -634,6 +955,7 @@ void register_all() {
           ->MinTime(0.3)
           ->Unit(benchmark::kMillisecond);
     }
+  register_few_tokens_limits();
 }
 
 }  // namespace

@@ -372,3 +372,69 @@ TEST_CASE_TEMPLATE("base_kernels: bf16 and f16 weights give the float kernel's b
   SUBCASE("the ISA running") { half_weight_suite<k::layer_arch, Weight>(); }
   SUBCASE("scalar") { half_weight_suite<k::scalar_arch, Weight>(); }
 }
+
+#if !defined(MOLORA_NO_XSIMD)
+namespace {
+
+// Every register block shape the blocked kernel may take (rows side by side x tokens per
+// block, with and without software prefetch), over row ranges that start anywhere, gives
+// the bits of skinny_product_blocked, and matches the double reference: the shape is a
+// speed choice only.
+template <class Arch, class Scalar, class Weight>
+void shapes_suite() {
+  namespace kd = k::detail;
+  std::uint64_t seed = 2100;
+  Index runs = 0;
+  for (const Index in : {1, 15, 16, 17, 33, 300})
+    for (Index T = 1; T <= 6; ++T)
+      for (const Index out : {1, 7, 16, 17, 31, 45}) {
+        Problem<Scalar> p(in, out, T, (in + T + out) % 2 == 0, ++seed);
+        std::vector<Weight> wt(p.w.size());
+        for (std::size_t i = 0; i < wt.size(); ++i) {
+          if constexpr (std::is_same_v<Weight, Scalar>)
+            wt[i] = p.w[i];
+          else
+            wt[i] = molora::to_bf16(float(p.w[i]));
+          p.w[i] = Scalar(molora::to_float(wt[i]));
+        }
+        std::vector<Scalar> blocked = p.y0;
+        kd::skinny_product_blocked<Arch>(wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), blocked.data(),
+                                         p.ldy, Index(0), out);
+        alignas(64) Scalar spill[2048];
+        auto shape = [&](auto run) {
+          std::vector<Scalar> y = p.y0;
+          const Index mid = out / 3;  // two ranges: [0, mid), [mid, out)
+          run(y, Index(0), mid);
+          run(y, mid, out);
+          return y;
+        };
+#define MOLORA_SHAPE(RO, TB, PF)                                                                                   \
+  shape([&](std::vector<Scalar>& y, Index o0, Index o1) {                                                        \
+    kd::skinny_rows_range<RO, TB, PF, Arch>(wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), y.data(), \
+                                            p.ldy, o0, o1, spill);                                               \
+  })
+        const std::vector<std::vector<Scalar>> shapes = {MOLORA_SHAPE(16, 1, 0),    MOLORA_SHAPE(8, 4, 0),
+                                                         MOLORA_SHAPE(8, 2, 4096),  MOLORA_SHAPE(4, 4, 4096),
+                                                         MOLORA_SHAPE(4, 3, 0),     MOLORA_SHAPE(2, 1, 0),
+                                                         MOLORA_SHAPE(1, 4, 4096)};
+#undef MOLORA_SHAPE
+        std::vector<double> ref, tol;
+        p.reference(ref, tol);
+        std::size_t bad = 0;
+        for (std::size_t i = 0; i < blocked.size(); ++i) bad += std::abs(double(blocked[i]) - ref[i]) > tol[i];
+        INFO(Arch::name(), " in=", in, " out=", out, " T=", T);
+        CHECK(bad == 0);
+        for (const auto& y : shapes) CHECK(y == blocked);
+        ++runs;
+      }
+  CHECK(runs == 6 * 6 * 6);
+}
+
+}  // namespace
+
+TEST_CASE("base_kernels: every register block shape and row range gives the blocked kernel's bits") {
+  SUBCASE("f32") { shapes_suite<k::default_arch, float, float>(); }
+  SUBCASE("f64") { shapes_suite<k::default_arch, double, double>(); }
+  SUBCASE("bf16") { shapes_suite<k::default_arch, float, molora::bf16>(); }
+}
+#endif

@@ -1,8 +1,9 @@
 // The base layer's product for a few tokens: y = x W0^T + b0 with W0 [out, in] row-major.
 // At decode sizes this product is bound by reading W0 from memory, so the kernel streams
-// each row of W0 once for all tokens: register blocks of a few rows x up to 4 tokens, the
-// rows' chunk of `in` kept in L1 while every token passes over it; for 5-8 tokens, pairs of
-// rows along the whole of `in` with every token in registers. From
+// each row of W0 once for all tokens: register blocks of a few rows (8 side by side with
+// AVX-512 up to 8 tokens) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
+// token passes over it; on 16-register ISAs, for 5-8 tokens, pairs of rows along the whole
+// of `in` with every token in registers. From
 // skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to a GEMM (gemm_product
 // for float, Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The
 // base product for few tokens").
@@ -54,12 +55,12 @@ constexpr Index kSkinnyGroup = 32;
 // nothing: prefetches do not fault.
 constexpr Index kSkinnyPrefetch = 4096;
 
-// The streamed path: skinny_product runs it for kSkinnyStreamFrom <= T <= kSkinnyStreamTokens,
-// pairs of consecutive rows (kSkinnyStreamRows) one after the other, each along the whole of
-// `in` with all T tokens in registers. Cold, 4096 x 4096 on Zen 4 it took 0.71-0.98x the
-// blocked kernel's time at T = 6-8 but 1.12-1.33x at T = 1-4 (one row at a time: 1.2-1.6x),
-// where the blocked kernel's 4 or 8 rows side by side keep more misses in flight
-// (docs/benchmarks.md, "One sequential stream of rows").
+// The streamed path: skinny_product runs it for kSkinnyStreamFrom <= T <= kSkinnyStreamTokens
+// on ISAs with 16 vector registers, pairs of consecutive rows (kSkinnyStreamRows) one after
+// the other, each along the whole of `in` with all T tokens in registers. Cold, 4096 x 4096
+// on Zen 4 it took 0.71-0.98x the time of 4-row blocks with prefetch at T = 6-8 (docs/
+// benchmarks.md, "One sequential stream of rows"), but 8 rows side by side without prefetch
+// beat it there too ("Eight rows side by side"), so with 32 registers the blocked path runs.
 constexpr Index kSkinnyStreamFrom = 5;
 constexpr Index kSkinnyStreamTokens = 8;
 constexpr int kSkinnyStreamRows = 2;
@@ -176,7 +177,7 @@ constexpr Index skinny_chunk() noexcept {
 // starts from zero, later ones reload the vector partial sums from spill (token t, row j
 // at (t * RO + j) * W); the last reduces them, adds the scalar columns [in_vec, in) and the
 // bias, and writes y.
-template <int RO, int RT, class Arch, class Wt, class Scalar>
+template <int RO, int RT, class Arch, Index PF = kSkinnyPrefetch, class Wt, class Scalar>
 inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Index c0, Index c1, Index in_vec,
                          Index in, bool first, bool last, Scalar* spill, const Scalar* bias, Scalar* y,
                          Index ldy) noexcept {
@@ -193,8 +194,10 @@ inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Ind
     MOLORA_UNROLL
     for (int t = 0; t < RT; ++t) xv[t] = B::load_unaligned(x + t * ldx + c);
 #if defined(__GNUC__)
-    MOLORA_UNROLL
-    for (int j = 0; j < RO; ++j) __builtin_prefetch(w + j * ldw + c + kSkinnyPrefetch / Index(sizeof(Wt)), 0, 3);
+    if constexpr (PF > 0) {
+      MOLORA_UNROLL
+      for (int j = 0; j < RO; ++j) __builtin_prefetch(w + j * ldw + c + PF / Index(sizeof(Wt)), 0, 3);
+    }
 #endif
     MOLORA_UNROLL
     for (int j = 0; j < RO; ++j) {
@@ -224,34 +227,37 @@ inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Ind
     }
 }
 
-// RO rows starting at w for n <= kSkinnyGroup tokens: one pass over `in` for up to 4
-// tokens (nothing to reuse), else passes of skinny_chunk columns, each over all token
-// blocks (4, then a tail of 1 to 3).
-template <int RO, class Arch, class Wt, class Scalar>
+// RO rows starting at w for n <= kSkinnyGroup tokens, register blocks of RO rows x TB
+// tokens: one pass over `in` for up to TB tokens (nothing to reuse), else passes of
+// skinny_chunk columns, each over all token blocks (TB, then a tail of fewer).
+template <int RO, class Arch, Index PF = kSkinnyPrefetch, int TB = 4, class Wt, class Scalar>
 inline void skinny_rows_block(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
                               const Scalar* bias, Scalar* y, Index ldy, Scalar* spill) noexcept {
+  static_assert(TB >= 1 && TB <= 4, "token blocks of 1 to 4");
   constexpr Index W = simd_width<Arch, Scalar>();
   const Index in_vec = in - in % W;
-  const Index kc = n <= 4 ? in_vec : skinny_chunk<Arch, Scalar, RO>();  // values of x per pass: same for any W
+  const Index kc = n <= TB ? in_vec : skinny_chunk<Arch, Scalar, RO>();  // values of x per pass: same for any W
   for (Index c0 = 0;; c0 += kc) {
     const Index c1 = c0 + kc < in_vec ? c0 + kc : in_vec;
     const bool first = c0 == 0, last = c1 == in_vec;
     Index t = 0;
-    for (; t + 4 <= n; t += 4)
-      skinny_block<RO, 4, Arch>(w, ldw, x + t * ldx, ldx, c0, c1, in_vec, in, first, last, spill + t * RO * W, bias,
-                                y + t * ldy, ldy);
+    for (; t + TB <= n; t += TB)
+      skinny_block<RO, TB, Arch, PF>(w, ldw, x + t * ldx, ldx, c0, c1, in_vec, in, first, last, spill + t * RO * W,
+                                     bias, y + t * ldy, ldy);
+    auto tail = [&](auto tokens) {
+      constexpr int RT = decltype(tokens)::value;
+      skinny_block<RO, RT, Arch, PF>(w, ldw, x + t * ldx, ldx, c0, c1, in_vec, in, first, last, spill + t * RO * W,
+                                     bias, y + t * ldy, ldy);
+    };
     switch (n - t) {
       case 3:
-        skinny_block<RO, 3, Arch>(w, ldw, x + t * ldx, ldx, c0, c1, in_vec, in, first, last, spill + t * RO * W,
-                                  bias, y + t * ldy, ldy);
+        if constexpr (TB > 3) tail(std::integral_constant<int, 3>{});
         break;
       case 2:
-        skinny_block<RO, 2, Arch>(w, ldw, x + t * ldx, ldx, c0, c1, in_vec, in, first, last, spill + t * RO * W,
-                                  bias, y + t * ldy, ldy);
+        if constexpr (TB > 2) tail(std::integral_constant<int, 2>{});
         break;
       case 1:
-        skinny_block<RO, 1, Arch>(w, ldw, x + t * ldx, ldx, c0, c1, in_vec, in, first, last, spill + t * RO * W,
-                                  bias, y + t * ldy, ldy);
+        if constexpr (TB > 1) tail(std::integral_constant<int, 1>{});
         break;
       default: break;
     }
@@ -263,7 +269,7 @@ inline void skinny_rows_block(const Wt* w, Index ldw, Index in, const Scalar* x,
 // each row (RO = 1) or pair of consecutive rows (RO = 2) read once along the whole of `in`
 // (one or two streams through memory), x re-read from cache for every row. Same order of every sum as skinny_rows_block (one vector accumulator per
 // dot product, summed along `in`, lanes reduced, tail, bias), so the same bits.
-template <int RO, class Arch, class Wt, class Scalar>
+template <int RO, class Arch, Index PF = kSkinnyPrefetch, class Wt, class Scalar>
 inline void skinny_stream_rows(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
                                const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
@@ -272,11 +278,11 @@ inline void skinny_stream_rows(const Wt* w, Index ldw, Index in, const Scalar* x
     constexpr int RT = decltype(tokens)::value;
     Index o = o0;
     for (; o + RO <= o1; o += RO)
-      skinny_block<RO, RT, Arch>(w + o * ldw, ldw, x, ldx, Index(0), in_vec, in_vec, in, true, true,
+      skinny_block<RO, RT, Arch, PF>(w + o * ldw, ldw, x, ldx, Index(0), in_vec, in_vec, in, true, true,
                                  static_cast<Scalar*>(nullptr), bias ? bias + o : nullptr, y + o, ldy);
     if constexpr (RO > 1)
       for (; o < o1; ++o)
-        skinny_block<1, RT, Arch>(w + o * ldw, ldw, x, ldx, Index(0), in_vec, in_vec, in, true, true,
+        skinny_block<1, RT, Arch, PF>(w + o * ldw, ldw, x, ldx, Index(0), in_vec, in_vec, in, true, true,
                                   static_cast<Scalar*>(nullptr), bias ? bias + o : nullptr, y + o, ldy);
   };
   switch (n) {
@@ -292,34 +298,53 @@ inline void skinny_stream_rows(const Wt* w, Index ldw, Index in, const Scalar* x
   }
 }
 
-// The blocked kernel: register blocks of RO = skinny_rows rows x up to 4 tokens (8 rows for
-// one token), `in` in L1-sized chunks when more than 4 tokens share a block, kSkinnyGroup
-// tokens per pass over W0.
+// Blocks of RO rows (RO, then 8, 4, 2, 1 for the rest) over rows [o, o1) for n tokens,
+// register blocks of TB tokens, software prefetch PF bytes ahead (0: none).
+template <int RO, int TB, Index PF, class Arch, class Wt, class Scalar>
+inline void skinny_rows_range(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
+                              const Scalar* bias, Scalar* y, Index ldy, Index o, Index o1, Scalar* spill) noexcept {
+  for (; o + RO <= o1; o += RO)
+    skinny_rows_block<RO, Arch, PF, TB>(w + o * ldw, ldw, in, x, ldx, n, bias ? bias + o : nullptr, y + o, ldy, spill);
+  if constexpr (RO > 1) {
+    constexpr int next = RO > 8 ? 8 : RO > 4 ? 4 : RO / 2;
+    skinny_rows_range<next, TB, PF, Arch>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
+  }
+}
+
+// The blocked kernel. With 32 vector registers, 8 rows side by side and no software
+// prefetch up to kSkinnyStreamTokens tokens: one pass along `in` for up to 4 tokens (8 rows
+// x T), then 8 rows x 2 tokens over L1-sized chunks of `in`; 8 row streams measured faster
+// than 4 rows with the prefetch, than the streamed pairs of rows, and than one sequential
+// stream, and 16 rows (16 KiB apart for f32) thrash the 8-way L1 sets (docs/benchmarks.md,
+// "Eight rows side by side"). More tokens: 4 rows x 4 tokens over chunks, prefetching
+// kSkinnyPrefetch ahead, kSkinnyGroup tokens per pass over W0. With 16 registers: 8 rows
+// for one token, else 2 rows x 4 tokens, prefetching. The block shape changes no bit.
 template <class Arch, class Wt, class Scalar>
 void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                             const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
   constexpr int RO = skinny_rows<Arch>();
+  constexpr bool wide = vector_registers<Arch>() >= 32;
   alignas(64) Scalar spill[kSkinnyGroup * RO * W];
   for (Index t0 = 0; t0 < T; t0 += kSkinnyGroup) {
     const Index n = T - t0 < kSkinnyGroup ? T - t0 : kSkinnyGroup;
     const Scalar* xt = x + t0 * ldx;
     Scalar* yt = y + t0 * ldy;
-    Index o = o0;
-    // One token: blocks of 8 rows (8 independent sums in flight, as in Eigen's GEMV).
-    if (n == 1)
-      for (; o + 8 <= o1; o += 8)
-        skinny_rows_block<8, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy, spill);
-    for (; o + RO <= o1; o += RO)
-      skinny_rows_block<RO, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy, spill);
-    if constexpr (RO > 2) {
-      if (o + 2 <= o1) {
-        skinny_rows_block<2, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy, spill);
-        o += 2;
-      }
+    if constexpr (wide) {
+      if (n == 1)
+        skinny_rows_range<8, 1, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+      else if (n <= 4)
+        skinny_rows_range<8, 4, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+      else if (n <= kSkinnyStreamTokens)
+        skinny_rows_range<8, 2, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+      else
+        skinny_rows_range<RO, 4, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+    } else {
+      if (n == 1)
+        skinny_rows_range<8, 1, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+      else
+        skinny_rows_range<RO, 4, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
     }
-    if (o < o1)
-      skinny_rows_block<1, Arch>(w + o * ldw, ldw, in, xt, ldx, n, bias ? bias + o : nullptr, yt + o, ldy, spill);
   }
 }
 
@@ -341,12 +366,13 @@ void skinny_product_streamed(const Wt* w, Index ldw, Index in, const Scalar* x, 
 // neither w, x nor bias. Fast for T below skinny_crossover (each row of W0 read once from
 // memory per kSkinnyGroup tokens); correct for any T. Wt is Scalar, or bf16 / f16 (widened
 // exactly in registers): the result is then bit for bit the one for the widened weights.
-// From kSkinnyStreamFrom to kSkinnyStreamTokens tokens the rows are streamed pair after pair,
-// otherwise taken in blocks of rows; both sum in the same order, so give the same bits.
+// From kSkinnyStreamFrom to kSkinnyStreamTokens tokens on 16-register ISAs the rows are
+// streamed pair after pair, otherwise taken in blocks of rows; both sum in the same order, so
+// give the same bits.
 template <class Arch, class Wt, class Scalar>
 void skinny_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                     const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
-  if (T >= kSkinnyStreamFrom && T <= kSkinnyStreamTokens)
+  if (detail::vector_registers<Arch>() < 32 && T >= kSkinnyStreamFrom && T <= kSkinnyStreamTokens)
     detail::skinny_product_streamed<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
   else
     detail::skinny_product_blocked<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
