@@ -28,8 +28,9 @@ namespace molora {
 //   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, from there on
 //              detail::many_tokens_strategy (gemm for float activations, eigen for double);
 //              for weights of the layer's own type one token also goes to Eigen's GEMV,
-//              0-8 % faster there on one machine, the skinny kernel 1.37x its time on another
-//              (docs/benchmarks.md; with OpenMP its rows are split between the threads;
+//              once 0-8 % faster than the skinny kernel, at parity since the kernel's
+//              blocks dropped their software prefetch (docs/benchmarks.md; with OpenMP its
+//              rows are split between the threads;
 //              constants, whatever the thread count), while 16-bit weights stay skinny
 //              (Eigen would need them widened)
 enum class BaseStrategy { automatic, eigen, skinny, gemm };

@@ -38,7 +38,8 @@ namespace molora::kernels {
 // warm (skinny / Eigen time at T = 96 / 128 / 192: 0.87-0.89 / 0.97-1.01 / 1.14-1.16 for
 // float, 0.93-0.99 / 0.94-0.98 / 1.11-1.14 for double; docs/benchmarks.md). The same for
 // both scalars, and a constant, so the choice never depends on the thread count. (For one
-// token MoLoRALinear keeps Eigen's GEMV, 0-8 % faster than this kernel.)
+// token MoLoRALinear keeps Eigen's GEMV, 0-8 % faster than this kernel before its blocks
+// dropped the software prefetch, at parity (0.998x) since.)
 template <class Scalar>
 constexpr Index skinny_crossover() noexcept {
   return 128;
