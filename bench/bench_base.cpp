@@ -746,7 +746,7 @@ bool register_cells() {
           ->UseManualTime()
           ->MinTime(0.2)
           ->Unit(benchmark::kMillisecond);
-    for (Index T : {8, 12, 16, 24, 32, 48, 64, 96, 128})
+    for (Index T : {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128})
       benchmark::RegisterBenchmark(("bf16dot_crossover/" + shape + std::to_string(T)).c_str(), BM_bf16dot_crossover)
           ->Args({in, out, T})
           ->UseManualTime()

@@ -199,7 +199,7 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
 // Tokens from which the bf16-dot mode (automatic) takes kernels::gemm_product_bf16dot rather
 // than skinny_product_bf16dot, with AVX512_BF16; a constant, whatever the thread count
 // (docs/peers.md, "bf16-dot GEMM").
-constexpr Index kBf16DotGemmFrom = 16;
+constexpr Index kBf16DotGemmFrom = 8;
 
 // The opt-in bf16-dot product of a bf16 weight (Linear::set_bf16_dot,
 // MoLoRALinear::set_bf16_dot): y = round_bf16(x) W^T (+ bias). Where
