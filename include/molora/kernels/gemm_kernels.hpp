@@ -16,6 +16,9 @@
 // bias. It depends on row t of x, row o of W and b[o] only: splitting the outputs or the
 // tokens between threads changes no bit, and 16-bit weights give the bits of their widened
 // float copy.
+//
+// Also here: gemm_product_bf16dot, the same loops over pairs of bf16 for the opt-in bf16-dot
+// mode (AVX512_BF16's VDPBF16PS; docs/design-notes.md, "The bf16-dot GEMM").
 #pragma once
 
 #include <cmath>
