@@ -968,3 +968,116 @@ int main(int argc, char** argv) {
   benchmark::Shutdown();
   return 0;
 }
+
+// ---- bf16-dot cells (a block of their own, registered at static initialisation) -------------
+//   gemm_bf16dot/in/out/T           the bf16-dot mode's GEMM (detail::base_product_bf16dot,
+//                                   strategy gemm: x rounded to bf16, VDPBF16PS) against the
+//                                   exact bf16 GEMM (detail::base_product, strategy gemm: W
+//                                   widened while packed), W0 bf16, f32 activations, bias,
+//                                   weights warm, alternately in one loop. Counters
+//                                   dot_over_exact = median of bf16-dot / exact time,
+//                                   dot_gflops and exact_gflops (2 in out T over each median).
+//   bf16dot_crossover/in/out/T      the bf16-dot mode's two kernels on one thread, called
+//                                   directly: gemm_product_bf16dot against
+//                                   skinny_product_bf16dot, alternately. Counter
+//                                   gemm_over_skinny (below 1: the GEMM is faster; what
+//                                   detail::kBf16DotGemmFrom is set from), and both GFLOP/s.
+// Both cells skip (with an error message) without AVX512_BF16.
+namespace bf16dot_cells {
+
+using molora::bf16;
+
+struct Problem {
+  Index in, out, T;
+  Mat<float> x, bias, y;
+  std::vector<bf16> w;
+  Problem(Index in_, Index out_, Index T_) : in(in_), out(out_), T(T_), x(T_, in_), bias(1, out_), y(T_, out_) {
+    Mat<float> wf(out, in);
+    fill(wf, 3, 0.05);
+    fill(x, 5 + static_cast<std::uint64_t>(T), 1.0);
+    fill(bias, 7, 0.1);
+    w.resize(static_cast<std::size_t>(in * out));
+    for (Index i = 0; i < in * out; ++i) w[static_cast<std::size_t>(i)] = molora::to_bf16(wf.data()[i]);
+  }
+};
+
+template <class F, class G>
+void alternate(benchmark::State& st, F&& first, G&& second, const char* ratio_name, const char* first_name,
+               const char* second_name, double flop) {
+  first();
+  second();  // warm the weights and the scratch
+  std::vector<double> ta, tb, ratio;
+  for (auto _ : st) {
+    double t0 = cpu_seconds();
+    first();
+    benchmark::ClobberMemory();
+    const double a = cpu_seconds() - t0;
+    t0 = cpu_seconds();
+    second();
+    benchmark::ClobberMemory();
+    const double b = cpu_seconds() - t0;
+    st.SetIterationTime(a);
+    ta.push_back(a);
+    tb.push_back(b);
+    ratio.push_back(a / b);
+  }
+  st.counters[ratio_name] = median(ratio);
+  st.counters[first_name] = flop / median(ta) * 1e-9;
+  st.counters[second_name] = flop / median(tb) * 1e-9;
+}
+
+void BM_gemm_bf16dot(benchmark::State& st) {
+  if (!molora::kernels::bf16_dot_available()) return st.SkipWithError("no AVX512_BF16");
+  Problem p(st.range(0), st.range(1), st.range(2));
+  const molora::ConstRowRef<float> xr(p.x);
+  molora::RowRef<float> yr(p.y);
+  const auto gemm = molora::BaseStrategy::gemm;
+  alternate(
+      st, [&] { molora::detail::base_product_bf16dot(p.w.data(), p.in, p.out, p.bias.data(), xr, yr, gemm); },
+      [&] { molora::detail::base_product(p.w.data(), p.in, p.out, p.bias.data(), xr, yr, gemm); }, "dot_over_exact",
+      "dot_gflops", "exact_gflops", 2.0 * double(p.in) * double(p.out) * double(p.T));
+  benchmark::DoNotOptimize(p.y.data());
+}
+
+void BM_bf16dot_crossover(benchmark::State& st) {
+  if (!molora::kernels::bf16_dot_available()) return st.SkipWithError("no AVX512_BF16");
+  Problem p(st.range(0), st.range(1), st.range(2));
+  std::vector<float> scratch(static_cast<std::size_t>(molora::kernels::gemm_scratch_size<float>()));
+  const molora::kernels::layer_arch arch{};
+  alternate(
+      st,
+      [&] {
+        molora::kernels::gemm_product_bf16dot(arch, p.w.data(), p.in, p.in, p.x.data(), p.in, p.T, p.bias.data(),
+                                              p.y.data(), p.out, Index(0), p.out, scratch.data());
+      },
+      [&] {
+        molora::kernels::skinny_product_bf16dot(arch, p.w.data(), p.in, p.in, p.x.data(), p.in, p.T, p.bias.data(),
+                                                p.y.data(), p.out, Index(0), p.out);
+      },
+      "gemm_over_skinny", "gemm_gflops", "skinny_gflops", 2.0 * double(p.in) * double(p.out) * double(p.T));
+  benchmark::DoNotOptimize(p.y.data());
+}
+
+bool register_cells() {
+  const std::vector<std::pair<Index, Index>> shapes = {{4096, 4096}, {1024, 2816}, {2816, 1024}};
+  for (const auto& [in, out] : shapes) {
+    const std::string shape = std::to_string(in) + "/" + std::to_string(out) + "/";
+    for (Index T : {16, 32, 64, 128, 256, 512, 1024})
+      benchmark::RegisterBenchmark(("gemm_bf16dot/" + shape + std::to_string(T)).c_str(), BM_gemm_bf16dot)
+          ->Args({in, out, T})
+          ->UseManualTime()
+          ->MinTime(0.2)
+          ->Unit(benchmark::kMillisecond);
+    for (Index T : {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128})
+      benchmark::RegisterBenchmark(("bf16dot_crossover/" + shape + std::to_string(T)).c_str(), BM_bf16dot_crossover)
+          ->Args({in, out, T})
+          ->UseManualTime()
+          ->MinTime(0.2)
+          ->Unit(benchmark::kMillisecond);
+  }
+  return true;
+}
+
+const bool registered = register_cells();
+
+}  // namespace bf16dot_cells

@@ -13,6 +13,9 @@
 //   layer.set_expert(e, A, B)           # [r, in], [out, r]
 //   y = layer.forward(x)                # x float32 [T, in] (or [..., in]); y [T, out]
 //   layer.forward(x, out=y)             # into a caller's float32 array, no allocation
+//   layer16.set_bf16_dot(True)          # MoLoRALinearBF16 only: the base product rounds x to
+//                                       # bf16 and runs AVX512_BF16's dot products (PyTorch's
+//                                       # bf16 numerics); layer16.bf16_dot reads it back
 //
 // Built only when asked for: cmake -DMOLORA_PYTHON=ON (needs Debian's pybind11-dev).
 #include <pybind11/numpy.h>
@@ -110,7 +113,17 @@ class PyMoLoRALinear {
     if (s == "automatic") layer_.set_base_strategy(molora::BaseStrategy::automatic);
     else if (s == "eigen") layer_.set_base_strategy(molora::BaseStrategy::eigen);
     else if (s == "skinny") layer_.set_base_strategy(molora::BaseStrategy::skinny);
-    else throw molora::config_error(molora::detail::mismatch("base strategy", "automatic, eigen or skinny", s));
+    else if (s == "gemm") layer_.set_base_strategy(molora::BaseStrategy::gemm);
+    else throw molora::config_error(molora::detail::mismatch("base strategy", "automatic, eigen, skinny or gemm", s));
+  }
+
+  // The bf16 base's opt-in bf16-dot mode (MoLoRALinear::set_bf16_dot).
+  void set_bf16_dot(bool on) {
+    if constexpr (std::is_same_v<W, molora::bf16>) layer_.set_bf16_dot(on);
+  }
+  bool bf16_dot() const {
+    if constexpr (std::is_same_v<W, molora::bf16>) return layer_.bf16_dot();
+    return false;
   }
 
   // y = layer(x) into `out` (allocated when None). x: float32 [..., in], C order.
@@ -165,8 +178,8 @@ class PyMoLoRALinear {
 template <class W>
 void bind_layer(py::module_& m, const char* name) {
   using L = PyMoLoRALinear<W>;
-  py::class_<L>(m, name)
-      .def(py::init<Index, Index, Index, Index, Index, double, bool>(), py::arg("in_features"),
+  py::class_<L> c(m, name);
+  c.def(py::init<Index, Index, Index, Index, Index, double, bool>(), py::arg("in_features"),
            py::arg("out_features"), py::arg("num_experts") = 8, py::arg("top_k") = 2, py::arg("rank") = 16,
            py::arg("lora_alpha") = 32.0, py::arg("router_bias") = true)
       .def("wrap_base_weight", &L::wrap_base_weight, py::arg("weight"))
@@ -176,6 +189,8 @@ void bind_layer(py::module_& m, const char* name) {
       .def("forward", &L::forward, py::arg("x"), py::arg("out") = py::none())
       .def_property_readonly("in_features", &L::in)
       .def_property_readonly("out_features", &L::out);
+  if constexpr (std::is_same_v<W, molora::bf16>)
+    c.def("set_bf16_dot", &L::set_bf16_dot, py::arg("on")).def_property_readonly("bf16_dot", &L::bf16_dot);
 }
 
 }  // namespace

@@ -4,7 +4,9 @@
 // bias, strided x and y whose padding must come back untouched; output ranges and token
 // subsets that change no bit; 16-bit weights bit for bit their widened float copy; the ISA
 // running and the scalar kernel; and Linear / MoLoRALinear with the gemm base against the
-// Eigen base. Also run once per ISA by tests/cmake/isa.cmake.
+// Eigen base. The bf16-dot GEMM (gemm_product_bf16dot) against the double product of the
+// rounded activations, its splits bitwise, and the layers in bf16-dot mode. Also run once per
+// ISA by tests/cmake/isa.cmake.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -280,4 +282,221 @@ TEST_CASE("gemm_kernels: automatic resolves to many_tokens_strategy from the cro
   f.set_strategy(molora::BaseStrategy::gemm);
   CHECK(f.resolved_strategy(1) == molora::BaseStrategy::gemm);
   CHECK(std::string(molora::to_string(molora::BaseStrategy::gemm)) == "gemm");
+}
+
+// ---- the bf16-dot GEMM (gemm_product_bf16dot) ------------------------------------------------
+//
+// Its reference is the double product of the bf16-rounded activations and the bf16 weights:
+// every product of two bf16 values is exact in float (8 + 8 significant bits), so the kernel
+// differs from it only by float summation. Along one output a term passes through at most
+// n = in + 2 ceil(in / kGemmBf16KC) + 1 roundings (VDPBF16PS rounds at most twice per pair, a
+// zero-padded pair adds an exact zero; then y + acc per block and the bias), each to nearest
+// with relative error at most u = 2^-24, so |y - ref| <= gamma_n sum |terms|, gamma_n =
+// n u / (1 - n u). VDPBF16PS also treats subnormal inputs as zero and flushes subnormal
+// results: at most 2^-126 (|w| + 1) per input and 2^-126 per operation more, which the bound
+// adds as (2 in + n) 2^-126 (1 + max |w|). (The stated bound of the mode against the EXACT
+// path, 2^-8 sum |w x|, is the activations' rounding; this one is about 2^-24 in.)
+namespace {
+
+// x rounded as the kernel rounds it (to nearest even).
+double rounded(float v) { return double(molora::to_float(molora::to_bf16(v))); }
+
+struct DotBound {
+  double gamma, flush;
+  DotBound(Index in, double max_w, Index extra_roundings = 0) {
+    const double n = double(in + 2 * ((in + k::kGemmBf16KC - 1) / k::kGemmBf16KC) + 1 + extra_roundings);
+    const double u = std::ldexp(1.0, -24);
+    gamma = n * u / (1 - n * u);
+    flush = (2 * double(in) + n) * std::ldexp(1.0, -126) * (1 + max_w);
+  }
+  double operator()(double mag) const { return gamma * mag + flush; }
+};
+
+template <class Arch>
+std::vector<float> run_dot(const Problem<float, bf16>& p, Index o0, Index o1, Index t0, Index t1,
+                           std::vector<float> y) {
+  std::vector<float> scratch(at(k::gemm_scratch_size<float>()) + 1);
+  k::gemm_product_bf16dot(Arch{}, p.w.data(), p.ldw, p.in, p.x.data() + t0 * p.ldx, p.ldx, t1 - t0, p.bias_ptr(),
+                          y.data() + t0 * p.ldy, p.ldy, o0, o1, scratch.data() + 1);
+  return y;
+}
+
+// Returns the worst error over its bound (<= 1 passes).
+template <class Arch>
+double check_dot_against_reference(const Problem<float, bf16>& p) {
+  double max_w = 0;
+  for (Index o = 0; o < p.out; ++o)
+    for (Index i = 0; i < p.in; ++i) max_w = std::max(max_w, std::abs(p.weight(o, i)));
+  const DotBound bound(p.in, max_w);
+  const std::vector<float> y = run_dot<Arch>(p, 0, p.out, 0, p.T, p.y0);
+  std::size_t bad = 0;
+  double worst = 0;
+  for (Index t = 0; t < p.T; ++t)
+    for (Index o = 0; o < p.ldy; ++o) {
+      const std::size_t e = at(t * p.ldy + o);
+      if (o >= p.out) {  // padding: untouched
+        if (y[e] != p.y0[e]) ++bad;
+        continue;
+      }
+      double s = 0, mag = 0;
+      for (Index i = 0; i < p.in; ++i) {
+        const double prod = p.weight(o, i) * rounded(p.x[at(t * p.ldx + i)]);
+        s += prod;
+        mag += std::abs(prod);
+      }
+      if (p.with_bias) {
+        s += double(p.bias[at(o)]);
+        mag += std::abs(double(p.bias[at(o)]));
+      }
+      const double err = std::abs(double(y[e]) - s), tol = bound(mag);
+      if (!(err <= tol)) ++bad;
+      worst = std::max(worst, err / tol);
+    }
+  INFO(std::string(Arch::name()), " in=", p.in, " out=", p.out, " T=", p.T, " bias=", p.with_bias, " worst error / bound=", worst);
+  CHECK(bad == 0);
+  return worst;
+}
+
+template <class Arch>
+void dot_reference_suite() {
+  std::mt19937_64 gen(77);
+  std::uint64_t seed = 20000;
+  double worst = 0;
+  auto check = [&](Index in, Index out, Index T, bool bias) {
+    worst = std::max(worst, check_dot_against_reference<Arch>(Problem<float, bf16>(in, out, T, bias, ++seed)));
+  };
+  for (int n = 0; n < 100; ++n)
+    check(1 + Index(gen() % 70), 1 + Index(gen() % 80), 1 + Index(gen() % 40), n % 2 == 0);
+  // in across one pair, a vector of pairs (32 inputs) and the packed block (kGemmBf16KC).
+  for (const Index in : {Index(1), Index(2), Index(3), Index(31), Index(32), Index(33), k::kGemmBf16KC - 1,
+                         k::kGemmBf16KC, k::kGemmBf16KC + 1, 2 * k::kGemmBf16KC + 37})
+    check(in, 1 + Index(gen() % 70), 1 + Index(gen() % 30), in % 2 == 1);
+  for (const Index out : {Index(1), Index(31), Index(32), Index(33), Index(63), Index(65), k::kGemmNC - 1, k::kGemmNC,
+                          k::kGemmNC + 1, 2 * k::kGemmNC + 29})
+    check(1 + Index(gen() % 40), out, 1 + Index(gen() % 20), out % 2 == 0);
+  for (const Index T : {Index(1), Index(11), Index(12), Index(13), Index(24), Index(25), k::kGemmMC - 1, k::kGemmMC,
+                        k::kGemmMC + 1, 2 * k::kGemmMC + 17})
+    check(1 + Index(gen() % 40), 1 + Index(gen() % 50), T, T % 2 == 1);
+  check(k::kGemmBf16KC + 45, k::kGemmNC + 77, 131, true);
+  check(1024, 96, 128, false);
+  MESSAGE(std::string(Arch::name()), ": worst error / stated bound ", worst);
+}
+
+// Output ranges, token ranges and single tokens give the bits of one call.
+template <class Arch>
+void dot_split_suite() {
+  std::mt19937_64 gen(48);
+  std::uint64_t seed = 30000;
+  for (const Index in : {1, 5, 33, 300, 530, 1100})
+    for (const Index T : {1, 3, 13, 30})
+      for (const Index out : {1, 6, 45, 97}) {
+        const Problem<float, bf16> p(in, out, T, (in + T) % 2 == 0, ++seed);
+        const std::vector<float> whole = run_dot<Arch>(p, 0, out, 0, T, p.y0);
+        std::vector<float> parts = p.y0, singles = p.y0, ranges = p.y0;
+        for (Index o0 = 0; o0 < out;) {
+          const Index o1 = std::min(out, o0 + 1 + Index(gen() % 40));
+          parts = run_dot<Arch>(p, o0, o1, 0, T, parts);
+          o0 = o1;
+        }
+        for (Index t = 0; t < T; ++t) singles = run_dot<Arch>(p, 0, out, t, t + 1, singles);
+        for (Index t0 = 0; t0 < T;) {
+          const Index t1 = std::min(T, t0 + 1 + Index(gen() % 9));
+          const Index o0 = Index(gen() % std::uint64_t(out));
+          ranges = run_dot<Arch>(p, 0, o0, t0, t1, ranges);
+          ranges = run_dot<Arch>(p, o0, out, t0, t1, ranges);
+          t0 = t1;
+        }
+        INFO(std::string(Arch::name()), " in=", in, " out=", out, " T=", T);
+        CHECK(parts == whole);
+        CHECK(singles == whole);
+        CHECK(ranges == whole);
+      }
+}
+
+bool skip_without_bf16_dot() {
+  if (k::bf16_dot_available()) return false;
+  MESSAGE("this CPU (or the ISA running) lacks AVX512_BF16: the bf16-dot kernel's vector path is not tested");
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("gemm_kernels: gemm_product_bf16dot matches the double reference on bf16-rounded x") {
+  SUBCASE("AVX512_BF16") {
+    if (!skip_without_bf16_dot()) dot_reference_suite<k::layer_arch>();
+  }
+  SUBCASE("scalar") { dot_reference_suite<k::scalar_arch>(); }
+}
+
+TEST_CASE("gemm_kernels: gemm_product_bf16dot's output ranges and token ranges change no bit") {
+  SUBCASE("AVX512_BF16") {
+    if (!skip_without_bf16_dot()) dot_split_suite<k::layer_arch>();
+  }
+  SUBCASE("scalar") { dot_split_suite<k::scalar_arch>(); }
+}
+
+// The layers in bf16-dot mode, T = 1..300 (both sides of kBf16DotGemmFrom and of
+// skinny_crossover), against the double product of the rounded x. The skinny bf16-dot kernel
+// sums a row in 16 lanes and reduces them (4 more roundings) and rounds twice per pair too:
+// the bound above with a few extra roundings holds for both kernels, and for the fallback.
+TEST_CASE("gemm_kernels: Linear and MoLoRALinear in bf16-dot mode match the double reference, T = 1..300") {
+  MESSAGE("AVX512_BF16 dot products: ", std::string(k::bf16_dot_available() ? "yes" : "no (rounded x, exact kernel)"));
+  std::mt19937_64 gen(91);
+  std::vector<Index> tokens;
+  for (Index T = 1; T <= 40; ++T) tokens.push_back(T);
+  for (Index T = 41; T <= 300; T += 1 + Index(gen() % 23)) tokens.push_back(T);
+  tokens.push_back(300);
+  for (const Index T : tokens) {
+    const Index in = 1 + Index(gen() % 600), out = 1 + Index(gen() % 150);
+    const bool bias = T % 3 != 0;
+    molora::Linear<float, bf16> layer(in, out);
+    layer.set_weight(ref::random_x<double>(out, in, gen()));
+    if (bias) layer.set_bias(ref::random_x<double>(out, 1, gen()));
+    layer.set_bf16_dot(true);
+    const auto x = ref::random_x<float>(T, in, gen());
+    const molora::RowMatrix<float> y = layer.forward(x);
+    const bf16* w = layer.weight_data();
+    double max_w = 0;
+    for (Index e = 0; e < out * in; ++e) max_w = std::max(max_w, std::abs(double(molora::to_float(w[e]))));
+    const DotBound bound(in, max_w, 20);
+    std::size_t bad = 0;
+    double worst = 0;
+    for (Index t = 0; t < T; ++t)
+      for (Index o = 0; o < out; ++o) {
+        double s = 0, mag = 0;
+        for (Index i = 0; i < in; ++i) {
+          const double p = double(molora::to_float(w[o * in + i])) * rounded(x(t, i));
+          s += p;
+          mag += std::abs(p);
+        }
+        if (bias) {
+          s += double(layer.bias()(o));
+          mag += std::abs(double(layer.bias()(o)));
+        }
+        const double err = std::abs(double(y(t, o)) - s);
+        if (!(err <= bound(mag))) ++bad;
+        worst = std::max(worst, err / bound(mag));
+      }
+    INFO("in=", in, " out=", out, " T=", T, " bias=", bias, " worst error / bound=", worst);
+    CHECK(bad == 0);
+    // MoLoRALinear's base product in bf16-dot mode: the same function, the same bits.
+    if (T % 7 == 1) {
+      molora::MoLoRAConfig cfg;
+      cfg.in_features = in;
+      cfg.out_features = out;
+      cfg.num_experts = 2;
+      cfg.top_k = 1;
+      cfg.rank = 2;
+      molora::MoLoRALinear<float, bf16> m(cfg);
+      molora::RowMatrix<float> wf(out, in);
+      for (Index o = 0; o < out; ++o)
+        for (Index i = 0; i < in; ++i) wf(o, i) = molora::to_float(w[o * in + i]);
+      m.set_base_weight(wf);
+      if (bias) m.set_base_bias(layer.bias());
+      m.set_bf16_dot(true);
+      molora::RowMatrix<float> yb(T, out);
+      m.forward_base(x, yb);
+      CHECK(yb == y);
+    }
+  }
 }

@@ -277,3 +277,42 @@ TEST_CASE("no_alloc: GrowingMatrix keeps its capacity and copies its values") {
   CHECK(ids(1, 0) == 2);
   CHECK(ids.row(1).sum() == 5);
 }
+
+// The bf16-dot mode of a bf16 base: the skinny bf16-dot kernel, the bf16-dot GEMM (its packing
+// scratch per thread, kept between calls) and, without AVX512_BF16, the rounded activations in
+// a per-thread scratch: a warm call allocates nothing, also after a larger T.
+TEST_CASE("no_alloc: warm bf16-dot mode (Linear and MoLoRALinear with a bf16 base)") {
+  MESSAGE("AVX512_BF16 dot products: ", std::string(molora::kernels::bf16_dot_available() ? "yes" : "no"));
+  for (const auto& cfg : {config(1024, 1024, 8, 2, 16), config(301, 77, 4, 2, 5)}) {
+    const auto f32 = ref::random_layer<float>(cfg, 22);
+    molora::MoLoRALinear<float, molora::bf16> layer(cfg);
+    layer.set_base_weight(f32.base_weight());
+    layer.set_base_bias(f32.base_bias());
+    layer.adapter() = f32.adapter();
+    layer.set_strategy(Strategy::fused);
+    layer.set_bf16_dot(true);
+    molora::Linear<float, molora::bf16> lin(cfg.in_features, cfg.out_features);
+    lin.set_weight(f32.base_weight());
+    lin.set_bf16_dot(true);
+    const auto x = ref::random_x<float>(300, cfg.in_features, 23);
+    molora::RowMatrix<float> y(300, cfg.out_features);
+    molora::MoLoRAWorkspace<float> ws;
+    lin.forward(x, y);
+    for (const Index T : {300, 1, 2, 7, 15, 16, 64, 127, 128, 200}) {
+      lin.forward(x.topRows(T), y.topRows(T));
+      const Counts c = count_allocations([&] { lin.forward(x.topRows(T), y.topRows(T)); });
+      INFO("Linear in=", cfg.in_features, " T=", T);
+      CHECK(c.news == 0);
+      CHECK(c.eigen == 0);
+    }
+    for (const Index T : {1, 2, 7, 15, 16, 64, 127}) {
+      const auto xt = ref::random_x<float>(T, cfg.in_features, 24);
+      molora::RowMatrix<float> yt(T, cfg.out_features);
+      layer.forward(xt, yt, ws);
+      const Counts c = count_allocations([&] { layer.forward(xt, yt, ws); });
+      INFO("MoLoRALinear in=", cfg.in_features, " T=", T);
+      CHECK(c.news == 0);
+      CHECK(c.eigen == 0);
+    }
+  }
+}

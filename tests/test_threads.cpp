@@ -266,3 +266,38 @@ TEST_CASE("threads: bf16 / f16 router and experts give the same bits with 1 and 
   omp_set_num_threads(saved);
 }
 #endif
+
+#if defined(MOLORA_USE_OPENMP)
+TEST_CASE("threads: bf16-dot mode gives the same bits with 1 and 2 threads, skinny and gemm bf16-dot kernels") {
+  // Below kBf16DotGemmFrom the skinny bf16-dot kernel (rows split at multiples of 4), from it
+  // on the bf16-dot GEMM (outputs split at multiples of 64); without AVX512_BF16 the rounded
+  // activations through the exact product.
+  const int saved = omp_get_max_threads();
+  for (const auto& shape : {std::pair<Index, Index>{261, 70}, {1031, 301}, {64, 1031}}) {
+    const Index in = shape.first, out = shape.second;
+    const auto cfg = test_util::config(in, out, 4, 2, 3);
+    const auto f32 = ref::random_layer<float>(cfg, 90 + std::uint64_t(out));
+    molora::MoLoRALinear<float, molora::bf16> b16(cfg);
+    b16.set_base_weight(f32.base_weight());
+    b16.set_base_bias(f32.base_bias());
+    b16.adapter() = f32.adapter();
+    b16.set_bf16_dot(true);
+    molora::Linear<float, molora::bf16> lin(in, out);
+    lin.set_weight(f32.base_weight());
+    lin.set_bf16_dot(true);
+    for (const Index T : {Index(1), Index(5), molora::detail::kBf16DotGemmFrom - 1, molora::detail::kBf16DotGemmFrom,
+                          Index(37), Index(130), Index(261)}) {
+      INFO("in=", in, " out=", out, " T=", T);
+      const auto x = ref::random_x<float>(T, in, 100 + std::uint64_t(T));
+      CHECK(forward_with(b16, x, 1) == forward_with(b16, x, 2));
+      molora::RowMatrix<float> l1(T, out), l2(T, out);
+      omp_set_num_threads(1);
+      lin.forward(x, l1);
+      omp_set_num_threads(2);
+      lin.forward(x, l2);
+      CHECK(l1 == l2);
+    }
+  }
+  omp_set_num_threads(saved);
+}
+#endif

@@ -5,6 +5,7 @@
                                 [--shapes 4096x4096,4096x11008,11008x4096]
                                 [--budget 1.5] [--json out.json]
                                 [--molora BUILD_DIR/python] [--peers base,ming,peft,molora]
+                                [--dtypes f32,bf16] [--bf16-dot]
 
 For every thread count, shape (in x out) and token count T it times, in one process and
 interleaved rep by rep (so that machine noise hits all three alike):
@@ -25,6 +26,9 @@ With --molora DIR (the folder holding the molora_py module: cmake -DMOLORA_PYTHO
 and every cell first checks that molora's output equals the MING layer's within 1e-5 of
 the output's largest magnitude (the script stops otherwise). Both OpenMP runtimes (torch's
 and molora's) are told OMP_WAIT_POLICY=passive so they do not spin against each other.
+With --bf16-dot, molora's bf16 layer runs in its opt-in bf16-dot mode (set_bf16_dot: x rounded
+to bf16, AVX512_BF16 dot products, PyTorch's bf16 numerics); the output check keeps the bf16
+tolerance, and the tables say "bf16-dot".
 """
 
 from __future__ import annotations
@@ -98,16 +102,20 @@ def build(in_f: int, out_f: int, E: int, k: int, r: int, alpha: float, seed: int
     return base, ming, lora_layer
 
 
-def molora_layer(mod, ming, base, in_f: int, out_f: int, E: int, k: int, r: int, alpha: float):
+def molora_layer(mod, ming, base, in_f: int, out_f: int, E: int, k: int, r: int, alpha: float,
+                 bf16_dot: bool = False):
     """molora's layer holding the MING layer's weights (base wrapped in place, no copy).
 
     A bf16 MING layer gives MoLoRALinearBF16: the base's bf16 bits wrapped in place, the
-    router widened to float (exactly: every bf16 value is a float), the experts as they are."""
+    router widened to float (exactly: every bf16 value is a float), the experts as they are;
+    bf16_dot turns on its bf16-dot mode."""
     half = base.weight.dtype == torch.bfloat16
     cls = mod.MoLoRALinearBF16 if half else mod.MoLoRALinear
     layer = cls(in_f, out_f, num_experts=E, top_k=k, rank=r, lora_alpha=alpha, router_bias=True)
     if half:
         layer.wrap_base_weight(base.weight.detach().view(torch.int16).numpy().view(np.uint16))
+        if bf16_dot:
+            layer.set_bf16_dot(True)
     else:
         layer.wrap_base_weight(base.weight.detach().numpy())
 
@@ -220,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--molora", default=None, help="folder holding the molora_py module (adds the molora variant)")
     ap.add_argument("--peers", default="base,ming,peft,molora", help="variants to time (molora needs --molora)")
     ap.add_argument("--dtypes", default="f32", help="weight types: f32, bf16 (PEFT runs in f32 only)")
+    ap.add_argument("--bf16-dot", action="store_true",
+                    help="molora's bf16 layer in its bf16-dot mode (set_bf16_dot: AVX512_BF16 dot products)")
     args = ap.parse_args(argv)
     peers = [p for p in args.peers.split(",") if p]
     mod = None
@@ -241,7 +251,7 @@ def main(argv=None) -> int:
         "cpu": cpu_model(), "nproc": os.cpu_count(),
         "E": args.experts, "k": args.topk, "r": args.rank, "alpha": args.alpha,
         "loadavg_start": loadavg(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "molora_isa": mod.active_isa() if mod else None, "peers": peers,
+        "molora_isa": mod.active_isa() if mod else None, "peers": peers, "molora_bf16_dot": args.bf16_dot,
     }
     print(f"# {meta['date']}  torch {meta['torch']}  peft {meta['peft']}  cpu {meta['cpu']}")
     rows = []
@@ -260,21 +270,23 @@ def main(argv=None) -> int:
                 raise SystemExit(f"--dtypes: expected f32 or bf16, got {dtype}")
             if mod:
                 every["molora"] = molora_call(
-                    molora_layer(mod, ming, base, in_f, out_f, args.experts, args.topk, args.rank, args.alpha), out_f)
+                    molora_layer(mod, ming, base, in_f, out_f, args.experts, args.topk, args.rank, args.alpha,
+                                 args.bf16_dot), out_f)
+            mode = "bf16-dot" if dtype == "bf16" and args.bf16_dot and mod else dtype
             fns = {n: every[n] for n in peers if n in every}
             names = list(fns)
             for nt in threads:
                 torch.set_num_threads(nt)
                 if mod:
                     mod.set_num_threads(nt)
-                print(f"\n## {in_f} -> {out_f}, {dtype}, threads={nt}")
+                print(f"\n## {in_f} -> {out_f}, {mode}, threads={nt}")
                 print(f"{'T':>6} " + " ".join(f"{n + ' ms':>10}" for n in names)
                       + (f" {'ming/molora':>11} {'err':>8} {'flips':>5}" if mod else "") + f" {'reps':>5} {'load':>5}")
                 for T in tokens:
                     x = torch.randn(1, T, in_f)
                     err, flips = check_same(ming, every["ming"], every["molora"], x, dtype) if mod else (None, 0)
                     med, reps = time_cell(fns, x, args.budget, args.min_reps, args.max_reps)
-                    row = {"threads": nt, "in": in_f, "out": out_f, "dtype": dtype, "T": T, "reps": reps,
+                    row = {"threads": nt, "in": in_f, "out": out_f, "dtype": dtype, "mode": mode, "T": T, "reps": reps,
                            "loadavg": loadavg()}
                     for n in names:
                         row[n + "_ms"] = med[n] * 1e3
@@ -306,15 +318,17 @@ def main(argv=None) -> int:
 def markdown_tables(rows) -> str:
     """One table per (shape, threads): median ms per variant, ratios, per T."""
     out = []
-    keys = sorted({(r["in"], r["out"], r.get("dtype", "f32"), r["threads"]) for r in rows},
+    keys = sorted({(r["in"], r["out"], r.get("mode", r.get("dtype", "f32")), r["threads"]) for r in rows},
                   key=lambda k: (k[2], k[3], k[0], k[1]))
     names = {"base": "base", "ming": "MING-MOE", "peft": "PEFT LoRA", "molora": "molora"}
     for in_f, out_f, dtype, nt in keys:
-        cell = [r for r in rows if (r["in"], r["out"], r.get("dtype", "f32"), r["threads"]) == (in_f, out_f, dtype, nt)]
+        cell = [r for r in rows
+                if (r["in"], r["out"], r.get("mode", r.get("dtype", "f32")), r["threads"]) == (in_f, out_f, dtype, nt)]
         ms = [n for n in names if n + "_ms" in cell[0]]
         ratios = [n for n in ("ming", "peft", "molora") if "ratio_" + n in cell[0]]
         extra = ["ming_over_molora", "max_err"] if "ming_over_molora" in cell[0] else []
-        out.append(f"\n### {in_f} -> {out_f}, {dtype} weights, {nt} thread{'s' if nt > 1 else ''}\n")
+        label = "bf16 weights, molora bf16-dot" if dtype == "bf16-dot" else f"{dtype} weights"
+        out.append(f"\n### {in_f} -> {out_f}, {label}, {nt} thread{'s' if nt > 1 else ''}\n")
         head = (["T"] + [names[n] + " ms" for n in ms] + [names[n] + "/base" for n in ratios]
                 + (["MING/molora", "max err", "tokens left out"] if extra else []) + ["reps", "load avg"])
         out.append("| " + " | ".join(head) + " |")

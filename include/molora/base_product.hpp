@@ -197,21 +197,74 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
   if (bias) y.rowwise() += Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(bias, out);
 }
 
+// Tokens from which the bf16-dot mode (automatic) takes kernels::gemm_product_bf16dot rather
+// than skinny_product_bf16dot, with AVX512_BF16; a constant, whatever the thread count
+// (docs/peers.md, "bf16-dot GEMM").
+constexpr Index kBf16DotGemmFrom = 8;
+
 // The opt-in bf16-dot product of a bf16 weight (Linear::set_bf16_dot,
-// MoLoRALinear::set_bf16_dot): y = round_bf16(x) W^T (+ bias). The skinny strategy runs
-// AVX512_BF16's dot kernel where kernels::bf16_dot_available() (one thread); otherwise, and
-// above the crossover, x is rounded into a scratch and the exact product runs on it. Same
+// MoLoRALinear::set_bf16_dot): y = round_bf16(x) W^T (+ bias). Where
+// kernels::bf16_dot_available(): from kBf16DotGemmFrom tokens on the packed bf16-dot GEMM
+// (outputs split between OpenMP threads at multiples of 64, as base_product's gemm), below it
+// the skinny bf16-dot kernel (rows split at multiples of 4); neither split changes a bit. `how`
+// is the layer's resolved strategy: the one `automatic` gives for T tokens takes the rule
+// above (so a strategy set to `skinny` below skinny_crossover is read as automatic); another
+// `gemm` or `skinny` picks that kernel, and `eigen` the fallback. The fallback (and every
+// strategy without AVX512_BF16): x rounded into a per-thread scratch kept between calls, then
+// the exact product. No allocation in a warm call but Eigen's own in the fallback. Same
 // requirements as base_product.
 inline void base_product_bf16dot(const bf16* w, Index in, Index out, const float* bias, const ConstRowRef<float>& x,
                                  RowRef<float>& y, BaseStrategy how) {
-  if (how == BaseStrategy::skinny && kernels::bf16_dot_available()) {
-    kernels::skinny_product_bf16dot(kernels::layer_arch{}, w, in, in, x.data(), x.outerStride(), x.rows(), bias,
-                                    y.data(), y.outerStride(), Index(0), out);  // [T, out]
+  const Index T = x.rows();
+  const float* xp = x.data();
+  float* yp = y.data();
+  const Index ldx = x.outerStride(), ldy = y.outerStride();
+  if (kernels::bf16_dot_available() && how != BaseStrategy::eigen) {
+    const bool automatic = how == resolve_base_strategy<float, bf16>(BaseStrategy::automatic, T);
+    if (automatic ? T >= kBf16DotGemmFrom : how == BaseStrategy::gemm) {
+      thread_local std::vector<float> scratch;  // per thread, kept between calls
+      auto columns = [&](Index o0, Index o1) {
+        scratch.resize(static_cast<std::size_t>(kernels::gemm_scratch_size<float>()));
+        kernels::gemm_product_bf16dot(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0, o1,
+                                      scratch.data());  // [T, o1 - o0]
+      };
+#if defined(MOLORA_USE_OPENMP)
+      if (out >= 128 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+        const int parts = static_cast<int>(std::min<Index>(omp_get_max_threads(), out / 64));
+#pragma omp parallel num_threads(parts)
+        {
+          const Index p = omp_get_thread_num(), P = omp_get_num_threads();
+          columns(out * p / P / 64 * 64, p + 1 == P ? out : out * (p + 1) / P / 64 * 64);
+        }
+        return;
+      }
+#endif
+      columns(0, out);
+      return;
+    }
+    auto rows = [&](Index o0, Index o1) {
+      kernels::skinny_product_bf16dot(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0,
+                                      o1);  // [T, o1 - o0]
+    };
+#if defined(MOLORA_USE_OPENMP)
+    // Each output is one row's dot products whatever the range: the split changes no bit.
+    if (out >= 64 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel
+      {
+        const Index p = omp_get_thread_num(), P = omp_get_num_threads();
+        rows(out * p / P / 4 * 4, p + 1 == P ? out : out * (p + 1) / P / 4 * 4);
+      }
+      return;
+    }
+#endif
+    rows(0, out);
     return;
   }
-  RowMatrix<float> xb(x.rows(), in);
-  for (Index t = 0; t < x.rows(); ++t)
-    for (Index i = 0; i < in; ++i) xb(t, i) = to_float(to_bf16(x(t, i)));
+  thread_local std::vector<float> rounded;  // [T, in], per thread, kept between calls
+  if (rounded.size() < static_cast<std::size_t>(T * in)) rounded.resize(static_cast<std::size_t>(T * in));
+  for (Index t = 0; t < T; ++t)
+    for (Index i = 0; i < in; ++i) rounded[static_cast<std::size_t>(t * in + i)] = to_float(to_bf16(xp[t * ldx + i]));
+  const Eigen::Map<const RowMatrix<float>> xb(rounded.data(), T, in);  // [T, in]
   base_product(w, in, out, bias, ConstRowRef<float>(xb), y, how);
 }
 

@@ -101,6 +101,10 @@
   X(gemm_product_f16,                                                                                            \
     (const f16* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy,           \
      Index o0, Index o1, S* scratch),                                                                            \
+    (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1, scratch))                                                      \
+  X(gemm_product_bf16dot,                                                                                        \
+    (const bf16* w, Index ldw, Index in, const S* x, Index ldx, Index T, const S* bias, S* y, Index ldy,          \
+     Index o0, Index o1, S* scratch),                                                                            \
     (w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1, scratch))
 
 #define MOLORA_DISPATCH_UNPAREN(...) __VA_ARGS__
@@ -264,7 +268,7 @@ void gemm_product(dispatched_arch a, const f16* w, Index ldw, Index in, const S*
 
 #endif
 
-// Whether skinny_product_bf16dot runs AVX512_BF16's dot products here: the AVX-512 kernels
+// Whether skinny_product_bf16dot and gemm_product_bf16dot run AVX512_BF16's dot products here: the AVX-512 kernels
 // are active and the CPU has AVX512_BF16 (with run-time dispatch), or this translation unit
 // is compiled for both. Otherwise a caller of the bf16-dot mode rounds the activations itself
 // and runs the exact kernel (the kernel's own fallback is a plain loop, for tests).

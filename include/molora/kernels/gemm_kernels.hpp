@@ -16,6 +16,9 @@
 // bias. It depends on row t of x, row o of W and b[o] only: splitting the outputs or the
 // tokens between threads changes no bit, and 16-bit weights give the bits of their widened
 // float copy.
+//
+// Also here: gemm_product_bf16dot, the same loops over pairs of bf16 for the opt-in bf16-dot
+// mode (AVX512_BF16's VDPBF16PS; docs/design-notes.md, "The bf16-dot GEMM").
 #pragma once
 
 #include <cmath>
@@ -310,6 +313,199 @@ void gemm_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Index
 }
 
 #endif  // !MOLORA_NO_XSIMD
+
+// ---- opt-in bf16 dot products: the packed GEMM ------------------------------------------
+
+// Inputs per packed block of gemm_product_bf16dot: kGemmKC pairs of bf16, so its packed blocks
+// take the bytes of gemm_product's (and fit gemm_scratch_size<float>()).
+constexpr Index kGemmBf16KC = 2 * kGemmKC;
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOLORA_NO_XSIMD)
+namespace detail {
+
+// Register block of the bf16-dot GEMM: 12 tokens x 32 outputs (24 accumulators, 2 W vectors,
+// 1 broadcast of a pair of x).
+constexpr int kBf16MR = 12;
+constexpr Index kBf16NR = 32;
+
+// Two bf16 values as the bits of one float: the packed blocks live in the float scratch, each
+// 32-bit lane holding inputs 2q (low half) and 2q + 1 (high half), as VDPBF16PS reads them.
+inline float bf16_pair_bits(std::uint16_t lo, std::uint16_t hi) noexcept {
+  return ::molora::detail::bits_float(std::uint32_t(lo) | std::uint32_t(hi) << 16);
+}
+
+// Packs rows [0, cols) of w (cols <= kBf16NR), inputs [0, kc), as pairs into dst[q * kBf16NR + j]
+// for q < (kc + 1) / 2: an odd kc's last pair and the columns j >= cols are zero. dst is
+// 64-byte aligned. Whole groups of 16 pairs of a full panel go through 16 x 16 transposes of
+// 32-bit lanes.
+inline void gemm_bf16_pack_w(const bf16* w, Index ldw, Index cols, Index kc, float* dst) noexcept {
+  using B = xsimd::batch<float, xsimd::avx512bw>;
+  const Index kq = (kc + 1) / 2;
+  Index q0 = 0;
+  if (cols == kBf16NR) {
+    B r[16];
+    for (; 2 * (q0 + 16) <= kc; q0 += 16)
+      for (Index h = 0; h < kBf16NR; h += 16) {
+        MOLORA_UNROLL
+        for (Index j = 0; j < 16; ++j)
+          r[j] = B(_mm512_castsi512_ps(_mm512_loadu_si512(static_cast<const void*>(w + (h + j) * ldw + 2 * q0))));
+        transpose_square<xsimd::avx512bw, float>(r);
+        MOLORA_UNROLL
+        for (Index j = 0; j < 16; ++j) _mm512_store_ps(dst + (q0 + j) * kBf16NR + h, r[j]);
+      }
+  }
+  for (Index j = 0; j < kBf16NR; ++j) {
+    const bf16* src = w + j * ldw;
+    for (Index q = q0; q < kq; ++q) {
+      const std::uint16_t lo = j < cols ? src[2 * q].bits : 0;
+      const std::uint16_t hi = j < cols && 2 * q + 1 < kc ? src[2 * q + 1].bits : 0;
+      dst[q * kBf16NR + j] = bf16_pair_bits(lo, hi);
+    }
+  }
+}
+
+// Packs tokens [0, rows) of x (rows <= kBf16MR), inputs [0, kc), rounded to bf16 (to nearest
+// even, by VCVTNE2PS2BF16 as skinny_product_bf16dot rounds them) as pairs into
+// dst[q * kBf16MR + i]; an odd kc's last pair and the tokens i >= rows are zero.
+inline void gemm_bf16_pack_x(const float* x, Index ldx, Index rows, Index kc, float* dst) noexcept {
+  const Index kq = (kc + 1) / 2;
+  alignas(64) float pairs[16];
+  for (Index i = 0; i < kBf16MR; ++i) {
+    if (i >= rows) {
+      for (Index q = 0; q < kq; ++q) dst[q * kBf16MR + i] = bf16_pair_bits(0, 0);
+      continue;
+    }
+    const float* src = x + i * ldx;
+    for (Index c = 0; c < kc; c += 32) {
+      const auto n = static_cast<unsigned>(kc - c < 32 ? kc - c : 32);
+      const auto mlo = static_cast<__mmask16>(n >= 16 ? 0xffffu : (1u << n) - 1u);
+      const auto mhi = static_cast<__mmask16>(n <= 16 ? 0u : (1u << (n - 16)) - 1u);
+      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mhi, src + c + 16), _mm512_maskz_loadu_ps(mlo, src + c));
+      _mm512_store_ps(pairs, _mm512_castsi512_ps((__m512i)v));
+      for (Index l = 0; l < Index(n + 1) / 2; ++l) dst[(c / 2 + l) * kBf16MR + i] = pairs[l];
+    }
+  }
+}
+
+// The register block over one pair of panels of kq pairs: c[i*ldc + j] = (first ? 0 : c) +
+// sum_q dot(xp pair (q, i), wp pair (q, j)), then + bias[j] when bias is not null.
+inline void gemm_bf16_block(Index kq, const float* xp, const float* wp, float* c, Index ldc, bool first,
+                            const float* bias) noexcept {
+  __m512 acc[kBf16MR][2];
+  MOLORA_UNROLL
+  for (int i = 0; i < kBf16MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (Index q = 0; q < kq; ++q) {
+    const __m512bh w0 = (__m512bh)_mm512_load_si512(static_cast<const void*>(wp + q * kBf16NR));
+    const __m512bh w1 = (__m512bh)_mm512_load_si512(static_cast<const void*>(wp + q * kBf16NR + 16));
+    MOLORA_UNROLL
+    for (int i = 0; i < kBf16MR; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_castps_si512(_mm512_set1_ps(xp[q * kBf16MR + i]));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
+    }
+  }
+  MOLORA_UNROLL
+  for (int i = 0; i < kBf16MR; ++i) {
+    MOLORA_UNROLL
+    for (int v = 0; v < 2; ++v) {
+      float* p = c + i * ldc + v * 16;
+      __m512 r = first ? acc[i][v] : _mm512_add_ps(_mm512_loadu_ps(p), acc[i][v]);
+      if (bias) r = _mm512_add_ps(r, _mm512_loadu_ps(bias + v * 16));
+      _mm512_storeu_ps(p, r);
+    }
+  }
+}
+
+// The edges: rows x cols of c through a full block in a local tile (same operations per element).
+inline void gemm_bf16_edge_block(Index kq, const float* xp, const float* wp, float* c, Index ldc, Index rows,
+                                 Index cols, bool first, const float* bias) noexcept {
+  alignas(64) float tile[kBf16MR * kBf16NR];
+  alignas(64) float b[kBf16NR];
+  for (Index i = 0; i < kBf16MR; ++i)
+    for (Index j = 0; j < kBf16NR; ++j)
+      tile[i * kBf16NR + j] = i < rows && j < cols && !first ? c[i * ldc + j] : 0.0f;
+  if (bias)
+    for (Index j = 0; j < kBf16NR; ++j) b[j] = j < cols ? bias[j] : 0.0f;
+  gemm_bf16_block(kq, xp, wp, tile, kBf16NR, first, bias ? b : nullptr);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) c[i * ldc + j] = tile[i * kBf16NR + j];
+}
+
+// gemm_product's loops over the packed blocks, with pairs of bf16 in place of floats.
+inline void gemm_product_bf16dot_avx512(const bf16* w, Index ldw, Index in, const float* x, Index ldx, Index T,
+                                        const float* bias, float* y, Index ldy, Index o0, Index o1,
+                                        float* scratch) noexcept {
+  constexpr Index KQ = kGemmBf16KC / 2;  // pairs per packed block
+  constexpr Index MC = kGemmMC / kBf16MR * kBf16MR;
+  const auto addr = reinterpret_cast<std::uintptr_t>(scratch);
+  float* wpack = scratch + static_cast<Index>((64 - addr % 64) % 64) / Index(sizeof(float));
+  float* xpack = wpack + KQ * (kGemmNC + 64);
+  for (Index jc = o0; jc < o1; jc += kGemmNC) {
+    const Index nc = o1 - jc < kGemmNC ? o1 - jc : kGemmNC;
+    for (Index pc = 0; pc < in; pc += kGemmBf16KC) {
+      const Index kc = in - pc < kGemmBf16KC ? in - pc : kGemmBf16KC;
+      const Index kq = (kc + 1) / 2;
+      const bool first = pc == 0;
+      const float* b = pc + kc == in ? bias : nullptr;
+      for (Index jr = 0; jr < nc; jr += kBf16NR)
+        gemm_bf16_pack_w(w + (jc + jr) * ldw + pc, ldw, nc - jr < kBf16NR ? nc - jr : kBf16NR, kc, wpack + jr * KQ);
+      for (Index ic = 0; ic < T; ic += MC) {
+        const Index mc = T - ic < MC ? T - ic : MC;
+        for (Index ir = 0; ir < mc; ir += kBf16MR)
+          gemm_bf16_pack_x(x + (ic + ir) * ldx + pc, ldx, mc - ir < kBf16MR ? mc - ir : kBf16MR, kc, xpack + ir * KQ);
+        for (Index ir = 0; ir < mc; ir += kBf16MR) {
+          const Index rows = mc - ir < kBf16MR ? mc - ir : kBf16MR;
+          const float* xp = xpack + ir * KQ;
+          float* yt = y + (ic + ir) * ldy + jc;
+          for (Index jr = 0; jr < nc; jr += kBf16NR) {
+            const Index cols = nc - jr < kBf16NR ? nc - jr : kBf16NR;
+            const float* bj = b ? b + jc + jr : nullptr;
+            if (rows == kBf16MR && cols == kBf16NR)
+              gemm_bf16_block(kq, xp, wpack + jr * KQ, yt + jr, ldy, first, bj);
+            else
+              gemm_bf16_edge_block(kq, xp, wpack + jr * KQ, yt + jr, ldy, rows, cols, first, bj);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace detail
+#endif
+
+// The bf16-dot mode's product for many tokens, outputs [o0, o1): y[t*ldy + o] = sum_i
+// bf16(x[t*ldx + i]) * w[o*ldw + i] (+ bias[o]) for t < T, the activations rounded to bf16 (to
+// nearest even), products exact, sums in float. Same requirements as gemm_product (scratch of
+// gemm_scratch_size<Scalar>() values). With AVX512_BF16 (callers check bf16_dot_available()
+// first) x and W are packed as pairs of bf16 and each lane of VDPBF16PS adds a pair of
+// products (it rounds once per addition and flushes subnormals); elsewhere a plain loop.
+// Either way the sums are split per kGemmBf16KC inputs as gemm_product splits them, so y
+// depends on row t of x, row o of W and bias[o] only: no bit changes with the output range,
+// the tokens or the thread count. (The bits differ from skinny_product_bf16dot's.)
+template <class Arch, class Scalar>
+void gemm_product_bf16dot(Arch, const bf16* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
+                          const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1, Scalar* scratch) noexcept {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOLORA_NO_XSIMD)
+  if constexpr (std::is_same_v<Scalar, float> && std::is_base_of_v<xsimd::avx512bw, Arch>) {
+    detail::gemm_product_bf16dot_avx512(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1, scratch);
+    return;
+  }
+#endif
+  (void)scratch;
+  for (Index t = 0; t < T; ++t)
+    for (Index o = o0; o < o1; ++o) {
+      Scalar s = 0;
+      for (Index p = 0; p < in; p += kGemmBf16KC) {
+        Scalar acc = 0;
+        for (Index i = p; i < in && i < p + kGemmBf16KC; ++i)
+          acc += Scalar(to_float(to_bf16(static_cast<float>(x[t * ldx + i])))) * Scalar(to_float(w[o * ldw + i]));
+        s = p == 0 ? acc : s + acc;
+      }
+      if (bias) s += bias[o];
+      y[t * ldy + o] = s;
+    }
+}
 
 // The entries of the run-time table for 16-bit weights.
 template <class Arch, class Scalar>
