@@ -93,6 +93,31 @@ Index widened_block_rows(Index in, Index out, Index block_bytes) {
   return std::min(out, std::max<Index>(16, block_bytes / Index(sizeof(Scalar)) / in));
 }
 
+// Calls f(o0, o1) on contiguous ranges that cover [0, n). With OpenMP, outside a parallel
+// region and with more than one thread, one range per thread when n allows at least two
+// ranges of min_part, at most n / min_part of them, every cut a multiple of step; otherwise
+// f(0, n) once. The products split this way give every output the bits of one call over
+// [0, n), so the thread count changes no bit of y.
+template <class F>
+void split_ranges(Index n, Index step, Index min_part, F&& f) {
+#if defined(MOLORA_USE_OPENMP)
+  const Index most = n / min_part;
+  if (most >= 2 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+    const int parts = static_cast<int>(std::min<Index>(omp_get_max_threads(), most));
+#pragma omp parallel num_threads(parts)
+    {
+      const Index p = omp_get_thread_num(), P = omp_get_num_threads();
+      f(n * p / P / step * step, p + 1 == P ? n : n * (p + 1) / P / step * step);
+    }
+    return;
+  }
+#else
+  (void)step;
+  (void)min_part;
+#endif
+  f(Index(0), n);
+}
+
 // y = x W^T (+ bias) with W [out, in] row-major contiguous (out, in >= 1), bias null or
 // [out], x [T, in] and y [T, out] row-major, T >= 1, y not aliasing x, W or bias; `how` is
 // skinny, gemm or eigen (resolved). Checks nothing.
@@ -107,19 +132,9 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
     auto rows = [&](Index o0, Index o1) {
       kernels::skinny_product(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0, o1);  // [T, out]
     };
-#if defined(MOLORA_USE_OPENMP)
-    // One contiguous range of rows per thread (multiples of 4, the register block), as
-    // Eigen's GEMM used the threads before; the split changes no bit of y.
-    if (out >= 64 && !omp_in_parallel() && omp_get_max_threads() > 1) {
-#pragma omp parallel
-      {
-        const Index p = omp_get_thread_num(), P = omp_get_num_threads();
-        rows(out * p / P / 4 * 4, p + 1 == P ? out : out * (p + 1) / P / 4 * 4);
-      }
-      return;
-    }
-#endif
-    rows(0, out);
+    // With OpenMP one contiguous range of rows per thread (cut at multiples of 4, the
+    // register block; at least 32 rows each).
+    split_ranges(out, 4, 32, rows);
     return;
   }
   if (how == BaseStrategy::gemm) {
@@ -133,40 +148,23 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
       kernels::gemm_product(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0, o1,
                             scratch.data());  // [T, o1 - o0]
     };
-#if defined(MOLORA_USE_OPENMP)
-    // One contiguous range of outputs per thread, cut at multiples of 64 (whole register
-    // blocks for any ISA; the split changes no bit of y anyway).
-    if (out >= 128 && !omp_in_parallel() && omp_get_max_threads() > 1) {
-      const int parts = static_cast<int>(std::min<Index>(omp_get_max_threads(), out / 64));
-#pragma omp parallel num_threads(parts)
-      {
-        const Index p = omp_get_thread_num(), P = omp_get_num_threads();
-        columns(out * p / P / 64 * 64, p + 1 == P ? out : out * (p + 1) / P / 64 * 64);
-      }
-      return;
-    }
-#endif
-    columns(0, out);
+    // With OpenMP one contiguous range of outputs per thread, cut at multiples of 64 (whole
+    // register blocks for any ISA).
+    split_ranges(out, 64, 64, columns);
     return;
   }
   if constexpr (std::is_same_v<Weight, Scalar>) {
-#if defined(MOLORA_USE_OPENMP)
-    // One token: Eigen's GEMV, rows split between the threads at multiples of 8. The GEMV
-    // takes rows in blocks of 8, then 4, 2, 1 from the first row it is given, and a row's
-    // bits depend on its block; ranges cut at multiples of 8 give every row the block it
-    // has in one call over all rows. About 64 rows per range (at least 56) keep Eigen on its
-    // GEMV rather than its coefficient-wise product for tiny sizes.
-    if (T == 1 && out >= 128 && !omp_in_parallel() && omp_get_max_threads() > 1) {
-      const int parts = static_cast<int>(std::min<Index>(omp_get_max_threads(), out / 64));
-#pragma omp parallel num_threads(parts)
-      {
-        const Index p = omp_get_thread_num(), P = omp_get_num_threads();
-        const Index o0 = out * p / P / 8 * 8, o1 = p + 1 == P ? out : out * (p + 1) / P / 8 * 8;
+    // One token: Eigen's GEMV, with OpenMP rows split between the threads at multiples of
+    // 8. The GEMV takes rows in blocks of 8, then 4, 2, 1 from the first row it is given,
+    // and a row's bits depend on its block; ranges cut at multiples of 8 give every row the
+    // block it has in one call over all rows. About 64 rows per range (at least 56) keep
+    // Eigen on its GEMV rather than its coefficient-wise product for tiny sizes.
+    if (T == 1)
+      split_ranges(out, 8, 64, [&](Index o0, Index o1) {
         y.middleCols(o0, o1 - o0).noalias() =
             x * Eigen::Map<const RowMatrix<Scalar>>(w + o0 * in, o1 - o0, in).transpose();  // [1, o1 - o0]
-      }
-    } else
-#endif
+      });
+    else
       y.noalias() = x * Eigen::Map<const RowMatrix<Scalar>>(w, out, in).transpose();  // [T, out]
   } else {
     // Blocks of rows widened into a scratch (by the kernels), one Eigen GEMM each. With
@@ -181,18 +179,7 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
         y.middleCols(o, n).noalias() = x * rows.transpose();  // [T, n]
       });
     };
-    const Index blocks = (out + rb - 1) / rb;
-#if defined(MOLORA_USE_OPENMP)
-    if (blocks > 1 && !omp_in_parallel() && omp_get_max_threads() > 1) {
-      const int parts = static_cast<int>(std::min<Index>(omp_get_max_threads(), blocks));
-#pragma omp parallel num_threads(parts)
-      {
-        const Index p = omp_get_thread_num(), P = omp_get_num_threads();
-        widened_blocks(blocks * p / P, blocks * (p + 1) / P);
-      }
-    } else
-#endif
-      widened_blocks(0, blocks);
+    split_ranges((out + rb - 1) / rb, 1, 1, widened_blocks);
   }
   if (bias) y.rowwise() += Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(bias, out);
 }
@@ -228,36 +215,15 @@ inline void base_product_bf16dot(const bf16* w, Index in, Index out, const float
         kernels::gemm_product_bf16dot(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0, o1,
                                       scratch.data());  // [T, o1 - o0]
       };
-#if defined(MOLORA_USE_OPENMP)
-      if (out >= 128 && !omp_in_parallel() && omp_get_max_threads() > 1) {
-        const int parts = static_cast<int>(std::min<Index>(omp_get_max_threads(), out / 64));
-#pragma omp parallel num_threads(parts)
-        {
-          const Index p = omp_get_thread_num(), P = omp_get_num_threads();
-          columns(out * p / P / 64 * 64, p + 1 == P ? out : out * (p + 1) / P / 64 * 64);
-        }
-        return;
-      }
-#endif
-      columns(0, out);
+      split_ranges(out, 64, 64, columns);
       return;
     }
     auto rows = [&](Index o0, Index o1) {
       kernels::skinny_product_bf16dot(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0,
                                       o1);  // [T, o1 - o0]
     };
-#if defined(MOLORA_USE_OPENMP)
-    // Each output is one row's dot products whatever the range: the split changes no bit.
-    if (out >= 64 && !omp_in_parallel() && omp_get_max_threads() > 1) {
-#pragma omp parallel
-      {
-        const Index p = omp_get_thread_num(), P = omp_get_num_threads();
-        rows(out * p / P / 4 * 4, p + 1 == P ? out : out * (p + 1) / P / 4 * 4);
-      }
-      return;
-    }
-#endif
-    rows(0, out);
+    // Each output is one row's dot products whatever the range.
+    split_ranges(out, 4, 32, rows);
     return;
   }
   thread_local std::vector<float> rounded;  // [T, in], per thread, kept between calls
