@@ -60,6 +60,8 @@
 
 #include <molora/molora.hpp>
 
+#include "bench_util.hpp"
+
 #if defined(MOLORA_USE_OPENMP)
 #include <omp.h>
 #endif
@@ -74,34 +76,9 @@ using Spans = std::vector<std::pair<const void*, Index>>;  // (data, bytes)
 // Bytes of all layer copies of a cold run: well past this machine's 480 MiB of L3.
 constexpr double kColdBytes = 720.0 * (1 << 20);
 
-// With OpenMP (MOLORA_OPENMP=ON) the process's CPU time adds up the threads: wall time
-// instead, so that 1 and 2 threads can be compared (alternate runs on a shared machine).
-double cpu_seconds() {
-  timespec ts{};
-#if defined(MOLORA_USE_OPENMP)
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-#else
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-#endif
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : (v[(v.size() - 1) / 2] + v[v.size() / 2]) / 2;
-}
-
-// Deterministic fill in [-scale, scale] (an LCG; setRandom is slow for 16 M entries).
-template <class Derived>
-void fill(Eigen::MatrixBase<Derived>& m, std::uint64_t seed, double scale) {
-  using S = typename Derived::Scalar;
-  std::uint64_t s = seed * 0x9E3779B97F4A7C15ULL + 1;
-  S* p = m.derived().data();
-  for (Index i = 0; i < m.size(); ++i) {
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    p[i] = static_cast<S>(scale * (double(static_cast<std::uint32_t>(s >> 40)) / 8388608.0 - 1.0));
-  }
-}
+using bench_util::cpu_seconds;
+using bench_util::fill;
+using bench_util::median;
 
 // Reads every byte of the spans once as floats, 8 vectors in flight (what any kernel needs
 // just to bring that data in). Spans are whole floats (f32 and f64 data alike).

@@ -19,6 +19,8 @@
 
 #include <molora/molora.hpp>
 
+#include "bench_util.hpp"
+
 namespace {
 
 using molora::bf16;
@@ -27,32 +29,9 @@ using molora::Index;
 template <class S>
 using Mat = molora::RowMatrix<S>;
 
-double cpu_seconds() {
-  timespec ts{};
-#if defined(MOLORA_USE_OPENMP)
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-#else
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-#endif
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : (v[(v.size() - 1) / 2] + v[v.size() / 2]) / 2;
-}
-
-// Deterministic values in [-scale, scale] (an LCG).
-template <class Derived>
-void fill(Eigen::MatrixBase<Derived>& m, std::uint64_t seed, double scale) {
-  std::uint64_t s = seed * 6364136223846793005ULL + 1442695040888963407ULL;
-  for (Index i = 0; i < m.rows(); ++i)
-    for (Index j = 0; j < m.cols(); ++j) {
-      s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-      const double u = double(s >> 11) * (1.0 / 9007199254740992.0);
-      m(i, j) = static_cast<typename Derived::Scalar>((2 * u - 1) * scale);
-    }
-}
+using bench_util::cpu_seconds;
+using bench_util::fill;
+using bench_util::median;
 
 // Copies of each adapter (4096 x 4096: 4.1 MiB float, 2.1 MiB 16-bit; 375 MiB for 61 of
 // each). One float and one 16-bit call per iteration read at least 0.9 MiB (T = 1: router and

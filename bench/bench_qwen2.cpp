@@ -34,6 +34,7 @@
 #endif
 
 #include "../examples/qwen2.hpp"
+#include "bench_util.hpp"
 
 namespace {
 
@@ -411,11 +412,7 @@ void BM_adapter_cost(benchmark::State& state) {
     t_plain.push_back(tp);
     t_adapted.push_back(ta);
   }
-  auto median = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    const std::size_t n = v.size();
-    return n == 0 ? 0.0 : n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-  };
+  using bench_util::median;
   state.counters["cost_pct"] = 100.0 * (median(ratio) - 1.0);
   state.counters["plain_ms"] = 1e3 * median(t_plain);
   state.counters["adapted_ms"] = 1e3 * median(t_adapted);
