@@ -1,16 +1,22 @@
 // PEFT LoRA: adapter_config.json's parser (a realistic example, then each missing or
 // mistyped field as a format_error naming the file and the field), the loader's parity with
-// PEFT's outputs on the fixtures of tools/make_fixtures.py (tests/data/README.md), and
-// configs that disagree with the tensors.
+// PEFT's outputs on the fixtures of tools/make_fixtures.py (tests/data/README.md), configs
+// that disagree with the tensors, and bf16 / mixed-dtype files loaded into 16-bit LoRAs.
 #include <doctest/doctest.h>
 
 #include <molora/io/peft.hpp>
 #include <molora/io/safetensors.hpp>
 
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <initializer_list>
 #include <regex>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "io_test_util.hpp"
 #include "reference.hpp"
@@ -192,4 +198,305 @@ TEST_CASE("PEFT LoRA: a config that disagrees with the tensors is a format error
              std::regex_replace(ptext, std::regex("\"other\",\\s*"), ""));
   CHECK(error_of([&] { molora::io::load_peft_lora<float>(peft); })
             .find("module 'layers.0.other': not among the config's target_modules") != std::string::npos);
+}
+
+// ---- 16-bit files --------------------------------------------------------------------------
+
+namespace {
+
+using molora::bf16;
+using molora::f16;
+using molora::io::Dtype;
+
+// The peft_lora fixture with its adapter rewritten by molora's writer, each tensor in the
+// dtype dtype_of(key) gives (rounded to nearest even from the fixture's F32 values).
+template <class DtypeOf>
+std::string peft_copy(const TempDir& tmp, const std::string& name, DtypeOf dtype_of) {
+  const std::string dir = tmp.file(name);
+  fs::create_directories(dir);
+  fs::copy_file(data_dir + "/peft_lora/adapter_config.json", dir + "/adapter_config.json");
+  const SafetensorsReader r(data_dir + "/peft_lora/adapter_model.safetensors");
+  std::vector<molora::io::TensorToWrite> t;
+  for (const auto& n : r.names()) t.push_back(molora::io::make_tensor(n, r.matrix<float>(n), dtype_of(n)));
+  molora::io::save_safetensors(dir + "/adapter_model.safetensors", std::move(t));
+  return dir;
+}
+
+// A 2-D 16-bit tensor's bits as stored in the file, row-major.
+std::vector<std::uint16_t> file_bits(const SafetensorsReader& r, const std::string& key) {
+  const auto& info = r.info(key);
+  std::vector<std::uint16_t> v(static_cast<std::size_t>(info.shape[0] * info.shape[1]));
+  std::memcpy(v.data(), r.bytes(key), v.size() * 2);
+  return v;
+}
+
+// Bits of a 16-bit LoRA's A [r, in] and B [out, r], row-major (PyTorch's layout).
+template <class W>
+std::vector<std::uint16_t> bits_A(const molora::LoRA<float, W>& l) {
+  std::vector<std::uint16_t> v;
+  for (Index i = 0; i < l.rank() * l.in_features(); ++i) v.push_back(l.A_data()[i].bits);
+  return v;
+}
+template <class W>
+std::vector<std::uint16_t> bits_B(const molora::LoRA<float, W>& l) {
+  std::vector<std::uint16_t> v;
+  for (Index o = 0; o < l.out_features(); ++o)
+    for (Index j = 0; j < l.rank(); ++j) v.push_back(l.B_data()[j * l.out_features() + o].bits);
+  return v;
+}
+// Bits of m's values rounded to nearest even into W, row-major.
+template <class W, class M>
+std::vector<std::uint16_t> rounded_bits(const M& m) {
+  std::vector<std::uint16_t> v;
+  for (Index i = 0; i < m.rows(); ++i)
+    for (Index j = 0; j < m.cols(); ++j) {
+      if constexpr (std::is_same_v<W, bf16>)
+        v.push_back(molora::to_bf16(float(m(i, j))).bits);
+      else
+        v.push_back(molora::to_f16(float(m(i, j))).bits);
+    }
+  return v;
+}
+
+// A float LoRA holding a 16-bit LoRA's weights widened.
+template <class W>
+molora::LoRA<float> widened(const molora::LoRA<float, W>& l, const PeftLoraConfig& c) {
+  molora::LoRA<float> w(l.in_features(), l.out_features(), l.rank(), c.lora.lora_alpha, c.lora.use_rslora);
+  w.set_A(l.widened_A());
+  w.set_B(l.widened_B());
+  return w;
+}
+
+// s * B A as [out, in] in double, by plain loops.
+template <class MA, class MB>
+ref::Mat update(double s, const MA& A, const MB& B) {
+  ref::Mat u = ref::zeros(B.rows(), A.cols());
+  for (Index o = 0; o < B.rows(); ++o)
+    for (Index i = 0; i < A.cols(); ++i)
+      for (Index j = 0; j < A.rows(); ++j)
+        u[std::size_t(o)][std::size_t(i)] += s * double(B(o, j)) * double(A(j, i));
+  return u;
+}
+
+// want + s (B'A' - BA) x^T per row (x [T, in]) or, without x, want + s (B'A' - BA): the
+// fixture's output moved by the change of the adapter's weights, in double.
+RowMatrix<double> shifted(const RowMatrix<double>& want, const ref::Mat& u_new, const ref::Mat& u_old,
+                          const RowMatrix<double>* x) {
+  RowMatrix<double> out = want;
+  for (Index t = 0; t < out.rows(); ++t)
+    for (Index o = 0; o < out.cols(); ++o) {
+      if (!x) {
+        out(t, o) += u_new[std::size_t(t)][std::size_t(o)] - u_old[std::size_t(t)][std::size_t(o)];
+        continue;
+      }
+      for (Index i = 0; i < x->cols(); ++i)
+        out(t, o) += (u_new[std::size_t(o)][std::size_t(i)] - u_old[std::size_t(o)][std::size_t(i)]) * (*x)(t, i);
+    }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("PEFT LoRA: bf16 / mixed files load into 16-bit LoRAs as stored and into float ones widened") {
+  TempDir tmp;
+  const std::string all_bf16 = peft_copy(tmp, "bf16", [](const std::string&) { return Dtype::BF16; });
+  // layers.0.proj: A F32, B F16; layers.0.other: A BF16, B F64.
+  const std::string mixed = peft_copy(tmp, "mixed", [](const std::string& k) {
+    if (k.find(".proj.lora_A") != std::string::npos) return Dtype::F32;
+    if (k.find(".proj.lora_B") != std::string::npos) return Dtype::F16;
+    if (k.find(".other.lora_B") != std::string::npos) return Dtype::F64;
+    return Dtype::BF16;
+  });
+  const SafetensorsReader io(data_dir + "/peft_lora/io.safetensors"), base(data_dir + "/peft_lora/base.safetensors");
+  const SafetensorsReader fixture(data_dir + "/peft_lora/adapter_model.safetensors");
+  for (const std::string& dir : {all_bf16, mixed}) {
+    INFO(dir);
+    const auto wide = molora::io::load_peft_lora<float>(dir);
+    const auto kept = molora::io::load_peft_lora<float, bf16>(dir);
+    const auto half = molora::io::load_peft_lora<float, f16>(dir);
+    const SafetensorsReader file(dir + "/adapter_model.safetensors");
+    REQUIRE(kept.modules.size() == 2);
+    REQUIRE(half.modules.size() == 2);
+    const double s = kept.config.lora.scaling();
+    for (const auto& [module, lora] : kept.modules) {
+      CAPTURE(module);
+      const std::string ka = "base_model.model." + module + ".lora_A.weight";
+      const std::string kb = "base_model.model." + module + ".lora_B.weight";
+      const auto& w = wide.at(module);
+      const auto& h = half.at(module);
+      // The float load holds the file's values exactly; the 16-bit loads hold them rounded
+      // to nearest even, tensor by tensor (the file's own bits where it stores that dtype).
+      CHECK(w.A() == file.matrix<float>(ka));
+      CHECK(RowMatrix<float>(w.B()) == file.matrix<float>(kb));
+      CHECK(bits_A(lora) == rounded_bits<bf16>(w.A()));
+      CHECK(bits_B(lora) == rounded_bits<bf16>(w.B()));
+      CHECK(bits_A(h) == rounded_bits<f16>(w.A()));
+      CHECK(bits_B(h) == rounded_bits<f16>(w.B()));
+      if (file.info(ka).dtype == Dtype::BF16) CHECK(bits_A(lora) == file_bits(file, ka));
+      if (file.info(kb).dtype == Dtype::BF16) CHECK(bits_B(lora) == file_bits(file, kb));
+      if (file.info(kb).dtype == Dtype::F16) CHECK(bits_B(h) == file_bits(file, kb));
+      CHECK(lora.scaling() == w.scaling());
+
+      // The 16-bit layer's output is the float layer's on the widened weights, bit for bit,
+      // over a float or a bf16 base (copied or wrapped), for T = 1, 5 (the fixture's x), 70.
+      const auto fl = widened(lora, kept.config);
+      const RowMatrix<float> w0 = base.matrix<float>(module + ".weight");
+      const molora::Vector<float> b0 = base.vector<float>(module + ".bias");
+      std::vector<bf16> w0_bf16;
+      for (Index o = 0; o < w0.rows(); ++o)
+        for (Index i = 0; i < w0.cols(); ++i) w0_bf16.push_back(molora::to_bf16(w0(o, i)));
+      auto l16 = molora::io::lora_linear(lora, w0, b0);
+      auto lf = molora::io::lora_linear(fl, w0, b0);
+      auto l16b = molora::io::lora_linear<bf16>(lora, w0, b0);
+      auto lfb = molora::io::lora_linear<bf16>(fl, w0, b0);
+      const auto l16w = molora::io::lora_linear(lora, w0_bf16.data(), b0);
+      static_assert(std::is_same_v<decltype(l16b), molora::MoLoRALinear<float, bf16, bf16>>);
+      static_assert(std::is_same_v<decltype(l16w), const molora::MoLoRALinear<float, bf16, bf16>>);
+      CHECK(l16w.wraps_base());
+      CHECK(l16w.base_weight_data() == w0_bf16.data());
+      lf.set_strategy(molora::Strategy::fused);  // what a 16-bit adapter runs
+      lfb.set_strategy(molora::Strategy::fused);
+      const RowMatrix<float> x5 = io.matrix<float>("x." + module);
+      for (const RowMatrix<float>& x : {RowMatrix<float>(ref::random_x<float>(1, w0.cols(), 3)), x5,
+                                        RowMatrix<float>(ref::random_x<float>(70, w0.cols(), 4))}) {
+        CAPTURE(x.rows());
+        const RowMatrix<float> y = l16.forward(x);
+        CHECK(test_util::same_bits(y, lf.forward(x)));
+        const RowMatrix<float> yb = l16b.forward(x);
+        CHECK(test_util::same_bits(yb, lfb.forward(x)));
+        CHECK(test_util::same_bits(yb, l16w.forward(x)));
+        RowMatrix<float> d = lora.delta(x), df = fl.delta(x);
+        CHECK(test_util::same_bits(d, df));
+      }
+      // Against PEFT's output, moved by the rounding of the adapter's weights (in double).
+      const RowMatrix<double> xd = io.matrix<double>("x." + module);
+      const ref::Mat u16 = update(s, lora.widened_A(), lora.widened_B());
+      const ref::Mat u32 = update(s, fixture.matrix<double>(ka), fixture.matrix<double>(kb));
+      const RowMatrix<double> want = shifted(io.matrix<double>("y." + module), u16, u32, &xd);
+      const double e = rel(l16.forward(x5), want);
+      CHECK(e < 1e-5);
+      // The rounding moves the output well past that tolerance: the check sees the 16-bit weights.
+      const double moved = rel(want, io.matrix<double>("y." + module));
+      if (dir == all_bf16) CHECK(moved > 1e-4);
+      MESSAGE(module, " (16-bit weights) rel. error against PEFT's output moved by the rounding: ", e,
+              "; moved by ", moved);
+
+      // merge_peft: widened exactly, merged in float: bitwise the float LoRA's merge, and
+      // PEFT's merged weight moved by the rounding.
+      RowMatrix<float> m16 = w0, mf = w0;
+      molora::io::merge_peft(lora, m16);
+      molora::io::merge_peft(fl, mf);
+      CHECK(test_util::same_bits(m16, mf));
+      CHECK(rel(m16, shifted(io.matrix<double>("merged_weight." + module), u16, u32, nullptr)) < 1e-5);
+      RowMatrix<float> t16 = w0.transpose(), tf = w0.transpose();
+      molora::io::merge_peft(lora, t16, true);
+      molora::io::merge_peft(fl, tf, true);
+      CHECK(test_util::same_bits(t16, tf));
+      CHECK(test_util::same_bits(RowMatrix<float>(t16.transpose()), m16));
+    }
+  }
+}
+
+TEST_CASE("PEFT LoRA: a value past f16's range, a non-finite 16-bit value") {
+  TempDir tmp;
+  // An F32 value past f16's range: a numeric_error naming the file, the key, the index and
+  // the value for f16 storage; bf16 storage holds it.
+  const std::string dir = tmp.file("over");
+  fs::create_directories(dir);
+  fs::copy_file(data_dir + "/peft_lora/adapter_config.json", dir + "/adapter_config.json");
+  const std::string key = "base_model.model.layers.0.proj.lora_A.weight";
+  {
+    const SafetensorsReader r(data_dir + "/peft_lora/adapter_model.safetensors");
+    std::vector<molora::io::TensorToWrite> t;
+    for (const auto& n : r.names()) {
+      RowMatrix<float> m = r.matrix<float>(n);
+      if (n == key) m(1, 2) = 1e5f;
+      t.push_back(molora::io::make_tensor(n, m, n == key ? Dtype::F32 : Dtype::BF16));
+    }
+    molora::io::save_safetensors(dir + "/adapter_model.safetensors", std::move(t));
+  }
+  const std::string msg =
+      test_util::message_of<molora::numeric_error>([&] { (void)molora::io::load_peft_lora<float, f16>(dir); });
+  check_contains(msg, {"adapter_model.safetensors", "module 'layers.0.proj'", key.c_str(), "[1, 2]", "100000", "f16"});
+  const auto kept = molora::io::load_peft_lora<float, bf16>(dir);
+  CHECK(molora::to_float(kept.at("layers.0.proj").A_data()[1 * 24 + 2]) == 99840.0f);  // 1e5 rounded to bf16
+  CHECK(kept.at("layers.0.proj").widened_A()(1, 2) == 99840.0f);
+
+  // A NaN stored in bf16: a format_error naming the file, module and key, either way.
+  const std::string nan_dir = peft_copy(tmp, "nan", [](const std::string&) { return Dtype::BF16; });
+  {
+    const SafetensorsReader r(nan_dir + "/adapter_model.safetensors");
+    std::vector<molora::io::TensorToWrite> t;
+    for (const auto& n : r.names()) {
+      auto raw = molora::io::make_tensor_raw(n, Dtype::BF16, r.info(n).shape, r.bytes(n));
+      if (n == "base_model.model.layers.0.other.lora_B.weight") {
+        raw.bytes[2 * 3] = 0xc0;
+        raw.bytes[2 * 3 + 1] = 0x7f;  // 0x7fc0: NaN at [0, 3]
+      }
+      t.push_back(std::move(raw));
+    }
+    molora::io::save_safetensors(nan_dir + "/adapter_model.safetensors", std::move(t));
+  }
+  for (const std::string& m : {error_of([&] { (void)molora::io::load_peft_lora<float, bf16>(nan_dir); }),
+                               error_of([&] { (void)molora::io::load_peft_lora<float, f16>(nan_dir); }),
+                               error_of([&] { (void)molora::io::load_peft_lora<float>(nan_dir); })})
+    check_contains(m, {"adapter_model.safetensors", "layers.0.other", "lora_B.weight", "finite"});
+}
+
+TEST_CASE("LoRA<float, bf16 | f16>: set, widen, delta and merge against a double reference") {
+  molora::Generator gen(11);
+  using Shape = std::array<Index, 3>;  // in, out, r
+  for (const Shape& shape : {Shape{1, 1, 1}, Shape{17, 9, 3}, Shape{33, 40, 8}}) {
+    const Index in = shape[0], out = shape[1], r = shape[2];
+    CAPTURE(in);
+    RowMatrix<float> a(r, in), b(out, r), x(5, in);
+    test_util::fill(a, gen, 1.0);
+    test_util::fill(b, gen, 1.0);
+    test_util::fill(x, gen, 1.0);
+    molora::LoRA<float, bf16> l(in, out, r, 3.0 * double(r));
+    l.set_A(a);
+    l.set_B(b);
+    CHECK(bits_A(l) == rounded_bits<bf16>(a));
+    CHECK(bits_B(l) == rounded_bits<bf16>(b));
+    const RowMatrix<float> wa = l.widened_A();
+    const RowMatrix<float> wb = l.widened_B();
+    // delta against a loop-by-loop double reference on the widened weights
+    const RowMatrix<float> d = l.delta(x);
+    RowMatrix<double> want = RowMatrix<double>::Zero(5, out);
+    for (Index t = 0; t < 5; ++t)
+      for (Index o = 0; o < out; ++o)
+        for (Index j = 0; j < r; ++j) {
+          double hj = 0;
+          for (Index i = 0; i < in; ++i) hj += double(wa(j, i)) * double(x(t, i));
+          want(t, o) += 3.0 * double(wb(o, j)) * hj;
+        }
+    CHECK(rel(d, want) < 1e-5);
+    // from stored bits: the same LoRA
+    molora::LoRA<float, bf16> s(in, out, r, 3.0 * double(r));
+    std::vector<bf16> sa(l.A_data(), l.A_data() + r * in), sb;
+    for (Index o = 0; o < out; ++o)
+      for (Index j = 0; j < r; ++j) sb.push_back(l.B_data()[j * out + o]);
+    s.set_A_stored(sa.data());
+    s.set_B_stored(sb.data());
+    CHECK(bits_A(s) == bits_A(l));
+    CHECK(bits_B(s) == bits_B(l));
+    // f16: a value past its range is refused with the index, and changes nothing
+    molora::LoRA<float, f16> h(in, out, r, 2.0);
+    h.set_A(a);
+    RowMatrix<float> big = a;
+    big(r - 1, in - 1) = 7e4f;
+    const std::string msg = test_util::message_of<molora::numeric_error>([&] { h.set_A(big); });
+    check_contains(msg, {"lora_A.weight", "70000"});
+    CHECK(bits_A(h) == rounded_bits<f16>(a));
+    sb[0] = molora::bf16_from_bits(0x7fc0);  // NaN
+    CHECK_THROWS_AS(s.set_B_stored(sb.data()), molora::numeric_error);
+    CHECK(bits_B(s) == bits_B(l));
+  }
+  // moved from: state_error
+  molora::LoRA<float, bf16> l(4, 3, 2, 2.0);
+  const auto l2 = std::move(l);
+  CHECK_THROWS_AS((void)l.delta(RowMatrix<float>::Zero(1, 4)), molora::state_error);
+  CHECK_THROWS_AS((void)molora::io::lora_linear(l, RowMatrix<float>::Zero(3, 4), molora::Vector<float>()),
+                  molora::state_error);
+  CHECK(l2.widened_A().rows() == 2);
 }

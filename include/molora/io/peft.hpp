@@ -6,6 +6,10 @@
 // agree (target_modules, rank, shapes, missing keys) before it builds that module's LoRA
 // from values checked finite as they are read. A bad file throws format_error naming the
 // file, the module and the key, and nothing is returned.
+// load_peft_lora<float, bf16 | f16> keeps A and B in 16 bits (LoRA<float, Weight>, as PEFT
+// checkpoints usually ship): tensors stored in that dtype are kept as stored, others (a mixed
+// file's F32 ones) rounded to nearest even, tensor by tensor (loader.hpp's stored_weights);
+// load_peft_lora<float> widens any 16-bit tensor exactly.
 #pragma once
 
 #include <Eigen/Core>
@@ -15,6 +19,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -94,14 +99,15 @@ struct PeftLoraConfig {
 // ---- loader --------------------------------------------------------------------------------
 
 // A PEFT LoRA adapter: one LoRA per target module, keyed by its module path
-// (`layers.0.proj` for the key `base_model.model.layers.0.proj.lora_A.weight`).
-template <class Scalar>
+// (`layers.0.proj` for the key `base_model.model.layers.0.proj.lora_A.weight`). Weight: the
+// storage of A and B (Scalar, or bf16 / f16 for float).
+template <class Scalar, class Weight = Scalar>
 struct PeftLoraAdapter {
   PeftLoraConfig config;
-  std::map<std::string, LoRA<Scalar>> modules;
+  std::map<std::string, LoRA<Scalar, Weight>> modules;
   std::string source;
 
-  const LoRA<Scalar>& at(const std::string& module) const {
+  const LoRA<Scalar, Weight>& at(const std::string& module) const {
     auto it = modules.find(module);
     if (it == modules.end()) throw format_error(molora::detail::cat(source, ": no LoRA for module '", module, "'"));
     return it->second;
@@ -114,10 +120,12 @@ struct PeftLoraAdapter {
 // one the config's target_modules names (PEFT's rule: the module path equals a target or
 // ends with "." + target; a single string is a regex that must match the whole path).
 // `load` and `limits` say how the files are read (see Load and Limits).
-template <class Scalar>
-PeftLoraAdapter<Scalar> load_peft_lora(const std::string& config_path, const std::string& weights_path,
-                                       Load load = Load::map, const Limits& limits = {}) {
-  PeftLoraAdapter<Scalar> out{PeftLoraConfig::from_file(config_path, limits), {}, weights_path};
+// Weight: the LoRAs' storage (see the top of this header); a value of an F32 / F64 tensor
+// past f16's range is then a numeric_error naming the file, module, key and index.
+template <class Scalar, class Weight = Scalar>
+PeftLoraAdapter<Scalar, Weight> load_peft_lora(const std::string& config_path, const std::string& weights_path,
+                                               Load load = Load::map, const Limits& limits = {}) {
+  PeftLoraAdapter<Scalar, Weight> out{PeftLoraConfig::from_file(config_path, limits), {}, weights_path};
   const PeftLoraConfig& cfg = out.config;
   const SafetensorsReader r(weights_path, load, limits);
   const std::string prefix = "base_model.model.";
@@ -157,9 +165,14 @@ PeftLoraAdapter<Scalar> load_peft_lora(const std::string& config_path, const std
       internal::fail(weights_path, module, molora::detail::mismatch("tensor '" + kb + "' columns (r from the config)", cfg.lora.r, rb));
     internal::check_scaling<Scalar>(config_path, module, cfg.lora.lora_alpha, cfg.lora.r, cfg.lora.use_rslora);
     internal::building(weights_path, module, [&, &mod = module, in_f = in, o = out_f] {
-      LoRA<Scalar> lora(in_f, o, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.use_rslora);
-      lora.set_A(internal::finite_matrix<Scalar>(r, ka, mod));
-      lora.set_B(internal::finite_matrix<Scalar>(r, kb, mod));
+      LoRA<Scalar, Weight> lora(in_f, o, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.use_rslora);
+      if constexpr (std::is_same_v<Weight, Scalar>) {
+        lora.set_A(internal::finite_matrix<Scalar>(r, ka, mod));
+        lora.set_B(internal::finite_matrix<Scalar>(r, kb, mod));
+      } else {
+        lora.set_A_stored(internal::stored_weights<Weight>(r, ka, mod).data());
+        lora.set_B_stored(internal::stored_weights<Weight>(r, kb, mod).data());
+      }
       out.modules.emplace(mod, std::move(lora));
     });
   }
@@ -167,17 +180,19 @@ PeftLoraAdapter<Scalar> load_peft_lora(const std::string& config_path, const std
 }
 
 // From a folder holding adapter_config.json and adapter_model.safetensors (save_pretrained).
-template <class Scalar>
-PeftLoraAdapter<Scalar> load_peft_lora(const std::string& dir, Load load = Load::map, const Limits& limits = {}) {
-  return load_peft_lora<Scalar>(internal::path_join(dir, "adapter_config.json"),
+template <class Scalar, class Weight = Scalar>
+PeftLoraAdapter<Scalar, Weight> load_peft_lora(const std::string& dir, Load load = Load::map, const Limits& limits = {}) {
+  return load_peft_lora<Scalar, Weight>(internal::path_join(dir, "adapter_config.json"),
                                 internal::path_join(dir, "adapter_model.safetensors"), load, limits);
 }
 
 // Merges a PEFT LoRA into its base weight in place (merge_and_unload). With
 // fan_in_fan_out the base is stored [in, out] (GPT-2's Conv1D) and the transposed update
 // is added. Throws (and leaves w untouched) on a shape mismatch or a non-finite result.
-template <class Scalar>
-void merge_peft(const LoRA<Scalar>& lora, typename internal::identity<RowRef<Scalar>>::type w, bool fan_in_fan_out = false) {
+// A 16-bit LoRA's A and B are widened exactly and the merge is done in Scalar.
+template <class Scalar, class Weight>
+void merge_peft(const LoRA<Scalar, Weight>& lora, typename internal::identity<RowRef<Scalar>>::type w,
+                bool fan_in_fan_out = false) {
   if (!fan_in_fan_out) {
     lora.merge(w);
     return;
@@ -187,12 +202,17 @@ void merge_peft(const LoRA<Scalar>& lora, typename internal::identity<RowRef<Sca
   w = wt.transpose();
 }
 
-// A plain LoRA on a given base as a MoLoRALinear with one expert (its router then gives
-// weight 1 to the only expert, exactly): y = x W0^T + b0 + s B A x. w0 [out, in], b0 [out]
-// or an empty vector for no bias.
-template <class Scalar, class DW, class DB>
-MoLoRALinear<Scalar> lora_linear(const LoRA<Scalar>& lora, const Eigen::MatrixBase<DW>& w0,
-                                 const Eigen::MatrixBase<DB>& b0) {
+namespace internal {
+
+// The base weight type of lora_linear: Scalar unless the caller names one.
+template <class BaseWeight, class Scalar>
+using lora_base_t = std::conditional_t<std::is_void_v<BaseWeight>, Scalar, BaseWeight>;
+
+// A one-expert MoLoRALinear for `lora` (its router then gives weight 1 to the only expert,
+// exactly), with a zero base weight; the adapter's A and B as the LoRA stores them.
+template <class BaseWeight, class Scalar, class Weight>
+MoLoRALinear<Scalar, BaseWeight, Weight> one_expert_layer(const LoRA<Scalar, Weight>& lora) {
+  lora.check_live();
   MoLoRAConfig c;
   c.in_features = lora.in_features();
   c.out_features = lora.out_features();
@@ -201,11 +221,50 @@ MoLoRALinear<Scalar> lora_linear(const LoRA<Scalar>& lora, const Eigen::MatrixBa
   c.rank = lora.rank();
   c.lora_alpha = static_cast<double>(lora.scaling()) * static_cast<double>(lora.rank());  // s = alpha / r
   c.router_bias = false;
-  MoLoRALinear<Scalar> layer(c);
+  MoLoRALinear<Scalar, BaseWeight, Weight> layer(c);
+  if constexpr (std::is_same_v<Weight, Scalar>) {
+    layer.adapter().set_expert_A(0, lora.A());
+    layer.adapter().set_expert_B(0, lora.B());
+  } else {
+    const Index out = lora.out_features(), r = lora.rank();
+    std::vector<Weight> b(static_cast<std::size_t>(out * r));  // [out, r] row-major, from B^T [r, out]
+    for (Index o = 0; o < out; ++o)
+      for (Index j = 0; j < r; ++j) b[static_cast<std::size_t>(o * r + j)] = lora.B_data()[j * out + o];
+    layer.adapter().set_expert_A_stored(0, lora.A_data());
+    layer.adapter().set_expert_B_stored(0, b.data());
+  }
+  return layer;
+}
+
+}  // namespace internal
+
+// A plain LoRA on a given base as a MoLoRALinear with one expert (its router then gives
+// weight 1 to the only expert, exactly): y = x W0^T + b0 + s B A x. w0 [out, in] is copied,
+// b0 [out] or an empty vector for no bias. The adapter keeps the LoRA's weight type (a
+// 16-bit LoRA's bits as stored); BaseWeight (default Scalar, or bf16 / f16 for a float
+// layer) is the base weight's storage, w0's values rounded to nearest even into it
+// (lora_linear<bf16>(lora, w0, b0)). The layer's wrap_base_weight works as for any layer.
+template <class BaseWeight = void, class Scalar, class Weight, class DW, class DB>
+MoLoRALinear<Scalar, internal::lora_base_t<BaseWeight, Scalar>, Weight> lora_linear(const LoRA<Scalar, Weight>& lora,
+                                                                                    const Eigen::MatrixBase<DW>& w0,
+                                                                                    const Eigen::MatrixBase<DB>& b0) {
+  auto layer = internal::one_expert_layer<internal::lora_base_t<BaseWeight, Scalar>>(lora);
   layer.set_base_weight(w0);
   if (b0.size() > 0) layer.set_base_bias(b0);
-  layer.adapter().set_expert_A(0, lora.A());
-  layer.adapter().set_expert_B(0, lora.B());
+  return layer;
+}
+
+// The same over a host's 16-bit base weight w0 (row-major [out, in] bf16 / f16, e.g. a
+// checkpoint's tensor as stored), wrapped without a copy as MoLoRALinear::wrap_base_weight
+// does: the buffer must outlive the layer's use of it; its values are checked once, here.
+// b0 [out] is copied (empty for no bias).
+template <class Scalar, class Weight, class BaseWeight, class DB,
+          class = std::enable_if_t<molora::detail::is_half<BaseWeight>>>
+MoLoRALinear<Scalar, BaseWeight, Weight> lora_linear(const LoRA<Scalar, Weight>& lora, const BaseWeight* w0,
+                                                     const Eigen::MatrixBase<DB>& b0) {
+  auto layer = internal::one_expert_layer<BaseWeight>(lora);
+  layer.wrap_base_weight(w0, lora.out_features(), lora.in_features());
+  if (b0.size() > 0) layer.set_base_bias(b0);
   return layer;
 }
 
