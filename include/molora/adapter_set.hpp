@@ -8,15 +8,19 @@
 //
 // SetAdapter is one adapter as the set reads it: pointers to its weights in the kernels'
 // layouts, plus an owner that keeps them alive (a shared MoLoRAAdapter or LoRA, or a
-// memory-mapped file), and the per-adapter scale (llama.cpp's --lora-scaled). A set and its
-// adapters are immutable once built, so one set is safely shared by threads (each with its
-// own AdapterSetWorkspace); tenants.hpp swaps whole sets in and out at run time.
+// memory-mapped file), and the per-adapter scale (llama.cpp's --lora-scaled). The set's
+// kernels read Scalar weights: an adapter stored in bf16 / f16 (MoLoRAAdapter<float, W>,
+// LoRA<float, W>, a 16-bit set-adapter file) is widened once, exactly, into copies the
+// SetAdapter owns (SetAdapter::widen, load_set_adapter). A set and its adapters are
+// immutable once built, so one set is safely shared by threads (each with its own
+// AdapterSetWorkspace); tenants.hpp swaps whole sets in and out at run time.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -99,6 +103,55 @@ public:
     s->lora_ = l.get();
     return s;
   }
+  // A 16-bit adapter (bf16 / f16 weights, e.g. loaded as a checkpoint stores them) widened
+  // exactly into float copies that the SetAdapter owns: the set's kernels read Scalar
+  // weights. The set's output is then bitwise that of share() on the float adapter holding
+  // the widened weights (convert_adapter<float>(a)). molora_adapter() / lora() are null.
+  // Throws state_error on a moved-from adapter, config_error on a bad scale (as share()).
+  template <class W, class = std::enable_if_t<detail::is_half<W>>>
+  static Ptr widen(const MoLoRAAdapter<Scalar, W>& a, double scale = 1) {
+    a.check_live();
+    const auto& c = a.config();
+    const Index E = c.num_experts, r = c.rank, in = c.in_features, out = c.out_features;
+    auto w = std::make_shared<Widened>();
+    w->router_weight.resize(E, in);  // [E, in]
+    for (Index i = 0; i < w->router_weight.size(); ++i) w->router_weight.data()[i] = Scalar(to_float(a.router().weight_data()[i]));
+    if (a.router().has_bias()) w->router_bias = a.router().bias().transpose();  // [E]
+    w->A = a.widened_stacked_A();   // [E*r, in]
+    w->B = a.widened_stacked_B();   // [out, E*r] column-major: B_e^T [r, out] at e*r*out
+    SetAdapterViews<Scalar> v;
+    v.in_features = in;
+    v.out_features = out;
+    v.num_experts = E;
+    v.top_k = c.top_k;
+    v.rank = r;
+    v.scaling = static_cast<double>(a.scaling());
+    v.normalize_top_k = c.normalize_top_k;
+    v.selection = c.selection;
+    v.router_weight = w->router_weight.data();
+    v.router_bias = a.router().has_bias() ? w->router_bias.data() : nullptr;
+    for (Index e = 0; e < E; ++e) {
+      v.A.push_back(w->A.data() + e * r * in);
+      v.Bt.push_back(w->B.data() + e * r * out);
+    }
+    return Ptr(new SetAdapter(std::move(v), std::move(w), scale, false));
+  }
+  // A 16-bit plain LoRA (e.g. io::load_peft_lora<float, bf16>'s) widened likewise.
+  template <class W, class = std::enable_if_t<detail::is_half<W>>>
+  static Ptr widen(const LoRA<Scalar, W>& l, double scale = 1) {
+    l.check_live();
+    auto w = std::make_shared<Widened>();
+    w->A = l.widened_A();  // [rank, in]
+    w->B = l.widened_B();  // [out, rank] column-major = B^T [rank, out]
+    SetAdapterViews<Scalar> v;
+    v.in_features = l.in_features();
+    v.out_features = l.out_features();
+    v.rank = l.rank();
+    v.scaling = static_cast<double>(l.scaling());
+    v.A.push_back(w->A.data());
+    v.Bt.push_back(w->B.data());
+    return Ptr(new SetAdapter(std::move(v), std::move(w), scale, false));
+  }
   // Weights owned by `owner` (e.g. a mapped safetensors file; kept alive by the adapter).
   // With check_values, every weight is checked finite once, here. Throws config_error /
   // numeric_error naming the field.
@@ -143,6 +196,14 @@ public:
   }
 
 private:
+  // The widened copies of a 16-bit adapter (widen()).
+  struct Widened {
+    RowMatrix<Scalar> router_weight;  // [E, in], empty for a LoRA
+    Vector<Scalar> router_bias;       // [E] or empty
+    RowMatrix<Scalar> A;              // [E*r, in]
+    ColMatrix<Scalar> B;              // [out, E*r]
+  };
+
   SetAdapter(SetAdapterViews<Scalar> v, std::shared_ptr<const void> owner, double scale, bool check_values)
       : views_(std::move(v)), owner_(std::move(owner)), scale_(scale) {
     auto positive = [](const char* field, Index x) {
