@@ -5,9 +5,13 @@
 // quadratic parse; no test measures time itself.
 #include <doctest/doctest.h>
 
+#include <molora/io/adapter_set.hpp>
 #include <molora/io/checkpoint.hpp>
 
+#include <cstdint>
 #include <filesystem>
+#include <initializer_list>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -243,6 +247,82 @@ TEST_CASE("hostile MixLoRA: num_experts is bounded and checked against the file 
   const auto act = with("\"act_fn\": \"silu\"", "\"act_fn\": \"swiglu_fancy\"");
   check_contains(error_of([&] { load(act, Limits{}); }),
                  {"adapter_model.safetensors", "module 'mixlora.layers.0.mlp'", "act_fn", "swiglu_fancy"});
+}
+
+// ---- 16-bit tensors ---------------------------------------------------------------------------
+
+namespace {
+
+// One tensor entry of dtype `dtype` (`size` bytes an element) and shape `shape` at byte `begin`.
+std::string typed(const std::string& name, const char* dtype, std::uint64_t size, const std::string& shape,
+                  std::uint64_t numel, std::uint64_t begin) {
+  return molora::detail::cat("\"", name, "\":{\"dtype\":\"", dtype, "\",\"shape\":", shape, ",\"data_offsets\":[",
+                             begin, ",", begin + size * numel, "]}");
+}
+
+}  // namespace
+
+TEST_CASE("hostile 16-bit tensors: a wrong shape or dtype is a format_error naming the file and the tensor") {
+  TempDir dir;
+  const std::string peft = dir.file("peft");
+  fs::create_directories(peft);
+  write_text(peft + "/adapter_config.json", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["proj"]})");
+  const std::string ka = "base_model.model.proj.lora_A.weight", kb = "base_model.model.proj.lora_B.weight";
+  const std::string weights = peft + "/adapter_model.safetensors";
+  // Every load (kept in bf16 or f16, or widened) gives the same format_error.
+  auto each_load = [&](std::initializer_list<const char*> parts) {
+    check_contains(error_of([&] { (void)molora::io::load_peft_lora<float, molora::bf16>(peft); }), parts);
+    check_contains(error_of([&] { (void)molora::io::load_peft_lora<float, molora::f16>(peft); }), parts);
+    check_contains(error_of([&] { (void)molora::io::load_peft_lora<float>(peft); }), parts);
+  };
+  // lora_A BF16 [3, 5] where the config says r = 2
+  write_bytes(weights, st_file("{" + typed(ka, "BF16", 2, "[3,5]", 15, 0) + "," + typed(kb, "BF16", 2, "[4,2]", 8, 30) + "}", 46));
+  each_load({"adapter_model.safetensors", "module 'proj'", ka.c_str(), "rows (r from the config): expected 2, got 3"});
+  // lora_B F16 of rank 1
+  write_bytes(weights, st_file("{" + typed(ka, "BF16", 2, "[2,5]", 10, 0) + "," + typed(kb, "F16", 2, "[8]", 8, 20) + "}", 36));
+  each_load({"adapter_model.safetensors", "module 'proj'", kb.c_str(), "rank: expected 2, got 1"});
+  // lora_B stored as I16 (16 bits, not a float)
+  write_bytes(weights, st_file("{" + typed(ka, "BF16", 2, "[2,5]", 10, 0) + "," + typed(kb, "I16", 2, "[4,2]", 8, 20) + "}", 36));
+  each_load({"adapter_model.safetensors", kb.c_str(), "I16"});
+  // a BF16 tensor whose byte range disagrees with its shape
+  write_bytes(weights, st_file("{" + typed(ka, "BF16", 2, "[2,5]", 9, 0) + "," + typed(kb, "BF16", 2, "[4,2]", 8, 18) + "}", 34));
+  check_contains(error_of([&] { (void)molora::io::load_peft_lora<float, molora::bf16>(peft); }),
+                 {"adapter_model.safetensors", ka.c_str()});
+
+  // MING-MOE kept in bf16: a BF16 expert of the wrong shape
+  const std::string m = "base_model.model.model.layers.0.mlp.up_proj.";
+  const std::string ming = dir.file("ming.safetensors");
+  write_bytes(ming, st_file("{" + typed(m + "switch.weight", "BF16", 2, "[1,3]", 3, 0) + "," +
+                            typed(m + "switch.bias", "F32", 4, "[1]", 1, 6) + "," +
+                            typed(m + "experts.0.lora_A_0.weight", "BF16", 2, "[1,4]", 4, 10) + "," +
+                            typed(m + "experts.0.lora_B_0.weight", "BF16", 2, "[2,1]", 2, 18) + "}",
+                            22));
+  check_contains(error_of([&] {
+                   (void)molora::io::load_ming_moe<float, molora::bf16>(dir.write("c.json", ming_config("1")), ming);
+                 }),
+                 {"ming.safetensors", "module 'model.layers.0.mlp.up_proj'", "experts.0.lora_A_0.weight",
+                  "columns (in of switch.weight): expected 3, got 4"});
+
+  // A set-adapter file: a BF16 experts.Bt of the wrong shape, and one stored as I16
+  const std::string set = dir.file("set.safetensors");
+  const std::map<std::string, std::string> meta = {{"molora.format", "set_adapter"}, {"num_experts", "1"}, {"top_k", "1"},
+                                                   {"rank", "2"}, {"scaling", "1"}, {"normalize_top_k", "true"},
+                                                   {"selection", "top_k"}};
+  const std::vector<std::uint16_t> zeros(64, 0);
+  auto save_set = [&](std::vector<std::uint64_t> bt_shape, molora::io::Dtype bt_dtype) {
+    std::vector<molora::io::TensorToWrite> t;
+    t.push_back(molora::io::make_tensor_raw("experts.A", molora::io::Dtype::BF16, {2, 5}, zeros.data()));
+    t.push_back(molora::io::make_tensor_raw("experts.Bt", bt_dtype, std::move(bt_shape), zeros.data()));
+    molora::io::save_safetensors(set, std::move(t), meta);
+  };
+  save_set({3, 4}, molora::io::Dtype::BF16);
+  check_contains(error_of([&] { (void)molora::load_set_adapter<float>(SafetensorsReader(set)); }),
+                 {"set.safetensors", "experts.Bt", "[2, 4]", "[3, 4]"});
+  save_set({2, 4}, molora::io::Dtype::I16);
+  check_contains(error_of([&] { (void)molora::load_set_adapter<float>(SafetensorsReader(set)); }),
+                 {"set.safetensors", "experts.Bt", "I16"});
+  save_set({2, 4}, molora::io::Dtype::F16);
+  CHECK(molora::load_set_adapter<float>(SafetensorsReader(set))->out_features() == 4);
 }
 
 // ---- values a layer would refuse, dims, and saving --------------------------------------------
