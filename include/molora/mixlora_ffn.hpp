@@ -7,10 +7,15 @@
 // projection runs per expert, on that expert's hidden activations. The experts' LoRA weights
 // live in three MoLoRAAdapters (one per projection); each expert's rows go through the
 // adapters' one-expert path (MoLoRAAdapter::apply_expert).
+// MixLoRAFeedForward<float, bf16 | f16> keeps the router and the experts in 16 bits (their
+// MoLoRAAdapter / Router storage; the fused kernels and the router's logits kernel widen them
+// as they load); the base FFN weights stay Scalar, as for a float block. Inference only.
 #pragma once
 
 #include <cmath>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "detail/checks.hpp"
 #include "dispatch.hpp"
@@ -72,13 +77,19 @@ struct MixLoRAWorkspace {
   RowMatrix<Scalar> down;             // [>= n_e, hidden]
   MoLoRAWorkspace<Scalar> inner;      // for the per-projection adapters
   RowMatrix<Scalar> x_copy;
+  std::vector<Scalar> router_scratch; // a 16-bit router's logits kernel scratch
   detail::InUseFlag in_use;           // held by the forward writing this workspace
 };
 
-template <class Scalar>
+// AdapterWeight: the storage of the router weight and the experts' A and B (Scalar, or bf16 /
+// f16 for a float block; the default Scalar is on the declaration in molora_linear.hpp).
+template <class Scalar, class AdapterWeight>
 class MixLoRAFeedForward {
+  static constexpr bool kHalf = !std::is_same_v<AdapterWeight, Scalar>;
+
 public:
   using Workspace = MixLoRAWorkspace<Scalar>;
+  using Adapter = MoLoRAAdapter<Scalar, AdapterWeight>;
 
   explicit MixLoRAFeedForward(const MixLoRAFeedForwardConfig& config)
       : config_((config.validate(), config)),
@@ -92,15 +103,15 @@ public:
   }
 
   const MixLoRAFeedForwardConfig& config() const { return config_; }
-  Router<Scalar>& router() { return router_; }
-  const Router<Scalar>& router() const { return router_; }
+  Router<Scalar, AdapterWeight>& router() { return router_; }
+  const Router<Scalar, AdapterWeight>& router() const { return router_; }
   // Expert weights per projection: gate_proj (w1), up_proj (w3), down_proj (w2).
-  MoLoRAAdapter<Scalar>& gate_proj() { return gate_; }
-  MoLoRAAdapter<Scalar>& up_proj() { return up_; }
-  MoLoRAAdapter<Scalar>& down_proj() { return down_; }
-  const MoLoRAAdapter<Scalar>& gate_proj() const { return gate_; }
-  const MoLoRAAdapter<Scalar>& up_proj() const { return up_; }
-  const MoLoRAAdapter<Scalar>& down_proj() const { return down_; }
+  Adapter& gate_proj() { return gate_; }
+  Adapter& up_proj() { return up_; }
+  Adapter& down_proj() { return down_; }
+  const Adapter& gate_proj() const { return gate_; }
+  const Adapter& up_proj() const { return up_; }
+  const Adapter& down_proj() const { return down_; }
   const RowMatrix<Scalar>& base_gate() const { return w_gate_; }
   const RowMatrix<Scalar>& base_up() const { return w_up_; }
   const RowMatrix<Scalar>& base_down() const { return w_down_; }
@@ -138,7 +149,14 @@ public:
     if (alias) ws.x_copy = x_ref;
     const ConstRowRef<Scalar> x = alias ? ConstRowRef<Scalar>(ws.x_copy) : x_ref;
     if (ws.logits.rows() != T || ws.logits.cols() != E) ws.logits.resize(T, E);
-    router_.logits_into(x, ws.logits);  // [T, E], Eigen's product (logits_rows would move the last bits)
+    if constexpr (kHalf) {  // the logits kernel widens the 16-bit weight as it loads it
+      const auto need = static_cast<std::size_t>(router_.logits_scratch_size());
+      if (ws.router_scratch.size() < need) ws.router_scratch.resize(need);
+      RowRef<Scalar> logits(ws.logits);
+      router_.logits_rows(x, logits, 0, T, ws.router_scratch.data());  // [T, E]
+    } else {
+      router_.logits_into(x, ws.logits);  // [T, E], Eigen's product (logits_rows would move the last bits)
+    }
     for (Index t = 0; t < T; ++t)  // name x when a non-finite x made the logits so
       if (!ws.logits.row(t).allFinite()) detail::require_finite_token(x, t);
     ws.probs.resize(static_cast<std::size_t>(E));
@@ -236,8 +254,8 @@ private:
   }
 
   MixLoRAFeedForwardConfig config_;
-  Router<Scalar> router_;
-  MoLoRAAdapter<Scalar> gate_, up_, down_;
+  Router<Scalar, AdapterWeight> router_;
+  Adapter gate_, up_, down_;
   RowMatrix<Scalar> w_gate_, w_up_, w_down_;
 };
 

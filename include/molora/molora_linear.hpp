@@ -108,7 +108,7 @@ template <class Scalar, class Weight = Scalar>
 class MoLoRAAdapter;
 template <class Scalar, class BaseWeight = Scalar, class AdapterWeight = Scalar>
 class MoLoRALinear;
-template <class Scalar>
+template <class Scalar, class AdapterWeight = Scalar>
 class MixLoRAFeedForward;
 
 namespace detail {
@@ -403,7 +403,8 @@ private:
   // The layers built on the adapter call its unchecked steps after their own checks.
   template <class S, class BW, class AW>
   friend class MoLoRALinear;
-  friend class MixLoRAFeedForward<Scalar>;
+  template <class S, class AW>
+  friend class MixLoRAFeedForward;
   friend struct detail::TrainingPath<Scalar>;
   template <class S>
   friend void detail::check_adapter_io(const MoLoRAAdapter<S>&, const ConstRowRef<S>&, const RowRef<S>&);

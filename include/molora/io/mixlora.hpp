@@ -5,12 +5,15 @@
 // MLP key of the layer and every shape against the config before it builds the block; the
 // values are checked finite as the block is built from them. A bad file throws format_error
 // naming the file, the module and the key, and nothing is returned.
+// load_mixlora_ffn<float, bf16 | f16> keeps the router and the experts in 16 bits, as the
+// file stores them (per tensor, as load_ming_moe does); the base FFN weights stay float.
 #pragma once
 
 #include <Eigen/Core>
 #include <nlohmann/json.hpp>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../errors.hpp"
@@ -122,8 +125,12 @@ struct MixLoRAConfig {
 // LoRA::set_A / set_B); unknown MLP keys of this layer are errors.
 // num_experts must be at most limits.max_experts, and is checked against the file before
 // anything depending on it is allocated.
-template <class Scalar, class DG, class DU, class DD>
-MixLoRAFeedForward<Scalar> load_mixlora_ffn(const MixLoRAConfig& cfg, const SafetensorsReader& r, Index layer,
+// Weight (Scalar, or bf16 / f16 for float): the router's and the experts' storage. A tensor
+// stored in Weight's dtype is kept as stored, one in another float dtype rounded to nearest
+// even, tensor by tensor (an F32 value past f16's range: numeric_error naming the file, the
+// module, the key and the index); Weight = Scalar widens every 16-bit tensor exactly.
+template <class Scalar, class Weight = Scalar, class DG, class DU, class DD>
+MixLoRAFeedForward<Scalar, Weight> load_mixlora_ffn(const MixLoRAConfig& cfg, const SafetensorsReader& r, Index layer,
                                             const Eigen::MatrixBase<DG>& w_gate, const Eigen::MatrixBase<DU>& w_up,
                                             const Eigen::MatrixBase<DD>& w_down, const std::string& act_fn = "silu",
                                             const Limits& limits = {}) {
@@ -187,15 +194,24 @@ MixLoRAFeedForward<Scalar> load_mixlora_ffn(const MixLoRAConfig& cfg, const Safe
     fc.lora_alpha = cfg.expert.lora_alpha;
     fc.use_rslora = cfg.expert.use_rslora;
     fc.act = activation_from_string(cfg.act_fn.empty() ? act_fn : cfg.act_fn);
-    MixLoRAFeedForward<Scalar> ffn(fc);
+    MixLoRAFeedForward<Scalar, Weight> ffn(fc);
     ffn.set_base(w_gate, w_up, w_down);
-    ffn.router().set_weight(internal::finite_matrix<Scalar>(r, p + "moe_gate.weight", module));
-    MoLoRAAdapter<Scalar>* adapters[] = {&ffn.gate_proj(), &ffn.up_proj(), &ffn.down_proj()};
-    for (int j = 0; j < 3; ++j)
-      for (Index e = 0; e < E; ++e) {
-        adapters[j]->set_expert_A(e, internal::finite_matrix<Scalar>(r, key_of(projs[j], e, "lora_A"), module));
-        adapters[j]->set_expert_B(e, internal::finite_matrix<Scalar>(r, key_of(projs[j], e, "lora_B"), module));
-      }
+    MoLoRAAdapter<Scalar, Weight>* adapters[] = {&ffn.gate_proj(), &ffn.up_proj(), &ffn.down_proj()};
+    if constexpr (std::is_same_v<Weight, Scalar>) {
+      ffn.router().set_weight(internal::finite_matrix<Scalar>(r, p + "moe_gate.weight", module));
+      for (int j = 0; j < 3; ++j)
+        for (Index e = 0; e < E; ++e) {
+          adapters[j]->set_expert_A(e, internal::finite_matrix<Scalar>(r, key_of(projs[j], e, "lora_A"), module));
+          adapters[j]->set_expert_B(e, internal::finite_matrix<Scalar>(r, key_of(projs[j], e, "lora_B"), module));
+        }
+    } else {
+      ffn.router().set_weight_stored(internal::stored_weights<Weight>(r, p + "moe_gate.weight", module).data(), E, hid);
+      for (int j = 0; j < 3; ++j)
+        for (Index e = 0; e < E; ++e) {
+          adapters[j]->set_expert_A_stored(e, internal::stored_weights<Weight>(r, key_of(projs[j], e, "lora_A"), module).data());
+          adapters[j]->set_expert_B_stored(e, internal::stored_weights<Weight>(r, key_of(projs[j], e, "lora_B"), module).data());
+        }
+    }
     return ffn;
   });
 }
