@@ -97,7 +97,7 @@ TEST_CASE("adapter_set_io: BF16 is converted once; double sets convert F32; erro
                        molora::format_error);
 }
 
-TEST_CASE("adapter_set_io: 16-bit adapters and files are widened once, exactly; a mixed file per tensor") {
+TEST_CASE("adapter_set_io: 16-bit adapters and files keep their experts in 16 bits, bitwise as widened") {
   using molora::bf16;
   using molora::f16;
   using molora::io::Dtype;
@@ -115,31 +115,39 @@ TEST_CASE("adapter_set_io: 16-bit adapters and files are widened once, exactly; 
     a.set_expert_A(e, molora_test::uniform_matrix(r, in, 23 + std::uint64_t(e)));
     a.set_expert_B(e, molora_test::uniform_matrix(out, r, 33 + std::uint64_t(e)));
   }
-  molora::LoRA<float, bf16> lh(in, out, 3, 7.0);
-  lh.set_A(molora_test::uniform_matrix(3, in, 41));
-  lh.set_B(molora_test::uniform_matrix(out, 3, 42));
+  auto lh = std::make_shared<molora::LoRA<float, bf16>>(in, out, 3, 7.0);
+  lh->set_A(molora_test::uniform_matrix(3, in, 41));
+  lh->set_B(molora_test::uniform_matrix(out, 3, 42));
   auto lw = std::make_shared<molora::LoRA<float>>(in, out, 3, 7.0);
-  lw->set_A(lh.widened_A());
-  lw->set_B(lh.widened_B());
+  lw->set_A(lh->widened_A());
+  lw->set_B(lh->widened_B());
   const RowMatrix<float> x = uniform_matrix(43, in, 44);
   using SA = molora::SetAdapter<float>;
 
-  // widen(): bitwise the set over the float adapters holding the widened weights.
-  const auto h = molora::convert_adapter<bf16>(a);
-  const auto hf = molora::convert_adapter<f16>(a);
-  const auto wide = std::make_shared<const molora::MoLoRAAdapter<float>>(molora::convert_adapter<float>(h));
-  const auto wide_f = std::make_shared<const molora::MoLoRAAdapter<float>>(molora::convert_adapter<float>(hf));
-  const std::vector<SA::Ptr> kept = {SA::widen(h), SA::widen(lh, 0.5), SA::widen(hf)};
+  // share() of 16-bit adapters: the experts used in place, bitwise the set over the float
+  // adapters holding the widened weights.
+  const auto h = std::make_shared<const molora::MoLoRAAdapter<float, bf16>>(molora::convert_adapter<bf16>(a));
+  const auto hf = std::make_shared<const molora::MoLoRAAdapter<float, f16>>(molora::convert_adapter<f16>(a));
+  const auto wide = std::make_shared<const molora::MoLoRAAdapter<float>>(molora::convert_adapter<float>(*h));
+  const auto wide_f = std::make_shared<const molora::MoLoRAAdapter<float>>(molora::convert_adapter<float>(*hf));
+  const std::vector<SA::Ptr> kept = {SA::share(h), SA::share(std::shared_ptr<const molora::LoRA<float, bf16>>(lh), 0.5),
+                                     SA::share(hf)};
   const std::vector<SA::Ptr> shared = {SA::share(wide), SA::share(std::shared_ptr<const molora::LoRA<float>>(lw), 0.5),
                                        SA::share(wide_f)};
   CHECK(kept[0]->molora_adapter() == nullptr);
   CHECK(kept[1]->lora() == nullptr);
+  CHECK(kept[0]->views().A.empty());
+  CHECK(kept[0]->views().A_bf16[1] == h->stacked_A_data() + r * in);  // no copy
+  CHECK(kept[1]->views().Bt_bf16[0] == lh->B_data());
+  CHECK(kept[2]->views().A_f16[2] == hf->stacked_A_data() + 2 * r * in);
+  CHECK(kept[0]->expert_bytes() == std::size_t(r * (in + out) * 2));
+  CHECK(shared[0]->expert_bytes() == std::size_t(r * (in + out) * 4));
   CHECK(kept[1]->effective_scaling() == shared[1]->effective_scaling());
   const RowMatrix<float> y = forward(kept, x, out);
   CHECK(y == forward(shared, x, out));
   CHECK(y != forward({SA::share(std::make_shared<const molora::MoLoRAAdapter<float>>(a)), shared[1], shared[2]}, x, out));
   // The LoRA's tokens (ids % 4 == 2) against a loop-by-loop double reference.
-  const RowMatrix<float> wa = lh.widened_A(), wb = lh.widened_B();
+  const RowMatrix<float> wa = lh->widened_A(), wb = lh->widened_B();
   double err = 0, big = 0;
   for (Index t = 2; t < x.rows(); t += 4)
     for (Index o = 0; o < out; ++o) {
@@ -153,52 +161,94 @@ TEST_CASE("adapter_set_io: 16-bit adapters and files are widened once, exactly; 
       big = std::max(big, std::abs(want));
     }
   CHECK(err <= 1e-5 * big);
+  // One token, odd sizes: the same bits.
+  CHECK(forward(kept, x.topRows(1), out) == forward(shared, x.topRows(1), out));
 
-  // A BF16 file of those weights holds their bits; loaded, it is converted once, exactly.
+  // A BF16 file of those adapters holds their bits; loaded widened (load_set_adapter<float>)
+  // or kept (<float, bf16>: experts in place), the set's output is the same.
   test_util::TempDir dir;
   const std::string path = dir.file("bf16.safetensors");
   molora::save_set_adapters<float>(path, {{"m", kept[0].get()}, {"l", kept[1].get()}}, Dtype::BF16);
   const molora::io::SafetensorsReader file(path);
-  CHECK(std::memcmp(file.bytes("m.experts.A"), h.stacked_A_data(), std::size_t(E * r * in) * 2) == 0);
-  CHECK(std::memcmp(file.bytes("m.router.weight"), h.router().weight_data(), std::size_t(E * in) * 2) == 0);
-  bool mapped = true;
-  const auto loaded = molora::load_set_adapter<float>(file, "m", 1.0, true, &mapped);
-  CHECK_FALSE(mapped);
-  const auto loaded_l = molora::load_set_adapter<float>(file, "l", 0.5, true, &mapped);
-  CHECK(forward({loaded, loaded_l, shared[2]}, x, out) == y);
-
+  CHECK(std::memcmp(file.bytes("m.experts.A"), h->stacked_A_data(), std::size_t(E * r * in) * 2) == 0);
+  CHECK(std::memcmp(file.bytes("m.experts.Bt"), h->stacked_B_data(), std::size_t(E * r * out) * 2) == 0);
+  CHECK(std::memcmp(file.bytes("m.router.weight"), h->router().weight_data(), std::size_t(E * in) * 2) == 0);
+  for (const bool keep : {false, true}) {
+    CAPTURE(keep);
+    bool mapped = true;
+    const auto m = keep ? molora::load_set_adapter<float, bf16>(file, "m", 1.0, true, &mapped)
+                        : molora::load_set_adapter<float>(file, "m", 1.0, true, &mapped);
+    CHECK_FALSE(mapped);  // the BF16 router is widened either way
+    const auto l = keep ? molora::load_set_adapter<float, bf16>(file, "l", 0.5, true, &mapped)
+                        : molora::load_set_adapter<float>(file, "l", 0.5, true, &mapped);
+    CHECK(mapped == keep);  // a LoRA has no router: kept, its experts are used in place
+    CHECK(m->views().A_bf16.size() == (keep ? std::size_t(E) : 0));
+    if (keep) CHECK(static_cast<const void*>(l->views().A_bf16[0]) == static_cast<const void*>(file.bytes("l.experts.A")));
+    CHECK(forward({m, l, shared[2]}, x, out) == y);
+  }
 
   // A mixed file (router F32, A BF16, Bt F16, bias F64): each tensor as the file says.
   const std::string mixed = dir.file("mixed.safetensors");
-  {
+  auto write_mixed = [&](const std::string& to, Dtype a_dtype, Dtype bt_dtype, Dtype bias_dtype, float poke) {
     std::vector<molora::io::TensorToWrite> t;
-    const auto dtype = [](const std::string& n) {
-      return n == "router.weight" ? Dtype::F32 : n == "experts.A" ? Dtype::BF16 : n == "experts.Bt" ? Dtype::F16 : Dtype::F64;
+    const auto dtype = [&](const std::string& n) {
+      return n == "router.weight" ? Dtype::F32 : n == "experts.A" ? a_dtype : n == "experts.Bt" ? bt_dtype : bias_dtype;
     };
     for (const char* n : {"router.weight", "router.bias", "experts.A", "experts.Bt"}) {
-      const auto& info = file.info(std::string("m.") + n);
-      const RowMatrix<float> m = file.matrix<float>(std::string("m.") + n);  // [rows, cols] (a 1-D tensor as a column)
-      t.push_back(molora::io::make_tensor<float>(n, info.shape, m.data(), dtype(n)));
+      RowMatrix<float> v = file.matrix<float>(std::string("m.") + n);  // a 1-D tensor as a column
+      if (std::string(n) == "experts.A" && poke != 0) v(1, 2) = poke;
+      t.push_back(molora::io::make_tensor<float>(n, file.info(std::string("m.") + n).shape, v.data(), dtype(n)));
     }
     std::map<std::string, std::string> meta;
-    for (const auto& [k, v] : file.metadata())
-      if (k.rfind("m.", 0) == 0) meta[k.substr(2)] = v;
+    for (const auto& [k, val] : file.metadata())
+      if (k.rfind("m.", 0) == 0) meta[k.substr(2)] = val;
     meta["molora.format"] = "set_adapter";
-    molora::io::save_safetensors(mixed, std::move(t), meta);
-  }
+    molora::io::save_safetensors(to, std::move(t), meta);
+  };
+  write_mixed(mixed, Dtype::BF16, Dtype::F16, Dtype::F64, 0);
   const molora::io::SafetensorsReader mf(mixed);
-  CHECK(mf.info("experts.Bt").dtype == Dtype::F16);
-  const auto lm = molora::load_set_adapter<float>(mf, "", 1.0, true, &mapped);
+  bool mapped = false;
+  const auto kb = molora::load_set_adapter<float, bf16>(mf, "", 1.0, true, &mapped);
+  CHECK_FALSE(mapped);  // Bt rounded into bf16
+  const auto kf = molora::load_set_adapter<float, f16>(mf, "", 1.0, true, &mapped);
+  CHECK_FALSE(mapped);  // A rounded into f16
+  const auto wf = molora::load_set_adapter<float>(mf, "", 1.0, true, &mapped);
   CHECK_FALSE(mapped);
-  const auto& v = lm->views();
-  CHECK(Eigen::Map<const RowMatrix<float>>(v.router_weight, E, in) == mf.matrix<float>("router.weight"));
-  CHECK(Eigen::Map<const RowMatrix<float>>(v.A[0], E * r, in) == mf.matrix<float>("experts.A"));
-  CHECK(Eigen::Map<const RowMatrix<float>>(v.Bt[0], E * r, out) == mf.matrix<float>("experts.Bt"));
-  CHECK(Eigen::Map<const RowMatrix<float>>(v.A[0], E * r, in) == Eigen::Map<const RowMatrix<float>>(loaded->views().A[0], E * r, in));
-  // Bt went through f16: its values are the bf16-exact ones rounded to f16.
-  const RowMatrix<float> bt = mf.matrix<float>("experts.Bt");
-  const RowMatrix<float> bt16 = file.matrix<float>("m.experts.Bt");
-  bool all_rounded = true;
-  for (Index i = 0; i < bt.size(); ++i) all_rounded = all_rounded && bt.data()[i] == molora::to_float(molora::to_f16(bt16.data()[i]));
-  CHECK(all_rounded);
+  const RowMatrix<float> fa = mf.matrix<float>("experts.A"), fbt = mf.matrix<float>("experts.Bt");
+  bool a_kept = true, bt_rounded = true, a_rounded = true, bt_kept = true;
+  for (Index i = 0; i < fa.size(); ++i) {
+    a_kept = a_kept && kb->views().A_bf16[0][i].bits == molora::to_bf16(fa.data()[i]).bits;
+    a_rounded = a_rounded && kf->views().A_f16[0][i].bits == molora::to_f16(fa.data()[i]).bits;
+  }
+  for (Index i = 0; i < fbt.size(); ++i) {
+    bt_rounded = bt_rounded && kb->views().Bt_bf16[0][i].bits == molora::to_bf16(fbt.data()[i]).bits;
+    bt_kept = bt_kept && kf->views().Bt_f16[0][i].bits == molora::to_f16(fbt.data()[i]).bits;
+  }
+  CHECK(a_kept);
+  CHECK(bt_rounded);
+  CHECK(a_rounded);
+  CHECK(bt_kept);
+  CHECK(static_cast<const void*>(kb->views().A_bf16[0]) == static_cast<const void*>(mf.bytes("experts.A")));
+  CHECK(static_cast<const void*>(kf->views().Bt_f16[0]) == static_cast<const void*>(mf.bytes("experts.Bt")));
+  CHECK(Eigen::Map<const RowMatrix<float>>(wf->views().A[0], E * r, in) == fa);
+  CHECK(Eigen::Map<const RowMatrix<float>>(kb->views().router_weight, E, in) == mf.matrix<float>("router.weight"));
+  // The f16 experts are exactly the widened float ones here (bf16 values fit f16 once Bt went
+  // through f16): bitwise the widened set.
+  CHECK(forward({kf}, x, out) == forward({wf}, x, out));
+
+  // Router and experts in the kept dtype: every tensor used in place.
+  const std::string all_mapped = dir.file("mapped.safetensors");
+  write_mixed(all_mapped, Dtype::BF16, Dtype::BF16, Dtype::F32, 0);
+  (void)molora::load_set_adapter<float, bf16>(molora::io::SafetensorsReader(all_mapped), "", 1.0, true, &mapped);
+  CHECK(mapped);
+  // An F32 experts value past f16's range: numeric_error naming the file and the tensor.
+  const std::string over = dir.file("over.safetensors");
+  write_mixed(over, Dtype::F32, Dtype::BF16, Dtype::F32, 1e5f);
+  const std::string msg = test_util::message_of<molora::numeric_error>(
+      [&] { (void)molora::load_set_adapter<float, f16>(molora::io::SafetensorsReader(over)); });
+  test_util::check_contains(msg, {"over.safetensors", "experts.A", "[1, 2]", "100000"});
+  CHECK_NOTHROW((void)molora::load_set_adapter<float, bf16>(molora::io::SafetensorsReader(over)));
+  // The store's loader keeps 16 bits too.
+  const auto loader = molora::set_adapter_loader<float, bf16>(path, "l", 0.5);
+  CHECK(loader()->views().A_bf16.size() == 1);
 }

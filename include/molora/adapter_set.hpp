@@ -8,10 +8,11 @@
 //
 // SetAdapter is one adapter as the set reads it: pointers to its weights in the kernels'
 // layouts, plus an owner that keeps them alive (a shared MoLoRAAdapter or LoRA, or a
-// memory-mapped file), and the per-adapter scale (llama.cpp's --lora-scaled). The set's
-// kernels read Scalar weights: an adapter stored in bf16 / f16 (MoLoRAAdapter<float, W>,
-// LoRA<float, W>, a 16-bit set-adapter file) is widened once, exactly, into copies the
-// SetAdapter owns (SetAdapter::widen, load_set_adapter). A set and its adapters are
+// memory-mapped file), and the per-adapter scale (llama.cpp's --lora-scaled). A float set's
+// adapter may keep its experts in bf16 / f16 (MoLoRAAdapter<float, W>, LoRA<float, W>, a
+// set-adapter file loaded with load_set_adapter<float, W>): the set's kernel widens them as
+// it loads them; the router weight (E x in) is widened once into a float copy the
+// SetAdapter owns, since the set's routing reads float. A set and its adapters are
 // immutable once built, so one set is safely shared by threads (each with its own
 // AdapterSetWorkspace); tenants.hpp swaps whole sets in and out at run time.
 #pragma once
@@ -52,6 +53,13 @@ struct SetAdapterViews {
   const Scalar* router_bias = nullptr;     // [E], or null without a bias
   std::vector<const Scalar*> A;            // E pointers, each A_e [rank, in] row-major
   std::vector<const Scalar*> Bt;           // E pointers, each B_e^T [rank, out] row-major
+  // A float adapter's experts stored in bf16 or f16 instead (then A and Bt are empty): E
+  // pointers each, the same layouts; the kernels widen them as they load them.
+  std::vector<const bf16*> A_bf16, Bt_bf16;
+  std::vector<const f16*> A_f16, Bt_f16;
+
+  // Bytes of one stored expert weight: sizeof(Scalar), or 2 for 16-bit experts.
+  std::size_t expert_weight_size() const { return A_bf16.empty() && A_f16.empty() ? sizeof(Scalar) : 2; }
 };
 
 template <class Scalar>
@@ -103,54 +111,54 @@ public:
     s->lora_ = l.get();
     return s;
   }
-  // A 16-bit adapter (bf16 / f16 weights, e.g. loaded as a checkpoint stores them) widened
-  // exactly into float copies that the SetAdapter owns: the set's kernels read Scalar
-  // weights. The set's output is then bitwise that of share() on the float adapter holding
-  // the widened weights (convert_adapter<float>(a)). molora_adapter() / lora() are null.
-  // Throws state_error on a moved-from adapter, config_error on a bad scale (as share()).
+  // A float adapter whose router and experts are stored in bf16 / f16 (e.g. loaded as a
+  // checkpoint stores them), shared without a copy of its experts: the set's kernel widens
+  // them as it loads them, and the set's output is bitwise that of the float adapter holding
+  // the widened weights (convert_adapter<float>(a)). The router weight [E, in] is widened
+  // once into a float copy held with the adapter. molora_adapter() is null (training needs a
+  // float adapter). Throws as share() does.
   template <class W, class = std::enable_if_t<detail::is_half<W>>>
-  static Ptr widen(const MoLoRAAdapter<Scalar, W>& a, double scale = 1) {
-    a.check_live();
-    const auto& c = a.config();
+  static Ptr share(std::shared_ptr<const MoLoRAAdapter<Scalar, W>> a, double scale = 1) {
+    if (!a) throw config_error("SetAdapter::share: expected an adapter, got null");
+    a->check_live();
+    const auto& c = a->config();
     const Index E = c.num_experts, r = c.rank, in = c.in_features, out = c.out_features;
-    auto w = std::make_shared<Widened>();
-    w->router_weight.resize(E, in);  // [E, in]
-    for (Index i = 0; i < w->router_weight.size(); ++i) w->router_weight.data()[i] = Scalar(to_float(a.router().weight_data()[i]));
-    if (a.router().has_bias()) w->router_bias = a.router().bias().transpose();  // [E]
-    w->A = a.widened_stacked_A();   // [E*r, in]
-    w->B = a.widened_stacked_B();   // [out, E*r] column-major: B_e^T [r, out] at e*r*out
+    auto held = std::make_shared<HalfAdapter<MoLoRAAdapter<Scalar, W>>>();
+    held->adapter = a;
+    held->router_weight.resize(E, in);  // [E, in]
+    for (Index i = 0; i < held->router_weight.size(); ++i)
+      held->router_weight.data()[i] = Scalar(to_float(a->router().weight_data()[i]));
     SetAdapterViews<Scalar> v;
     v.in_features = in;
     v.out_features = out;
     v.num_experts = E;
     v.top_k = c.top_k;
     v.rank = r;
-    v.scaling = static_cast<double>(a.scaling());
+    v.scaling = static_cast<double>(a->scaling());
     v.normalize_top_k = c.normalize_top_k;
     v.selection = c.selection;
-    v.router_weight = w->router_weight.data();
-    v.router_bias = a.router().has_bias() ? w->router_bias.data() : nullptr;
+    v.router_weight = held->router_weight.data();
+    v.router_bias = a->router().has_bias() ? a->router().bias().data() : nullptr;
     for (Index e = 0; e < E; ++e) {
-      v.A.push_back(w->A.data() + e * r * in);
-      v.Bt.push_back(w->B.data() + e * r * out);
+      half_A<W>(v).push_back(a->stacked_A_data() + e * r * in);    // A_e [r, in]
+      half_Bt<W>(v).push_back(a->stacked_B_data() + e * r * out);  // B_e^T [r, out]
     }
-    return Ptr(new SetAdapter(std::move(v), std::move(w), scale, false));
+    return Ptr(new SetAdapter(std::move(v), std::move(held), scale, false));
   }
-  // A 16-bit plain LoRA (e.g. io::load_peft_lora<float, bf16>'s) widened likewise.
+  // A float LoRA stored in bf16 / f16 (e.g. io::load_peft_lora<float, bf16>'s), shared
+  // without a copy; as above (lora() is null).
   template <class W, class = std::enable_if_t<detail::is_half<W>>>
-  static Ptr widen(const LoRA<Scalar, W>& l, double scale = 1) {
-    l.check_live();
-    auto w = std::make_shared<Widened>();
-    w->A = l.widened_A();  // [rank, in]
-    w->B = l.widened_B();  // [out, rank] column-major = B^T [rank, out]
+  static Ptr share(std::shared_ptr<const LoRA<Scalar, W>> l, double scale = 1) {
+    if (!l) throw config_error("SetAdapter::share: expected a LoRA, got null");
+    l->check_live();
     SetAdapterViews<Scalar> v;
-    v.in_features = l.in_features();
-    v.out_features = l.out_features();
-    v.rank = l.rank();
-    v.scaling = static_cast<double>(l.scaling());
-    v.A.push_back(w->A.data());
-    v.Bt.push_back(w->B.data());
-    return Ptr(new SetAdapter(std::move(v), std::move(w), scale, false));
+    v.in_features = l->in_features();
+    v.out_features = l->out_features();
+    v.rank = l->rank();
+    v.scaling = static_cast<double>(l->scaling());
+    half_A<W>(v).push_back(l->A_data());    // [r, in]
+    half_Bt<W>(v).push_back(l->B_data());   // B^T [r, out]
+    return Ptr(new SetAdapter(std::move(v), std::move(l), scale, false));
   }
   // Weights owned by `owner` (e.g. a mapped safetensors file; kept alive by the adapter).
   // With check_values, every weight is checked finite once, here. Throws config_error /
@@ -192,17 +200,30 @@ public:
   }
   // Bytes of expert weights (A and B) read for one routed expert.
   std::size_t expert_bytes() const {
-    return static_cast<std::size_t>(views_.rank * (views_.in_features + views_.out_features)) * sizeof(Scalar);
+    return static_cast<std::size_t>(views_.rank * (views_.in_features + views_.out_features)) * views_.expert_weight_size();
   }
 
 private:
-  // The widened copies of a 16-bit adapter (widen()).
-  struct Widened {
-    RowMatrix<Scalar> router_weight;  // [E, in], empty for a LoRA
-    Vector<Scalar> router_bias;       // [E] or empty
-    RowMatrix<Scalar> A;              // [E*r, in]
-    ColMatrix<Scalar> B;              // [out, E*r]
+  // A shared 16-bit MoLoRA adapter and its router weight widened (share()).
+  template <class Held>
+  struct HalfAdapter {
+    std::shared_ptr<const Held> adapter;
+    RowMatrix<Scalar> router_weight;  // [E, in]
   };
+  template <class W>
+  static std::vector<const W*>& half_A(SetAdapterViews<Scalar>& v) {
+    if constexpr (std::is_same_v<W, bf16>)
+      return v.A_bf16;
+    else
+      return v.A_f16;
+  }
+  template <class W>
+  static std::vector<const W*>& half_Bt(SetAdapterViews<Scalar>& v) {
+    if constexpr (std::is_same_v<W, bf16>)
+      return v.Bt_bf16;
+    else
+      return v.Bt_f16;
+  }
 
   SetAdapter(SetAdapterViews<Scalar> v, std::shared_ptr<const void> owner, double scale, bool check_values)
       : views_(std::move(v)), owner_(std::move(owner)), scale_(scale) {
@@ -219,12 +240,24 @@ private:
     if (!views_.router_weight && views_.num_experts != 1)
       throw config_error(detail::mismatch("adapter router_weight", "a router for num_experts > 1", "null"));
     const auto E = static_cast<std::size_t>(views_.num_experts);
-    if (views_.A.size() != E || views_.Bt.size() != E)
-      throw shape_error(detail::mismatch("adapter expert pointers (A, Bt)", detail::cat(E, ", ", E),
-                                         detail::cat(views_.A.size(), ", ", views_.Bt.size())));
-    for (std::size_t e = 0; e < E; ++e)
-      if (!views_.A[e] || !views_.Bt[e])
-        throw config_error(detail::mismatch(detail::cat("adapter expert ", e, " weights"), "non-null pointers", "null"));
+    const bool bf = !views_.A_bf16.empty() || !views_.Bt_bf16.empty(), hf = !views_.A_f16.empty() || !views_.Bt_f16.empty();
+    if ((bf || hf) && (!std::is_same_v<Scalar, float> || (bf && hf) || !views_.A.empty() || !views_.Bt.empty()))
+      throw config_error(detail::mismatch("adapter expert pointers", "one storage: A / Bt, or (a float set) A_bf16 / Bt_bf16 or A_f16 / Bt_f16",
+                                          "several"));
+    auto check_experts = [&](const auto& a, const auto& bt, const char* names) {
+      if (a.size() != E || bt.size() != E)
+        throw shape_error(detail::mismatch(detail::cat("adapter expert pointers (", names, ")"), detail::cat(E, ", ", E),
+                                           detail::cat(a.size(), ", ", bt.size())));
+      for (std::size_t e = 0; e < E; ++e)
+        if (!a[e] || !bt[e])
+          throw config_error(detail::mismatch(detail::cat("adapter expert ", e, " weights"), "non-null pointers", "null"));
+    };
+    if (bf)
+      check_experts(views_.A_bf16, views_.Bt_bf16, "A_bf16, Bt_bf16");
+    else if (hf)
+      check_experts(views_.A_f16, views_.Bt_f16, "A_f16, Bt_f16");
+    else
+      check_experts(views_.A, views_.Bt, "A, Bt");
     if (!std::isfinite(scale))
       throw config_error(detail::mismatch("adapter scale", "a finite value", scale));
     const double s = views_.scaling * scale;
@@ -236,16 +269,26 @@ private:
 
   void check_finite() const {
     const Index E = views_.num_experts, r = views_.rank, in = views_.in_features, out = views_.out_features;
-    auto check = [](const Scalar* p, Index n, const std::string& field) {
+    auto check = [](const auto* p, Index n, const std::string& field) {
       for (Index i = 0; i < n; ++i)
-        if (!std::isfinite(static_cast<double>(p[i])))
-          throw numeric_error(detail::cat(field, ": expected finite values, got ", p[i], " at element ", i));
+        if (!std::isfinite(static_cast<double>(to_float(p[i]))))
+          throw numeric_error(detail::cat(field, ": expected finite values, got ", to_float(p[i]), " at element ", i));
     };
     if (views_.router_weight) check(views_.router_weight, E * in, "adapter router.weight");
     if (views_.router_bias) check(views_.router_bias, E, "adapter router.bias");
     for (Index e = 0; e < E; ++e) {
-      check(views_.A[static_cast<std::size_t>(e)], r * in, detail::cat("adapter expert ", e, " lora_A"));
-      check(views_.Bt[static_cast<std::size_t>(e)], r * out, detail::cat("adapter expert ", e, " lora_B"));
+      const auto i = static_cast<std::size_t>(e);
+      const std::string a = detail::cat("adapter expert ", e, " lora_A"), b = detail::cat("adapter expert ", e, " lora_B");
+      if (!views_.A_bf16.empty()) {
+        check(views_.A_bf16[i], r * in, a);
+        check(views_.Bt_bf16[i], r * out, b);
+      } else if (!views_.A_f16.empty()) {
+        check(views_.A_f16[i], r * in, a);
+        check(views_.Bt_f16[i], r * out, b);
+      } else {
+        check(views_.A[i], r * in, a);
+        check(views_.Bt[i], r * out, b);
+      }
     }
   }
 
@@ -332,9 +375,19 @@ public:
           throw shape_error(detail::mismatch(detail::cat("adapter ", a, " out_features"), out_, p->out_features()));
         const auto& v = p->views();
         const Index tile = kernels::fused_tile<Scalar>(v.rank, in_, out_);
-        for (Index e = 0; e < v.num_experts; ++e)
-          experts_.push_back({v.A[static_cast<std::size_t>(e)], v.Bt[static_cast<std::size_t>(e)], in_, out_, v.rank,
-                              tile, p->effective_scaling()});
+        for (Index e = 0; e < v.num_experts; ++e) {
+          const auto i = static_cast<std::size_t>(e);
+          kernels::VirtualExpert<Scalar> x{v.A.empty() ? nullptr : v.A[i], v.Bt.empty() ? nullptr : v.Bt[i], in_, out_,
+                                           v.rank, tile, p->effective_scaling()};
+          if (!v.A_bf16.empty()) {
+            x.a_bf16 = v.A_bf16[i];
+            x.bt_bf16 = v.Bt_bf16[i];
+          } else if (!v.A_f16.empty()) {
+            x.a_f16 = v.A_f16[i];
+            x.bt_f16 = v.Bt_f16[i];
+          }
+          experts_.push_back(x);
+        }
         max_rank_ = std::max(max_rank_, v.rank);
         max_experts_ = std::max(max_experts_, v.num_experts);
         max_top_k_ = std::max(max_top_k_, v.top_k);

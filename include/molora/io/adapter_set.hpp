@@ -3,6 +3,10 @@
 // read it, so an F32 file (F64 for double) is used in place: no copy, pages shared by every
 // process that maps the file, and the mapping lives as long as any set holds the adapter.
 // Any other float dtype (F16, BF16, or F32 into a double set) is converted once, at load.
+// load_set_adapter<float, bf16 | f16> keeps the experts in 16 bits instead: experts.A /
+// experts.Bt stored in that dtype are used in place (mapped), others rounded to nearest even
+// into a 16-bit copy, tensor by tensor; the set's kernel widens them as it loads them. The
+// router stays float (a 16-bit router.weight is widened once).
 //
 // Layout, under an optional name prefix ("<prefix>." before each name, e.g. one file per
 // tenant with one prefix per projection):
@@ -15,17 +19,21 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <functional>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../adapter_set.hpp"
 #include "../errors.hpp"
+#include "../half.hpp"
+#include "loader.hpp"
 #include "safetensors.hpp"
 
 namespace molora {
@@ -46,10 +54,22 @@ void append_set_adapter(std::vector<io::TensorToWrite>& tensors, std::map<std::s
   if (v.router_weight)
     tensors.push_back(io::make_tensor<Scalar>(set_key(prefix, "router.weight"), {u(E), u(in)}, v.router_weight, dtype));
   if (v.router_bias) tensors.push_back(io::make_tensor<Scalar>(set_key(prefix, "router.bias"), {u(E)}, v.router_bias, dtype));
-  RowMatrix<Scalar> A(E * r, in), Bt(E * r, out);  // stacked, whatever the adapter's own storage
+  RowMatrix<Scalar> A(E * r, in), Bt(E * r, out);  // stacked, whatever the adapter's own storage (widened exactly)
+  auto rows = [&](RowMatrix<Scalar>& dst, Index e, const auto& src, Index cols) {
+    const auto* p = src[static_cast<std::size_t>(e)];
+    for (Index i = 0; i < r * cols; ++i) dst.data()[e * r * cols + i] = Scalar(to_float(p[i]));
+  };
   for (Index e = 0; e < E; ++e) {
-    A.middleRows(e * r, r) = Eigen::Map<const RowMatrix<Scalar>>(v.A[static_cast<std::size_t>(e)], r, in);
-    Bt.middleRows(e * r, r) = Eigen::Map<const RowMatrix<Scalar>>(v.Bt[static_cast<std::size_t>(e)], r, out);
+    if (!v.A_bf16.empty()) {
+      rows(A, e, v.A_bf16, in);
+      rows(Bt, e, v.Bt_bf16, out);
+    } else if (!v.A_f16.empty()) {
+      rows(A, e, v.A_f16, in);
+      rows(Bt, e, v.Bt_f16, out);
+    } else {
+      rows(A, e, v.A, in);
+      rows(Bt, e, v.Bt, out);
+    }
   }
   tensors.push_back(io::make_tensor(set_key(prefix, "experts.A"), A, dtype));
   tensors.push_back(io::make_tensor(set_key(prefix, "experts.Bt"), Bt, dtype));
@@ -65,10 +85,11 @@ void append_set_adapter(std::vector<io::TensorToWrite>& tensors, std::map<std::s
 
 // Keeps a loaded adapter's weights alive: the file's mapping (only while some tensor is used
 // in place from it) and any converted copies.
-template <class Scalar>
+template <class Scalar, class Weight = Scalar>
 struct LoadedSetAdapter {
   std::optional<io::SafetensorsReader> file;
   std::vector<RowMatrix<Scalar>> copies;
+  std::vector<std::vector<Weight>> half_copies;  // 16-bit experts rounded from another dtype
 };
 
 }  // namespace detail
@@ -93,10 +114,16 @@ void save_set_adapters(const std::string& path, const std::map<std::string, cons
 // mapping alive); others are converted once. *mapped (if given) tells whether every tensor
 // was used in place. Throws format_error naming the file and the tensor or key on anything
 // missing or malformed; numeric_error (with check_values) on a non-finite weight.
-template <class Scalar>
+// Weight = bf16 / f16 (float sets): the experts are kept in 16 bits (see the top of this
+// header); an experts value past f16's range is a numeric_error naming the file and tensor.
+template <class Scalar, class Weight = Scalar>
 typename SetAdapter<Scalar>::Ptr load_set_adapter(const io::SafetensorsReader& file, const std::string& prefix = "",
                                                   double scale = 1, bool check_values = true, bool* mapped = nullptr) {
-  auto owner = std::make_shared<detail::LoadedSetAdapter<Scalar>>(detail::LoadedSetAdapter<Scalar>{file, {}});
+  static_assert(std::is_same_v<Weight, Scalar> || (std::is_same_v<Scalar, float> && detail::is_half<Weight>),
+                "load_set_adapter: Weight is Scalar, or bf16 / f16 for a float set");
+  constexpr bool kHalf = !std::is_same_v<Weight, Scalar>;
+  using Owner = detail::LoadedSetAdapter<Scalar, Weight>;
+  auto owner = std::make_shared<Owner>(Owner{file, {}, {}});
   const auto& meta = file.metadata();
   auto fail = [&](const std::string& what) -> void {
     throw format_error(detail::cat(file.source(), ": set adapter '", prefix, "': ", what));
@@ -163,11 +190,42 @@ typename SetAdapter<Scalar>::Ptr load_set_adapter(const io::SafetensorsReader& f
   v.in_features = in;
   v.out_features = out;
   owner->copies.reserve(4);  // pointers into copies stay valid
-  const Scalar* A = tensor("experts.A", E * r, in);
-  const Scalar* Bt = tensor("experts.Bt", E * r, out);
-  for (Index e = 0; e < E; ++e) {
-    v.A.push_back(A + e * r * in);
-    v.Bt.push_back(Bt + e * r * out);
+  if constexpr (kHalf) {
+    owner->half_copies.reserve(2);
+    // A 16-bit experts tensor in place when stored in Weight's dtype (and aligned), else
+    // rounded into a copy.
+    auto tensor16 = [&](const char* name, Index rows, Index cols) -> const Weight* {
+      const std::string key = detail::set_key(prefix, name);
+      file.expect_shape(key, rows, cols);
+      if (file.info(key).dtype == io::internal::half_dtype<Weight>()) {
+        const void* p = file.bytes(key);
+        if (reinterpret_cast<std::uintptr_t>(p) % alignof(Weight) == 0) {
+          any_mapped = true;
+          return static_cast<const Weight*>(p);
+        }
+      }
+      all_mapped = false;
+      owner->half_copies.push_back(io::internal::stored_weights<Weight>(file, key, prefix));
+      return owner->half_copies.back().data();
+    };
+    const Weight* A = tensor16("experts.A", E * r, in);
+    const Weight* Bt = tensor16("experts.Bt", E * r, out);
+    for (Index e = 0; e < E; ++e) {
+      if constexpr (std::is_same_v<Weight, bf16>) {
+        v.A_bf16.push_back(A + e * r * in);
+        v.Bt_bf16.push_back(Bt + e * r * out);
+      } else {
+        v.A_f16.push_back(A + e * r * in);
+        v.Bt_f16.push_back(Bt + e * r * out);
+      }
+    }
+  } else {
+    const Scalar* A = tensor("experts.A", E * r, in);
+    const Scalar* Bt = tensor("experts.Bt", E * r, out);
+    for (Index e = 0; e < E; ++e) {
+      v.A.push_back(A + e * r * in);
+      v.Bt.push_back(Bt + e * r * out);
+    }
   }
   if (file.has(detail::set_key(prefix, "router.weight"))) v.router_weight = tensor("router.weight", E, in);
   if (file.has(detail::set_key(prefix, "router.bias"))) v.router_bias = tensor("router.bias", E, 0);
@@ -177,16 +235,16 @@ typename SetAdapter<Scalar>::Ptr load_set_adapter(const io::SafetensorsReader& f
 }
 
 // A loader for AdapterStore (adapter_store.hpp): each call opens `path` (mapped) and loads
-// the adapter under `prefix`, as load_set_adapter does; what it throws passes through the
+// the adapter under `prefix`, as load_set_adapter<Scalar, Weight> does; what it throws passes through the
 // store's get().
-template <class Scalar>
+template <class Scalar, class Weight = Scalar>
 std::function<typename SetAdapter<Scalar>::Ptr()> set_adapter_loader(std::string path, std::string prefix = "",
                                                                      double scale = 1, bool check_values = true) {
   // Checked now, where the caller registers the adapter, not at its first load.
   if (path.empty()) throw config_error(detail::mismatch("set adapter loader path", "a file path", "\"\""));
   if (!std::isfinite(scale)) throw config_error(detail::mismatch("set adapter loader scale", "a finite value", scale));
   return [path = std::move(path), prefix = std::move(prefix), scale, check_values] {
-    return load_set_adapter<Scalar>(io::SafetensorsReader(path), prefix, scale, check_values);
+    return load_set_adapter<Scalar, Weight>(io::SafetensorsReader(path), prefix, scale, check_values);
   };
 }
 

@@ -5,10 +5,16 @@
 // mix freely and nothing is padded. Per token, its experts are visited in ascending virtual
 // id, which for one token (one adapter) is ascending expert id, the order a single adapter
 // adds them in: a token's row gets the same bits as from its adapter alone.
+// A float set's virtual expert may keep its A and B^T in bf16 / f16: fused() then widens them
+// as it loads them (lora_kernels.hpp), giving the bits of a float expert holding the widened
+// values.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+
+#include "../half.hpp"
 
 #include "dispatch_kernels.hpp"
 #include "lora_kernels.hpp"
@@ -17,13 +23,18 @@ namespace molora::kernels {
 
 // One virtual expert: A_e [rank, in] row-major at a (row stride lda), B_e^T [rank, out]
 // row-major at bt (row stride ldb), and the scaling s of its adapter (times the set's
-// per-adapter scale); tile is fused_tile for its shape.
+// per-adapter scale); tile is fused_tile for its shape. An expert stored in 16 bits (float
+// sets only) has a and bt null and a_bf16 / bt_bf16 or a_f16 / bt_f16 set instead.
 template <class Scalar>
 struct VirtualExpert {
   const Scalar* a;
   const Scalar* bt;
   Index lda, ldb, rank, tile;
   Scalar scaling;
+  const bf16* a_bf16 = nullptr;
+  const bf16* bt_bf16 = nullptr;
+  const f16* a_f16 = nullptr;
+  const f16* bt_f16 = nullptr;
 };
 
 // y[t] += sum over t's pairs (v, g) of s_v * g * B_v A_v x[t], for tokens [t_begin, t_end).
@@ -49,6 +60,16 @@ void fused_set_tokens(Arch arch, const VirtualExpert<Scalar>* experts, Index in,
         xr[i] = x + tok * ldx;
         yr[i] = y + tok * ldy;
         sc[i] = w.scaling * g.gates[p0 + i];
+      }
+      if constexpr (std::is_same_v<Scalar, float>) {
+        if (w.a_bf16) {
+          fused(arch, w.a_bf16, w.lda, w.bt_bf16, w.ldb, w.rank, in, out, xr, yr, sc, n, scratch, w.tile);
+          continue;
+        }
+        if (w.a_f16) {
+          fused(arch, w.a_f16, w.lda, w.bt_f16, w.ldb, w.rank, in, out, xr, yr, sc, n, scratch, w.tile);
+          continue;
+        }
       }
       fused(arch, w.a, w.lda, w.bt, w.ldb, w.rank, in, out, xr, yr, sc, n, scratch, w.tile);
     }
