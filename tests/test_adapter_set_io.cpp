@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include <molora/adapter_set_backward.hpp>
 #include <molora/io/adapter_set.hpp>
 #include <molora/tenants.hpp>
 
@@ -248,6 +249,15 @@ TEST_CASE("adapter_set_io: 16-bit adapters and files keep their experts in 16 bi
       [&] { (void)molora::load_set_adapter<float, f16>(molora::io::SafetensorsReader(over)); });
   test_util::check_contains(msg, {"over.safetensors", "experts.A", "[1, 2]", "100000"});
   CHECK_NOTHROW((void)molora::load_set_adapter<float, bf16>(molora::io::SafetensorsReader(over)));
+  // Training a set needs float adapters: a 16-bit one is refused, naming it.
+  {
+    const molora::AdapterSet<float> set(in, out, {shared[0], kept[0]});
+    std::vector<std::int32_t> ids(std::size_t(x.rows()), 1);
+    RowMatrix<float> yt = RowMatrix<float>::Zero(x.rows(), out);
+    molora::AdapterSetTape<float> tape;
+    CHECK_THROWS_WITH_AS(molora::forward_train(set, x, ids, yt, tape), doctest::Contains("adapter 1 (training)"),
+                         molora::config_error);
+  }
   // The store's loader keeps 16 bits too.
   const auto loader = molora::set_adapter_loader<float, bf16>(path, "l", 0.5);
   CHECK(loader()->views().A_bf16.size() == 1);

@@ -315,14 +315,19 @@ TEST_CASE("hostile 16-bit tensors: a wrong shape or dtype is a format_error nami
     t.push_back(molora::io::make_tensor_raw("experts.Bt", bt_dtype, std::move(bt_shape), zeros.data()));
     molora::io::save_safetensors(set, std::move(t), meta);
   };
+  // Loaded widened, or kept in bf16 / f16: the same format_error.
+  auto each_set_load = [&](std::initializer_list<const char*> parts) {
+    check_contains(error_of([&] { (void)molora::load_set_adapter<float>(SafetensorsReader(set)); }), parts);
+    check_contains(error_of([&] { (void)molora::load_set_adapter<float, molora::bf16>(SafetensorsReader(set)); }), parts);
+    check_contains(error_of([&] { (void)molora::load_set_adapter<float, molora::f16>(SafetensorsReader(set)); }), parts);
+  };
   save_set({3, 4}, molora::io::Dtype::BF16);
-  check_contains(error_of([&] { (void)molora::load_set_adapter<float>(SafetensorsReader(set)); }),
-                 {"set.safetensors", "experts.Bt", "[2, 4]", "[3, 4]"});
+  each_set_load({"set.safetensors", "experts.Bt", "[2, 4]", "[3, 4]"});
   save_set({2, 4}, molora::io::Dtype::I16);
-  check_contains(error_of([&] { (void)molora::load_set_adapter<float>(SafetensorsReader(set)); }),
-                 {"set.safetensors", "experts.Bt", "I16"});
+  each_set_load({"set.safetensors", "experts.Bt", "I16"});
   save_set({2, 4}, molora::io::Dtype::F16);
   CHECK(molora::load_set_adapter<float>(SafetensorsReader(set))->out_features() == 4);
+  CHECK(molora::load_set_adapter<float, molora::bf16>(SafetensorsReader(set))->views().Bt_bf16.size() == 1);
 }
 
 // ---- values a layer would refuse, dims, and saving --------------------------------------------

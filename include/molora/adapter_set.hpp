@@ -242,8 +242,11 @@ private:
     const auto E = static_cast<std::size_t>(views_.num_experts);
     const bool bf = !views_.A_bf16.empty() || !views_.Bt_bf16.empty(), hf = !views_.A_f16.empty() || !views_.Bt_f16.empty();
     if ((bf || hf) && (!std::is_same_v<Scalar, float> || (bf && hf) || !views_.A.empty() || !views_.Bt.empty()))
-      throw config_error(detail::mismatch("adapter expert pointers", "one storage: A / Bt, or (a float set) A_bf16 / Bt_bf16 or A_f16 / Bt_f16",
-                                          "several"));
+      throw config_error(detail::mismatch(
+          "adapter expert pointers", "one storage: A / Bt, or (float sets only) A_bf16 / Bt_bf16 or A_f16 / Bt_f16",
+          detail::cat(views_.A.size() + views_.Bt.size(), " Scalar, ", views_.A_bf16.size() + views_.Bt_bf16.size(),
+                      " bf16 and ", views_.A_f16.size() + views_.Bt_f16.size(), " f16 pointers in a ",
+                      detail::weight_type_name<Scalar>(), " set")));
     auto check_experts = [&](const auto& a, const auto& bt, const char* names) {
       if (a.size() != E || bt.size() != E)
         throw shape_error(detail::mismatch(detail::cat("adapter expert pointers (", names, ")"), detail::cat(E, ", ", E),
