@@ -1,5 +1,7 @@
 // The selector of molora::kernels: which ISA's table the dispatched kernels call. Compiled
 // without ISA flags; the per-ISA objects (isa_*.cpp) each export one table.
+#include <cpuid.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -19,6 +21,13 @@ namespace {
 
 using ::molora::detail::cat;
 
+// F16C from CPUID leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports does not know the
+// name. Its registers are AVX's, whose OS support the AVX2 check below already requires.
+bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+}
+
 // Whether the CPU (and the OS, for the AVX and AVX-512 register state, which the compiler's
 // CPU check includes) can run an ISA's object: exactly the flags that object is built with.
 bool cpu_has(const IsaKernels& k) {
@@ -26,9 +35,9 @@ bool cpu_has(const IsaKernels& k) {
   if (&k == &molora_kernels_isa_avx512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
   if (&k == &molora_kernels_isa_avx2)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
   if (&k == &molora_kernels_isa_sse42) return __builtin_cpu_supports("sse4.2");
   return true;
 }
