@@ -1,7 +1,7 @@
 # The kernels' ISA chosen at run time (molora::kernels, MOLORA_DISPATCH):
-#  - the kernel, strategy and backward-kernel tests run once per ISA this CPU has, in the
-#    same binaries, forced by the environment variable MOLORA_ISA (their plain runs take
-#    the best ISA);
+#  - the kernel, strategy and backward-kernel tests, and the layer and loader tests whose
+#    16-bit weights reach the kernels, run once per ISA this CPU has, in the same binaries,
+#    forced by the environment variable MOLORA_ISA (their plain runs take the best ISA);
 #  - test_dispatch, built without -march, checks that the best ISA the CPU reports is the
 #    one chosen, forcing, and that its results equal bitwise those of test_dispatch_native,
 #    the same source built with -march=native and the ISA pinned at compile time
@@ -52,8 +52,9 @@ foreach(_isa avx512 avx2 sse4.2 scalar)
 endforeach()
 
 # The sanitizer build in CI turns these off (its plain runs take the best ISA).
-option(MOLORA_ISA_TESTS "Run the kernel, strategy and backward-kernel tests once per ISA" ON)
-foreach(_t test_kernels test_strategies test_backward_kernels test_base_kernels test_gemm_kernels test_linear test_half_adapter)
+option(MOLORA_ISA_TESTS "Run the kernel tests (and the layer/loader tests that reach them) once per ISA" ON)
+foreach(_t test_kernels test_strategies test_backward_kernels test_base_kernels test_gemm_kernels test_linear test_half_adapter
+           test_adapter_set test_adapter_set_io test_peft test_mixlora test_ming_moe)
   if(NOT MOLORA_ISA_TESTS)
     break()
   endif()
