@@ -4,7 +4,8 @@
 //
 // Input: byte 0 = options (bits 0-1 format: 0 PEFT, 1 MING-MOE, 2 MixLoRA, 3 MING-MOE with
 // alpha from the options; bit 2 Load::read instead of mmap; bit 3 double instead of float;
-// bit 4 MixLoRA layer 1 instead of 0), bytes 1-2 = config length L (little-endian), then L
+// bit 4 MixLoRA layer 1 instead of 0; bits 5-6, float only: 1 keep the adapter's weights in
+// bf16, 2 in f16, as the 16-bit loaders do), bytes 1-2 = config length L (little-endian), then L
 // bytes of config JSON, then the safetensors bytes. Both go to files in a scratch directory
 // because the loaders take paths.
 #include <cstddef>
@@ -51,13 +52,13 @@ molora::RowMatrix<Scalar> tokens(molora::Index in) {
   return molora::RowMatrix<Scalar>::Constant(2, in, Scalar(0.5));  // [2, in]
 }
 
-template <class Scalar>
+template <class Scalar, class Weight = Scalar>
 void run(unsigned opts, const std::string& cfg, const std::string& weights) {
   using molora::Index;
   const molora::io::Load load = (opts & 4) ? molora::io::Load::read : molora::io::Load::map;
   switch (opts & 3) {
     case 0: {
-      const auto peft = molora::io::load_peft_lora<Scalar>(cfg, weights, load);
+      const auto peft = molora::io::load_peft_lora<Scalar, Weight>(cfg, weights, load);
       for (const auto& [name, lora] : peft.modules) {
         const molora::RowMatrix<Scalar> d = lora.delta(tokens<Scalar>(lora.in_features()));  // [2, out]
         if (d.rows() != 2 || d.cols() != lora.out_features()) __builtin_trap();
@@ -69,7 +70,7 @@ void run(unsigned opts, const std::string& cfg, const std::string& weights) {
       molora::io::MingMoeLoadOptions o;
       o.load = load;
       if ((opts & 3) == 3) o.lora_alpha = 16.0;
-      const auto ming = molora::io::load_ming_moe<Scalar>(cfg, weights, o);
+      const auto ming = molora::io::load_ming_moe<Scalar, Weight>(cfg, weights, o);
       for (const auto& [name, adapter] : ming.modules) {
         molora::RowMatrix<Scalar> y = molora::RowMatrix<Scalar>::Zero(2, adapter.out_features());  // [2, out]
         try {
@@ -93,7 +94,7 @@ void run(unsigned opts, const std::string& cfg, const std::string& weights) {
       if (hidden < 1 || inter < 1 || hidden > 4096 || inter > 4096) return;
       const molora::RowMatrix<Scalar> wg = molora::RowMatrix<Scalar>::Constant(inter, hidden, Scalar(0.01));  // [inter, hidden]
       const molora::RowMatrix<Scalar> wd = molora::RowMatrix<Scalar>::Constant(hidden, inter, Scalar(0.01));  // [hidden, inter]
-      const auto ffn = molora::io::load_mixlora_ffn<Scalar>(mcfg, r, layer, wg, wg, wd);
+      const auto ffn = molora::io::load_mixlora_ffn<Scalar, Weight>(mcfg, r, layer, wg, wg, wd);
       try {
         const molora::RowMatrix<Scalar> y = ffn.forward(tokens<Scalar>(hidden));  // [2, hidden]
         if (y.rows() != 2 || y.cols() != hidden) __builtin_trap();
@@ -118,6 +119,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   try {
     if (opts & 8)
       run<double>(opts, cfg, weights);
+    else if (((opts >> 5) & 3) == 1)
+      run<float, molora::bf16>(opts, cfg, weights);
+    else if (((opts >> 5) & 3) == 2)
+      run<float, molora::f16>(opts, cfg, weights);
     else
       run<float>(opts, cfg, weights);
   } catch (const molora::error&) {
