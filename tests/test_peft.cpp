@@ -162,7 +162,8 @@ TEST_CASE_TEMPLATE("PEFT LoRA: unmerged and merged forward match PEFT's outputs"
     REQUIRE(adapter.modules.size() == 2);
     CHECK(adapter.config.lora.use_rslora == (std::string(folder) == "peft_lora_rslora"));
     for (const auto& [module, lora] : adapter.modules) {
-      CAPTURE(module);
+      const std::string& module_name = module;  // a structured binding cannot be captured in C++17
+      CAPTURE(module_name);
       const RowMatrix<Scalar> x = io.matrix<Scalar>("x." + module);
       const auto layer = molora::io::lora_linear(lora, base.matrix<Scalar>(module + ".weight"),
                                                  base.vector<Scalar>(module + ".bias"));
@@ -319,7 +320,8 @@ TEST_CASE("PEFT LoRA: bf16 / mixed files load into 16-bit LoRAs as stored and in
     REQUIRE(half.modules.size() == 2);
     const double s = kept.config.lora.scaling();
     for (const auto& [module, lora] : kept.modules) {
-      CAPTURE(module);
+      const std::string& module_name = module;  // a structured binding cannot be captured in C++17
+      CAPTURE(module_name);
       const std::string ka = "base_model.model." + module + ".lora_A.weight";
       const std::string kb = "base_model.model." + module + ".lora_B.weight";
       const auto& w = wide.at(module);
