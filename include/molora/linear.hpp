@@ -187,7 +187,7 @@ private:
     const Scalar* b = has_bias() ? bias_.data() : nullptr;
     const BaseStrategy how = resolved_strategy(x.rows());
     if constexpr (std::is_same_v<Weight, bf16>) {
-      if (bf16_dot_) return detail::base_product_bf16dot(weight_data(), in_, out_, b, x, y, how);
+      if (bf16_dot_) return detail::base_product_bf16dot(weight_data(), in_, out_, b, x, y, strategy_);
     }
     detail::base_product(weight_data(), in_, out_, b, x, y, how);
   }
