@@ -1058,3 +1058,109 @@ bool register_cells() {
 const bool registered = register_cells();
 
 }  // namespace bf16dot_cells
+
+// ---- bf16-dot at few tokens (a block of their own, registered at static initialisation) ------
+//   bf16dot_few/in/out/T/{warm,cold}  one thread, W0 bf16, f32 activations, bias; four products
+//                                   alternately in one loop, each on the next of a rotation of
+//                                   copies of W0 (cold: enough copies to pass the L3; warm: one):
+//                                     exact     detail::base_product, skinny (the exact bf16 path
+//                                               below skinny_crossover)
+//                                     rounded   x rounded to bf16 (detail::rounded_to_bf16), then
+//                                               the same exact skinny product: the bf16-dot
+//                                               mode's numerics through the exact kernel
+//                                     skinny    kernels::skinny_product_bf16dot
+//                                     gemm      kernels::gemm_product_bf16dot
+//                                   Counters: each median time (ms) and X_over_exact (median of
+//                                   the per-iteration ratio). What detail::kBf16DotGemmFrom and
+//                                   the bf16-dot mode's choice below it are set from.
+// Skips (with an error message) without AVX512_BF16.
+namespace bf16dot_few {
+
+using molora::bf16;
+
+void BM_bf16dot_few(benchmark::State& st) {
+  if (!molora::kernels::bf16_dot_available()) return st.SkipWithError("no AVX512_BF16");
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  const bool cold = st.range(3) != 0;
+  const auto copies = cold_copies<bf16>(in, in, out, cold, 4);
+  Mat<float> x(T, in), y(T, out), bias(1, out);
+  fill(x, 5 + static_cast<std::uint64_t>(T), 1.0);
+  fill(bias, 7, 0.1);
+  std::vector<float> scratch(static_cast<std::size_t>(molora::kernels::gemm_scratch_size<float>()));
+  const molora::kernels::layer_arch arch{};
+  const molora::ConstRowRef<float> xr(x);
+  molora::RowRef<float> yr(y);
+  const auto skinny = molora::BaseStrategy::skinny;
+  std::size_t next = 0;
+  auto weights = [&] {
+    const bf16* w = copies[next].data();
+    next = (next + 1) % copies.size();
+    return w;
+  };
+  auto exact = [&](const bf16* w) { molora::detail::base_product(w, in, out, bias.data(), xr, yr, skinny); };
+  auto rounded = [&](const bf16* w) {
+    const auto xb = molora::detail::rounded_to_bf16(xr);  // [T, in]
+    molora::detail::base_product(w, in, out, bias.data(), molora::ConstRowRef<float>(xb), yr, skinny);
+  };
+  auto skinny_dot = [&](const bf16* w) {
+    molora::kernels::skinny_product_bf16dot(arch, w, in, in, x.data(), in, T, bias.data(), y.data(), out, Index(0),
+                                            out);
+  };
+  auto gemm_dot = [&](const bf16* w) {
+    molora::kernels::gemm_product_bf16dot(arch, w, in, in, x.data(), in, T, bias.data(), y.data(), out, Index(0), out,
+                                          scratch.data());
+  };
+  auto timed = [&](auto&& f) {
+    const bf16* w = weights();
+    const double t0 = cpu_seconds();
+    f(w);
+    benchmark::ClobberMemory();
+    return cpu_seconds() - t0;
+  };
+  for (int warm = 0; warm < 2; ++warm) {
+    exact(weights());
+    rounded(weights());
+    skinny_dot(weights());
+    gemm_dot(weights());
+  }
+  std::vector<double> te, tr, ts, tg, rr, rs, rg;
+  for (auto _ : st) {
+    const double e = timed(exact), r = timed(rounded), s = timed(skinny_dot), g = timed(gemm_dot);
+    st.SetIterationTime(e);
+    te.push_back(e);
+    tr.push_back(r);
+    ts.push_back(s);
+    tg.push_back(g);
+    rr.push_back(r / e);
+    rs.push_back(s / e);
+    rg.push_back(g / e);
+  }
+  st.counters["exact_ms"] = 1e3 * median(te);
+  st.counters["rounded_ms"] = 1e3 * median(tr);
+  st.counters["skinny_ms"] = 1e3 * median(ts);
+  st.counters["gemm_ms"] = 1e3 * median(tg);
+  st.counters["rounded_over_exact"] = median(rr);
+  st.counters["skinny_over_exact"] = median(rs);
+  st.counters["gemm_over_exact"] = median(rg);
+  benchmark::DoNotOptimize(y.data());
+}
+
+bool register_cells() {
+  const std::vector<std::pair<Index, Index>> shapes = {{4096, 4096}, {1024, 1024}, {2816, 1024}, {1024, 2816}};
+  for (const auto& [in, out] : shapes)
+    for (const int cold : {1, 0})
+      for (Index T : {1, 2, 4, 8, 12, 16, 24, 32, 48, 64})
+        benchmark::RegisterBenchmark(("bf16dot_few/" + std::to_string(in) + "/" + std::to_string(out) + "/" +
+                                      std::to_string(T) + (cold ? "/cold" : "/warm"))
+                                         .c_str(),
+                                     BM_bf16dot_few)
+            ->Args({in, out, T, cold})
+            ->UseManualTime()
+            ->MinTime(0.1)
+            ->Unit(benchmark::kMillisecond);
+  return true;
+}
+
+const bool registered = register_cells();
+
+}  // namespace bf16dot_few

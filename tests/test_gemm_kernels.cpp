@@ -374,21 +374,25 @@ void dot_reference_suite() {
   for (const Index out : {Index(1), Index(31), Index(32), Index(33), Index(63), Index(65), k::kGemmNC - 1, k::kGemmNC,
                           k::kGemmNC + 1, 2 * k::kGemmNC + 29})
     check(1 + Index(gen() % 40), out, 1 + Index(gen() % 20), out % 2 == 0);
-  for (const Index T : {Index(1), Index(11), Index(12), Index(13), Index(24), Index(25), k::kGemmMC - 1, k::kGemmMC,
-                        k::kGemmMC + 1, 2 * k::kGemmMC + 17})
+  // T across the register blocks: the 4- and 8-token tail blocks (T % 12 in 1..4, 5..8), the
+  // 12-token block, the packed block of tokens.
+  for (const Index T : {Index(1), Index(3), Index(4), Index(5), Index(7), Index(8), Index(9), Index(11), Index(12),
+                        Index(13), Index(16), Index(17), Index(20), Index(21), Index(24), Index(25), k::kGemmMC - 1,
+                        k::kGemmMC, k::kGemmMC + 1, k::kGemmMC + 4, k::kGemmMC + 8, 2 * k::kGemmMC + 17})
     check(1 + Index(gen() % 40), 1 + Index(gen() % 50), T, T % 2 == 1);
   check(k::kGemmBf16KC + 45, k::kGemmNC + 77, 131, true);
   check(1024, 96, 128, false);
   MESSAGE(std::string(Arch::name()), ": worst error / stated bound ", worst);
 }
 
-// Output ranges, token ranges and single tokens give the bits of one call.
+// Output ranges, token ranges and single tokens give the bits of one call (a single token
+// runs the 4-token block, a token range any of the three blocks).
 template <class Arch>
 void dot_split_suite() {
   std::mt19937_64 gen(48);
   std::uint64_t seed = 30000;
   for (const Index in : {1, 5, 33, 300, 530, 1100})
-    for (const Index T : {1, 3, 13, 30})
+    for (const Index T : {1, 3, 4, 5, 8, 13, 16, 20, 30})
       for (const Index out : {1, 6, 45, 97}) {
         const Problem<float, bf16> p(in, out, T, (in + T) % 2 == 0, ++seed);
         const std::vector<float> whole = run_dot<Arch>(p, 0, out, 0, T, p.y0);
@@ -436,9 +440,11 @@ TEST_CASE("gemm_kernels: gemm_product_bf16dot's output ranges and token ranges c
 }
 
 // The layers in bf16-dot mode, T = 1..300 (both sides of kBf16DotGemmFrom and of
-// skinny_crossover), against the double product of the rounded x. The skinny bf16-dot kernel
-// sums a row in 16 lanes and reduces them (4 more roundings) and rounds twice per pair too:
-// the bound above with a few extra roundings holds for both kernels, and for the fallback.
+// skinny_crossover), against the double product of the rounded x. Below kBf16DotGemmFrom
+// (and without AVX512_BF16) the exact skinny kernel runs on the rounded x: each term is exact
+// in float and passes through at most in / 16 FMAs, 4 lane reductions and the bias, fewer
+// roundings than the GEMM's bound counts; the bound above with a few extra roundings holds for
+// every path.
 TEST_CASE("gemm_kernels: Linear and MoLoRALinear in bf16-dot mode match the double reference, T = 1..300") {
   MESSAGE("AVX512_BF16 dot products: ", std::string(k::bf16_dot_available() ? "yes" : "no (rounded x, exact kernel)"));
   std::mt19937_64 gen(91);

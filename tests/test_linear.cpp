@@ -418,3 +418,77 @@ TEST_CASE("linear: MoLoRALinear's opt-in bf16-dot base is the Linear's, and the 
       }
     }
 }
+
+// The layers hand base_product_bf16dot their own, unresolved strategy, and it names the kernel
+// (with AVX512_BF16): skinny -> skinny_product_bf16dot and gemm -> gemm_product_bf16dot at any
+// T, automatic -> the exact skinny kernel on the bf16-rounded x below kBf16DotGemmFrom, the
+// bf16-dot GEMM from it on; eigen (and, without AVX512_BF16, every strategy) -> the rounded x
+// through base_product with the strategy resolved. Each checked bit for bit against the kernel
+// called directly (a strategy `skinny` below skinny_crossover used to read as automatic).
+TEST_CASE("linear: in bf16-dot mode the layer's strategy names the kernel that runs") {
+  namespace k = molora::kernels;
+  using molora::BaseStrategy;
+  using molora::bf16;
+  const bool dot = k::bf16_dot_available();
+  MESSAGE("AVX512_BF16 dot products: ", std::string(dot ? "yes" : "no (rounded x, exact kernel)"));
+  std::mt19937_64 gen(31);
+  std::vector<float> scratch(static_cast<std::size_t>(k::gemm_scratch_size<float>()));
+  const Index from = molora::detail::kBf16DotGemmFrom;
+  Index checked = 0;
+  for (const Index T : {Index(1), Index(2), Index(3), Index(4), Index(5), from - 1, from, from + 1, Index(12),
+                        Index(13), Index(16), Index(20), Index(33), Index(127), Index(128), Index(150)})
+    for (const BaseStrategy s : {BaseStrategy::automatic, BaseStrategy::skinny, BaseStrategy::gemm, BaseStrategy::eigen}) {
+      const Index in = 1 + Index(gen() % 300), out = 1 + Index(gen() % 150);
+      const bool bias = gen() % 2 == 0;
+      molora::Linear<float, bf16> lin(in, out);
+      lin.set_weight(random_matrix<double>(out, in, gen));
+      if (bias) lin.set_bias(random_matrix<double>(1, out, gen));
+      lin.set_strategy(s);
+      lin.set_bf16_dot(true);
+      const auto x = random_matrix<float>(T, in, gen);
+      molora::RowMatrix<float> xb(T, in);  // x rounded to bf16, as the mode rounds it
+      for (Index t = 0; t < T; ++t)
+        for (Index i = 0; i < in; ++i) xb(t, i) = molora::to_float(molora::to_bf16(x(t, i)));
+      const bf16* w = lin.weight_data();
+      const float* b = bias ? lin.bias().data() : nullptr;
+      molora::RowMatrix<float> want(T, out);
+      const bool gemm = dot && (s == BaseStrategy::gemm || (s == BaseStrategy::automatic && T >= from));
+      const char* kernel = "base_product on the rounded x";
+      if (gemm) {
+        kernel = "gemm_product_bf16dot";
+        k::gemm_product_bf16dot(k::layer_arch{}, w, in, in, x.data(), in, T, b, want.data(), out, Index(0), out,
+                                scratch.data());
+      } else if (dot && s == BaseStrategy::skinny) {
+        kernel = "skinny_product_bf16dot";
+        k::skinny_product_bf16dot(k::layer_arch{}, w, in, in, x.data(), in, T, b, want.data(), out, Index(0), out);
+      } else {
+        const BaseStrategy how = molora::detail::resolve_base_strategy<float, bf16>(s, T);
+        if (how == BaseStrategy::skinny) {
+          kernel = "skinny_product on the rounded x";
+          k::skinny_product(k::layer_arch{}, w, in, in, xb.data(), in, T, b, want.data(), out, Index(0), out);
+        } else {
+          // Eigen over widened rows, or (no AVX512_BF16, gemm) the exact packed GEMM: a Linear
+          // holding the same weights, strategy set, on the rounded x.
+          molora::Linear<float, bf16> exact(in, out);
+          exact.set_weight(w, out, in);
+          if (bias) exact.set_bias(lin.bias());
+          exact.set_strategy(how);
+          want = exact.forward(xb);
+        }
+      }
+      const molora::RowMatrix<float> got = lin.forward(x);
+      INFO("T=", T, " in=", in, " out=", out, " strategy=", molora::to_string(s), " expected kernel: ", kernel);
+      CHECK(got == want);
+      // MoLoRALinear's base in bf16-dot mode with the same base strategy: the same bits.
+      molora::MoLoRALinear<float, bf16> m(test_util::config(in, out, 2, 1, 2));
+      m.set_base_weight(lin.widened_weight());
+      if (bias) m.set_base_bias(lin.bias());
+      m.set_base_strategy(s);
+      m.set_bf16_dot(true);
+      molora::RowMatrix<float> base(T, out);
+      m.forward_base(x, base);
+      CHECK(base == want);
+      ++checked;
+    }
+  CHECK(checked == 64);
+}

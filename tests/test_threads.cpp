@@ -269,9 +269,9 @@ TEST_CASE("threads: bf16 / f16 router and experts give the same bits with 1 and 
 
 #if defined(MOLORA_USE_OPENMP)
 TEST_CASE("threads: bf16-dot mode gives the same bits with 1 and 2 threads, skinny and gemm bf16-dot kernels") {
-  // Below kBf16DotGemmFrom the skinny bf16-dot kernel (rows split at multiples of 4), from it
-  // on the bf16-dot GEMM (outputs split at multiples of 64); without AVX512_BF16 the rounded
-  // activations through the exact product.
+  // Below kBf16DotGemmFrom the rounded activations through the exact skinny kernel (rows split
+  // at multiples of 4), from it on the bf16-dot GEMM (outputs split at multiples of 64);
+  // without AVX512_BF16 the rounded activations through the exact product.
   const int saved = omp_get_max_threads();
   for (const auto& shape : {std::pair<Index, Index>{261, 70}, {1031, 301}, {64, 1031}}) {
     const Index in = shape.first, out = shape.second;
@@ -285,8 +285,9 @@ TEST_CASE("threads: bf16-dot mode gives the same bits with 1 and 2 threads, skin
     molora::Linear<float, molora::bf16> lin(in, out);
     lin.set_weight(f32.base_weight());
     lin.set_bf16_dot(true);
+    // T = 16 and 20 end on the GEMM's 4- and 8-token tail blocks.
     for (const Index T : {Index(1), Index(5), molora::detail::kBf16DotGemmFrom - 1, molora::detail::kBf16DotGemmFrom,
-                          Index(37), Index(130), Index(261)}) {
+                          Index(16), Index(20), Index(37), Index(130), Index(261)}) {
       INFO("in=", in, " out=", out, " T=", T);
       const auto x = ref::random_x<float>(T, in, 100 + std::uint64_t(T));
       CHECK(forward_with(b16, x, 1) == forward_with(b16, x, 2));

@@ -184,40 +184,56 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
   if (bias) y.rowwise() += Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(bias, out);
 }
 
-// Tokens from which the bf16-dot mode (automatic) takes kernels::gemm_product_bf16dot rather
-// than skinny_product_bf16dot, with AVX512_BF16; a constant, whatever the thread count
-// (docs/peers.md, "bf16-dot GEMM").
-constexpr Index kBf16DotGemmFrom = 8;
+// Tokens from which the bf16-dot mode's `automatic` takes kernels::gemm_product_bf16dot, with
+// AVX512_BF16; below it x is rounded to bf16 and the exact skinny_product runs on it, faster
+// there than skinny_product_bf16dot (docs/peers.md, "bf16-dot at few tokens"). A constant,
+// whatever the thread count.
+constexpr Index kBf16DotGemmFrom = 20;
+
+// y = round_bf16(x) as floats [T, in], into a per-thread scratch kept between calls (it grows,
+// never shrinks: no allocation once warm for T <= the largest T seen).
+inline Eigen::Map<const RowMatrix<float>> rounded_to_bf16(const ConstRowRef<float>& x) {
+  thread_local std::vector<float> rounded;  // [T, in]
+  const Index T = x.rows(), in = x.cols();
+  if (rounded.size() < static_cast<std::size_t>(T * in)) rounded.resize(static_cast<std::size_t>(T * in));
+  for (Index t = 0; t < T; ++t)
+    for (Index i = 0; i < in; ++i) rounded[static_cast<std::size_t>(t * in + i)] = to_float(to_bf16(x(t, i)));
+  return Eigen::Map<const RowMatrix<float>>(rounded.data(), T, in);  // [T, in]
+}
 
 // The opt-in bf16-dot product of a bf16 weight (Linear::set_bf16_dot,
-// MoLoRALinear::set_bf16_dot): y = round_bf16(x) W^T (+ bias). Where
-// kernels::bf16_dot_available(): from kBf16DotGemmFrom tokens on the packed bf16-dot GEMM
-// (outputs split between OpenMP threads at multiples of 64, as base_product's gemm), below it
-// the skinny bf16-dot kernel (rows split at multiples of 4); neither split changes a bit. `how`
-// is the layer's resolved strategy: the one `automatic` gives for T tokens takes the rule
-// above (so a strategy set to `skinny` below skinny_crossover is read as automatic); another
-// `gemm` or `skinny` picks that kernel, and `eigen` the fallback. The fallback (and every
-// strategy without AVX512_BF16): x rounded into a per-thread scratch kept between calls, then
-// the exact product. No allocation in a warm call but Eigen's own in the fallback. Same
-// requirements as base_product.
+// MoLoRALinear::set_bf16_dot): y = round_bf16(x) W^T (+ bias), products of the rounded x and W
+// summed in float. `strategy` is the layer's own, unresolved; with
+// kernels::bf16_dot_available() it names the kernel:
+//   gemm       kernels::gemm_product_bf16dot (outputs split between OpenMP threads at
+//              multiples of 64, as base_product's gemm)
+//   skinny     kernels::skinny_product_bf16dot (rows split at multiples of 4)
+//   eigen      x rounded into a scratch, then base_product's eigen on it
+//   automatic  gemm from kBf16DotGemmFrom tokens on; below, x rounded into a scratch, then
+//              base_product's skinny (the exact kernel, f32 FMAs on widened weights) on it
+// Without AVX512_BF16 every strategy rounds x into the scratch and runs base_product with
+// the strategy `automatic` (or the one set) resolves to. None of the splits changes a bit. Every
+// path gives round_bf16(x) W^T up to float summation error: the rounded x times a bf16 weight
+// is exact in float whichever kernel forms it. No allocation in a warm call but Eigen's own in
+// its path. Same requirements as base_product.
 inline void base_product_bf16dot(const bf16* w, Index in, Index out, const float* bias, const ConstRowRef<float>& x,
-                                 RowRef<float>& y, BaseStrategy how) {
+                                 RowRef<float>& y, BaseStrategy strategy) {
   const Index T = x.rows();
   const float* xp = x.data();
   float* yp = y.data();
   const Index ldx = x.outerStride(), ldy = y.outerStride();
-  if (kernels::bf16_dot_available() && how != BaseStrategy::eigen) {
-    const bool automatic = how == resolve_base_strategy<float, bf16>(BaseStrategy::automatic, T);
-    if (automatic ? T >= kBf16DotGemmFrom : how == BaseStrategy::gemm) {
-      thread_local std::vector<float> scratch;  // per thread, kept between calls
-      auto columns = [&](Index o0, Index o1) {
-        scratch.resize(static_cast<std::size_t>(kernels::gemm_scratch_size<float>()));
-        kernels::gemm_product_bf16dot(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0, o1,
-                                      scratch.data());  // [T, o1 - o0]
-      };
-      split_ranges(out, 64, 64, columns);
-      return;
-    }
+  const bool dot = kernels::bf16_dot_available();
+  if (dot && (strategy == BaseStrategy::gemm || (strategy == BaseStrategy::automatic && T >= kBf16DotGemmFrom))) {
+    thread_local std::vector<float> scratch;  // per thread, kept between calls
+    auto columns = [&](Index o0, Index o1) {
+      scratch.resize(static_cast<std::size_t>(kernels::gemm_scratch_size<float>()));
+      kernels::gemm_product_bf16dot(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0, o1,
+                                    scratch.data());  // [T, o1 - o0]
+    };
+    split_ranges(out, 64, 64, columns);
+    return;
+  }
+  if (dot && strategy == BaseStrategy::skinny) {
     auto rows = [&](Index o0, Index o1) {
       kernels::skinny_product_bf16dot(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0,
                                       o1);  // [T, o1 - o0]
@@ -226,12 +242,10 @@ inline void base_product_bf16dot(const bf16* w, Index in, Index out, const float
     split_ranges(out, 4, 32, rows);
     return;
   }
-  thread_local std::vector<float> rounded;  // [T, in], per thread, kept between calls
-  if (rounded.size() < static_cast<std::size_t>(T * in)) rounded.resize(static_cast<std::size_t>(T * in));
-  for (Index t = 0; t < T; ++t)
-    for (Index i = 0; i < in; ++i) rounded[static_cast<std::size_t>(t * in + i)] = to_float(to_bf16(xp[t * ldx + i]));
-  const Eigen::Map<const RowMatrix<float>> xb(rounded.data(), T, in);  // [T, in]
-  base_product(w, in, out, bias, ConstRowRef<float>(xb), y, how);
+  // The rounded x through the exact product; `automatic` below kBf16DotGemmFrom resolves to
+  // skinny (16-bit weights take the skinny kernel from one token on).
+  const auto xb = rounded_to_bf16(x);  // [T, in]
+  base_product(w, in, out, bias, ConstRowRef<float>(xb), y, resolve_base_strategy<float, bf16>(strategy, T));
 }
 
 }  // namespace detail

@@ -52,9 +52,10 @@ public:
 
   // Opt-in for bf16 weights (default off): the activations are rounded to bf16 (to nearest
   // even) before the product, whose pairs of products then run on AVX512_BF16's dot
-  // instruction where the CPU has it (kernels::bf16_dot_available(): the skinny bf16-dot
-  // kernel below detail::kBf16DotGemmFrom tokens, the bf16-dot GEMM from there on, rows or
-  // outputs split between OpenMP threads with the bits of one thread). The output
+  // instruction where the CPU has it (kernels::bf16_dot_available(): with the strategy
+  // automatic, the bf16-dot GEMM from detail::kBf16DotGemmFrom tokens on, below it the exact
+  // skinny kernel on the rounded activations; see detail::base_product_bf16dot for what each
+  // strategy runs; rows or outputs split between OpenMP threads with the bits of one thread). The output
   // differs from the exact path by the activations' rounding, at most 2^-8 sum_i |w_i x_i|
   // per output, plus float summation error (tests/test_linear.cpp checks this bound).
   template <class W = Weight, class = std::enable_if_t<std::is_same_v<W, bf16>>>
@@ -187,7 +188,7 @@ private:
     const Scalar* b = has_bias() ? bias_.data() : nullptr;
     const BaseStrategy how = resolved_strategy(x.rows());
     if constexpr (std::is_same_v<Weight, bf16>) {
-      if (bf16_dot_) return detail::base_product_bf16dot(weight_data(), in_, out_, b, x, y, how);
+      if (bf16_dot_) return detail::base_product_bf16dot(weight_data(), in_, out_, b, x, y, strategy_);
     }
     detail::base_product(weight_data(), in_, out_, b, x, y, how);
   }

@@ -974,7 +974,7 @@ private:
     if constexpr (std::is_same_v<BaseWeight, bf16>) {
       if (bf16_dot_)
         return detail::base_product_bf16dot(base_weight_data(), in_features(), out_features(), bias_ptr(), x, y,
-                                            resolved_base_strategy(x.rows()));
+                                            base_strategy_);
     }
     detail::base_product(base_weight_data(), in_features(), out_features(), bias_ptr(), x, y,
                          resolved_base_strategy(x.rows()));

@@ -387,25 +387,29 @@ inline void gemm_bf16_pack_x(const float* x, Index ldx, Index rows, Index kc, fl
   }
 }
 
-// The register block over one pair of panels of kq pairs: c[i*ldc + j] = (first ? 0 : c) +
-// sum_q dot(xp pair (q, i), wp pair (q, j)), then + bias[j] when bias is not null.
+// The register block over one pair of panels of kq pairs, for the first MR tokens of the x
+// panel (MR <= kBf16MR; the panel's stride stays kBf16MR): c[i*ldc + j] = (first ? 0 : c) +
+// sum_q dot(xp pair (q, i), wp pair (q, j)), then + bias[j] when bias is not null, i < MR.
+// Each element's operations are the same whatever MR: the 4- and 8-token blocks of a token
+// tail give the bits of the 12-token block.
+template <int MR>
 inline void gemm_bf16_block(Index kq, const float* xp, const float* wp, float* c, Index ldc, bool first,
                             const float* bias) noexcept {
-  __m512 acc[kBf16MR][2];
+  __m512 acc[MR][2];
   MOLORA_UNROLL
-  for (int i = 0; i < kBf16MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (Index q = 0; q < kq; ++q) {
     const __m512bh w0 = (__m512bh)_mm512_load_si512(static_cast<const void*>(wp + q * kBf16NR));
     const __m512bh w1 = (__m512bh)_mm512_load_si512(static_cast<const void*>(wp + q * kBf16NR + 16));
     MOLORA_UNROLL
-    for (int i = 0; i < kBf16MR; ++i) {
+    for (int i = 0; i < MR; ++i) {
       const __m512bh xv = (__m512bh)_mm512_castps_si512(_mm512_set1_ps(xp[q * kBf16MR + i]));
       acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
     }
   }
   MOLORA_UNROLL
-  for (int i = 0; i < kBf16MR; ++i) {
+  for (int i = 0; i < MR; ++i) {
     MOLORA_UNROLL
     for (int v = 0; v < 2; ++v) {
       float* p = c + i * ldc + v * 16;
@@ -416,19 +420,41 @@ inline void gemm_bf16_block(Index kq, const float* xp, const float* wp, float* c
   }
 }
 
-// The edges: rows x cols of c through a full block in a local tile (same operations per element).
+// The edges: rows x cols of c (rows <= MR) through an MR-token block in a local tile (same
+// operations per element).
+template <int MR>
 inline void gemm_bf16_edge_block(Index kq, const float* xp, const float* wp, float* c, Index ldc, Index rows,
                                  Index cols, bool first, const float* bias) noexcept {
-  alignas(64) float tile[kBf16MR * kBf16NR];
+  alignas(64) float tile[MR * kBf16NR];
   alignas(64) float b[kBf16NR];
-  for (Index i = 0; i < kBf16MR; ++i)
+  for (Index i = 0; i < MR; ++i)
     for (Index j = 0; j < kBf16NR; ++j)
       tile[i * kBf16NR + j] = i < rows && j < cols && !first ? c[i * ldc + j] : 0.0f;
   if (bias)
     for (Index j = 0; j < kBf16NR; ++j) b[j] = j < cols ? bias[j] : 0.0f;
-  gemm_bf16_block(kq, xp, wp, tile, kBf16NR, first, bias ? b : nullptr);
+  gemm_bf16_block<MR>(kq, xp, wp, tile, kBf16NR, first, bias ? b : nullptr);
   for (Index i = 0; i < rows; ++i)
     for (Index j = 0; j < cols; ++j) c[i * ldc + j] = tile[i * kBf16NR + j];
+}
+
+// One register block of `rows` tokens (<= kBf16MR) x `cols` outputs: the 12-token block, or for
+// a tail of at most 4 or 8 tokens the 4- or 8-token block, so that a few tokens do not pay for 12.
+template <int MR>
+inline void gemm_bf16_rows(Index kq, const float* xp, const float* wp, float* c, Index ldc, Index rows, Index cols,
+                           bool first, const float* bias) noexcept {
+  if (rows == MR && cols == kBf16NR)
+    gemm_bf16_block<MR>(kq, xp, wp, c, ldc, first, bias);
+  else
+    gemm_bf16_edge_block<MR>(kq, xp, wp, c, ldc, rows, cols, first, bias);
+}
+inline void gemm_bf16_any_rows(Index kq, const float* xp, const float* wp, float* c, Index ldc, Index rows,
+                               Index cols, bool first, const float* bias) noexcept {
+  if (rows <= 4)
+    gemm_bf16_rows<4>(kq, xp, wp, c, ldc, rows, cols, first, bias);
+  else if (rows <= 8)
+    gemm_bf16_rows<8>(kq, xp, wp, c, ldc, rows, cols, first, bias);
+  else
+    gemm_bf16_rows<kBf16MR>(kq, xp, wp, c, ldc, rows, cols, first, bias);
 }
 
 // gemm_product's loops over the packed blocks, with pairs of bf16 in place of floats.
@@ -460,10 +486,7 @@ inline void gemm_product_bf16dot_avx512(const bf16* w, Index ldw, Index in, cons
           for (Index jr = 0; jr < nc; jr += kBf16NR) {
             const Index cols = nc - jr < kBf16NR ? nc - jr : kBf16NR;
             const float* bj = b ? b + jc + jr : nullptr;
-            if (rows == kBf16MR && cols == kBf16NR)
-              gemm_bf16_block(kq, xp, wpack + jr * KQ, yt + jr, ldy, first, bj);
-            else
-              gemm_bf16_edge_block(kq, xp, wpack + jr * KQ, yt + jr, ldy, rows, cols, first, bj);
+            gemm_bf16_any_rows(kq, xp, wpack + jr * KQ, yt + jr, ldy, rows, cols, first, bj);
           }
         }
       }
