@@ -438,3 +438,52 @@ TEST_CASE("base_kernels: every register block shape and row range gives the bloc
   SUBCASE("bf16") { shapes_suite<k::default_arch, float, molora::bf16>(); }
 }
 #endif
+
+namespace {
+
+// base_product_prefetching against base_product (skinny) and the double reference: W's rows
+// in slices with prefetches between them must give every output the bits of one call.
+template <class Weight>
+void prefetching_suite() {
+  std::mt19937_64 gen(41);
+  std::uint64_t seed = 900;
+  const std::vector<float> junk = random_vec<float>(5000, gen);  // what the spans point at
+  int runs = 0;
+  for (const Index in : {1, 17, 300, 1030})
+    for (const Index out : {1, 63, 64, 65, 130, 700})
+      for (const Index T : {1, 2, 3, 4, 5}) {
+        const Problem<float> p(in, out, T, (in + out + T) % 2 == 0, ++seed);
+        std::vector<Weight> w(static_cast<std::size_t>(out * in));  // contiguous [out, in]
+        for (Index o = 0; o < out; ++o)
+          for (Index i = 0; i < in; ++i) w[at(o * in + i)] = molora::detail::weight_from_float<Weight>(double(p.w[at(o * p.ldw + i)]), "w", o, i);
+        const Eigen::Map<const molora::RowMatrix<float>, 0, Eigen::OuterStride<>> x(p.x.data(), T, in,
+                                                                                     Eigen::OuterStride<>(p.ldx));
+        molora::RowMatrix<float> plain(T, out), fetched(T, out);  // [T, out]
+        molora::RowRef<float> yp(plain), yf(fetched);
+        const molora::ConstRowRef<float> xr(x);
+        molora::detail::base_product(w.data(), in, out, p.bias_ptr(), xr, yp, molora::BaseStrategy::skinny);
+        const molora::detail::PrefetchSpan spans[3] = {
+            {junk.data(), Index(sizeof(float)) * Index(gen() % 5000)}, {junk.data() + 7, 0}, {junk.data() + 100, 1000}};
+        molora::detail::base_product_prefetching(w.data(), in, out, p.bias_ptr(), xr, yf, molora::BaseStrategy::skinny,
+                                                 spans, 3);
+        std::vector<double> ref(static_cast<std::size_t>(T * out)), tol(ref.size());
+        ref::strided_base_product([&](Index o, Index i) { return double(molora::to_float(w[at(o * in + i)])); },
+                                  p.x.data(), p.ldx, p.bias_ptr(), T, in, out, out,
+                                  double(std::numeric_limits<float>::epsilon()), ref, tol);
+        std::size_t bad = 0;
+        for (Index t = 0; t < T; ++t)
+          for (Index o = 0; o < out; ++o) bad += std::abs(double(fetched(t, o)) - ref[at(t * out + o)]) > tol[at(t * out + o)];
+        INFO("in=", in, " out=", out, " T=", T);
+        CHECK(bad == 0);
+        CHECK(fetched == plain);
+        ++runs;
+      }
+  CHECK(runs == 4 * 6 * 5);
+}
+
+}  // namespace
+
+TEST_CASE("base_kernels: the base product with prefetches between its row slices keeps every bit") {
+  SUBCASE("f32") { prefetching_suite<float>(); }
+  SUBCASE("bf16") { prefetching_suite<molora::bf16>(); }
+}

@@ -184,6 +184,79 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
   if (bias) y.rowwise() += Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(bias, out);
 }
 
+// Bytes to bring into the caches while the base product runs: [data, data + bytes).
+struct PrefetchSpan {
+  const void* data = nullptr;
+  Index bytes = 0;
+};
+
+// Most tokens for which base_product_prefetching overlaps the prefetch with the base product
+// (decode; above, the adapter's reads are long enough to stream on their own).
+constexpr Index kPrefetchMaxTokens = 4;
+// Rows of W per slice of the overlapped base product (a multiple of 8, the skinny kernel's
+// row block, so the slicing changes no bit), and the bytes of W that the last slices stream
+// while the spans are prefetched: the spans arrive during the end of the base product, not so
+// early that its stream evicts them again from the 1 MiB L2 (docs/benchmarks.md, "Where a
+// batch-1 step goes").
+constexpr Index kPrefetchSliceRows = 64;
+constexpr Index kPrefetchTailBytes = Index(512) << 10;
+
+// Issues a software prefetch (into L2 and up) for each 64-byte line of spans from line
+// `first` (counted over all spans in order) to line `last` excluded.
+inline void prefetch_lines(const PrefetchSpan* spans, int num_spans, Index first, Index last) {
+#if defined(__GNUC__)
+  Index base = 0;
+  for (int s = 0; s < num_spans && first < last; ++s) {
+    const Index lines = (spans[s].bytes + 63) / 64;
+    const char* p = static_cast<const char*>(spans[s].data);
+    for (; first < last && first < base + lines; ++first) __builtin_prefetch(p + (first - base) * 64, 0, 2);
+    base += lines;
+  }
+#else
+  (void)spans, (void)num_spans, (void)first, (void)last;
+#endif
+}
+
+// base_product, and meanwhile the spans prefetched: for at most kPrefetchMaxTokens tokens on
+// the skinny kernel and one thread, W's rows in slices of kPrefetchSliceRows, the spans'
+// lines spread over the slices that stream the last kPrefetchTailBytes of W (one kernel call
+// per slice; each output has the bits of one call over all rows). Otherwise base_product
+// alone, then the same prefetches. For a layer whose next step reads memory it knows
+// beforehand (MoLoRALinear: the routed experts' A and B), so that those reads do not start
+// cold, one after the other, once the base product is done. Same requirements as
+// base_product; the spans are only read by prefetches (any address; they do not fault).
+template <class Scalar, class Weight>
+void base_product_prefetching(const Weight* w, Index in, Index out, const Scalar* bias, const ConstRowRef<Scalar>& x,
+                              RowRef<Scalar>& y, BaseStrategy how, const PrefetchSpan* spans, int num_spans) {
+  Index lines = 0;
+  for (int s = 0; s < num_spans; ++s) lines += (spans[s].bytes + 63) / 64;
+  const Index T = x.rows();
+  bool one_thread = true;
+#if defined(MOLORA_USE_OPENMP)
+  one_thread = omp_in_parallel() || omp_get_max_threads() == 1;
+#endif
+  if (how != BaseStrategy::skinny || T > kPrefetchMaxTokens || !one_thread || lines == 0) {
+    base_product(w, in, out, bias, x, y, how);
+    prefetch_lines(spans, num_spans, 0, lines);
+    return;
+  }
+  const Index slices = (out + kPrefetchSliceRows - 1) / kPrefetchSliceRows;
+  const Index slice_bytes = kPrefetchSliceRows * in * Index(sizeof(Weight));
+  const Index tail = std::max<Index>(1, std::min<Index>(slices, (kPrefetchTailBytes + slice_bytes - 1) / slice_bytes));
+  const Index first_tail = slices - tail;
+  const Scalar* xp = x.data();
+  Scalar* yp = y.data();
+  const Index ldx = x.outerStride(), ldy = y.outerStride();
+  for (Index s = 0; s < slices; ++s) {
+    if (s >= first_tail) {
+      const Index k = s - first_tail;
+      prefetch_lines(spans, num_spans, lines * k / tail, lines * (k + 1) / tail);
+    }
+    const Index o0 = s * kPrefetchSliceRows, o1 = std::min(out, o0 + kPrefetchSliceRows);
+    kernels::skinny_product(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0, o1);  // [T, o1 - o0]
+  }
+}
+
 // Tokens from which the bf16-dot mode (automatic) takes kernels::gemm_product_bf16dot rather
 // than skinny_product_bf16dot, with AVX512_BF16; a constant, whatever the thread count
 // (docs/peers.md, "bf16-dot GEMM").
