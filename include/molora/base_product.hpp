@@ -221,7 +221,7 @@ inline void prefetch_lines(const PrefetchSpan* spans, int num_spans, Index first
 // the skinny kernel and one thread, W's rows in slices of kPrefetchSliceRows, the spans'
 // lines spread over the slices that stream the last kPrefetchTailBytes of W (one kernel call
 // per slice; each output has the bits of one call over all rows). Otherwise base_product
-// alone, then the same prefetches. For a layer whose next step reads memory it knows
+// alone, without prefetches. For a layer whose next step reads memory it knows
 // beforehand (MoLoRALinear: the routed experts' A and B), so that those reads do not start
 // cold, one after the other, once the base product is done. Same requirements as
 // base_product; the spans are only read by prefetches (any address; they do not fault).
@@ -237,7 +237,6 @@ void base_product_prefetching(const Weight* w, Index in, Index out, const Scalar
 #endif
   if (how != BaseStrategy::skinny || T > kPrefetchMaxTokens || !one_thread || lines == 0) {
     base_product(w, in, out, bias, x, y, how);
-    prefetch_lines(spans, num_spans, 0, lines);
     return;
   }
   const Index slices = (out + kPrefetchSliceRows - 1) / kPrefetchSliceRows;
