@@ -452,27 +452,6 @@ private:
     apply_plan(x, 1, y, ws);
   }
 
-  // The stored A_e [r, in] and B_e^T [r, out] of each expert the routing sends a token to,
-  // once each, into spans (two per expert); returns their count, or 0 when they would be
-  // more than max_spans. For prefetching only.
-  int routed_spans(const Routing<Scalar>& routing, detail::PrefetchSpan* spans, int max_spans) const {
-    const Index r = rank(), in = in_features(), out = out_features();
-    const auto bytes = static_cast<Index>(sizeof(Weight));
-    int n = 0;
-    for (Index t = 0; t < routing.ids.rows(); ++t)
-      for (Index s = 0; s < routing.ids.cols(); ++s) {
-        const Index e = routing.ids(t, s);
-        const Weight* a = A_.data() + e * r * in;
-        bool seen = false;
-        for (int i = 0; i < n && !seen; i += 2) seen = spans[i].data == a;
-        if (seen) continue;
-        if (n + 2 > max_spans) return 0;
-        spans[n++] = {a, r * in * bytes};
-        spans[n++] = {B_.data() + e * r * out, r * out * bytes};
-      }
-    return n;
-  }
-
   const Routing<Scalar>& add_delta_impl(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, Workspace& ws) const {
     check_io(x, y);
     if (x.rows() == 0) {
@@ -922,12 +901,7 @@ public:
     }
     const ConstRowRef<Scalar> xs = adapter_.unaliased(xr, y, ws);
     const Routing<Scalar>& routing = adapter_.route_unchecked(xs, ws);
-    // For a few tokens the routed experts' A and B are fetched while the base product
-    // streams W0 (base_product_prefetching): read after it, cold, each span's first lines
-    // wait for memory one span after the other.
-    detail::PrefetchSpan spans[kMaxPrefetchSpans];
-    const int num_spans = xs.rows() <= detail::kPrefetchMaxTokens ? adapter_.routed_spans(routing, spans, kMaxPrefetchSpans) : 0;
-    base_into(xs, y, spans, num_spans);
+    base_into(xs, y);
     adapter_.apply_routing_unchecked(xs, routing, y, ws);
     return routing;
   }
@@ -994,26 +968,15 @@ private:
     return owned_bias_.size() > 0 ? owned_bias_.data() : nullptr;
   }
 
-  // Spans of the routed experts a forward prefetches during its base product (A and B of
-  // at most kMaxPrefetchSpans / 2 experts).
-  static constexpr int kMaxPrefetchSpans = 16;
-
-  // y = x W0^T + b0; with num_spans > 0 the spans are prefetched meanwhile (not with the
-  // bf16-dot product, which then runs alone).
-  void base_into(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y, const detail::PrefetchSpan* spans = nullptr,
-                 int num_spans = 0) const {
+  void base_into(const ConstRowRef<Scalar>& x, RowRef<Scalar>& y) const {
     // W0 is [out, in] contiguous, owned or wrapped; bias_ptr() is null without a bias.
     if constexpr (std::is_same_v<BaseWeight, bf16>) {
       if (bf16_dot_)
         return detail::base_product_bf16dot(base_weight_data(), in_features(), out_features(), bias_ptr(), x, y,
                                             resolved_base_strategy(x.rows()));
     }
-    if (num_spans > 0)
-      detail::base_product_prefetching(base_weight_data(), in_features(), out_features(), bias_ptr(), x, y,
-                                       resolved_base_strategy(x.rows()), spans, num_spans);
-    else
-      detail::base_product(base_weight_data(), in_features(), out_features(), bias_ptr(), x, y,
-                           resolved_base_strategy(x.rows()));
+    detail::base_product(base_weight_data(), in_features(), out_features(), bias_ptr(), x, y,
+                         resolved_base_strategy(x.rows()));
   }
 
   Adapter adapter_;
