@@ -3,7 +3,8 @@
 // each row of W0 once for all tokens: register blocks of a few rows (8 side by side with
 // AVX-512 up to 8 tokens) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
 // token passes over it; on 16-register ISAs, for 5-8 tokens, pairs of rows along the whole
-// of `in` with every token in registers. From
+// of `in` with every token in registers; for one token over short rows (kSkinnyShortRowBytes),
+// one row after the other. From
 // skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to a GEMM (gemm_product
 // for float, Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The
 // base product for few tokens").
