@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -463,6 +464,96 @@ void BM_read_bound(benchmark::State& state) {
   state.counters["adapted_MB"] = adapted / 1e6;
 }
 
+// ---- one projection shape alone ---------------------------------------------------------------
+
+// Sums the 8-byte words of [p, p + bytes) (one thread): a plain read of a weight.
+std::uint64_t read_bytes(const void* p, std::size_t bytes) {
+  const auto* w = static_cast<const std::uint64_t*>(p);
+  std::uint64_t sum = 0;
+  for (std::size_t i = 0; i < bytes / 8; ++i) sum += w[i];
+  return sum;
+}
+
+// Bytes of weight copies a cold run rotates over: far past the 32 MB L3 of this machine.
+constexpr double kShapeColdBytes = 384.0 * (1 << 20);
+
+// shape/rows/cols/bf16/T/skinny: one decoder projection alone (molora::Linear<float, W> over
+// a [rows, cols] weight, float or bf16, as the example's plain layers are), cold: n copies of
+// the weight (n odd, their bytes past kShapeColdBytes), iteration i runs forward on copy 2i
+// mod n and then reads copy 2i + 1 mod n (read_bytes), each timed; over_read = the forwards'
+// time over the reads'. skinny = 1 forces the skinny kernel (T = 1 with float weights
+// otherwise takes Eigen's GEMV). One thread. us = median forward time per call.
+void BM_shape(benchmark::State& state) {
+  const Index rows = state.range(0), cols = state.range(1), T = state.range(3);
+  const bool bf16 = state.range(2) != 0, skinny = state.range(4) != 0;
+  use_threads(state, 1);
+  const std::size_t bytes = static_cast<std::size_t>(rows * cols) * (bf16 ? 2 : 4);
+  std::size_t n = std::max<std::size_t>(3, static_cast<std::size_t>(kShapeColdBytes / static_cast<double>(bytes)) + 1);
+  if (n % 2 == 0) ++n;
+  qwen2::Matrix w0(rows, cols);  // [rows, cols]
+  RandomWeights::fill(w0.data(), w0.size(), 17, std::sqrt(3.0f / static_cast<float>(cols)), 0);
+  std::vector<molora::bf16> b0;
+  if (bf16) {
+    b0.resize(static_cast<std::size_t>(w0.size()));
+    for (Index i = 0; i < w0.size(); ++i) b0[static_cast<std::size_t>(i)] = molora::to_bf16(w0.data()[i]);
+  }
+  std::vector<std::vector<char>> copies(n);
+  std::vector<molora::Linear<float>> f32;
+  std::vector<molora::Linear<float, molora::bf16>> b16;
+  for (std::size_t c = 0; c < n; ++c) {
+    copies[c].resize(bytes);
+    std::memcpy(copies[c].data(), bf16 ? static_cast<const void*>(b0.data()) : static_cast<const void*>(w0.data()),
+                bytes);
+    if (bf16) {
+      b16.emplace_back(cols, rows);
+      b16.back().wrap_weight(reinterpret_cast<const molora::bf16*>(copies[c].data()), rows, cols);
+      if (skinny) b16.back().set_strategy(molora::BaseStrategy::skinny);
+    } else {
+      f32.emplace_back(cols, rows);
+      f32.back().wrap_weight(reinterpret_cast<const float*>(copies[c].data()), rows, cols);
+      if (skinny) f32.back().set_strategy(molora::BaseStrategy::skinny);
+    }
+  }
+  qwen2::Matrix x(T, cols), y(T, rows);  // [T, cols], [T, rows]
+  RandomWeights::fill(x.data(), x.size(), 19, 1.0f, 0);
+  std::vector<double> fwd;
+  double fwd_s = 0, read_s = 0;
+  std::uint64_t sink = 0;
+  std::size_t c = 0;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (bf16)
+      b16[c].forward(x, y);
+    else
+      f32[c].forward(x, y);
+    benchmark::DoNotOptimize(y.data());
+    const auto t1 = std::chrono::steady_clock::now();
+    sink += read_bytes(copies[(c + 1) % n].data(), bytes);
+    const auto t2 = std::chrono::steady_clock::now();
+    fwd.push_back(std::chrono::duration<double>(t1 - t0).count());
+    fwd_s += fwd.back();
+    read_s += std::chrono::duration<double>(t2 - t1).count();
+    c = (c + 2) % n;
+  }
+  benchmark::DoNotOptimize(sink);
+  const double it = static_cast<double>(state.iterations());
+  state.counters["us"] = 1e6 * bench_util::median(fwd);
+  state.counters["read_us"] = 1e6 * read_s / it;
+  state.counters["over_read"] = fwd_s / read_s;
+  state.counters["GB/s"] = static_cast<double>(bytes) * it / fwd_s / 1e9;
+  state.counters["read_GB/s"] = static_cast<double>(bytes) * it / read_s / 1e9;
+}
+
+void shape_args(benchmark::internal::Benchmark* b) {
+  const Index shapes[][2] = {{1024, 1024}, {2816, 1024}, {1024, 2816}, {32000, 1024}};
+  for (Index bf16 : {0, 1})
+    for (Index T : {1, 4})
+      for (const auto& s : shapes) {
+        b->Args({s[0], s[1], bf16, T, 0});
+        if (T == 1 && bf16 == 0) b->Args({s[0], s[1], bf16, T, 1});
+      }
+}
+
 #ifdef MOLORA_USE_OPENMP
 constexpr Index kMaxThreads = 2;
 #else
@@ -529,6 +620,12 @@ BENCHMARK(BM_adapter_cost)
     ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMillisecond)
     ->Iterations(40);
+BENCHMARK(BM_shape)
+    ->ArgNames({"rows", "cols", "bf16", "T", "skinny"})
+    ->Apply(shape_args)
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(0.5);
 BENCHMARK(BM_read_bound)
     ->ArgNames({"bf16", "threads"})
     ->Apply(read_args)

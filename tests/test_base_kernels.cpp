@@ -416,7 +416,19 @@ void shapes_suite() {
         const std::vector<std::vector<Scalar>> shapes = {MOLORA_SHAPE(16, 1, 0),    MOLORA_SHAPE(8, 4, 0),
                                                          MOLORA_SHAPE(8, 2, 4096),  MOLORA_SHAPE(4, 4, 4096),
                                                          MOLORA_SHAPE(4, 3, 0),     MOLORA_SHAPE(2, 1, 0),
-                                                         MOLORA_SHAPE(1, 4, 4096)};
+                                                         MOLORA_SHAPE(1, 4, 4096),
+                                                         // one row after the other (short rows, T = 1), and
+                                                         // whatever path skinny_product picks
+                                                         shape([&](std::vector<Scalar>& y, Index o0, Index o1) {
+                                                           kd::skinny_stream_rows<1, Arch, 0>(
+                                                               wt.data(), p.ldw, in, p.x.data(), p.ldx, T,
+                                                               p.bias_ptr(), y.data(), p.ldy, o0, o1);
+                                                         }),
+                                                         shape([&](std::vector<Scalar>& y, Index o0, Index o1) {
+                                                           k::skinny_product(Arch{}, wt.data(), p.ldw, in,
+                                                                             p.x.data(), p.ldx, T, p.bias_ptr(),
+                                                                             y.data(), p.ldy, o0, o1);
+                                                         })};
 #undef MOLORA_SHAPE
         std::vector<double> ref, tol;
         p.reference(ref, tol);

@@ -3,7 +3,8 @@
 // each row of W0 once for all tokens: register blocks of a few rows (8 side by side with
 // AVX-512 up to 8 tokens) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
 // token passes over it; on 16-register ISAs, for 5-8 tokens, pairs of rows along the whole
-// of `in` with every token in registers. From
+// of `in` with every token in registers; for one token over short rows (kSkinnyShortRowBytes),
+// one row after the other. From
 // skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to a GEMM (gemm_product
 // for float, Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The
 // base product for few tokens").
@@ -65,6 +66,14 @@ constexpr Index kSkinnyPrefetch = 4096;
 constexpr Index kSkinnyStreamFrom = 5;
 constexpr Index kSkinnyStreamTokens = 8;
 constexpr int kSkinnyStreamRows = 2;
+
+// Short rows: for one token, with 32 vector registers, a W0 whose rows take at most this many
+// bytes is read one row after the other (skinny_stream_rows<1>, no software prefetch), one
+// sequential stream, rather than 8 rows side by side: cold on Zen 4, 8 rows of 2 KiB (bf16,
+// in = 1024) took 1.68-1.86x the time of a plain read of W0 and one row at a time 0.93-1.09x;
+// at 4 KiB (f32, in = 1024) the two were mixed (1.00-1.20x against 1.05-1.12x) and at 8 KiB
+// and more 8 rows won (docs/benchmarks.md, "Where a batch-1 step goes"). Same bits.
+constexpr Index kSkinnyShortRowBytes = 2048;
 
 // ---- scalar kernel ------------------------------------------------------------------------
 
@@ -368,13 +377,16 @@ void skinny_product_streamed(const Wt* w, Index ldw, Index in, const Scalar* x, 
 // memory per kSkinnyGroup tokens); correct for any T. Wt is Scalar, or bf16 / f16 (widened
 // exactly in registers): the result is then bit for bit the one for the widened weights.
 // From kSkinnyStreamFrom to kSkinnyStreamTokens tokens on 16-register ISAs the rows are
-// streamed pair after pair, otherwise taken in blocks of rows; both sum in the same order, so
+// streamed pair after pair, one token's rows of at most kSkinnyShortRowBytes on 32-register
+// ISAs one after the other, otherwise taken in blocks of rows; all sum in the same order, so
 // give the same bits.
 template <class Arch, class Wt, class Scalar>
 void skinny_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                     const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
   if (detail::vector_registers<Arch>() < 32 && T >= kSkinnyStreamFrom && T <= kSkinnyStreamTokens)
     detail::skinny_product_streamed<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
+  else if (detail::vector_registers<Arch>() >= 32 && T == 1 && in * Index(sizeof(Wt)) <= kSkinnyShortRowBytes)
+    detail::skinny_stream_rows<1, Arch, 0>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
   else
     detail::skinny_product_blocked<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
 }
