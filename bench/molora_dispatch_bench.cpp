@@ -697,7 +697,7 @@ Cell run_cell(const Options& o, Evictor& evict, Index E, Index k, Index r, Index
 
 // One column of the JSON / CSV: a name and the cell's value as text (empty = n/a).
 struct Column {
-  const char* name;
+  std::string name;
   bool text;
   std::function<std::string(const Cell&)> value;
 };
@@ -714,10 +714,7 @@ std::vector<Column> columns() {
   auto idx = [&](const char* n, Index Cell::*m) { cols.push_back({n, false, [m](const Cell& c) { return std::to_string(c.*m); }}); };
   auto txt = [&](const char* n, std::string Cell::*m) { cols.push_back({n, true, [m](const Cell& c) { return c.*m; }}); };
   auto dbl = [&](std::string n, std::function<double(const Cell&)> f) {
-    static std::vector<std::string> names;  // keeps the composed names alive
-    names.reserve(64);
-    names.push_back(std::move(n));
-    cols.push_back({names.back().c_str(), false, [f](const Cell& c) { return num(f(c)); }});
+    cols.push_back({std::move(n), false, [f](const Cell& c) { return num(f(c)); }});
   };
   idx("in", &Cell::in);
   idx("out", &Cell::out);
