@@ -8,9 +8,17 @@
 
 #include <molora/kernels/dispatched.hpp>
 
+// The ISA objects this build holds (CMake's MOLORA_KERNEL_ISAS defines MOLORA_KERNELS_HAVE_*;
+// scalar is always there).
+#if MOLORA_KERNELS_HAVE_AVX512
 extern const molora::kernels::IsaKernels molora_kernels_isa_avx512;
+#endif
+#if MOLORA_KERNELS_HAVE_AVX2
 extern const molora::kernels::IsaKernels molora_kernels_isa_avx2;
+#endif
+#if MOLORA_KERNELS_HAVE_SSE42
 extern const molora::kernels::IsaKernels molora_kernels_isa_sse42;
+#endif
 extern const molora::kernels::IsaKernels molora_kernels_isa_scalar;
 
 namespace molora::kernels::detail {
@@ -32,19 +40,35 @@ bool cpu_has_f16c() {
 // CPU check includes) can run an ISA's object: exactly the flags that object is built with.
 bool cpu_has(const IsaKernels& k) {
   __builtin_cpu_init();
-  if (&k == &molora_kernels_isa_avx512)
+  const std::string name = k.name;
+  if (name == "avx512")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
-  if (&k == &molora_kernels_isa_avx2)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
-  if (&k == &molora_kernels_isa_sse42) return __builtin_cpu_supports("sse4.2");
+  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
+  if (name == "sse4.2") return __builtin_cpu_supports("sse4.2");
   return true;
 }
 
-// Every ISA, best first.
-const IsaKernels* const all_isas[] = {&molora_kernels_isa_avx512, &molora_kernels_isa_avx2,
-                                      &molora_kernels_isa_sse42, &molora_kernels_isa_scalar};
+// Every ISA this build holds, best first.
+const IsaKernels* const all_isas[] = {
+#if MOLORA_KERNELS_HAVE_AVX512
+    &molora_kernels_isa_avx512,
+#endif
+#if MOLORA_KERNELS_HAVE_AVX2
+    &molora_kernels_isa_avx2,
+#endif
+#if MOLORA_KERNELS_HAVE_SSE42
+    &molora_kernels_isa_sse42,
+#endif
+    &molora_kernels_isa_scalar};
+
+// The names of the ISAs this build holds, best first, for messages.
+std::string built_isa_list() {
+  std::string s;
+  for (const IsaKernels* k : all_isas) s += (s.empty() ? "" : ", ") + std::string(k->name);
+  return s;
+}
 
 // The names of the ISAs this CPU has, best first, null-ended (filled once).
 struct CpuIsas {
@@ -74,6 +98,10 @@ const IsaKernels& find_isa(const std::string& name, const char* what) {
         throw config_error(::molora::detail::mismatch(cat(what, " (an ISA this CPU has)"), cpu_isa_list(), name));
       return *k;
     }
+  for (const char* known : {"avx512", "avx2", "sse4.2"})
+    if (name == known)
+      throw config_error(::molora::detail::mismatch(cat(what, " (an ISA this build of molora::kernels holds)"),
+                                                    built_isa_list(), name));
   throw config_error(
       ::molora::detail::mismatch(cat(what, " (an ISA molora knows)"), "avx512, avx2, sse4.2 or scalar", name));
 }
