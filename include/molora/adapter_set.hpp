@@ -76,16 +76,8 @@ public:
   static Ptr share(std::shared_ptr<const MoLoRAAdapter<Scalar>> a, double scale = 1) {
     if (!a) throw config_error("SetAdapter::share: expected an adapter, got null");
     a->check_live();
-    SetAdapterViews<Scalar> v;
     const auto& c = a->config();
-    v.in_features = c.in_features;
-    v.out_features = c.out_features;
-    v.num_experts = c.num_experts;
-    v.top_k = c.top_k;
-    v.rank = c.rank;
-    v.scaling = static_cast<double>(a->scaling());
-    v.normalize_top_k = c.normalize_top_k;
-    v.selection = c.selection;
+    SetAdapterViews<Scalar> v = moe_views(c, static_cast<double>(a->scaling()));
     v.router_weight = a->router().weight().data();
     v.router_bias = a->router().has_bias() ? a->router().bias().data() : nullptr;
     for (Index e = 0; e < c.num_experts; ++e) {
@@ -100,11 +92,7 @@ public:
   static Ptr share(std::shared_ptr<const LoRA<Scalar>> l, double scale = 1) {
     if (!l) throw config_error("SetAdapter::share: expected a LoRA, got null");
     l->check_live();
-    SetAdapterViews<Scalar> v;
-    v.in_features = l->in_features();
-    v.out_features = l->out_features();
-    v.rank = l->rank();
-    v.scaling = static_cast<double>(l->scaling());
+    SetAdapterViews<Scalar> v = lora_views(*l);
     v.A.push_back(l->A().data());
     v.Bt.push_back(l->B().data());
     auto s = std::shared_ptr<SetAdapter>(new SetAdapter(std::move(v), l, scale, false));
@@ -128,15 +116,7 @@ public:
     held->router_weight.resize(E, in);  // [E, in]
     for (Index i = 0; i < held->router_weight.size(); ++i)
       held->router_weight.data()[i] = Scalar(to_float(a->router().weight_data()[i]));
-    SetAdapterViews<Scalar> v;
-    v.in_features = in;
-    v.out_features = out;
-    v.num_experts = E;
-    v.top_k = c.top_k;
-    v.rank = r;
-    v.scaling = static_cast<double>(a->scaling());
-    v.normalize_top_k = c.normalize_top_k;
-    v.selection = c.selection;
+    SetAdapterViews<Scalar> v = moe_views(c, static_cast<double>(a->scaling()));
     v.router_weight = held->router_weight.data();
     v.router_bias = a->router().has_bias() ? a->router().bias().data() : nullptr;
     for (Index e = 0; e < E; ++e) {
@@ -151,11 +131,7 @@ public:
   static Ptr share(std::shared_ptr<const LoRA<Scalar, W>> l, double scale = 1) {
     if (!l) throw config_error("SetAdapter::share: expected a LoRA, got null");
     l->check_live();
-    SetAdapterViews<Scalar> v;
-    v.in_features = l->in_features();
-    v.out_features = l->out_features();
-    v.rank = l->rank();
-    v.scaling = static_cast<double>(l->scaling());
+    SetAdapterViews<Scalar> v = lora_views(*l);
     half_A<W>(v).push_back(l->A_data());    // [r, in]
     half_Bt<W>(v).push_back(l->B_data());   // B^T [r, out]
     return Ptr(new SetAdapter(std::move(v), std::move(l), scale, false));
@@ -204,6 +180,28 @@ public:
   }
 
 private:
+  // The views' shape, gating and scaling fields of a MoLoRA adapter / a LoRA (share()).
+  static SetAdapterViews<Scalar> moe_views(const MoLoRAConfig& c, double scaling) {
+    SetAdapterViews<Scalar> v;
+    v.in_features = c.in_features;
+    v.out_features = c.out_features;
+    v.num_experts = c.num_experts;
+    v.top_k = c.top_k;
+    v.rank = c.rank;
+    v.scaling = scaling;
+    v.normalize_top_k = c.normalize_top_k;
+    v.selection = c.selection;
+    return v;
+  }
+  template <class L>
+  static SetAdapterViews<Scalar> lora_views(const L& l) {
+    SetAdapterViews<Scalar> v;
+    v.in_features = l.in_features();
+    v.out_features = l.out_features();
+    v.rank = l.rank();
+    v.scaling = static_cast<double>(l.scaling());
+    return v;
+  }
   // A shared 16-bit MoLoRA adapter and its router weight widened (share()).
   template <class Held>
   struct HalfAdapter {
