@@ -591,7 +591,9 @@ inline void gemm_product_bf16dot_wt(const bf16* w, Index ldw, Index in, const fl
   }
 }
 
-// gemm_product's loops over the packed blocks, with pairs of bf16 in place of floats.
+// gemm_product's loops over the packed blocks, with pairs of bf16 in place of floats: the
+// bf16-dot GEMM before the in-place driver, kept as its yardstick (the same bits, checked in
+// native builds by tests/test_gemm_kernels.cpp; its time by bench_base's dot4_wt cells).
 inline void gemm_product_bf16dot_packed(const bf16* w, Index ldw, Index in, const float* x, Index ldx, Index T,
                                         const float* bias, float* y, Index ldy, Index o0, Index o1,
                                         float* scratch) noexcept {
@@ -628,15 +630,12 @@ inline void gemm_product_bf16dot_packed(const bf16* w, Index ldw, Index in, cons
   }
 }
 
-// The bf16-dot GEMM: W read in place up to kBf16DotWtUpTo tokens, packed above.
-constexpr Index kBf16DotWtUpTo = 1 << 30;
+// The bf16-dot GEMM is the in-place driver at every T: on one Zen 4 core it took 0.55-0.91x
+// the packed driver's time from 16 to 1024 tokens (docs/design-notes.md, "The bf16-dot GEMM").
 inline void gemm_product_bf16dot_avx512(const bf16* w, Index ldw, Index in, const float* x, Index ldx, Index T,
                                         const float* bias, float* y, Index ldy, Index o0, Index o1,
                                         float* scratch) noexcept {
-  if (T <= kBf16DotWtUpTo)
-    gemm_product_bf16dot_wt(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1, scratch);
-  else
-    gemm_product_bf16dot_packed(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1, scratch);
+  gemm_product_bf16dot_wt(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1, scratch);
 }
 
 }  // namespace detail
