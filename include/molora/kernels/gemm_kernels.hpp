@@ -17,8 +17,9 @@
 // tokens between threads changes no bit, and 16-bit weights give the bits of their widened
 // float copy.
 //
-// Also here: gemm_product_bf16dot, the same loops over pairs of bf16 for the opt-in bf16-dot
-// mode (AVX512_BF16's VDPBF16PS; docs/design-notes.md, "The bf16-dot GEMM").
+// Also here: gemm_product_bf16dot, the opt-in bf16-dot mode's GEMM (AVX512_BF16's VDPBF16PS;
+// docs/design-notes.md, "The bf16-dot GEMM"): W's bf16 pairs read in place and broadcast, x
+// packed in panels of 64 tokens; the same bits rule.
 #pragma once
 
 #include <cmath>
@@ -645,8 +646,9 @@ inline void gemm_product_bf16dot_avx512(const bf16* w, Index ldw, Index in, cons
 // bf16(x[t*ldx + i]) * w[o*ldw + i] (+ bias[o]) for t < T, the activations rounded to bf16 (to
 // nearest even), products exact, sums in float. Same requirements as gemm_product (scratch of
 // gemm_scratch_size<Scalar>() values). With AVX512_BF16 (callers check bf16_dot_available()
-// first) x and W are packed as pairs of bf16 and each lane of VDPBF16PS adds a pair of
-// products (it rounds once per addition and flushes subnormals); elsewhere a plain loop.
+// first) x is packed as pairs of bf16, W's pairs are read in place, and each lane of
+// VDPBF16PS adds a pair of products (it rounds once per addition and flushes subnormals);
+// elsewhere a plain loop.
 // Either way the sums are split per kGemmBf16KC inputs as gemm_product splits them, so y
 // depends on row t of x, row o of W and bias[o] only: no bit changes with the output range,
 // the tokens or the thread count. (The bits differ from skinny_product_bf16dot's.)
