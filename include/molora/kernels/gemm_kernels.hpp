@@ -331,7 +331,7 @@ constexpr int kBf16MR = 12;
 constexpr Index kBf16NR = 32;
 
 // The block that reads W in place (gemm_bf16_wt_block): 6 outputs x up to 64 tokens (24
-// accumulators, 4 x vectors; W's pairs broadcast from memory inside VDPBF16PS). x is packed in
+// accumulators, 4 x vectors, one broadcast of a W pair from memory). x is packed in
 // panels of kBf16WtTP tokens x the pairs of kBf16WtKC inputs (a multiple of kGemmBf16KC), two
 // panels at a time (512 KiB).
 constexpr Index kBf16WtMR = 6;
