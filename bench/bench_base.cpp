@@ -1164,3 +1164,100 @@ bool register_cells() {
 const bool registered = register_cells();
 
 }  // namespace bf16dot_few
+
+// dot4
+// ---- the bf16-dot GEMM's two drivers, and the layer around it ---------------------------------
+//   dot4_wt/in/out/T              one thread, W0 bf16, f32 activations, bias, weights warm: the
+//                                 bf16-dot GEMM reading W in place
+//                                 (kernels::detail::gemm_product_bf16dot_wt) against the one
+//                                 packing W (gemm_product_bf16dot_packed), alternately in one
+//                                 loop. Counters wt_over_packed (median of the per-iteration
+//                                 ratio), wt_gflops, packed_gflops. What detail::kBf16DotWtUpTo is
+//                                 set from.
+//   dot4_layer/T                  MoLoRALinear<float, bf16> 4096 x 4096 (E = 8, k = 2, r = 16) in
+//                                 bf16-dot mode, forward against forward_base alternately, warm:
+//                                 the adapters' share of the layer. Counters layer_ms, base_ms,
+//                                 adapters_ms (difference of the medians), base_gflops.
+// Both skip (with an error message) without AVX512_BF16.
+namespace dot4_cells {
+
+using molora::bf16;
+
+void BM_dot4_wt(benchmark::State& st) {
+  if (!molora::kernels::bf16_dot_available()) return st.SkipWithError("no AVX512_BF16");
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOLORA_NO_XSIMD)
+  bf16dot_cells::Problem p(st.range(0), st.range(1), st.range(2));
+  std::vector<float> scratch(static_cast<std::size_t>(molora::kernels::gemm_scratch_size<float>()));
+  namespace kd = molora::kernels::detail;
+  bf16dot_cells::alternate(
+      st,
+      [&] {
+        kd::gemm_product_bf16dot_wt(p.w.data(), p.in, p.in, p.x.data(), p.in, p.T, p.bias.data(), p.y.data(), p.out,
+                                    Index(0), p.out, scratch.data());
+      },
+      [&] {
+        kd::gemm_product_bf16dot_packed(p.w.data(), p.in, p.in, p.x.data(), p.in, p.T, p.bias.data(), p.y.data(),
+                                        p.out, Index(0), p.out, scratch.data());
+      },
+      "wt_over_packed", "wt_gflops", "packed_gflops", 2.0 * double(p.in) * double(p.out) * double(p.T));
+  benchmark::DoNotOptimize(p.y.data());
+#else
+  st.SkipWithError("built without AVX512_BF16");
+#endif
+}
+
+void BM_dot4_layer(benchmark::State& st) {
+  if (!molora::kernels::bf16_dot_available()) return st.SkipWithError("no AVX512_BF16");
+  const Index in = 4096, out = 4096, T = st.range(0);
+  auto layer = make_layer<bf16>(in, out);
+  layer->set_bf16_dot(true);
+  Mat<float> x(T, in), y(T, out);
+  fill(x, 7 + static_cast<std::uint64_t>(T), 1.0);
+  molora::MoLoRAWorkspace<float> ws;
+  layer->forward(x, y, ws);
+  layer->forward_base(x, y);  // warm
+  std::vector<double> tl, tb;
+  for (auto _ : st) {
+    double t0 = cpu_seconds();
+    layer->forward(x, y, ws);
+    benchmark::ClobberMemory();
+    const double a = cpu_seconds() - t0;
+    t0 = cpu_seconds();
+    layer->forward_base(x, y);
+    benchmark::ClobberMemory();
+    const double b = cpu_seconds() - t0;
+    st.SetIterationTime(a);
+    tl.push_back(a);
+    tb.push_back(b);
+  }
+  st.counters["layer_ms"] = 1e3 * median(tl);
+  st.counters["base_ms"] = 1e3 * median(tb);
+  st.counters["adapters_ms"] = 1e3 * (median(tl) - median(tb));
+  st.counters["base_gflops"] = 2.0 * double(in) * double(out) * double(T) / median(tb) * 1e-9;
+  benchmark::DoNotOptimize(y.data());
+}
+
+bool register_cells() {
+  const std::vector<std::pair<Index, Index>> shapes = {{4096, 4096}, {1024, 2816}, {2816, 1024}};
+  for (const auto& [in, out] : shapes)
+    for (Index T : {16, 20, 32, 48, 64, 128, 256, 512, 1024})
+      benchmark::RegisterBenchmark(("dot4_wt/" + std::to_string(in) + "/" + std::to_string(out) + "/" +
+                                    std::to_string(T))
+                                       .c_str(),
+                                   BM_dot4_wt)
+          ->Args({in, out, T})
+          ->UseManualTime()
+          ->MinTime(0.2)
+          ->Unit(benchmark::kMillisecond);
+  for (Index T : {16, 64, 256, 1024})
+    benchmark::RegisterBenchmark(("dot4_layer/" + std::to_string(T)).c_str(), BM_dot4_layer)
+        ->Args({T})
+        ->UseManualTime()
+        ->MinTime(0.2)
+        ->Unit(benchmark::kMillisecond);
+  return true;
+}
+
+const bool registered = register_cells();
+
+}  // namespace dot4_cells

@@ -367,21 +367,30 @@ void dot_reference_suite() {
   };
   for (int n = 0; n < 100; ++n)
     check(1 + Index(gen() % 70), 1 + Index(gen() % 80), 1 + Index(gen() % 40), n % 2 == 0);
-  // in across one pair, a vector of pairs (32 inputs) and the packed block (kGemmBf16KC).
-  for (const Index in : {Index(1), Index(2), Index(3), Index(31), Index(32), Index(33), k::kGemmBf16KC - 1,
-                         k::kGemmBf16KC, k::kGemmBf16KC + 1, 2 * k::kGemmBf16KC + 37})
+  // in across one pair, a vector of pairs (32 inputs), the block of kGemmBf16KC inputs and the
+  // in-place driver's chunk of 4 kGemmBf16KC (x packed per chunk, the sum carried in y).
+  for (const Index in : {Index(1), Index(2), Index(3), Index(17), Index(31), Index(32), Index(33), Index(257),
+                         k::kGemmBf16KC - 1, k::kGemmBf16KC, k::kGemmBf16KC + 1, 2 * k::kGemmBf16KC + 37,
+                         4 * k::kGemmBf16KC - 1, 4 * k::kGemmBf16KC, 4 * k::kGemmBf16KC + 1,
+                         8 * k::kGemmBf16KC + 37})
     check(in, 1 + Index(gen() % 70), 1 + Index(gen() % 30), in % 2 == 1);
-  for (const Index out : {Index(1), Index(31), Index(32), Index(33), Index(63), Index(65), k::kGemmNC - 1, k::kGemmNC,
-                          k::kGemmNC + 1, 2 * k::kGemmNC + 29})
+  // out across the in-place block (6 outputs) and the packed one (32).
+  for (const Index out : {Index(1), Index(3), Index(5), Index(6), Index(7), Index(13), Index(17), Index(31), Index(32),
+                          Index(33), Index(63), Index(65), k::kGemmNC - 1, k::kGemmNC, k::kGemmNC + 1,
+                          2 * k::kGemmNC + 29})
     check(1 + Index(gen() % 40), out, 1 + Index(gen() % 20), out % 2 == 0);
-  // T across the register blocks: the 4- and 8-token tail blocks (T % 12 in 1..4, 5..8), the
-  // 12-token block, the packed block of tokens.
+  // T across the register blocks: the in-place driver's 1 to 4 vectors of 16 tokens, its
+  // panel of 64 and block of two panels; the packed driver's 4-, 8- and 12-token blocks and
+  // its packed block of tokens.
   for (const Index T : {Index(1), Index(3), Index(4), Index(5), Index(7), Index(8), Index(9), Index(11), Index(12),
-                        Index(13), Index(16), Index(17), Index(20), Index(21), Index(24), Index(25), k::kGemmMC - 1,
-                        k::kGemmMC, k::kGemmMC + 1, k::kGemmMC + 4, k::kGemmMC + 8, 2 * k::kGemmMC + 17})
+                        Index(13), Index(15), Index(16), Index(17), Index(20), Index(21), Index(24), Index(25),
+                        Index(31), Index(32), Index(33), Index(47), Index(48), Index(49), Index(63), Index(64),
+                        Index(65), Index(127), Index(128), Index(129), Index(145), k::kGemmMC - 1, k::kGemmMC,
+                        k::kGemmMC + 1, k::kGemmMC + 4, k::kGemmMC + 8, 2 * k::kGemmMC + 17})
     check(1 + Index(gen() % 40), 1 + Index(gen() % 50), T, T % 2 == 1);
   check(k::kGemmBf16KC + 45, k::kGemmNC + 77, 131, true);
   check(1024, 96, 128, false);
+  check(4 * k::kGemmBf16KC + 3, 19, 70, true);  // two chunks, two token panels, odd everything
   MESSAGE(std::string(Arch::name()), ": worst error / stated bound ", worst);
 }
 
@@ -392,7 +401,7 @@ void dot_split_suite() {
   std::mt19937_64 gen(48);
   std::uint64_t seed = 30000;
   for (const Index in : {1, 5, 33, 300, 530, 1100})
-    for (const Index T : {1, 3, 4, 5, 8, 13, 16, 20, 30})
+    for (const Index T : {1, 3, 4, 5, 8, 13, 16, 20, 30, 65, 129})
       for (const Index out : {1, 6, 45, 97}) {
         const Problem<float, bf16> p(in, out, T, (in + T) % 2 == 0, ++seed);
         const std::vector<float> whole = run_dot<Arch>(p, 0, out, 0, T, p.y0);
@@ -417,6 +426,32 @@ void dot_split_suite() {
       }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOLORA_NO_XSIMD)
+// Native builds with AVX512_BF16: the in-place driver (what gemm_product_bf16dot runs) gives
+// the bits of the packed one it replaced, whatever in, out, T and the output range.
+void dot_drivers_suite() {
+  namespace kd = k::detail;
+  std::mt19937_64 gen(91);
+  std::uint64_t seed = 40000;
+  std::vector<float> scratch(at(k::gemm_scratch_size<float>()) + 3);
+  auto one = [&](Index in, Index out, Index T) {
+    const Problem<float, bf16> p(in, out, T, (in + out + T) % 2 == 0, ++seed);
+    const Index o0 = Index(gen() % std::uint64_t(out)), o1 = o0 + 1 + Index(gen() % std::uint64_t(out - o0));
+    std::vector<float> a = p.y0, b = p.y0;
+    kd::gemm_product_bf16dot_wt(p.w.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), a.data(), p.ldy, o0, o1,
+                                scratch.data() + 3);
+    kd::gemm_product_bf16dot_packed(p.w.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), b.data(), p.ldy, o0,
+                                    o1, scratch.data() + 3);
+    INFO("in=", in, " out=", out, " T=", T, " outputs [", o0, ", ", o1, ")");
+    CHECK(a == b);
+  };
+  for (int n = 0; n < 60; ++n) one(1 + Index(gen() % 300), 1 + Index(gen() % 80), 1 + Index(gen() % 150));
+  for (const Index in : {Index(1), Index(3), Index(511), Index(512), Index(513), Index(2047), Index(2048), Index(2049),
+                         Index(4133)})
+    for (const Index T : {Index(1), Index(17), Index(64), Index(65), Index(129)}) one(in, 1 + Index(gen() % 40), T);
+}
+#endif
+
 bool skip_without_bf16_dot() {
   if (k::bf16_dot_available()) return false;
   MESSAGE("this CPU (or the ISA running) lacks AVX512_BF16: the bf16-dot kernel's vector path is not tested");
@@ -437,6 +472,17 @@ TEST_CASE("gemm_kernels: gemm_product_bf16dot's output ranges and token ranges c
     if (!skip_without_bf16_dot()) dot_split_suite<k::layer_arch>();
   }
   SUBCASE("scalar") { dot_split_suite<k::scalar_arch>(); }
+}
+
+TEST_CASE("gemm_kernels: the bf16-dot GEMM's in-place driver gives the packed driver's bits") {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOLORA_NO_XSIMD)
+  if (k::bf16_dot_available())
+    dot_drivers_suite();
+  else
+    MESSAGE("this CPU lacks AVX512_BF16: the two drivers are not compared");
+#else
+  MESSAGE("built without AVX512_BF16 (a native build on such a CPU compares the two drivers)");
+#endif
 }
 
 // The layers in bf16-dot mode, T = 1..300 (both sides of kBf16DotGemmFrom and of

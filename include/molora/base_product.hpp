@@ -188,7 +188,7 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
 // AVX512_BF16; below it x is rounded to bf16 and the exact skinny_product runs on it, faster
 // there than skinny_product_bf16dot (docs/peers.md, "bf16-dot at few tokens"). A constant,
 // whatever the thread count.
-constexpr Index kBf16DotGemmFrom = 20;
+constexpr Index kBf16DotGemmFrom = 8;
 
 // y = round_bf16(x) as floats [T, in], into a per-thread scratch kept between calls (it grows,
 // never shrinks: no allocation once warm for T <= the largest T seen).

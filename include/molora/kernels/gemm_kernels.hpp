@@ -17,13 +17,15 @@
 // tokens between threads changes no bit, and 16-bit weights give the bits of their widened
 // float copy.
 //
-// Also here: gemm_product_bf16dot, the same loops over pairs of bf16 for the opt-in bf16-dot
-// mode (AVX512_BF16's VDPBF16PS; docs/design-notes.md, "The bf16-dot GEMM").
+// Also here: gemm_product_bf16dot, the opt-in bf16-dot mode's GEMM (AVX512_BF16's VDPBF16PS;
+// docs/design-notes.md, "The bf16-dot GEMM"): W's bf16 pairs read in place and broadcast, x
+// packed in panels of 64 tokens; the same bits rule.
 #pragma once
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "../half.hpp"
@@ -328,6 +330,15 @@ namespace detail {
 constexpr int kBf16MR = 12;
 constexpr Index kBf16NR = 32;
 
+// The block that reads W in place (gemm_bf16_wt_block): 6 outputs x up to 64 tokens (24
+// accumulators, 4 x vectors, one broadcast of a W pair from memory). x is packed in
+// panels of kBf16WtTP tokens x the pairs of kBf16WtKC inputs (a multiple of kGemmBf16KC), two
+// panels at a time (512 KiB).
+constexpr Index kBf16WtMR = 6;
+constexpr Index kBf16WtTP = 64;
+constexpr Index kBf16WtKC = 4 * kGemmBf16KC;
+constexpr Index kBf16WtPanels = 2;
+
 // Two bf16 values as the bits of one float: the packed blocks live in the float scratch, each
 // 32-bit lane holding inputs 2q (low half) and 2q + 1 (high half), as VDPBF16PS reads them.
 inline float bf16_pair_bits(std::uint16_t lo, std::uint16_t hi) noexcept {
@@ -364,15 +375,17 @@ inline void gemm_bf16_pack_w(const bf16* w, Index ldw, Index cols, Index kc, flo
   }
 }
 
-// Packs tokens [0, rows) of x (rows <= kBf16MR), inputs [0, kc), rounded to bf16 (to nearest
-// even, by VCVTNE2PS2BF16 as skinny_product_bf16dot rounds them) as pairs into
-// dst[q * kBf16MR + i]; an odd kc's last pair and the tokens i >= rows are zero.
+// Packs tokens [0, rows) of x (rows <= S, S = kBf16MR for the packed-W block, kBf16WtTP for the
+// in-place one), inputs [0, kc), rounded to bf16 (to nearest even, by VCVTNE2PS2BF16 as
+// skinny_product_bf16dot rounds them) as pairs into dst[q * S + i]; an odd kc's last pair and
+// the tokens i >= rows are zero.
+template <Index S = kBf16MR>
 inline void gemm_bf16_pack_x(const float* x, Index ldx, Index rows, Index kc, float* dst) noexcept {
   const Index kq = (kc + 1) / 2;
   alignas(64) float pairs[16];
-  for (Index i = 0; i < kBf16MR; ++i) {
+  for (Index i = 0; i < S; ++i) {
     if (i >= rows) {
-      for (Index q = 0; q < kq; ++q) dst[q * kBf16MR + i] = bf16_pair_bits(0, 0);
+      for (Index q = 0; q < kq; ++q) dst[q * S + i] = bf16_pair_bits(0, 0);
       continue;
     }
     const float* src = x + i * ldx;
@@ -382,7 +395,7 @@ inline void gemm_bf16_pack_x(const float* x, Index ldx, Index rows, Index kc, fl
       const auto mhi = static_cast<__mmask16>(n <= 16 ? 0u : (1u << (n - 16)) - 1u);
       const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mhi, src + c + 16), _mm512_maskz_loadu_ps(mlo, src + c));
       _mm512_store_ps(pairs, _mm512_castsi512_ps((__m512i)v));
-      for (Index l = 0; l < Index(n + 1) / 2; ++l) dst[(c / 2 + l) * kBf16MR + i] = pairs[l];
+      for (Index l = 0; l < Index(n + 1) / 2; ++l) dst[(c / 2 + l) * S + i] = pairs[l];
     }
   }
 }
@@ -457,8 +470,132 @@ inline void gemm_bf16_any_rows(Index kq, const float* xp, const float* wp, float
     gemm_bf16_rows<kBf16MR>(kq, xp, wp, c, ldc, rows, cols, first, bias);
 }
 
-// gemm_product's loops over the packed blocks, with pairs of bf16 in place of floats.
-inline void gemm_product_bf16dot_avx512(const bf16* w, Index ldw, Index in, const float* x, Index ldx, Index T,
+// ---- the block that reads W in place ----
+// Roles swapped: the lanes hold tokens and W's pairs are broadcast, so W needs no packing (its
+// row-major bf16 rows already hold each output's pairs, inputs 2q and 2q + 1, as 32-bit words)
+// and only x is packed, K-major, 64 tokens wide. Each lane still computes, per block of
+// kGemmBf16KC inputs, acc = 0 then acc = VDPBF16PS(acc, x pair, w pair) in input order, and
+// the products of a lane are exact and commute: every element gets the bits of the packed-W
+// block.
+
+// W's pair (p[0], p[1]) in all 16 lanes.
+inline __m512bh bf16_pair_broadcast(const bf16* p) noexcept {
+  std::uint32_t u;
+  std::memcpy(&u, p, sizeof u);
+  return (__m512bh)_mm512_set1_epi32(static_cast<int>(u));
+}
+
+// Rows [0, rows) of w (rows <= kBf16WtMR, each from w + i*ldw), inputs [0, kc), against the
+// first NV*16 tokens of a packed x panel (stride kBf16WtTP per pair; tokens [0, tokens) real,
+// tokens <= 16 NV): per block of kGemmBf16KC inputs an accumulator from zero, summed into a
+// local tile s (s = acc for the very first block when `first`, else s = s + acc); then
+// y[t*ldy + i] = s (+ bias[i] when bias is not null) for t < tokens, i < rows. When not
+// `first` s starts from y (the earlier chunks' sum). Missing rows repeat row rows - 1 and are
+// not stored. An odd kc's last pair reads w's last input alone.
+template <int NV>
+inline void gemm_bf16_wt_block(const bf16* w, Index ldw, Index rows, Index kc, const float* xp, float* y, Index ldy,
+                               Index tokens, bool first, const float* bias) noexcept {
+  constexpr int MR = static_cast<int>(kBf16WtMR);
+  constexpr Index TP = kBf16WtTP;
+  constexpr Index N = 16 * NV;
+  const bf16* wr[MR];
+  MOLORA_UNROLL
+  for (int i = 0; i < MR; ++i) wr[i] = w + (i < rows ? i : rows - 1) * ldw;
+  alignas(64) float s[MR * N];
+  if (!first) {
+    for (Index i = 0; i < MR * N; ++i) s[i] = 0.0f;
+    for (Index t = 0; t < tokens; ++t)
+      for (Index i = 0; i < rows; ++i) s[i * N + t] = y[t * ldy + i];
+  }
+  for (Index p = 0; p < kc; p += kGemmBf16KC) {
+    const Index kb = kc - p < kGemmBf16KC ? kc - p : kGemmBf16KC;
+    const Index whole = kb / 2;
+    const float* xq = xp + p / 2 * TP;
+    __m512 acc[MR][NV];
+    MOLORA_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      MOLORA_UNROLL
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+    }
+    for (Index q = 0; q < whole; ++q) {
+      __m512bh xv[NV];
+      MOLORA_UNROLL
+      for (int v = 0; v < NV; ++v) xv[v] = (__m512bh)_mm512_load_si512(static_cast<const void*>(xq + q * TP + 16 * v));
+      MOLORA_UNROLL
+      for (int i = 0; i < MR; ++i) {
+        const __m512bh wb = bf16_pair_broadcast(wr[i] + p + 2 * q);
+        MOLORA_UNROLL
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], xv[v], wb);
+      }
+    }
+    if (kb % 2 != 0) {
+      __m512bh xv[NV];
+      MOLORA_UNROLL
+      for (int v = 0; v < NV; ++v)
+        xv[v] = (__m512bh)_mm512_load_si512(static_cast<const void*>(xq + whole * TP + 16 * v));
+      MOLORA_UNROLL
+      for (int i = 0; i < MR; ++i) {
+        const __m512bh wb = (__m512bh)_mm512_set1_epi32(static_cast<int>(wr[i][p + 2 * whole].bits));
+        MOLORA_UNROLL
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], xv[v], wb);
+      }
+    }
+    const bool start = first && p == 0;
+    MOLORA_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      MOLORA_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        float* sp = s + i * N + 16 * v;
+        _mm512_store_ps(sp, start ? acc[i][v] : _mm512_add_ps(_mm512_load_ps(sp), acc[i][v]));
+      }
+    }
+  }
+  for (Index t = 0; t < tokens; ++t)
+    for (Index i = 0; i < rows; ++i) y[t * ldy + i] = bias ? s[i * N + t] + bias[i] : s[i * N + t];
+}
+
+// The product with W read in place: per chunk of kBf16WtKC inputs and per two panels of 64
+// tokens, x is packed once; then every block of 6 outputs runs over the panels (its W rows
+// stay in L1 between them). A last panel of t tokens runs ceil(t / 16) vectors.
+inline void gemm_product_bf16dot_wt(const bf16* w, Index ldw, Index in, const float* x, Index ldx, Index T,
+                                    const float* bias, float* y, Index ldy, Index o0, Index o1,
+                                    float* scratch) noexcept {
+  constexpr Index TP = kBf16WtTP;
+  constexpr Index KQ = kBf16WtKC / 2;
+  const auto addr = reinterpret_cast<std::uintptr_t>(scratch);
+  float* xpack = scratch + static_cast<Index>((64 - addr % 64) % 64) / Index(sizeof(float));
+  for (Index pc = 0; pc < in; pc += kBf16WtKC) {
+    const Index kc = in - pc < kBf16WtKC ? in - pc : kBf16WtKC;
+    const bool first = pc == 0;
+    const float* b = pc + kc == in ? bias : nullptr;
+    for (Index ic = 0; ic < T; ic += kBf16WtPanels * TP) {
+      const Index mc = T - ic < kBf16WtPanels * TP ? T - ic : kBf16WtPanels * TP;
+      for (Index ir = 0; ir < mc; ir += TP)
+        gemm_bf16_pack_x<TP>(x + (ic + ir) * ldx + pc, ldx, mc - ir < TP ? mc - ir : TP, kc, xpack + ir * KQ);
+      for (Index ob = o0; ob < o1; ob += kBf16WtMR) {
+        const Index rows = o1 - ob < kBf16WtMR ? o1 - ob : kBf16WtMR;
+        const bf16* wb = w + ob * ldw + pc;
+        const float* bb = b ? b + ob : nullptr;
+        for (Index ir = 0; ir < mc; ir += TP) {
+          const Index tokens = mc - ir < TP ? mc - ir : TP;
+          const float* xp = xpack + ir * KQ;
+          float* yt = y + (ic + ir) * ldy + ob;
+          switch ((tokens + 15) / 16) {
+            case 1: gemm_bf16_wt_block<1>(wb, ldw, rows, kc, xp, yt, ldy, tokens, first, bb); break;
+            case 2: gemm_bf16_wt_block<2>(wb, ldw, rows, kc, xp, yt, ldy, tokens, first, bb); break;
+            case 3: gemm_bf16_wt_block<3>(wb, ldw, rows, kc, xp, yt, ldy, tokens, first, bb); break;
+            default: gemm_bf16_wt_block<4>(wb, ldw, rows, kc, xp, yt, ldy, tokens, first, bb); break;
+          }
+        }
+      }
+    }
+  }
+}
+
+// gemm_product's loops over the packed blocks, with pairs of bf16 in place of floats: the
+// bf16-dot GEMM before the in-place driver, kept as its yardstick (the same bits, checked in
+// native builds by tests/test_gemm_kernels.cpp; its time by bench_base's dot4_wt cells).
+inline void gemm_product_bf16dot_packed(const bf16* w, Index ldw, Index in, const float* x, Index ldx, Index T,
                                         const float* bias, float* y, Index ldy, Index o0, Index o1,
                                         float* scratch) noexcept {
   constexpr Index KQ = kGemmBf16KC / 2;  // pairs per packed block
@@ -494,6 +631,14 @@ inline void gemm_product_bf16dot_avx512(const bf16* w, Index ldw, Index in, cons
   }
 }
 
+// The bf16-dot GEMM is the in-place driver at every T: on one Zen 4 core it took 0.55-0.91x
+// the packed driver's time from 16 to 1024 tokens (docs/design-notes.md, "The bf16-dot GEMM").
+inline void gemm_product_bf16dot_avx512(const bf16* w, Index ldw, Index in, const float* x, Index ldx, Index T,
+                                        const float* bias, float* y, Index ldy, Index o0, Index o1,
+                                        float* scratch) noexcept {
+  gemm_product_bf16dot_wt(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1, scratch);
+}
+
 }  // namespace detail
 #endif
 
@@ -501,8 +646,9 @@ inline void gemm_product_bf16dot_avx512(const bf16* w, Index ldw, Index in, cons
 // bf16(x[t*ldx + i]) * w[o*ldw + i] (+ bias[o]) for t < T, the activations rounded to bf16 (to
 // nearest even), products exact, sums in float. Same requirements as gemm_product (scratch of
 // gemm_scratch_size<Scalar>() values). With AVX512_BF16 (callers check bf16_dot_available()
-// first) x and W are packed as pairs of bf16 and each lane of VDPBF16PS adds a pair of
-// products (it rounds once per addition and flushes subnormals); elsewhere a plain loop.
+// first) x is packed as pairs of bf16, W's pairs are read in place, and each lane of
+// VDPBF16PS adds a pair of products (it rounds once per addition and flushes subnormals);
+// elsewhere a plain loop.
 // Either way the sums are split per kGemmBf16KC inputs as gemm_product splits them, so y
 // depends on row t of x, row o of W and bias[o] only: no bit changes with the output range,
 // the tokens or the thread count. (The bits differ from skinny_product_bf16dot's.)
