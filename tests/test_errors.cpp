@@ -10,6 +10,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <limits>
 
 #include "reference.hpp"
 
@@ -195,4 +196,33 @@ TEST_CASE("T = 0 is a valid empty batch") {
   // the wrong width is still wrong when empty
   RowMatrix<float> x7(0, 7);
   CHECK_THROWS_AS(l.forward(x7, y, ws), molora::shape_error);
+}
+
+TEST_CASE_TEMPLATE("require_finite_tokens: every non-finite value found, at any column of any width", Scalar, float, double) {
+  // The check sums x * 0 per row: a value at any lane or tail position, inf, -inf or NaN,
+  // must make it throw naming that token and column; huge and tiny finite values must not.
+  const Scalar specials[] = {std::numeric_limits<Scalar>::infinity(), -std::numeric_limits<Scalar>::infinity(),
+                             std::numeric_limits<Scalar>::quiet_NaN()};
+  for (Index cols : {1, 3, 7, 8, 15, 16, 17, 31, 33, 64, 100}) {
+    RowMatrix<Scalar> x = RowMatrix<Scalar>::Random(3, cols);
+    x(0, 0) = std::numeric_limits<Scalar>::max();
+    x(1, cols - 1) = -std::numeric_limits<Scalar>::max();
+    x(2, cols / 2) = std::numeric_limits<Scalar>::denorm_min();
+    molora::ConstRowRef<Scalar> clean(x);
+    CHECK_NOTHROW(molora::detail::require_finite_tokens(clean));
+    for (Index t = 0; t < 3; ++t)
+      for (Index j = 0; j < cols; ++j)
+        for (Scalar v : specials) {
+          RowMatrix<Scalar> bad = x;
+          bad(t, j) = v;
+          molora::ConstRowRef<Scalar> br(bad);
+          CAPTURE(cols);
+          CAPTURE(t);
+          CAPTURE(j);
+          const std::string want =
+              molora::detail::cat("x of token ", t, ": expected finite values, got ", v, " at column ", j);
+          CHECK_THROWS_WITH_AS(molora::detail::require_finite_tokens(br), doctest::Contains(want.c_str()),
+                               molora::numeric_error);
+        }
+  }
 }

@@ -158,7 +158,7 @@ public:
       router_.logits_into(x, ws.logits);  // [T, E], Eigen's product (logits_rows would move the last bits)
     }
     for (Index t = 0; t < T; ++t)  // name x when a non-finite x made the logits so
-      if (!ws.logits.row(t).allFinite()) detail::require_finite_token(x, t);
+      if (!detail::all_finite(ws.logits.row(t))) detail::require_finite_token(x, t);
     ws.probs.resize(static_cast<std::size_t>(E));
     GatingOptions opt{E, config_.top_k, true, Selection::top_k};
     route<Scalar, Generator>(ConstRowRef<Scalar>(ws.logits), opt, ws.routing, nullptr, ws.probs.data());

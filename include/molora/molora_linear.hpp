@@ -485,7 +485,7 @@ private:
   template <class Logits>
   static void check_logits(const ConstRowRef<Scalar>& x, const Logits& logits) {
     for (Index t = 0; t < logits.rows(); ++t)
-      if (!logits.row(t).allFinite()) detail::require_finite_token(x, t);
+      if (!detail::all_finite(logits.row(t))) detail::require_finite_token(x, t);
   }
 
   // y[t] += sum over t's slots of g * s * B_e A_e x[t], with the strategy resolved for this
