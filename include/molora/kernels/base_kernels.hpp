@@ -183,6 +183,35 @@ constexpr Index skinny_chunk() noexcept {
   return kc < 4 * W ? 4 * W : kc;
 }
 
+// The end of a register block's pass: unless it is the last, the vector partial sums go to
+// spill (token t, row j at (t * RO + j) * W); after the last, each dot product's lanes are
+// reduced in order, then the scalar columns [in_vec, in) and the bias are added, and y written.
+template <int RO, int RT, class Arch, class Wt, class Scalar>
+inline void skinny_block_end(const xsimd::batch<Scalar, Arch> (&acc)[RO][RT], const Wt* w, Index ldw,
+                             const Scalar* x, Index ldx, Index in_vec, Index in, bool last, Scalar* spill,
+                             const Scalar* bias, Scalar* y, Index ldy) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  if (!last) {
+    MOLORA_UNROLL
+    for (int j = 0; j < RO; ++j) {
+      MOLORA_UNROLL
+      for (int t = 0; t < RT; ++t) acc[j][t].store_aligned(spill + (t * RO + j) * W);
+    }
+    return;
+  }
+  // Reduced through memory, once per dot product (see finish_dots).
+  alignas(64) Scalar lanes[W];
+  for (int j = 0; j < RO; ++j)
+    for (int t = 0; t < RT; ++t) {
+      acc[j][t].store_aligned(lanes);
+      Scalar s = 0;
+      for (Index l = 0; l < W; ++l) s += lanes[l];
+      for (Index c = in_vec; c < in; ++c) s = tail_mul_add<Arch>(Scalar(to_float(w[j * ldw + c])), x[t * ldx + c], s);
+      if (bias) s += bias[j];
+      y[t * ldy + j] = s;
+    }
+}
+
 // One register block: RO rows of W0 x RT tokens over columns [c0, c1). The first pass
 // starts from zero, later ones reload the vector partial sums from spill (token t, row j
 // at (t * RO + j) * W); the last reduces them, adds the scalar columns [in_vec, in) and the
@@ -216,25 +245,7 @@ inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Ind
       for (int t = 0; t < RT; ++t) acc[j][t] = xsimd::fma(wv, xv[t], acc[j][t]);
     }
   }
-  if (!last) {
-    MOLORA_UNROLL
-    for (int j = 0; j < RO; ++j) {
-      MOLORA_UNROLL
-      for (int t = 0; t < RT; ++t) acc[j][t].store_aligned(spill + (t * RO + j) * W);
-    }
-    return;
-  }
-  // Reduced through memory, once per dot product (see finish_dots).
-  alignas(64) Scalar lanes[W];
-  for (int j = 0; j < RO; ++j)
-    for (int t = 0; t < RT; ++t) {
-      acc[j][t].store_aligned(lanes);
-      Scalar s = 0;
-      for (Index l = 0; l < W; ++l) s += lanes[l];
-      for (Index c = in_vec; c < in; ++c) s = tail_mul_add<Arch>(Scalar(to_float(w[j * ldw + c])), x[t * ldx + c], s);
-      if (bias) s += bias[j];
-      y[t * ldy + j] = s;
-    }
+  skinny_block_end<RO, RT, Arch>(acc, w, ldw, x, ldx, in_vec, in, last, spill, bias, y, ldy);
 }
 
 // RO rows starting at w for n <= kSkinnyGroup tokens, register blocks of RO rows x TB
@@ -308,6 +319,104 @@ inline void skinny_stream_rows(const Wt* w, Index ldw, Index in, const Scalar* x
   }
 }
 
+// ---- the wide path: up to 8 tokens in registers (32-register ISAs) ------------------------
+
+// Tokens per register block of the wide path.
+constexpr int kSkinnyWideTokens = 8;
+
+// Rows per register block of the wide path: 3 rows x 8 tokens = 24 accumulators, with the 3
+// weight vectors and one x vector 28 of the 32 registers.
+constexpr int kSkinnyWideRows = 3;
+
+// Tokens for which skinny_product runs the wide path on 32-register ISAs (from
+// kSkinnyWideFrom to kSkinnyWideTo): every token of a block of 8 in registers, one pass along
+// `in` up to 8 tokens (W0 read once, x from L2), blocks of 8 tokens over L1-sized chunks of
+// `in` from 9 on (docs/benchmarks.md, "Eight tokens in registers").
+constexpr Index kSkinnyWideFrom = 5;
+constexpr Index kSkinnyWideTo = 16;
+
+// One register block of the wide path: RO rows x RT tokens over columns [c0, c1), as
+// skinny_block but the RO weight vectors are loaded (and widened) first and each token's x
+// vector then loaded on its own for its RO FMAs, so RO * RT accumulators + RO + 1 vectors
+// are live (3 x 8: 28). Each accumulator sums fma(w, x, acc) along `in` as skinny_block
+// does: the same bits.
+template <int RO, int RT, class Arch, Index PF, class Wt, class Scalar>
+inline void skinny_wide_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Index c0, Index c1, Index in_vec,
+                              Index in, bool first, bool last, Scalar* spill, const Scalar* bias, Scalar* y,
+                              Index ldy) noexcept {
+  using B = xsimd::batch<Scalar, Arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  B acc[RO][RT];
+  MOLORA_UNROLL
+  for (int j = 0; j < RO; ++j) {
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) acc[j][t] = first ? B(Scalar(0)) : B::load_aligned(spill + (t * RO + j) * W);
+  }
+  for (Index c = c0; c < c1; c += W) {
+#if defined(__GNUC__)
+    if constexpr (PF > 0) {
+      MOLORA_UNROLL
+      for (int j = 0; j < RO; ++j) __builtin_prefetch(w + j * ldw + c + PF / Index(sizeof(Wt)), 0, 3);
+    }
+#endif
+    B wv[RO];
+    MOLORA_UNROLL
+    for (int j = 0; j < RO; ++j) wv[j] = load_weights<Arch, Scalar>(w + j * ldw + c);
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) {
+      const B xv = B::load_unaligned(x + t * ldx + c);
+      MOLORA_UNROLL
+      for (int j = 0; j < RO; ++j) acc[j][t] = xsimd::fma(wv[j], xv, acc[j][t]);
+    }
+  }
+  skinny_block_end<RO, RT, Arch>(acc, w, ldw, x, ldx, in_vec, in, last, spill, bias, y, ldy);
+}
+
+// RO rows starting at w for n <= kSkinnyGroup tokens in register blocks of RO rows x
+// kSkinnyWideTokens tokens (then a block of the n % 8 left): one pass along `in` up to 8
+// tokens, else passes of skinny_chunk columns, each over every token block, the partial
+// sums spilled between passes (spill: n * RO vectors).
+template <int RO, class Arch, Index PF, class Wt, class Scalar>
+inline void skinny_wide_rows(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
+                             const Scalar* bias, Scalar* y, Index ldy, Scalar* spill) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  constexpr int TB = kSkinnyWideTokens;
+  const Index in_vec = in - in % W;
+  const Index kc = n <= TB ? in_vec : skinny_chunk<Arch, Scalar, RO>();
+  for (Index c0 = 0;; c0 += kc) {
+    const Index c1 = c0 + kc < in_vec ? c0 + kc : in_vec;
+    const bool first = c0 == 0, last = c1 == in_vec;
+    Index t = 0;
+    auto block = [&](auto tokens) {
+      constexpr int RT = decltype(tokens)::value;
+      skinny_wide_block<RO, RT, Arch, PF>(w, ldw, x + t * ldx, ldx, c0, c1, in_vec, in, first, last,
+                                          spill + t * RO * W, bias, y + t * ldy, ldy);
+    };
+    for (; t + TB <= n; t += TB) block(std::integral_constant<int, TB>{});
+    switch (n - t) {
+      case 1: block(std::integral_constant<int, 1>{}); break;
+      case 2: block(std::integral_constant<int, 2>{}); break;
+      case 3: block(std::integral_constant<int, 3>{}); break;
+      case 4: block(std::integral_constant<int, 4>{}); break;
+      case 5: block(std::integral_constant<int, 5>{}); break;
+      case 6: block(std::integral_constant<int, 6>{}); break;
+      case 7: block(std::integral_constant<int, 7>{}); break;
+      default: break;
+    }
+    if (last) break;
+  }
+}
+
+// Rows [o, o1) in blocks of RO rows, then RO - 1, ..., 1 for the rest, for n <= kSkinnyGroup
+// tokens (skinny_wide_rows).
+template <int RO, Index PF, class Arch, class Wt, class Scalar>
+inline void skinny_wide_range(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
+                              const Scalar* bias, Scalar* y, Index ldy, Index o, Index o1, Scalar* spill) noexcept {
+  for (; o + RO <= o1; o += RO)
+    skinny_wide_rows<RO, Arch, PF>(w + o * ldw, ldw, in, x, ldx, n, bias ? bias + o : nullptr, y + o, ldy, spill);
+  if constexpr (RO > 1) skinny_wide_range<RO - 1, PF, Arch>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
+}
+
 // Blocks of RO rows (RO, then 8, 4, 2, 1 for the rest) over rows [o, o1) for n tokens,
 // register blocks of TB tokens, software prefetch PF bytes ahead (0: none).
 template <int RO, int TB, Index PF, class Arch, class Wt, class Scalar>
@@ -336,6 +445,7 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
   constexpr int RO = skinny_rows<Arch>();
   constexpr bool wide = vector_registers<Arch>() >= 32;
   alignas(64) Scalar spill[kSkinnyGroup * RO * W];
+  static_assert(!wide || kSkinnyWideRows <= RO, "the wide path's spill fits the buffer");
   for (Index t0 = 0; t0 < T; t0 += kSkinnyGroup) {
     const Index n = T - t0 < kSkinnyGroup ? T - t0 : kSkinnyGroup;
     const Scalar* xt = x + t0 * ldx;
@@ -345,6 +455,8 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
         skinny_rows_range<8, 1, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n <= 4)
         skinny_rows_range<8, 4, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+      else if (n >= kSkinnyWideFrom && n <= kSkinnyWideTo)
+        skinny_wide_range<kSkinnyWideRows, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n <= kSkinnyStreamTokens)
         skinny_rows_range<8, 2, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else
