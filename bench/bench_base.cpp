@@ -1172,14 +1172,18 @@ const bool registered = register_cells();
 //                                   (32 vector registers), W0 stored as D = f32 or bf16, f32
 //                                   activations, bias: before (8 rows x 2 tokens over chunks
 //                                   of `in` up to 8 tokens, 4 rows x 4 tokens with prefetch
-//                                   from 9), wide3 (3 rows x 8 tokens, what skinny_product
-//                                   runs for 5-16 tokens), wide3pf (the same with software
-//                                   prefetch kSkinnyPrefetch ahead) and wide2 (2 rows x 8
-//                                   tokens), each on its own copy (cold: past the LLC), then a
-//                                   plain read of another copy, the order of the four
-//                                   rotating from one iteration to the next. Counters: each
-//                                   median time (ms), its median ratio to before (X_over_before)
-//                                   and to the read (X_read_share). Skips without 32 registers.
+//                                   from 9: what skinny_product ran before the wide path),
+//                                   wide3 (3 rows x 8 tokens, no software prefetch), wide3pf
+//                                   (the same with prefetch kSkinnyPrefetch ahead: what
+//                                   skinny_product runs for 5-16 tokens), r6t4pf (6 rows x 4
+//                                   tokens over chunks, prefetch) and wide3pf_xpad (wide3pf
+//                                   on a copy of x whose rows are in + 16 floats apart, off
+//                                   the 4 KiB L1 aliasing), each on its own copy (cold: past
+//                                   the LLC), then a plain read of another copy, the order of
+//                                   the five rotating from one iteration to the next.
+//                                   Counters: each median time (ms), its median ratio to
+//                                   before (X_over_before) and to the read (X_read_share).
+//                                   Skips without 32 registers.
 namespace skinny8_cells {
 
 namespace kd = molora::kernels::detail;

@@ -1,10 +1,10 @@
 // The base layer's product for a few tokens: y = x W0^T + b0 with W0 [out, in] row-major.
 // At decode sizes this product is bound by reading W0 from memory, so the kernel streams
 // each row of W0 once for all tokens: register blocks of a few rows (8 side by side with
-// AVX-512 up to 8 tokens) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
-// token passes over it; on 16-register ISAs, for 5-8 tokens, pairs of rows along the whole
-// of `in` with every token in registers; for one token over short rows (kSkinnyShortRowBytes),
-// one row after the other. From
+// AVX-512 up to 4 tokens) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
+// token passes over it; with AVX-512 for 5-16 tokens, 3 rows x 8 tokens (the wide path); on
+// 16-register ISAs, for 5-8 tokens, pairs of rows along the whole of `in` with every token in
+// registers; for one token over short rows (kSkinnyShortRowBytes), one row after the other. From
 // skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to a GEMM (gemm_product
 // for float, Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The
 // base product for few tokens").
@@ -331,7 +331,11 @@ constexpr int kSkinnyWideRows = 3;
 // Tokens for which skinny_product runs the wide path on 32-register ISAs (from
 // kSkinnyWideFrom to kSkinnyWideTo): every token of a block of 8 in registers, one pass along
 // `in` up to 8 tokens (W0 read once, x from L2), blocks of 8 tokens over L1-sized chunks of
-// `in` from 9 on (docs/benchmarks.md, "Eight tokens in registers").
+// `in` from 9 on, software prefetch kSkinnyPrefetch ahead. Cold, 4096 x 4096 on Zen 4 it took
+// 0.60-0.80x the time of the 8 rows x 2 tokens before it at T = 5-8 (f32; bf16 0.86-0.89x)
+// and 0.55-0.59x (f32) / 0.91-0.93x (bf16) of the 4 rows x 4 tokens at T = 16; 2 rows x 8
+// tokens, 6 rows x 4 tokens over chunks, and x copied to rows 64 bytes off the 4 KiB
+// aliasing were slower (docs/benchmarks.md, "Eight tokens in registers").
 constexpr Index kSkinnyWideFrom = 5;
 constexpr Index kSkinnyWideTo = 16;
 
@@ -430,7 +434,8 @@ inline void skinny_rows_range(const Wt* w, Index ldw, Index in, const Scalar* x,
   }
 }
 
-// The blocked kernel. With 32 vector registers, 8 rows side by side and no software
+// The blocked kernel. With 32 vector registers: kSkinnyWideFrom to kSkinnyWideTo tokens take
+// the wide path (3 rows x 8 tokens, above); otherwise 8 rows side by side and no software
 // prefetch up to kSkinnyStreamTokens tokens: one pass along `in` for up to 4 tokens (8 rows
 // x T), then 8 rows x 2 tokens over L1-sized chunks of `in`; 8 row streams measured faster
 // than 4 rows with the prefetch, than the streamed pairs of rows, and than one sequential
@@ -456,7 +461,8 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
       else if (n <= 4)
         skinny_rows_range<8, 4, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n >= kSkinnyWideFrom && n <= kSkinnyWideTo)
-        skinny_wide_range<kSkinnyWideRows, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+        skinny_wide_range<kSkinnyWideRows, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1,
+                                                                  spill);
       else if (n <= kSkinnyStreamTokens)
         skinny_rows_range<8, 2, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else
@@ -489,7 +495,8 @@ void skinny_product_streamed(const Wt* w, Index ldw, Index in, const Scalar* x, 
 // memory per kSkinnyGroup tokens); correct for any T. Wt is Scalar, or bf16 / f16 (widened
 // exactly in registers): the result is then bit for bit the one for the widened weights.
 // From kSkinnyStreamFrom to kSkinnyStreamTokens tokens on 16-register ISAs the rows are
-// streamed pair after pair, one token's rows of at most kSkinnyShortRowBytes on 32-register
+// streamed pair after pair, from kSkinnyWideFrom to kSkinnyWideTo tokens on 32-register ISAs
+// blocks of 3 rows x 8 tokens run along `in` (the wide path), one token's rows of at most kSkinnyShortRowBytes on 32-register
 // ISAs one after the other, otherwise taken in blocks of rows; all sum in the same order, so
 // give the same bits.
 template <class Arch, class Wt, class Scalar>
