@@ -575,3 +575,42 @@ TEST_CASE("base_kernels: the wide path's block shapes give the one-token kernel'
   SUBCASE("f16") { wide_shapes_suite<k::default_arch, float, molora::f16>(); }
 }
 #endif
+
+// skinny_product_bf16dot (blocks of 3 rows x 8 tokens with AVX512_BF16, a plain loop
+// elsewhere) for every T from 1 to 20, odd in and out: x and W0 bf16-exact, so every product
+// is exact and the result is within float summation error of the double reference; row
+// ranges and each token alone give the bits of one call.
+TEST_CASE("base_kernels: the bf16-dot skinny product, 1-20 tokens, against the reference and bit for bit across blocks") {
+  MESSAGE("AVX512_BF16 dot products: ", std::string(k::bf16_dot_available() ? "yes" : "no (plain loop)"));
+  std::uint64_t seed = 5100;
+  Index runs = 0;
+  for (Index T = 1; T <= 20; ++T)
+    for (const Index in : {1, 3, 17, 31, 32, 33, 65, 1000})
+      for (const Index out : {1, 2, 3, 4, 5, 17, 33}) {
+        Problem<float> p(in, out, T, (in + T + out) % 2 == 0, ++seed);
+        const std::vector<molora::bf16> wt = weights_in<float, molora::bf16>(p);
+        for (auto& v : p.x) v = molora::to_float(molora::to_bf16(v));
+        std::vector<float> whole = p.y0, parts = p.y0, singles = p.y0;
+        k::skinny_product_bf16dot(k::layer_arch{}, wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(),
+                                  whole.data(), p.ldy, 0, out);
+        for (Index o0 = 0; o0 < out;) {
+          const Index o1 = std::min(out, o0 + 1 + (o0 + T) % 4);
+          k::skinny_product_bf16dot(k::layer_arch{}, wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(),
+                                    parts.data(), p.ldy, o0, o1);
+          o0 = o1;
+        }
+        for (Index t = 0; t < T; ++t)
+          k::skinny_product_bf16dot(k::layer_arch{}, wt.data(), p.ldw, in, p.x.data() + t * p.ldx, p.ldx, 1,
+                                    p.bias_ptr(), singles.data() + t * p.ldy, p.ldy, 0, out);
+        std::vector<double> ref, tol;
+        p.reference(ref, tol);
+        std::size_t bad = 0;
+        for (std::size_t i = 0; i < whole.size(); ++i) bad += std::abs(double(whole[i]) - ref[i]) > tol[i];
+        INFO("in=", in, " out=", out, " T=", T);
+        CHECK(bad == 0);
+        CHECK(parts == whole);
+        CHECK(singles == whole);
+        ++runs;
+      }
+  CHECK(runs == 20 * 8 * 7);
+}

@@ -524,6 +524,61 @@ void widen(Arch, const W* src, Index n, Scalar* dst) noexcept {
 
 // ---- opt-in bf16 dot products ------------------------------------------------------------
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOLORA_NO_XSIMD)
+namespace detail {
+
+// R rows of bf16 W (at w) x RT tokens of the bf16-dot product along the whole of `in`: one
+// accumulator per dot product, VDPBF16PS over 32 columns at a time (x rounded to bf16 to
+// nearest even as loaded), the last partial step masked, lanes reduced, then the bias. The
+// order of every sum does not depend on R or RT: the bits of one row and one token alone.
+template <int R, int RT>
+inline void bf16dot_block(const bf16* w, Index ldw, Index in, const float* x, Index ldx, const float* bias, float* y,
+                          Index ldy) noexcept {
+  const Index full = in - in % 32;
+  const auto rem = static_cast<unsigned>(in - full);
+  __m512 acc[R][RT];
+  MOLORA_UNROLL
+  for (int j = 0; j < R; ++j) {
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) acc[j][t] = _mm512_setzero_ps();
+  }
+  for (Index c = 0; c < full; c += 32) {
+    MOLORA_UNROLL
+    for (int j = 0; j < R; ++j) __builtin_prefetch(w + j * ldw + c + kSkinnyPrefetch / Index(sizeof(bf16)), 0, 3);
+    __m512bh wv[R];
+    MOLORA_UNROLL
+    for (int j = 0; j < R; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + j * ldw + c));
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) {
+      const float* xt = x + t * ldx + c;
+      const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xt + 16), _mm512_loadu_ps(xt));
+      MOLORA_UNROLL
+      for (int j = 0; j < R; ++j) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], xv, wv[j]);
+    }
+  }
+  if (rem) {
+    const __mmask16 mlo = static_cast<__mmask16>(rem >= 16 ? 0xffffu : (1u << rem) - 1u);
+    const __mmask16 mhi = static_cast<__mmask16>(rem <= 16 ? 0u : (1u << (rem - 16)) - 1u);
+    const __mmask32 mw = static_cast<__mmask32>((std::uint64_t(1) << rem) - 1u);
+    __m512bh wv[R];
+    for (int j = 0; j < R; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mw, w + j * ldw + full);
+    for (int t = 0; t < RT; ++t) {
+      const float* xt = x + t * ldx + full;
+      const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mhi, xt + 16), _mm512_maskz_loadu_ps(mlo, xt));
+      for (int j = 0; j < R; ++j) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], xv, wv[j]);
+    }
+  }
+  for (int j = 0; j < R; ++j)
+    for (int t = 0; t < RT; ++t) {
+      float s = _mm512_reduce_add_ps(acc[j][t]);
+      if (bias) s += bias[j];
+      y[t * ldy + j] = s;
+    }
+}
+
+}  // namespace detail
+#endif
+
 // y[t*ldy + o] = sum_i bf16(x[t*ldx + i]) * w[o*ldw + i] (+ bias[o]) for t < T, o in
 // [o0, o1): the activations rounded to bf16 (to nearest even), products exact, sums in
 // float. With AVX512_BF16 (the AVX-512 object is compiled with -mavx512bf16; callers check
@@ -535,37 +590,33 @@ void skinny_product_bf16dot(Arch, const bf16* w, Index ldw, Index in, const Scal
                             const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOLORA_NO_XSIMD)
   if constexpr (std::is_same_v<Scalar, float> && std::is_base_of_v<xsimd::avx512bw, Arch>) {
-    constexpr int RO = 4;
-    const Index full = in - in % 32;
-    const auto rem = static_cast<unsigned>(in - full);
-    const __mmask16 mlo = static_cast<__mmask16>(rem >= 16 ? 0xffffu : (1u << rem) - 1u);
-    const __mmask16 mhi = static_cast<__mmask16>(rem <= 16 ? 0u : (1u << (rem - 16)) - 1u);
-    const __mmask32 mw = static_cast<__mmask32>(rem == 0 ? 0u : (std::uint64_t(1) << rem) - 1u);
-    for (Index o = o0; o < o1; o += RO) {
-      const int rows = o1 - o < RO ? int(o1 - o) : RO;
-      for (Index t = 0; t < T; ++t) {
-        const float* xt = x + t * ldx;
-        __m512 acc[RO];
-        for (int j = 0; j < RO; ++j) acc[j] = _mm512_setzero_ps();
-        for (Index c = 0; c < full; c += 32) {
-          const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xt + c + 16), _mm512_loadu_ps(xt + c));
-          for (int j = 0; j < rows; ++j)
-            acc[j] = _mm512_dpbf16_ps(acc[j], xv,
-                                      (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + (o + j) * ldw + c)));
-        }
-        if (rem) {
-          const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mhi, xt + full + 16),
-                                                  _mm512_maskz_loadu_ps(mlo, xt + full));
-          for (int j = 0; j < rows; ++j)
-            acc[j] = _mm512_dpbf16_ps(acc[j], xv, (__m512bh)_mm512_maskz_loadu_epi16(mw, w + (o + j) * ldw + full));
-        }
-        for (int j = 0; j < rows; ++j) {
-          float s = _mm512_reduce_add_ps(acc[j]);
-          if (bias) s += bias[o + j];
-          y[t * ldy + o + j] = s;
-        }
+    // Blocks of 3 rows x 8 tokens (then fewer), as the exact kernel's wide path: each
+    // block's 3 weight vectors loaded once for 8 tokens, each x vector rounded for 3 rows.
+    constexpr int RO = 3, TB = 8;
+    auto rows = [&](auto height, Index o) {
+      constexpr int R = decltype(height)::value;
+      Index t = 0;
+      auto block = [&](auto tokens) {
+        constexpr int RT = decltype(tokens)::value;
+        detail::bf16dot_block<R, RT>(w + o * ldw, ldw, in, x + t * ldx, ldx, bias ? bias + o : nullptr, y + t * ldy + o,
+                                     ldy);
+      };
+      for (; t + TB <= T; t += TB) block(std::integral_constant<int, TB>{});
+      switch (T - t) {
+        case 1: block(std::integral_constant<int, 1>{}); break;
+        case 2: block(std::integral_constant<int, 2>{}); break;
+        case 3: block(std::integral_constant<int, 3>{}); break;
+        case 4: block(std::integral_constant<int, 4>{}); break;
+        case 5: block(std::integral_constant<int, 5>{}); break;
+        case 6: block(std::integral_constant<int, 6>{}); break;
+        case 7: block(std::integral_constant<int, 7>{}); break;
+        default: break;
       }
-    }
+    };
+    Index o = o0;
+    for (; o + RO <= o1; o += RO) rows(std::integral_constant<int, RO>{}, o);
+    if (o1 - o == 2) rows(std::integral_constant<int, 2>{}, o);
+    if (o1 - o == 1) rows(std::integral_constant<int, 1>{}, o);
     return;
   }
 #endif
