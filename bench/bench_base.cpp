@@ -1175,7 +1175,7 @@ const bool registered = register_cells();
 //                                   from 9: what skinny_product ran before the wide path),
 //                                   wide3 (3 rows x 8 tokens, no software prefetch), wide3pf
 //                                   (the same with prefetch kSkinnyPrefetch ahead: what
-//                                   skinny_product runs for 5-16 tokens), r6t4pf (6 rows x 4
+//                                   skinny_product runs for 5-8 tokens), r6t4pf (6 rows x 4
 //                                   tokens over chunks, prefetch) and wide3pf_xpad (wide3pf
 //                                   on a copy of x whose rows are in + 16 floats apart, off
 //                                   the 4 KiB L1 aliasing), each on its own copy (cold: past

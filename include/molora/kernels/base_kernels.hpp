@@ -2,7 +2,7 @@
 // At decode sizes this product is bound by reading W0 from memory, so the kernel streams
 // each row of W0 once for all tokens: register blocks of a few rows (8 side by side with
 // AVX-512 up to 4 tokens) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
-// token passes over it; with AVX-512 for 5-16 tokens, 3 rows x 8 tokens (the wide path); on
+// token passes over it; with AVX-512 for 5-8 tokens, 3 rows x 8 tokens (the wide path); on
 // 16-register ISAs, for 5-8 tokens, pairs of rows along the whole of `in` with every token in
 // registers; for one token over short rows (kSkinnyShortRowBytes), one row after the other. From
 // skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to a GEMM (gemm_product
@@ -331,13 +331,15 @@ constexpr int kSkinnyWideRows = 3;
 // Tokens for which skinny_product runs the wide path on 32-register ISAs (from
 // kSkinnyWideFrom to kSkinnyWideTo): every token of a block of 8 in registers, one pass along
 // `in` up to 8 tokens (W0 read once, x from L2), blocks of 8 tokens over L1-sized chunks of
-// `in` from 9 on, software prefetch kSkinnyPrefetch ahead. Cold, 4096 x 4096 on Zen 4 it took
-// 0.60-0.80x the time of the 8 rows x 2 tokens before it at T = 5-8 (f32; bf16 0.86-0.89x)
-// and 0.55-0.59x (f32) / 0.91-0.93x (bf16) of the 4 rows x 4 tokens at T = 16; 2 rows x 8
-// tokens, 6 rows x 4 tokens over chunks, and x copied to rows 64 bytes off the 4 KiB
-// aliasing were slower (docs/benchmarks.md, "Eight tokens in registers").
+// `in` for more (software prefetch kSkinnyPrefetch ahead). Cold, 4096 x 4096 on Zen 4 it took
+// 0.60-0.80x the time of the 8 rows x 2 tokens before it at T = 5-8 (f32; bf16 0.86-0.89x),
+// kernels alone; at T = 16 0.55-0.59x (f32) / 0.91-0.93x (bf16) of the 4 rows x 4 tokens
+// alone, but the bf16 whole layer at T = 16 measured slower with it (7.9 -> 10.0 ms, two
+// runs), so 9-16 tokens keep the 4 x 4 blocks until that is understood. 2 rows x 8 tokens,
+// 6 rows x 4 tokens over chunks, and x copied to rows 64 bytes off the 4 KiB L1 aliasing
+// were slower (docs/benchmarks.md, "Eight tokens in registers").
 constexpr Index kSkinnyWideFrom = 5;
-constexpr Index kSkinnyWideTo = 16;
+constexpr Index kSkinnyWideTo = 8;
 
 // One register block of the wide path: RO rows x RT tokens over columns [c0, c1), as
 // skinny_block but the RO weight vectors are loaded (and widened) first and each token's x
