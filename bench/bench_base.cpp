@@ -1261,3 +1261,135 @@ bool register_cells() {
 const bool registered = register_cells();
 
 }  // namespace dot4_cells
+
+// skinny8
+// ---- the wide path of the skinny kernel (a block of its own, registered at static
+// initialisation) --------------------------------------------------------------------------
+//   skinny8/D/4096/4096/T/cold|warm  the kernels behind skinny_product on this binary's ISA
+//                                   (32 vector registers), W0 stored as D = f32 or bf16, f32
+//                                   activations, bias: before (8 rows x 2 tokens over chunks
+//                                   of `in` up to 8 tokens, 4 rows x 4 tokens with prefetch
+//                                   from 9: what skinny_product ran before the wide path),
+//                                   wide3 (3 rows x 8 tokens, no software prefetch), wide3pf
+//                                   (the same with prefetch kSkinnyPrefetch ahead: what
+//                                   skinny_product runs for 5-8 tokens), r6t4pf (6 rows x 4
+//                                   tokens over chunks, prefetch) and wide3pf_xpad (wide3pf
+//                                   on a copy of x whose rows are in + 16 floats apart, off
+//                                   the 4 KiB L1 aliasing), each on its own copy (cold: past
+//                                   the LLC), then a plain read of another copy, the order of
+//                                   the five rotating from one iteration to the next.
+//                                   Counters: each median time (ms), its median ratio to
+//                                   before (X_over_before) and to the read (X_read_share).
+//                                   Skips without 32 registers.
+namespace skinny8_cells {
+
+namespace kd = molora::kernels::detail;
+
+template <class Wt>
+void BM_skinny8(benchmark::State& st) {
+#if defined(MOLORA_NO_XSIMD)
+  st.SkipWithError("needs xsimd");
+#else
+  using Arch = molora::kernels::default_arch;
+  if constexpr (kd::vector_registers<Arch>() < 32) {
+    st.SkipWithError("needs an ISA with 32 vector registers");
+  } else {
+    const Index in = st.range(0), out = st.range(1), T = st.range(2);
+    const bool cold = st.range(3) != 0;
+    constexpr std::size_t V = 5;
+    auto w = cold_copies<Wt>(in, in, out, cold, V + 1);
+    const std::size_t n = w.size();
+    Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
+    fill(b, 2, 0.02);
+    Mat<float> x(T, in), y(T, out);
+    fill(x, 3, 1.0);
+    std::vector<float> xpad(static_cast<std::size_t>(T * (in + 16)));  // x with rows 64 bytes apart from 16 KiB
+    for (Index t = 0; t < T; ++t) std::copy(x.data() + t * in, x.data() + (t + 1) * in, xpad.data() + t * (in + 16));
+    constexpr Index W = molora::kernels::simd_width<Arch, float>();
+    alignas(64) static float spill[molora::kernels::kSkinnyGroup * 8 * W];
+    auto run = [&](std::size_t v, const Wt* p) {
+      const float* xp = x.data();
+      float* yp = y.data();
+      switch (v) {
+        case 0:
+          if (T <= molora::kernels::kSkinnyStreamTokens)
+            kd::skinny_rows_range<8, 2, 0, Arch>(p, in, in, xp, in, T, b.data(), yp, out, Index(0), out, spill);
+          else
+            kd::skinny_rows_range<4, 4, molora::kernels::kSkinnyPrefetch, Arch>(p, in, in, xp, in, T, b.data(), yp,
+                                                                                out, Index(0), out, spill);
+          break;
+        case 1: kd::skinny_wide_range<3, 0, Arch>(p, in, in, xp, in, T, b.data(), yp, out, Index(0), out, spill); break;
+        case 2:
+          kd::skinny_wide_range<3, molora::kernels::kSkinnyPrefetch, Arch>(p, in, in, xp, in, T, b.data(), yp, out,
+                                                                           Index(0), out, spill);
+          break;
+        case 3:
+          kd::skinny_rows_range<6, 4, molora::kernels::kSkinnyPrefetch, Arch>(p, in, in, xp, in, T, b.data(), yp, out,
+                                                                              Index(0), out, spill);
+          break;
+        default:
+          kd::skinny_wide_range<3, molora::kernels::kSkinnyPrefetch, Arch>(p, in, in, xpad.data(), in + 16, T,
+                                                                           b.data(), yp, out, Index(0), out, spill);
+      }
+    };
+    const Index bytes = in * out * Index(sizeof(Wt));
+    std::vector<double> t[V + 1], over[V], share[V];
+    float sink = 0;
+    std::size_t i = 0;
+    for (auto _ : st) {
+      double tv[V];
+      for (std::size_t k = 0; k < V; ++k) {
+        const std::size_t v = (k + i) % V;
+        const std::size_t c = cold ? ((V + 1) * i + k) % n : 0;
+        const double t0 = cpu_seconds();
+        run(v, w[c].data());
+        benchmark::ClobberMemory();
+        tv[v] = cpu_seconds() - t0;
+      }
+      const std::size_t c = cold ? ((V + 1) * i + V) % n : 0;
+      ++i;
+      const double t0 = cpu_seconds();
+      sink += stream_spans({{w[c].data(), bytes}});
+      const double tr = cpu_seconds() - t0;
+      st.SetIterationTime(tv[1]);
+      for (std::size_t v = 0; v < V; ++v) {
+        t[v].push_back(tv[v]);
+        over[v].push_back(tv[v] / tv[0]);
+        share[v].push_back(tv[v] / tr);
+      }
+      t[V].push_back(tr);
+    }
+    benchmark::DoNotOptimize(sink);
+    benchmark::DoNotOptimize(y.data());
+    const char* names[V] = {"before", "wide3", "wide3pf", "r6t4pf", "wide3pf_xpad"};
+    for (std::size_t v = 0; v < V; ++v) {
+      st.counters[std::string(names[v]) + "_ms"] = median(t[v]) * 1e3;
+      st.counters[std::string(names[v]) + "_read_share"] = median(share[v]);
+      if (v > 0) st.counters[std::string(names[v]) + "_over_before"] = median(over[v]);
+    }
+    st.counters["read_ms"] = median(t[V]) * 1e3;
+  }
+#endif
+}
+
+bool register_cells() {
+  for (const int cold : {1, 0})
+    for (Index T : {5, 6, 7, 8, 12, 16}) {
+      const std::string tail = "/4096/4096/" + std::to_string(T) + (cold ? "/cold" : "/warm");
+      benchmark::RegisterBenchmark(("skinny8/f32" + tail).c_str(), BM_skinny8<float>)
+          ->Args({4096, 4096, T, cold})
+          ->UseManualTime()
+          ->MinTime(0.5)
+          ->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark(("skinny8/bf16" + tail).c_str(), BM_skinny8<molora::bf16>)
+          ->Args({4096, 4096, T, cold})
+          ->UseManualTime()
+          ->MinTime(0.5)
+          ->Unit(benchmark::kMillisecond);
+    }
+  return true;
+}
+
+const bool registered = register_cells();
+
+}  // namespace skinny8_cells

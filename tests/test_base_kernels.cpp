@@ -450,3 +450,167 @@ TEST_CASE("base_kernels: every register block shape and row range gives the bloc
   SUBCASE("bf16") { shapes_suite<k::default_arch, float, molora::bf16>(); }
 }
 #endif
+
+namespace {
+
+// Weights of p rounded to Weight (bf16 / f16) in wt, p.w set to their widened values (what
+// the reference and the float kernel then see); for Weight = Scalar a plain copy.
+template <class Scalar, class Weight>
+std::vector<Weight> weights_in(Problem<Scalar>& p) {
+  std::vector<Weight> wt(p.w.size());
+  for (std::size_t i = 0; i < wt.size(); ++i) {
+    if constexpr (std::is_same_v<Weight, Scalar>)
+      wt[i] = p.w[i];
+    else if constexpr (std::is_same_v<Weight, molora::bf16>)
+      wt[i] = molora::to_bf16(float(p.w[i]));
+    else
+      wt[i] = molora::to_f16(float(p.w[i]));
+    p.w[i] = Scalar(molora::to_float(wt[i]));
+  }
+  return wt;
+}
+
+// skinny_product (layer_arch: the wide path of 8 tokens in registers on 32-register ISAs for
+// kSkinnyWideFrom..kSkinnyWideTo tokens) for every T from 1 to 20 across the wide path's
+// boundaries, odd in and out, W0 in Scalar, bf16 or f16: within the double reference's bound;
+// rows split into ranges of 1 to 5 give the bits of one call, and so does each token alone
+// (the one-token kernels sum in the same order).
+template <class Arch, class Weight>
+void wide_suite() {
+  std::uint64_t seed = 3100;
+  Index runs = 0;
+  for (Index T = 1; T <= 20; ++T)
+    for (const Index in : {1, 3, 16, 17, 33, 65, 1000})
+      for (const Index out : {1, 2, 3, 4, 5, 17, 33}) {
+        Problem<float> p(in, out, T, (in + T + out) % 2 == 1, ++seed);
+        const std::vector<Weight> wt = weights_in<float, Weight>(p);
+        std::vector<float> whole = p.y0, parts = p.y0, singles = p.y0;
+        k::skinny_product(Arch{}, wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), whole.data(), p.ldy, 0, out);
+        for (Index o0 = 0; o0 < out;) {
+          const Index o1 = std::min(out, o0 + 1 + (o0 + T) % 5);
+          k::skinny_product(Arch{}, wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), parts.data(), p.ldy, o0,
+                            o1);
+          o0 = o1;
+        }
+        for (Index t = 0; t < T; ++t)
+          k::skinny_product(Arch{}, wt.data(), p.ldw, in, p.x.data() + t * p.ldx, p.ldx, 1, p.bias_ptr(),
+                            singles.data() + t * p.ldy, p.ldy, 0, out);
+        std::vector<double> ref, tol;
+        p.reference(ref, tol);
+        std::size_t bad = 0;
+        for (std::size_t i = 0; i < whole.size(); ++i) bad += std::abs(double(whole[i]) - ref[i]) > tol[i];
+        INFO(Arch::name(), " in=", in, " out=", out, " T=", T);
+        CHECK(bad == 0);
+        CHECK(parts == whole);
+        CHECK(singles == whole);
+        ++runs;
+      }
+  CHECK(runs == 20 * 7 * 7);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("base_kernels: 1-20 tokens (the wide path) match the reference, bit for bit across ranges and tokens",
+                   Weight, float, molora::bf16, molora::f16) {
+  SUBCASE("the ISA running") { wide_suite<k::layer_arch, Weight>(); }
+  SUBCASE("scalar") { wide_suite<k::scalar_arch, Weight>(); }
+}
+
+#if !defined(MOLORA_NO_XSIMD)
+namespace {
+
+// The wide path's kernels called directly for the ISA this file is compiled for (any
+// register count: the shape is a speed choice), every block height and with prefetch, over
+// two row ranges: the bits of skinny_product_blocked's other shapes (8 rows x 1 token per
+// token) for every T from 1 to 20 (one pass, chunks with spills, token tails of 1 to 7).
+template <class Arch, class Scalar, class Weight>
+void wide_shapes_suite() {
+  namespace kd = k::detail;
+  std::uint64_t seed = 4100;
+  Index runs = 0;
+  for (Index T = 1; T <= 20; ++T)
+    for (const Index in : {1, 17, 33, 1000})
+      for (const Index out : {1, 4, 7, 17}) {
+        Problem<Scalar> p(in, out, T, (in + T + out) % 2 == 0, ++seed);
+        const std::vector<Weight> wt = weights_in<Scalar, Weight>(p);
+        std::vector<Scalar> want = p.y0;
+        for (Index t = 0; t < T; ++t)
+          kd::skinny_rows_range<8, 1, 0, Arch>(wt.data(), p.ldw, in, p.x.data() + t * p.ldx, p.ldx, 1, p.bias_ptr(),
+                                               want.data() + t * p.ldy, p.ldy, Index(0), out,
+                                               static_cast<Scalar*>(nullptr));
+        alignas(64) Scalar spill[k::kSkinnyGroup * 3 * 16];
+        auto shape = [&](auto run) {
+          std::vector<Scalar> y = p.y0;
+          const Index mid = out / 2;
+          run(y, Index(0), mid);
+          run(y, mid, out);
+          return y;
+        };
+#define MOLORA_WIDE(RO, PF)                                                                                        \
+  shape([&](std::vector<Scalar>& y, Index o0, Index o1) {                                                        \
+    kd::skinny_wide_range<RO, PF, Arch>(wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), y.data(), p.ldy, \
+                                        o0, o1, spill);                                                            \
+  })
+        const std::vector<std::vector<Scalar>> shapes = {MOLORA_WIDE(3, 0), MOLORA_WIDE(3, 4096), MOLORA_WIDE(2, 0),
+                                                         MOLORA_WIDE(1, 0)};
+#undef MOLORA_WIDE
+        std::vector<double> ref, tol;
+        p.reference(ref, tol);
+        std::size_t bad = 0;
+        for (std::size_t i = 0; i < want.size(); ++i) bad += std::abs(double(shapes[0][i]) - ref[i]) > tol[i];
+        INFO(Arch::name(), " in=", in, " out=", out, " T=", T);
+        CHECK(bad == 0);
+        for (const auto& y : shapes) CHECK(y == want);
+        ++runs;
+      }
+  CHECK(runs == 20 * 4 * 4);
+}
+
+}  // namespace
+
+TEST_CASE("base_kernels: the wide path's block shapes give the one-token kernel's bits") {
+  SUBCASE("f32") { wide_shapes_suite<k::default_arch, float, float>(); }
+  SUBCASE("f64") { wide_shapes_suite<k::default_arch, double, double>(); }
+  SUBCASE("bf16") { wide_shapes_suite<k::default_arch, float, molora::bf16>(); }
+  SUBCASE("f16") { wide_shapes_suite<k::default_arch, float, molora::f16>(); }
+}
+#endif
+
+// skinny_product_bf16dot (blocks of 3 rows x 8 tokens with AVX512_BF16, a plain loop
+// elsewhere) for every T from 1 to 20, odd in and out: x and W0 bf16-exact, so every product
+// is exact and the result is within float summation error of the double reference; row
+// ranges and each token alone give the bits of one call.
+TEST_CASE("base_kernels: the bf16-dot skinny product, 1-20 tokens, against the reference and bit for bit across blocks") {
+  MESSAGE("AVX512_BF16 dot products: ", std::string(k::bf16_dot_available() ? "yes" : "no (plain loop)"));
+  std::uint64_t seed = 5100;
+  Index runs = 0;
+  for (Index T = 1; T <= 20; ++T)
+    for (const Index in : {1, 3, 17, 31, 32, 33, 65, 1000})
+      for (const Index out : {1, 2, 3, 4, 5, 17, 33}) {
+        Problem<float> p(in, out, T, (in + T + out) % 2 == 0, ++seed);
+        const std::vector<molora::bf16> wt = weights_in<float, molora::bf16>(p);
+        for (auto& v : p.x) v = molora::to_float(molora::to_bf16(v));
+        std::vector<float> whole = p.y0, parts = p.y0, singles = p.y0;
+        k::skinny_product_bf16dot(k::layer_arch{}, wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(),
+                                  whole.data(), p.ldy, 0, out);
+        for (Index o0 = 0; o0 < out;) {
+          const Index o1 = std::min(out, o0 + 1 + (o0 + T) % 4);
+          k::skinny_product_bf16dot(k::layer_arch{}, wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(),
+                                    parts.data(), p.ldy, o0, o1);
+          o0 = o1;
+        }
+        for (Index t = 0; t < T; ++t)
+          k::skinny_product_bf16dot(k::layer_arch{}, wt.data(), p.ldw, in, p.x.data() + t * p.ldx, p.ldx, 1,
+                                    p.bias_ptr(), singles.data() + t * p.ldy, p.ldy, 0, out);
+        std::vector<double> ref, tol;
+        p.reference(ref, tol);
+        std::size_t bad = 0;
+        for (std::size_t i = 0; i < whole.size(); ++i) bad += std::abs(double(whole[i]) - ref[i]) > tol[i];
+        INFO("in=", in, " out=", out, " T=", T);
+        CHECK(bad == 0);
+        CHECK(parts == whole);
+        CHECK(singles == whole);
+        ++runs;
+      }
+  CHECK(runs == 20 * 8 * 7);
+}

@@ -1,10 +1,10 @@
 // The base layer's product for a few tokens: y = x W0^T + b0 with W0 [out, in] row-major.
 // At decode sizes this product is bound by reading W0 from memory, so the kernel streams
 // each row of W0 once for all tokens: register blocks of a few rows (8 side by side with
-// AVX-512 up to 8 tokens) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
-// token passes over it; on 16-register ISAs, for 5-8 tokens, pairs of rows along the whole
-// of `in` with every token in registers; for one token over short rows (kSkinnyShortRowBytes),
-// one row after the other. From
+// AVX-512 up to 4 tokens) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
+// token passes over it; with AVX-512 for 5-8 tokens, 3 rows x 8 tokens (the wide path); on
+// 16-register ISAs, for 5-8 tokens, pairs of rows along the whole of `in` with every token in
+// registers; for one token over short rows (kSkinnyShortRowBytes), one row after the other. From
 // skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to a GEMM (gemm_product
 // for float, Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The
 // base product for few tokens").
@@ -183,6 +183,35 @@ constexpr Index skinny_chunk() noexcept {
   return kc < 4 * W ? 4 * W : kc;
 }
 
+// The end of a register block's pass: unless it is the last, the vector partial sums go to
+// spill (token t, row j at (t * RO + j) * W); after the last, each dot product's lanes are
+// reduced in order, then the scalar columns [in_vec, in) and the bias are added, and y written.
+template <int RO, int RT, class Arch, class Wt, class Scalar>
+inline void skinny_block_end(const xsimd::batch<Scalar, Arch> (&acc)[RO][RT], const Wt* w, Index ldw,
+                             const Scalar* x, Index ldx, Index in_vec, Index in, bool last, Scalar* spill,
+                             const Scalar* bias, Scalar* y, Index ldy) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  if (!last) {
+    MOLORA_UNROLL
+    for (int j = 0; j < RO; ++j) {
+      MOLORA_UNROLL
+      for (int t = 0; t < RT; ++t) acc[j][t].store_aligned(spill + (t * RO + j) * W);
+    }
+    return;
+  }
+  // Reduced through memory, once per dot product (see finish_dots).
+  alignas(64) Scalar lanes[W];
+  for (int j = 0; j < RO; ++j)
+    for (int t = 0; t < RT; ++t) {
+      acc[j][t].store_aligned(lanes);
+      Scalar s = 0;
+      for (Index l = 0; l < W; ++l) s += lanes[l];
+      for (Index c = in_vec; c < in; ++c) s = tail_mul_add<Arch>(Scalar(to_float(w[j * ldw + c])), x[t * ldx + c], s);
+      if (bias) s += bias[j];
+      y[t * ldy + j] = s;
+    }
+}
+
 // One register block: RO rows of W0 x RT tokens over columns [c0, c1). The first pass
 // starts from zero, later ones reload the vector partial sums from spill (token t, row j
 // at (t * RO + j) * W); the last reduces them, adds the scalar columns [in_vec, in) and the
@@ -216,25 +245,7 @@ inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Ind
       for (int t = 0; t < RT; ++t) acc[j][t] = xsimd::fma(wv, xv[t], acc[j][t]);
     }
   }
-  if (!last) {
-    MOLORA_UNROLL
-    for (int j = 0; j < RO; ++j) {
-      MOLORA_UNROLL
-      for (int t = 0; t < RT; ++t) acc[j][t].store_aligned(spill + (t * RO + j) * W);
-    }
-    return;
-  }
-  // Reduced through memory, once per dot product (see finish_dots).
-  alignas(64) Scalar lanes[W];
-  for (int j = 0; j < RO; ++j)
-    for (int t = 0; t < RT; ++t) {
-      acc[j][t].store_aligned(lanes);
-      Scalar s = 0;
-      for (Index l = 0; l < W; ++l) s += lanes[l];
-      for (Index c = in_vec; c < in; ++c) s = tail_mul_add<Arch>(Scalar(to_float(w[j * ldw + c])), x[t * ldx + c], s);
-      if (bias) s += bias[j];
-      y[t * ldy + j] = s;
-    }
+  skinny_block_end<RO, RT, Arch>(acc, w, ldw, x, ldx, in_vec, in, last, spill, bias, y, ldy);
 }
 
 // RO rows starting at w for n <= kSkinnyGroup tokens, register blocks of RO rows x TB
@@ -308,6 +319,110 @@ inline void skinny_stream_rows(const Wt* w, Index ldw, Index in, const Scalar* x
   }
 }
 
+// ---- the wide path: up to 8 tokens in registers (32-register ISAs) ------------------------
+
+// Tokens per register block of the wide path.
+constexpr int kSkinnyWideTokens = 8;
+
+// Rows per register block of the wide path: 3 rows x 8 tokens = 24 accumulators, with the 3
+// weight vectors and one x vector 28 of the 32 registers.
+constexpr int kSkinnyWideRows = 3;
+
+// Tokens for which skinny_product runs the wide path on 32-register ISAs (from
+// kSkinnyWideFrom to kSkinnyWideTo): every token of a block of 8 in registers, one pass along
+// `in` up to 8 tokens (W0 read once, x from L2), blocks of 8 tokens over L1-sized chunks of
+// `in` for more (software prefetch kSkinnyPrefetch ahead). Cold, 4096 x 4096 on Zen 4 it took
+// 0.60-0.80x the time of the 8 rows x 2 tokens before it at T = 5-8 (f32; bf16 0.86-0.89x),
+// kernels alone; at T = 16 0.55-0.59x (f32) / 0.91-0.93x (bf16) of the 4 rows x 4 tokens
+// alone, but the bf16 whole layer at T = 16 measured slower with it (7.9 -> 10.0 ms, two
+// runs), so 9-16 tokens keep the 4 x 4 blocks until that is understood. 2 rows x 8 tokens,
+// 6 rows x 4 tokens over chunks, and x copied to rows 64 bytes off the 4 KiB L1 aliasing
+// were slower (docs/benchmarks.md, "Eight tokens in registers").
+constexpr Index kSkinnyWideFrom = 5;
+constexpr Index kSkinnyWideTo = 8;
+
+// One register block of the wide path: RO rows x RT tokens over columns [c0, c1), as
+// skinny_block but the RO weight vectors are loaded (and widened) first and each token's x
+// vector then loaded on its own for its RO FMAs, so RO * RT accumulators + RO + 1 vectors
+// are live (3 x 8: 28). Each accumulator sums fma(w, x, acc) along `in` as skinny_block
+// does: the same bits.
+template <int RO, int RT, class Arch, Index PF, class Wt, class Scalar>
+inline void skinny_wide_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Index c0, Index c1, Index in_vec,
+                              Index in, bool first, bool last, Scalar* spill, const Scalar* bias, Scalar* y,
+                              Index ldy) noexcept {
+  using B = xsimd::batch<Scalar, Arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  B acc[RO][RT];
+  MOLORA_UNROLL
+  for (int j = 0; j < RO; ++j) {
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) acc[j][t] = first ? B(Scalar(0)) : B::load_aligned(spill + (t * RO + j) * W);
+  }
+  for (Index c = c0; c < c1; c += W) {
+#if defined(__GNUC__)
+    if constexpr (PF > 0) {
+      MOLORA_UNROLL
+      for (int j = 0; j < RO; ++j) __builtin_prefetch(w + j * ldw + c + PF / Index(sizeof(Wt)), 0, 3);
+    }
+#endif
+    B wv[RO];
+    MOLORA_UNROLL
+    for (int j = 0; j < RO; ++j) wv[j] = load_weights<Arch, Scalar>(w + j * ldw + c);
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) {
+      const B xv = B::load_unaligned(x + t * ldx + c);
+      MOLORA_UNROLL
+      for (int j = 0; j < RO; ++j) acc[j][t] = xsimd::fma(wv[j], xv, acc[j][t]);
+    }
+  }
+  skinny_block_end<RO, RT, Arch>(acc, w, ldw, x, ldx, in_vec, in, last, spill, bias, y, ldy);
+}
+
+// RO rows starting at w for n <= kSkinnyGroup tokens in register blocks of RO rows x
+// kSkinnyWideTokens tokens (then a block of the n % 8 left): one pass along `in` up to 8
+// tokens, else passes of skinny_chunk columns, each over every token block, the partial
+// sums spilled between passes (spill: n * RO vectors).
+template <int RO, class Arch, Index PF, class Wt, class Scalar>
+inline void skinny_wide_rows(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
+                             const Scalar* bias, Scalar* y, Index ldy, Scalar* spill) noexcept {
+  constexpr Index W = simd_width<Arch, Scalar>();
+  constexpr int TB = kSkinnyWideTokens;
+  const Index in_vec = in - in % W;
+  const Index kc = n <= TB ? in_vec : skinny_chunk<Arch, Scalar, RO>();
+  for (Index c0 = 0;; c0 += kc) {
+    const Index c1 = c0 + kc < in_vec ? c0 + kc : in_vec;
+    const bool first = c0 == 0, last = c1 == in_vec;
+    Index t = 0;
+    auto block = [&](auto tokens) {
+      constexpr int RT = decltype(tokens)::value;
+      skinny_wide_block<RO, RT, Arch, PF>(w, ldw, x + t * ldx, ldx, c0, c1, in_vec, in, first, last,
+                                          spill + t * RO * W, bias, y + t * ldy, ldy);
+    };
+    for (; t + TB <= n; t += TB) block(std::integral_constant<int, TB>{});
+    switch (n - t) {
+      case 1: block(std::integral_constant<int, 1>{}); break;
+      case 2: block(std::integral_constant<int, 2>{}); break;
+      case 3: block(std::integral_constant<int, 3>{}); break;
+      case 4: block(std::integral_constant<int, 4>{}); break;
+      case 5: block(std::integral_constant<int, 5>{}); break;
+      case 6: block(std::integral_constant<int, 6>{}); break;
+      case 7: block(std::integral_constant<int, 7>{}); break;
+      default: break;
+    }
+    if (last) break;
+  }
+}
+
+// Rows [o, o1) in blocks of RO rows, then RO - 1, ..., 1 for the rest, for n <= kSkinnyGroup
+// tokens (skinny_wide_rows).
+template <int RO, Index PF, class Arch, class Wt, class Scalar>
+inline void skinny_wide_range(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
+                              const Scalar* bias, Scalar* y, Index ldy, Index o, Index o1, Scalar* spill) noexcept {
+  for (; o + RO <= o1; o += RO)
+    skinny_wide_rows<RO, Arch, PF>(w + o * ldw, ldw, in, x, ldx, n, bias ? bias + o : nullptr, y + o, ldy, spill);
+  if constexpr (RO > 1) skinny_wide_range<RO - 1, PF, Arch>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
+}
+
 // Blocks of RO rows (RO, then 8, 4, 2, 1 for the rest) over rows [o, o1) for n tokens,
 // register blocks of TB tokens, software prefetch PF bytes ahead (0: none).
 template <int RO, int TB, Index PF, class Arch, class Wt, class Scalar>
@@ -321,7 +436,8 @@ inline void skinny_rows_range(const Wt* w, Index ldw, Index in, const Scalar* x,
   }
 }
 
-// The blocked kernel. With 32 vector registers, 8 rows side by side and no software
+// The blocked kernel. With 32 vector registers: kSkinnyWideFrom to kSkinnyWideTo tokens take
+// the wide path (3 rows x 8 tokens, above); otherwise 8 rows side by side and no software
 // prefetch up to kSkinnyStreamTokens tokens: one pass along `in` for up to 4 tokens (8 rows
 // x T), then 8 rows x 2 tokens over L1-sized chunks of `in`; 8 row streams measured faster
 // than 4 rows with the prefetch, than the streamed pairs of rows, and than one sequential
@@ -336,6 +452,7 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
   constexpr int RO = skinny_rows<Arch>();
   constexpr bool wide = vector_registers<Arch>() >= 32;
   alignas(64) Scalar spill[kSkinnyGroup * RO * W];
+  static_assert(!wide || kSkinnyWideRows <= RO, "the wide path's spill fits the buffer");
   for (Index t0 = 0; t0 < T; t0 += kSkinnyGroup) {
     const Index n = T - t0 < kSkinnyGroup ? T - t0 : kSkinnyGroup;
     const Scalar* xt = x + t0 * ldx;
@@ -345,6 +462,9 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
         skinny_rows_range<8, 1, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n <= 4)
         skinny_rows_range<8, 4, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+      else if (n >= kSkinnyWideFrom && n <= kSkinnyWideTo)
+        skinny_wide_range<kSkinnyWideRows, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1,
+                                                                  spill);
       else if (n <= kSkinnyStreamTokens)
         skinny_rows_range<8, 2, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else
@@ -377,7 +497,8 @@ void skinny_product_streamed(const Wt* w, Index ldw, Index in, const Scalar* x, 
 // memory per kSkinnyGroup tokens); correct for any T. Wt is Scalar, or bf16 / f16 (widened
 // exactly in registers): the result is then bit for bit the one for the widened weights.
 // From kSkinnyStreamFrom to kSkinnyStreamTokens tokens on 16-register ISAs the rows are
-// streamed pair after pair, one token's rows of at most kSkinnyShortRowBytes on 32-register
+// streamed pair after pair, from kSkinnyWideFrom to kSkinnyWideTo tokens on 32-register ISAs
+// blocks of 3 rows x 8 tokens run along `in` (the wide path), one token's rows of at most kSkinnyShortRowBytes on 32-register
 // ISAs one after the other, otherwise taken in blocks of rows; all sum in the same order, so
 // give the same bits.
 template <class Arch, class Wt, class Scalar>
@@ -405,6 +526,61 @@ void widen(Arch, const W* src, Index n, Scalar* dst) noexcept {
 
 // ---- opt-in bf16 dot products ------------------------------------------------------------
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOLORA_NO_XSIMD)
+namespace detail {
+
+// R rows of bf16 W (at w) x RT tokens of the bf16-dot product along the whole of `in`: one
+// accumulator per dot product, VDPBF16PS over 32 columns at a time (x rounded to bf16 to
+// nearest even as loaded), the last partial step masked, lanes reduced, then the bias. The
+// order of every sum does not depend on R or RT: the bits of one row and one token alone.
+template <int R, int RT>
+inline void bf16dot_block(const bf16* w, Index ldw, Index in, const float* x, Index ldx, const float* bias, float* y,
+                          Index ldy) noexcept {
+  const Index full = in - in % 32;
+  const auto rem = static_cast<unsigned>(in - full);
+  __m512 acc[R][RT];
+  MOLORA_UNROLL
+  for (int j = 0; j < R; ++j) {
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) acc[j][t] = _mm512_setzero_ps();
+  }
+  for (Index c = 0; c < full; c += 32) {
+    MOLORA_UNROLL
+    for (int j = 0; j < R; ++j) __builtin_prefetch(w + j * ldw + c + kSkinnyPrefetch / Index(sizeof(bf16)), 0, 3);
+    __m512bh wv[R];
+    MOLORA_UNROLL
+    for (int j = 0; j < R; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + j * ldw + c));
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) {
+      const float* xt = x + t * ldx + c;
+      const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xt + 16), _mm512_loadu_ps(xt));
+      MOLORA_UNROLL
+      for (int j = 0; j < R; ++j) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], xv, wv[j]);
+    }
+  }
+  if (rem) {
+    const __mmask16 mlo = static_cast<__mmask16>(rem >= 16 ? 0xffffu : (1u << rem) - 1u);
+    const __mmask16 mhi = static_cast<__mmask16>(rem <= 16 ? 0u : (1u << (rem - 16)) - 1u);
+    const __mmask32 mw = static_cast<__mmask32>((std::uint64_t(1) << rem) - 1u);
+    __m512bh wv[R];
+    for (int j = 0; j < R; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mw, w + j * ldw + full);
+    for (int t = 0; t < RT; ++t) {
+      const float* xt = x + t * ldx + full;
+      const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mhi, xt + 16), _mm512_maskz_loadu_ps(mlo, xt));
+      for (int j = 0; j < R; ++j) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], xv, wv[j]);
+    }
+  }
+  for (int j = 0; j < R; ++j)
+    for (int t = 0; t < RT; ++t) {
+      float s = _mm512_reduce_add_ps(acc[j][t]);
+      if (bias) s += bias[j];
+      y[t * ldy + j] = s;
+    }
+}
+
+}  // namespace detail
+#endif
+
 // y[t*ldy + o] = sum_i bf16(x[t*ldx + i]) * w[o*ldw + i] (+ bias[o]) for t < T, o in
 // [o0, o1): the activations rounded to bf16 (to nearest even), products exact, sums in
 // float. With AVX512_BF16 (the AVX-512 object is compiled with -mavx512bf16; callers check
@@ -416,37 +592,33 @@ void skinny_product_bf16dot(Arch, const bf16* w, Index ldw, Index in, const Scal
                             const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MOLORA_NO_XSIMD)
   if constexpr (std::is_same_v<Scalar, float> && std::is_base_of_v<xsimd::avx512bw, Arch>) {
-    constexpr int RO = 4;
-    const Index full = in - in % 32;
-    const auto rem = static_cast<unsigned>(in - full);
-    const __mmask16 mlo = static_cast<__mmask16>(rem >= 16 ? 0xffffu : (1u << rem) - 1u);
-    const __mmask16 mhi = static_cast<__mmask16>(rem <= 16 ? 0u : (1u << (rem - 16)) - 1u);
-    const __mmask32 mw = static_cast<__mmask32>(rem == 0 ? 0u : (std::uint64_t(1) << rem) - 1u);
-    for (Index o = o0; o < o1; o += RO) {
-      const int rows = o1 - o < RO ? int(o1 - o) : RO;
-      for (Index t = 0; t < T; ++t) {
-        const float* xt = x + t * ldx;
-        __m512 acc[RO];
-        for (int j = 0; j < RO; ++j) acc[j] = _mm512_setzero_ps();
-        for (Index c = 0; c < full; c += 32) {
-          const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xt + c + 16), _mm512_loadu_ps(xt + c));
-          for (int j = 0; j < rows; ++j)
-            acc[j] = _mm512_dpbf16_ps(acc[j], xv,
-                                      (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + (o + j) * ldw + c)));
-        }
-        if (rem) {
-          const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mhi, xt + full + 16),
-                                                  _mm512_maskz_loadu_ps(mlo, xt + full));
-          for (int j = 0; j < rows; ++j)
-            acc[j] = _mm512_dpbf16_ps(acc[j], xv, (__m512bh)_mm512_maskz_loadu_epi16(mw, w + (o + j) * ldw + full));
-        }
-        for (int j = 0; j < rows; ++j) {
-          float s = _mm512_reduce_add_ps(acc[j]);
-          if (bias) s += bias[o + j];
-          y[t * ldy + o + j] = s;
-        }
+    // Blocks of 3 rows x 8 tokens (then fewer), as the exact kernel's wide path: each
+    // block's 3 weight vectors loaded once for 8 tokens, each x vector rounded for 3 rows.
+    constexpr int RO = 3, TB = 8;
+    auto rows = [&](auto height, Index o) {
+      constexpr int R = decltype(height)::value;
+      Index t = 0;
+      auto block = [&](auto tokens) {
+        constexpr int RT = decltype(tokens)::value;
+        detail::bf16dot_block<R, RT>(w + o * ldw, ldw, in, x + t * ldx, ldx, bias ? bias + o : nullptr, y + t * ldy + o,
+                                     ldy);
+      };
+      for (; t + TB <= T; t += TB) block(std::integral_constant<int, TB>{});
+      switch (T - t) {
+        case 1: block(std::integral_constant<int, 1>{}); break;
+        case 2: block(std::integral_constant<int, 2>{}); break;
+        case 3: block(std::integral_constant<int, 3>{}); break;
+        case 4: block(std::integral_constant<int, 4>{}); break;
+        case 5: block(std::integral_constant<int, 5>{}); break;
+        case 6: block(std::integral_constant<int, 6>{}); break;
+        case 7: block(std::integral_constant<int, 7>{}); break;
+        default: break;
       }
-    }
+    };
+    Index o = o0;
+    for (; o + RO <= o1; o += RO) rows(std::integral_constant<int, RO>{}, o);
+    if (o1 - o == 2) rows(std::integral_constant<int, 2>{}, o);
+    if (o1 - o == 1) rows(std::integral_constant<int, 1>{}, o);
     return;
   }
 #endif
