@@ -634,4 +634,73 @@ BENCHMARK(BM_read_bound)
     ->Unit(benchmark::kMillisecond)
     ->Iterations(10);
 
+// prefill2 ---------------------------------------------------------------------------------------
+
+namespace {
+
+// The FMA peak of `threads` threads, measured once per process.
+double cached_fma_peak(Index threads) {
+  static double peak[3] = {0, 0, 0};
+  const auto t = static_cast<std::size_t>(std::min<Index>(threads, 2));
+  if (peak[t] == 0) peak[t] = measure_fma_peak(threads);
+  return peak[t];
+}
+
+// The prefill's projections of one kind over 128 rows, every layer's (kind 0: q/k/v/o, 1024 ->
+// 1024; 1: gate/up, 1024 -> 2816; 2: down, 2816 -> 1024; 3: the LM head, 1024 -> 32000, once),
+// as BM_prefill_projections runs them: which shapes lose at two threads. of_peak as there.
+// warm = 1: layer 0's projections of the kind only, their weights in the caches.
+void BM_projection_kind(benchmark::State& state) {
+  const Index kind = state.range(0);
+  const qwen2::Model& m = model(false, state.range(1) != 0);
+  const Index threads = state.range(2);
+  use_threads(state, threads);
+  const qwen2::Config& c = m.config();
+  qwen2::Matrix x(kPrompt, c.hidden_size), xi(kPrompt, c.intermediate_size), y;  // [T, H], [T, I]
+  RandomWeights::fill(x.data(), x.size(), 3, 1.0f, 0);
+  RandomWeights::fill(xi.data(), xi.size(), 5, 1.0f, 0);
+  molora::MoLoRAWorkspace<float> ws;
+  std::vector<const qwen2::Projection*> ps;
+  const bool warm = state.range(3) != 0;  // layer 0's weights only, over and over (cached)
+  for (const qwen2::Model::Layer& L : m.layers()) {
+    if (warm && &L != &m.layers().front()) break;
+    if (kind == 0) ps.insert(ps.end(), {&L.q, &L.k, &L.v, &L.o});
+    if (kind == 1) ps.insert(ps.end(), {&L.mlp[0], &L.mlp[1]});
+    if (kind == 2) ps.push_back(&L.mlp[2]);
+  }
+  if (kind == 3) ps.push_back(&m.lm_head());
+  double macs = 0;
+  for (const qwen2::Projection* p : ps) macs += static_cast<double>(p->rows() * p->cols());
+  for (const qwen2::Projection* p : ps) p->forward(kind == 2 ? xi : x, y, ws);  // warm-up
+  double seconds = 0;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (const qwen2::Projection* p : ps) p->forward(kind == 2 ? xi : x, y, ws);
+    benchmark::DoNotOptimize(y.data());
+    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  const double gflops = 2.0 * macs * static_cast<double>(kPrompt) * static_cast<double>(state.iterations()) / seconds / 1e9;
+  state.SetLabel(molora::kernels::active_isa());
+  state.counters["GFLOP/s"] = gflops;
+  state.counters["of_peak"] = gflops / cached_fma_peak(threads);
+  state.counters["ms_per_call"] = 1e3 * seconds / static_cast<double>(state.iterations() * ps.size());
+}
+
+void kind_args(benchmark::internal::Benchmark* b) {
+  for (Index bf16 : {0, 1})
+    for (Index kind : {0, 1, 2, 3})
+      for (Index t = 1; t <= kMaxThreads; ++t)
+        for (Index warm : {0, 1}) b->Args({kind, bf16, t, warm});
+}
+
+}  // namespace
+
+BENCHMARK(BM_projection_kind)
+    ->ArgNames({"kind", "bf16", "threads", "warm"})
+    ->Apply(kind_args)
+    ->UseRealTime()
+    ->MeasureProcessCPUTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(5);
+
 BENCHMARK_MAIN();

@@ -7,7 +7,9 @@
 // with bf16 / f16 router and experts. Run under TSan by test_threads_tsan.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <thread>
 #include <vector>
 
@@ -164,6 +166,61 @@ TEST_CASE("threads: above the skinny crossover, f32 / bf16 / f16 bases give the 
         f32.set_base_strategy(molora::BaseStrategy::automatic);
       }
   }
+  omp_set_num_threads(saved);
+}
+
+TEST_CASE("threads: prefill sizes through the packed GEMM give the same bits with 1 and 2 threads") {
+  // The gemm strategy at prompt lengths: outputs split between the threads at multiples of 64
+  // (out = 64 stays on one thread, 100 and 1024 are split), the tokens in register blocks of
+  // 12 with tails that take the 4- and 8-token blocks (122 = 10 x 12 + 2, 124: + 4, 126: + 6,
+  // 128: + 8) or the 12-token block (129: + 9; 300 = 240 + 60, two blocks of tokens). f32 and
+  // bf16 weights, with and without bias, against the double reference of the (rounded) weights.
+  const int saved = omp_get_max_threads();
+  for (const Index out : {64, 100, 1024})
+    for (const Index in : {37, 300}) {
+      const auto w = ref::random_x<float>(out, in, 110 + std::uint64_t(out + in));  // [out, in]
+      const auto b = ref::random_x<float>(1, out, 120 + std::uint64_t(out));         // [1, out]
+      molora::Linear<float> f32(in, out);
+      molora::Linear<float, molora::bf16> b16(in, out);
+      f32.set_weight(w);
+      b16.set_weight(w);
+      f32.set_strategy(molora::BaseStrategy::gemm);
+      b16.set_strategy(molora::BaseStrategy::gemm);
+      for (const bool bias : {false, true}) {
+        if (bias) {
+          f32.set_bias(b.row(0).transpose());
+          b16.set_bias(b.row(0).transpose());
+        }
+        for (const Index T : {122, 124, 126, 128, 129, 300}) {
+          INFO("in=", in, " out=", out, " T=", T, " bias=", bias);
+          const auto x = ref::random_x<float>(T, in, 130 + std::uint64_t(T));
+          molora::RowMatrix<float> y[2], h[2];
+          for (int n = 1; n <= 2; ++n) {
+            omp_set_num_threads(n);
+            y[n - 1].resize(T, out);
+            h[n - 1].resize(T, out);
+            f32.forward(x, y[n - 1]);
+            b16.forward(x, h[n - 1]);
+          }
+          CHECK(y[0] == y[1]);
+          CHECK(h[0] == h[1]);
+          double err32 = 0, err16 = 0, scale = 0;
+          for (Index t = 0; t < T; ++t)
+            for (Index o = 0; o < out; ++o) {
+              double s32 = bias ? double(b(0, o)) : 0.0, s16 = s32;
+              for (Index i = 0; i < in; ++i) {
+                s32 += double(w(o, i)) * double(x(t, i));
+                s16 += double(molora::to_float(molora::to_bf16(w(o, i)))) * double(x(t, i));
+              }
+              err32 = std::max(err32, std::abs(double(y[1](t, o)) - s32));
+              err16 = std::max(err16, std::abs(double(h[1](t, o)) - s16));
+              scale = std::max(scale, std::abs(s32));
+            }
+          CHECK(err32 <= 1e-5 * scale);
+          CHECK(err16 <= 1e-5 * scale);
+        }
+      }
+    }
   omp_set_num_threads(saved);
 }
 

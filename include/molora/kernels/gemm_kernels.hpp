@@ -164,6 +164,9 @@ inline void transpose_square(xsimd::batch<Scalar, Arch>* r) noexcept {
 #endif
 }
 
+// Bytes ahead of the packing's reads of W that gemm_pack_w prefetches each row (four lines).
+constexpr Index kGemmPackAhead = 256;
+
 // Packs rows [o, o + cols) of W (cols <= NR), inputs [p, p + kc), into dst[k * NR + j],
 // widened; columns j >= cols are zero. Full panels go through V x V transposes in registers
 // where the ISA has them.
@@ -177,6 +180,11 @@ inline void gemm_pack_w(const Wt* w, Index ldw, Index cols, Index kc, Scalar* ds
       B r[V];
       for (; k0 + V <= kc; k0 += V)
         for (Index h = 0; h < NR; h += V) {
+          // The panel reads NR rows side by side, more streams than the hardware prefetcher
+          // follows: ask for each row's line kGemmPackAhead bytes on (a hint, no bit changes).
+          MOLORA_UNROLL
+          for (Index j = 0; j < V; ++j)
+            __builtin_prefetch(w + (h + j) * ldw + k0 + kGemmPackAhead / Index(sizeof(Wt)), 0, 3);
           MOLORA_UNROLL
           for (Index j = 0; j < V; ++j) r[j] = load_weights<Arch, Scalar>(w + (h + j) * ldw + k0);
           transpose_square<Arch, Scalar>(r);
@@ -210,8 +218,9 @@ inline void gemm_pack_x(const Scalar* x, Index ldx, Index rows, Index kc, Scalar
 }
 
 // The register block over one pair of panels: c[i*ldc + j] = (first ? 0 : c) + sum_k
-// xp[k*MR + i] * wp[k*NR + j], then + bias[j] when bias is not null, for i < MR, j < NR.
-template <class Arch, int MR, class Scalar>
+// xp[k*XS + i] * wp[k*NR + j], then + bias[j] when bias is not null, for i < MR, j < NR (XS,
+// the x panel's stride, >= MR). Each element's operations are the same whatever MR.
+template <class Arch, int MR, int XS, class Scalar>
 inline void gemm_block(Index kc, const Scalar* xp, const Scalar* wp, Scalar* c, Index ldc, bool first,
                        const Scalar* bias) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
@@ -229,7 +238,7 @@ inline void gemm_block(Index kc, const Scalar* xp, const Scalar* wp, Scalar* c, 
     for (int v = 0; v < kGemmNV; ++v) wv[v] = B::load_aligned(wp + k * NR + v * V);
     MOLORA_UNROLL
     for (int i = 0; i < MR; ++i) {
-      const B xv(xp[k * MR + i]);
+      const B xv(xp[k * XS + i]);
       MOLORA_UNROLL
       for (int v = 0; v < kGemmNV; ++v) acc[i][v] = xsimd::fma(xv, wv[v], acc[i][v]);
     }
@@ -248,7 +257,7 @@ inline void gemm_block(Index kc, const Scalar* xp, const Scalar* wp, Scalar* c, 
 
 // The register block for the edges: rows x cols of c (rows <= MR, cols <= NR) through a
 // full block in a local tile, so every element gets the same operations as in the interior.
-template <class Arch, int MR, class Scalar>
+template <class Arch, int MR, int XS, class Scalar>
 inline void gemm_edge_block(Index kc, const Scalar* xp, const Scalar* wp, Scalar* c, Index ldc, Index rows,
                             Index cols, bool first, const Scalar* bias) noexcept {
   constexpr Index NR = kGemmNV * simd_width<Arch, Scalar>();
@@ -258,9 +267,32 @@ inline void gemm_edge_block(Index kc, const Scalar* xp, const Scalar* wp, Scalar
     for (Index j = 0; j < NR; ++j) tile[i * NR + j] = i < rows && j < cols && !first ? c[i * ldc + j] : Scalar(0);
   if (bias)
     for (Index j = 0; j < NR; ++j) b[j] = j < cols ? bias[j] : Scalar(0);
-  gemm_block<Arch, MR>(kc, xp, wp, tile, NR, first, bias ? b : nullptr);
+  gemm_block<Arch, MR, XS>(kc, xp, wp, tile, NR, first, bias ? b : nullptr);
   for (Index i = 0; i < rows; ++i)
     for (Index j = 0; j < cols; ++j) c[i * ldc + j] = tile[i * NR + j];
+}
+
+// rows x cols of c (rows <= XS, the x panel's tokens) by the smallest register block of XS / 3,
+// 2 XS / 3 or XS tokens that holds them, straight into c when it fills the block, through the
+// tile otherwise: a tail of 8 tokens (128 = 10 x 12 + 8) costs 8 tokens, not 12 and a copy.
+// Same operations per element whichever block runs it.
+template <class Arch, int XS, class Scalar>
+inline void gemm_any_rows(Index kc, const Scalar* xp, const Scalar* wp, Scalar* c, Index ldc, Index rows,
+                          Index cols, bool first, const Scalar* bias) noexcept {
+  constexpr Index NR = kGemmNV * simd_width<Arch, Scalar>();
+  constexpr int R1 = XS / 3, R2 = 2 * XS / 3;
+  if (rows == XS && cols == NR)
+    gemm_block<Arch, XS, XS>(kc, xp, wp, c, ldc, first, bias);
+  else if (rows == R2 && cols == NR)
+    gemm_block<Arch, R2, XS>(kc, xp, wp, c, ldc, first, bias);
+  else if (rows == R1 && cols == NR)
+    gemm_block<Arch, R1, XS>(kc, xp, wp, c, ldc, first, bias);
+  else if (rows <= R1)
+    gemm_edge_block<Arch, R1, XS>(kc, xp, wp, c, ldc, rows, cols, first, bias);
+  else if (rows <= R2)
+    gemm_edge_block<Arch, R2, XS>(kc, xp, wp, c, ldc, rows, cols, first, bias);
+  else
+    gemm_edge_block<Arch, XS, XS>(kc, xp, wp, c, ldc, rows, cols, first, bias);
 }
 
 }  // namespace detail
@@ -303,10 +335,7 @@ void gemm_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Index
           for (Index jr = 0; jr < nc; jr += NR) {
             const Index cols = nc - jr < NR ? nc - jr : NR;
             const Scalar* bj = b ? b + jc + jr : nullptr;
-            if (rows == MR && cols == NR)
-              detail::gemm_block<Arch, MR>(kc, xp, wpack + jr * kGemmKC, yt + jr, ldy, first, bj);
-            else
-              detail::gemm_edge_block<Arch, MR>(kc, xp, wpack + jr * kGemmKC, yt + jr, ldy, rows, cols, first, bj);
+            detail::gemm_any_rows<Arch, MR>(kc, xp, wpack + jr * kGemmKC, yt + jr, ldy, rows, cols, first, bj);
           }
         }
       }
