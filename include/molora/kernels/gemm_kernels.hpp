@@ -367,6 +367,9 @@ constexpr Index kBf16WtMR = 6;
 constexpr Index kBf16WtTP = 64;
 constexpr Index kBf16WtKC = 4 * kGemmBf16KC;
 constexpr Index kBf16WtPanels = 2;
+// The packed x panels, plus the alignment gemm_product_bf16dot_wt takes, fit the scratch.
+static_assert(kBf16WtPanels * kBf16WtTP * (kBf16WtKC / 2) + 64 / Index(sizeof(float)) <= gemm_scratch_size<float>(),
+              "the bf16-dot x panels must fit gemm_scratch_size<float>()");
 
 // Two bf16 values as the bits of one float: the packed blocks live in the float scratch, each
 // 32-bit lane holding inputs 2q (low half) and 2q + 1 (high half), as VDPBF16PS reads them.
