@@ -15,7 +15,7 @@ if(MOLORA_BUILD_FUZZERS)
       add_executable(${name} ${src})
       # Not molora_dev_flags: its MOLORA_SANITIZE setting would clash with the fuzzer's own.
       target_link_libraries(${name} PRIVATE molora::io)
-      target_compile_options(${name} PRIVATE -g -O1 -fno-omit-frame-pointer
+      target_compile_options(${name} PRIVATE ${MOLORA_SANITIZER_DEBUG} -O1 -fno-omit-frame-pointer
                              -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined)
       target_link_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
     endforeach()

@@ -17,4 +17,7 @@ endforeach()
 add_executable(test_odr ${CMAKE_CURRENT_SOURCE_DIR}/odr/odr_a.cpp ${CMAKE_CURRENT_SOURCE_DIR}/odr/odr_b.cpp
   ${CMAKE_CURRENT_BINARY_DIR}/odr_all_a.cpp ${CMAKE_CURRENT_BINARY_DIR}/odr_all_b.cpp)
 target_link_libraries(test_odr PRIVATE molora::io molora_dev_flags)
+# The tests' own optimisation (MOLORA_TESTS_OPT), as every other test: its two layer forwards
+# instantiate every kernel inline (it does not link molora::kernels).
+target_compile_options(test_odr PRIVATE ${MOLORA_TESTS_OPT})
 add_test(NAME test_odr COMMAND test_odr)

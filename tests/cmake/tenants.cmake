@@ -4,7 +4,7 @@
 # MOLORA_SANITIZE, as for test_threads_tsan).
 if(MOLORA_TSAN_TESTS AND (NOT MOLORA_SANITIZE OR MOLORA_SANITIZE STREQUAL "thread"))
   molora_add_test(test_tenants_tsan ${CMAKE_CURRENT_SOURCE_DIR}/test_tenants.cpp)
-  target_compile_options(test_tenants_tsan PRIVATE -fsanitize=thread -g -O1)
+  target_compile_options(test_tenants_tsan PRIVATE -fsanitize=thread ${MOLORA_SANITIZER_DEBUG} -O1)
   target_link_options(test_tenants_tsan PRIVATE -fsanitize=thread)
   if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
     target_compile_options(test_tenants_tsan PRIVATE -Wno-maybe-uninitialized)
@@ -13,7 +13,7 @@ if(MOLORA_TSAN_TESTS AND (NOT MOLORA_SANITIZE OR MOLORA_SANITIZE STREQUAL "threa
   # test_adapter_store_tsan: the store's gets from several threads (adapter_store.hpp).
   if(TARGET molora::io)
     molora_add_test(test_adapter_store_tsan ${CMAKE_CURRENT_SOURCE_DIR}/test_adapter_store.cpp)
-    target_compile_options(test_adapter_store_tsan PRIVATE -fsanitize=thread -g -O1)
+    target_compile_options(test_adapter_store_tsan PRIVATE -fsanitize=thread ${MOLORA_SANITIZER_DEBUG} -O1)
     target_link_options(test_adapter_store_tsan PRIVATE -fsanitize=thread)
     if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
       target_compile_options(test_adapter_store_tsan PRIVATE -Wno-maybe-uninitialized)
