@@ -118,6 +118,22 @@ void split_ranges(Index n, Index step, Index min_part, F&& f) {
   f(Index(0), n);
 }
 
+// Whether one token of a float weight with rows of `in` values takes the skinny kernel rather
+// than Eigen's GEMV (base_product's `eigen`, which `automatic` resolves to for one token):
+// with AVX-512 active, for rows of at most kernels::skinny_short_row_bytes<float>() (4 KiB),
+// which the kernel reads one row after the other. Cold on Zen 4 that took 0.99-1.07x the time
+// of a plain read of the weight where the GEMV's 8 rows side by side took 1.05-1.21x; above
+// 4 KiB the two were even (docs/benchmarks.md, "The f32 one-token route"). A rule per ISA and
+// type, whatever the thread count; double keeps the GEMV.
+template <class Scalar>
+bool one_token_skinny(Index in) {
+  if constexpr (std::is_same_v<Scalar, float>)
+    return in * Index(sizeof(float)) <= kernels::skinny_short_row_bytes<float>() &&
+           kernels::active_kernels<float>().simd_width == 16;
+  else
+    return (void)in, false;
+}
+
 // y = x W^T (+ bias) with W [out, in] row-major contiguous (out, in >= 1), bias null or
 // [out], x [T, in] and y [T, out] row-major, T >= 1, y not aliasing x, W or bias; `how` is
 // skinny, gemm or eigen (resolved). Checks nothing.
@@ -154,8 +170,20 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
     return;
   }
   if constexpr (std::is_same_v<Weight, Scalar>) {
-    // One token: Eigen's GEMV, with OpenMP rows split between the threads at multiples of
-    // 8. The GEMV takes rows in blocks of 8, then 4, 2, 1 from the first row it is given,
+    // One token of float weights in rows of at most 4 KiB, with AVX-512: the skinny kernel,
+    // which reads such rows one after the other (kernels::skinny_short_row_bytes), rows split
+    // between the threads as above.
+    if (T == 1 && one_token_skinny<Scalar>(in)) {
+      const Scalar* xp = x.data();
+      Scalar* yp = y.data();
+      const Index ldx = x.outerStride(), ldy = y.outerStride();
+      split_ranges(out, 4, 32, [&](Index o0, Index o1) {
+        kernels::skinny_product(kernels::layer_arch{}, w, in, in, xp, ldx, 1, bias, yp, ldy, o0, o1);  // [1, out]
+      });
+      return;
+    }
+    // Otherwise one token: Eigen's GEMV, with OpenMP rows split between the threads at
+    // multiples of 8. The GEMV takes rows in blocks of 8, then 4, 2, 1 from the first row it is given,
     // and a row's bits depend on its block; ranges cut at multiples of 8 give every row the
     // block it has in one call over all rows. About 64 rows per range (at least 56) keep
     // Eigen on its GEMV rather than its coefficient-wise product for tiny sizes.
