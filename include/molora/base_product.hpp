@@ -22,17 +22,18 @@
 namespace molora {
 
 // How a layer computes its base product x W^T + b (same values up to rounding):
-//   eigen      Eigen's GEMV / GEMM (for 16-bit weights: over blocks of widened rows)
+//   eigen      Eigen's GEMV / GEMM (for 16-bit weights: over blocks of widened rows); one
+//              token of a float weight with rows of at most 4 KiB takes the skinny kernel
+//              instead when AVX-512 runs (detail::one_token_skinny: it reads such rows one
+//              after the other, faster than the GEMV's 8 rows side by side)
 //   skinny     kernels::skinny_product: each row of W streamed once for all the tokens
 //   gemm       kernels::gemm_product: packed panels of x and W (16-bit W widened while packed)
 //   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, from there on
 //              detail::many_tokens_strategy (gemm for float activations, eigen for double);
-//              for weights of the layer's own type one token also goes to Eigen's GEMV,
-//              once 0-8 % faster than the skinny kernel, at parity since the kernel's
-//              blocks dropped their software prefetch (docs/benchmarks.md; with OpenMP its
-//              rows are split between the threads;
-//              constants, whatever the thread count), while 16-bit weights stay skinny
-//              (Eigen would need them widened)
+//              for weights of the layer's own type one token also goes to eigen (the GEMV,
+//              or for float the route above; with OpenMP its rows are split between the
+//              threads; constants, whatever the thread count), while 16-bit weights stay
+//              skinny (Eigen would need them widened)
 enum class BaseStrategy { automatic, eigen, skinny, gemm };
 
 inline const char* to_string(BaseStrategy s) {

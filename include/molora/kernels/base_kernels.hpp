@@ -39,8 +39,9 @@ namespace molora::kernels {
 // warm (skinny / Eigen time at T = 96 / 128 / 192: 0.87-0.89 / 0.97-1.01 / 1.14-1.16 for
 // float, 0.93-0.99 / 0.94-0.98 / 1.11-1.14 for double; docs/benchmarks.md). The same for
 // both scalars, and a constant, so the choice never depends on the thread count. (For one
-// token MoLoRALinear keeps Eigen's GEMV, 0-8 % faster than this kernel before its blocks
-// dropped the software prefetch, at parity (0.998x) since.)
+// token of a weight of the layer's own type the layers keep Eigen's GEMV, but for float rows
+// of at most 4 KiB with AVX-512, which this kernel reads one row after the other:
+// detail::one_token_skinny in base_product.hpp.)
 template <class Scalar>
 constexpr Index skinny_crossover() noexcept {
   return 128;
