@@ -823,6 +823,75 @@ void BM_decode_routes(benchmark::State& state) {
   state.counters["skinny_over_auto"] = step_s[1] / step_s[0];
 }
 
+#ifdef MOLORA_USE_OPENMP
+// The prefill's projections of the plain f32 model over 128 rows at two threads, two ways
+// alternately in one loop: as BM_prefill_projections runs them (each layer's forward, one
+// OpenMP region per product, the layer's checks between them on the master thread) and in one
+// region for the whole pass (each thread calls kernels::gemm_product on its own outputs, cut
+// as split_ranges cuts them, a barrier after every product, as a model whose products depend
+// on each other would need). of_peak_R as BM_prefill_projections' over the FMA peak of two
+// threads (measured once per process); region_over_calls = the one region's time over the
+// calls'. What one region per pass would gain at most.
+void BM_prefill_regions(benchmark::State& state) {
+  const qwen2::Model& m = model(false, false);
+  constexpr Index kThreads = 2;
+  use_threads(state, kThreads);
+  const qwen2::Config& c = m.config();
+  qwen2::Matrix x(kPrompt, c.hidden_size), xi(kPrompt, c.intermediate_size), y;  // [T, H], [T, I]
+  RandomWeights::fill(x.data(), x.size(), 3, 1.0f, 0);
+  RandomWeights::fill(xi.data(), xi.size(), 5, 1.0f, 0);
+  molora::MoLoRAWorkspace<float> ws;
+  std::vector<const qwen2::Projection*> ps;
+  for (const qwen2::Model::Layer& L : m.layers())
+    ps.insert(ps.end(), {&L.q, &L.k, &L.v, &L.o, &L.mlp[0], &L.mlp[1], &L.mlp[2]});
+  ps.push_back(&m.lm_head());
+  std::vector<float> yr(static_cast<std::size_t>(kPrompt * c.vocab_size));  // [T, out] per product
+  auto calls = [&] {
+    for (const qwen2::Projection* p : ps) p->forward(p->cols() == c.hidden_size ? x : xi, y, ws);
+    benchmark::DoNotOptimize(y.data());
+  };
+  auto region = [&] {
+#pragma omp parallel num_threads(static_cast<int>(kThreads))
+    {
+      thread_local std::vector<float> scratch;
+      scratch.resize(static_cast<std::size_t>(molora::kernels::gemm_scratch_size<float>()));
+      const Index t = omp_get_thread_num(), P = omp_get_num_threads();
+      for (const qwen2::Projection* p : ps) {
+        const qwen2::Matrix& in = p->cols() == c.hidden_size ? x : xi;
+        const Index out = p->rows(), o0 = out * t / P / 64 * 64, o1 = t + 1 == P ? out : out * (t + 1) / P / 64 * 64;
+        const float* b = p->bias().size() > 0 ? p->bias().data() : nullptr;
+        molora::kernels::gemm_product(molora::kernels::layer_arch{}, p->weight().f32, p->cols(), p->cols(), in.data(),
+                                      in.cols(), kPrompt, b, yr.data(), out, o0, o1, scratch.data());  // [T, out]
+#pragma omp barrier
+      }
+    }
+    benchmark::DoNotOptimize(yr.data());
+  };
+  calls();  // warm-up: scratch and y at their sizes
+  region();
+  double secs[2] = {};
+  std::size_t it = 0;
+  for (auto _ : state) {
+    for (int k = 0; k < 2; ++k) {
+      const int w = static_cast<int>((it + static_cast<std::size_t>(k)) % 2);
+      const auto t0 = std::chrono::steady_clock::now();
+      if (w == 0)
+        calls();
+      else
+        region();
+      secs[w] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    ++it;
+  }
+  const double flop = 2.0 * projection_macs_per_token(m) * static_cast<double>(kPrompt) *
+                      static_cast<double>(state.iterations());
+  const double peak = cached_fma_peak(kThreads);
+  state.counters["of_peak_calls"] = flop / secs[0] / 1e9 / peak;
+  state.counters["of_peak_region"] = flop / secs[1] / 1e9 / peak;
+  state.counters["region_over_calls"] = secs[1] / secs[0];
+}
+#endif
+
 void route_shape_args(benchmark::internal::Benchmark* b) {
   for (const auto& s : {std::array<Index, 2>{1024, 1024}, {2816, 1024}, {1024, 2816}, {32000, 1024}})
     b->Args({s[0], s[1]});
@@ -837,5 +906,8 @@ BENCHMARK(BM_route_shape)
     ->Unit(benchmark::kMicrosecond)
     ->MinTime(0.5);
 BENCHMARK(BM_decode_routes)->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+#ifdef MOLORA_USE_OPENMP
+BENCHMARK(BM_prefill_regions)->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(4);
+#endif
 
 BENCHMARK_MAIN();

@@ -358,6 +358,7 @@ class Projection {
   // "bf16" or "f32": the type the weight is kept in (and the product reads).
   const char* weight_dtype() const { return weight_.is_bf16() ? "bf16" : "f32"; }
   const WeightData& weight() const { return weight_; }
+  const Vec& bias() const { return bias_; }  // [out] or empty
   // The layer itself wraps the weight (no copy inside molora).
   bool layer_wraps_weight() const {
     if (plain_f32_) return plain_f32_->wraps_weight();
