@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -127,12 +128,19 @@ void split_ranges(Index n, Index step, Index min_part, F&& f) {
 // 4 KiB the two were even (docs/benchmarks.md, "The f32 one-token route"). A rule per ISA and
 // type, whatever the thread count; double keeps the GEMV.
 template <class Scalar>
-bool one_token_skinny(Index in) {
-  if constexpr (std::is_same_v<Scalar, float>)
-    return in * Index(sizeof(float)) <= kernels::skinny_short_row_bytes<float>() &&
-           kernels::active_kernels<float>().simd_width == 16;
-  else
+bool one_token_skinny(Index in) noexcept {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (in * Index(sizeof(float)) > kernels::skinny_short_row_bytes<float>()) return false;
+#if MOLORA_RUNTIME_DISPATCH
+    return std::strcmp(kernels::detail::current_isa().name, "avx512") == 0;  // the 32-register ISA
+#elif !defined(MOLORA_NO_XSIMD)
+    return kernels::detail::vector_registers<kernels::default_arch>() >= 32;
+#else
+    return false;
+#endif
+  } else {
     return (void)in, false;
+  }
 }
 
 // y = x W^T (+ bias) with W [out, in] row-major contiguous (out, in >= 1), bias null or
