@@ -18,6 +18,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -702,5 +703,211 @@ BENCHMARK(BM_projection_kind)
     ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMillisecond)
     ->Iterations(5);
+
+// dec14 -------------------------------------------------------------------------------------------
+
+namespace {
+
+// The one-token f32 product's row orders, each over one decoder shape, cold: n copies of a
+// float weight [rows, cols] (past kShapeColdBytes), every iteration runs each variant once on
+// its own copy, each forward followed by a plain read (read_bytes) of another copy, both
+// timed; over_read_V = variant V's time over the reads' time (all reads of the run, so the
+// variants share one denominator and their ratios are one run's). Variants (the kernels'
+// templates at the build's ISA, called directly, one thread): 0 Eigen's GEMV as
+// base_product's T == 1 branch runs it; 1 the skinny kernel's 8 rows side by side; 2 one row
+// after the other (skinny_stream_rows<1>); 3 one row after the other with the software
+// prefetch kSkinnyPrefetch ahead; 4 4 rows side by side; 5 pairs of rows one after the other.
+// The order of the variants rotates every iteration.
+constexpr int kRouteVariants = 6;
+
+void run_route_variant(int v, const float* w, Index rows, Index cols, const float* x, float* y) {
+  using A = molora::kernels::default_arch;
+  namespace kd = molora::kernels::detail;
+  const float* none = nullptr;      // no bias
+  alignas(64) float spill[8 * 16];  // unused for one token (one pass along `in`)
+  switch (v) {
+    case 0: {
+      Eigen::Map<const molora::RowMatrix<float>> xm(x, 1, cols);  // [1, cols]
+      Eigen::Map<molora::RowMatrix<float>> ym(y, 1, rows);        // [1, rows]
+      ym.noalias() = xm * Eigen::Map<const molora::RowMatrix<float>>(w, rows, cols).transpose();
+      break;
+    }
+    case 1: kd::skinny_rows_range<8, 1, 0, A>(w, cols, cols, x, cols, 1, none, y, rows, 0, rows, spill); break;
+    case 2: kd::skinny_stream_rows<1, A, 0>(w, cols, cols, x, cols, 1, none, y, rows, 0, rows); break;
+    case 3:
+      kd::skinny_stream_rows<1, A, molora::kernels::kSkinnyPrefetch>(w, cols, cols, x, cols, 1, none, y, rows, 0, rows);
+      break;
+    case 4: kd::skinny_rows_range<4, 1, 0, A>(w, cols, cols, x, cols, 1, none, y, rows, 0, rows, spill); break;
+    default: kd::skinny_stream_rows<2, A, 0>(w, cols, cols, x, cols, 1, none, y, rows, 0, rows); break;
+  }
+}
+
+void BM_route_shape(benchmark::State& state) {
+  const Index rows = state.range(0), cols = state.range(1);
+  use_threads(state, 1);
+  const std::size_t bytes = static_cast<std::size_t>(rows * cols) * sizeof(float);
+  std::size_t n = std::max<std::size_t>(kRouteVariants + 1,
+                                        static_cast<std::size_t>(kShapeColdBytes / static_cast<double>(bytes)) + 1);
+  if (n % 2 == 0) ++n;
+  std::vector<qwen2::Matrix> copies(n, qwen2::Matrix(rows, cols));  // each [rows, cols]
+  for (qwen2::Matrix& m : copies)
+    RandomWeights::fill(m.data(), m.size(), 17, std::sqrt(3.0f / static_cast<float>(cols)), 0);
+  qwen2::Matrix x(1, cols), y(1, rows);  // [1, cols], [1, rows]
+  RandomWeights::fill(x.data(), x.size(), 19, 1.0f, 0);
+  double fwd_s[kRouteVariants] = {}, read_s = 0;
+  std::uint64_t sink = 0, reads = 0;
+  std::size_t c = 0, it = 0;
+  for (auto _ : state) {
+    for (int k = 0; k < kRouteVariants; ++k) {
+      const int v = static_cast<int>((it + static_cast<std::size_t>(k)) % kRouteVariants);
+      const auto t0 = std::chrono::steady_clock::now();
+      run_route_variant(v, copies[c].data(), rows, cols, x.data(), y.data());
+      benchmark::DoNotOptimize(y.data());
+      const auto t1 = std::chrono::steady_clock::now();
+      sink += read_bytes(copies[(c + 1) % n].data(), bytes);
+      const auto t2 = std::chrono::steady_clock::now();
+      fwd_s[v] += std::chrono::duration<double>(t1 - t0).count();
+      read_s += std::chrono::duration<double>(t2 - t1).count();
+      ++reads;
+      c = (c + 2) % n;
+    }
+    ++it;
+  }
+  benchmark::DoNotOptimize(sink);
+  const double per_read = read_s / static_cast<double>(reads);
+  const double iters = static_cast<double>(state.iterations());
+  state.SetLabel(molora::kernels::isa_name<molora::kernels::default_arch>());
+  state.counters["read_us"] = 1e6 * per_read;
+  for (int v = 0; v < kRouteVariants; ++v)
+    state.counters["over_read_" + std::to_string(v)] = fwd_s[v] / iters / per_read;
+}
+
+// A batch-1 f32 decode step of the adapted model with every projection's base product run
+// by `automatic` (route 0) and by `skinny` (route 1) alternately in one loop, each step
+// paired with a read of the bytes it needs just before it, as BM_decode pairs them;
+// over_read_R = route R's steps over their reads (scaled to the adapted bytes), skinny_over_auto
+// the steps' time ratio. One thread.
+void BM_decode_routes(benchmark::State& state) {
+  qwen2::Model& m = model(true, false);
+  use_threads(state, 1);
+  std::vector<qwen2::KVCache> caches(1);
+  std::vector<qwen2::KVCache*> ptrs{&caches[0]};
+  const std::vector<std::vector<int>> prompts{tokens(32, 2)}, next{{11}};
+  m.forward(prompts, ptrs);
+  const molora::BaseStrategy routes[2] = {molora::BaseStrategy::automatic, molora::BaseStrategy::skinny};
+  double step_s[2] = {}, read_s[2] = {};
+  std::size_t it = 0;
+  for (auto _ : state) {
+    for (int k = 0; k < 2; ++k) {
+      const int r = static_cast<int>((it + static_cast<std::size_t>(k)) % 2);
+      m.set_base_strategy(routes[r]);
+      const auto r0 = std::chrono::steady_clock::now();
+      benchmark::DoNotOptimize(read_weights(m));
+      const auto t0 = std::chrono::steady_clock::now();
+      caches[0].length = static_cast<Index>(prompts[0].size());
+      benchmark::DoNotOptimize(m.forward(next, ptrs).data());
+      const auto t1 = std::chrono::steady_clock::now();
+      read_s[r] += std::chrono::duration<double>(t0 - r0).count();
+      step_s[r] += std::chrono::duration<double>(t1 - t0).count();
+    }
+    ++it;
+  }
+  m.set_base_strategy(molora::BaseStrategy::automatic);
+  const double bytes = static_cast<double>(m.projection_bytes());
+  const double scale = (bytes + routed_adapter_bytes(m)) / bytes;
+  const double iters = static_cast<double>(state.iterations());
+  for (int r = 0; r < 2; ++r) {
+    state.counters["over_read_" + std::to_string(r)] = step_s[r] / (read_s[r] * scale);
+    state.counters["ms_" + std::to_string(r)] = 1e3 * step_s[r] / iters;
+  }
+  state.counters["skinny_over_auto"] = step_s[1] / step_s[0];
+}
+
+#ifdef MOLORA_USE_OPENMP
+// The prefill's projections of the plain f32 model over 128 rows at two threads, two ways
+// alternately in one loop: as BM_prefill_projections runs them (each layer's forward, one
+// OpenMP region per product, the layer's checks between them on the master thread) and in one
+// region for the whole pass (each thread calls kernels::gemm_product on its own outputs, cut
+// as split_ranges cuts them, a barrier after every product, as a model whose products depend
+// on each other would need). of_peak_R as BM_prefill_projections' over the FMA peak of two
+// threads (measured once per process); region_over_calls = the one region's time over the
+// calls'. What one region per pass would gain at most.
+void BM_prefill_regions(benchmark::State& state) {
+  const qwen2::Model& m = model(false, false);
+  constexpr Index kThreads = 2;
+  use_threads(state, kThreads);
+  const qwen2::Config& c = m.config();
+  qwen2::Matrix x(kPrompt, c.hidden_size), xi(kPrompt, c.intermediate_size), y;  // [T, H], [T, I]
+  RandomWeights::fill(x.data(), x.size(), 3, 1.0f, 0);
+  RandomWeights::fill(xi.data(), xi.size(), 5, 1.0f, 0);
+  molora::MoLoRAWorkspace<float> ws;
+  std::vector<const qwen2::Projection*> ps;
+  for (const qwen2::Model::Layer& L : m.layers())
+    ps.insert(ps.end(), {&L.q, &L.k, &L.v, &L.o, &L.mlp[0], &L.mlp[1], &L.mlp[2]});
+  ps.push_back(&m.lm_head());
+  std::vector<float> yr(static_cast<std::size_t>(kPrompt * c.vocab_size));  // [T, out] per product
+  auto calls = [&] {
+    for (const qwen2::Projection* p : ps) p->forward(p->cols() == c.hidden_size ? x : xi, y, ws);
+    benchmark::DoNotOptimize(y.data());
+  };
+  auto region = [&] {
+#pragma omp parallel num_threads(static_cast<int>(kThreads))
+    {
+      thread_local std::vector<float> scratch;
+      scratch.resize(static_cast<std::size_t>(molora::kernels::gemm_scratch_size<float>()));
+      const Index t = omp_get_thread_num(), P = omp_get_num_threads();
+      for (const qwen2::Projection* p : ps) {
+        const qwen2::Matrix& in = p->cols() == c.hidden_size ? x : xi;
+        const Index out = p->rows(), o0 = out * t / P / 64 * 64, o1 = t + 1 == P ? out : out * (t + 1) / P / 64 * 64;
+        const float* b = p->bias().size() > 0 ? p->bias().data() : nullptr;
+        molora::kernels::gemm_product(molora::kernels::layer_arch{}, p->weight().f32, p->cols(), p->cols(), in.data(),
+                                      in.cols(), kPrompt, b, yr.data(), out, o0, o1, scratch.data());  // [T, out]
+#pragma omp barrier
+      }
+    }
+    benchmark::DoNotOptimize(yr.data());
+  };
+  calls();  // warm-up: scratch and y at their sizes
+  region();
+  double secs[2] = {};
+  std::size_t it = 0;
+  for (auto _ : state) {
+    for (int k = 0; k < 2; ++k) {
+      const int w = static_cast<int>((it + static_cast<std::size_t>(k)) % 2);
+      const auto t0 = std::chrono::steady_clock::now();
+      if (w == 0)
+        calls();
+      else
+        region();
+      secs[w] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    ++it;
+  }
+  const double flop = 2.0 * projection_macs_per_token(m) * static_cast<double>(kPrompt) *
+                      static_cast<double>(state.iterations());
+  const double peak = cached_fma_peak(kThreads);
+  state.counters["of_peak_calls"] = flop / secs[0] / 1e9 / peak;
+  state.counters["of_peak_region"] = flop / secs[1] / 1e9 / peak;
+  state.counters["region_over_calls"] = secs[1] / secs[0];
+}
+#endif
+
+void route_shape_args(benchmark::internal::Benchmark* b) {
+  for (const auto& s : {std::array<Index, 2>{1024, 1024}, {2816, 1024}, {1024, 2816}, {32000, 1024}})
+    b->Args({s[0], s[1]});
+}
+
+}  // namespace
+
+BENCHMARK(BM_route_shape)
+    ->ArgNames({"rows", "cols"})
+    ->Apply(route_shape_args)
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(0.5);
+BENCHMARK(BM_decode_routes)->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+#ifdef MOLORA_USE_OPENMP
+BENCHMARK(BM_prefill_regions)->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(4);
+#endif
 
 BENCHMARK_MAIN();

@@ -358,11 +358,20 @@ class Projection {
   // "bf16" or "f32": the type the weight is kept in (and the product reads).
   const char* weight_dtype() const { return weight_.is_bf16() ? "bf16" : "f32"; }
   const WeightData& weight() const { return weight_; }
+  const Vec& bias() const { return bias_; }  // [out] or empty
   // The layer itself wraps the weight (no copy inside molora).
   bool layer_wraps_weight() const {
     if (plain_f32_) return plain_f32_->wraps_weight();
     if (plain_b16_) return plain_b16_->wraps_weight();
     return with_moe([](const auto& m) { return m->wraps_base(); }, false);
+  }
+
+  // How the base product x W^T runs (molora::BaseStrategy; automatic by default), for
+  // measurement: the plain layer's strategy or the adapted layer's base strategy.
+  void set_base_strategy(molora::BaseStrategy s) {
+    if (plain_f32_) plain_f32_->set_strategy(s);
+    if (plain_b16_) plain_b16_->set_strategy(s);
+    std::apply([&](auto&... m) { ((m ? m->set_base_strategy(s) : void()), ...); }, moe_);
   }
 
   // y = x W^T + b (+ delta); returns the routing when adapted, nullptr otherwise.
@@ -542,6 +551,14 @@ class Model {
   void reset_expert_load() { load_.reset(config_.num_hidden_layers, num_experts_); }
   const std::vector<Layer>& layers() const { return layers_; }
   const Projection& lm_head() const { return lm_head_; }
+  // Every projection's base strategy (Projection::set_base_strategy), for measurement.
+  void set_base_strategy(molora::BaseStrategy s) {
+    for (Layer& L : layers_) {
+      for (Projection* p : {&L.q, &L.k, &L.v, &L.o}) p->set_base_strategy(s);
+      for (Projection& p : L.mlp) p.set_base_strategy(s);
+    }
+    lm_head_.set_base_strategy(s);
+  }
 
   // Bytes of the weights one decode token reads from memory at least once: every projection's
   // base weight and the LM head (not the adapters' routers and experts).

@@ -614,3 +614,71 @@ TEST_CASE("base_kernels: the bf16-dot skinny product, 1-20 tokens, against the r
       }
   CHECK(runs == 20 * 8 * 7);
 }
+
+// The one-token f32 route (dec14): float rows of at most skinny_short_row_bytes<float>() (4 KiB,
+// in <= 1024) are read one row after the other on 32-register ISAs, and a Linear<float> of such
+// rows takes the skinny kernel for one token with AVX-512 (detail::one_token_skinny). Across the
+// 4 KiB boundary, odd out, with and without bias: the kernel's one-token result matches the
+// double reference and is bit for bit the blocked kernel's and the one-row path's at the ISA
+// this file is compiled for, on any row range; the layer's one-token forward (automatic and
+// eigen, which agree bit for bit) matches the reference, and is the dispatched kernel's result
+// bit for bit where the route takes it.
+TEST_CASE("base_kernels: the f32 one-token route over rows up to 4 KiB matches the reference and the blocked bits") {
+  CHECK(k::skinny_short_row_bytes<float>() == 4096);
+  CHECK(k::skinny_short_row_bytes<molora::bf16>() == 2048);
+  std::uint64_t seed = 7700;
+  Index runs = 0;
+  for (const Index in : {1, 17, 1000, 1023, 1024, 1025, 1031})
+    for (const Index out : {1, 3, 33, 70}) {
+      Problem<float> p(in, out, 1, (in + out) % 2 == 1, ++seed);
+      std::vector<double> ref, tol;
+      p.reference(ref, tol);
+      auto within = [&](const std::vector<float>& y) {
+        std::size_t bad = 0;
+        for (std::size_t i = 0; i < y.size(); ++i) bad += std::abs(double(y[i]) - ref[i]) > tol[i];
+        return bad == 0;
+      };
+      const std::vector<float> route = p.template run<k::default_arch>();
+#if !defined(MOLORA_NO_XSIMD)
+      namespace kd = k::detail;
+      std::vector<float> blocked = p.y0, rows1 = p.y0, ranges = p.y0;
+      kd::skinny_product_blocked<k::default_arch>(p.w.data(), p.ldw, in, p.x.data(), p.ldx, 1, p.bias_ptr(),
+                                                  blocked.data(), p.ldy, Index(0), out);
+      kd::skinny_stream_rows<1, k::default_arch, 0>(p.w.data(), p.ldw, in, p.x.data(), p.ldx, 1, p.bias_ptr(),
+                                                    rows1.data(), p.ldy, Index(0), out);
+      for (Index o0 = 0; o0 < out;) {  // ranges of 1 to 5 rows
+        const Index o1 = std::min(out, o0 + 1 + o0 % 5);
+        p.template run<k::default_arch>(ranges, o0, o1);
+        o0 = o1;
+      }
+      INFO(k::default_arch::name(), " in=", in, " out=", out);
+      CHECK(route == blocked);
+      CHECK(rows1 == blocked);
+      CHECK(ranges == route);
+#endif
+      CHECK(within(route));
+
+      // The layer at T = 1 over the same weight (contiguous) and bias.
+      molora::RowMatrix<float> w(out, in), x(1, in);  // [out, in], [1, in]
+      for (Index o = 0; o < out; ++o)
+        for (Index i = 0; i < in; ++i) w(o, i) = p.w[at(o * p.ldw + i)];
+      for (Index i = 0; i < in; ++i) x(0, i) = p.x[at(i)];
+      molora::Linear<float> lin(in, out);
+      lin.set_weight(w);
+      if (p.with_bias) lin.set_bias(Eigen::Map<const molora::Vector<float>>(p.bias.data(), out));
+      const molora::RowMatrix<float> ya = lin.forward(x);  // [1, out], automatic
+      lin.set_strategy(molora::BaseStrategy::eigen);
+      const molora::RowMatrix<float> ye = lin.forward(x);
+      std::vector<float> ylin(p.y0);
+      for (Index o = 0; o < out; ++o) ylin[at(o)] = ya(0, o);
+      CHECK(ya == ye);
+      CHECK(within(ylin));
+      if (molora::detail::one_token_skinny<float>(in)) {
+        molora::RowMatrix<float> yk(1, out);  // [1, out]
+        k::skinny_product(k::layer_arch{}, w.data(), in, in, x.data(), in, 1, p.bias_ptr(), yk.data(), out, 0, out);
+        CHECK(ya == yk);
+      }
+      ++runs;
+    }
+  CHECK(runs == 7 * 4);
+}

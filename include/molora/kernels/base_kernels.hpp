@@ -4,7 +4,7 @@
 // AVX-512 up to 4 tokens) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
 // token passes over it; with AVX-512 for 5-8 tokens, 3 rows x 8 tokens (the wide path); on
 // 16-register ISAs, for 5-8 tokens, pairs of rows along the whole of `in` with every token in
-// registers; for one token over short rows (kSkinnyShortRowBytes), one row after the other. From
+// registers; for one token over short rows (skinny_short_row_bytes), one row after the other. From
 // skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to a GEMM (gemm_product
 // for float, Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The
 // base product for few tokens").
@@ -39,8 +39,9 @@ namespace molora::kernels {
 // warm (skinny / Eigen time at T = 96 / 128 / 192: 0.87-0.89 / 0.97-1.01 / 1.14-1.16 for
 // float, 0.93-0.99 / 0.94-0.98 / 1.11-1.14 for double; docs/benchmarks.md). The same for
 // both scalars, and a constant, so the choice never depends on the thread count. (For one
-// token MoLoRALinear keeps Eigen's GEMV, 0-8 % faster than this kernel before its blocks
-// dropped the software prefetch, at parity (0.998x) since.)
+// token of a weight of the layer's own type the layers keep Eigen's GEMV, but for float rows
+// of at most 4 KiB with AVX-512, which this kernel reads one row after the other:
+// detail::one_token_skinny in base_product.hpp.)
 template <class Scalar>
 constexpr Index skinny_crossover() noexcept {
   return 128;
@@ -71,9 +72,14 @@ constexpr int kSkinnyStreamRows = 2;
 // bytes is read one row after the other (skinny_stream_rows<1>, no software prefetch), one
 // sequential stream, rather than 8 rows side by side: cold on Zen 4, 8 rows of 2 KiB (bf16,
 // in = 1024) took 1.68-1.86x the time of a plain read of W0 and one row at a time 0.93-1.09x;
-// at 4 KiB (f32, in = 1024) the two were mixed (1.00-1.20x against 1.05-1.12x) and at 8 KiB
-// and more 8 rows won (docs/benchmarks.md, "Where a batch-1 step goes"). Same bits.
-constexpr Index kSkinnyShortRowBytes = 2048;
+// float rows of 4 KiB (in = 1024) took 1.15-1.29x side by side and 0.99-1.07x one after the
+// other; at 5.5 KiB (bf16, in = 2816) and 11 KiB (float) 8 rows won (docs/benchmarks.md,
+// "Where a batch-1 step goes" and "The f32 one-token route"). 2 KiB for 16-bit (and double)
+// weights, 4 KiB for float ones. Same bits.
+template <class Wt>
+constexpr Index skinny_short_row_bytes() noexcept {
+  return sizeof(Wt) == 4 ? 4096 : 2048;
+}
 
 // ---- scalar kernel ------------------------------------------------------------------------
 
@@ -498,7 +504,7 @@ void skinny_product_streamed(const Wt* w, Index ldw, Index in, const Scalar* x, 
 // exactly in registers): the result is then bit for bit the one for the widened weights.
 // From kSkinnyStreamFrom to kSkinnyStreamTokens tokens on 16-register ISAs the rows are
 // streamed pair after pair, from kSkinnyWideFrom to kSkinnyWideTo tokens on 32-register ISAs
-// blocks of 3 rows x 8 tokens run along `in` (the wide path), one token's rows of at most kSkinnyShortRowBytes on 32-register
+// blocks of 3 rows x 8 tokens run along `in` (the wide path), one token's rows of at most skinny_short_row_bytes on 32-register
 // ISAs one after the other, otherwise taken in blocks of rows; all sum in the same order, so
 // give the same bits.
 template <class Arch, class Wt, class Scalar>
@@ -506,7 +512,7 @@ void skinny_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Ind
                     const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
   if (detail::vector_registers<Arch>() < 32 && T >= kSkinnyStreamFrom && T <= kSkinnyStreamTokens)
     detail::skinny_product_streamed<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
-  else if (detail::vector_registers<Arch>() >= 32 && T == 1 && in * Index(sizeof(Wt)) <= kSkinnyShortRowBytes)
+  else if (detail::vector_registers<Arch>() >= 32 && T == 1 && in * Index(sizeof(Wt)) <= skinny_short_row_bytes<Wt>())
     detail::skinny_stream_rows<1, Arch, 0>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
   else
     detail::skinny_product_blocked<Arch>(w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
