@@ -203,11 +203,14 @@ TEST_CASE_TEMPLATE("base_kernels: MoLoRALinear with the skinny base equals the E
           INFO("in=", in, " out=", out, " T=", T, " bias=", bias);
           CHECK(double((ys - ye).cwiseAbs().maxCoeff()) <= tol * scale);
           CHECK(double((bs - be).cwiseAbs().maxCoeff()) <= tol * scale);
-          // automatic is one of them, bit for bit: skinny from 2 tokens to the crossover, then
-          // many_tokens_strategy.
+          // automatic is one of them, bit for bit: skinny from 2 tokens to the crossover (and
+          // for one token where detail::one_token_skinny says so), then many_tokens_strategy.
           const bool gemm =
               T >= crossover && molora::detail::many_tokens_strategy<Scalar, Scalar>() == molora::BaseStrategy::gemm;
-          CHECK(ya == (T >= 2 && T < crossover ? ys : gemm ? yg : ye));
+          const bool skinny = T < crossover && (T >= 2 || molora::detail::one_token_skinny<Scalar>(in));
+          CHECK(layer.resolved_base_strategy(T) ==
+                (skinny ? molora::BaseStrategy::skinny : gemm ? molora::BaseStrategy::gemm : molora::BaseStrategy::eigen));
+          CHECK(ya == (skinny ? ys : gemm ? yg : ye));
         }
       }
     }
@@ -223,7 +226,9 @@ TEST_CASE("base_kernels: automatic resolves to skinny for 2 tokens up to the cro
   molora::MoLoRALinear<float> layer(cfg);
   CHECK(layer.base_strategy() == molora::BaseStrategy::automatic);
   const Index c = k::skinny_crossover<float>();
-  CHECK(layer.resolved_base_strategy(1) == molora::BaseStrategy::eigen);  // Eigen's GEMV
+  // One token: Eigen's GEMV, or the skinny kernel for short float rows with AVX-512.
+  CHECK(layer.resolved_base_strategy(1) ==
+        (molora::detail::one_token_skinny<float>(8) ? molora::BaseStrategy::skinny : molora::BaseStrategy::eigen));
   CHECK(layer.resolved_base_strategy(2) == molora::BaseStrategy::skinny);
   CHECK(layer.resolved_base_strategy(c - 1) == molora::BaseStrategy::skinny);
   CHECK(layer.resolved_base_strategy(c) == molora::detail::many_tokens_strategy<float, float>());
@@ -615,14 +620,14 @@ TEST_CASE("base_kernels: the bf16-dot skinny product, 1-20 tokens, against the r
   CHECK(runs == 20 * 8 * 7);
 }
 
-// The one-token f32 route (dec14): float rows of at most skinny_short_row_bytes<float>() (4 KiB,
+// The one-token f32 route: float rows of at most skinny_short_row_bytes<float>() (4 KiB,
 // in <= 1024) are read one row after the other on 32-register ISAs, and a Linear<float> of such
 // rows takes the skinny kernel for one token with AVX-512 (detail::one_token_skinny). Across the
 // 4 KiB boundary, odd out, with and without bias: the kernel's one-token result matches the
 // double reference and is bit for bit the blocked kernel's and the one-row path's at the ISA
-// this file is compiled for, on any row range; the layer's one-token forward (automatic and
-// eigen, which agree bit for bit) matches the reference, and is the dispatched kernel's result
-// bit for bit where the route takes it.
+// this file is compiled for, on any row range; the layer's one-token forward (automatic, and
+// eigen: Eigen's GEMV) matches the reference; automatic resolves to skinny exactly where the
+// route is taken, and is then the dispatched kernel's result bit for bit, else the GEMV's.
 TEST_CASE("base_kernels: the f32 one-token route over rows up to 4 KiB matches the reference and the blocked bits") {
   CHECK(k::skinny_short_row_bytes<float>() == 4096);
   CHECK(k::skinny_short_row_bytes<molora::bf16>() == 2048);
@@ -669,11 +674,15 @@ TEST_CASE("base_kernels: the f32 one-token route over rows up to 4 KiB matches t
       const molora::RowMatrix<float> ya = lin.forward(x);  // [1, out], automatic
       lin.set_strategy(molora::BaseStrategy::eigen);
       const molora::RowMatrix<float> ye = lin.forward(x);
-      std::vector<float> ylin(p.y0);
-      for (Index o = 0; o < out; ++o) ylin[at(o)] = ya(0, o);
-      CHECK(ya == ye);
+      std::vector<float> ylin(p.y0), yeig(p.y0);
+      for (Index o = 0; o < out; ++o) ylin[at(o)] = ya(0, o), yeig[at(o)] = ye(0, o);
       CHECK(within(ylin));
-      if (molora::detail::one_token_skinny<float>(in)) {
+      CHECK(within(yeig));
+      lin.set_strategy(molora::BaseStrategy::automatic);
+      const bool routed = molora::detail::one_token_skinny<float>(in);
+      CHECK(lin.resolved_strategy(1) == (routed ? molora::BaseStrategy::skinny : molora::BaseStrategy::eigen));
+      if (!routed) CHECK(ya == ye);
+      if (routed) {
         molora::RowMatrix<float> yk(1, out);  // [1, out]
         k::skinny_product(k::layer_arch{}, w.data(), in, in, x.data(), in, 1, p.bias_ptr(), yk.data(), out, 0, out);
         CHECK(ya == yk);

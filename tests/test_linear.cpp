@@ -68,7 +68,7 @@ template <class Scalar, class Weight>
 void reference_suite() {
   std::mt19937_64 gen(std::is_same_v<Weight, molora::f16> ? 3 : std::is_same_v<Weight, molora::bf16> ? 2 : 1);
   const Index crossover = molora::kernels::skinny_crossover<Scalar>();
-  Index skinny_runs = 0, eigen_runs = 0;
+  Index skinny_runs = 0, eigen_runs = 0, one_token_skinny = 0;
   for (Index T = 1; T <= 300; ++T) {
     const Index in = 1 + 2 * Index(gen() % 40), out = 1 + 2 * Index(gen() % 30);  // odd sizes
     molora::Linear<Scalar, Weight> layer(in, out);
@@ -79,6 +79,9 @@ void reference_suite() {
     layer.forward(x, y);
     check_reference(layer, x, y, "automatic");
     (layer.resolved_strategy(T) == molora::BaseStrategy::skinny ? skinny_runs : eigen_runs)++;
+    // One token of weights of the layer's own type: Eigen's GEMV, or the skinny kernel for
+    // short float rows with AVX-512 (detail::one_token_skinny).
+    if (T == 1 && std::is_same_v<Weight, Scalar> && molora::detail::one_token_skinny<Scalar>(in)) ++one_token_skinny;
     for (const auto s : {molora::BaseStrategy::skinny, molora::BaseStrategy::eigen, molora::BaseStrategy::gemm}) {
       layer.set_strategy(s);
       molora::RowMatrix<Scalar> ys(T, out);
@@ -86,7 +89,7 @@ void reference_suite() {
       check_reference(layer, x, ys, molora::to_string(s));
     }
   }
-  CHECK(skinny_runs == crossover - (std::is_same_v<Weight, Scalar> ? 2 : 1));
+  CHECK(skinny_runs == crossover - (std::is_same_v<Weight, Scalar> ? 2 : 1) + one_token_skinny);
   CHECK(eigen_runs == 300 - skinny_runs);
   // Larger rows (several chunks of `in`, Eigen blocks of rows) at a few T.
   for (const Index T : {Index(1), Index(3), Index(5), Index(37), crossover - 1, crossover, Index(131)}) {
@@ -462,7 +465,7 @@ TEST_CASE("linear: in bf16-dot mode the layer's strategy names the kernel that r
         kernel = "skinny_product_bf16dot";
         k::skinny_product_bf16dot(k::layer_arch{}, w, in, in, x.data(), in, T, b, want.data(), out, Index(0), out);
       } else {
-        const BaseStrategy how = molora::detail::resolve_base_strategy<float, bf16>(s, T);
+        const BaseStrategy how = molora::detail::resolve_base_strategy<float, bf16>(s, T, in);
         if (how == BaseStrategy::skinny) {
           kernel = "skinny_product on the rounded x";
           k::skinny_product(k::layer_arch{}, w, in, in, xb.data(), in, T, b, want.data(), out, Index(0), out);
@@ -491,4 +494,34 @@ TEST_CASE("linear: in bf16-dot mode the layer's strategy names the kernel that r
       ++checked;
     }
   CHECK(checked == 64);
+}
+
+// The layers' own copies of their weights start on a cache line (detail::aligned_vector), also
+// when the allocation is large enough for malloc to serve it from mmap (16 bytes past a page).
+TEST_CASE_TEMPLATE("linear: owned weights are 64-byte aligned", Weight, float, molora::bf16, molora::f16) {
+  std::mt19937_64 gen(4242);
+  for (const Index in : {Index(1), Index(17), Index(1024), Index(4099)}) {
+    const Index out = 300;  // 300 x 4099: above glibc's mmap threshold
+    molora::Linear<float, Weight> lin(in, out);
+    const auto at = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 64; };
+    INFO("in=", in);
+    CHECK(at(lin.weight_data()) == 0);
+    lin.set_weight(random_matrix<double>(out, in, gen));
+    CHECK(at(lin.weight_data()) == 0);
+    if constexpr (!std::is_same_v<Weight, float>) {
+      std::vector<std::uint16_t> bits(static_cast<std::size_t>(in * out), 0x3f80);
+      lin.set_weight_bits(bits.data(), out, in);
+      CHECK(at(lin.weight_data()) == 0);
+      molora::MoLoRAConfig cfg;
+      cfg.in_features = in;
+      cfg.out_features = out;
+      cfg.num_experts = 2;
+      cfg.top_k = 1;
+      cfg.rank = 2;
+      molora::MoLoRALinear<float, Weight> layer(cfg);
+      CHECK(at(layer.base_weight_data()) == 0);
+      layer.set_base_weight(random_matrix<double>(out, in, gen));
+      CHECK(at(layer.base_weight_data()) == 0);
+    }
+  }
 }

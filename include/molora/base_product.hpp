@@ -23,18 +23,17 @@
 namespace molora {
 
 // How a layer computes its base product x W^T + b (same values up to rounding):
-//   eigen      Eigen's GEMV / GEMM (for 16-bit weights: over blocks of widened rows); one
-//              token of a float weight with rows of at most 4 KiB takes the skinny kernel
-//              instead when AVX-512 runs (detail::one_token_skinny: it reads such rows one
-//              after the other, faster than the GEMV's 8 rows side by side)
+//   eigen      Eigen's GEMV / GEMM (for 16-bit weights: over blocks of widened rows)
 //   skinny     kernels::skinny_product: each row of W streamed once for all the tokens
 //   gemm       kernels::gemm_product: packed panels of x and W (16-bit W widened while packed)
 //   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, from there on
 //              detail::many_tokens_strategy (gemm for float activations, eigen for double);
-//              for weights of the layer's own type one token also goes to eigen (the GEMV,
-//              or for float the route above; with OpenMP its rows are split between the
-//              threads; constants, whatever the thread count), while 16-bit weights stay
-//              skinny (Eigen would need them widened)
+//              one token of weights of the layer's own type goes to Eigen's GEMV (with OpenMP
+//              its rows split between the threads), except float rows of at most 4 KiB while
+//              AVX-512 runs, which go to skinny (detail::one_token_skinny: the kernel reads
+//              such rows one after the other, faster than the GEMV's 8 rows side by side);
+//              16-bit weights stay skinny (Eigen would need them widened). Fixed rules per
+//              ISA, type and width, whatever the thread count.
 enum class BaseStrategy { automatic, eigen, skinny, gemm };
 
 inline const char* to_string(BaseStrategy s) {
@@ -61,11 +60,33 @@ constexpr BaseStrategy many_tokens_strategy() noexcept {
   return std::is_same_v<Scalar, float> ? BaseStrategy::gemm : BaseStrategy::eigen;
 }
 
-// What `automatic` (or a set strategy) means for T tokens.
+// Whether `automatic` gives one token of a float weight with rows of `in` values to the skinny
+// kernel rather than Eigen's GEMV: with AVX-512 active, for rows of at most kernels::skinny_short_row_bytes<float>() (4 KiB),
+// which the kernel reads one row after the other. Cold on Zen 4 that took 0.99-1.07x the time
+// of a plain read of the weight where the GEMV's 8 rows side by side took 1.05-1.21x; above
+// 4 KiB the two were even (docs/benchmarks.md, "The f32 one-token route"). A rule per ISA and
+// type, whatever the thread count; double keeps the GEMV.
+template <class Scalar>
+bool one_token_skinny(Index in) noexcept {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (in * Index(sizeof(float)) > kernels::skinny_short_row_bytes<float>()) return false;
+#if MOLORA_RUNTIME_DISPATCH
+    return std::strcmp(kernels::detail::current_isa().name, "avx512") == 0;  // the 32-register ISA
+#elif !defined(MOLORA_NO_XSIMD)
+    return kernels::detail::vector_registers<kernels::default_arch>() >= 32;
+#else
+    return false;
+#endif
+  } else {
+    return (void)in, false;
+  }
+}
+
+// What `automatic` (or a set strategy) means for T tokens of rows of `in` values.
 template <class Scalar, class Weight>
-BaseStrategy resolve_base_strategy(BaseStrategy s, Index num_tokens) {
+BaseStrategy resolve_base_strategy(BaseStrategy s, Index num_tokens, Index in) {
   if (s != BaseStrategy::automatic) return s;
-  const Index first_skinny = std::is_same_v<Weight, Scalar> ? 2 : 1;
+  const Index first_skinny = std::is_same_v<Weight, Scalar> && !one_token_skinny<Scalar>(in) ? 2 : 1;
   if (num_tokens >= first_skinny && num_tokens < kernels::skinny_crossover<Scalar>()) return BaseStrategy::skinny;
   return num_tokens >= kernels::skinny_crossover<Scalar>() ? many_tokens_strategy<Scalar, Weight>()
                                                            : BaseStrategy::eigen;
@@ -120,29 +141,6 @@ void split_ranges(Index n, Index step, Index min_part, F&& f) {
   f(Index(0), n);
 }
 
-// Whether one token of a float weight with rows of `in` values takes the skinny kernel rather
-// than Eigen's GEMV (base_product's `eigen`, which `automatic` resolves to for one token):
-// with AVX-512 active, for rows of at most kernels::skinny_short_row_bytes<float>() (4 KiB),
-// which the kernel reads one row after the other. Cold on Zen 4 that took 0.99-1.07x the time
-// of a plain read of the weight where the GEMV's 8 rows side by side took 1.05-1.21x; above
-// 4 KiB the two were even (docs/benchmarks.md, "The f32 one-token route"). A rule per ISA and
-// type, whatever the thread count; double keeps the GEMV.
-template <class Scalar>
-bool one_token_skinny(Index in) noexcept {
-  if constexpr (std::is_same_v<Scalar, float>) {
-    if (in * Index(sizeof(float)) > kernels::skinny_short_row_bytes<float>()) return false;
-#if MOLORA_RUNTIME_DISPATCH
-    return std::strcmp(kernels::detail::current_isa().name, "avx512") == 0;  // the 32-register ISA
-#elif !defined(MOLORA_NO_XSIMD)
-    return kernels::detail::vector_registers<kernels::default_arch>() >= 32;
-#else
-    return false;
-#endif
-  } else {
-    return (void)in, false;
-  }
-}
-
 // y = x W^T (+ bias) with W [out, in] row-major contiguous (out, in >= 1), bias null or
 // [out], x [T, in] and y [T, out] row-major, T >= 1, y not aliasing x, W or bias; `how` is
 // skinny, gemm or eigen (resolved). Checks nothing.
@@ -179,20 +177,8 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
     return;
   }
   if constexpr (std::is_same_v<Weight, Scalar>) {
-    // One token of float weights in rows of at most 4 KiB, with AVX-512: the skinny kernel,
-    // which reads such rows one after the other (kernels::skinny_short_row_bytes), rows split
-    // between the threads as above.
-    if (T == 1 && one_token_skinny<Scalar>(in)) {
-      const Scalar* xp = x.data();
-      Scalar* yp = y.data();
-      const Index ldx = x.outerStride(), ldy = y.outerStride();
-      split_ranges(out, 4, 32, [&](Index o0, Index o1) {
-        kernels::skinny_product(kernels::layer_arch{}, w, in, in, xp, ldx, 1, bias, yp, ldy, o0, o1);  // [1, out]
-      });
-      return;
-    }
-    // Otherwise one token: Eigen's GEMV, with OpenMP rows split between the threads at
-    // multiples of 8. The GEMV takes rows in blocks of 8, then 4, 2, 1 from the first row it is given,
+    // One token: Eigen's GEMV, with OpenMP rows split between the threads at multiples of
+    // 8. The GEMV takes rows in blocks of 8, then 4, 2, 1 from the first row it is given,
     // and a row's bits depend on its block; ranges cut at multiples of 8 give every row the
     // block it has in one call over all rows. About 64 rows per range (at least 56) keep
     // Eigen on its GEMV rather than its coefficient-wise product for tiny sizes.
@@ -282,7 +268,7 @@ inline void base_product_bf16dot(const bf16* w, Index in, Index out, const float
   // The rounded x through the exact product; `automatic` below kBf16DotGemmFrom resolves to
   // skinny (16-bit weights take the skinny kernel from one token on).
   const auto xb = rounded_to_bf16(x);  // [T, in]
-  base_product(w, in, out, bias, ConstRowRef<float>(xb), y, resolve_base_strategy<float, bf16>(strategy, T));
+  base_product(w, in, out, bias, ConstRowRef<float>(xb), y, resolve_base_strategy<float, bf16>(strategy, T, in));
 }
 
 }  // namespace detail

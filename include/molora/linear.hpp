@@ -17,6 +17,7 @@
 
 #include "base_product.hpp"
 #include "config.hpp"
+#include "detail/aligned.hpp"
 #include "detail/checks.hpp"
 #include "errors.hpp"
 #include "half.hpp"
@@ -47,7 +48,7 @@ public:
   void set_strategy(BaseStrategy s) { strategy_ = s; }
   BaseStrategy strategy() const { return strategy_; }
   BaseStrategy resolved_strategy(Index num_tokens) const {
-    return detail::resolve_base_strategy<Scalar, Weight>(strategy_, num_tokens);
+    return detail::resolve_base_strategy<Scalar, Weight>(strategy_, num_tokens, in_);
   }
 
   // Opt-in for bf16 weights (default off): the activations are rounded to bf16 (to nearest
@@ -73,7 +74,7 @@ public:
   template <class Derived>
   void set_weight(const Eigen::MatrixBase<Derived>& w) {
     detail::require_shape(w, out_, in_, "Linear weight");
-    std::vector<Weight> v(static_cast<std::size_t>(in_ * out_));
+    detail::aligned_vector<Weight> v(static_cast<std::size_t>(in_ * out_));
     for (Index o = 0; o < out_; ++o)
       for (Index i = 0; i < in_; ++i)
         v[static_cast<std::size_t>(o * in_ + i)] =
@@ -91,7 +92,7 @@ public:
   template <class W = Weight, class = std::enable_if_t<detail::is_half<W>>>
   void set_weight_bits(const std::uint16_t* bits, Index out, Index in) {
     check_dims(bits, out, in, "Linear weight bits");
-    std::vector<Weight> v(static_cast<std::size_t>(in_ * out_));
+    detail::aligned_vector<Weight> v(static_cast<std::size_t>(in_ * out_));
     std::memcpy(v.data(), bits, v.size() * sizeof(Weight));
     check_finite(v.data(), "Linear weight bits");
     owned_weight_.swap(v);
@@ -194,7 +195,7 @@ private:
   }
 
   Index in_, out_;
-  std::vector<Weight> owned_weight_;  // [out, in] row-major unless wrapping
+  detail::aligned_vector<Weight> owned_weight_;  // [out, in] row-major unless wrapping, 64-byte aligned
   const Weight* wrapped_weight_ = nullptr;
   Vector<Scalar> bias_;               // [out] or empty
   BaseStrategy strategy_ = BaseStrategy::automatic;

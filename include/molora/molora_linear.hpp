@@ -28,6 +28,7 @@
 
 #include "base_product.hpp"  // BaseStrategy
 #include "config.hpp"
+#include "detail/aligned.hpp"
 #include "detail/checks.hpp"
 #include "dispatch.hpp"
 #include "errors.hpp"
@@ -795,7 +796,7 @@ public:
   bool bf16_dot() const { return bf16_dot_; }
   // The base strategy `automatic` resolves to for T tokens.
   BaseStrategy resolved_base_strategy(Index num_tokens) const {
-    return detail::resolve_base_strategy<Scalar, BaseWeight>(base_strategy_, num_tokens);
+    return detail::resolve_base_strategy<Scalar, BaseWeight>(base_strategy_, num_tokens, in_features());
   }
 
   // Base weight [out, in] and bias [out] (empty map without a bias), owned or wrapped.
@@ -826,7 +827,7 @@ public:
   void set_base_weight(const Eigen::MatrixBase<Derived>& w) {
     detail::require_shape(w, out_features(), in_features(), "base weight");
     if constexpr (kHalfBase) {
-      std::vector<BaseWeight> v(static_cast<std::size_t>(out_features() * in_features()));
+      detail::aligned_vector<BaseWeight> v(static_cast<std::size_t>(out_features() * in_features()));
       for (Index o = 0; o < out_features(); ++o)
         for (Index i = 0; i < in_features(); ++i)
           v[static_cast<std::size_t>(o * in_features() + i)] =
@@ -987,7 +988,7 @@ private:
   const Scalar* wrapped_bias_ = nullptr;
   BaseStrategy base_strategy_ = BaseStrategy::automatic;
   bool bf16_dot_ = false;                        // bf16 base only: see set_bf16_dot
-  std::vector<BaseWeight> half_weight_;      // 16-bit base [out, in] unless wrapping (else empty)
+  detail::aligned_vector<BaseWeight> half_weight_;  // 16-bit base [out, in] unless wrapping (else empty), 64-byte aligned
   const BaseWeight* wrapped_half_ = nullptr;
 };
 
