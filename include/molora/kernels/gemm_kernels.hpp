@@ -41,7 +41,7 @@ namespace molora::kernels {
 // 12 tokens x 256 floats (12 KiB) stays in L1 while the W panels pass.
 constexpr Index kGemmKC = 256;
 // Outputs per packed block of W: 256 x 512 floats (512 KiB) stay in L2.
-constexpr Index kGemmNC = 512;
+constexpr Index kGemmNC = 256;
 // Tokens per packed block of x (rounded down to a multiple of the register block's tokens).
 constexpr Index kGemmMC = 240;
 
@@ -207,14 +207,47 @@ inline void gemm_pack_w(const Wt* w, Index ldw, Index cols, Index kc, Scalar* ds
     for (Index k = 0; k < kc; ++k) dst[k * NR + j] = Scalar(0);
 }
 
+// Stores lanes [0, n) of r at p (n < the vector's width), for the ISAs has_transpose covers.
+template <class Arch, class Scalar>
+inline void store_first_lanes(const xsimd::batch<Scalar, Arch>& r, int n, Scalar* p) noexcept {
+  using B [[maybe_unused]] = xsimd::batch<Scalar, Arch>;
+  (void)r, (void)n, (void)p;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Scalar, float> && B::size == 16) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), r);
+    return;
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<Scalar, float> && B::size == 8) {
+    const __m256 lanes = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);  // AVX only: no integer compare
+    _mm256_maskstore_ps(p, _mm256_castps_si256(_mm256_cmp_ps(lanes, _mm256_set1_ps(float(n)), _CMP_LT_OQ)), r);
+    return;
+  }
+#endif
+}
+
 // Packs tokens [0, rows) of x (rows <= MR), inputs [0, kc), into dst[k * MR + i]; tokens
-// i >= rows are zero.
-template <int MR, class Scalar>
+// i >= rows are zero. Where the ISA transposes in registers (MR < V), V inputs of V rows
+// (the missing ones zero) go through one V x V transpose, each input's MR tokens stored by a
+// masked store; the inputs past the last multiple of V one by one.
+template <class Arch, int MR, class Scalar>
 inline void gemm_pack_x(const Scalar* x, Index ldx, Index rows, Index kc, Scalar* dst) noexcept {
-  for (Index i = 0; i < rows; ++i)
-    for (Index k = 0; k < kc; ++k) dst[k * MR + i] = x[i * ldx + k];
-  for (Index i = rows; i < MR; ++i)
-    for (Index k = 0; k < kc; ++k) dst[k * MR + i] = Scalar(0);
+  Index k0 = 0;
+  if constexpr (has_transpose<Arch, Scalar>() && MR < Index(xsimd::batch<Scalar, Arch>::size)) {
+    using B = xsimd::batch<Scalar, Arch>;
+    constexpr Index V = static_cast<Index>(B::size);
+    B r[V];
+    for (; k0 + V <= kc; k0 += V) {
+      MOLORA_UNROLL
+      for (Index i = 0; i < V; ++i) r[i] = i < rows ? B::load_unaligned(x + i * ldx + k0) : B(Scalar(0));
+      transpose_square<Arch, Scalar>(r);
+      MOLORA_UNROLL
+      for (Index j = 0; j < V; ++j) store_first_lanes<Arch, Scalar>(r[j], MR, dst + (k0 + j) * MR);
+    }
+  }
+  for (Index i = 0; i < MR; ++i)
+    for (Index k = k0; k < kc; ++k) dst[k * MR + i] = i < rows ? x[i * ldx + k] : Scalar(0);
 }
 
 // The register block over one pair of panels: c[i*ldc + j] = (first ? 0 : c) + sum_k
@@ -295,6 +328,41 @@ inline void gemm_any_rows(Index kc, const Scalar* xp, const Scalar* wp, Scalar* 
     gemm_edge_block<Arch, XS, XS>(kc, xp, wp, c, ldc, rows, cols, first, bias);
 }
 
+// The next block of W that gemm_product packs, fetched towards the caches while the current
+// block's register blocks run, so that packing it finds its lines there instead of waiting
+// on memory row by row (a hint: no bit changes). Line l of the block is line l % per_row of
+// row l / per_row, counted from the block's first input.
+template <class Wt>
+struct gemm_next_w {
+  std::uintptr_t row = 0;  // the current row's address at the block's first input
+  Index row_bytes = 0;     // ldw in bytes
+  Index per_row = 0;       // lines per row: one more than the block's width needs, for rows
+                           // that do not start on a line
+  Index col = 0, left = 0, per_call = 0;  // line within the row; lines still to fetch
+
+  // w: the next block's first row at its first input (null: there is none); calls: how many
+  // times step() runs while the current block computes.
+  gemm_next_w(const Wt* w, Index ldw, Index rows, Index kc, Index calls) noexcept {
+    if (w == nullptr || rows <= 0 || kc <= 0) return;
+    row = reinterpret_cast<std::uintptr_t>(w);
+    row_bytes = ldw * Index(sizeof(Wt));
+    per_row = (kc * Index(sizeof(Wt)) + 63) / 64 + 1;
+    left = rows * per_row;
+    per_call = (left + calls - 1) / (calls > 0 ? calls : 1);
+  }
+  // Fetches the next share of the block's lines (addresses as integers: the extra line of a
+  // row may lie past the last row's end, where a pointer may not point).
+  void step() noexcept {
+    for (Index n = per_call < left ? per_call : left; n > 0; --n, --left) {
+      __builtin_prefetch(reinterpret_cast<const void*>(row + static_cast<std::uintptr_t>(col * 64)), 0, 2);
+      if (++col == per_row) {
+        col = 0;
+        row += static_cast<std::uintptr_t>(row_bytes);
+      }
+    }
+  }
+};
+
 }  // namespace detail
 
 // The base product for outputs [o0, o1): y[t*ldy + o] = sum_i w[o*ldw + i] * x[t*ldx + i]
@@ -323,10 +391,17 @@ void gemm_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Index
       for (Index jr = 0; jr < nc; jr += NR)
         detail::gemm_pack_w<Arch, NR>(w + (jc + jr) * ldw + pc, ldw, nc - jr < NR ? nc - jr : NR, kc,
                                       wpack + jr * kGemmKC);
+      // The block packed next: the next inputs of these outputs, or the next outputs' first.
+      const bool more_in = pc + kc < in, more_out = jc + nc < o1;
+      const Index next_rows = more_in ? nc : more_out ? (o1 - jc - nc < kGemmNC ? o1 - jc - nc : kGemmNC) : 0;
+      const Index next_p = more_in ? pc + kc : 0;
+      const Index next_kc = in - next_p < kGemmKC ? in - next_p : kGemmKC;
+      detail::gemm_next_w<Wt> next(more_in || more_out ? w + (more_in ? jc : jc + nc) * ldw + next_p : nullptr, ldw,
+                                   next_rows, next_kc, ((T + MR - 1) / MR) * ((nc + NR - 1) / NR));
       for (Index ic = 0; ic < T; ic += MC) {
         const Index mc = T - ic < MC ? T - ic : MC;
         for (Index ir = 0; ir < mc; ir += MR)
-          detail::gemm_pack_x<MR>(x + (ic + ir) * ldx + pc, ldx, mc - ir < MR ? mc - ir : MR, kc,
+          detail::gemm_pack_x<Arch, MR>(x + (ic + ir) * ldx + pc, ldx, mc - ir < MR ? mc - ir : MR, kc,
                                   xpack + ir * kGemmKC);
         for (Index ir = 0; ir < mc; ir += MR) {
           const Index rows = mc - ir < MR ? mc - ir : MR;
@@ -335,6 +410,7 @@ void gemm_product(Arch, const Wt* w, Index ldw, Index in, const Scalar* x, Index
           for (Index jr = 0; jr < nc; jr += NR) {
             const Index cols = nc - jr < NR ? nc - jr : NR;
             const Scalar* bj = b ? b + jc + jr : nullptr;
+            next.step();
             detail::gemm_any_rows<Arch, MR>(kc, xp, wpack + jr * kGemmKC, yt + jr, ldy, rows, cols, first, bj);
           }
         }
