@@ -407,6 +407,86 @@ void BM_skinny_paths(benchmark::State& st) {
   st.counters["read_ms"] = median(tr_all) * 1e3;
 }
 
+// one_token/D/in/out/cold: one token's base product, W0 stored as D on 64-byte aligned
+// copies (as the layers store it), four ways each on its own cold copy in rotating order,
+// then a plain read of a fifth: the rows one after the other (skinny_stream_rows<1>, what
+// short rows take), pairs of rows one after the other, 8 rows side by side (the blocked path,
+// what long rows take), and for f32 Eigen's GEMV. Counters: each way's median time and
+// median share of the paired read, and over_rows8 (median per-iteration ratio to 8 rows).
+template <class Wt>
+void BM_one_token(benchmark::State& st) {
+  namespace kd = molora::kernels::detail;
+  using Arch = molora::kernels::default_arch;
+  const Index in = st.range(0), out = st.range(1);
+  const Index bytes = in * out * Index(sizeof(Wt));
+  constexpr int kWays = 4;  // rows1, rows2, rows8, eigen (f32 only)
+  const int ways = std::is_same_v<Wt, float> ? kWays : kWays - 1;
+  std::size_t n = static_cast<std::size_t>(std::max(6.0, kColdBytes / double(bytes) + 1));
+  while (n % std::size_t(ways + 1) == 0) ++n;
+  const std::vector<Wt> w0 = weights_as<Wt>(in, out);
+  std::vector<molora::detail::aligned_vector<Wt>> w(n, molora::detail::aligned_vector<Wt>(w0.begin(), w0.end()));
+  Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
+  fill(b, 2, 0.02);
+  Mat<float> x(1, in), y(1, out);
+  fill(x, 3, 1.0);
+  std::vector<double> t[kWays + 1], share[kWays], over[kWays];
+  float sink = 0;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    double tw[kWays + 1] = {};
+    for (int pass = 0; pass < ways; ++pass) {
+      const int way = (pass + int(i)) % ways;  // rotate which way goes first
+      const Wt* wc = w[(std::size_t(ways + 1) * i + std::size_t(pass)) % n].data();
+      const double t0 = cpu_seconds();
+      if (way == 0)
+        kd::skinny_stream_rows<1, Arch, 0>(wc, in, in, x.data(), in, Index(1), b.data(), y.data(), out, Index(0), out);
+      else if (way == 1)
+        kd::skinny_stream_rows<2, Arch, 0>(wc, in, in, x.data(), in, Index(1), b.data(), y.data(), out, Index(0), out);
+      else if (way == 2)
+        kd::skinny_product_blocked<Arch>(wc, in, in, x.data(), in, Index(1), b.data(), y.data(), out, Index(0), out);
+      else if constexpr (std::is_same_v<Wt, float>) {
+        Eigen::Map<const Mat<float>> W(wc, out, in);
+        y.noalias() = x * W.transpose();
+        y += b;
+      }
+      benchmark::ClobberMemory();
+      tw[way] = cpu_seconds() - t0;
+    }
+    const Wt* wr = w[(std::size_t(ways + 1) * i + std::size_t(ways)) % n].data();
+    ++i;
+    const double t0 = cpu_seconds();
+    sink += stream_spans({{wr, bytes}});
+    tw[kWays] = cpu_seconds() - t0;
+    st.SetIterationTime(tw[2]);
+    for (int k = 0; k < ways; ++k) {
+      t[k].push_back(tw[k]);
+      share[k].push_back(tw[k] / tw[kWays]);
+      over[k].push_back(tw[k] / tw[2]);
+    }
+    t[kWays].push_back(tw[kWays]);
+  }
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(y.data());
+  const char* names[kWays] = {"rows1", "rows2", "rows8", "eigen"};
+  for (int k = 0; k < ways; ++k) {
+    st.counters[std::string(names[k]) + "_ms"] = median(t[k]) * 1e3;
+    st.counters[std::string(names[k]) + "_share"] = median(share[k]);
+    if (k != 2) st.counters[std::string(names[k]) + "_over_rows8"] = median(over[k]);
+  }
+  st.counters["read_ms"] = median(t[kWays]) * 1e3;
+}
+
+template <class W>
+void register_one_token(const char* dtype) {
+  for (Index in : {1024, 2816, 4096})
+    benchmark::RegisterBenchmark((std::string("one_token/") + dtype + "/" + std::to_string(in) + "/4096/cold").c_str(),
+                                 BM_one_token<W>)
+        ->Args({in, 4096})
+        ->UseManualTime()
+        ->MinTime(0.5)
+        ->Unit(benchmark::kMillisecond);
+}
+
 template <class W>
 void register_skinny_paths(const char* dtype) {
   for (int cold : {1, 0})
@@ -914,6 +994,8 @@ void register_all() {
   register_skinny<float>("f32");
   register_skinny<molora::bf16>("bf16");
   register_skinny<molora::f16>("f16");
+  register_one_token<float>("f32");
+  register_one_token<molora::bf16>("bf16");
   register_skinny_paths<float>("f32");
   register_skinny_paths<molora::bf16>("bf16");
   register_skinny_paths<molora::f16>("f16");
