@@ -512,16 +512,25 @@ TEST_CASE_TEMPLATE("linear: owned weights are 64-byte aligned", Weight, float, m
       std::vector<std::uint16_t> bits(static_cast<std::size_t>(in * out), 0x3f80);
       lin.set_weight_bits(bits.data(), out, in);
       CHECK(at(lin.weight_data()) == 0);
-      molora::MoLoRAConfig cfg;
-      cfg.in_features = in;
-      cfg.out_features = out;
-      cfg.num_experts = 2;
-      cfg.top_k = 1;
-      cfg.rank = 2;
-      molora::MoLoRALinear<float, Weight> layer(cfg);
-      CHECK(at(layer.base_weight_data()) == 0);
-      layer.set_base_weight(random_matrix<double>(out, in, gen));
-      CHECK(at(layer.base_weight_data()) == 0);
     }
+    // MoLoRALinear's own base, 16-bit or float (an Eigen matrix would be 16-byte aligned in a
+    // build without -march), and the values set are the values held.
+    molora::MoLoRAConfig cfg;
+    cfg.in_features = in;
+    cfg.out_features = out;
+    cfg.num_experts = 2;
+    cfg.top_k = 1;
+    cfg.rank = 2;
+    molora::MoLoRALinear<float, Weight> layer(cfg);
+    CHECK(at(layer.base_weight_data()) == 0);
+    const molora::RowMatrix<double> w = random_matrix<double>(out, in, gen);
+    layer.set_base_weight(w);
+    CHECK(at(layer.base_weight_data()) == 0);
+    Index wrong = 0;
+    for (Index o = 0; o < out; ++o)
+      for (Index i = 0; i < in; ++i)
+        wrong += molora::to_float(layer.base_weight_data()[o * in + i]) !=
+                 molora::to_float(molora::detail::weight_from_float<Weight>(w(o, i), "w", o, i));
+    CHECK(wrong == 0);
   }
 }

@@ -770,7 +770,7 @@ public:
     if constexpr (kHalfBase)
       half_weight_.assign(static_cast<std::size_t>(config.out_features * config.in_features), BaseWeight{});
     else
-      owned_weight_.setZero(config.out_features, config.in_features);
+      owned_weight_.assign(static_cast<std::size_t>(config.out_features * config.in_features), Scalar(0));
   }
 
   const MoLoRAConfig& config() const { return adapter_.config(); }
@@ -836,7 +836,9 @@ public:
       wrapped_half_ = nullptr;
     } else {
       detail::require_finite(w, "base weight");
-      owned_weight_ = w.template cast<Scalar>();
+      detail::aligned_vector<Scalar> v(static_cast<std::size_t>(out_features() * in_features()));
+      Eigen::Map<RowMatrix<Scalar>>(v.data(), out_features(), in_features()) = w.template cast<Scalar>();
+      owned_weight_.swap(v);
       wrapped_weight_ = nullptr;
     }
   }
@@ -862,7 +864,8 @@ public:
     detail::require_shape(w, out_features(), in_features(), "wrapped base weight");
     detail::require_finite(w, "wrapped base weight");
     wrapped_weight_ = w.data();
-    owned_weight_.resize(0, 0);
+    owned_weight_.clear();
+    owned_weight_.shrink_to_fit();
   }
   // A 16-bit base from the host's buffer (row-major [out, in] bf16 / f16, e.g. a checkpoint's
   // tensor as stored), without a copy; the same lifetime rule and one check of its values.
@@ -953,14 +956,15 @@ public:
   void check_live() const {
     const bool weight_ok =
         kHalfBase ? wrapped_half_ != nullptr || half_weight_.size() == static_cast<std::size_t>(out_features() * in_features())
-                  : wrapped_weight_ != nullptr ||
-                        (owned_weight_.rows() == out_features() && owned_weight_.cols() == in_features());
+                  : wrapped_weight_ != nullptr || owned_weight_.size() == static_cast<std::size_t>(out_features() * in_features());
     const bool bias_ok = wrapped_bias_ != nullptr || owned_bias_.size() == 0 || owned_bias_.size() == out_features();
-    if (!weight_ok || !bias_ok)
+    if (!weight_ok || !bias_ok) {
+      const Index held = static_cast<Index>(kHalfBase ? half_weight_.size() : owned_weight_.size());  // > 0: out > 0
       throw state_error(detail::cat("MoLoRALinear: expected a live layer with base weight ",
                                     detail::shape_str(out_features(), in_features()),
                                     ", got a moved-from one with base weight ",
-                                    detail::shape_str(owned_weight_.rows(), owned_weight_.cols())));
+                                    detail::shape_str(held > 0 ? out_features() : 0, held > 0 ? held / out_features() : 0)));
+    }
     adapter_.check_live();
   }
 
@@ -982,7 +986,8 @@ private:
   }
 
   Adapter adapter_;
-  RowMatrix<Scalar> owned_weight_;               // [out, in] unless wrapping
+  detail::aligned_vector<Scalar> owned_weight_;  // base [out, in] row-major unless wrapping, 64-byte aligned
+                                                 // (Eigen aligns to 16 bytes in a build without -march)
   Vector<Scalar> owned_bias_;                    // [out] or empty
   const Scalar* wrapped_weight_ = nullptr;
   const Scalar* wrapped_bias_ = nullptr;
