@@ -515,13 +515,7 @@ TEST_CASE_TEMPLATE("linear: owned weights are 64-byte aligned", Weight, float, m
     }
     // MoLoRALinear's own base, 16-bit or float (an Eigen matrix would be 16-byte aligned in a
     // build without -march), and the values set are the values held.
-    molora::MoLoRAConfig cfg;
-    cfg.in_features = in;
-    cfg.out_features = out;
-    cfg.num_experts = 2;
-    cfg.top_k = 1;
-    cfg.rank = 2;
-    molora::MoLoRALinear<float, Weight> layer(cfg);
+    molora::MoLoRALinear<float, Weight> layer(test_util::config(in, out, 2, 1, 2));
     CHECK(at(layer.base_weight_data()) == 0);
     const molora::RowMatrix<double> w = random_matrix<double>(out, in, gen);
     layer.set_base_weight(w);

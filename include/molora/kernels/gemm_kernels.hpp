@@ -40,7 +40,8 @@ namespace molora::kernels {
 // Inputs per packed block: the sums of y are split at multiples of it (see above). A panel of
 // 12 tokens x 256 floats (12 KiB) stays in L1 while the W panels pass.
 constexpr Index kGemmKC = 256;
-// Outputs per packed block of W: 256 x 512 floats (512 KiB) stay in L2.
+// Outputs per packed block of W: 256 x 256 floats (256 KiB) stay in L2 beside the next block,
+// which gemm_product fetches while this one computes (docs/design-notes.md).
 constexpr Index kGemmNC = 256;
 // Tokens per packed block of x (rounded down to a multiple of the register block's tokens).
 constexpr Index kGemmMC = 240;
@@ -348,7 +349,8 @@ struct gemm_next_w {
     row_bytes = ldw * Index(sizeof(Wt));
     per_row = (kc * Index(sizeof(Wt)) + 63) / 64 + 1;
     left = rows * per_row;
-    per_call = (left + calls - 1) / (calls > 0 ? calls : 1);
+    if (calls < 1) calls = 1;
+    per_call = (left + calls - 1) / calls;
   }
   // Fetches the next share of the block's lines (addresses as integers: the extra line of a
   // row may lie past the last row's end, where a pointer may not point).
