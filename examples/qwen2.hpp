@@ -343,6 +343,11 @@ class Projection {
   }
 
   bool adapted() const { return with_moe([](const auto&) { return true; }, false); }
+  // Whether forward adds the attached adapter's delta (true by default). Off, the adapted
+  // layer runs its base product alone (MoLoRALinear::forward_base) over the same weight, as
+  // PEFT's disable_adapter does: the plain model without a second copy of its weights.
+  void enable_adapter(bool on) { adapter_on_ = on; }
+  bool adapter_enabled() const { return adapter_on_; }
   // The attached adapter when its router and experts are float, or nullptr.
   const molora::MoLoRAAdapter<float>* adapter() const {
     if (const auto& m = std::get<Moe<float, float>>(moe_)) return &m->adapter();
@@ -377,6 +382,7 @@ class Projection {
   // y = x W^T + b (+ delta); returns the routing when adapted, nullptr otherwise.
   const molora::Routing<float>* forward(const Matrix& x, Matrix& y, molora::MoLoRAWorkspace<float>& ws) const {
     y.resize(x.rows(), weight_.rows);  // [T, out]
+    if (!adapter_on_ && with_moe([&](const auto& m) { return m->forward_base(x, y), true; }, false)) return nullptr;
     const molora::Routing<float>* routing =
         with_moe([&](const auto& m) -> const molora::Routing<float>* { return &m->forward(x, y, ws); },
                  static_cast<const molora::Routing<float>*>(nullptr));
@@ -391,6 +397,7 @@ class Projection {
  private:
   WeightData weight_;
   Vec bias_;  // [out] or empty
+  bool adapter_on_ = true;
   std::unique_ptr<molora::Linear<float>> plain_f32_;
   std::unique_ptr<molora::Linear<float, molora::bf16>> plain_b16_;
   // The adapted layer, at most one of the four: base weight float or bf16, router and
@@ -546,6 +553,12 @@ class Model {
  public:
   const Config& config() const { return config_; }
   bool adapted() const { return num_experts_ > 0; }
+  // Whether the attached adapters take part in forward (Projection::enable_adapter): off, the
+  // adapted model computes the plain model's logits on the same weights, and no expert load.
+  void enable_adapters(bool on) {
+    for (Layer& L : layers_)
+      for (Projection& p : L.mlp) p.enable_adapter(on);
+  }
   Index num_experts() const { return num_experts_; }
   const ExpertLoad& expert_load() const { return load_; }
   void reset_expert_load() { load_.reset(config_.num_hidden_layers, num_experts_); }

@@ -253,6 +253,32 @@ TEST_CASE("qwen2 without an adapter equals transformers' plain model") {
   }
 }
 
+TEST_CASE("qwen2 with its adapters switched off computes the plain model on the same weights") {
+  const Reference ref;
+  for (const char* variant : {"f32", "bf16"}) {
+    CAPTURE(std::string(variant));
+    qwen2::Model plain(data_dir + "/" + variant);
+    qwen2::Model model(data_dir + "/" + variant, adapter_for(variant));
+    model.enable_adapters(false);
+    for (const auto& L : model.layers())
+      for (const qwen2::Projection& p : L.mlp) {
+        CHECK(p.adapted());
+        CHECK_FALSE(p.adapter_enabled());
+      }
+    const qwen2::Generation off = generate_and_compare(model, ref, std::string(variant) + ".plain");
+    // The same kernels over the same weights as the model without an adapter: the same bits.
+    const qwen2::Generation g = qwen2::generate(plain, ref.prompt, 8);
+    CHECK((off.prompt_logits.array() == g.prompt_logits.array()).all());
+    CHECK((off.step_logits.array() == g.step_logits.array()).all());
+    for (const auto& layer : model.expert_load().counts)
+      for (const auto& proj : layer)
+        for (long n : proj) CHECK(n == 0);
+    // Switched back on, the adapters' logits again.
+    model.enable_adapters(true);
+    generate_and_compare(model, ref, std::string(variant) + ".adapter");
+  }
+}
+
 TEST_CASE("qwen2 decoding with the KV cache equals running the whole sequence again") {
   const Reference ref;
   qwen2::Model model(data_dir + "/f32", adapter_for("f32"));
