@@ -691,3 +691,54 @@ TEST_CASE("base_kernels: the f32 one-token route over rows up to 4 KiB matches t
     }
   CHECK(runs == 7 * 4);
 }
+
+// From kStageXFrom tokens the layers' skinny product reads x from a staged copy (rows 64-byte
+// aligned, never a multiple of 4 KiB apart): the same bits as the kernel on x in place,
+// whatever x's alignment and stride, for float and 16-bit weights.
+template <class Weight>
+void staged_suite() {
+  namespace d = molora::detail;
+  std::mt19937_64 gen(91);
+  for (const Index in : {1, 16, 17, 1000, 1024})
+    for (const Index T : {1, 4, 5, 8, 9, 23, 31, 33}) {
+      const Index out = 1 + Index(gen() % 40);
+      std::vector<Weight> w(at(out * in));
+      for (auto& e : w) {
+        const float v = static_cast<float>(std::uniform_real_distribution<double>(-1, 1)(gen));
+        if constexpr (std::is_same_v<Weight, float>)
+          e = v;
+        else if constexpr (std::is_same_v<Weight, molora::bf16>)
+          e = molora::to_bf16(v);
+        else
+          e = molora::to_f16(v);
+      }
+      const std::vector<float> bias = random_vec<float>(out, gen);
+      // x at a float past a cache line, rows 1024 floats (4 KiB) or in + 3 apart.
+      for (const Index ldx : {std::max<Index>(in, 1024), in + 3}) {
+        std::vector<float> buf = random_vec<float>(T * ldx + 16, gen);
+        const float* xp = buf.data() + 1;
+        const Eigen::Map<const molora::RowMatrix<float>, 0, Eigen::OuterStride<>> xm(xp, T, in,
+                                                                                     Eigen::OuterStride<>(ldx));
+        const molora::ConstRowRef<float> x(xm);
+        molora::RowMatrix<float> y(T, out), yk(T, out);
+        molora::RowRef<float> yr(y);
+        d::base_product(w.data(), in, out, bias.data(), x, yr, molora::BaseStrategy::skinny);
+        k::skinny_product(k::layer_arch{}, w.data(), in, in, xp, ldx, T, bias.data(), yk.data(), out, 0, out);
+        INFO("in=", in, " T=", T, " ldx=", ldx);
+        CHECK(y == yk);
+      }
+    }
+  for (const Index in : {1, 16, 17, 1000, 1024, 2048, 2816, 4096}) {
+    const Index ld = d::staged_stride<float>(in);
+    CHECK(ld >= in);
+    CHECK(ld % 16 == 0);
+    CHECK((ld * 4) % 4096 != 0);
+    CHECK(ld - in < 32);
+  }
+}
+
+TEST_CASE("base_kernels: the staged x gives the bits of x in place (float, bf16, f16 weights)") {
+  staged_suite<float>();
+  staged_suite<molora::bf16>();
+  staged_suite<molora::f16>();
+}

@@ -211,7 +211,7 @@ TEST_CASE_TEMPLATE("gemm_kernels: 16-bit weights give their widened float copy's
 TEST_CASE_TEMPLATE("gemm_kernels: Linear with the gemm base equals the Eigen base above the crossover", Weight, float,
                    bf16, f16) {
   std::mt19937_64 gen(5);
-  const Index c = k::skinny_crossover<float>();
+  const Index c = k::skinny_crossover<float, Weight>();
   for (const Index T : {c, c + 1, c + 37, 2 * c + 3})
     for (const bool bias : {false, true}) {
       const Index in = 1 + Index(gen() % 400), out = 1 + Index(gen() % 200);
@@ -270,14 +270,23 @@ TEST_CASE("gemm_kernels: MoLoRALinear with the gemm base equals the Eigen base a
 }
 
 TEST_CASE("gemm_kernels: automatic resolves to many_tokens_strategy from the crossover on; a set strategy is kept") {
-  const Index c = k::skinny_crossover<float>();
+  const Index c = k::skinny_crossover<float>(), ch = k::skinny_crossover<float, bf16>();
+  const Index cd = k::skinny_crossover<double>();
   molora::Linear<float> f(4, 4);
   molora::Linear<float, bf16> h(4, 4);
   molora::Linear<double> d(4, 4);
+  // Constants per activation and weight type (docs/benchmarks.md, "The crossover to the
+  // packed GEMM"): the GEMM catches up sooner on float weights than on widened 16-bit ones.
+  CHECK(c == 24);
+  CHECK(ch == 48);
+  CHECK(k::skinny_crossover<float, f16>() == ch);
+  CHECK(cd == 128);
   CHECK(f.resolved_strategy(c - 1) == molora::BaseStrategy::skinny);
   CHECK(f.resolved_strategy(c) == molora::detail::many_tokens_strategy<float, float>());
-  CHECK(h.resolved_strategy(c) == molora::detail::many_tokens_strategy<float, bf16>());
-  CHECK(d.resolved_strategy(c) == molora::BaseStrategy::eigen);
+  CHECK(h.resolved_strategy(ch - 1) == molora::BaseStrategy::skinny);
+  CHECK(h.resolved_strategy(ch) == molora::detail::many_tokens_strategy<float, bf16>());
+  CHECK(d.resolved_strategy(cd - 1) == molora::BaseStrategy::skinny);
+  CHECK(d.resolved_strategy(cd) == molora::BaseStrategy::eigen);
   CHECK(molora::detail::many_tokens_strategy<double, double>() == molora::BaseStrategy::eigen);
   f.set_strategy(molora::BaseStrategy::gemm);
   CHECK(f.resolved_strategy(1) == molora::BaseStrategy::gemm);

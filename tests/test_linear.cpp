@@ -67,7 +67,7 @@ void check_reference(const molora::Linear<Scalar, Weight>& layer, const molora::
 template <class Scalar, class Weight>
 void reference_suite() {
   std::mt19937_64 gen(std::is_same_v<Weight, molora::f16> ? 3 : std::is_same_v<Weight, molora::bf16> ? 2 : 1);
-  const Index crossover = molora::kernels::skinny_crossover<Scalar>();
+  const Index crossover = molora::kernels::skinny_crossover<Scalar, Weight>();
   Index skinny_runs = 0, eigen_runs = 0, one_token_skinny = 0;
   for (Index T = 1; T <= 300; ++T) {
     const Index in = 1 + 2 * Index(gen() % 40), out = 1 + 2 * Index(gen() % 30);  // odd sizes
@@ -301,7 +301,7 @@ void molora_half_base_suite() {
         }
         half.set_base_strategy(molora::BaseStrategy::automatic);
         CHECK(half.resolved_base_strategy(T) ==
-              (T < molora::kernels::skinny_crossover<float>() ? molora::BaseStrategy::skinny
+              (T < molora::kernels::skinny_crossover<float, Weight>() ? molora::BaseStrategy::skinny
                                                                : molora::detail::many_tokens_strategy<float, Weight>()));
       }
     }

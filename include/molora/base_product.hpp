@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "detail/aligned.hpp"
 #include "half.hpp"
 #include "kernels/base_kernels.hpp"
 #include "kernels/gemm_kernels.hpp"
@@ -26,7 +27,8 @@ namespace molora {
 //   eigen      Eigen's GEMV / GEMM (for 16-bit weights: over blocks of widened rows)
 //   skinny     kernels::skinny_product: each row of W streamed once for all the tokens
 //   gemm       kernels::gemm_product: packed panels of x and W (16-bit W widened while packed)
-//   automatic  skinny below kernels::skinny_crossover<Scalar>() tokens, from there on
+//   automatic  skinny below kernels::skinny_crossover<Scalar, Weight>() tokens (24 for float
+//              weights, 48 for bf16 / f16 ones, 128 for double), from there on
 //              detail::many_tokens_strategy (gemm for float activations, eigen for double);
 //              one token of weights of the layer's own type goes to Eigen's GEMV (with OpenMP
 //              its rows split between the threads), except float rows of at most 4 KiB while
@@ -87,8 +89,9 @@ template <class Scalar, class Weight>
 BaseStrategy resolve_base_strategy(BaseStrategy s, Index num_tokens, Index in) {
   if (s != BaseStrategy::automatic) return s;
   const Index first_skinny = std::is_same_v<Weight, Scalar> && !one_token_skinny<Scalar>(in) ? 2 : 1;
-  if (num_tokens >= first_skinny && num_tokens < kernels::skinny_crossover<Scalar>()) return BaseStrategy::skinny;
-  return num_tokens >= kernels::skinny_crossover<Scalar>() ? many_tokens_strategy<Scalar, Weight>()
+  constexpr Index crossover = kernels::skinny_crossover<Scalar, Weight>();
+  if (num_tokens >= first_skinny && num_tokens < crossover) return BaseStrategy::skinny;
+  return num_tokens >= crossover ? many_tokens_strategy<Scalar, Weight>()
                                                            : BaseStrategy::eigen;
 }
 
@@ -141,6 +144,38 @@ void split_ranges(Index n, Index step, Index min_part, F&& f) {
   f(Index(0), n);
 }
 
+// Tokens from which the skinny product reads x from a staged copy (staged_rows) rather than
+// in place. From 5 tokens on every block of rows passes over 5 or more rows of x at once (the
+// wide path, then 4-token blocks over chunks): rows of x 16 bytes off a cache line (Eigen's
+// alignment without -march) or a multiple of 4 KiB apart (in = 1024, 2048, 4096 floats: every
+// row in the same L1 set, with the weight rows) slowed it down by up to 1.6x, cold at 4096 x
+// 4096 on Zen 4 (f32, T = 8: 9.8 ms misaligned, 6.5 ms aligned 16 KiB apart, 5.4-5.6 ms
+// staged; T = 32: 43.0 / 32.9 / 26.8 ms; docs/benchmarks.md, "x staged for the skinny
+// product"). Up to 4 tokens it made no difference, and the copy is skipped.
+constexpr Index kStageXFrom = 5;
+
+// Floats (or doubles) per row of a staged x: `in` rounded up to a cache line, plus one line
+// when that is a multiple of 4 KiB, so that consecutive rows fall in different L1 sets.
+template <class Scalar>
+constexpr Index staged_stride(Index in) noexcept {
+  constexpr Index line = 64 / Index(sizeof(Scalar));
+  const Index ld = (in + line - 1) / line * line;
+  return (ld * Index(sizeof(Scalar))) % 4096 == 0 ? ld + line : ld;
+}
+
+// x [T, in] copied into a per-thread buffer kept between calls (it grows, never shrinks: no
+// allocation once warm for T <= the largest T seen), rows 64-byte aligned, staged_stride
+// apart; returns the buffer (its stride is staged_stride<Scalar>(in)). The values are
+// copied, so the product gives the same bits as on x in place.
+template <class Scalar>
+const Scalar* staged_rows(const ConstRowRef<Scalar>& x) {
+  thread_local aligned_vector<Scalar> staged;
+  const Index T = x.rows(), in = x.cols(), ld = staged_stride<Scalar>(in);
+  if (staged.size() < static_cast<std::size_t>(T * ld)) staged.resize(static_cast<std::size_t>(T * ld));
+  for (Index t = 0; t < T; ++t) std::copy_n(x.row(t).data(), in, staged.data() + t * ld);
+  return staged.data();
+}
+
 // y = x W^T (+ bias) with W [out, in] row-major contiguous (out, in >= 1), bias null or
 // [out], x [T, in] and y [T, out] row-major, T >= 1, y not aliasing x, W or bias; `how` is
 // skinny, gemm or eigen (resolved). Checks nothing.
@@ -149,9 +184,10 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
                   RowRef<Scalar>& y, BaseStrategy how) {
   const Index T = x.rows();
   if (how == BaseStrategy::skinny) {
-    const Scalar* xp = x.data();
+    const bool staged = T >= kStageXFrom;  // x copied once, before any thread starts
+    const Scalar* xp = staged ? staged_rows(x) : x.data();
     Scalar* yp = y.data();
-    const Index ldx = x.outerStride(), ldy = y.outerStride();
+    const Index ldx = staged ? staged_stride<Scalar>(in) : x.outerStride(), ldy = y.outerStride();
     auto rows = [&](Index o0, Index o1) {
       kernels::skinny_product(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0, o1);  // [T, out]
     };

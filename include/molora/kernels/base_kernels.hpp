@@ -5,9 +5,9 @@
 // token passes over it; with AVX-512 for 5-8 tokens, 3 rows x 8 tokens (the wide path); on
 // 16-register ISAs, for 5-8 tokens, pairs of rows along the whole of `in` with every token in
 // registers; for one token over short rows (skinny_short_row_bytes), one row after the other. From
-// skinny_crossover<Scalar> tokens on, MoLoRALinear hands the product to a GEMM (gemm_product
-// for float, Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The
-// base product for few tokens").
+// skinny_crossover tokens on, the layers hand the product to a GEMM (gemm_product for float,
+// Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The base
+// product for few tokens", "The crossover to the packed GEMM").
 // Written once for any xsimd Arch over raw pointers, with a scalar fallback; like the other
 // kernels it checks nothing and throws nothing.
 //
@@ -32,19 +32,24 @@
 
 namespace molora::kernels {
 
-// Tokens below which MoLoRALinear uses skinny_product for its base product, and a GEMM from
-// there on (gemm_product for float, Eigen's for double). Measured against Eigen's GEMM, where
-// it catches up (gemm_product, faster than Eigen at T = 128, was not yet measured against
-// the skinny kernel below it), single-threaded at 4096 x 4096, weights cold or
-// warm (skinny / Eigen time at T = 96 / 128 / 192: 0.87-0.89 / 0.97-1.01 / 1.14-1.16 for
-// float, 0.93-0.99 / 0.94-0.98 / 1.11-1.14 for double; docs/benchmarks.md). The same for
-// both scalars, and a constant, so the choice never depends on the thread count. (For one
-// token of a weight of the layer's own type the layers keep Eigen's GEMV, but for float rows
-// of at most 4 KiB with AVX-512, which this kernel reads one row after the other:
-// detail::one_token_skinny in base_product.hpp.)
-template <class Scalar>
+// Tokens below which the layers use skinny_product for their base product, and a GEMM from
+// there on (gemm_product for float activations, Eigen's for double): a constant per
+// activation and weight type, so the choice never depends on the thread count. Measured cold,
+// one thread, AVX-512 on Zen 4, the skinny kernel against gemm_product on the same weights
+// (docs/benchmarks.md, "The crossover to the packed GEMM"): float weights at 4096 x 4096
+// took 13.1-14.3 / 14.5-15.5 ms at T = 16, 19.4-20.6 / 18.2 at 24, 27.1 / 18.6 at 32 and
+// 53 / 31 at 64 (skinny / gemm), and at the Qwen2 MLP's 1024 <-> 2816 gemm was ahead from
+// 24 on too; bf16 and f16 weights (widened in both kernels) caught up later, level at 24-48
+// and behind the GEMM from 64. Double keeps 128, measured against Eigen's GEMM (0.93-0.99 /
+// 0.94-0.98 / 1.11-1.14 skinny / Eigen at T = 96 / 128 / 192). (For one token of a weight of
+// the layer's own type the layers keep Eigen's GEMV, but for float rows of at most 4 KiB
+// with AVX-512, which this kernel reads one row after the other: detail::one_token_skinny in
+// base_product.hpp.)
+template <class Scalar, class Weight = Scalar>
 constexpr Index skinny_crossover() noexcept {
-  return 128;
+  if constexpr (!std::is_same_v<Scalar, float>) return 128;
+  else if constexpr (std::is_same_v<Weight, float>) return 24;
+  else return 48;
 }
 
 // Tokens whose partial sums one pass over a block of rows keeps (in a stack buffer); a call
