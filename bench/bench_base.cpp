@@ -34,6 +34,12 @@
 //                                   alternately in one loop. Counters streamed_over_blocked
 //                                   (median of the ratio), streamed_read_share and
 //                                   blocked_read_share, and the three median times.
+//   crossover/D/in/out/T/cold       the base product for T tokens, W0 stored as D, cold: the
+//                                   skinny kernel on x in place (aligned, then 16 bytes off
+//                                   a line), base_product's skinny (x staged) and its gemm,
+//                                   alternately. Counters: the medians and the ratios
+//                                   staged_over_inplace, staged_over_misaligned and
+//                                   gemm_over_staged (below 1: the GEMM is faster).
 //   gemm/D/in/out/T                 the base product above the crossover with W0 stored as
 //                                   D = f32, bf16 or f16 (f32 activations, bias, weights
 //                                   warm): kernels::gemm_product (BaseStrategy::gemm) against
@@ -408,10 +414,11 @@ void BM_skinny_paths(benchmark::State& st) {
 }
 
 // one_token/D/in/out/cold: one token's base product, W0 stored as D on 64-byte aligned
-// copies (as the layers store it), four ways each on its own cold copy in rotating order,
-// then a plain read of a fifth: the rows one after the other (skinny_stream_rows<1>, what
+// copies (as the layers store it), six ways each on its own cold copy in rotating order,
+// then a plain read of another: the rows one after the other (skinny_stream_rows<1>, what
 // short rows take), pairs of rows one after the other, 8 rows side by side (the blocked path,
-// what long rows take), and for f32 Eigen's GEMV. Counters: each way's median time and
+// what long rows take), the rows one after the other prefetching 4 or 8 KiB ahead (tried, not
+// used), and for f32 Eigen's GEMV. Counters: each way's median time and
 // median share of the paired read, and over_rows8 (median per-iteration ratio to 8 rows).
 template <class Wt>
 void BM_one_token(benchmark::State& st) {
@@ -419,7 +426,7 @@ void BM_one_token(benchmark::State& st) {
   using Arch = molora::kernels::default_arch;
   const Index in = st.range(0), out = st.range(1);
   const Index bytes = in * out * Index(sizeof(Wt));
-  constexpr int kWays = 4;  // rows1, rows2, rows8, eigen (f32 only)
+  constexpr int kWays = 6;  // rows1, rows2, rows8, rows1_pf4k, rows1_pf8k, eigen (f32 only)
   const int ways = std::is_same_v<Wt, float> ? kWays : kWays - 1;
   std::size_t n = static_cast<std::size_t>(std::max(6.0, kColdBytes / double(bytes) + 1));
   while (n % std::size_t(ways + 1) == 0) ++n;
@@ -444,6 +451,10 @@ void BM_one_token(benchmark::State& st) {
         kd::skinny_stream_rows<2, Arch, 0>(wc, in, in, x.data(), in, Index(1), b.data(), y.data(), out, Index(0), out);
       else if (way == 2)
         kd::skinny_product_blocked<Arch>(wc, in, in, x.data(), in, Index(1), b.data(), y.data(), out, Index(0), out);
+      else if (way == 3)
+        kd::skinny_stream_rows<1, Arch, 4096>(wc, in, in, x.data(), in, Index(1), b.data(), y.data(), out, Index(0), out);
+      else if (way == 4)
+        kd::skinny_stream_rows<1, Arch, 8192>(wc, in, in, x.data(), in, Index(1), b.data(), y.data(), out, Index(0), out);
       else if constexpr (std::is_same_v<Wt, float>) {
         Eigen::Map<const Mat<float>> W(wc, out, in);
         y.noalias() = x * W.transpose();
@@ -467,13 +478,85 @@ void BM_one_token(benchmark::State& st) {
   }
   benchmark::DoNotOptimize(sink);
   benchmark::DoNotOptimize(y.data());
-  const char* names[kWays] = {"rows1", "rows2", "rows8", "eigen"};
+  const char* names[kWays] = {"rows1", "rows2", "rows8", "rows1_pf4k", "rows1_pf8k", "eigen"};
   for (int k = 0; k < ways; ++k) {
     st.counters[std::string(names[k]) + "_ms"] = median(t[k]) * 1e3;
     st.counters[std::string(names[k]) + "_share"] = median(share[k]);
     if (k != 2) st.counters[std::string(names[k]) + "_over_rows8"] = median(over[k]);
   }
   st.counters["read_ms"] = median(t[kWays]) * 1e3;
+}
+
+// crossover/D/in/out/T/cold: the layers' base product for T tokens four ways, W0 stored as D
+// on 64-byte aligned copies, each way on its own cold copy in rotating order: the skinny
+// kernel on x in place (rows in floats apart, as a contiguous [T, in] matrix gives them:
+// 64-byte aligned here, so at in = 1024, 2048, 4096 every row in the same L1 sets), the same
+// on x 16 bytes off a cache line (Eigen's alignment without -march), detail::base_product's
+// skinny (x staged from kStageXFrom tokens) and its gemm (kernels::gemm_product). Counters:
+// each way's median time and the medians of staged / in place, staged / misaligned and gemm /
+// staged per iteration (below 1: the first is faster).
+template <class Wt>
+void BM_crossover(benchmark::State& st) {
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  const Index bytes = in * out * Index(sizeof(Wt));
+  constexpr int kWays = 4;
+  std::size_t n = static_cast<std::size_t>(std::max(6.0, kColdBytes / double(bytes) + 1));
+  while (n % std::size_t(kWays) == 0) ++n;
+  const std::vector<Wt> w0 = weights_as<Wt>(in, out);
+  std::vector<molora::detail::aligned_vector<Wt>> w(n, molora::detail::aligned_vector<Wt>(w0.begin(), w0.end()));
+  std::vector<float> b(static_cast<std::size_t>(out), 0.01f);
+  molora::detail::aligned_vector<float> xbuf(static_cast<std::size_t>(T * in + 16));
+  for (std::size_t i = 0; i < xbuf.size(); ++i) xbuf[i] = 0.001f * float(i % 997) - 0.5f;
+  Mat<float> y(T, out);
+  molora::RowRef<float> yr(y);
+  std::vector<double> t[kWays], staged_over_inplace, staged_over_misaligned, gemm_over_staged;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    double tw[kWays] = {};
+    for (int pass = 0; pass < kWays; ++pass) {
+      const int way = (pass + int(i)) % kWays;  // rotate which way goes first
+      const Wt* wc = w[(std::size_t(kWays) * i + std::size_t(pass)) % n].data();
+      const float* xp = xbuf.data() + (way == 1 ? 4 : 0);
+      const double t0 = cpu_seconds();
+      if (way <= 1) {
+        molora::kernels::skinny_product(molora::kernels::layer_arch{}, wc, in, in, xp, in, T, b.data(), y.data(), out,
+                                        Index(0), out);
+      } else {
+        const Eigen::Map<const Mat<float>> xm(xp, T, in);
+        molora::detail::base_product(wc, in, out, b.data(), molora::ConstRowRef<float>(xm), yr,
+                                     way == 2 ? molora::BaseStrategy::skinny : molora::BaseStrategy::gemm);
+      }
+      benchmark::ClobberMemory();
+      tw[way] = cpu_seconds() - t0;
+    }
+    ++i;
+    st.SetIterationTime(tw[2]);
+    for (int k = 0; k < kWays; ++k) t[k].push_back(tw[k]);
+    staged_over_inplace.push_back(tw[2] / tw[0]);
+    staged_over_misaligned.push_back(tw[2] / tw[1]);
+    gemm_over_staged.push_back(tw[3] / tw[2]);
+  }
+  benchmark::DoNotOptimize(y.data());
+  const char* names[kWays] = {"inplace", "misaligned", "staged", "gemm"};
+  for (int k = 0; k < kWays; ++k) st.counters[std::string(names[k]) + "_ms"] = median(t[k]) * 1e3;
+  st.counters["staged_over_inplace"] = median(staged_over_inplace);
+  st.counters["staged_over_misaligned"] = median(staged_over_misaligned);
+  st.counters["gemm_over_staged"] = median(gemm_over_staged);
+}
+
+template <class W>
+void register_crossover(const char* dtype) {
+  const std::vector<std::pair<Index, Index>> shapes = {{4096, 4096}, {1024, 2816}, {2816, 1024}};
+  for (const auto& [in, out] : shapes)
+    for (Index T : {4, 8, 16, 24, 32, 48, 64, 96})
+      benchmark::RegisterBenchmark((std::string("crossover/") + dtype + "/" + std::to_string(in) + "/" +
+                                    std::to_string(out) + "/" + std::to_string(T) + "/cold")
+                                       .c_str(),
+                                   BM_crossover<W>)
+          ->Args({in, out, T})
+          ->UseManualTime()
+          ->MinTime(0.5)
+          ->Unit(benchmark::kMillisecond);
 }
 
 template <class W>
@@ -994,6 +1077,9 @@ void register_all() {
   register_skinny<float>("f32");
   register_skinny<molora::bf16>("bf16");
   register_skinny<molora::f16>("f16");
+  register_crossover<float>("f32");
+  register_crossover<molora::bf16>("bf16");
+  register_crossover<molora::f16>("f16");
   register_one_token<float>("f32");
   register_one_token<molora::bf16>("bf16");
   register_skinny_paths<float>("f32");

@@ -138,7 +138,9 @@ TEST_CASE("no_alloc: warm MoLoRALinear::forward at one token (decode), every str
   }
 }
 
-// Below 128 tokens the base product is the skinny kernel (no GEMM packing buffers).
+// Below 128 tokens the float base product is the skinny kernel or, from its crossover on,
+// the packed GEMM: neither takes Eigen's packing buffers, and their own scratch (the GEMM's
+// panels, the skinny kernel's staged x) is allocated on the first call and kept.
 TEST_CASE("no_alloc: warm MoLoRALinear::forward below 128 tokens, strategy fused") {
   for (const auto& cfg : {config(1024, 1024, 8, 2, 16), config(300, 200, 4, 4, 17)}) {
     auto layer = ref::random_layer<float>(cfg, 20);
