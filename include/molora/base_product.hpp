@@ -27,7 +27,7 @@ namespace molora {
 //   eigen      Eigen's GEMV / GEMM (for 16-bit weights: over blocks of widened rows)
 //   skinny     kernels::skinny_product: each row of W streamed once for all the tokens
 //   gemm       kernels::gemm_product: packed panels of x and W (16-bit W widened while packed)
-//   automatic  skinny below kernels::skinny_crossover<Scalar, Weight>() tokens (24 for float
+//   automatic  skinny below kernels::skinny_crossover<Scalar, Weight>() tokens (32 for float
 //              weights, 48 for bf16 / f16 ones, 128 for double), from there on
 //              detail::many_tokens_strategy (gemm for float activations, eigen for double);
 //              one token of weights of the layer's own type goes to Eigen's GEMV (with OpenMP
@@ -146,16 +146,18 @@ void split_ranges(Index n, Index step, Index min_part, F&& f) {
 
 // Tokens from which the skinny product reads x from a staged copy (staged_rows) rather than
 // in place. From 5 tokens on every block of rows passes over 5 or more rows of x at once (the
-// wide path, then 4-token blocks over chunks): rows of x 16 bytes off a cache line (Eigen's
-// alignment without -march) or a multiple of 4 KiB apart (in = 1024, 2048, 4096 floats: every
-// row in the same L1 set, with the weight rows) slowed it down by up to 1.6x, cold at 4096 x
-// 4096 on Zen 4 (f32, T = 8: 9.8 ms misaligned, 6.5 ms aligned 16 KiB apart, 5.4-5.6 ms
-// staged; T = 32: 43.0 / 32.9 / 26.8 ms; docs/benchmarks.md, "x staged for the skinny
-// product"). Up to 4 tokens it made no difference, and the copy is skipped.
+// wide path, then 4-token blocks over chunks), and rows of x 16 bytes off a cache line
+// (Eigen's alignment without -march) split their loads: cold on Zen 4 the kernel on staged
+// rows took 0.75-0.93x its time on such rows at T = 8 (4096 x 4096, 1024 -> 2816, 2816 ->
+// 1024; f32 and bf16), 0.87-1.02x at 16-96, and 0.94-1.02x its time on 64-byte aligned rows in place
+// (docs/benchmarks.md, "The crossover to the packed GEMM"). Up to 4 tokens it made no
+// difference, and the copy is skipped.
 constexpr Index kStageXFrom = 5;
 
 // Floats (or doubles) per row of a staged x: `in` rounded up to a cache line, plus one line
-// when that is a multiple of 4 KiB, so that consecutive rows fall in different L1 sets.
+// when that is a multiple of 4 KiB, so that consecutive rows fall in different L1 sets (an
+// ad hoc run once measured rows 16 KiB apart 1.2x slower at T = 8; the benchmark above did not
+// see it, and the extra line costs nothing).
 template <class Scalar>
 constexpr Index staged_stride(Index in) noexcept {
   constexpr Index line = 64 / Index(sizeof(Scalar));

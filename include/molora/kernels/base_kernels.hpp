@@ -35,20 +35,20 @@ namespace molora::kernels {
 // Tokens below which the layers use skinny_product for their base product, and a GEMM from
 // there on (gemm_product for float activations, Eigen's for double): a constant per
 // activation and weight type, so the choice never depends on the thread count. Measured cold,
-// one thread, AVX-512 on Zen 4, the skinny kernel against gemm_product on the same weights
-// (docs/benchmarks.md, "The crossover to the packed GEMM"): float weights at 4096 x 4096
-// took 13.1-14.3 / 14.5-15.5 ms at T = 16, 19.4-20.6 / 18.2 at 24, 27.1 / 18.6 at 32 and
-// 53 / 31 at 64 (skinny / gemm), and at the Qwen2 MLP's 1024 <-> 2816 gemm was ahead from
-// 24 on too; bf16 and f16 weights (widened in both kernels) caught up later, level at 24-48
-// and behind the GEMM from 64. Double keeps 128, measured against Eigen's GEMM (0.93-0.99 /
-// 0.94-0.98 / 1.11-1.14 skinny / Eigen at T = 96 / 128 / 192). (For one token of a weight of
-// the layer's own type the layers keep Eigen's GEMV, but for float rows of at most 4 KiB
+// one thread, AVX-512 on Zen 4, gemm_product over the skinny kernel (x staged) on the same
+// weights, at 4096 x 4096 / 1024 -> 2816 / 2816 -> 1024 (docs/benchmarks.md, "The crossover
+// to the packed GEMM"): float weights 1.11 / 1.05 / 1.11 at T = 24, 1.04 / 0.97 / 1.06 at 32,
+// 0.94 / 0.80 / 0.94 at 48, so 32; bf16 weights 1.06 / 0.92 / 0.96 at 32 and 1.03 / 0.83 /
+// 0.82 at 48 (f16 1.14 / 0.89 and 1.02 / 0.82), so 48, where the square shape is level and
+// the Qwen2 MLP's are well ahead. Double keeps 128, measured against Eigen's GEMM (0.93-0.99
+// / 0.94-0.98 / 1.11-1.14 skinny / Eigen at T = 96 / 128 / 192). (For one token of a weight
+// of the layer's own type the layers keep Eigen's GEMV, but for float rows of at most 4 KiB
 // with AVX-512, which this kernel reads one row after the other: detail::one_token_skinny in
 // base_product.hpp.)
 template <class Scalar, class Weight = Scalar>
 constexpr Index skinny_crossover() noexcept {
   if constexpr (!std::is_same_v<Scalar, float>) return 128;
-  else if constexpr (std::is_same_v<Weight, float>) return 24;
+  else if constexpr (std::is_same_v<Weight, float>) return 32;
   else return 48;
 }
 
