@@ -416,17 +416,18 @@ void BM_skinny_paths(benchmark::State& st) {
 // one_token/D/in/out/cold: one token's base product, W0 stored as D on 64-byte aligned
 // copies (as the layers store it), six ways each on its own cold copy in rotating order,
 // then a plain read of another: the rows one after the other (skinny_stream_rows<1>, what
-// short rows take), pairs of rows one after the other, 8 rows side by side (the blocked path,
-// what long rows take), the rows one after the other prefetching 4 or 8 KiB ahead (tried, not
-// used), and for f32 Eigen's GEMV. Counters: each way's median time and
-// median share of the paired read, and over_rows8 (median per-iteration ratio to 8 rows).
+// short rows take), pairs of rows one after the other, the blocked path (kSkinnyOneTokenRows
+// rows side by side, what long rows take), the rows one after the other prefetching 4 KiB
+// ahead (tried, not used), 8 rows side by side (the blocked path before), and for f32
+// Eigen's GEMV. Counters: each way's median time and median share of the paired read, and
+// over_blocked (median per-iteration ratio to the blocked path).
 template <class Wt>
 void BM_one_token(benchmark::State& st) {
   namespace kd = molora::kernels::detail;
   using Arch = molora::kernels::default_arch;
   const Index in = st.range(0), out = st.range(1);
   const Index bytes = in * out * Index(sizeof(Wt));
-  constexpr int kWays = 6;  // rows1, rows2, rows8, rows1_pf4k, rows1_pf8k, eigen (f32 only)
+  constexpr int kWays = 6;  // rows1, rows2, blocked, rows1_pf4k, rows8, eigen (f32 only)
   const int ways = std::is_same_v<Wt, float> ? kWays : kWays - 1;
   std::size_t n = static_cast<std::size_t>(std::max(6.0, kColdBytes / double(bytes) + 1));
   while (n % std::size_t(ways + 1) == 0) ++n;
@@ -436,6 +437,7 @@ void BM_one_token(benchmark::State& st) {
   fill(b, 2, 0.02);
   Mat<float> x(1, in), y(1, out);
   fill(x, 3, 1.0);
+  alignas(64) float spill[8 * 16];  // unused by one pass of one token
   std::vector<double> t[kWays + 1], share[kWays], over[kWays];
   float sink = 0;
   std::size_t i = 0;
@@ -454,7 +456,8 @@ void BM_one_token(benchmark::State& st) {
       else if (way == 3)
         kd::skinny_stream_rows<1, Arch, 4096>(wc, in, in, x.data(), in, Index(1), b.data(), y.data(), out, Index(0), out);
       else if (way == 4)
-        kd::skinny_stream_rows<1, Arch, 8192>(wc, in, in, x.data(), in, Index(1), b.data(), y.data(), out, Index(0), out);
+        kd::skinny_rows_range<8, 1, 0, Arch>(wc, in, in, x.data(), in, Index(1), b.data(), y.data(), out, Index(0), out,
+                                             spill);
       else if constexpr (std::is_same_v<Wt, float>) {
         Eigen::Map<const Mat<float>> W(wc, out, in);
         y.noalias() = x * W.transpose();
@@ -478,11 +481,11 @@ void BM_one_token(benchmark::State& st) {
   }
   benchmark::DoNotOptimize(sink);
   benchmark::DoNotOptimize(y.data());
-  const char* names[kWays] = {"rows1", "rows2", "rows8", "rows1_pf4k", "rows1_pf8k", "eigen"};
+  const char* names[kWays] = {"rows1", "rows2", "blocked", "rows1_pf4k", "rows8", "eigen"};
   for (int k = 0; k < ways; ++k) {
     st.counters[std::string(names[k]) + "_ms"] = median(t[k]) * 1e3;
     st.counters[std::string(names[k]) + "_share"] = median(share[k]);
-    if (k != 2) st.counters[std::string(names[k]) + "_over_rows8"] = median(over[k]);
+    if (k != 2) st.counters[std::string(names[k]) + "_over_blocked"] = median(over[k]);
   }
   st.counters["read_ms"] = median(t[kWays]) * 1e3;
 }
@@ -561,10 +564,12 @@ void register_crossover(const char* dtype) {
 
 template <class W>
 void register_one_token(const char* dtype) {
-  for (Index in : {1024, 2816, 4096})
-    benchmark::RegisterBenchmark((std::string("one_token/") + dtype + "/" + std::to_string(in) + "/4096/cold").c_str(),
+  for (auto [in, out] : {std::pair<Index, Index>{1024, 4096}, {2816, 4096}, {4096, 4096}, {2816, 1024}})
+    benchmark::RegisterBenchmark((std::string("one_token/") + dtype + "/" + std::to_string(in) + "/" +
+                                  std::to_string(out) + "/cold")
+                                     .c_str(),
                                  BM_one_token<W>)
-        ->Args({in, 4096})
+        ->Args({in, out})
         ->UseManualTime()
         ->MinTime(0.5)
         ->Unit(benchmark::kMillisecond);

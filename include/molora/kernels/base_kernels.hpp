@@ -447,8 +447,16 @@ inline void skinny_rows_range(const Wt* w, Index ldw, Index in, const Scalar* x,
   }
 }
 
+// Rows side by side for one token over long rows with 32 vector registers (rows at most
+// skinny_short_row_bytes go one after the other). Cold on Zen 4, bf16 weights, one token,
+// time over a plain read: in = 2816 (the Qwen2 down projection, 5.5 KiB rows) 0.98 with 12
+// rows against 1.11 with 8; 4096 x 4096 1.04 against 1.07; f32 4096 x 4096 0.98 against 1.03
+// (docs/benchmarks.md, "Twelve rows for one token"). 16 rows did no better than 12. Same bits.
+constexpr int kSkinnyOneTokenRows = 12;
+
 // The blocked kernel. With 32 vector registers: kSkinnyWideFrom to kSkinnyWideTo tokens take
-// the wide path (3 rows x 8 tokens, above); otherwise 8 rows side by side and no software
+// the wide path (3 rows x 8 tokens, above); one token kSkinnyOneTokenRows rows side by side;
+// otherwise 8 rows side by side and no software
 // prefetch up to kSkinnyStreamTokens tokens: one pass along `in` for up to 4 tokens (8 rows
 // x T), then 8 rows x 2 tokens over L1-sized chunks of `in`; 8 row streams measured faster
 // than 4 rows with the prefetch, than the streamed pairs of rows, and than one sequential
@@ -470,7 +478,7 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
     Scalar* yt = y + t0 * ldy;
     if constexpr (wide) {
       if (n == 1)
-        skinny_rows_range<8, 1, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+        skinny_rows_range<kSkinnyOneTokenRows, 1, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n <= 4)
         skinny_rows_range<8, 4, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n >= kSkinnyWideFrom && n <= kSkinnyWideTo)
