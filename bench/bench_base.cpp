@@ -34,6 +34,9 @@
 //                                   alternately in one loop. Counters streamed_over_blocked
 //                                   (median of the ratio), streamed_read_share and
 //                                   blocked_read_share, and the three median times.
+//   shrink_rows/D/in/T/cold         one expert's shrink (r = 16) for 1 or 2 tokens, A_e cold:
+//                                   as the layers run it, 8 rank rows side by side, and a
+//                                   plain read. Counters kernel_share and rows8_share.
 //   crossover/D/in/out/T/cold       the base product for T tokens, W0 stored as D, cold: the
 //                                   skinny kernel on x in place (aligned, then 16 bytes off
 //                                   a line), base_product's skinny (x staged) and its gemm,
@@ -562,6 +565,83 @@ void register_crossover(const char* dtype) {
           ->Unit(benchmark::kMillisecond);
 }
 
+// shrink_rows/D/in/T/cold: one expert's shrink h = A_e x (r = 16, A_e [16, in] stored as D)
+// for T = 1 or 2 tokens, on cold copies of A_e in rotating order, 40 copies per timed batch:
+// kernels::shrink as the layers run it, the rank rows 8 side by side (shrink_block<8, T>,
+// the layout before for these T), and a plain read of the same bytes. Counters: each
+// median time per call and its share of the read.
+template <class Wt>
+void BM_shrink_rows(benchmark::State& st) {
+  using Arch = molora::kernels::default_arch;
+  const Index in = st.range(0), T = st.range(1), r = 16;
+  const Index per = r * in, bytes = per * Index(sizeof(Wt));
+  const std::size_t copies = static_cast<std::size_t>(kColdBytes / double(bytes)) + 1;
+  const std::vector<Wt> a0 = weights_as<Wt>(in, r);
+  molora::detail::aligned_vector<Wt> a(copies * static_cast<std::size_t>(per));
+  for (std::size_t c = 0; c < copies; ++c) std::copy(a0.begin(), a0.end(), a.begin() + std::ptrdiff_t(c) * per);
+  Mat<float> x(2, in);
+  fill(x, 5, 1.0);
+  const float* xs[2] = {x.data(), x.data() + in};
+  alignas(64) float h[2 * 16];
+  std::vector<float> spill(static_cast<std::size_t>(2 * r * 16));
+  const Index in_vec = in - in % molora::kernels::simd_width<Arch, float>();
+  constexpr int kBatch = 40;
+  std::vector<double> t[3];
+  std::size_t c = 0, i = 0;
+  float sink = 0;
+  for (auto _ : st) {
+    double tw[3] = {};
+    for (int pass = 0; pass < 3; ++pass) {
+      const int way = (pass + int(i)) % 3;
+      const double t0 = cpu_seconds();
+      for (int k = 0; k < kBatch; ++k, c = (c + 1) % copies) {
+        const Wt* ac = a.data() + std::ptrdiff_t(c) * per;
+        if (way == 0) {
+          molora::kernels::shrink(Arch{}, ac, in, r, in, xs, T, h, r, spill.data());
+        } else if (way == 1) {
+          for (Index j = 0; j < r; j += 8) {
+            if (T == 1)
+              molora::kernels::detail::shrink_block<8, 1, Arch>(ac + j * in, in, xs, Index(0), in_vec, in_vec, in, true,
+                                                                true, spill.data(), r * 16, h + j, r);
+            else
+              molora::kernels::detail::shrink_block<8, 2, Arch>(ac + j * in, in, xs, Index(0), in_vec, in_vec, in, true,
+                                                                true, spill.data(), r * 16, h + j, r);
+          }
+        } else {
+          sink += stream_spans({{ac, bytes}});
+        }
+      }
+      benchmark::ClobberMemory();
+      tw[way] = (cpu_seconds() - t0) / kBatch;
+    }
+    ++i;
+    st.SetIterationTime(tw[0] * kBatch);
+    for (int k = 0; k < 3; ++k) t[k].push_back(tw[k]);
+  }
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(h);
+  const double read = median(t[2]);
+  st.counters["kernel_us"] = median(t[0]) * 1e6;
+  st.counters["rows8_us"] = median(t[1]) * 1e6;
+  st.counters["read_us"] = read * 1e6;
+  st.counters["kernel_share"] = median(t[0]) / read;
+  st.counters["rows8_share"] = median(t[1]) / read;
+}
+
+template <class W>
+void register_shrink_rows(const char* dtype) {
+  for (Index in : {512, 1024, 2816, 4096})
+    for (Index T : {1, 2})
+      benchmark::RegisterBenchmark((std::string("shrink_rows/") + dtype + "/" + std::to_string(in) + "/" +
+                                    std::to_string(T) + "/cold")
+                                       .c_str(),
+                                   BM_shrink_rows<W>)
+          ->Args({in, T})
+          ->UseManualTime()
+          ->MinTime(0.3)
+          ->Unit(benchmark::kMicrosecond);
+}
+
 template <class W>
 void register_one_token(const char* dtype) {
   for (auto [in, out] : {std::pair<Index, Index>{1024, 4096}, {2816, 4096}, {4096, 4096}, {2816, 1024}})
@@ -1087,6 +1167,8 @@ void register_all() {
   register_crossover<molora::f16>("f16");
   register_one_token<float>("f32");
   register_one_token<molora::bf16>("bf16");
+  register_shrink_rows<float>("f32");
+  register_shrink_rows<molora::bf16>("bf16");
   register_skinny_paths<float>("f32");
   register_skinny_paths<molora::bf16>("bf16");
   register_skinny_paths<molora::f16>("f16");

@@ -199,8 +199,17 @@ inline void shrink_block(const Wt* a, Index lda, const Scalar* const* x, Index c
   });
 }
 
-// All rank rows of one block of RT tokens: blocks of 8 rows (RT <= 2) or 4 rows, then
-// tails of 4, 2 and 1 rows.
+// Rank rows of A_e of at most this many bytes are read one after the other (one sequential
+// stream) for one or two tokens on 32-register ISAs, rather than 8 side by side: cold on
+// Zen 4, one token, r = 16, the shrink took 0.80x the time of a plain read of A_e with bf16
+// rows of 2 KiB (in = 1024, the Qwen2 gate/up adapters) against 1.50-1.56x with 8 rows side
+// by side, and 0.93x against 1.37x with float rows of 2 KiB; at 4 KiB the two were level and
+// from 8 KiB 8 rows were faster (docs/benchmarks.md, "The shrink's short rows"). Same bits.
+constexpr Index kShrinkShortRowBytes = 2048;
+
+// All rank rows of one block of RT tokens: rows of at most kShrinkShortRowBytes one after the
+// other for RT <= 2 with 32 vector registers; otherwise blocks of 8 rows (RT <= 2) or 4 rows,
+// then tails of 4, 2 and 1 rows.
 template <int RT, class Arch, class Wt, class Scalar>
 inline void shrink_tokens(const Wt* a, Index lda, Index r, const Scalar* const* x, Index c0, Index c1,
                           Index in_vec, Index in, bool first, bool last, Scalar* spill, Index spill_ld, Scalar* h,
@@ -208,6 +217,14 @@ inline void shrink_tokens(const Wt* a, Index lda, Index r, const Scalar* const* 
   constexpr Index W = simd_width<Arch, Scalar>();
   constexpr int RJ = RT <= 2 ? 8 : 4;
   Index j = 0;
+  if constexpr (RT <= 2 && vector_registers<Arch>() >= 32) {
+    if (in * Index(sizeof(Wt)) <= kShrinkShortRowBytes) {
+      for (; j < r; ++j)
+        shrink_block<1, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld,
+                                  h + j, ldh);
+      return;
+    }
+  }
   for (; j + RJ <= r; j += RJ)
     shrink_block<RJ, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld,
                                h + j, ldh);
