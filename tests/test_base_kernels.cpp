@@ -703,15 +703,7 @@ void staged_suite() {
     for (const Index T : {1, 4, 5, 8, 9, 23, 31, 33}) {
       const Index out = 1 + Index(gen() % 40);
       std::vector<Weight> w(at(out * in));
-      for (auto& e : w) {
-        const float v = static_cast<float>(std::uniform_real_distribution<double>(-1, 1)(gen));
-        if constexpr (std::is_same_v<Weight, float>)
-          e = v;
-        else if constexpr (std::is_same_v<Weight, molora::bf16>)
-          e = molora::to_bf16(v);
-        else
-          e = molora::to_f16(v);
-      }
+      for (auto& e : w) e = d::weight_from_float<Weight>(std::uniform_real_distribution<double>(-1, 1)(gen), "w", 0, 0);
       const std::vector<float> bias = random_vec<float>(out, gen);
       // x at a float past a cache line, rows 1024 floats (4 KiB) or in + 3 apart.
       for (const Index ldx : {std::max<Index>(in, 1024), in + 3}) {

@@ -165,17 +165,23 @@ constexpr Index staged_stride(Index in) noexcept {
   return (ld * Index(sizeof(Scalar))) % 4096 == 0 ? ld + line : ld;
 }
 
-// x [T, in] copied into a per-thread buffer kept between calls (it grows, never shrinks: no
-// allocation once warm for T <= the largest T seen), rows 64-byte aligned, staged_stride
-// apart; returns the buffer (its stride is staged_stride<Scalar>(in)). The values are
-// copied, so the product gives the same bits as on x in place.
+// Rows of x [T, in] and their stride, as the skinny kernel reads them.
 template <class Scalar>
-const Scalar* staged_rows(const ConstRowRef<Scalar>& x) {
+struct StridedRows {
+  const Scalar* data;
+  Index ld;
+};
+
+// x copied into a per-thread buffer kept between calls (it grows, never shrinks: no
+// allocation once warm for T <= the largest T seen), rows 64-byte aligned, staged_stride
+// apart. The values are copied, so the product gives the same bits as on x in place.
+template <class Scalar>
+StridedRows<Scalar> staged_rows(const ConstRowRef<Scalar>& x) {
   thread_local aligned_vector<Scalar> staged;
   const Index T = x.rows(), in = x.cols(), ld = staged_stride<Scalar>(in);
   if (staged.size() < static_cast<std::size_t>(T * ld)) staged.resize(static_cast<std::size_t>(T * ld));
   for (Index t = 0; t < T; ++t) std::copy_n(x.row(t).data(), in, staged.data() + t * ld);
-  return staged.data();
+  return {staged.data(), ld};
 }
 
 // y = x W^T (+ bias) with W [out, in] row-major contiguous (out, in >= 1), bias null or
@@ -186,12 +192,12 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
                   RowRef<Scalar>& y, BaseStrategy how) {
   const Index T = x.rows();
   if (how == BaseStrategy::skinny) {
-    const bool staged = T >= kStageXFrom;  // x copied once, before any thread starts
-    const Scalar* xp = staged ? staged_rows(x) : x.data();
+    // x copied once, before any thread starts
+    const StridedRows<Scalar> xs = T >= kStageXFrom ? staged_rows(x) : StridedRows<Scalar>{x.data(), x.outerStride()};
     Scalar* yp = y.data();
-    const Index ldx = staged ? staged_stride<Scalar>(in) : x.outerStride(), ldy = y.outerStride();
+    const Index ldy = y.outerStride();
     auto rows = [&](Index o0, Index o1) {
-      kernels::skinny_product(kernels::layer_arch{}, w, in, in, xp, ldx, T, bias, yp, ldy, o0, o1);  // [T, out]
+      kernels::skinny_product(kernels::layer_arch{}, w, in, in, xs.data, xs.ld, T, bias, yp, ldy, o0, o1);  // [T, out]
     };
     // With OpenMP one contiguous range of rows per thread (cut at multiples of 4, the
     // register block; at least 32 rows each).
