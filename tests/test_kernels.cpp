@@ -32,10 +32,11 @@ std::vector<Scalar> random_vec(Index n, std::mt19937_64& gen) {
 
 // One case: n tokens picked from rows of an x [rows, in] buffer with stride ldx; y rows of a
 // [rows, out] buffer with stride ldy; fused and shrink+expand both checked.
+// ldb = 0: out + 3; otherwise the stride of B_e^T's rows (>= out).
 template <class Arch, class Scalar>
-void check_tile(Index r, Index in, Index out, Index n, std::uint64_t seed) {
+void check_tile(Index r, Index in, Index out, Index n, std::uint64_t seed, Index ldb_set = 0) {
   std::mt19937_64 gen(seed);
-  const Index rows = n + 3, ldx = in + 2, ldy = out + 1, lda = in + 1, ldb = out + 3;
+  const Index rows = n + 3, ldx = in + 2, ldy = out + 1, lda = in + 1, ldb = ldb_set > 0 ? ldb_set : out + 3;
   const auto a = random_vec<Scalar>(r * lda, gen);
   const auto bt = random_vec<Scalar>(r * ldb, gen);
   const auto x = random_vec<Scalar>(rows * ldx, gen);
@@ -129,6 +130,15 @@ void suite() {
         }
   // A shrink long enough for many passes over `in` (spill path) at several ranks.
   for (Index r : {1, 16, 200}) check_tile<Arch, Scalar>(r, 4099, 67, 6, seed++);
+  // Rank rows 4 KiB apart, where one token keeps blocks of 8 vectors (lora_kernels.hpp's
+  // expand), and rows just off it: one-token tiles (n = 1, and the last tile of 9 and 17)
+  // against the tile of 32, bit for bit, and the double loop.
+  const Index ld4k = 4096 / Index(sizeof(Scalar));
+  for (Index n : {1, 2, 9, 17})
+    for (Index out : {ld4k - 5, ld4k}) {
+      check_tile<Arch, Scalar>(16, 33, out, n, seed++, ld4k);
+      check_tile<Arch, Scalar>(16, 33, out, n, seed++, ld4k + 1);
+    }
 }
 
 }  // namespace
