@@ -37,6 +37,12 @@
 //   shrink_rows/D/in/T/cold         one expert's shrink (r = 16) for 1 or 2 tokens, A_e cold:
 //                                   as the layers run it, 8 rank rows side by side, and a
 //                                   plain read. Counters kernel_share and rows8_share.
+//   expand_rows/D/out/warm|cold     one expert's expand (r = 16) for one token, B_e^T [16, out]
+//                                   in D, cold copies or one warm copy: as the layers run it
+//                                   (the rank rows side by side a vector at a time, 8
+//                                   vectors of one row at a time where rows are 4 KiB
+//                                   apart), 8 vectors of one row at a time, and a plain
+//                                   read. Counters kernel_share and vec8_share.
 //   crossover/D/in/out/T/cold       the base product for T tokens, W0 stored as D, cold: the
 //                                   skinny kernel on x in place (aligned, then 16 bytes off
 //                                   a line), base_product's skinny (x staged) and its gemm,
@@ -628,6 +634,85 @@ void BM_shrink_rows(benchmark::State& st) {
   st.counters["rows8_share"] = median(t[1]) / read;
 }
 
+// expand_rows/D/out/warm|cold: one expert's expand y += s * B_e^T h for one token (r = 16,
+// B_e^T [16, out] stored as D, rows out apart), on cold copies in rotating order or on one
+// warm copy, 40 calls per timed batch: kernels::expand as the layers run it, the 8-vector
+// blocks (expand_columns<8>, the one-token layout before, over the columns they cover; the
+// rest as the kernel runs it) and a plain read of the same bytes. Counters: each median time
+// per call and its share of the read.
+template <class Wt>
+void BM_expand_rows(benchmark::State& st) {
+  using Arch = molora::kernels::default_arch;
+  const Index out = st.range(0), r = 16;
+  const bool cold = st.range(1) != 0;
+  const Index per = r * out, bytes = per * Index(sizeof(Wt));
+  const std::size_t copies = cold ? static_cast<std::size_t>(kColdBytes / double(bytes)) + 1 : 1;
+  const std::vector<Wt> b0 = weights_as<Wt>(out, r);
+  molora::detail::aligned_vector<Wt> b(copies * static_cast<std::size_t>(per));
+  for (std::size_t c = 0; c < copies; ++c) std::copy(b0.begin(), b0.end(), b.begin() + std::ptrdiff_t(c) * per);
+  alignas(64) float h[16];
+  for (Index j = 0; j < r; ++j) h[j] = 0.25f - 0.03f * float(j);
+  const float* hs[1] = {h};
+  const float scale[1] = {0.5f};
+  std::vector<float> y(static_cast<std::size_t>(out), 0.f);
+  float* ys[1] = {y.data()};
+  constexpr Index W = molora::kernels::simd_width<Arch, float>();
+  const Index out8 = out - out % (8 * W);
+  constexpr int kBatch = 40;
+  std::vector<double> t[3];
+  std::size_t c = 0, i = 0;
+  float sink = 0;
+  for (auto _ : st) {
+    double tw[3] = {};
+    for (int pass = 0; pass < 3; ++pass) {
+      const int way = (pass + int(i)) % 3;
+      const double t0 = cpu_seconds();
+      for (int k = 0; k < kBatch; ++k, c = (c + 1) % copies) {
+        const Wt* bc = b.data() + std::ptrdiff_t(c) * per;
+        if (way == 0) {
+          molora::kernels::expand(Arch{}, bc, out, r, out, hs, scale, 1, ys);
+        } else if (way == 1) {
+          for (Index o = 0; o < out8; o += 8 * W)
+            molora::kernels::detail::expand_columns<8, Arch>(bc, out, r, hs, scale, 1, ys, o);
+          if (out8 < out) {
+            float* tail[1] = {y.data() + out8};
+            molora::kernels::expand(Arch{}, bc + out8, out, r, out - out8, hs, scale, 1, tail);
+          }
+        } else {
+          sink += stream_spans({{bc, bytes}});
+        }
+      }
+      benchmark::ClobberMemory();
+      tw[way] = (cpu_seconds() - t0) / kBatch;
+    }
+    ++i;
+    st.SetIterationTime(tw[0] * kBatch);
+    for (int k = 0; k < 3; ++k) t[k].push_back(tw[k]);
+  }
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(y.data());
+  const double read = median(t[2]);
+  st.counters["kernel_us"] = median(t[0]) * 1e6;
+  st.counters["vec8_us"] = median(t[1]) * 1e6;
+  st.counters["read_us"] = read * 1e6;
+  st.counters["kernel_share"] = median(t[0]) / read;
+  st.counters["vec8_share"] = median(t[1]) / read;
+}
+
+template <class W>
+void register_expand_rows(const char* dtype) {
+  for (int cold : {1, 0})
+    for (Index out : {1024, 2816, 4096, 11008})
+      benchmark::RegisterBenchmark((std::string("expand_rows/") + dtype + "/" + std::to_string(out) +
+                                    (cold ? "/cold" : "/warm"))
+                                       .c_str(),
+                                   BM_expand_rows<W>)
+          ->Args({out, cold})
+          ->UseManualTime()
+          ->MinTime(0.3)
+          ->Unit(benchmark::kMicrosecond);
+}
+
 template <class W>
 void register_shrink_rows(const char* dtype) {
   for (Index in : {512, 1024, 2816, 4096})
@@ -1169,6 +1254,8 @@ void register_all() {
   register_one_token<molora::bf16>("bf16");
   register_shrink_rows<float>("f32");
   register_shrink_rows<molora::bf16>("bf16");
+  register_expand_rows<float>("f32");
+  register_expand_rows<molora::bf16>("bf16");
   register_skinny_paths<float>("f32");
   register_skinny_paths<molora::bf16>("bf16");
   register_skinny_paths<molora::f16>("f16");

@@ -364,10 +364,11 @@ void expand(Arch, const Wt* bt, Index ldb, Index r, Index out, const Scalar* con
   }
   // One token (decode): one output vector per block, so the r rank rows are read side by side
   // a vector at a time, each advancing steadily, rather than 8 vectors of one row, then 8 of
-  // the next. Cold on Zen 4 (Qwen2's MLP shapes, bf16, r = 16) the expand took 1.1x the time
-  // of a plain read of B_e^T against 1.6-1.7x with 8 vectors (docs/benchmarks.md, "The
-  // expand's rank rows side by side"). Rows a multiple of 4 KiB apart keep 8 vectors: they
-  // share L1 sets, and warm the one-vector blocks took twice as long (4096 columns of bf16).
+  // the next. Cold on Zen 4 (r = 16, out = 1024-11008) the expand took 1.06-1.54x the time
+  // of a plain read of B_e^T in bf16 against 1.50-1.93x with 8 vectors, 0.98-0.99x in f32
+  // against 1.19-1.24x; warm 0-15 % longer (docs/benchmarks.md, "The expand's rank rows side
+  // by side"). Rows a multiple of 4 KiB apart keep 8 vectors: they share L1 sets, and warm
+  // the one-vector blocks took twice as long there (4096 columns of bf16).
   if (n == 1 && (ldb * Index(sizeof(Wt))) % 4096 != 0)
     for (; o + W <= out_vec; o += W) detail::expand_block<1, 1, Arch>(bt, ldb, r, h, scale, y, o);
   // Two tokens, or one over rows a multiple of 4 KiB apart: 8 output vectors per block keep
