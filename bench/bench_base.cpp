@@ -43,6 +43,13 @@
 //                                   vectors of one row at a time where rows are 4 KiB
 //                                   apart), 8 vectors of one row at a time, and a plain
 //                                   read. Counters kernel_share and vec8_share.
+//   skinny_limit/D/in/out/T         skinny_product as the layer runs it (x staged, rows
+//                                   staged_stride apart) on cold copies of W0, the same
+//                                   product with W0's bytes kept in L2 (blocks of 32 rows
+//                                   of one buffer, so memory costs nothing), and a plain
+//                                   read of a cold copy, alternately in one loop. Counters
+//                                   cold_over_read, hot_over_read (the compute alone over the
+//                                   read: cold_over_read cannot go below it) and hot_gflops.
 //   crossover/D/in/out/T/cold       the base product for T tokens, W0 stored as D, cold: the
 //                                   skinny kernel on x in place (aligned, then 16 bytes off
 //                                   a line), base_product's skinny (x staged) and its gemm,
@@ -699,6 +706,76 @@ void BM_expand_rows(benchmark::State& st) {
   st.counters["vec8_share"] = median(t[1]) / read;
 }
 
+// skinny_limit/D/in/out/T: where the skinny product's cold time is bounded from below. Three
+// ways alternately, each iteration rotating their order: (0) skinny_product over a cold copy
+// of W0 [out, in] on x staged as base_product stages it (rows staged_stride apart, from 5
+// tokens), (1) the same product with its weight bytes already in L2: out / 32 calls over
+// blocks of 32 rows of one buffer (512 KiB of f32 at in = 4096), the same arithmetic and
+// loads with memory taken out, (2) a plain read of a cold copy. If (1) is near (2), the
+// product can reach the read only by overlapping its arithmetic with memory completely.
+template <class Wt>
+void BM_skinny_limit(benchmark::State& st) {
+  using Arch = molora::kernels::layer_arch;
+  const Index in = st.range(0), out = st.range(1), T = st.range(2), hot_rows = 32;
+  const Index per = in * out, bytes = per * Index(sizeof(Wt));
+  const std::size_t copies = static_cast<std::size_t>(kColdBytes / double(bytes)) + 1;
+  const std::vector<Wt> w0 = weights_as<Wt>(in, out);
+  molora::detail::aligned_vector<Wt> w(copies * static_cast<std::size_t>(per));
+  for (std::size_t c = 0; c < copies; ++c) std::copy(w0.begin(), w0.end(), w.begin() + std::ptrdiff_t(c) * per);
+  const Index ldx = T >= molora::detail::kStageXFrom ? molora::detail::staged_stride<float>(in) : in;
+  molora::detail::aligned_vector<float> x(static_cast<std::size_t>(T * ldx));
+  for (Index i = 0; i < T * ldx; ++i) x[static_cast<std::size_t>(i)] = 0.5f - 0.001f * float(i % 997);
+  Mat<float> y(T, out);
+  std::vector<double> t[3];
+  std::size_t c = 0, i = 0;
+  float sink = 0;
+  for (auto _ : st) {
+    double tw[3] = {};
+    for (int pass = 0; pass < 3; ++pass) {
+      const int way = (pass + int(i)) % 3;
+      const Wt* wc = w.data() + std::ptrdiff_t(c) * per;
+      c = (c + 1) % copies;
+      const double t0 = cpu_seconds();
+      if (way == 0) {
+        molora::kernels::skinny_product(Arch{}, wc, in, in, x.data(), ldx, T, static_cast<const float*>(nullptr),
+                                        y.data(), out, Index(0), out);
+      } else if (way == 1) {
+        for (Index o = 0; o < out; o += hot_rows)
+          molora::kernels::skinny_product(Arch{}, w.data(), in, in, x.data(), ldx, T,
+                                          static_cast<const float*>(nullptr), y.data() + o, out, Index(0),
+                                          std::min(hot_rows, out - o));
+      } else {
+        sink += stream_spans({{wc, bytes}});
+      }
+      benchmark::ClobberMemory();
+      tw[way] = cpu_seconds() - t0;
+    }
+    ++i;
+    st.SetIterationTime(tw[0]);
+    for (int k = 0; k < 3; ++k) t[k].push_back(tw[k]);
+  }
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(y.data());
+  const double read = median(t[2]);
+  st.counters["cold_ms"] = median(t[0]) * 1e3;
+  st.counters["hot_ms"] = median(t[1]) * 1e3;
+  st.counters["read_ms"] = read * 1e3;
+  st.counters["cold_over_read"] = median(t[0]) / read;
+  st.counters["hot_over_read"] = median(t[1]) / read;
+  st.counters["hot_gflops"] = 2.0 * double(in) * double(out) * double(T) / median(t[1]) * 1e-9;
+}
+
+template <class W>
+void register_skinny_limit(const char* dtype) {
+  for (Index T : {1, 4, 8})
+    benchmark::RegisterBenchmark(
+        (std::string("skinny_limit/") + dtype + "/4096/4096/" + std::to_string(T)).c_str(), BM_skinny_limit<W>)
+        ->Args({4096, 4096, T})
+        ->UseManualTime()
+        ->MinTime(0.5)
+        ->Unit(benchmark::kMillisecond);
+}
+
 template <class W>
 void register_expand_rows(const char* dtype) {
   for (int cold : {1, 0})
@@ -1256,6 +1333,8 @@ void register_all() {
   register_shrink_rows<molora::bf16>("bf16");
   register_expand_rows<float>("f32");
   register_expand_rows<molora::bf16>("bf16");
+  register_skinny_limit<float>("f32");
+  register_skinny_limit<molora::bf16>("bf16");
   register_skinny_paths<float>("f32");
   register_skinny_paths<molora::bf16>("bf16");
   register_skinny_paths<molora::f16>("f16");
