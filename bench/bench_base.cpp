@@ -768,8 +768,8 @@ void BM_skinny_limit(benchmark::State& st) {
 template <class W>
 void register_skinny_limit(const char* dtype) {
   for (Index T : {1, 4, 8})
-    benchmark::RegisterBenchmark(
-        (std::string("skinny_limit/") + dtype + "/4096/4096/" + std::to_string(T)).c_str(), BM_skinny_limit<W>)
+    benchmark::RegisterBenchmark((std::string("skinny_limit/") + dtype + "/4096/4096/" + std::to_string(T)).c_str(),
+                                 BM_skinny_limit<W>)
         ->Args({4096, 4096, T})
         ->UseManualTime()
         ->MinTime(0.5)
@@ -780,10 +780,9 @@ template <class W>
 void register_expand_rows(const char* dtype) {
   for (int cold : {1, 0})
     for (Index out : {1024, 2816, 4096, 11008})
-      benchmark::RegisterBenchmark((std::string("expand_rows/") + dtype + "/" + std::to_string(out) +
-                                    (cold ? "/cold" : "/warm"))
-                                       .c_str(),
-                                   BM_expand_rows<W>)
+      benchmark::RegisterBenchmark(
+          (std::string("expand_rows/") + dtype + "/" + std::to_string(out) + (cold ? "/cold" : "/warm")).c_str(),
+          BM_expand_rows<W>)
           ->Args({out, cold})
           ->UseManualTime()
           ->MinTime(0.3)

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <molora/kernels/dispatched.hpp>
@@ -107,10 +108,14 @@ template <class W>
 void check_kernels_bitwise() {
   namespace k = molora::kernels;
   molora::Generator gen(3);
-  for (Index in : {1, 3, 16, 17, 63, 130, 700})
+  // out = in + 5, and two widths where one token's expand takes other blocks for 16-bit
+  // weights than for float (rank rows 2 KiB apart against 4 KiB: one vector against 8 per
+  // block; 4 KiB against 8 KiB: 8 vectors both).
+  const std::pair<Index, Index> shapes[] = {{1, 6},     {3, 8},     {16, 21},   {17, 22},  {63, 68},
+                                            {130, 135}, {700, 705}, {33, 1024}, {33, 2048}};
+  for (const auto& [in, out] : shapes)
     for (Index r : {1, 2, 5, 8, 13})
       for (Index n : {1, 2, 3, 4, 5, 8, 9}) {
-        const Index out = in + 5;
         std::vector<W> a(std::size_t(r * in)), bt(std::size_t(r * out));
         std::vector<float> af(a.size()), btf(bt.size());
         for (std::size_t i = 0; i < a.size(); ++i) {
