@@ -71,6 +71,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <ctime>
 #include <memory>
@@ -578,6 +579,49 @@ void register_crossover(const char* dtype) {
           ->Unit(benchmark::kMillisecond);
 }
 
+// `copies` back-to-back copies of one weight block, 64-byte aligned (cold rotation).
+template <class Wt>
+molora::detail::aligned_vector<Wt> weight_copies(const std::vector<Wt>& one, std::size_t copies) {
+  molora::detail::aligned_vector<Wt> all(copies * one.size());
+  for (std::size_t c = 0; c < copies; ++c)
+    std::copy(one.begin(), one.end(), all.begin() + std::ptrdiff_t(c * one.size()));
+  return all;
+}
+
+// Three ways timed alternately, their order rotating every iteration: run(way) does one timed
+// batch of `calls` calls of way 0, 1 or 2. Returns each way's time per call, one entry per
+// iteration; the iteration time reported is way 0's batch.
+template <class Run>
+std::array<std::vector<double>, 3> time_three_ways(benchmark::State& st, int calls, Run&& run) {
+  std::array<std::vector<double>, 3> t;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    double tw[3] = {};
+    for (int pass = 0; pass < 3; ++pass) {
+      const int way = (pass + int(i)) % 3;
+      const double t0 = cpu_seconds();
+      run(way);
+      benchmark::ClobberMemory();
+      tw[way] = cpu_seconds() - t0;
+    }
+    ++i;
+    st.SetIterationTime(tw[0]);
+    for (std::size_t k = 0; k < 3; ++k) t[k].push_back(tw[k] / calls);
+  }
+  return t;
+}
+
+// Counters of a time_three_ways result whose way 2 is the read: <name>_<unit> for each way's
+// median time (times `scale`: 1e6 for us, 1e3 for ms), and <name><share> for ways 0 and 1:
+// their median over the read's.
+inline void three_way_counters(benchmark::State& st, const std::array<std::vector<double>, 3>& t,
+                               const std::array<const char*, 3>& names, const char* unit, double scale,
+                               const char* share) {
+  const double read = median(t[2]);
+  for (std::size_t k = 0; k < 3; ++k) st.counters[std::string(names[k]) + "_" + unit] = median(t[k]) * scale;
+  for (std::size_t k = 0; k < 2; ++k) st.counters[std::string(names[k]) + share] = median(t[k]) / read;
+}
+
 // shrink_rows/D/in/T/cold: one expert's shrink h = A_e x (r = 16, A_e [16, in] stored as D)
 // for T = 1 or 2 tokens, on cold copies of A_e in rotating order, 40 copies per timed batch:
 // kernels::shrink as the layers run it, the rank rows 8 side by side (shrink_block<8, T>,
@@ -589,9 +633,7 @@ void BM_shrink_rows(benchmark::State& st) {
   const Index in = st.range(0), T = st.range(1), r = 16;
   const Index per = r * in, bytes = per * Index(sizeof(Wt));
   const std::size_t copies = static_cast<std::size_t>(kColdBytes / double(bytes)) + 1;
-  const std::vector<Wt> a0 = weights_as<Wt>(in, r);
-  molora::detail::aligned_vector<Wt> a(copies * static_cast<std::size_t>(per));
-  for (std::size_t c = 0; c < copies; ++c) std::copy(a0.begin(), a0.end(), a.begin() + std::ptrdiff_t(c) * per);
+  const auto a = weight_copies(weights_as<Wt>(in, r), copies);
   Mat<float> x(2, in);
   fill(x, 5, 1.0);
   const float* xs[2] = {x.data(), x.data() + in};
@@ -599,46 +641,30 @@ void BM_shrink_rows(benchmark::State& st) {
   std::vector<float> spill(static_cast<std::size_t>(2 * r * 16));
   const Index in_vec = in - in % molora::kernels::simd_width<Arch, float>();
   constexpr int kBatch = 40;
-  std::vector<double> t[3];
-  std::size_t c = 0, i = 0;
+  std::size_t c = 0;
   float sink = 0;
-  for (auto _ : st) {
-    double tw[3] = {};
-    for (int pass = 0; pass < 3; ++pass) {
-      const int way = (pass + int(i)) % 3;
-      const double t0 = cpu_seconds();
-      for (int k = 0; k < kBatch; ++k, c = (c + 1) % copies) {
-        const Wt* ac = a.data() + std::ptrdiff_t(c) * per;
-        if (way == 0) {
-          molora::kernels::shrink(Arch{}, ac, in, r, in, xs, T, h, r, spill.data());
-        } else if (way == 1) {
-          for (Index j = 0; j < r; j += 8) {
-            if (T == 1)
-              molora::kernels::detail::shrink_block<8, 1, Arch>(ac + j * in, in, xs, Index(0), in_vec, in_vec, in, true,
-                                                                true, spill.data(), r * 16, h + j, r);
-            else
-              molora::kernels::detail::shrink_block<8, 2, Arch>(ac + j * in, in, xs, Index(0), in_vec, in_vec, in, true,
-                                                                true, spill.data(), r * 16, h + j, r);
-          }
-        } else {
-          sink += stream_spans({{ac, bytes}});
+  const auto t = time_three_ways(st, kBatch, [&](int way) {
+    for (int k = 0; k < kBatch; ++k, c = (c + 1) % copies) {
+      const Wt* ac = a.data() + std::ptrdiff_t(c) * per;
+      if (way == 0) {
+        molora::kernels::shrink(Arch{}, ac, in, r, in, xs, T, h, r, spill.data());
+      } else if (way == 1) {
+        for (Index j = 0; j < r; j += 8) {
+          if (T == 1)
+            molora::kernels::detail::shrink_block<8, 1, Arch>(ac + j * in, in, xs, Index(0), in_vec, in_vec, in, true,
+                                                              true, spill.data(), r * 16, h + j, r);
+          else
+            molora::kernels::detail::shrink_block<8, 2, Arch>(ac + j * in, in, xs, Index(0), in_vec, in_vec, in, true,
+                                                              true, spill.data(), r * 16, h + j, r);
         }
+      } else {
+        sink += stream_spans({{ac, bytes}});
       }
-      benchmark::ClobberMemory();
-      tw[way] = (cpu_seconds() - t0) / kBatch;
     }
-    ++i;
-    st.SetIterationTime(tw[0] * kBatch);
-    for (int k = 0; k < 3; ++k) t[k].push_back(tw[k]);
-  }
+  });
   benchmark::DoNotOptimize(sink);
   benchmark::DoNotOptimize(h);
-  const double read = median(t[2]);
-  st.counters["kernel_us"] = median(t[0]) * 1e6;
-  st.counters["rows8_us"] = median(t[1]) * 1e6;
-  st.counters["read_us"] = read * 1e6;
-  st.counters["kernel_share"] = median(t[0]) / read;
-  st.counters["rows8_share"] = median(t[1]) / read;
+  three_way_counters(st, t, {"kernel", "rows8", "read"}, "us", 1e6, "_share");
 }
 
 // expand_rows/D/out/warm|cold: one expert's expand y += s * B_e^T h for one token (r = 16,
@@ -654,9 +680,7 @@ void BM_expand_rows(benchmark::State& st) {
   const bool cold = st.range(1) != 0;
   const Index per = r * out, bytes = per * Index(sizeof(Wt));
   const std::size_t copies = cold ? static_cast<std::size_t>(kColdBytes / double(bytes)) + 1 : 1;
-  const std::vector<Wt> b0 = weights_as<Wt>(out, r);
-  molora::detail::aligned_vector<Wt> b(copies * static_cast<std::size_t>(per));
-  for (std::size_t c = 0; c < copies; ++c) std::copy(b0.begin(), b0.end(), b.begin() + std::ptrdiff_t(c) * per);
+  const auto b = weight_copies(weights_as<Wt>(out, r), copies);
   alignas(64) float h[16];
   for (Index j = 0; j < r; ++j) h[j] = 0.25f - 0.03f * float(j);
   const float* hs[1] = {h};
@@ -666,44 +690,28 @@ void BM_expand_rows(benchmark::State& st) {
   constexpr Index W = molora::kernels::simd_width<Arch, float>();
   const Index out8 = out - out % (8 * W);
   constexpr int kBatch = 40;
-  std::vector<double> t[3];
-  std::size_t c = 0, i = 0;
+  std::size_t c = 0;
   float sink = 0;
-  for (auto _ : st) {
-    double tw[3] = {};
-    for (int pass = 0; pass < 3; ++pass) {
-      const int way = (pass + int(i)) % 3;
-      const double t0 = cpu_seconds();
-      for (int k = 0; k < kBatch; ++k, c = (c + 1) % copies) {
-        const Wt* bc = b.data() + std::ptrdiff_t(c) * per;
-        if (way == 0) {
-          molora::kernels::expand(Arch{}, bc, out, r, out, hs, scale, 1, ys);
-        } else if (way == 1) {
-          for (Index o = 0; o < out8; o += 8 * W)
-            molora::kernels::detail::expand_columns<8, Arch>(bc, out, r, hs, scale, 1, ys, o);
-          if (out8 < out) {
-            float* tail[1] = {y.data() + out8};
-            molora::kernels::expand(Arch{}, bc + out8, out, r, out - out8, hs, scale, 1, tail);
-          }
-        } else {
-          sink += stream_spans({{bc, bytes}});
+  const auto t = time_three_ways(st, kBatch, [&](int way) {
+    for (int k = 0; k < kBatch; ++k, c = (c + 1) % copies) {
+      const Wt* bc = b.data() + std::ptrdiff_t(c) * per;
+      if (way == 0) {
+        molora::kernels::expand(Arch{}, bc, out, r, out, hs, scale, 1, ys);
+      } else if (way == 1) {
+        for (Index o = 0; o < out8; o += 8 * W)
+          molora::kernels::detail::expand_columns<8, Arch>(bc, out, r, hs, scale, 1, ys, o);
+        if (out8 < out) {
+          float* tail[1] = {y.data() + out8};
+          molora::kernels::expand(Arch{}, bc + out8, out, r, out - out8, hs, scale, 1, tail);
         }
+      } else {
+        sink += stream_spans({{bc, bytes}});
       }
-      benchmark::ClobberMemory();
-      tw[way] = (cpu_seconds() - t0) / kBatch;
     }
-    ++i;
-    st.SetIterationTime(tw[0] * kBatch);
-    for (int k = 0; k < 3; ++k) t[k].push_back(tw[k]);
-  }
+  });
   benchmark::DoNotOptimize(sink);
   benchmark::DoNotOptimize(y.data());
-  const double read = median(t[2]);
-  st.counters["kernel_us"] = median(t[0]) * 1e6;
-  st.counters["vec8_us"] = median(t[1]) * 1e6;
-  st.counters["read_us"] = read * 1e6;
-  st.counters["kernel_share"] = median(t[0]) / read;
-  st.counters["vec8_share"] = median(t[1]) / read;
+  three_way_counters(st, t, {"kernel", "vec8", "read"}, "us", 1e6, "_share");
 }
 
 // skinny_limit/D/in/out/T: where the skinny product's cold time is bounded from below. Three
@@ -719,49 +727,30 @@ void BM_skinny_limit(benchmark::State& st) {
   const Index in = st.range(0), out = st.range(1), T = st.range(2), hot_rows = 32;
   const Index per = in * out, bytes = per * Index(sizeof(Wt));
   const std::size_t copies = static_cast<std::size_t>(kColdBytes / double(bytes)) + 1;
-  const std::vector<Wt> w0 = weights_as<Wt>(in, out);
-  molora::detail::aligned_vector<Wt> w(copies * static_cast<std::size_t>(per));
-  for (std::size_t c = 0; c < copies; ++c) std::copy(w0.begin(), w0.end(), w.begin() + std::ptrdiff_t(c) * per);
+  const auto w = weight_copies(weights_as<Wt>(in, out), copies);
   const Index ldx = T >= molora::detail::kStageXFrom ? molora::detail::staged_stride<float>(in) : in;
   molora::detail::aligned_vector<float> x(static_cast<std::size_t>(T * ldx));
   for (Index i = 0; i < T * ldx; ++i) x[static_cast<std::size_t>(i)] = 0.5f - 0.001f * float(i % 997);
   Mat<float> y(T, out);
-  std::vector<double> t[3];
-  std::size_t c = 0, i = 0;
+  std::size_t c = 0;
   float sink = 0;
-  for (auto _ : st) {
-    double tw[3] = {};
-    for (int pass = 0; pass < 3; ++pass) {
-      const int way = (pass + int(i)) % 3;
-      const Wt* wc = w.data() + std::ptrdiff_t(c) * per;
-      c = (c + 1) % copies;
-      const double t0 = cpu_seconds();
-      if (way == 0) {
-        molora::kernels::skinny_product(Arch{}, wc, in, in, x.data(), ldx, T, static_cast<const float*>(nullptr),
-                                        y.data(), out, Index(0), out);
-      } else if (way == 1) {
-        for (Index o = 0; o < out; o += hot_rows)
-          molora::kernels::skinny_product(Arch{}, w.data(), in, in, x.data(), ldx, T,
-                                          static_cast<const float*>(nullptr), y.data() + o, out, Index(0),
-                                          std::min(hot_rows, out - o));
-      } else {
-        sink += stream_spans({{wc, bytes}});
-      }
-      benchmark::ClobberMemory();
-      tw[way] = cpu_seconds() - t0;
+  const auto t = time_three_ways(st, 1, [&](int way) {
+    const Wt* wc = w.data() + std::ptrdiff_t(c) * per;
+    c = (c + 1) % copies;
+    if (way == 0) {
+      molora::kernels::skinny_product(Arch{}, wc, in, in, x.data(), ldx, T, static_cast<const float*>(nullptr),
+                                      y.data(), out, Index(0), out);
+    } else if (way == 1) {
+      for (Index o = 0; o < out; o += hot_rows)
+        molora::kernels::skinny_product(Arch{}, w.data(), in, in, x.data(), ldx, T, static_cast<const float*>(nullptr),
+                                        y.data() + o, out, Index(0), std::min(hot_rows, out - o));
+    } else {
+      sink += stream_spans({{wc, bytes}});
     }
-    ++i;
-    st.SetIterationTime(tw[0]);
-    for (int k = 0; k < 3; ++k) t[k].push_back(tw[k]);
-  }
+  });
   benchmark::DoNotOptimize(sink);
   benchmark::DoNotOptimize(y.data());
-  const double read = median(t[2]);
-  st.counters["cold_ms"] = median(t[0]) * 1e3;
-  st.counters["hot_ms"] = median(t[1]) * 1e3;
-  st.counters["read_ms"] = read * 1e3;
-  st.counters["cold_over_read"] = median(t[0]) / read;
-  st.counters["hot_over_read"] = median(t[1]) / read;
+  three_way_counters(st, t, {"cold", "hot", "read"}, "ms", 1e3, "_over_read");
   st.counters["hot_gflops"] = 2.0 * double(in) * double(out) * double(T) / median(t[1]) * 1e-9;
 }
 
