@@ -113,9 +113,10 @@ void check_kernels_bitwise() {
   // block; 4 KiB against 8 KiB: 8 vectors both).
   const std::pair<Index, Index> shapes[] = {{1, 6},     {3, 8},     {16, 21},   {17, 22},  {63, 68},
                                             {130, 135}, {700, 705}, {33, 1024}, {33, 2048}};
-  for (const auto& [in, out] : shapes)
+  for (const auto& shape : shapes)
     for (Index r : {1, 2, 5, 8, 13})
       for (Index n : {1, 2, 3, 4, 5, 8, 9}) {
+        const Index in = shape.first, out = shape.second;  // not a structured binding: INFO captures it
         std::vector<W> a(std::size_t(r * in)), bt(std::size_t(r * out));
         std::vector<float> af(a.size()), btf(bt.size());
         for (std::size_t i = 0; i < a.size(); ++i) {
