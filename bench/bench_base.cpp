@@ -37,12 +37,14 @@
 //   shrink_rows/D/in/T/cold         one expert's shrink (r = 16) for 1 or 2 tokens, A_e cold:
 //                                   as the layers run it, 8 rank rows side by side, and a
 //                                   plain read. Counters kernel_share and rows8_share.
-//   expand_rows/D/out/warm|cold     one expert's expand (r = 16) for one token, B_e^T [16, out]
-//                                   in D, cold copies or one warm copy: as the layers run it
-//                                   (the rank rows side by side a vector at a time, 8
-//                                   vectors of one row at a time where rows are 4 KiB
-//                                   apart), 8 vectors of one row at a time, and a plain
-//                                   read. Counters kernel_share and vec8_share.
+//   expand_rows/D/out/n/warm|cold   one expert's expand (r = 16) for n = 1-4 tokens, B_e^T
+//                                   [16, out] in D, cold copies or one warm copy: as the
+//                                   layers run it (expand_few: the rank rows side by side
+//                                   a vector at a time, in passes of 8 where rows are a
+//                                   multiple of 4 KiB apart), the blocks before it (8 or 4
+//                                   vectors of one row at a time; one vector for one token
+//                                   off 4 KiB strides), and a plain read. Counters
+//                                   kernel_share and before_share.
 //   skinny_limit/D/in/out/T         skinny_product as the layer runs it (x staged, rows
 //                                   staged_stride apart) on cold copies of W0, the same
 //                                   product with W0's bytes kept in L2 (blocks of 32 rows
@@ -667,51 +669,74 @@ void BM_shrink_rows(benchmark::State& st) {
   three_way_counters(st, t, {"kernel", "rows8", "read"}, "us", 1e6, "_share");
 }
 
-// expand_rows/D/out/warm|cold: one expert's expand y += s * B_e^T h for one token (r = 16,
-// B_e^T [16, out] stored as D, rows out apart), on cold copies in rotating order or on one
-// warm copy, 40 calls per timed batch: kernels::expand as the layers run it, the 8-vector
-// blocks (expand_columns<8>, the one-token layout before, over the columns they cover; the
-// rest as the kernel runs it) and a plain read of the same bytes. Counters: each median time
-// per call and its share of the read.
+// The expand's register blocks before expand_few, for n = 1-4 tokens on 32-register ISAs:
+// one token off 4 KiB strides one vector per block; otherwise 8 vectors (n <= 2) or 4, then
+// 2 and 1, then the scalar columns as the kernel runs them. Same bits as the kernel.
+template <class Arch, class Wt>
+void expand_before(const Wt* bt, Index ldb, Index r, Index out, const float* const* h, const float* scale, Index n,
+                   float* const* y) {
+  using molora::kernels::detail::expand_block;
+  using molora::kernels::detail::expand_columns;
+  constexpr Index W = molora::kernels::simd_width<Arch, float>();
+  const Index out_vec = out - out % W;
+  Index o = 0;
+  if (n == 1 && (ldb * Index(sizeof(Wt))) % 4096 != 0)
+    for (; o + W <= out_vec; o += W) expand_block<1, 1, Arch>(bt, ldb, r, h, scale, y, o);
+  if (n <= 2)
+    for (; o + 8 * W <= out_vec; o += 8 * W) expand_columns<8, Arch>(bt, ldb, r, h, scale, n, y, o);
+  for (; o + 4 * W <= out_vec; o += 4 * W) expand_columns<4, Arch>(bt, ldb, r, h, scale, n, y, o);
+  if (o + 2 * W <= out_vec) {
+    expand_columns<2, Arch>(bt, ldb, r, h, scale, n, y, o);
+    o += 2 * W;
+  }
+  if (o < out_vec) {
+    expand_columns<1, Arch>(bt, ldb, r, h, scale, n, y, o);
+    o += W;
+  }
+  if (o < out) {
+    float* tail[4];
+    for (Index t = 0; t < n; ++t) tail[t] = y[t] + o;
+    molora::kernels::expand(Arch{}, bt + o, ldb, r, out - o, h, scale, n, tail);
+  }
+}
+
+// expand_rows/D/out/n/warm|cold: one expert's expand y += s * B_e^T h for n = 1-4 tokens
+// (r = 16, B_e^T [16, out] stored as D, rows out apart), on cold copies in rotating order or
+// on one warm copy, 40 calls per timed batch: kernels::expand as the layers run it, the
+// blocks before it (expand_before) and a plain read of the same bytes. Counters: each median
+// time per call and its share of the read.
 template <class Wt>
 void BM_expand_rows(benchmark::State& st) {
   using Arch = molora::kernels::default_arch;
-  const Index out = st.range(0), r = 16;
-  const bool cold = st.range(1) != 0;
+  const Index out = st.range(0), n = st.range(1), r = 16;
+  const bool cold = st.range(2) != 0;
   const Index per = r * out, bytes = per * Index(sizeof(Wt));
   const std::size_t copies = cold ? static_cast<std::size_t>(kColdBytes / double(bytes)) + 1 : 1;
   const auto b = weight_copies(weights_as<Wt>(out, r), copies);
-  alignas(64) float h[16];
-  for (Index j = 0; j < r; ++j) h[j] = 0.25f - 0.03f * float(j);
-  const float* hs[1] = {h};
-  const float scale[1] = {0.5f};
-  std::vector<float> y(static_cast<std::size_t>(out), 0.f);
-  float* ys[1] = {y.data()};
-  constexpr Index W = molora::kernels::simd_width<Arch, float>();
-  const Index out8 = out - out % (8 * W);
+  alignas(64) float h[4][16];
+  for (Index t = 0; t < 4; ++t)
+    for (Index j = 0; j < r; ++j) h[t][j] = 0.25f - 0.03f * float(j) + 0.01f * float(t);
+  const float* hs[4] = {h[0], h[1], h[2], h[3]};
+  const float scale[4] = {0.5f, 0.4f, 0.3f, 0.2f};
+  std::vector<float> y(static_cast<std::size_t>(4 * out), 0.f);
+  float* ys[4] = {y.data(), y.data() + out, y.data() + 2 * out, y.data() + 3 * out};
   constexpr int kBatch = 40;
   std::size_t c = 0;
   float sink = 0;
   const auto t = time_three_ways(st, kBatch, [&](int way) {
     for (int k = 0; k < kBatch; ++k, c = (c + 1) % copies) {
       const Wt* bc = b.data() + std::ptrdiff_t(c) * per;
-      if (way == 0) {
-        molora::kernels::expand(Arch{}, bc, out, r, out, hs, scale, 1, ys);
-      } else if (way == 1) {
-        for (Index o = 0; o < out8; o += 8 * W)
-          molora::kernels::detail::expand_columns<8, Arch>(bc, out, r, hs, scale, 1, ys, o);
-        if (out8 < out) {
-          float* tail[1] = {y.data() + out8};
-          molora::kernels::expand(Arch{}, bc + out8, out, r, out - out8, hs, scale, 1, tail);
-        }
-      } else {
+      if (way == 0)
+        molora::kernels::expand(Arch{}, bc, out, r, out, hs, scale, n, ys);
+      else if (way == 1)
+        expand_before<Arch>(bc, out, r, out, hs, scale, n, ys);
+      else
         sink += stream_spans({{bc, bytes}});
-      }
     }
   });
   benchmark::DoNotOptimize(sink);
   benchmark::DoNotOptimize(y.data());
-  three_way_counters(st, t, {"kernel", "vec8", "read"}, "us", 1e6, "_share");
+  three_way_counters(st, t, {"kernel", "before", "read"}, "us", 1e6, "_share");
 }
 
 // skinny_limit/D/in/out/T: where the skinny product's cold time is bounded from below. Three
@@ -769,13 +794,15 @@ template <class W>
 void register_expand_rows(const char* dtype) {
   for (int cold : {1, 0})
     for (Index out : {1024, 2816, 4096, 11008})
-      benchmark::RegisterBenchmark(
-          (std::string("expand_rows/") + dtype + "/" + std::to_string(out) + (cold ? "/cold" : "/warm")).c_str(),
-          BM_expand_rows<W>)
-          ->Args({out, cold})
-          ->UseManualTime()
-          ->MinTime(0.3)
-          ->Unit(benchmark::kMicrosecond);
+      for (Index n : {1, 2, 3, 4})
+        benchmark::RegisterBenchmark((std::string("expand_rows/") + dtype + "/" + std::to_string(out) + "/" +
+                                      std::to_string(n) + (cold ? "/cold" : "/warm"))
+                                         .c_str(),
+                                     BM_expand_rows<W>)
+            ->Args({out, n, cold})
+            ->UseManualTime()
+            ->MinTime(0.3)
+            ->Unit(benchmark::kMicrosecond);
 }
 
 template <class W>

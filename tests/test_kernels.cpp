@@ -139,6 +139,14 @@ void suite() {
       check_tile<Arch, Scalar>(16, 33, out, n, seed++, ld4k);
       check_tile<Arch, Scalar>(16, 33, out, n, seed++, ld4k + 1);
     }
+  // The few-token expand over several chunks of columns (2 KiB of each row per chunk), its
+  // rank rows in passes: of 16 (r = 40: 16, 16, 8) off 4 KiB strides, of 8 on them; tiles of
+  // 1-5 tokens checked bit for bit against tiles of 3 and 32 and against the double loop.
+  for (Index n : {1, 2, 3, 4, 5})
+    for (Index out : {Index(1300), 2 * ld4k + 7}) {
+      check_tile<Arch, Scalar>(40, 33, out, n, seed++);
+      check_tile<Arch, Scalar>(40, 33, out, n, seed++, (out + ld4k - 1) / ld4k * ld4k);
+    }
 }
 
 }  // namespace

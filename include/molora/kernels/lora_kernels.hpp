@@ -295,6 +295,85 @@ inline void expand_columns(const Wt* bt, Index ldb, Index r, const Scalar* const
   }
 }
 
+// The few-token expand (1 to 4 tokens, 32 vector registers): one output vector per block, so
+// the rank rows are read side by side a vector at a time, each advancing steadily, in passes
+// of at most kExpandPassRows rows, or 8 when the rows lie a multiple of 4 KiB apart (they then
+// share the L1 sets, 8 ways each). The columns go in chunks of kExpandChunkBytes per row; between
+// passes the vector partial sums of a chunk wait in a stack buffer, exactly, so every column
+// still sums fma(h[t][j], B_e^T[j][o], acc) over j in order from zero, as expand_block does:
+// the same bits. Each pass copies its rows' h values to the stack first.
+constexpr Index kExpandPassRows = 16;
+constexpr Index kExpandChunkBytes = 2048;
+
+// Columns [c0, c1) of RT tokens over nj rank rows from bt (h values in hp): partial sums
+// from zero (First) or from spill, and to spill or, after the last rows (Last), into y.
+template <int RT, bool First, bool Last, class Arch, class Wt, class Scalar>
+inline void expand_few_columns(const Wt* bt, Index ldb, Index nj, const Scalar (&hp)[RT][kExpandPassRows],
+                               const Scalar* scale, Scalar* const* y, Index c0, Index c1, Scalar* spill,
+                               Index ld_spill) noexcept {
+  using B = xsimd::batch<Scalar, Arch>;
+  constexpr Index W = static_cast<Index>(B::size);
+  for (Index o = c0; o < c1; o += W) {
+    B acc[RT];
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) {
+      if constexpr (First)
+        acc[t] = B(Scalar(0));
+      else
+        acc[t] = B::load_aligned(spill + t * ld_spill + (o - c0));
+    }
+    const Wt* col = bt + o;
+    for (Index j = 0; j < nj; ++j, col += ldb) {
+      const B bv = load_weights<Arch, Scalar>(col);
+      MOLORA_UNROLL
+      for (int t = 0; t < RT; ++t) acc[t] = xsimd::fma(B(hp[t][j]), bv, acc[t]);
+    }
+    MOLORA_UNROLL
+    for (int t = 0; t < RT; ++t) {
+      if constexpr (Last) {
+        Scalar* p = y[t] + o;
+        xsimd::fma(B(scale[t]), acc[t], B::load_unaligned(p)).store_unaligned(p);
+      } else {
+        acc[t].store_aligned(spill + t * ld_spill + (o - c0));
+      }
+    }
+  }
+}
+
+template <int RT, class Arch, class Wt, class Scalar>
+inline void expand_few(const Wt* bt, Index ldb, Index r, Index out_vec, const Scalar* const* h, const Scalar* scale,
+                       Scalar* const* y) noexcept {
+  constexpr Index kc = kExpandChunkBytes / Index(sizeof(Scalar)) / simd_width<Arch, Scalar>() *
+                       simd_width<Arch, Scalar>();
+  const Index rows = (ldb * Index(sizeof(Wt))) % 4096 == 0 ? 8 : kExpandPassRows;
+  Scalar hp[RT][kExpandPassRows];
+  auto take_h = [&](Index j0, Index j1) {
+    for (int t = 0; t < RT; ++t)
+      for (Index j = j0; j < j1; ++j) hp[t][j - j0] = h[t][j];
+  };
+  if (r <= rows) {  // one pass over all columns, nothing to spill
+    take_h(0, r);
+    expand_few_columns<RT, true, true, Arch>(bt, ldb, r, hp, scale, y, Index(0), out_vec, static_cast<Scalar*>(nullptr),
+                                             Index(0));
+    return;
+  }
+  alignas(64) Scalar spill[RT * kc];
+  for (Index c0 = 0; c0 < out_vec; c0 += kc) {
+    const Index c1 = c0 + kc < out_vec ? c0 + kc : out_vec;
+    for (Index j0 = 0; j0 < r; j0 += rows) {
+      const Index j1 = j0 + rows < r ? j0 + rows : r;
+      take_h(j0, j1);
+      const Wt* b0 = bt + j0 * ldb;
+      if (j0 == 0)
+        expand_few_columns<RT, true, false, Arch>(b0, ldb, j1 - j0, hp, scale, y, c0, c1, spill, kc);
+      else if (j1 < r)
+        expand_few_columns<RT, false, false, Arch>(b0, ldb, j1 - j0, hp, scale, y, c0, c1, spill, kc);
+      else
+        expand_few_columns<RT, false, true, Arch>(b0, ldb, j1 - j0, hp, scale, y, c0, c1, spill, kc);
+    }
+  }
+}
+
 }  // namespace detail
 
 // Shrink of a tile: h[t*ldh + j] = sum_c a[j*lda + c] * x[t][c] for t < n, j < r.
@@ -362,14 +441,27 @@ void expand(Arch, const Wt* bt, Index ldb, Index r, Index out, const Scalar* con
         }
       }
   }
-  // One token (decode): one output vector per block, so the r rank rows are read side by side
-  // a vector at a time, each advancing steadily, rather than 8 vectors of one row, then 8 of
-  // the next. Cold on Zen 4 (r = 16, out = 1024-11008) the expand took 1.06-1.54x the time
-  // of a plain read of B_e^T in bf16 against 1.50-1.93x with 8 vectors, 0.98-0.99x in f32
-  // against 1.19-1.24x; warm 0-15 % longer (docs/benchmarks.md, "The expand's rank rows side
-  // by side"). Rows a multiple of 4 KiB apart keep 8 vectors: they share L1 sets, and warm
-  // the one-vector blocks took twice as long there (4096 columns of bf16).
-  if (n == 1 && (ldb * Index(sizeof(Wt))) % 4096 != 0)
+  // One to four tokens with 32 vector registers (decode, and the few tokens an expert gets at
+  // small batches): expand_few, one output vector per block, the rank rows side by side in
+  // passes of at most 8 rows a multiple of 4 KiB apart. Cold on Zen 4 (r = 16) ... (docs/
+  // benchmarks.md, "The few-token expand").
+  const bool rows_4k = (ldb * Index(sizeof(Wt))) % 4096 == 0;
+  if constexpr (detail::vector_registers<Arch>() >= 32) {
+    switch (n) {
+      case 1:
+        if (rows_4k) {
+          detail::expand_few<1, Arch>(bt, ldb, r, out_vec, h, scale, y);
+          o = out_vec;
+        }
+        break;
+      case 2: detail::expand_few<2, Arch>(bt, ldb, r, out_vec, h, scale, y); o = out_vec; break;
+      case 3: detail::expand_few<3, Arch>(bt, ldb, r, out_vec, h, scale, y); o = out_vec; break;
+      case 4: detail::expand_few<4, Arch>(bt, ldb, r, out_vec, h, scale, y); o = out_vec; break;
+      default: break;
+    }
+  }
+  // One token off 4 KiB strides: one output vector per block (the rank rows side by side).
+  if (n == 1 && !rows_4k)
     for (; o + W <= out_vec; o += W) detail::expand_block<1, 1, Arch>(bt, ldb, r, h, scale, y, o);
   // Two tokens, or one over rows a multiple of 4 KiB apart: 8 output vectors per block keep
   // enough FMAs in flight.
