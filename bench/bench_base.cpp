@@ -39,12 +39,13 @@
 //                                   plain read. Counters kernel_share and rows8_share.
 //   expand_rows/D/out/n/warm|cold   one expert's expand (r = 16) for n = 1-4 tokens, B_e^T
 //                                   [16, out] in D, cold copies or one warm copy: as the
-//                                   layers run it (expand_few: the rank rows side by side
-//                                   a vector at a time, in passes of 8 where rows are a
-//                                   multiple of 4 KiB apart), the blocks before it (8 or 4
-//                                   vectors of one row at a time; one vector for one token
-//                                   off 4 KiB strides), and a plain read. Counters
-//                                   kernel_share and before_share.
+//                                   layers run it (2-4 tokens expand_few: the rank rows
+//                                   side by side a vector at a time, in passes of 8 where
+//                                   rows are a multiple of 4 KiB apart), the blocks before
+//                                   it (8 or 4 vectors of one row at a time; one vector for
+//                                   one token off 4 KiB strides, which the kernel still
+//                                   runs), and a plain read. Counters kernel_share and
+//                                   before_share.
 //   skinny_limit/D/in/out/T         skinny_product as the layer runs it (x staged, rows
 //                                   staged_stride apart) on cold copies of W0, the same
 //                                   product with W0's bytes kept in L2 (blocks of 32 rows

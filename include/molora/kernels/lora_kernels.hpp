@@ -295,7 +295,7 @@ inline void expand_columns(const Wt* bt, Index ldb, Index r, const Scalar* const
   }
 }
 
-// The few-token expand (1 to 4 tokens, 32 vector registers): one output vector per block, so
+// The few-token expand (2 to 4 tokens, 32 vector registers): one output vector per block, so
 // the rank rows are read side by side a vector at a time, each advancing steadily, in passes
 // of at most kExpandPassRows rows, or 8 when the rows lie a multiple of 4 KiB apart (they then
 // share the L1 sets, 8 ways each). The columns go in chunks of kExpandChunkBytes per row; between
@@ -441,30 +441,33 @@ void expand(Arch, const Wt* bt, Index ldb, Index r, Index out, const Scalar* con
         }
       }
   }
-  // One to four tokens with 32 vector registers (decode, and the few tokens an expert gets at
-  // small batches): expand_few, one output vector per block, the rank rows side by side in
-  // passes of at most 8 rows a multiple of 4 KiB apart. Cold on Zen 4 (r = 16) ... (docs/
-  // benchmarks.md, "The few-token expand").
-  const bool rows_4k = (ldb * Index(sizeof(Wt))) % 4096 == 0;
+  // Two to four tokens with 32 vector registers (the few tokens an expert gets at small
+  // batches): expand_few, one output vector per block, the rank rows side by side, in passes
+  // of 8 rows where they are a multiple of 4 KiB apart. Cold on Zen 4 (r = 16, out =
+  // 1024-11008) it took 1.04-1.48x the time of a plain read of B_e^T in f32 against
+  // 1.44-1.80x with the 8- or 4-vector blocks, 1.12-2.09x in bf16 against 1.46-2.75x; warm
+  // from 10 % faster to 25 % slower (docs/benchmarks.md, "The few-token expand").
   if constexpr (detail::vector_registers<Arch>() >= 32) {
     switch (n) {
-      case 1:
-        if (rows_4k) {
-          detail::expand_few<1, Arch>(bt, ldb, r, out_vec, h, scale, y);
-          o = out_vec;
-        }
-        break;
       case 2: detail::expand_few<2, Arch>(bt, ldb, r, out_vec, h, scale, y); o = out_vec; break;
       case 3: detail::expand_few<3, Arch>(bt, ldb, r, out_vec, h, scale, y); o = out_vec; break;
       case 4: detail::expand_few<4, Arch>(bt, ldb, r, out_vec, h, scale, y); o = out_vec; break;
       default: break;
     }
   }
-  // One token off 4 KiB strides: one output vector per block (the rank rows side by side).
-  if (n == 1 && !rows_4k)
+  // One token (decode): one output vector per block, so the r rank rows are read side by side
+  // a vector at a time, each advancing steadily, rather than 8 vectors of one row, then 8 of
+  // the next. Cold on Zen 4 (r = 16, out = 1024-11008) the expand took 1.06-1.54x the time
+  // of a plain read of B_e^T in bf16 against 1.50-1.93x with 8 vectors, 0.98-0.99x in f32
+  // against 1.19-1.24x; warm 0-15 % longer (docs/benchmarks.md, "The expand's rank rows side
+  // by side"). Rows a multiple of 4 KiB apart keep 8 vectors: they share L1 sets, and warm
+  // the one-vector blocks took twice as long there (4096 columns of bf16); expand_few's
+  // passes of 8 rows were faster there cold (1.12-1.14x the read against 1.25-1.31x at 4096
+  // columns) but 1.2-1.4x slower warm ("The few-token expand").
+  if (n == 1 && (ldb * Index(sizeof(Wt))) % 4096 != 0)
     for (; o + W <= out_vec; o += W) detail::expand_block<1, 1, Arch>(bt, ldb, r, h, scale, y, o);
-  // Two tokens, or one over rows a multiple of 4 KiB apart: 8 output vectors per block keep
-  // enough FMAs in flight.
+  // Two tokens on 16-register ISAs, or one over rows a multiple of 4 KiB apart: 8 output
+  // vectors per block keep enough FMAs in flight.
   if (n <= 2)
     for (; o + 8 * W <= out_vec; o += 8 * W) detail::expand_columns<8, Arch>(bt, ldb, r, h, scale, n, y, o);
   for (; o + 4 * W <= out_vec; o += 4 * W) detail::expand_columns<4, Arch>(bt, ldb, r, h, scale, n, y, o);
