@@ -446,7 +446,7 @@ void expand(Arch, const Wt* bt, Index ldb, Index r, Index out, const Scalar* con
   // of 8 rows where they are a multiple of 4 KiB apart. Cold on Zen 4 (r = 16, out =
   // 1024-11008) it took 1.04-1.48x the time of a plain read of B_e^T in f32 against
   // 1.44-1.80x with the 8- or 4-vector blocks, 1.12-2.09x in bf16 against 1.46-2.75x; warm
-  // from 10 % faster to 25 % slower (docs/benchmarks.md, "The few-token expand").
+  // from 14 % faster to 25 % slower (docs/benchmarks.md, "The few-token expand").
   if constexpr (detail::vector_registers<Arch>() >= 32) {
     switch (n) {
       case 2: detail::expand_few<2, Arch>(bt, ldb, r, out_vec, h, scale, y); o = out_vec; break;
