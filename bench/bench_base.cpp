@@ -34,9 +34,10 @@
 //                                   alternately in one loop. Counters streamed_over_blocked
 //                                   (median of the ratio), streamed_read_share and
 //                                   blocked_read_share, and the three median times.
-//   shrink_rows/D/in/T/cold         one expert's shrink (r = 16) for 1 or 2 tokens, A_e cold:
-//                                   as the layers run it, 8 rank rows side by side, and a
-//                                   plain read. Counters kernel_share and rows8_share.
+//   shrink_rows/D/in/T/cold         one expert's shrink (r = 16) for 1-4 tokens, A_e cold:
+//                                   as the layers run it, the blocks before it (8 rank rows
+//                                   side by side for 1-2 tokens, 4 for 3-4), and a plain
+//                                   read. Counters kernel_share and before_share.
 //   expand_rows/D/out/n/warm|cold   one expert's expand (r = 16) for n = 1-4 tokens, B_e^T
 //                                   [16, out] in D, cold copies or one warm copy: as the
 //                                   layers run it (2-4 tokens expand_few: the rank rows
@@ -626,10 +627,17 @@ inline void three_way_counters(benchmark::State& st, const std::array<std::vecto
 }
 
 // shrink_rows/D/in/T/cold: one expert's shrink h = A_e x (r = 16, A_e [16, in] stored as D)
-// for T = 1 or 2 tokens, on cold copies of A_e in rotating order, 40 copies per timed batch:
-// kernels::shrink as the layers run it, the rank rows 8 side by side (shrink_block<8, T>,
-// the layout before for these T), and a plain read of the same bytes. Counters: each
-// median time per call and its share of the read.
+// for T = 1-4 tokens, on cold copies of A_e in rotating order, 40 copies per timed batch:
+// kernels::shrink as the layers run it, the register blocks before it (shrink_block<8, T>
+// for T <= 2, shrink_block<4, T> for T = 3-4; same bits), and a plain read of the same
+// bytes. Counters: each median time per call and its share of the read.
+template <int RJ, int RT, class Arch, class Wt>
+void shrink_blocks_before(const Wt* a, Index in, const float* const* xs, Index in_vec, float* spill, float* h) {
+  for (Index j = 0; j < 16; j += RJ)
+    molora::kernels::detail::shrink_block<RJ, RT, Arch>(a + j * in, in, xs, Index(0), in_vec, in_vec, in, true, true,
+                                                        spill, 16 * 16, h + j, 16);
+}
+
 template <class Wt>
 void BM_shrink_rows(benchmark::State& st) {
   using Arch = molora::kernels::default_arch;
@@ -637,11 +645,11 @@ void BM_shrink_rows(benchmark::State& st) {
   const Index per = r * in, bytes = per * Index(sizeof(Wt));
   const std::size_t copies = static_cast<std::size_t>(kColdBytes / double(bytes)) + 1;
   const auto a = weight_copies(weights_as<Wt>(in, r), copies);
-  Mat<float> x(2, in);
+  Mat<float> x(4, in);
   fill(x, 5, 1.0);
-  const float* xs[2] = {x.data(), x.data() + in};
-  alignas(64) float h[2 * 16];
-  std::vector<float> spill(static_cast<std::size_t>(2 * r * 16));
+  const float* xs[4] = {x.data(), x.data() + in, x.data() + 2 * in, x.data() + 3 * in};
+  alignas(64) float h[4 * 16];
+  std::vector<float> spill(static_cast<std::size_t>(4 * r * 16));
   const Index in_vec = in - in % molora::kernels::simd_width<Arch, float>();
   constexpr int kBatch = 40;
   std::size_t c = 0;
@@ -652,13 +660,11 @@ void BM_shrink_rows(benchmark::State& st) {
       if (way == 0) {
         molora::kernels::shrink(Arch{}, ac, in, r, in, xs, T, h, r, spill.data());
       } else if (way == 1) {
-        for (Index j = 0; j < r; j += 8) {
-          if (T == 1)
-            molora::kernels::detail::shrink_block<8, 1, Arch>(ac + j * in, in, xs, Index(0), in_vec, in_vec, in, true,
-                                                              true, spill.data(), r * 16, h + j, r);
-          else
-            molora::kernels::detail::shrink_block<8, 2, Arch>(ac + j * in, in, xs, Index(0), in_vec, in_vec, in, true,
-                                                              true, spill.data(), r * 16, h + j, r);
+        switch (T) {
+          case 1: shrink_blocks_before<8, 1, Arch>(ac, in, xs, in_vec, spill.data(), h); break;
+          case 2: shrink_blocks_before<8, 2, Arch>(ac, in, xs, in_vec, spill.data(), h); break;
+          case 3: shrink_blocks_before<4, 3, Arch>(ac, in, xs, in_vec, spill.data(), h); break;
+          default: shrink_blocks_before<4, 4, Arch>(ac, in, xs, in_vec, spill.data(), h); break;
         }
       } else {
         sink += stream_spans({{ac, bytes}});
@@ -667,7 +673,7 @@ void BM_shrink_rows(benchmark::State& st) {
   });
   benchmark::DoNotOptimize(sink);
   benchmark::DoNotOptimize(h);
-  three_way_counters(st, t, {"kernel", "rows8", "read"}, "us", 1e6, "_share");
+  three_way_counters(st, t, {"kernel", "before", "read"}, "us", 1e6, "_share");
 }
 
 // The expand's register blocks before expand_few, for n = 1-4 tokens on 32-register ISAs:
@@ -809,7 +815,7 @@ void register_expand_rows(const char* dtype) {
 template <class W>
 void register_shrink_rows(const char* dtype) {
   for (Index in : {512, 1024, 2816, 4096})
-    for (Index T : {1, 2})
+    for (Index T : {1, 2, 3, 4})
       benchmark::RegisterBenchmark((std::string("shrink_rows/") + dtype + "/" + std::to_string(in) + "/" +
                                     std::to_string(T) + "/cold")
                                        .c_str(),

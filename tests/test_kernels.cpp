@@ -121,7 +121,8 @@ void check_tile(Index r, Index in, Index out, Index n, std::uint64_t seed, Index
 template <class Arch, class Scalar>
 void suite() {
   std::uint64_t seed = 1;
-  for (Index r : {1, 3, 16, 17, 64, 200})
+  // r = 15 and 17 reach each tail of the shrink's row blocks (8 + 4 + 2 + 1, 6 + 6 + 2 + 1).
+  for (Index r : {1, 3, 15, 16, 17, 64, 200})
     for (Index in : {1, 7, 33, 130, 515})
       for (Index out : {1, 5, 31, 131})
         for (Index n : {0, 1, 2, 3, 4, 5, 9, 17, 40}) {

@@ -207,15 +207,24 @@ inline void shrink_block(const Wt* a, Index lda, const Scalar* const* x, Index c
 // from 8 KiB 8 rows were faster (docs/benchmarks.md, "The shrink's short rows"). Same bits.
 constexpr Index kShrinkShortRowBytes = 2048;
 
+// Rank rows side by side in one register block of RT tokens: as many as the registers hold
+// (RJ x RT accumulators, RT token vectors and one weight vector). With 32 registers, 8 rows for
+// up to 3 tokens and 6 for 4; with 16, 8 rows for up to 2 tokens and 4 beyond.
+template <int RT, class Arch>
+constexpr int shrink_rows() noexcept {
+  if constexpr (vector_registers<Arch>() >= 32) return RT <= 3 ? 8 : 6;
+  return RT <= 2 ? 8 : 4;
+}
+
 // All rank rows of one block of RT tokens: rows of at most kShrinkShortRowBytes one after the
-// other for RT <= 2 with 32 vector registers; otherwise blocks of 8 rows (RT <= 2) or 4 rows,
-// then tails of 4, 2 and 1 rows.
+// other for RT <= 2 with 32 vector registers; otherwise blocks of shrink_rows<RT>() rows, then
+// tails of 4, 2 and 1 rows.
 template <int RT, class Arch, class Wt, class Scalar>
 inline void shrink_tokens(const Wt* a, Index lda, Index r, const Scalar* const* x, Index c0, Index c1,
                           Index in_vec, Index in, bool first, bool last, Scalar* spill, Index spill_ld, Scalar* h,
                           Index ldh) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
-  constexpr int RJ = RT <= 2 ? 8 : 4;
+  constexpr int RJ = shrink_rows<RT, Arch>();
   Index j = 0;
   if constexpr (RT <= 2 && vector_registers<Arch>() >= 32) {
     if (in * Index(sizeof(Wt)) <= kShrinkShortRowBytes) {
@@ -228,7 +237,7 @@ inline void shrink_tokens(const Wt* a, Index lda, Index r, const Scalar* const* 
   for (; j + RJ <= r; j += RJ)
     shrink_block<RJ, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld,
                                h + j, ldh);
-  if constexpr (RJ == 8) {
+  if constexpr (RJ > 4) {
     if (j + 4 <= r) {
       shrink_block<4, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld,
                                 h + j, ldh);
