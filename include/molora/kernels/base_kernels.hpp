@@ -352,6 +352,13 @@ constexpr int kSkinnyWideRows = 3;
 constexpr Index kSkinnyWideFrom = 5;
 constexpr Index kSkinnyWideTo = 8;
 
+// The wide path's software prefetch goes to L2 (__builtin_prefetch locality 2, prefetcht1)
+// rather than L1: cold, f32 4096 x 4096 at T = 8 on Zen 4, the kernel alone took 1.43-1.62x
+// the time of a plain read of W0 against 1.61-2.06x with the L1 prefetch (six runs, the
+// builds in turns); in the whole layer the difference was within the runs' spread
+// (docs/benchmarks.md, "The wide path's prefetch into L2"). A hint only: the same bits.
+constexpr int kSkinnyWidePrefetchLocality = 2;
+
 // One register block of the wide path: RO rows x RT tokens over columns [c0, c1), as
 // skinny_block but the RO weight vectors are loaded (and widened) first and each token's x
 // vector then loaded on its own for its RO FMAs, so RO * RT accumulators + RO + 1 vectors
@@ -373,7 +380,8 @@ inline void skinny_wide_block(const Wt* w, Index ldw, const Scalar* x, Index ldx
 #if defined(__GNUC__)
     if constexpr (PF > 0) {
       MOLORA_UNROLL
-      for (int j = 0; j < RO; ++j) __builtin_prefetch(w + j * ldw + c + PF / Index(sizeof(Wt)), 0, 3);
+      for (int j = 0; j < RO; ++j)
+        __builtin_prefetch(w + j * ldw + c + PF / Index(sizeof(Wt)), 0, kSkinnyWidePrefetchLocality);
     }
 #endif
     B wv[RO];
