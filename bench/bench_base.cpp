@@ -632,10 +632,11 @@ inline void three_way_counters(benchmark::State& st, const std::array<std::vecto
 // for T <= 2, shrink_block<4, T> for T = 3-4; same bits), and a plain read of the same
 // bytes. Counters: each median time per call and its share of the read.
 template <int RJ, int RT, class Arch, class Wt>
-void shrink_blocks_before(const Wt* a, Index in, const float* const* xs, Index in_vec, float* spill, float* h) {
-  for (Index j = 0; j < 16; j += RJ)
+void shrink_blocks_before(const Wt* a, Index r, Index in, const float* const* xs, Index in_vec, float* spill,
+                          float* h) {
+  for (Index j = 0; j < r; j += RJ)
     molora::kernels::detail::shrink_block<RJ, RT, Arch>(a + j * in, in, xs, Index(0), in_vec, in_vec, in, true, true,
-                                                        spill, 16 * 16, h + j, 16);
+                                                        spill, r * 16, h + j, r);
 }
 
 template <class Wt>
@@ -661,10 +662,10 @@ void BM_shrink_rows(benchmark::State& st) {
         molora::kernels::shrink(Arch{}, ac, in, r, in, xs, T, h, r, spill.data());
       } else if (way == 1) {
         switch (T) {
-          case 1: shrink_blocks_before<8, 1, Arch>(ac, in, xs, in_vec, spill.data(), h); break;
-          case 2: shrink_blocks_before<8, 2, Arch>(ac, in, xs, in_vec, spill.data(), h); break;
-          case 3: shrink_blocks_before<4, 3, Arch>(ac, in, xs, in_vec, spill.data(), h); break;
-          default: shrink_blocks_before<4, 4, Arch>(ac, in, xs, in_vec, spill.data(), h); break;
+          case 1: shrink_blocks_before<8, 1, Arch>(ac, r, in, xs, in_vec, spill.data(), h); break;
+          case 2: shrink_blocks_before<8, 2, Arch>(ac, r, in, xs, in_vec, spill.data(), h); break;
+          case 3: shrink_blocks_before<4, 3, Arch>(ac, r, in, xs, in_vec, spill.data(), h); break;
+          default: shrink_blocks_before<4, 4, Arch>(ac, r, in, xs, in_vec, spill.data(), h); break;
         }
       } else {
         sink += stream_spans({{ac, bytes}});
