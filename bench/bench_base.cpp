@@ -1837,3 +1837,121 @@ bool register_cells() {
 const bool registered = register_cells();
 
 }  // namespace skinny8_cells
+
+// skinny_ahead
+// ---- the next block's rows fetched in address order (a block of its own, registered at
+// static initialisation) --------------------------------------------------------------------
+//   skinny_ahead/D/in/out/T/cold    the one-pass paths of skinny_product on this binary's ISA
+//                                   (32 vector registers; W0 stored as D = f32 or bf16, f32
+//                                   activations, bias): T = 1 kSkinnyOneTokenRows rows, 2-4
+//                                   8 rows x T, 5-8 the wide path (3 rows x 8, prefetch
+//                                   kSkinnyPrefetch ahead in each row), each without (plain)
+//                                   and with (ahead) the rows kSkinnyAhead blocks on fetched
+//                                   into L2 in address order, each on its own cold copy, then
+//                                   a plain read of a third, the order rotating. Counters:
+//                                   the median times, plain_read_share, ahead_read_share and
+//                                   ahead_over_plain (medians of the ratios). Skips without
+//                                   32 registers.
+namespace skinny_ahead_cells {
+
+namespace kd = molora::kernels::detail;
+
+template <class Wt>
+void BM_skinny_ahead(benchmark::State& st) {
+#if defined(MOLORA_NO_XSIMD)
+  st.SkipWithError("needs xsimd");
+#else
+  using Arch = molora::kernels::default_arch;
+  if constexpr (kd::vector_registers<Arch>() < 32) {
+    st.SkipWithError("needs an ISA with 32 vector registers");
+  } else {
+    const Index in = st.range(0), out = st.range(1), T = st.range(2);
+    constexpr std::size_t V = 2;
+    auto w = cold_copies<Wt>(in, in, out, true, V + 1);
+    const std::size_t n = w.size();
+    Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
+    fill(b, 2, 0.02);
+    Mat<float> x(T, in), y(T, out);
+    fill(x, 3, 1.0);
+    constexpr Index W = molora::kernels::simd_width<Arch, float>();
+    alignas(64) static float spill[molora::kernels::kSkinnyGroup * 8 * W];
+    auto run = [&](std::size_t v, const Wt* p) {
+      auto go = [&](auto ahead) {
+        constexpr bool A = decltype(ahead)::value;
+        const float* xp = x.data();
+        float* yp = y.data();
+        if (T == 1)
+          kd::skinny_rows_range<kd::kSkinnyOneTokenRows, 1, 0, Arch, A>(p, in, in, xp, in, T, b.data(),
+                                                                                   yp, out, Index(0), out, spill);
+        else if (T <= 4)
+          kd::skinny_rows_range<8, 4, 0, Arch, A>(p, in, in, xp, in, T, b.data(), yp, out, Index(0), out, spill);
+        else
+          kd::skinny_wide_range<kd::kSkinnyWideRows, molora::kernels::kSkinnyPrefetch, Arch, A>(
+              p, in, in, xp, in, T, b.data(), yp, out, Index(0), out, spill);
+      };
+      if (v == 0) go(std::false_type{});
+      else go(std::true_type{});
+    };
+    const Index bytes = in * out * Index(sizeof(Wt));
+    std::vector<double> t[V + 1], share[V], over;
+    float sink = 0;
+    std::size_t i = 0;
+    for (auto _ : st) {
+      double tv[V];
+      for (std::size_t k = 0; k < V; ++k) {
+        const std::size_t v = (k + i) % V;
+        const std::size_t c = ((V + 1) * i + k) % n;
+        const double t0 = cpu_seconds();
+        run(v, w[c].data());
+        benchmark::ClobberMemory();
+        tv[v] = cpu_seconds() - t0;
+      }
+      const std::size_t c = ((V + 1) * i + V) % n;
+      ++i;
+      const double t0 = cpu_seconds();
+      sink += stream_spans({{w[c].data(), bytes}});
+      const double tr = cpu_seconds() - t0;
+      st.SetIterationTime(tv[1]);
+      for (std::size_t v = 0; v < V; ++v) {
+        t[v].push_back(tv[v]);
+        share[v].push_back(tv[v] / tr);
+      }
+      over.push_back(tv[1] / tv[0]);
+      t[V].push_back(tr);
+    }
+    benchmark::DoNotOptimize(sink);
+    benchmark::DoNotOptimize(y.data());
+    const char* names[V] = {"plain", "ahead"};
+    for (std::size_t v = 0; v < V; ++v) {
+      st.counters[std::string(names[v]) + "_ms"] = median(t[v]) * 1e3;
+      st.counters[std::string(names[v]) + "_read_share"] = median(share[v]);
+    }
+    st.counters["ahead_over_plain"] = median(over);
+    st.counters["read_ms"] = median(t[V]) * 1e3;
+  }
+#endif
+}
+
+bool register_cells() {
+  const Index shapes[][2] = {{4096, 4096}, {1024, 2816}, {2816, 1024}};
+  for (const auto& sh : shapes)
+    for (Index T : {1, 2, 3, 4, 8}) {
+      const std::string tail =
+          "/" + std::to_string(sh[0]) + "/" + std::to_string(sh[1]) + "/" + std::to_string(T) + "/cold";
+      benchmark::RegisterBenchmark(("skinny_ahead/f32" + tail).c_str(), BM_skinny_ahead<float>)
+          ->Args({sh[0], sh[1], T})
+          ->UseManualTime()
+          ->MinTime(0.5)
+          ->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark(("skinny_ahead/bf16" + tail).c_str(), BM_skinny_ahead<molora::bf16>)
+          ->Args({sh[0], sh[1], T})
+          ->UseManualTime()
+          ->MinTime(0.5)
+          ->Unit(benchmark::kMillisecond);
+    }
+  return true;
+}
+
+const bool registered = register_cells();
+
+}  // namespace skinny_ahead_cells

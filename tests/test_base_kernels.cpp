@@ -382,7 +382,8 @@ TEST_CASE_TEMPLATE("base_kernels: bf16 and f16 weights give the float kernel's b
 namespace {
 
 // Every register block shape the blocked kernel may take (rows side by side x tokens per
-// block, with and without software prefetch), over row ranges that start anywhere, gives
+// block, with and without software prefetch along the rows, with and without the next
+// blocks' rows prefetched in address order), over row ranges that start anywhere, gives
 // the bits of skinny_product_blocked, and matches the double reference: the shape is a
 // speed choice only.
 template <class Arch, class Scalar, class Weight>
@@ -413,15 +414,19 @@ void shapes_suite() {
           run(y, mid, out);
           return y;
         };
-#define MOLORA_SHAPE(RO, TB, PF)                                                                                   \
-  shape([&](std::vector<Scalar>& y, Index o0, Index o1) {                                                        \
-    kd::skinny_rows_range<RO, TB, PF, Arch>(wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), y.data(), \
-                                            p.ldy, o0, o1, spill);                                               \
+#define MOLORA_SHAPE(RO, TB, PF, AHEAD)                                                                             \
+  shape([&](std::vector<Scalar>& y, Index o0, Index o1) {                                                          \
+    kd::skinny_rows_range<RO, TB, PF, Arch, AHEAD>(wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(),      \
+                                                   y.data(), p.ldy, o0, o1, spill);                                \
   })
-        const std::vector<std::vector<Scalar>> shapes = {MOLORA_SHAPE(16, 1, 0),    MOLORA_SHAPE(8, 4, 0),
-                                                         MOLORA_SHAPE(8, 2, 4096),  MOLORA_SHAPE(4, 4, 4096),
-                                                         MOLORA_SHAPE(4, 3, 0),     MOLORA_SHAPE(2, 1, 0),
-                                                         MOLORA_SHAPE(1, 4, 4096),
+        // (with AHEAD the next blocks' rows are prefetched in address order; passes of more
+        // than TB tokens run as without)
+        const std::vector<std::vector<Scalar>> shapes = {MOLORA_SHAPE(16, 1, 0, false),   MOLORA_SHAPE(8, 4, 0, false),
+                                                         MOLORA_SHAPE(8, 2, 4096, false), MOLORA_SHAPE(4, 4, 4096, false),
+                                                         MOLORA_SHAPE(4, 3, 0, false),    MOLORA_SHAPE(2, 1, 0, false),
+                                                         MOLORA_SHAPE(1, 4, 4096, false), MOLORA_SHAPE(12, 1, 0, true),
+                                                         MOLORA_SHAPE(8, 4, 0, true),     MOLORA_SHAPE(8, 2, 0, true),
+                                                         MOLORA_SHAPE(3, 3, 4096, true),
                                                          // one row after the other (short rows, T = 1), and
                                                          // whatever path skinny_product picks
                                                          shape([&](std::vector<Scalar>& y, Index o0, Index o1) {
@@ -525,7 +530,8 @@ TEST_CASE_TEMPLATE("base_kernels: 1-20 tokens (the wide path) match the referenc
 namespace {
 
 // The wide path's kernels called directly for the ISA this file is compiled for (any
-// register count: the shape is a speed choice), every block height and with prefetch, over
+// register count: the shape is a speed choice), every block height, with prefetch along the
+// rows and with the next blocks' rows prefetched in address order, over
 // two row ranges: the bits of skinny_product_blocked's other shapes (8 rows x 1 token per
 // token) for every T from 1 to 20 (one pass, chunks with spills, token tails of 1 to 7).
 template <class Arch, class Scalar, class Weight>
@@ -551,13 +557,14 @@ void wide_shapes_suite() {
           run(y, mid, out);
           return y;
         };
-#define MOLORA_WIDE(RO, PF)                                                                                        \
-  shape([&](std::vector<Scalar>& y, Index o0, Index o1) {                                                        \
-    kd::skinny_wide_range<RO, PF, Arch>(wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), y.data(), p.ldy, \
-                                        o0, o1, spill);                                                            \
+#define MOLORA_WIDE(RO, PF, AHEAD)                                                                                 \
+  shape([&](std::vector<Scalar>& y, Index o0, Index o1) {                                                          \
+    kd::skinny_wide_range<RO, PF, Arch, AHEAD>(wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), y.data(), \
+                                               p.ldy, o0, o1, spill);                                              \
   })
-        const std::vector<std::vector<Scalar>> shapes = {MOLORA_WIDE(3, 0), MOLORA_WIDE(3, 4096), MOLORA_WIDE(2, 0),
-                                                         MOLORA_WIDE(1, 0)};
+        const std::vector<std::vector<Scalar>> shapes = {MOLORA_WIDE(3, 0, false), MOLORA_WIDE(3, 4096, false),
+                                                         MOLORA_WIDE(2, 0, false), MOLORA_WIDE(1, 0, false),
+                                                         MOLORA_WIDE(3, 4096, true), MOLORA_WIDE(2, 0, true)};
 #undef MOLORA_WIDE
         std::vector<double> ref, tol;
         p.reference(ref, tol);
@@ -621,14 +628,15 @@ TEST_CASE("base_kernels: the bf16-dot skinny product, 1-20 tokens, against the r
 }
 
 // The one-token f32 route: float rows of at most skinny_short_row_bytes<float>() (4 KiB,
-// in <= 1024) are read one row after the other on 32-register ISAs, and a Linear<float> of such
-// rows takes the skinny kernel for one token with AVX-512 (detail::one_token_skinny). Across the
-// 4 KiB boundary, odd out, with and without bias: the kernel's one-token result matches the
+// in <= 1024) are read one row after the other on 32-register ISAs (longer ones in blocks of
+// rows side by side), and a Linear<float> takes the skinny kernel for one token with AVX-512
+// (detail::one_token_skinny). Across the 4 KiB boundary, odd out, with and without bias: the
+// kernel's one-token result matches the
 // double reference and is bit for bit the blocked kernel's and the one-row path's at the ISA
 // this file is compiled for, on any row range; the layer's one-token forward (automatic, and
 // eigen: Eigen's GEMV) matches the reference; automatic resolves to skinny exactly where the
 // route is taken, and is then the dispatched kernel's result bit for bit, else the GEMV's.
-TEST_CASE("base_kernels: the f32 one-token route over rows up to 4 KiB matches the reference and the blocked bits") {
+TEST_CASE("base_kernels: the f32 one-token route across the 4 KiB rows matches the reference and the blocked bits") {
   CHECK(k::skinny_short_row_bytes<float>() == 4096);
   CHECK(k::skinny_short_row_bytes<molora::bf16>() == 2048);
   std::uint64_t seed = 7700;

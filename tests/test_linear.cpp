@@ -80,7 +80,7 @@ void reference_suite() {
     check_reference(layer, x, y, "automatic");
     (layer.resolved_strategy(T) == molora::BaseStrategy::skinny ? skinny_runs : eigen_runs)++;
     // One token of weights of the layer's own type: Eigen's GEMV, or the skinny kernel for
-    // short float rows with AVX-512 (detail::one_token_skinny).
+    // float weights with AVX-512 (detail::one_token_skinny).
     if (T == 1 && std::is_same_v<Weight, Scalar> && molora::detail::one_token_skinny<Scalar>(in)) ++one_token_skinny;
     for (const auto s : {molora::BaseStrategy::skinny, molora::BaseStrategy::eigen, molora::BaseStrategy::gemm}) {
       layer.set_strategy(s);

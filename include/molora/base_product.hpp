@@ -31,11 +31,11 @@ namespace molora {
 //              weights, 48 for bf16 / f16 ones, 128 for double), from there on
 //              detail::many_tokens_strategy (gemm for float activations, eigen for double);
 //              one token of weights of the layer's own type goes to Eigen's GEMV (with OpenMP
-//              its rows split between the threads), except float rows of at most 4 KiB while
-//              AVX-512 runs, which go to skinny (detail::one_token_skinny: the kernel reads
-//              such rows one after the other, faster than the GEMV's 8 rows side by side);
-//              16-bit weights stay skinny (Eigen would need them widened). Fixed rules per
-//              ISA, type and width, whatever the thread count.
+//              its rows split between the threads), except float weights while AVX-512 runs,
+//              which go to skinny (detail::one_token_skinny: rows of at most 4 KiB one after
+//              the other, longer ones 12 side by side with the next rows fetched ahead, both
+//              faster than the GEMV cold); 16-bit weights stay skinny (Eigen would need them
+//              widened). Fixed rules per ISA, type and width, whatever the thread count.
 enum class BaseStrategy { automatic, eigen, skinny, gemm };
 
 inline const char* to_string(BaseStrategy s) {
@@ -63,15 +63,17 @@ constexpr BaseStrategy many_tokens_strategy() noexcept {
 }
 
 // Whether `automatic` gives one token of a float weight with rows of `in` values to the skinny
-// kernel rather than Eigen's GEMV: with AVX-512 active, for rows of at most kernels::skinny_short_row_bytes<float>() (4 KiB),
-// which the kernel reads one row after the other. Cold on Zen 4 that took 0.99-1.07x the time
-// of a plain read of the weight where the GEMV's 8 rows side by side took 1.05-1.21x; above
-// 4 KiB the two were even (docs/benchmarks.md, "The f32 one-token route"). A rule per ISA and
-// type, whatever the thread count; double keeps the GEMV.
+// kernel rather than Eigen's GEMV: whenever AVX-512 is active. Rows of at most
+// kernels::skinny_short_row_bytes<float>() (4 KiB) the kernel reads one after the other: cold on
+// Zen 4 0.99-1.07x the time of a plain read of the weight where the GEMV's 8 rows side by side
+// took 1.05-1.21x (docs/benchmarks.md, "The f32 one-token route"). Longer rows it reads 12 side
+// by side while fetching the rows two blocks on into L2 in address order: 1.05-1.10x the read
+// against the GEMV's 1.10-1.17x at in = 2816 and 4096 ("The next rows fetched in address
+// order"). A rule per ISA and type, whatever the thread count; double keeps the GEMV.
 template <class Scalar>
 bool one_token_skinny(Index in) noexcept {
   if constexpr (std::is_same_v<Scalar, float>) {
-    if (in * Index(sizeof(float)) > kernels::skinny_short_row_bytes<float>()) return false;
+    (void)in;
 #if MOLORA_RUNTIME_DISPATCH
     return std::strcmp(kernels::detail::current_isa().name, "avx512") == 0;  // the 32-register ISA
 #elif !defined(MOLORA_NO_XSIMD)

@@ -4,8 +4,10 @@
 // AVX-512 up to 4 tokens) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
 // token passes over it; with AVX-512 for 5-8 tokens, 3 rows x 8 tokens (the wide path); on
 // 16-register ISAs, for 5-8 tokens, pairs of rows along the whole of `in` with every token in
-// registers; for one token over short rows (skinny_short_row_bytes), one row after the other. From
-// skinny_crossover tokens on, the layers hand the product to a GEMM (gemm_product for float,
+// registers; for one token over short rows (skinny_short_row_bytes), one row after the other.
+// With AVX-512, up to 8 tokens, a block's single pass along `in` also fetches the rows two
+// blocks on into L2 in address order (AheadSpan), so that memory sees one sequential stream
+// while the block reads its rows side by side. From skinny_crossover tokens on, the layers hand the product to a GEMM (gemm_product for float,
 // Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The base
 // product for few tokens", "The crossover to the packed GEMM").
 // Written once for any xsimd Arch over raw pointers, with a scalar fallback; like the other
@@ -42,9 +44,8 @@ namespace molora::kernels {
 // 0.82 at 48 (f16 1.14 / 0.89 and 1.02 / 0.82), so 48, where the square shape is level and
 // the Qwen2 MLP's are well ahead. Double keeps 128, measured against Eigen's GEMM (0.93-0.99
 // / 0.94-0.98 / 1.11-1.14 skinny / Eigen at T = 96 / 128 / 192). (For one token of a weight
-// of the layer's own type the layers keep Eigen's GEMV, but for float rows of at most 4 KiB
-// with AVX-512, which this kernel reads one row after the other: detail::one_token_skinny in
-// base_product.hpp.)
+// of the layer's own type the layers keep Eigen's GEMV, but for float weights with AVX-512:
+// detail::one_token_skinny in base_product.hpp.)
 template <class Scalar, class Weight = Scalar>
 constexpr Index skinny_crossover() noexcept {
   if constexpr (!std::is_same_v<Scalar, float>) return 128;
@@ -62,6 +63,52 @@ constexpr Index kSkinnyGroup = 32;
 // did no better (docs/benchmarks.md). Past the row's end it touches the next rows or
 // nothing: prefetches do not fault.
 constexpr Index kSkinnyPrefetch = 4096;
+
+// The next register blocks' weights, fetched in address order while a block runs (one pass
+// along `in`): the span [p, end) of the rows kSkinnyAhead blocks further on, a few cache
+// lines per column step into L2 (prefetcht1), so that memory sees one sequential stream
+// however many rows a block reads side by side. Cold on Zen 4, one thread, the paths it
+// joins (12 rows for one token, 8 rows x 2-4 tokens, the wide path for 5-8) took 0.78-0.93x
+// their time without it at 4096 x 4096 and 0.43-0.97x at the Qwen2 MLP's 1024 x 2816 and
+// 2816 x 1024, f32 and bf16 (docs/benchmarks.md, "The next rows fetched in address order").
+// Addresses as integers: the cursor may run past the span's end, which it never fetches. A
+// hint only: no bit changes.
+struct AheadSpan {
+  std::uintptr_t p = 0;
+  std::uintptr_t end = 0;
+};
+
+// Blocks ahead of the running one whose rows the ahead prefetch fetches (1 and 4 measured
+// the same in a scratch program).
+constexpr Index kSkinnyAhead = 2;
+
+// Cache lines of the ahead span per column step of W values: RO rows x W weights of Wt,
+// rounded up, so that one pass along `in` covers RO whole rows.
+template <int RO, Index W, class Wt>
+constexpr int ahead_lines() noexcept {
+  return static_cast<int>((Index(RO) * W * Index(sizeof(Wt)) + 63) / 64);
+}
+
+// Rows [a0, a1) of W0 (row stride ldw, `in` values each) as an ahead span; empty if a0 >= a1.
+template <class Wt>
+inline AheadSpan ahead_span(const Wt* w, Index ldw, Index in, Index a0, Index a1) noexcept {
+  if (a0 >= a1) return {};
+  return {reinterpret_cast<std::uintptr_t>(w + a0 * ldw), reinterpret_cast<std::uintptr_t>(w + (a1 - 1) * ldw + in)};
+}
+
+// Issues `Lines` prefetches from the span's cursor, moving it on; nothing past its end.
+template <int Lines>
+inline void prefetch_ahead(AheadSpan& a) noexcept {
+#if defined(__GNUC__)
+  MOLORA_UNROLL
+  for (int i = 0; i < Lines; ++i) {
+    if (a.p < a.end) __builtin_prefetch(reinterpret_cast<const void*>(a.p), 0, 2);
+    a.p += 64;
+  }
+#else
+  (void)a;
+#endif
+}
 
 // The streamed path: skinny_product runs it for kSkinnyStreamFrom <= T <= kSkinnyStreamTokens
 // on ISAs with 16 vector registers, pairs of consecutive rows (kSkinnyStreamRows) one after
@@ -227,10 +274,10 @@ inline void skinny_block_end(const xsimd::batch<Scalar, Arch> (&acc)[RO][RT], co
 // starts from zero, later ones reload the vector partial sums from spill (token t, row j
 // at (t * RO + j) * W); the last reduces them, adds the scalar columns [in_vec, in) and the
 // bias, and writes y.
-template <int RO, int RT, class Arch, Index PF = kSkinnyPrefetch, class Wt, class Scalar>
+template <int RO, int RT, class Arch, Index PF = kSkinnyPrefetch, bool Ahead = false, class Wt, class Scalar>
 inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Index c0, Index c1, Index in_vec,
                          Index in, bool first, bool last, Scalar* spill, const Scalar* bias, Scalar* y,
-                         Index ldy) noexcept {
+                         Index ldy, AheadSpan ahead = {}) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
   constexpr Index W = static_cast<Index>(B::size);
   B acc[RO][RT];
@@ -249,6 +296,8 @@ inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Ind
       for (int j = 0; j < RO; ++j) __builtin_prefetch(w + j * ldw + c + PF / Index(sizeof(Wt)), 0, 3);
     }
 #endif
+    if constexpr (Ahead) prefetch_ahead<ahead_lines<RO, W, Wt>()>(ahead);
+    else (void)ahead;
     MOLORA_UNROLL
     for (int j = 0; j < RO; ++j) {
       const B wv = load_weights<Arch, Scalar>(w + j * ldw + c);
@@ -264,10 +313,31 @@ inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Ind
 // skinny_chunk columns, each over all token blocks (TB, then a tail of fewer).
 template <int RO, class Arch, Index PF = kSkinnyPrefetch, int TB = 4, class Wt, class Scalar>
 inline void skinny_rows_block(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
-                              const Scalar* bias, Scalar* y, Index ldy, Scalar* spill) noexcept {
+                              const Scalar* bias, Scalar* y, Index ldy, Scalar* spill, AheadSpan ahead = {}) noexcept {
   static_assert(TB >= 1 && TB <= 4, "token blocks of 1 to 4");
   constexpr Index W = simd_width<Arch, Scalar>();
   const Index in_vec = in - in % W;
+  if (ahead.p != 0 && n <= TB) {  // one pass along `in` for all n tokens, fetching the rows ahead
+    auto one = [&](auto tokens) {
+      constexpr int RT = decltype(tokens)::value;
+      skinny_block<RO, RT, Arch, PF, true>(w, ldw, x, ldx, Index(0), in_vec, in_vec, in, true, true, spill, bias, y,
+                                           ldy, ahead);
+    };
+    switch (n) {
+      case 1: one(std::integral_constant<int, 1>{}); break;
+      case 2:
+        if constexpr (TB >= 2) one(std::integral_constant<int, 2>{});
+        break;
+      case 3:
+        if constexpr (TB >= 3) one(std::integral_constant<int, 3>{});
+        break;
+      case 4:
+        if constexpr (TB >= 4) one(std::integral_constant<int, 4>{});
+        break;
+      default: break;
+    }
+    return;
+  }
   const Index kc = n <= TB ? in_vec : skinny_chunk<Arch, Scalar, RO>();  // values of x per pass: same for any W
   for (Index c0 = 0;; c0 += kc) {
     const Index c1 = c0 + kc < in_vec ? c0 + kc : in_vec;
@@ -364,10 +434,10 @@ constexpr int kSkinnyWidePrefetchLocality = 2;
 // vector then loaded on its own for its RO FMAs, so RO * RT accumulators + RO + 1 vectors
 // are live (3 x 8: 28). Each accumulator sums fma(w, x, acc) along `in` as skinny_block
 // does: the same bits.
-template <int RO, int RT, class Arch, Index PF, class Wt, class Scalar>
+template <int RO, int RT, class Arch, Index PF, bool Ahead = false, class Wt, class Scalar>
 inline void skinny_wide_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Index c0, Index c1, Index in_vec,
                               Index in, bool first, bool last, Scalar* spill, const Scalar* bias, Scalar* y,
-                              Index ldy) noexcept {
+                              Index ldy, AheadSpan ahead = {}) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
   constexpr Index W = static_cast<Index>(B::size);
   B acc[RO][RT];
@@ -384,6 +454,8 @@ inline void skinny_wide_block(const Wt* w, Index ldw, const Scalar* x, Index ldx
         __builtin_prefetch(w + j * ldw + c + PF / Index(sizeof(Wt)), 0, kSkinnyWidePrefetchLocality);
     }
 #endif
+    if constexpr (Ahead) prefetch_ahead<ahead_lines<RO, W, Wt>()>(ahead);
+    else (void)ahead;
     B wv[RO];
     MOLORA_UNROLL
     for (int j = 0; j < RO; ++j) wv[j] = load_weights<Arch, Scalar>(w + j * ldw + c);
@@ -403,10 +475,29 @@ inline void skinny_wide_block(const Wt* w, Index ldw, const Scalar* x, Index ldx
 // sums spilled between passes (spill: n * RO vectors).
 template <int RO, class Arch, Index PF, class Wt, class Scalar>
 inline void skinny_wide_rows(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
-                             const Scalar* bias, Scalar* y, Index ldy, Scalar* spill) noexcept {
+                             const Scalar* bias, Scalar* y, Index ldy, Scalar* spill, AheadSpan ahead = {}) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
   constexpr int TB = kSkinnyWideTokens;
   const Index in_vec = in - in % W;
+  if (ahead.p != 0 && n <= TB) {  // one pass along `in` for all n tokens, fetching the rows ahead
+    auto one = [&](auto tokens) {
+      constexpr int RT = decltype(tokens)::value;
+      skinny_wide_block<RO, RT, Arch, PF, true>(w, ldw, x, ldx, Index(0), in_vec, in_vec, in, true, true, spill, bias,
+                                                y, ldy, ahead);
+    };
+    switch (n) {
+      case 1: one(std::integral_constant<int, 1>{}); break;
+      case 2: one(std::integral_constant<int, 2>{}); break;
+      case 3: one(std::integral_constant<int, 3>{}); break;
+      case 4: one(std::integral_constant<int, 4>{}); break;
+      case 5: one(std::integral_constant<int, 5>{}); break;
+      case 6: one(std::integral_constant<int, 6>{}); break;
+      case 7: one(std::integral_constant<int, 7>{}); break;
+      case 8: one(std::integral_constant<int, 8>{}); break;
+      default: break;
+    }
+    return;
+  }
   const Index kc = n <= TB ? in_vec : skinny_chunk<Arch, Scalar, RO>();
   for (Index c0 = 0;; c0 += kc) {
     const Index c1 = c0 + kc < in_vec ? c0 + kc : in_vec;
@@ -434,24 +525,40 @@ inline void skinny_wide_rows(const Wt* w, Index ldw, Index in, const Scalar* x, 
 
 // Rows [o, o1) in blocks of RO rows, then RO - 1, ..., 1 for the rest, for n <= kSkinnyGroup
 // tokens (skinny_wide_rows).
-template <int RO, Index PF, class Arch, class Wt, class Scalar>
+template <int RO, Index PF, class Arch, bool Ahead = false, class Wt, class Scalar>
 inline void skinny_wide_range(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
                               const Scalar* bias, Scalar* y, Index ldy, Index o, Index o1, Scalar* spill) noexcept {
-  for (; o + RO <= o1; o += RO)
-    skinny_wide_rows<RO, Arch, PF>(w + o * ldw, ldw, in, x, ldx, n, bias ? bias + o : nullptr, y + o, ldy, spill);
-  if constexpr (RO > 1) skinny_wide_range<RO - 1, PF, Arch>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
+  for (; o + RO <= o1; o += RO) {
+    AheadSpan ahead;
+    if constexpr (Ahead) {
+      const Index a0 = o + kSkinnyAhead * RO;
+      ahead = ahead_span(w, ldw, in, a0, a0 + RO < o1 ? a0 + RO : o1);
+    }
+    skinny_wide_rows<RO, Arch, PF>(w + o * ldw, ldw, in, x, ldx, n, bias ? bias + o : nullptr, y + o, ldy, spill,
+                                   ahead);
+  }
+  if constexpr (RO > 1) skinny_wide_range<RO - 1, PF, Arch, Ahead>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
 }
 
 // Blocks of RO rows (RO, then 8, 4, 2, 1 for the rest) over rows [o, o1) for n tokens,
 // register blocks of TB tokens, software prefetch PF bytes ahead (0: none).
-template <int RO, int TB, Index PF, class Arch, class Wt, class Scalar>
+// With Ahead, a pass along `in` for at most TB tokens also fetches the rows kSkinnyAhead
+// blocks further on (within [o, o1)) into L2 in address order.
+template <int RO, int TB, Index PF, class Arch, bool Ahead = false, class Wt, class Scalar>
 inline void skinny_rows_range(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
                               const Scalar* bias, Scalar* y, Index ldy, Index o, Index o1, Scalar* spill) noexcept {
-  for (; o + RO <= o1; o += RO)
-    skinny_rows_block<RO, Arch, PF, TB>(w + o * ldw, ldw, in, x, ldx, n, bias ? bias + o : nullptr, y + o, ldy, spill);
+  for (; o + RO <= o1; o += RO) {
+    AheadSpan ahead;
+    if constexpr (Ahead) {
+      const Index a0 = o + kSkinnyAhead * RO;
+      ahead = ahead_span(w, ldw, in, a0, a0 + RO < o1 ? a0 + RO : o1);
+    }
+    skinny_rows_block<RO, Arch, PF, TB>(w + o * ldw, ldw, in, x, ldx, n, bias ? bias + o : nullptr, y + o, ldy, spill,
+                                        ahead);
+  }
   if constexpr (RO > 1) {
     constexpr int next = RO > 8 ? 8 : RO > 4 ? 4 : RO / 2;
-    skinny_rows_range<next, TB, PF, Arch>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
+    skinny_rows_range<next, TB, PF, Arch, Ahead>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
   }
 }
 
@@ -486,12 +593,12 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
     Scalar* yt = y + t0 * ldy;
     if constexpr (wide) {
       if (n == 1)
-        skinny_rows_range<kSkinnyOneTokenRows, 1, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+        skinny_rows_range<kSkinnyOneTokenRows, 1, 0, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n <= 4)
-        skinny_rows_range<8, 4, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+        skinny_rows_range<8, 4, 0, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n >= kSkinnyWideFrom && n <= kSkinnyWideTo)
-        skinny_wide_range<kSkinnyWideRows, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1,
-                                                                  spill);
+        skinny_wide_range<kSkinnyWideRows, kSkinnyPrefetch, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0,
+                                                                        o1, spill);
       else if (n <= kSkinnyStreamTokens)
         skinny_rows_range<8, 2, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else
