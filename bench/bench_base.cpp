@@ -1847,11 +1847,13 @@ const bool registered = register_cells();
 //                                   8 rows x T, 5-8 the wide path (3 rows x 8, prefetch
 //                                   kSkinnyPrefetch ahead in each row), each without (plain)
 //                                   and with (ahead) the rows kSkinnyAhead blocks on fetched
-//                                   into L2 in address order, each on its own cold copy, then
-//                                   a plain read of a third, the order rotating. Counters:
-//                                   the median times, plain_read_share, ahead_read_share and
-//                                   ahead_over_plain (medians of the ratios). Skips without
-//                                   32 registers.
+//                                   into L2 in address order, and for T = 2-4 6 rows x T with
+//                                   it (ahead6; skinny_product runs it at T = 4), each on its
+//                                   own cold copy, then a plain read of another, the order
+//                                   rotating. Counters: the median times, X_read_share,
+//                                   ahead_over_plain and ahead6_over_ahead (medians of the
+//                                   ratios; ahead6 is ahead again outside T = 2-4). Skips
+//                                   without 32 registers.
 namespace skinny_ahead_cells {
 
 namespace kd = molora::kernels::detail;
@@ -1866,7 +1868,7 @@ void BM_skinny_ahead(benchmark::State& st) {
     st.SkipWithError("needs an ISA with 32 vector registers");
   } else {
     const Index in = st.range(0), out = st.range(1), T = st.range(2);
-    constexpr std::size_t V = 2;
+    constexpr std::size_t V = 3;
     auto w = cold_copies<Wt>(in, in, out, true, V + 1);
     const std::size_t n = w.size();
     Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
@@ -1890,10 +1892,13 @@ void BM_skinny_ahead(benchmark::State& st) {
               p, in, in, xp, in, T, b.data(), yp, out, Index(0), out, spill);
       };
       if (v == 0) go(std::false_type{});
-      else go(std::true_type{});
+      else if (v == 1 || T < 2 || T > 4) go(std::true_type{});
+      else  // 6 rows x T tokens with the ahead prefetch (24 accumulators at T = 4)
+        kd::skinny_rows_range<6, 4, 0, Arch, true>(p, in, in, x.data(), in, T, b.data(), y.data(), out, Index(0), out,
+                                                   spill);
     };
     const Index bytes = in * out * Index(sizeof(Wt));
-    std::vector<double> t[V + 1], share[V], over;
+    std::vector<double> t[V + 1], share[V], over, over6;
     float sink = 0;
     std::size_t i = 0;
     for (auto _ : st) {
@@ -1917,16 +1922,18 @@ void BM_skinny_ahead(benchmark::State& st) {
         share[v].push_back(tv[v] / tr);
       }
       over.push_back(tv[1] / tv[0]);
+      over6.push_back(tv[2] / tv[1]);
       t[V].push_back(tr);
     }
     benchmark::DoNotOptimize(sink);
     benchmark::DoNotOptimize(y.data());
-    const char* names[V] = {"plain", "ahead"};
+    const char* names[V] = {"plain", "ahead", "ahead6"};
     for (std::size_t v = 0; v < V; ++v) {
       st.counters[std::string(names[v]) + "_ms"] = median(t[v]) * 1e3;
       st.counters[std::string(names[v]) + "_read_share"] = median(share[v]);
     }
     st.counters["ahead_over_plain"] = median(over);
+    st.counters["ahead6_over_ahead"] = median(over6);
     st.counters["read_ms"] = median(t[V]) * 1e3;
   }
 #endif

@@ -425,7 +425,8 @@ void shapes_suite() {
                                                          MOLORA_SHAPE(8, 2, 4096, false), MOLORA_SHAPE(4, 4, 4096, false),
                                                          MOLORA_SHAPE(4, 3, 0, false),    MOLORA_SHAPE(2, 1, 0, false),
                                                          MOLORA_SHAPE(1, 4, 4096, false), MOLORA_SHAPE(12, 1, 0, true),
-                                                         MOLORA_SHAPE(8, 4, 0, true),     MOLORA_SHAPE(8, 2, 0, true),
+                                                         MOLORA_SHAPE(8, 4, 0, true),     MOLORA_SHAPE(6, 4, 0, true),
+                                                         MOLORA_SHAPE(8, 2, 0, true),
                                                          MOLORA_SHAPE(3, 3, 4096, true),
                                                          // one row after the other (short rows, T = 1), and
                                                          // whatever path skinny_product picks

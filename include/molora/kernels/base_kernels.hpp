@@ -1,7 +1,7 @@
 // The base layer's product for a few tokens: y = x W0^T + b0 with W0 [out, in] row-major.
 // At decode sizes this product is bound by reading W0 from memory, so the kernel streams
 // each row of W0 once for all tokens: register blocks of a few rows (8 side by side with
-// AVX-512 up to 4 tokens) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
+// AVX-512 up to 3 tokens, 6 at 4) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
 // token passes over it; with AVX-512 for 5-8 tokens, 3 rows x 8 tokens (the wide path); on
 // 16-register ISAs, for 5-8 tokens, pairs of rows along the whole of `in` with every token in
 // registers; for one token over short rows (skinny_short_row_bytes), one row after the other.
@@ -573,7 +573,10 @@ constexpr int kSkinnyOneTokenRows = 12;
 // the wide path (3 rows x 8 tokens, above); one token kSkinnyOneTokenRows rows side by side;
 // otherwise 8 rows side by side and no software
 // prefetch up to kSkinnyStreamTokens tokens: one pass along `in` for up to 4 tokens (8 rows
-// x T), then 8 rows x 2 tokens over L1-sized chunks of `in`; 8 row streams measured faster
+// x T; 6 rows x 4 tokens at T = 4, whose 32 accumulators would take every register: with the
+// ahead prefetch 0.90x the time of 8 rows cold at 4096 x 4096 f32, 0.97-1.05x elsewhere,
+// docs/benchmarks.md "The next rows fetched in address order"), then 8 rows x 2 tokens over
+// L1-sized chunks of `in`; 8 row streams measured faster
 // than 4 rows with the prefetch, than the streamed pairs of rows, and than one sequential
 // stream, and 16 rows (16 KiB apart for f32) thrash the 8-way L1 sets (docs/benchmarks.md,
 // "Eight rows side by side"). More tokens: 4 rows x 4 tokens over chunks, prefetching
@@ -594,7 +597,9 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
     if constexpr (wide) {
       if (n == 1)
         skinny_rows_range<kSkinnyOneTokenRows, 1, 0, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
-      else if (n <= 4)
+      else if (n == 4)  // 6 rows: 24 accumulators, where 8 rows x 4 tokens take all 32 registers
+        skinny_rows_range<6, 4, 0, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+      else if (n <= 3)
         skinny_rows_range<8, 4, 0, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n >= kSkinnyWideFrom && n <= kSkinnyWideTo)
         skinny_wide_range<kSkinnyWideRows, kSkinnyPrefetch, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0,
