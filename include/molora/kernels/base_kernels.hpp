@@ -96,6 +96,18 @@ inline AheadSpan ahead_span(const Wt* w, Index ldw, Index in, Index a0, Index a1
   return {reinterpret_cast<std::uintptr_t>(w + a0 * ldw), reinterpret_cast<std::uintptr_t>(w + (a1 - 1) * ldw + in)};
 }
 
+// f(std::integral_constant<int, n>{}) for N <= n <= Max, nothing otherwise: a run-time token
+// count as the compile-time one of a register block.
+template <int N, int Max, class F>
+inline void with_token_count(Index n, F& f) noexcept {
+  if constexpr (N <= Max) {
+    if (n == N)
+      f(std::integral_constant<int, N>{});
+    else
+      with_token_count<N + 1, Max>(n, f);
+  }
+}
+
 // Issues `Lines` prefetches from the span's cursor, moving it on; nothing past its end.
 template <int Lines>
 inline void prefetch_ahead(AheadSpan& a) noexcept {
@@ -323,19 +335,7 @@ inline void skinny_rows_block(const Wt* w, Index ldw, Index in, const Scalar* x,
       skinny_block<RO, RT, Arch, PF, true>(w, ldw, x, ldx, Index(0), in_vec, in_vec, in, true, true, spill, bias, y,
                                            ldy, ahead);
     };
-    switch (n) {
-      case 1: one(std::integral_constant<int, 1>{}); break;
-      case 2:
-        if constexpr (TB >= 2) one(std::integral_constant<int, 2>{});
-        break;
-      case 3:
-        if constexpr (TB >= 3) one(std::integral_constant<int, 3>{});
-        break;
-      case 4:
-        if constexpr (TB >= 4) one(std::integral_constant<int, 4>{});
-        break;
-      default: break;
-    }
+    with_token_count<1, TB>(n, one);
     return;
   }
   const Index kc = n <= TB ? in_vec : skinny_chunk<Arch, Scalar, RO>();  // values of x per pass: same for any W
@@ -485,17 +485,7 @@ inline void skinny_wide_rows(const Wt* w, Index ldw, Index in, const Scalar* x, 
       skinny_wide_block<RO, RT, Arch, PF, true>(w, ldw, x, ldx, Index(0), in_vec, in_vec, in, true, true, spill, bias,
                                                 y, ldy, ahead);
     };
-    switch (n) {
-      case 1: one(std::integral_constant<int, 1>{}); break;
-      case 2: one(std::integral_constant<int, 2>{}); break;
-      case 3: one(std::integral_constant<int, 3>{}); break;
-      case 4: one(std::integral_constant<int, 4>{}); break;
-      case 5: one(std::integral_constant<int, 5>{}); break;
-      case 6: one(std::integral_constant<int, 6>{}); break;
-      case 7: one(std::integral_constant<int, 7>{}); break;
-      case 8: one(std::integral_constant<int, 8>{}); break;
-      default: break;
-    }
+    with_token_count<1, TB>(n, one);
     return;
   }
   const Index kc = n <= TB ? in_vec : skinny_chunk<Arch, Scalar, RO>();
