@@ -1,15 +1,16 @@
 // The base layer's product for a few tokens: y = x W0^T + b0 with W0 [out, in] row-major.
 // At decode sizes this product is bound by reading W0 from memory, so the kernel streams
 // each row of W0 once for all tokens: register blocks of a few rows (8 side by side with
-// AVX-512 up to 3 tokens, 6 at 4) x up to 4 tokens, the rows' chunk of `in` kept in L1 while every
-// token passes over it; with AVX-512 for 5-8 tokens, 3 rows x 8 tokens (the wide path); on
-// 16-register ISAs, for 5-8 tokens, pairs of rows along the whole of `in` with every token in
-// registers; for one token over short rows (skinny_short_row_bytes), one row after the other.
-// With AVX-512, up to 8 tokens, a block's single pass along `in` also fetches the rows two
-// blocks on into L2 in address order (AheadSpan), so that memory sees one sequential stream
-// while the block reads its rows side by side. From skinny_crossover tokens on, the layers hand the product to a GEMM (gemm_product for float,
-// Eigen's for double), which reuses W0 from cache better (docs/benchmarks.md, "The base
-// product for few tokens", "The crossover to the packed GEMM").
+// AVX-512 up to 3 tokens, 6 at 4) x up to 4 tokens, the rows' chunk of `in` kept in L1 while
+// every token passes over it; with AVX-512 for 5-8 tokens, 3 rows x 8 tokens (the wide path);
+// on 16-register ISAs, for 5-8 tokens, pairs of rows along the whole of `in` with every token
+// in registers; for one token over short rows (skinny_short_row_bytes), one row after the
+// other. With AVX-512, up to 8 tokens, a block's single pass along `in` also fetches the rows
+// two blocks on into L2 in address order (AheadSpan), so that memory sees one sequential
+// stream while the block reads its rows side by side. From skinny_crossover tokens on, the
+// layers hand the product to a GEMM (gemm_product for float, Eigen's for double), which
+// reuses W0 from cache better (docs/benchmarks.md, "The base product for few tokens", "The
+// crossover to the packed GEMM").
 // Written once for any xsimd Arch over raw pointers, with a scalar fallback; like the other
 // kernels it checks nothing and throws nothing.
 //
