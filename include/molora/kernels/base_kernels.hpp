@@ -528,13 +528,15 @@ inline void skinny_wide_range(const Wt* w, Index ldw, Index in, const Scalar* x,
     skinny_wide_rows<RO, Arch, PF>(w + o * ldw, ldw, in, x, ldx, n, bias ? bias + o : nullptr, y + o, ldy, spill,
                                    ahead);
   }
-  if constexpr (RO > 1) skinny_wide_range<RO - 1, PF, Arch, Ahead>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
+  if constexpr (RO > 1)  // the last rows of the range: nothing lies two blocks on
+    skinny_wide_range<RO - 1, PF, Arch>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
 }
 
 // Blocks of RO rows (RO, then 8, 4, 2, 1 for the rest) over rows [o, o1) for n tokens,
 // register blocks of TB tokens, software prefetch PF bytes ahead (0: none).
 // With Ahead, a pass along `in` for at most TB tokens also fetches the rows kSkinnyAhead
-// blocks further on (within [o, o1)) into L2 in address order.
+// blocks further on (within [o, o1)) into L2 in address order; the blocks of fewer rows at
+// the range's end run without it.
 template <int RO, int TB, Index PF, class Arch, bool Ahead = false, class Wt, class Scalar>
 inline void skinny_rows_range(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
                               const Scalar* bias, Scalar* y, Index ldy, Index o, Index o1, Scalar* spill) noexcept {
@@ -549,7 +551,8 @@ inline void skinny_rows_range(const Wt* w, Index ldw, Index in, const Scalar* x,
   }
   if constexpr (RO > 1) {
     constexpr int next = RO > 8 ? 8 : RO > 4 ? 4 : RO / 2;
-    skinny_rows_range<next, TB, PF, Arch, Ahead>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
+    // the last rows of the range: nothing lies two blocks on
+    skinny_rows_range<next, TB, PF, Arch>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
   }
 }
 
@@ -591,7 +594,7 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
       else if (n == 4)  // 6 rows: 24 accumulators, where 8 rows x 4 tokens take all 32 registers
         skinny_rows_range<6, 4, 0, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n <= 3)
-        skinny_rows_range<8, 4, 0, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+        skinny_rows_range<8, 3, 0, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n >= kSkinnyWideFrom && n <= kSkinnyWideTo)
         skinny_wide_range<kSkinnyWideRows, kSkinnyPrefetch, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0,
                                                                         o1, spill);
