@@ -88,6 +88,7 @@
 #include <molora/molora.hpp>
 
 #include "bench_util.hpp"
+#include "fma_peak.hpp"
 
 #if defined(MOLORA_USE_OPENMP)
 #include <omp.h>
@@ -754,6 +755,8 @@ void BM_expand_rows(benchmark::State& st) {
 // blocks of 32 rows of one buffer (512 KiB of f32 at in = 4096), the same arithmetic and
 // loads with memory taken out, (2) a plain read of a cold copy. If (1) is near (2), the
 // product can reach the read only by overlapping its arithmetic with memory completely.
+// Beside them the time of the product's FMAs at the core's FMA peak (peak_ms, and over the
+// read) and the hot way's share of that peak.
 template <class Wt>
 void BM_skinny_limit(benchmark::State& st) {
   using Arch = molora::kernels::layer_arch;
@@ -784,7 +787,13 @@ void BM_skinny_limit(benchmark::State& st) {
   benchmark::DoNotOptimize(sink);
   benchmark::DoNotOptimize(y.data());
   three_way_counters(st, t, {"cold", "hot", "read"}, "ms", 1e3, "_over_read");
-  st.counters["hot_gflops"] = 2.0 * double(in) * double(out) * double(T) / median(t[1]) * 1e-9;
+  const double flop = 2.0 * double(in) * double(out) * double(T), peak = bench_peak::measure_fma_peak(1) * 1e9;
+  st.counters["hot_gflops"] = flop / median(t[1]) * 1e-9;
+  // the product's FMAs at this core's peak (register-only FMAs, measured here): no kernel
+  // that does them on one core can take less, cold or hot
+  st.counters["peak_ms"] = flop / peak * 1e3;
+  st.counters["peak_over_read"] = flop / peak / median(t[2]);
+  st.counters["hot_of_peak"] = flop / median(t[1]) / peak;
 }
 
 template <class W>
@@ -1035,6 +1044,8 @@ void register_gemm(const std::string& d) {
 //                                   thread, then by two threads each reading half of the
 //                                   rows (8 rows side by side); counter two_over_one =
 //                                   median of one-thread time / two-thread time.
+//   threads_base/D/4096/4096/T      (OpenMP builds) the base product alone on 1 and 2 threads
+//                                   beside a sequential read of W0 by one core and by two
 //   threads_layer/D/4096/4096/T     (OpenMP builds) whole-layer forward with 1 and with 2
 //                                   threads, each on its own cold copy, alternately;
 //                                   counter speedup = median of 1-thread / 2-thread time.
@@ -1265,6 +1276,73 @@ void BM_threads_read(benchmark::State& st) {
   st.counters["two_over_one"] = median(ratio);
 }
 
+// threads_base/D/in/out/T: the base product alone (detail::base_product, strategy skinny, as
+// the layer runs it: rows split between the threads) on 1 and on 2 threads, beside a plain
+// sequential read of W0 by one core and by two (each its half), four ways on cold copies,
+// their order rotating every iteration. two_over_read2 is how close two threads come to what
+// two cores can read; read_speedup what the memory gives a second core at all.
+template <class Wt>
+void BM_threads_base(benchmark::State& st) {
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  const Index per = in * out, bytes = per * Index(sizeof(Wt));
+  const std::size_t copies = static_cast<std::size_t>(kColdBytes / double(bytes)) + 1;
+  const auto w = weight_copies(weights_as<Wt>(in, out), copies);
+  Mat<float> x(T, in);
+  fill(x, 11 + static_cast<std::uint64_t>(T), 1.0);
+  Mat<float> y(T, out);
+  const molora::ConstRowRef<float> xr(x);
+  molora::RowRef<float> yr(y);
+  const int max_threads = omp_get_max_threads();
+  std::array<std::vector<double>, 4> t;
+  std::size_t c = 0, i = 0;
+  float sink = 0;
+  for (auto _ : st) {
+    for (int k = 0; k < 4; ++k) {
+      const int way = (k + int(i)) % 4;
+      const Wt* wc = w.data() + std::ptrdiff_t(c) * per;
+      c = (c + 1) % copies;
+      const double t0 = cpu_seconds();
+      if (way < 2) {
+        omp_set_num_threads(way + 1);
+        molora::detail::base_product(wc, in, out, static_cast<const float*>(nullptr), xr, yr,
+                                     molora::BaseStrategy::skinny);
+        benchmark::ClobberMemory();
+      } else if (way == 2) {
+        sink += stream_spans({{wc, bytes}});
+      } else {
+        float s2 = 0;
+#pragma omp parallel num_threads(2) reduction(+ : s2)
+        {
+          const Index half = bytes / 2 / 64 * 64, p = omp_get_thread_num();
+          s2 += stream_spans({{reinterpret_cast<const char*>(wc) + p * half, p == 0 ? half : bytes - half}});
+        }
+        sink += s2;
+      }
+      t[static_cast<std::size_t>(way)].push_back(cpu_seconds() - t0);
+    }
+    st.SetIterationTime(t[1].back());
+    ++i;
+  }
+  omp_set_num_threads(max_threads);
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(y.data());
+  std::vector<double> speedup, read_speedup, two_over_read2, one_over_read1;
+  for (std::size_t j = 0; j < t[0].size(); ++j) {
+    speedup.push_back(t[0][j] / t[1][j]);
+    read_speedup.push_back(t[2][j] / t[3][j]);
+    two_over_read2.push_back(t[1][j] / t[3][j]);
+    one_over_read1.push_back(t[0][j] / t[2][j]);
+  }
+  st.counters["one_ms"] = median(t[0]) * 1e3;
+  st.counters["two_ms"] = median(t[1]) * 1e3;
+  st.counters["read1_ms"] = median(t[2]) * 1e3;
+  st.counters["read2_ms"] = median(t[3]) * 1e3;
+  st.counters["speedup"] = median(speedup);
+  st.counters["read_speedup"] = median(read_speedup);
+  st.counters["one_over_read1"] = median(one_over_read1);
+  st.counters["two_over_read2"] = median(two_over_read2);
+}
+
 template <class W>
 void BM_threads_layer(benchmark::State& st) {
   const Index in = st.range(0), out = st.range(1), T = st.range(2);
@@ -1327,6 +1405,10 @@ void register_few_tokens_limits() {
     reg("threads_layer/f32/4096/4096/" + std::to_string(T), BM_threads_layer<float>, {4096, 4096, T});
   for (Index T : {1, 2, 4, 8})
     reg("threads_layer/bf16/4096/4096/" + std::to_string(T), BM_threads_layer<molora::bf16>, {4096, 4096, T});
+  for (Index T : {1, 2, 4, 8})
+    reg("threads_base/f32/4096/4096/" + std::to_string(T), BM_threads_base<float>, {4096, 4096, T});
+  for (Index T : {1, 2, 4, 8})
+    reg("threads_base/bf16/4096/4096/" + std::to_string(T), BM_threads_base<molora::bf16>, {4096, 4096, T});
 #endif
 }
 
