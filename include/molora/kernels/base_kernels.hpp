@@ -430,6 +430,23 @@ constexpr Index kSkinnyWideTo = 8;
 // (docs/benchmarks.md, "The wide path's prefetch into L2"). A hint only: the same bits.
 constexpr int kSkinnyWidePrefetchLocality = 2;
 
+// Pins a loaded vector to a register. Without it GCC folds the load of each token's x vector
+// into every row's FMA as a memory operand, so the wide block loads x once per row (3 + 24
+// loads per 24 FMAs rather than 3 + 8). Pinned, the block with its weights in L2 ran at
+// 91-100 GFLOP/s against 72-87 on Zen 4 (f32 and bf16, T = 8). Cold, that made the bf16 and
+// f16 products at T = 8 0.82-0.93x as long, while the f32 one was no faster (1.43-1.77x
+// against 1.42-1.44x the read), so only 16-bit weights, whose widening adds to the
+// arithmetic, take it (docs/benchmarks.md, "x pinned to a register in the wide block"). No
+// instruction is emitted; the value is unchanged.
+template <class B>
+inline void keep_in_register(B& v) noexcept {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if constexpr (sizeof(v.data) >= 16) asm("" : "+v"(v.data));
+#else
+  (void)v;
+#endif
+}
+
 // One register block of the wide path: RO rows x RT tokens over columns [c0, c1), as
 // skinny_block but the RO weight vectors are loaded (and widened) first and each token's x
 // vector then loaded on its own for its RO FMAs, so RO * RT accumulators + RO + 1 vectors
@@ -462,7 +479,8 @@ inline void skinny_wide_block(const Wt* w, Index ldw, const Scalar* x, Index ldx
     for (int j = 0; j < RO; ++j) wv[j] = load_weights<Arch, Scalar>(w + j * ldw + c);
     MOLORA_UNROLL
     for (int t = 0; t < RT; ++t) {
-      const B xv = B::load_unaligned(x + t * ldx + c);
+      B xv = B::load_unaligned(x + t * ldx + c);
+      if constexpr (!std::is_same_v<Wt, Scalar>) keep_in_register(xv);
       MOLORA_UNROLL
       for (int j = 0; j < RO; ++j) acc[j][t] = xsimd::fma(wv[j], xv, acc[j][t]);
     }
