@@ -172,27 +172,35 @@ std::unique_ptr<Layer<W>> make_layer(Index in, Index out) {
 
 // Layer copies for a cold (enough copies to exceed the LLC, at least 2) or a warm (one) run.
 // Kept between benchmarks of the same shape and dtype; the copies of another dtype are freed.
-// The one set of layer copies alive, whatever its dtype.
-std::shared_ptr<void>& live_copies() {
-  static std::shared_ptr<void> copies;
-  return copies;
+// The one set of layer copies alive, whatever its dtype, and a count of the sets made: a
+// dtype's cached set is still alive only if no set was made after it (comparing addresses
+// would not do: a new set may be allocated where a freed one was).
+struct LiveCopies {
+  std::shared_ptr<void> copies;
+  std::uint64_t generation = 0;
+};
+LiveCopies& live_copies() {
+  static LiveCopies live;
+  return live;
 }
 
 template <class W>
 std::vector<std::unique_ptr<Layer<W>>>& layers_for(Index in, Index out, bool cold) {
   using Copies = std::vector<std::unique_ptr<Layer<W>>>;
   static Copies* cached = nullptr;
+  static std::uint64_t c_generation = 0;
   static Index c_in = 0, c_out = 0;
   const double bytes = double(in) * double(out) * sizeof(W);
   const auto want = static_cast<std::size_t>(cold ? std::max(2.0, kColdBytes / bytes + 1) : 1);
-  std::shared_ptr<void>* owner = &live_copies();
-  if (cached == nullptr || owner->get() != cached || c_in != in || c_out != out || cached->size() < want) {
-    owner->reset();
+  LiveCopies& live = live_copies();
+  if (cached == nullptr || live.generation != c_generation || c_in != in || c_out != out || cached->size() < want) {
+    live.copies.reset();
     auto fresh = std::make_shared<Copies>();
     fresh->push_back(make_layer<W>(in, out));
     for (std::size_t i = 1; i < want; ++i) fresh->push_back(std::make_unique<Layer<W>>(*fresh->front()));
     cached = fresh.get();
-    *owner = fresh;
+    live.copies = fresh;
+    c_generation = ++live.generation;
     c_in = in;
     c_out = out;
   }
