@@ -434,9 +434,9 @@ constexpr int kSkinnyWidePrefetchLocality = 2;
 // into every row's FMA as a memory operand, so the wide block loads x once per row (3 + 24
 // loads per 24 FMAs rather than 3 + 8). Pinned, the block with its weights in L2 ran at
 // 91-100 GFLOP/s against 72-87 on Zen 4 (f32 and bf16, T = 8). Cold, that made the bf16 and
-// f16 products at T = 8 0.82-0.93x as long, while the f32 one was no faster (1.43-1.77x
-// against 1.42-1.44x the read), so only 16-bit weights, whose widening adds to the
-// arithmetic, take it (docs/benchmarks.md, "x pinned to a register in the wide block"). No
+// f16 products at T = 8 0.83-0.94x as long, while the f32 one was no faster (1.52-1.77x
+// against 1.44x the read), so only 16-bit weights, whose widening adds to the
+// arithmetic, take it (docs/benchmarks.md, "Limits beside the kernels"). No
 // instruction is emitted; the value is unchanged.
 template <class B>
 inline void keep_in_register(B& v) noexcept {
