@@ -601,27 +601,33 @@ molora::detail::aligned_vector<Wt> weight_copies(const std::vector<Wt>& one, std
   return all;
 }
 
-// Three ways timed alternately, their order rotating every iteration: run(way) does one timed
-// batch of `calls` calls of way 0, 1 or 2. Returns each way's time per call, one entry per
-// iteration; the iteration time reported is way 0's batch.
-template <class Run>
-std::array<std::vector<double>, 3> time_three_ways(benchmark::State& st, int calls, Run&& run) {
-  std::array<std::vector<double>, 3> t;
+// N ways timed alternately, their order rotating every iteration: run(way) does one timed
+// batch of `calls` calls of way 0 .. N - 1. Returns each way's time per call, one entry per
+// iteration; the iteration time reported is way `reported`'s batch.
+template <std::size_t N, class Run>
+std::array<std::vector<double>, N> time_ways(benchmark::State& st, int calls, Run&& run, std::size_t reported = 0) {
+  std::array<std::vector<double>, N> t;
   std::size_t i = 0;
   for (auto _ : st) {
-    double tw[3] = {};
-    for (int pass = 0; pass < 3; ++pass) {
-      const int way = (pass + int(i)) % 3;
+    double tw[N] = {};
+    for (std::size_t pass = 0; pass < N; ++pass) {
+      const std::size_t way = (pass + i) % N;
       const double t0 = cpu_seconds();
-      run(way);
+      run(static_cast<int>(way));
       benchmark::ClobberMemory();
       tw[way] = cpu_seconds() - t0;
     }
     ++i;
-    st.SetIterationTime(tw[0]);
-    for (std::size_t k = 0; k < 3; ++k) t[k].push_back(tw[k] / calls);
+    st.SetIterationTime(tw[reported]);
+    for (std::size_t k = 0; k < N; ++k) t[k].push_back(tw[k] / calls);
   }
   return t;
+}
+
+// Three ways, way 0's time reported.
+template <class Run>
+std::array<std::vector<double>, 3> time_three_ways(benchmark::State& st, int calls, Run&& run) {
+  return time_ways<3>(st, calls, std::forward<Run>(run));
 }
 
 // Counters of a time_three_ways result whose way 2 is the read: <name>_<unit> for each way's
@@ -1301,36 +1307,31 @@ void BM_threads_base(benchmark::State& st) {
   const molora::ConstRowRef<float> xr(x);
   molora::RowRef<float> yr(y);
   const int max_threads = omp_get_max_threads();
-  std::array<std::vector<double>, 4> t;
-  std::size_t c = 0, i = 0;
+  std::size_t c = 0;
   float sink = 0;
-  for (auto _ : st) {
-    for (int k = 0; k < 4; ++k) {
-      const int way = (k + int(i)) % 4;
-      const Wt* wc = w.data() + std::ptrdiff_t(c) * per;
-      c = (c + 1) % copies;
-      const double t0 = cpu_seconds();
-      if (way < 2) {
-        omp_set_num_threads(way + 1);
-        molora::detail::base_product(wc, in, out, static_cast<const float*>(nullptr), xr, yr,
-                                     molora::BaseStrategy::skinny);
-        benchmark::ClobberMemory();
-      } else if (way == 2) {
-        sink += stream_spans({{wc, bytes}});
-      } else {
-        float s2 = 0;
+  // ways: 0 base on 1 thread, 1 base on 2, 2 read by one core, 3 read by two; two threads' time reported
+  const auto t = time_ways<4>(
+      st, 1,
+      [&](int way) {
+        const Wt* wc = w.data() + std::ptrdiff_t(c) * per;
+        c = (c + 1) % copies;
+        if (way < 2) {
+          omp_set_num_threads(way + 1);
+          molora::detail::base_product(wc, in, out, static_cast<const float*>(nullptr), xr, yr,
+                                       molora::BaseStrategy::skinny);
+        } else if (way == 2) {
+          sink += stream_spans({{wc, bytes}});
+        } else {
+          float s2 = 0;
 #pragma omp parallel num_threads(2) reduction(+ : s2)
-        {
-          const Index half = bytes / 2 / 64 * 64, p = omp_get_thread_num();
-          s2 += stream_spans({{reinterpret_cast<const char*>(wc) + p * half, p == 0 ? half : bytes - half}});
+          {
+            const Index half = bytes / 2 / 64 * 64, p = omp_get_thread_num();
+            s2 += stream_spans({{reinterpret_cast<const char*>(wc) + p * half, p == 0 ? half : bytes - half}});
+          }
+          sink += s2;
         }
-        sink += s2;
-      }
-      t[static_cast<std::size_t>(way)].push_back(cpu_seconds() - t0);
-    }
-    st.SetIterationTime(t[1].back());
-    ++i;
-  }
+      },
+      1);
   omp_set_num_threads(max_threads);
   benchmark::DoNotOptimize(sink);
   benchmark::DoNotOptimize(y.data());
