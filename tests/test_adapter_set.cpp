@@ -15,6 +15,8 @@
 
 #include "reference.hpp"
 
+namespace test_adapter_set {
+
 using molora::Index;
 using molora::RowMatrix;
 
@@ -432,3 +434,5 @@ TEST_CASE("adapter_set: caller routing gives the routed forward's result; bad ro
                        "molora shape error: routing.adapter (one per token): expected 30, got 29", molora::shape_error);
   CHECK(y1 == y2);
 }
+
+}  // namespace test_adapter_set

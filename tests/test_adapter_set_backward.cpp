@@ -11,6 +11,8 @@
 
 #include <molora/adapter_set_backward.hpp>
 
+namespace test_adapter_set_backward {
+
 using molora::Index;
 using molora::RowMatrix;
 
@@ -153,3 +155,5 @@ TEST_CASE("adapter_set backward: errors") {
                        "a LoRA, got wrapped weights without a trainable object",
                        molora::config_error);
 }
+
+}  // namespace test_adapter_set_backward

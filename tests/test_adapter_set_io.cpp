@@ -21,6 +21,8 @@
 #include "set_adapters.hpp"
 #include "test_util.hpp"
 
+namespace test_adapter_set_io {
+
 using molora::Index;
 using molora::RowMatrix;
 
@@ -262,3 +264,5 @@ TEST_CASE("adapter_set_io: 16-bit adapters and files keep their experts in 16 bi
   const auto loader = molora::set_adapter_loader<float, bf16>(path, "l", 0.5);
   CHECK(loader()->views().A_bf16.size() == 1);
 }
+
+}  // namespace test_adapter_set_io

@@ -21,6 +21,8 @@
 #include "set_adapters.hpp"
 #include "test_util.hpp"
 
+namespace test_adapter_store {
+
 using molora::Index;
 using molora::RowMatrix;
 
@@ -256,3 +258,5 @@ TEST_CASE("adapter_store: gets and forwards on several threads") {
   CHECK(over_budget.load() == 0);
   CHECK(store.resident_bytes() <= store.budget_bytes());
 }
+
+}  // namespace test_adapter_store

@@ -2,7 +2,9 @@
 // against the loop-by-loop double reference, bit for bit against add_delta_routed with the
 // equivalent one-expert routing, and its error cases. The in-use check is on so that the
 // workspace case runs in every build.
+#ifndef MOLORA_CHECK_WORKSPACE  // also set for the program this file is compiled into
 #define MOLORA_CHECK_WORKSPACE
+#endif
 #include <doctest/doctest.h>
 
 #include <cstring>
@@ -14,6 +16,8 @@
 
 #include "reference.hpp"
 #include "test_util.hpp"
+
+namespace test_apply_expert {
 
 using molora::Index;
 using molora::RowMatrix;
@@ -155,3 +159,5 @@ TEST_CASE("apply_expert: bad arguments throw, naming the field, and leave y unch
   CHECK_NOTHROW(a.apply_expert(0, x, y, scales, ws));
   CHECK_FALSE(same_bits(y, y0));
 }
+
+}  // namespace test_apply_expert

@@ -15,6 +15,8 @@
 
 #include "test_util.hpp"
 
+namespace test_backward {
+
 using namespace molora;
 
 namespace {
@@ -671,3 +673,5 @@ TEST_CASE("a backward refuses a tape whose gating does not fit the routing") {
   CHECK(grads.A.isZero(0));
   CHECK_NOTHROW(backward(hs.layer, hs.tape, hs.w, grads));
 }
+
+}  // namespace test_backward

@@ -17,6 +17,8 @@
 
 #include <molora/kernels/backward_kernels.hpp>
 
+namespace test_backward_kernels {
+
 namespace {
 
 using molora::kernels::Index;
@@ -298,3 +300,5 @@ TEST_CASE("backward kernels: an empty tile and an empty term change nothing") {
   CHECK(std::all_of(dw.begin(), dw.end(), [](float v) { return v == 2.0f; }));
   CHECK(std::all_of(dx.begin(), dx.end(), [](float v) { return v == 3.0f; }));
 }
+
+}  // namespace test_backward_kernels

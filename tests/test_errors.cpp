@@ -14,6 +14,8 @@
 
 #include "reference.hpp"
 
+namespace test_errors {
+
 using molora::Index;
 using molora::MoLoRAConfig;
 using molora::MoLoRALinear;
@@ -226,3 +228,5 @@ TEST_CASE_TEMPLATE("require_finite_tokens: every non-finite value found, at any 
         }
   }
 }
+
+}  // namespace test_errors

@@ -7,6 +7,8 @@
 
 #include "reference.hpp"
 
+namespace test_gating {
+
 using molora::GatingOptions;
 using molora::Index;
 using molora::RowMatrix;
@@ -368,3 +370,5 @@ TEST_CASE("route_backward in float agrees with double; it checks its arguments")
                        "molora numeric error: routing.ids of token 2 slot 1: expected an expert id in [0, 6), got 6",
                        molora::numeric_error);
 }
+
+}  // namespace test_gating

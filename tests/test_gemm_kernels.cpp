@@ -23,6 +23,8 @@
 
 #include "reference.hpp"
 
+namespace test_gemm_kernels {
+
 namespace k = molora::kernels;
 using k::Index;
 using molora::bf16;
@@ -561,3 +563,5 @@ TEST_CASE("gemm_kernels: Linear and MoLoRALinear in bf16-dot mode match the doub
     }
   }
 }
+
+}  // namespace test_gemm_kernels

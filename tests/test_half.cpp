@@ -18,6 +18,8 @@
 
 #include <molora/half.hpp>
 
+namespace test_half {
+
 namespace {
 
 std::uint32_t bits_of(float f) {
@@ -253,3 +255,5 @@ TEST_CASE("half: the checked conversion of a weight names the field, the index a
   CHECK(message([] { molora::detail::require_finite_weight(molora::f16{0x7c00}, "wrapped", 4, 5); })
             .find("got inf at [4, 5]") != std::string::npos);
 }
+
+}  // namespace test_half

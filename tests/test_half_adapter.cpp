@@ -19,6 +19,8 @@
 #include "reference.hpp"
 #include "test_util.hpp"
 
+namespace test_half_adapter {
+
 using molora::bf16;
 using molora::f16;
 using molora::Index;
@@ -309,3 +311,5 @@ TEST_CASE("half adapter: a bf16 base with bf16 router and experts equals the bf1
     }
   }
 }
+
+}  // namespace test_half_adapter

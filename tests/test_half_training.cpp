@@ -22,6 +22,8 @@
 #include "reference.hpp"
 #include "test_util.hpp"
 
+namespace test_half_training {
+
 namespace {
 
 using molora::Index;
@@ -204,3 +206,5 @@ TEST_CASE("base_backward of a 16-bit base names the bad shape and writes nothing
   CHECK((dx.array() == 3.0f).all());
   CHECK((dx_bad.array() == 3.0f).all());
 }
+
+}  // namespace test_half_training

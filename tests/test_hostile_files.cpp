@@ -21,6 +21,8 @@
 
 #include "test_util.hpp"
 
+namespace test_hostile_files {
+
 namespace fs = std::filesystem;
 using molora::Index;
 using molora::RowMatrix;
@@ -484,3 +486,5 @@ TEST_CASE("fuzz_checkpoints seed corpus: the fixtures load, the hostile seeds ar
   CHECK(loaded >= 8);    // the five fixtures (three twice) and two small MING files
   CHECK(refused >= 8);   // the hostile cases
 }
+
+}  // namespace test_hostile_files

@@ -12,6 +12,8 @@
 
 #include <molora/kernels/dispatch_kernels.hpp>
 
+namespace test_kernels {
+
 namespace k = molora::kernels;
 using k::Index;
 
@@ -173,3 +175,5 @@ TEST_CASE("kernels: the chunk of `in` depends only on the rank") {
   CHECK(t.shrink_chunk(16) % t.simd_width == 0);
   CHECK(t.shrink_chunk(1000) >= 16 * t.simd_width);
 }
+
+}  // namespace test_kernels

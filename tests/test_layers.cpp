@@ -7,6 +7,8 @@
 
 #include "reference.hpp"
 
+namespace test_layers {
+
 using molora::Index;
 using molora::MoLoRAConfig;
 using molora::MoLoRALinear;
@@ -317,3 +319,5 @@ TEST_CASE("init_default leaves the adapted layer equal to its base (B = 0), MING
   l.forward_base(x, base);
   CHECK(l.forward(x) == base);
 }
+
+}  // namespace test_layers

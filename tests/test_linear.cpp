@@ -21,6 +21,8 @@
 #include "reference.hpp"
 #include "test_util.hpp"
 
+namespace test_linear {
+
 using molora::Index;
 
 namespace {
@@ -528,3 +530,5 @@ TEST_CASE_TEMPLATE("linear: owned weights are 64-byte aligned", Weight, float, m
     CHECK(wrong == 0);
   }
 }
+
+}  // namespace test_linear

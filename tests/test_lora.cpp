@@ -6,6 +6,8 @@
 
 #include "reference.hpp"
 
+namespace test_lora {
+
 using molora::Index;
 using molora::LoRA;
 using molora::RowMatrix;
@@ -174,3 +176,5 @@ TEST_CASE_TEMPLATE("LoRA mutable_A/mutable_B write into the adapter, keeping its
   CHECK(ref::rel_err(l.delta(x), ref_delta(l, x)) < tol);
   CHECK(l.delta(x).eval().leftCols(4).isZero(0));
 }
+
+}  // namespace test_lora

@@ -14,6 +14,8 @@
 
 #include "test_util.hpp"
 
+namespace test_losses {
+
 using namespace molora;
 using test_util::fd_error;
 using test_util::fill;
@@ -224,3 +226,5 @@ TEST_CASE("losses need a tape whose forward ran the router, and one E across lay
   forward_train(other, x, y, t2);
   CHECK_THROWS_AS(load_balancing_loss(std::vector<MoLoRATape<double>*>{&t1, &t2}, 0.1), shape_error);
 }
+
+}  // namespace test_losses

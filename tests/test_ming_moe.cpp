@@ -18,6 +18,8 @@
 #include "reference.hpp"
 #include "test_util.hpp"
 
+namespace test_ming_moe {
+
 namespace fs = std::filesystem;
 using molora::Index;
 using molora::RowMatrix;
@@ -417,3 +419,5 @@ TEST_CASE("MING-MOE: bf16 / mixed files load into 16-bit adapters as stored and 
   CHECK_THROWS_AS(((void)molora::io::load_ming_moe<float, bf16>(cfg, bad)), molora::format_error);
   CHECK_THROWS_AS((void)molora::io::load_ming_moe<float>(cfg, bad), molora::format_error);
 }
+
+}  // namespace test_ming_moe

@@ -4,7 +4,9 @@
 //
 // The workspace in-use check is on here even in a Release build (it is off by default with
 // NDEBUG), so that its test runs in every configuration.
+#ifndef MOLORA_CHECK_WORKSPACE  // also set for the program this file is compiled into
 #define MOLORA_CHECK_WORKSPACE
+#endif
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -17,6 +19,8 @@
 
 #include "reference.hpp"
 #include "test_util.hpp"
+
+namespace test_misuse {
 
 using molora::Index;
 using molora::MoLoRAConfig;
@@ -468,3 +472,5 @@ TEST_CASE("a workspace or tape already in use is refused, and released on return
   CHECK_FALSE(copy.in_use.in_use());
   CHECK_NOTHROW(layer.forward(x, y, copy));
 }
+
+}  // namespace test_misuse

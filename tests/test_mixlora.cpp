@@ -20,6 +20,8 @@
 #include "reference.hpp"
 #include "test_util.hpp"
 
+namespace test_mixlora {
+
 namespace fs = std::filesystem;
 using molora::Index;
 using molora::RowMatrix;
@@ -369,3 +371,5 @@ TEST_CASE("MixLoRA: bf16 / mixed files load into a 16-bit block as stored and in
   });
   check_contains(msg, {"over.safetensors", "mixlora.layers.0.mlp.moe_gate.weight", "[2, 5]", "-80000"});
 }
+
+}  // namespace test_mixlora

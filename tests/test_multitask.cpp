@@ -10,6 +10,8 @@
 
 #include "../examples/multitask.hpp"
 
+namespace test_multitask {
+
 TEST_CASE("multitask: MoLoRA learns four unlabelled tasks that one LoRA cannot, routing by task") {
   multitask::TaskSpec task_spec;
   task_spec.dim = 32;
@@ -46,3 +48,5 @@ TEST_CASE("multitask: MoLoRA learns four unlabelled tasks that one LoRA cannot, 
   }
   CHECK(own.size() == static_cast<std::size_t>(r.routing_table.rows()));
 }
+
+}  // namespace test_multitask

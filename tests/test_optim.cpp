@@ -14,6 +14,8 @@
 
 #include "test_util.hpp"
 
+namespace test_optim {
+
 using namespace molora;
 
 TEST_CASE("AdamW: two steps match a hand computation") {
@@ -222,3 +224,5 @@ TEST_CASE("docs/training.md: the training loop compiles, runs, learns, and match
   while (std::getline(code, line)) unindented += (line.size() >= 4 ? line.substr(4) : line) + "\n";
   CHECK(unindented == page);
 }
+
+}  // namespace test_optim

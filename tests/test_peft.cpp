@@ -22,6 +22,8 @@
 #include "reference.hpp"
 #include "test_util.hpp"
 
+namespace test_peft {
+
 namespace fs = std::filesystem;
 using molora::Index;
 using molora::RowMatrix;
@@ -502,3 +504,5 @@ TEST_CASE("LoRA<float, bf16 | f16>: set, widen, delta and merge against a double
                   molora::state_error);
   CHECK(l2.widened_A().rows() == 2);
 }
+
+}  // namespace test_peft

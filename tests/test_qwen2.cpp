@@ -10,6 +10,8 @@
 #include "../examples/qwen2.hpp"
 #include "test_util.hpp"
 
+namespace test_qwen2 {
+
 namespace {
 
 using molora::Index;
@@ -581,3 +583,5 @@ TEST_CASE("qwen2_molora command line: prints the greedy tokens last, rejects bad
   CHECK(missing_rc == 1);
   CHECK(missing_err.find("no_such_model/config.json") != std::string::npos);
 }
+
+}  // namespace test_qwen2

@@ -18,6 +18,8 @@
 
 #include "test_util.hpp"
 
+namespace test_regex {
+
 using molora::io::Regex;
 using test_util::error_of;
 
@@ -488,3 +490,5 @@ TEST_CASE("Regex: agrees with std::regex (ECMAScript, regex_match) on random pat
   CHECK(matched < compared / 2);
   MESSAGE("random cross-check: " << matched << " of " << compared << " texts matched");
 }
+
+}  // namespace test_regex

@@ -15,6 +15,8 @@
 
 #include "test_util.hpp"
 
+namespace test_safetensors {
+
 namespace fs = std::filesystem;
 using namespace molora::io;
 using molora::RowMatrix;
@@ -550,3 +552,5 @@ TEST_CASE("safetensors: the fuzz seed corpus only ever raises format_error") {
   CHECK(files >= 5);
   CHECK(valid >= 3);  // valid_f32, valid_mixed, valid_3d
 }
+
+}  // namespace test_safetensors

@@ -15,6 +15,8 @@
 
 #include "set_adapters.hpp"
 
+namespace test_tenants {
+
 using molora::Index;
 using molora::RowMatrix;
 
@@ -192,3 +194,5 @@ TEST_CASE("tenants: forwards on several threads while another thread adds and dr
   CHECK(forwards.load() >= 60);
   CHECK(reg.version() == 61);
 }
+
+}  // namespace test_tenants

@@ -13,6 +13,8 @@
 #include "reference.hpp"
 #include "test_util.hpp"
 
+namespace test_unchanged_on_throw {
+
 using molora::Index;
 using molora::RowMatrix;
 
@@ -136,3 +138,5 @@ TEST_CASE("MixLoRAFeedForward leaves y unchanged when it throws") {
     CHECK(same_bits(y, y0));
   }
 }
+
+}  // namespace test_unchanged_on_throw
