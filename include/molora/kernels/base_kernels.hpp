@@ -423,6 +423,17 @@ constexpr int kSkinnyWideRows = 3;
 constexpr Index kSkinnyWideFrom = 5;
 constexpr Index kSkinnyWideTo = 8;
 
+// The first token count of the wide path for weights of type Wt: 4 for float weights, whose
+// 4-token product took 0.88-0.92x the time of the 6 rows x 4 tokens before it cold (the
+// whole layer at 4096 x 4096 on Zen 4, four runs in turns: 0.93-1.02x the read of its weights
+// against 1.02-1.11x), though its hot compute is slower (58-63 against 85-92 GFLOP/s, still
+// about half the read's time); bf16 weights took 1.18-1.32x the time there, so 16-bit weights
+// keep the 6 x 4 blocks (docs/benchmarks.md, "Four float tokens on the wide path").
+template <class Wt>
+constexpr Index skinny_wide_from() {
+  return std::is_same_v<Wt, float> ? 4 : kSkinnyWideFrom;
+}
+
 // The wide path's software prefetch goes to L2 (__builtin_prefetch locality 2, prefetcht1)
 // rather than L1: cold, f32 4096 x 4096 at T = 8 on Zen 4, the kernel alone took 1.43-1.62x
 // the time of a plain read of W0 against 1.61-2.06x with the L1 prefetch (six runs, the
@@ -581,11 +592,11 @@ inline void skinny_rows_range(const Wt* w, Index ldw, Index in, const Scalar* x,
 // (docs/benchmarks.md, "Twelve rows for one token"). 16 rows did no better than 12. Same bits.
 constexpr int kSkinnyOneTokenRows = 12;
 
-// The blocked kernel. With 32 vector registers: kSkinnyWideFrom to kSkinnyWideTo tokens take
-// the wide path (3 rows x 8 tokens, above); one token kSkinnyOneTokenRows rows side by side;
-// otherwise 8 rows side by side and no software
-// prefetch up to kSkinnyStreamTokens tokens: one pass along `in` for up to 4 tokens (8 rows
-// x T; 6 rows x 4 tokens at T = 4, whose 32 accumulators would take every register: with the
+// The blocked kernel. With 32 vector registers: skinny_wide_from<Wt>() (4 for float weights,
+// else kSkinnyWideFrom) to kSkinnyWideTo tokens take the wide path (3 rows x 8 tokens, above);
+// one token kSkinnyOneTokenRows rows side by side; otherwise 8 rows side by side and no
+// software prefetch up to kSkinnyStreamTokens tokens: one pass along `in` for up to 4 tokens
+// (8 rows x T; 6 rows x 4 tokens at T = 4 for other weights, whose 32 accumulators would take every register: with the
 // ahead prefetch 0.90x the time of 8 rows cold at 4096 x 4096 f32, 0.97-1.05x elsewhere,
 // docs/benchmarks.md "The next rows fetched in address order"), then 8 rows x 2 tokens over
 // L1-sized chunks of `in`; 8 row streams measured faster
@@ -609,13 +620,13 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
     if constexpr (wide) {
       if (n == 1)
         skinny_rows_range<kSkinnyOneTokenRows, 1, 0, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+      else if (n >= skinny_wide_from<Wt>() && n <= kSkinnyWideTo)
+        skinny_wide_range<kSkinnyWideRows, kSkinnyPrefetch, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0,
+                                                                        o1, spill);
       else if (n == 4)  // 6 rows: 24 accumulators, where 8 rows x 4 tokens take all 32 registers
         skinny_rows_range<6, 4, 0, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else if (n <= 3)
         skinny_rows_range<8, 3, 0, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
-      else if (n >= kSkinnyWideFrom && n <= kSkinnyWideTo)
-        skinny_wide_range<kSkinnyWideRows, kSkinnyPrefetch, Arch, true>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0,
-                                                                        o1, spill);
       else if (n <= kSkinnyStreamTokens)
         skinny_rows_range<8, 2, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else
