@@ -596,9 +596,10 @@ constexpr int kSkinnyOneTokenRows = 12;
 // else kSkinnyWideFrom) to kSkinnyWideTo tokens take the wide path (3 rows x 8 tokens, above);
 // one token kSkinnyOneTokenRows rows side by side; otherwise 8 rows side by side and no
 // software prefetch up to kSkinnyStreamTokens tokens: one pass along `in` for up to 4 tokens
-// (8 rows x T; 6 rows x 4 tokens at T = 4 for other weights, whose 32 accumulators would take every register: with the
-// ahead prefetch 0.90x the time of 8 rows cold at 4096 x 4096 f32, 0.97-1.05x elsewhere,
-// docs/benchmarks.md "The next rows fetched in address order"), then 8 rows x 2 tokens over
+// (8 rows x T; at T = 4 for 16-bit weights 6 rows x 4 tokens, since 8 x 4 accumulators would
+// take every register: with the ahead prefetch 0.90x the time of 8 rows cold at 4096 x 4096
+// f32, 0.97-1.05x elsewhere, docs/benchmarks.md "The next rows fetched in address order"),
+// then 8 rows x 2 tokens over
 // L1-sized chunks of `in`; 8 row streams measured faster
 // than 4 rows with the prefetch, than the streamed pairs of rows, and than one sequential
 // stream, and 16 rows (16 KiB apart for f32) thrash the 8-way L1 sets (docs/benchmarks.md,
