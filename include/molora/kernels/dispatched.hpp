@@ -216,16 +216,22 @@ void skinny_product(dispatched_arch a, const f16* w, Index ldw, Index in, const 
   skinny_product_f16(a, w, ldw, in, x, ldx, T, bias, y, ldy, o0, o1);
 }
 // The same for the expert kernels' 16-bit weights (shrink also serves a 16-bit router's
-// logits through dense_rows).
+// logits through dense_rows). A fused() run through the table's separate shrink and expand
+// (the adapter set's) leaves out the paced fetch of B_e^T: the table's shrink has no span.
 template <class S>
 void shrink(dispatched_arch d, const bf16* a, Index lda, Index r, Index in, const S* const* x, Index n, S* h,
-            Index ldh, S* spill) noexcept {
+            Index ldh, S* spill, PacedSpan* /*fetch*/ = nullptr) noexcept {
   shrink_bf16(d, a, lda, r, in, x, n, h, ldh, spill);
 }
 template <class S>
 void shrink(dispatched_arch d, const f16* a, Index lda, Index r, Index in, const S* const* x, Index n, S* h,
-            Index ldh, S* spill) noexcept {
+            Index ldh, S* spill, PacedSpan* /*fetch*/ = nullptr) noexcept {
   shrink_f16(d, a, lda, r, in, x, n, h, ldh, spill);
+}
+template <class S>
+void shrink(dispatched_arch d, const S* a, Index lda, Index r, Index in, const S* const* x, Index n, S* h,
+            Index ldh, S* spill, PacedSpan* /*fetch*/) noexcept {
+  shrink(d, a, lda, r, in, x, n, h, ldh, spill);
 }
 template <class S>
 void expand(dispatched_arch d, const bf16* bt, Index ldb, Index r, Index out, const S* const* h, const S* scale,

@@ -78,6 +78,43 @@ constexpr Index fused_scratch_size(Index rank) noexcept {
   return kMaxTile * rank + kMaxTile * rank * simd_width<Arch, Scalar>();
 }
 
+// A span of weights fetched into L2 while a kernel streams other weights, at a pace set by
+// what the kernel has consumed, so that the fetches spread over its loop rather than come
+// in one burst: fused() fetches an expert's B_e^T this way while its shrink for a few tokens
+// streams A_e, so that the expand finds B_e^T in L2 (docs/benchmarks.md, "B_e^T fetched
+// during the shrink"). Each `consumed` bytes of the stream let span_bytes / stream_bytes
+// times as many bytes of the span be fetched, a little ahead (5/4 of that), so the span is
+// in flight before the stream ends. Addresses as integers; a hint only: no bit changes.
+struct PacedSpan {
+  std::uintptr_t p = 0, end = 0;
+  Index num = 0, den = 1;  // span bytes fetched per stream byte consumed: num / den
+  Index credit = 0;        // consumed * num not yet spent, in units of 1 / den bytes
+};
+
+// The span [p, p + span_bytes) paced over a stream of stream_bytes.
+inline PacedSpan paced_span(const void* p, Index span_bytes, Index stream_bytes) noexcept {
+  PacedSpan s;
+  s.p = reinterpret_cast<std::uintptr_t>(p);
+  s.end = s.p + static_cast<std::uintptr_t>(span_bytes);
+  s.num = span_bytes * 5;
+  s.den = stream_bytes * 4 > 0 ? stream_bytes * 4 : 1;
+  return s;
+}
+
+// Fetches the span's next lines that `consumed` bytes of the stream have paid for (none
+// past its end, nothing without a span).
+inline void fetch_paced(PacedSpan* s, Index consumed) noexcept {
+#if defined(__GNUC__)
+  if (!s || s->p >= s->end) return;
+  s->credit += consumed * s->num;
+  const Index line = 64 * s->den;
+  for (; s->credit >= line && s->p < s->end; s->credit -= line, s->p += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(s->p), 0, 2);
+#else
+  (void)s, (void)consumed;
+#endif
+}
+
 // ---- scalar kernels ----------------------------------------------------------------------
 
 namespace detail {
@@ -99,7 +136,7 @@ inline Scalar scalar_mul_add(Scalar a, Scalar b, Scalar s) noexcept {
 // h[t*ldh + j] = sum_c a[j*lda + c] * x[t][c] for t < n, j < r. Wt: Scalar, bf16 or f16.
 template <class Wt, class Scalar>
 void shrink(scalar_arch, const Wt* a, Index lda, Index r, Index in, const Scalar* const* x, Index n, Scalar* h,
-            Index ldh, Scalar* /*spill*/) noexcept {
+            Index ldh, Scalar* /*spill*/, PacedSpan* /*fetch*/ = nullptr) noexcept {
   for (Index t = 0; t < n; ++t)
     for (Index j = 0; j < r; ++j) {
       Scalar s = 0;
@@ -172,7 +209,7 @@ inline void finish_dots(const B (&acc)[RJ][RT], bool last, Scalar* spill, Index 
 template <int RJ, int RT, class Arch, class Wt, class Scalar>
 inline void shrink_block(const Wt* a, Index lda, const Scalar* const* x, Index c0, Index c1, Index in_vec,
                          Index in, bool first, bool last, Scalar* spill, Index spill_ld, Scalar* h,
-                         Index ldh) noexcept {
+                         Index ldh, PacedSpan* fetch) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
   constexpr Index W = static_cast<Index>(B::size);
   B acc[RJ][RT];
@@ -183,6 +220,7 @@ inline void shrink_block(const Wt* a, Index lda, const Scalar* const* x, Index c
       acc[j][t] = first ? B(Scalar(0)) : B::load_unaligned(spill + t * spill_ld + j * W);
   }
   for (Index c = c0; c < c1; c += W) {
+    fetch_paced(fetch, RJ * W * Index(sizeof(Wt)));
     B xv[RT];
     MOLORA_UNROLL
     for (int t = 0; t < RT; ++t) xv[t] = B::load_unaligned(x[t] + c);
@@ -222,7 +260,7 @@ constexpr int shrink_rows() noexcept {
 template <int RT, class Arch, class Wt, class Scalar>
 inline void shrink_tokens(const Wt* a, Index lda, Index r, const Scalar* const* x, Index c0, Index c1,
                           Index in_vec, Index in, bool first, bool last, Scalar* spill, Index spill_ld, Scalar* h,
-                          Index ldh) noexcept {
+                          Index ldh, PacedSpan* fetch) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
   constexpr int RJ = shrink_rows<RT, Arch>();
   Index j = 0;
@@ -230,28 +268,28 @@ inline void shrink_tokens(const Wt* a, Index lda, Index r, const Scalar* const* 
     if (in * Index(sizeof(Wt)) <= kShrinkShortRowBytes) {
       for (; j < r; ++j)
         shrink_block<1, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld,
-                                  h + j, ldh);
+                                  h + j, ldh, fetch);
       return;
     }
   }
   for (; j + RJ <= r; j += RJ)
     shrink_block<RJ, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld,
-                               h + j, ldh);
+                               h + j, ldh, fetch);
   if constexpr (RJ > 4) {
     if (j + 4 <= r) {
       shrink_block<4, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld,
-                                h + j, ldh);
+                                h + j, ldh, fetch);
       j += 4;
     }
   }
   if (j + 2 <= r) {
     shrink_block<2, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld, h + j,
-                              ldh);
+                              ldh, fetch);
     j += 2;
   }
   if (j < r)
     shrink_block<1, RT, Arch>(a + j * lda, lda, x, c0, c1, in_vec, in, first, last, spill + j * W, spill_ld, h + j,
-                              ldh);
+                              ldh, fetch);
 }
 
 // One register block of the expand: RT tokens x NV output vectors starting at column o,
@@ -388,10 +426,11 @@ inline void expand_few(const Wt* bt, Index ldb, Index r, Index out_vec, const Sc
 // Shrink of a tile: h[t*ldh + j] = sum_c a[j*lda + c] * x[t][c] for t < n, j < r.
 // Requires: a [r, in] with row stride lda; x[t] points at in values; h holds n rows of
 // stride ldh >= r; spill holds n * r * simd_width values (unused, may be null, when
-// in < shrink_chunk + simd_width). h must not alias a or x.
+// in < shrink_chunk + simd_width). h must not alias a or x. fetch (null, or a PacedSpan):
+// lines fetched into L2 as the rows of A are consumed.
 template <class Arch, class Wt, class Scalar>
 void shrink(Arch, const Wt* a, Index lda, Index r, Index in, const Scalar* const* x, Index n, Scalar* h,
-            Index ldh, Scalar* spill) noexcept {
+            Index ldh, Scalar* spill, PacedSpan* fetch = nullptr) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
   const Index in_vec = in - in % W, spill_ld = r * W;
   // Up to four tokens (decode; one register block of tokens) reuse no A chunk: one pass
@@ -406,19 +445,19 @@ void shrink(Arch, const Wt* a, Index lda, Index r, Index in, const Scalar* const
     Index t = 0;
     for (; t + 4 <= n; t += 4)
       detail::shrink_tokens<4, Arch>(a, lda, r, x + t, c0, c1, in_vec, in, first, last, spill + t * spill_ld,
-                                     spill_ld, h + t * ldh, ldh);
+                                     spill_ld, h + t * ldh, ldh, fetch);
     switch (n - t) {
       case 3:
         detail::shrink_tokens<3, Arch>(a, lda, r, x + t, c0, c1, in_vec, in, first, last, spill + t * spill_ld,
-                                       spill_ld, h + t * ldh, ldh);
+                                       spill_ld, h + t * ldh, ldh, fetch);
         break;
       case 2:
         detail::shrink_tokens<2, Arch>(a, lda, r, x + t, c0, c1, in_vec, in, first, last, spill + t * spill_ld,
-                                       spill_ld, h + t * ldh, ldh);
+                                       spill_ld, h + t * ldh, ldh, fetch);
         break;
       case 1:
         detail::shrink_tokens<1, Arch>(a, lda, r, x + t, c0, c1, in_vec, in, first, last, spill + t * spill_ld,
-                                       spill_ld, h + t * ldh, ldh);
+                                       spill_ld, h + t * ldh, ldh, fetch);
         break;
       default: break;
     }
@@ -502,9 +541,11 @@ void expand(Arch, const Wt* bt, Index ldb, Index r, Index out, const Scalar* con
 // (1 <= tile <= kMaxTile): y[t] += scale[t] * B_e (A_e x[t]). Requires: a [r, in] (stride
 // lda), bt = B_e^T [r, out] (stride ldb), x[t] / y[t] rows of in / out values (y rows
 // distinct, not aliasing x or the weights), scratch of fused_scratch_size<Arch, Scalar>(r)
-// values. The tile changes the speed, not the values. keep (null, or n x r values aliasing
-// nothing else) asks to keep what a backward needs: h = A_e x[t] (unscaled) of token t is
-// then shrunk straight into keep + t*r instead of the scratch tile; y gets the same bits.
+// values. The tile changes the speed, not the values. For tiles of up to 4 tokens the shrink
+// fetches B_e^T into L2 as it streams A_e (PacedSpan), so that the expand finds it there.
+// keep (null, or n x r values aliasing nothing else) asks to keep what a backward needs:
+// h = A_e x[t] (unscaled) of token t is then shrunk straight into keep + t*r instead of the
+// scratch tile; y gets the same bits.
 template <class Arch, class Wt, class Scalar>
 void fused(Arch arch, const Wt* a, Index lda, const Wt* bt, Index ldb, Index r, Index in, Index out,
            const Scalar* const* x, Scalar* const* y, const Scalar* scale, Index n, Scalar* scratch,
@@ -520,7 +561,10 @@ void fused(Arch arch, const Wt* a, Index lda, const Wt* bt, Index ldb, Index r, 
       h = keep + t0 * r;
       for (Index i = 0; i < nt; ++i) hrows[i] = h + i * r;
     }
-    shrink(arch, a, lda, r, in, x + t0, nt, h, r, spill);
+    // A few tokens read A_e once: B_e^T is fetched into L2 at the pace of that read.
+    PacedSpan fetch_bt;
+    if (nt <= 4) fetch_bt = paced_span(bt, ((r - 1) * ldb + out) * Index(sizeof(Wt)), r * in * Index(sizeof(Wt)));
+    shrink(arch, a, lda, r, in, x + t0, nt, h, r, spill, nt <= 4 ? &fetch_bt : nullptr);
     expand(arch, bt, ldb, r, out, hrows, scale + t0, nt, y + t0);
   }
 }
