@@ -209,7 +209,7 @@ inline void finish_dots(const B (&acc)[RJ][RT], bool last, Scalar* spill, Index 
 template <int RJ, int RT, class Arch, class Wt, class Scalar>
 inline void shrink_block(const Wt* a, Index lda, const Scalar* const* x, Index c0, Index c1, Index in_vec,
                          Index in, bool first, bool last, Scalar* spill, Index spill_ld, Scalar* h,
-                         Index ldh, PacedSpan* fetch) noexcept {
+                         Index ldh, PacedSpan* fetch = nullptr) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
   constexpr Index W = static_cast<Index>(B::size);
   B acc[RJ][RT];
@@ -260,7 +260,7 @@ constexpr int shrink_rows() noexcept {
 template <int RT, class Arch, class Wt, class Scalar>
 inline void shrink_tokens(const Wt* a, Index lda, Index r, const Scalar* const* x, Index c0, Index c1,
                           Index in_vec, Index in, bool first, bool last, Scalar* spill, Index spill_ld, Scalar* h,
-                          Index ldh, PacedSpan* fetch) noexcept {
+                          Index ldh, PacedSpan* fetch = nullptr) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
   constexpr int RJ = shrink_rows<RT, Arch>();
   Index j = 0;
