@@ -599,11 +599,10 @@ constexpr int kSkinnyOneTokenRows = 12;
 // (8 rows x T; at T = 4 for 16-bit weights 6 rows x 4 tokens, since 8 x 4 accumulators would
 // take every register: with the ahead prefetch 0.90x the time of 8 rows cold at 4096 x 4096
 // f32, 0.97-1.05x elsewhere, docs/benchmarks.md "The next rows fetched in address order"),
-// then 8 rows x 2 tokens over
-// L1-sized chunks of `in`; 8 row streams measured faster
-// than 4 rows with the prefetch, than the streamed pairs of rows, and than one sequential
-// stream, and 16 rows (16 KiB apart for f32) thrash the 8-way L1 sets (docs/benchmarks.md,
-// "Eight rows side by side"). More tokens: 4 rows x 4 tokens over chunks, prefetching
+// then 8 rows x 2 tokens over L1-sized chunks of `in`; 8 row streams measured faster than 4
+// rows with the prefetch, than the streamed pairs of rows, and than one sequential stream,
+// and 16 rows (16 KiB apart for f32) thrash the 8-way L1 sets (docs/benchmarks.md, "Eight
+// rows side by side"). More tokens: 4 rows x 4 tokens over chunks, prefetching
 // kSkinnyPrefetch ahead, kSkinnyGroup tokens per pass over W0. With 16 registers: 8 rows
 // for one token, else 2 rows x 4 tokens, prefetching. The block shape changes no bit.
 template <class Arch, class Wt, class Scalar>
