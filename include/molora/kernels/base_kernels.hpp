@@ -6,7 +6,7 @@
 // on 16-register ISAs, for 5-8 tokens, pairs of rows along the whole of `in` with every token
 // in registers; for one token over short rows (skinny_short_row_bytes), one row after the
 // other. With AVX-512, up to 8 tokens, a block's single pass along `in` also fetches the rows
-// two blocks on into L2 in address order (AheadSpan), so that memory sees one sequential
+// two blocks on into L2 in address order (FetchSpan), so that memory sees one sequential
 // stream while the block reads its rows side by side. From skinny_crossover tokens on, the
 // layers hand the product to a GEMM (gemm_product for float, Eigen's for double), which
 // reuses W0 from cache better (docs/benchmarks.md, "The base product for few tokens", "The
@@ -66,19 +66,12 @@ constexpr Index kSkinnyGroup = 32;
 constexpr Index kSkinnyPrefetch = 4096;
 
 // The next register blocks' weights, fetched in address order while a block runs (one pass
-// along `in`): the span [p, end) of the rows kSkinnyAhead blocks further on, a few cache
-// lines per column step into L2 (prefetcht1), so that memory sees one sequential stream
-// however many rows a block reads side by side. Cold on Zen 4, one thread, the paths it
-// joins (12 rows for one token, 8 rows x 2-4 tokens, the wide path for 5-8) took 0.78-0.93x
-// their time without it at 4096 x 4096 and 0.43-0.97x at the Qwen2 MLP's 1024 x 2816 and
-// 2816 x 1024, f32 and bf16 (docs/benchmarks.md, "The next rows fetched in address order").
-// Addresses as integers: the cursor may run past the span's end, which it never fetches. A
-// hint only: no bit changes.
-struct AheadSpan {
-  std::uintptr_t p = 0;
-  std::uintptr_t end = 0;
-};
-
+// along `in`): a FetchSpan (lora_kernels.hpp) over the rows kSkinnyAhead blocks further on, a
+// few cache lines per column step into L2, so that memory sees one sequential stream however
+// many rows a block reads side by side. Cold on Zen 4, one thread, the paths it joins (12
+// rows for one token, 8 rows x 2-4 tokens, the wide path for 5-8) took 0.78-0.93x their time
+// without it at 4096 x 4096 and 0.43-0.97x at the Qwen2 MLP's 1024 x 2816 and 2816 x 1024,
+// f32 and bf16 (docs/benchmarks.md, "The next rows fetched in address order").
 // Blocks ahead of the running one whose rows the ahead prefetch fetches (1 and 4 measured
 // the same in a scratch program).
 constexpr Index kSkinnyAhead = 2;
@@ -92,7 +85,7 @@ constexpr int ahead_lines() noexcept {
 
 // Rows [a0, a1) of W0 (row stride ldw, `in` values each) as an ahead span; empty if a0 >= a1.
 template <class Wt>
-inline AheadSpan ahead_span(const Wt* w, Index ldw, Index in, Index a0, Index a1) noexcept {
+inline FetchSpan ahead_span(const Wt* w, Index ldw, Index in, Index a0, Index a1) noexcept {
   if (a0 >= a1) return {};
   return {reinterpret_cast<std::uintptr_t>(w + a0 * ldw), reinterpret_cast<std::uintptr_t>(w + (a1 - 1) * ldw + in)};
 }
@@ -107,20 +100,6 @@ inline void with_token_count(Index n, F& f) noexcept {
     else
       with_token_count<N + 1, Max>(n, f);
   }
-}
-
-// Issues `Lines` prefetches from the span's cursor, moving it on; nothing past its end.
-template <int Lines>
-inline void prefetch_ahead(AheadSpan& a) noexcept {
-#if defined(__GNUC__)
-  MOLORA_UNROLL
-  for (int i = 0; i < Lines; ++i) {
-    if (a.p < a.end) __builtin_prefetch(reinterpret_cast<const void*>(a.p), 0, 2);
-    a.p += 64;
-  }
-#else
-  (void)a;
-#endif
 }
 
 // The streamed path: skinny_product runs it for kSkinnyStreamFrom <= T <= kSkinnyStreamTokens
@@ -290,7 +269,7 @@ inline void skinny_block_end(const xsimd::batch<Scalar, Arch> (&acc)[RO][RT], co
 template <int RO, int RT, class Arch, Index PF = kSkinnyPrefetch, bool Ahead = false, class Wt, class Scalar>
 inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Index c0, Index c1, Index in_vec,
                          Index in, bool first, bool last, Scalar* spill, const Scalar* bias, Scalar* y,
-                         Index ldy, AheadSpan ahead = {}) noexcept {
+                         Index ldy, FetchSpan ahead = {}) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
   constexpr Index W = static_cast<Index>(B::size);
   B acc[RO][RT];
@@ -309,7 +288,7 @@ inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Ind
       for (int j = 0; j < RO; ++j) __builtin_prefetch(w + j * ldw + c + PF / Index(sizeof(Wt)), 0, 3);
     }
 #endif
-    if constexpr (Ahead) prefetch_ahead<ahead_lines<RO, W, Wt>()>(ahead);
+    if constexpr (Ahead) fetch_lines<ahead_lines<RO, W, Wt>()>(ahead);
     else (void)ahead;
     MOLORA_UNROLL
     for (int j = 0; j < RO; ++j) {
@@ -326,7 +305,7 @@ inline void skinny_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Ind
 // skinny_chunk columns, each over all token blocks (TB, then a tail of fewer).
 template <int RO, class Arch, Index PF = kSkinnyPrefetch, int TB = 4, class Wt, class Scalar>
 inline void skinny_rows_block(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
-                              const Scalar* bias, Scalar* y, Index ldy, Scalar* spill, AheadSpan ahead = {}) noexcept {
+                              const Scalar* bias, Scalar* y, Index ldy, Scalar* spill, FetchSpan ahead = {}) noexcept {
   static_assert(TB >= 1 && TB <= 4, "token blocks of 1 to 4");
   constexpr Index W = simd_width<Arch, Scalar>();
   const Index in_vec = in - in % W;
@@ -466,7 +445,7 @@ inline void keep_in_register(B& v) noexcept {
 template <int RO, int RT, class Arch, Index PF, bool Ahead = false, class Wt, class Scalar>
 inline void skinny_wide_block(const Wt* w, Index ldw, const Scalar* x, Index ldx, Index c0, Index c1, Index in_vec,
                               Index in, bool first, bool last, Scalar* spill, const Scalar* bias, Scalar* y,
-                              Index ldy, AheadSpan ahead = {}) noexcept {
+                              Index ldy, FetchSpan ahead = {}) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
   constexpr Index W = static_cast<Index>(B::size);
   B acc[RO][RT];
@@ -483,7 +462,7 @@ inline void skinny_wide_block(const Wt* w, Index ldw, const Scalar* x, Index ldx
         __builtin_prefetch(w + j * ldw + c + PF / Index(sizeof(Wt)), 0, kSkinnyWidePrefetchLocality);
     }
 #endif
-    if constexpr (Ahead) prefetch_ahead<ahead_lines<RO, W, Wt>()>(ahead);
+    if constexpr (Ahead) fetch_lines<ahead_lines<RO, W, Wt>()>(ahead);
     else (void)ahead;
     B wv[RO];
     MOLORA_UNROLL
@@ -505,7 +484,7 @@ inline void skinny_wide_block(const Wt* w, Index ldw, const Scalar* x, Index ldx
 // sums spilled between passes (spill: n * RO vectors).
 template <int RO, class Arch, Index PF, class Wt, class Scalar>
 inline void skinny_wide_rows(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
-                             const Scalar* bias, Scalar* y, Index ldy, Scalar* spill, AheadSpan ahead = {}) noexcept {
+                             const Scalar* bias, Scalar* y, Index ldy, Scalar* spill, FetchSpan ahead = {}) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
   constexpr int TB = kSkinnyWideTokens;
   const Index in_vec = in - in % W;
@@ -549,7 +528,7 @@ template <int RO, Index PF, class Arch, bool Ahead = false, class Wt, class Scal
 inline void skinny_wide_range(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
                               const Scalar* bias, Scalar* y, Index ldy, Index o, Index o1, Scalar* spill) noexcept {
   for (; o + RO <= o1; o += RO) {
-    AheadSpan ahead;
+    FetchSpan ahead;
     if constexpr (Ahead) {
       const Index a0 = o + kSkinnyAhead * RO;
       ahead = ahead_span(w, ldw, in, a0, a0 + RO < o1 ? a0 + RO : o1);
@@ -570,7 +549,7 @@ template <int RO, int TB, Index PF, class Arch, bool Ahead = false, class Wt, cl
 inline void skinny_rows_range(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
                               const Scalar* bias, Scalar* y, Index ldy, Index o, Index o1, Scalar* spill) noexcept {
   for (; o + RO <= o1; o += RO) {
-    AheadSpan ahead;
+    FetchSpan ahead;
     if constexpr (Ahead) {
       const Index a0 = o + kSkinnyAhead * RO;
       ahead = ahead_span(w, ldw, in, a0, a0 + RO < o1 ? a0 + RO : o1);

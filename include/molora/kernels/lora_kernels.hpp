@@ -78,15 +78,38 @@ constexpr Index fused_scratch_size(Index rank) noexcept {
   return kMaxTile * rank + kMaxTile * rank * simd_width<Arch, Scalar>();
 }
 
-// A span of weights fetched into L2 while a kernel streams other weights, at a pace set by
-// what the kernel has consumed, so that the fetches spread over its loop rather than come
-// in one burst: fused() fetches an expert's B_e^T this way while its shrink for a few tokens
-// streams A_e, so that the expand finds B_e^T in L2 (docs/benchmarks.md, "B_e^T fetched
-// during the shrink"). Each `consumed` bytes of the stream let span_bytes / stream_bytes
-// times as many bytes of the span be fetched, a little ahead (5/4 of that), so the span is
-// in flight before the stream ends. Addresses as integers; a hint only: no bit changes.
-struct PacedSpan {
+// A span of weights [p, end) that a kernel fetches into L2 (prefetcht1) while it streams
+// other weights, through a cursor that moves on one cache line per fetch: the base product
+// fetches the rows it reads two blocks on (base_kernels.hpp, ahead_span), fused() an
+// expert's B_e^T during its shrink (PacedSpan). Addresses as integers: the cursor may run
+// past the end, which it never fetches. A hint only: no bit changes.
+struct FetchSpan {
   std::uintptr_t p = 0, end = 0;
+};
+
+// Fetches the line at the span's cursor (nothing past its end) and moves the cursor on.
+inline void fetch_line(FetchSpan& s) noexcept {
+#if defined(__GNUC__)
+  if (s.p < s.end) __builtin_prefetch(reinterpret_cast<const void*>(s.p), 0, 2);
+#endif
+  s.p += 64;
+}
+
+// Lines fetches from the span's cursor, unrolled (a fixed number per step of a kernel's loop).
+template <int Lines>
+inline void fetch_lines(FetchSpan& s) noexcept {
+  MOLORA_UNROLL
+  for (int i = 0; i < Lines; ++i) fetch_line(s);
+}
+
+// A span fetched at a pace set by what the kernel has consumed of its own stream, so that
+// the fetches spread over its loop rather than come in one burst: fused() fetches an
+// expert's B_e^T this way while its shrink for a few tokens streams A_e, so that the expand
+// finds B_e^T in L2 (docs/benchmarks.md, "B_e^T fetched during the shrink"). Each `consumed`
+// bytes of the stream let span_bytes / stream_bytes times as many bytes of the span be
+// fetched, a little ahead (5/4 of that), so the span is in flight before the stream ends.
+struct PacedSpan {
+  FetchSpan span;
   Index num = 0, den = 1;  // span bytes fetched per stream byte consumed: num / den
   Index credit = 0;        // consumed * num not yet spent, in units of 1 / den bytes
 };
@@ -94,25 +117,20 @@ struct PacedSpan {
 // The span [p, p + span_bytes) paced over a stream of stream_bytes.
 inline PacedSpan paced_span(const void* p, Index span_bytes, Index stream_bytes) noexcept {
   PacedSpan s;
-  s.p = reinterpret_cast<std::uintptr_t>(p);
-  s.end = s.p + static_cast<std::uintptr_t>(span_bytes);
+  s.span.p = reinterpret_cast<std::uintptr_t>(p);
+  s.span.end = s.span.p + static_cast<std::uintptr_t>(span_bytes);
   s.num = span_bytes * 5;
   s.den = stream_bytes * 4 > 0 ? stream_bytes * 4 : 1;
   return s;
 }
 
-// Fetches the span's next lines that `consumed` bytes of the stream have paid for (none
-// past its end, nothing without a span).
+// Fetches the span's next lines that `consumed` bytes of the stream have paid for (nothing
+// without a span or past its end).
 inline void fetch_paced(PacedSpan* s, Index consumed) noexcept {
-#if defined(__GNUC__)
-  if (!s || s->p >= s->end) return;
+  if (!s || s->span.p >= s->span.end) return;
   s->credit += consumed * s->num;
   const Index line = 64 * s->den;
-  for (; s->credit >= line && s->p < s->end; s->credit -= line, s->p += 64)
-    __builtin_prefetch(reinterpret_cast<const void*>(s->p), 0, 2);
-#else
-  (void)s, (void)consumed;
-#endif
+  for (; s->credit >= line && s->span.p < s->span.end; s->credit -= line) fetch_line(s->span);
 }
 
 // ---- scalar kernels ----------------------------------------------------------------------
@@ -563,8 +581,12 @@ void fused(Arch arch, const Wt* a, Index lda, const Wt* bt, Index ldb, Index r, 
     }
     // A few tokens read A_e once: B_e^T is fetched into L2 at the pace of that read.
     PacedSpan fetch_bt;
-    if (nt <= 4) fetch_bt = paced_span(bt, ((r - 1) * ldb + out) * Index(sizeof(Wt)), r * in * Index(sizeof(Wt)));
-    shrink(arch, a, lda, r, in, x + t0, nt, h, r, spill, nt <= 4 ? &fetch_bt : nullptr);
+    PacedSpan* fetch = nullptr;
+    if (nt <= 4) {
+      fetch_bt = paced_span(bt, ((r - 1) * ldb + out) * Index(sizeof(Wt)), r * in * Index(sizeof(Wt)));
+      fetch = &fetch_bt;
+    }
+    shrink(arch, a, lda, r, in, x + t0, nt, h, r, spill, fetch);
     expand(arch, bt, ldb, r, out, hrows, scale + t0, nt, y + t0);
   }
 }
