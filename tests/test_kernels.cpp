@@ -176,4 +176,59 @@ TEST_CASE("kernels: the chunk of `in` depends only on the rank") {
   CHECK(t.shrink_chunk(1000) >= 16 * t.simd_width);
 }
 
+// The fetch cursors are hints (no bit depends on them), so what can be wrong is their
+// arithmetic: a paced span must be fetched whole (every line its bytes touch), in order, a
+// little ahead of its stream (by 4/5 of it), and stop at its end.
+TEST_CASE("kernels: a paced span is fetched whole, in order, ahead of its stream") {
+  // span bytes, stream bytes, bytes consumed per step, offset of the span from a line
+  const Index cases[][4] = {{180 * 1024, 64 * 1024, 512, 0}, {64 * 1024, 180 * 1024, 64, 16},
+                            {100, 4096, 64, 0},          {100, 4096, 64, 48},
+                            {16 * 1024, 16 * 1024, 32, 2}, {7 * 64 + 1, 1000, 24, 63}};
+  alignas(64) static unsigned char buffer[256 * 1024];
+  const auto base = reinterpret_cast<std::uintptr_t>(buffer);
+  for (const auto& c : cases) {
+    const Index span_bytes = c[0], stream_bytes = c[1], step = c[2], offset = c[3];
+    CAPTURE(span_bytes);
+    CAPTURE(stream_bytes);
+    CAPTURE(offset);
+    k::PacedSpan s = k::paced_span(buffer + offset, span_bytes, stream_bytes);
+    const Index lines = (offset + span_bytes + 63) / 64;  // the lines the bytes touch
+    CHECK(s.span.p == base);
+    Index consumed = 0, done_at = -1;
+    std::uintptr_t last = s.span.p;
+    while (consumed < stream_bytes) {
+      k::fetch_paced(&s, step);
+      consumed += step;
+      CHECK(s.span.p >= last);
+      last = s.span.p;
+      const Index fetched = Index(s.span.p - base);  // lines fetched x 64
+      const Index owed = consumed * lines * 64 * 5 / (stream_bytes * 4);  // paid for, at 5/4
+      CHECK(fetched <= owed + 64);
+      if (fetched < lines * 64) CHECK(fetched + 64 > owed);
+      if (done_at < 0 && fetched >= lines * 64) done_at = consumed;
+    }
+    REQUIRE(done_at >= 0);
+    CHECK(Index(s.span.p - base) == lines * 64);  // each line once, none past the end
+    CHECK(done_at <= stream_bytes * 4 / 5 + step);
+    k::fetch_paced(&s, stream_bytes);  // spent: nothing more
+    CHECK(Index(s.span.p - base) == lines * 64);
+  }
+  k::fetch_paced(nullptr, 64);  // no span: nothing
+  k::PacedSpan none;
+  k::fetch_paced(&none, 1 << 20);
+  CHECK(none.span.p == 0);
+}
+
+TEST_CASE("kernels: a fetch span starts at the line of its first byte and moves on a line per fetch") {
+  alignas(64) static unsigned char buffer[4096];
+  const auto base = reinterpret_cast<std::uintptr_t>(buffer);
+  k::FetchSpan s = k::fetch_span(buffer + 40, buffer + 240);  // bytes in lines 0-3
+  CHECK(s.p == base);
+  CHECK(s.end == base + 240);
+  k::fetch_lines<3>(s);
+  CHECK(s.p == base + 192);
+  k::fetch_lines<2>(s);  // line 3 (the last bytes), then past the end
+  CHECK(s.p == base + 320);
+}
+
 }  // namespace test_kernels

@@ -87,7 +87,7 @@ constexpr int ahead_lines() noexcept {
 template <class Wt>
 inline FetchSpan ahead_span(const Wt* w, Index ldw, Index in, Index a0, Index a1) noexcept {
   if (a0 >= a1) return {};
-  return {reinterpret_cast<std::uintptr_t>(w + a0 * ldw), reinterpret_cast<std::uintptr_t>(w + (a1 - 1) * ldw + in)};
+  return fetch_span(w + a0 * ldw, w + (a1 - 1) * ldw + in);
 }
 
 // f(std::integral_constant<int, n>{}) for N <= n <= Max, nothing otherwise: a run-time token

@@ -87,6 +87,12 @@ struct FetchSpan {
   std::uintptr_t p = 0, end = 0;
 };
 
+// The bytes [begin, end) as a span: the cursor starts at the line holding `begin`, so that
+// fetches a line apart reach every line the bytes touch, the last one included.
+inline FetchSpan fetch_span(const void* begin, const void* end) noexcept {
+  return {reinterpret_cast<std::uintptr_t>(begin) & ~std::uintptr_t(63), reinterpret_cast<std::uintptr_t>(end)};
+}
+
 // Fetches the line at the span's cursor (nothing past its end) and moves the cursor on.
 inline void fetch_line(FetchSpan& s) noexcept {
 #if defined(__GNUC__)
@@ -114,12 +120,13 @@ struct PacedSpan {
   Index credit = 0;        // consumed * num not yet spent, in units of 1 / den bytes
 };
 
-// The span [p, p + span_bytes) paced over a stream of stream_bytes.
+// The span [p, p + span_bytes) paced over a stream of stream_bytes: its lines (whole, from
+// the one holding p to the one holding its last byte) fetched by 4/5 of the stream.
 inline PacedSpan paced_span(const void* p, Index span_bytes, Index stream_bytes) noexcept {
   PacedSpan s;
-  s.span.p = reinterpret_cast<std::uintptr_t>(p);
-  s.span.end = s.span.p + static_cast<std::uintptr_t>(span_bytes);
-  s.num = span_bytes * 5;
+  s.span = fetch_span(p, static_cast<const unsigned char*>(p) + span_bytes);
+  const auto lines = static_cast<Index>((s.span.end - s.span.p + 63) / 64);
+  s.num = lines * 64 * 5;
   s.den = stream_bytes * 4 > 0 ? stream_bytes * 4 : 1;
   return s;
 }
