@@ -72,6 +72,7 @@ constexpr Index kSkinnyPrefetch = 4096;
 // rows for one token, 8 rows x 2-4 tokens, the wide path for 5-8) took 0.78-0.93x their time
 // without it at 4096 x 4096 and 0.43-0.97x at the Qwen2 MLP's 1024 x 2816 and 2816 x 1024,
 // f32 and bf16 (docs/benchmarks.md, "The next rows fetched in address order").
+
 // Blocks ahead of the running one whose rows the ahead prefetch fetches (1 and 4 measured
 // the same in a scratch program).
 constexpr Index kSkinnyAhead = 2;

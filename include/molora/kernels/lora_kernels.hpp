@@ -101,7 +101,8 @@ inline void fetch_line(FetchSpan& s) noexcept {
   s.p += 64;
 }
 
-// Lines fetches from the span's cursor, unrolled (a fixed number per step of a kernel's loop).
+// `Lines` lines fetched from the span's cursor, unrolled (a fixed number per step of a
+// kernel's loop).
 template <int Lines>
 inline void fetch_lines(FetchSpan& s) noexcept {
   MOLORA_UNROLL
@@ -112,8 +113,9 @@ inline void fetch_lines(FetchSpan& s) noexcept {
 // the fetches spread over its loop rather than come in one burst: fused() fetches an
 // expert's B_e^T this way while its shrink for a few tokens streams A_e, so that the expand
 // finds B_e^T in L2 (docs/benchmarks.md, "B_e^T fetched during the shrink"). Each `consumed`
-// bytes of the stream let span_bytes / stream_bytes times as many bytes of the span be
-// fetched, a little ahead (5/4 of that), so the span is in flight before the stream ends.
+// bytes of the stream let span_bytes / stream_bytes times as many bytes of the span (counted
+// in whole lines) be fetched, a little ahead (5/4 of that), so the span is in flight before
+// the stream ends.
 struct PacedSpan {
   FetchSpan span;
   Index num = 0, den = 1;  // span bytes fetched per stream byte consumed: num / den
