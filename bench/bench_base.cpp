@@ -581,7 +581,7 @@ template <class W>
 void register_crossover(const char* dtype) {
   const std::vector<std::pair<Index, Index>> shapes = {{4096, 4096}, {1024, 2816}, {2816, 1024}};
   for (const auto& [in, out] : shapes)
-    for (Index T : {4, 8, 16, 24, 32, 48, 64, 96})
+    for (Index T : {4, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96})
       benchmark::RegisterBenchmark((std::string("crossover/") + dtype + "/" + std::to_string(in) + "/" +
                                     std::to_string(out) + "/" + std::to_string(T) + "/cold")
                                        .c_str(),
@@ -894,7 +894,7 @@ template <class W>
 void register_whole_layer(const char* dtype) {
   for (int eigen_base : {0, 1})
     for (int cold : {1, 0})
-      for (Index T : {1, 2, 4, 8, 16, 32, 64, 256}) {
+      for (Index T : {1, 2, 4, 8, 12, 16, 24, 32, 64, 256}) {
         if (eigen_base && (!cold || T > 8 || !std::is_same_v<W, float>)) continue;
         benchmark::RegisterBenchmark((std::string("whole_layer/") + dtype + "/4096/4096/" + std::to_string(T) +
                                       (cold ? "/cold" : "/warm") + (eigen_base ? "/eigen_base" : ""))

@@ -27,8 +27,9 @@ namespace molora {
 //   eigen      Eigen's GEMV / GEMM (for 16-bit weights: over blocks of widened rows)
 //   skinny     kernels::skinny_product: each row of W streamed once for all the tokens
 //   gemm       kernels::gemm_product: packed panels of x and W (16-bit W widened while packed)
-//   automatic  skinny below kernels::skinny_crossover<Scalar, Weight>() tokens (32 for float
-//              weights, 48 for bf16 / f16 ones, 128 for double), from there on
+//   automatic  skinny below kernels::skinny_crossover<Scalar, Weight>() tokens (a constant of
+//              the running ISA: with AVX-512 32 for float weights, 48 for bf16 / f16 ones;
+//              with AVX2 20, 10 and 16; 128 for double everywhere), from there on
 //              detail::many_tokens_strategy (gemm for float activations, eigen for double);
 //              one token of weights of the layer's own type goes to Eigen's GEMV (with OpenMP
 //              its rows split between the threads), except float weights while AVX-512 runs,
@@ -91,7 +92,7 @@ template <class Scalar, class Weight>
 BaseStrategy resolve_base_strategy(BaseStrategy s, Index num_tokens, Index in) {
   if (s != BaseStrategy::automatic) return s;
   const Index first_skinny = std::is_same_v<Weight, Scalar> && !one_token_skinny<Scalar>(in) ? 2 : 1;
-  constexpr Index crossover = kernels::skinny_crossover<Scalar, Weight>();
+  const Index crossover = kernels::skinny_crossover<Scalar, Weight>();
   if (num_tokens >= first_skinny && num_tokens < crossover) return BaseStrategy::skinny;
   return num_tokens >= crossover ? many_tokens_strategy<Scalar, Weight>()
                                                            : BaseStrategy::eigen;

@@ -70,22 +70,37 @@ constexpr long simd_width() noexcept {
 #endif
 }
 
-// Readable name of a compile-time ISA: "avx512" (F+BW+DQ), "avx2" (with FMA), "sse4.2",
-// "scalar", else xsimd's own name ("avx", "sse2", "neon64"...).
+// The four ISAs the library dispatches between, and `other` for any further xsimd ISA a
+// compile-time build may target ("avx", "sse2", "neon64"...).
+enum class IsaLevel { scalar, sse42, avx2, avx512, other };
+
+// Which of them a compile-time ISA is: avx512 (F+BW+DQ), avx2 (with FMA), sse4.2, scalar.
 template <class Arch>
-constexpr const char* isa_name() noexcept {
+constexpr IsaLevel isa_level() noexcept {
 #if !defined(MOLORA_NO_XSIMD) && (defined(__x86_64__) || defined(_M_X64) || defined(__i386__))
   if constexpr (std::is_base_of_v<xsimd::avx512bw, Arch>)
-    return "avx512";
+    return IsaLevel::avx512;
   else if constexpr (std::is_base_of_v<xsimd::fma3<xsimd::avx2>, Arch>)
-    return "avx2";
+    return IsaLevel::avx2;
   else if constexpr (std::is_same_v<xsimd::sse4_2, Arch>)
-    return "sse4.2";
-  else
-    return Arch::name();
-#else
-  return Arch::name();
+    return IsaLevel::sse42;
 #endif
+  if constexpr (std::is_same_v<Arch, scalar_arch>)
+    return IsaLevel::scalar;
+  else
+    return IsaLevel::other;
+}
+
+// Readable name of a compile-time ISA: "avx512", "avx2", "sse4.2", "scalar", else xsimd's own
+// name.
+template <class Arch>
+constexpr const char* isa_name() noexcept {
+  switch (isa_level<Arch>()) {
+    case IsaLevel::avx512: return "avx512";
+    case IsaLevel::avx2: return "avx2";
+    case IsaLevel::sse42: return "sse4.2";
+    default: return Arch::name();
+  }
 }
 
 }  // namespace molora::kernels

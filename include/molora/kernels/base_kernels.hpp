@@ -36,22 +36,41 @@
 namespace molora::kernels {
 
 // Tokens below which the layers use skinny_product for their base product, and a GEMM from
-// there on (gemm_product for float activations, Eigen's for double): a constant per
+// there on (gemm_product for float activations, Eigen's for double): a constant per ISA,
 // activation and weight type, so the choice never depends on the thread count. Measured cold,
-// one thread, AVX-512 on Zen 4, gemm_product over the skinny kernel (x staged) on the same
-// weights, at 4096 x 4096 / 1024 -> 2816 / 2816 -> 1024 (docs/benchmarks.md, "The crossover
-// to the packed GEMM"): float weights 1.11 / 1.05 / 1.11 at T = 24, 1.04 / 0.97 / 1.06 at 32,
-// 0.94 / 0.80 / 0.94 at 48, so 32; bf16 weights 1.06 / 0.92 / 0.96 at 32 and 1.03 / 0.83 /
-// 0.82 at 48 (f16 1.14 / 0.89 and 1.02 / 0.82), so 48, where the square shape is level and
-// the Qwen2 MLP's are well ahead. Double keeps 128, measured against Eigen's GEMM (0.93-0.99
-// / 0.94-0.98 / 1.11-1.14 skinny / Eigen at T = 96 / 128 / 192). (For one token of a weight
-// of the layer's own type the layers keep Eigen's GEMV, but for float weights with AVX-512:
-// detail::one_token_skinny in base_product.hpp.)
-template <class Scalar, class Weight = Scalar>
-constexpr Index skinny_crossover() noexcept {
+// one thread, gemm_product over the skinny kernel (x staged) on the same weights, at 4096 x
+// 4096 / 1024 -> 2816 / 2816 -> 1024, the first T where the two are level (docs/benchmarks.md,
+// "The crossover to the packed GEMM", "The crossover on 16-register ISAs"):
+//  - AVX-512 (Zen 4): float weights 1.11 / 1.05 / 1.11 at T = 24, 1.04 / 0.97 / 1.06 at 32,
+//    0.94 / 0.80 / 0.94 at 48, so 32; bf16 weights 1.06 / 0.92 / 0.96 at 32 and 1.03 / 0.83 /
+//    0.82 at 48 (f16 1.14 / 0.89 and 1.02 / 0.82), so 48;
+//  - AVX2 (Zen 1, half the AVX-512 machine's multiply-adds per cycle): float weights 1.09 /
+//    1.09 / 1.01 at 16, 1.03 / 1.03 / 0.96 at 20, so 20; bf16 1.54 / 1.34 / 1.43 at 8, 1.03 /
+//    0.97 / 0.99 at 10, 0.94 / 0.88 / 0.90 at 12, so 10 (past the streamed path's 8 tokens the
+//    skinny kernel widens each chunk of rows once per 4 tokens, the GEMM once per panel); f16
+//    (F16C) 1.13 / 1.08 / 1.07 at 10, 1.02 / 0.99 / 0.97 at 16, so 16;
+//  - SSE4.2 (Zen 1): float weights 1.14 / 1.12 at 32, 1.04 / 1.00 at 48 (4096 x 4096 / 1024 ->
+//    2816), bf16 1.06 / 1.08 at 32, 0.98 / 0.99 at 48, so 48 for both; f16 has no hardware
+//    conversion and the skinny kernel's re-widening costs 2.6x the GEMM's time from 12 tokens
+//    (level at 4-8), so 8;
+//  - the scalar kernels (Zen 1; any other compile-time ISA takes theirs), bound by their
+//    arithmetic: float and bf16 weights level at every T from 4 to 64 (0.94-0.99 and
+//    0.97-1.07), so 32 and 48 as with AVX-512; f16 weights, converted in software, run faster
+//    on the skinny kernel at every T (the GEMM 1.16-1.30x its time), so 128.
+// Double keeps 128, measured against Eigen's GEMM with AVX-512 (0.93-0.99 / 0.94-0.98 / 1.11-1.14
+// skinny / Eigen at T = 96 / 128 / 192). (For one token of a weight of the layer's own type the
+// layers keep Eigen's GEMV, but for float weights with AVX-512: detail::one_token_skinny in
+// base_product.hpp.) skinny_crossover<Scalar, Weight>() (dispatched.hpp) is the active ISA's.
+template <class Arch, class Scalar, class Weight = Scalar>
+constexpr Index skinny_crossover_on() noexcept {
+  static_assert(!std::is_same_v<Arch, dispatched_arch>, "the dispatched ISA's is skinny_crossover()");
+  constexpr IsaLevel isa = isa_level<Arch>();
+  constexpr bool f32 = std::is_same_v<Weight, float>, b16 = std::is_same_v<Weight, bf16>;
   if constexpr (!std::is_same_v<Scalar, float>) return 128;
-  else if constexpr (std::is_same_v<Weight, float>) return 32;
-  else return 48;
+  else if constexpr (isa == IsaLevel::avx512) return f32 ? 32 : 48;
+  else if constexpr (isa == IsaLevel::avx2) return f32 ? 20 : b16 ? 10 : 16;
+  else if constexpr (isa == IsaLevel::sse42) return f32 || b16 ? 48 : 8;
+  else return f32 ? 32 : b16 ? 48 : 128;
 }
 
 // Tokens whose partial sums one pass over a block of rows keeps (in a stack buffer); a call

@@ -118,6 +118,9 @@ struct KernelTable {
   Index grad_out_chunk;
   Index grad_in_chunk;
   Index (*shrink_chunk)(Index rank) noexcept;
+  Index skinny_crossover;       // skinny_crossover_on<Arch, Scalar>() (base_kernels.hpp)
+  Index skinny_crossover_bf16;  // the same for bf16 weights
+  Index skinny_crossover_f16;   // and for f16 weights
 #define MOLORA_TABLE_MEMBER(name, params, args) void (*name) params noexcept;
   MOLORA_DISPATCHED_KERNELS(MOLORA_TABLE_MEMBER, Scalar)
 #undef MOLORA_TABLE_MEMBER
@@ -151,6 +154,9 @@ constexpr KernelTable<S> make_kernel_table() noexcept {
   t.grad_out_chunk = grad_out_chunk<Arch, S>();
   t.grad_in_chunk = grad_in_chunk<Arch, S>();
   t.shrink_chunk = &KernelThunks<Arch, S>::shrink_chunk;
+  t.skinny_crossover = skinny_crossover_on<Arch, S, S>();
+  t.skinny_crossover_bf16 = skinny_crossover_on<Arch, S, bf16>();
+  t.skinny_crossover_f16 = skinny_crossover_on<Arch, S, f16>();
 #define MOLORA_TABLE_FILL(name, params, args) t.name = &KernelThunks<Arch, S>::name;
   MOLORA_DISPATCHED_KERNELS(MOLORA_TABLE_FILL, S)
 #undef MOLORA_TABLE_FILL
@@ -191,6 +197,20 @@ const KernelTable<Scalar>& active_kernels() noexcept {
   static constexpr KernelTable<Scalar> table = detail::make_kernel_table<default_arch, Scalar>();
   return table;
 #endif
+}
+
+// Tokens from which the layers' base product for Scalar activations and Weight weights is a
+// GEMM rather than skinny_product, on the ISA that runs (skinny_crossover_on, base_kernels.hpp):
+// fixed per ISA and types, whatever the thread count.
+template <class Scalar, class Weight = Scalar>
+Index skinny_crossover() noexcept {
+  const KernelTable<Scalar>& t = active_kernels<Scalar>();
+  if constexpr (std::is_same_v<Weight, bf16>)
+    return t.skinny_crossover_bf16;
+  else if constexpr (std::is_same_v<Weight, f16>)
+    return t.skinny_crossover_f16;
+  else
+    return t.skinny_crossover;
 }
 
 #if MOLORA_RUNTIME_DISPATCH
