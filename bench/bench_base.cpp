@@ -448,7 +448,8 @@ void BM_skinny_paths(benchmark::State& st) {
 // then a plain read of another: the rows one after the other (skinny_stream_rows<1>, what
 // short rows take), pairs of rows one after the other, the blocked path (kSkinnyOneTokenRows
 // rows side by side, what long rows take), the rows one after the other prefetching 4 KiB
-// ahead (tried, not used), 8 rows side by side (the blocked path before), and for f32
+// ahead (tried, not used), 8 rows side by side (the blocked path before with AVX-512; with
+// 16 registers the blocked path is these 8 rows, and was them with a prefetch), and for f32
 // Eigen's GEMV. Counters: each way's median time and median share of the paired read, and
 // over_blocked (median per-iteration ratio to the blocked path).
 template <class Wt>

@@ -603,7 +603,12 @@ constexpr int kSkinnyOneTokenRows = 12;
 // and 16 rows (16 KiB apart for f32) thrash the 8-way L1 sets (docs/benchmarks.md, "Eight
 // rows side by side"). More tokens: 4 rows x 4 tokens over chunks, prefetching
 // kSkinnyPrefetch ahead, kSkinnyGroup tokens per pass over W0. With 16 registers: 8 rows
-// for one token, else 2 rows x 4 tokens, prefetching. The block shape changes no bit.
+// for one token without software prefetch (with kSkinnyPrefetch, each row's line 4 KiB
+// ahead lands in the set of the line it reads: on AVX2 (Zen 1), one token, cold, 8 rows
+// without it took 0.61 / 0.85 / 0.83 / 1.00x the time with it for bf16 weights at 4096 x
+// 4096 / 2816 -> 4096 / 2816 -> 1024 / 1024 -> 4096, docs/benchmarks.md "The crossover on
+// 16-register ISAs"), else 2 rows x 4 tokens, prefetching. The block shape and the prefetch
+// change no bit.
 template <class Arch, class Wt, class Scalar>
 void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                             const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
@@ -632,7 +637,7 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
         skinny_rows_range<RO, 4, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
     } else {
       if (n == 1)
-        skinny_rows_range<8, 1, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+        skinny_rows_range<8, 1, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else
         skinny_rows_range<RO, 4, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
     }
