@@ -92,8 +92,9 @@ void check_against_reference(const Problem<Scalar>& p) {
 
 template <class Arch, class Scalar>
 void reference_suite() {
-  // Past the largest crossover of any ISA (48 for float activations, 128 for double), so that
-  // every T a layer may hand the kernel is covered whichever ISA runs.
+  // Past the largest crossover of any ISA for weights of the activations' type (48 for float,
+  // with SSE4.2; 128 for double), so that every T a layer may hand the kernel is covered
+  // whichever ISA runs.
   constexpr Index crossover = std::is_same_v<Scalar, float> ? 48 : 128;
   std::mt19937_64 gen(11);
   std::uint64_t seed = 100;
