@@ -147,6 +147,25 @@ void split_ranges(Index n, Index step, Index min_part, F&& f) {
   f(Index(0), n);
 }
 
+// Calls f() so that an Eigen product inside it runs on one thread. Called outside a parallel
+// region with more than one OpenMP thread, Eigen splits a GEMM between the threads itself,
+// and its split moves columns between its kernel's full and remainder paths, which changes
+// bits; inside a one-thread region whose thread count is set to 1, Eigen sees one thread.
+template <class F>
+void on_one_eigen_thread(F&& f) {
+#if defined(MOLORA_USE_OPENMP)
+  if (!omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel num_threads(1)
+    {
+      omp_set_num_threads(1);  // this region's own setting: Eigen reads it, the caller's is kept
+      f();
+    }
+    return;
+  }
+#endif
+  f();
+}
+
 // Tokens from which the skinny product reads x from a staged copy (staged_rows) rather than
 // in place. From 5 tokens on every block of rows passes over 5 or more rows of x at once (the
 // wide path, then 4-token blocks over chunks), and rows of x 16 bytes off a cache line
@@ -241,15 +260,20 @@ void base_product(const Weight* w, Index in, Index out, const Scalar* bias, cons
     // OpenMP the blocks are shared out between the threads, each widening into its own
     // scratch and running its GEMMs alone (Eigen does not split a GEMM inside a parallel
     // region): split by Eigen instead, each GEMM of 16-odd output columns costs more in
-    // synchronisation than it gains. Every block is the same GEMM whatever the thread
-    // count, so y has the same bits.
+    // synchronisation than it gains. A single block (no split) runs on one Eigen thread
+    // too. Every block is the same one-thread GEMM whatever the thread count, so y has the
+    // same bits.
     const Index rb = widened_block_rows<Scalar>(in, out, kWidenBlockBytes);
     auto widened_blocks = [&](Index first, Index last) {  // the blocks [first, last)
       for_widened_blocks<Scalar>(w, in, out, rb, first, last, [&](Index o, Index n, const auto& rows) {
         y.middleCols(o, n).noalias() = x * rows.transpose();  // [T, n]
       });
     };
-    split_ranges((out + rb - 1) / rb, 1, 1, widened_blocks);
+    const Index blocks = (out + rb - 1) / rb;
+    if (blocks == 1)
+      on_one_eigen_thread([&] { widened_blocks(0, 1); });
+    else
+      split_ranges(blocks, 1, 1, widened_blocks);
   }
   if (bias) y.rowwise() += Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(bias, out);
 }
