@@ -149,8 +149,9 @@ void split_ranges(Index n, Index step, Index min_part, F&& f) {
 
 // Calls f() so that an Eigen product inside it runs on one thread. Called outside a parallel
 // region with more than one OpenMP thread, Eigen splits a GEMM between the threads itself,
-// and its split moves columns between its kernel's full and remainder paths, which changes
-// bits; inside a one-thread region whose thread count is set to 1, Eigen sees one thread.
+// and the bits of its result then depend on the thread count (tests/test_threads.cpp saw it
+// at in = 300, out = 130); inside a one-thread region whose thread count is set to 1, Eigen
+// sees one thread.
 template <class F>
 void on_one_eigen_thread(F&& f) {
 #if defined(MOLORA_USE_OPENMP)
