@@ -813,7 +813,7 @@ void BM_skinny_limit(benchmark::State& st) {
 
 template <class W>
 void register_skinny_limit(const char* dtype) {
-  for (Index T : {1, 4, 8})
+  for (Index T : {1, 2, 4, 8})
     benchmark::RegisterBenchmark((std::string("skinny_limit/") + dtype + "/4096/4096/" + std::to_string(T)).c_str(),
                                  BM_skinny_limit<W>)
         ->Args({4096, 4096, T})
@@ -2054,3 +2054,132 @@ bool register_cells() {
 const bool registered = register_cells();
 
 }  // namespace skinny_ahead_cells
+
+// skinny16
+// ---- register blocks for 16 vector registers (a block of its own, registered at static
+// initialisation) --------------------------------------------------------------------------
+//   skinny16/D/in/out/T/cold   the AVX2 + FMA kernels (built into this binary when its flags
+//                              include AVX2 and FMA, whatever the CPU's best ISA), W0 stored as
+//                              D = f32 / bf16 / f16, f32 activations staged as base_product
+//                              stages them (rows staged_stride apart from kStageXFrom tokens),
+//                              bias: cur (kernels::skinny_product as the layers run it), then
+//                              blocks of the wide pattern (a block's RO weight vectors loaded
+//                              and widened first, then each token's x vector for its RO FMAs),
+//                              RO rows x TB tokens with the rows kSkinnyAhead blocks on fetched
+//                              into L2 in address order: w4x2a, w3x4a, w2x6a; w3x4 without the
+//                              ahead fetch; r4x2a (skinny_rows_range's pattern, x loaded first,
+//                              4 rows x 2 tokens, ahead fetch). Each on its own cold copy, then
+//                              a plain read of another, the order rotating. Counters: median
+//                              times (ms), X_read_share, X_over_cur (medians of the ratios).
+namespace skinny16_cells {
+
+namespace kd = molora::kernels::detail;
+
+template <class Wt>
+void BM_skinny16(benchmark::State& st) {
+#if defined(MOLORA_NO_XSIMD) || !defined(__AVX2__) || !defined(__FMA__)
+  st.SkipWithError("needs xsimd and a build with AVX2 and FMA");
+#else
+  using Arch = xsimd::fma3<xsimd::avx2>;
+  const Index in = st.range(0), out = st.range(1), T = st.range(2);
+  constexpr std::size_t V = 6;
+  auto w = cold_copies<Wt>(in, in, out, true, V + 1);
+  const std::size_t n = w.size();
+  Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
+  fill(b, 2, 0.02);
+  const Index ldx = T >= molora::detail::kStageXFrom ? molora::detail::staged_stride<float>(in) : in;
+  molora::detail::aligned_vector<float> x(static_cast<std::size_t>(T * ldx), 0.f);
+  for (Index t = 0; t < T; ++t)
+    for (Index i = 0; i < in; ++i) x[static_cast<std::size_t>(t * ldx + i)] = 0.5f - 0.001f * float((t * in + i) % 997);
+  Mat<float> y(T, out);
+  constexpr Index W = molora::kernels::simd_width<Arch, float>();
+  alignas(64) static float spill[molora::kernels::kSkinnyGroup * 4 * W];
+  auto run = [&](std::size_t v, const Wt* p) {
+    const float* xp = x.data();
+    float* yp = y.data();
+    switch (v) {
+      case 0: molora::kernels::skinny_product(Arch{}, p, in, in, xp, ldx, T, b.data(), yp, out, Index(0), out); break;
+      case 1: kd::skinny_wide_range<4, 0, Arch, true, 2>(p, in, in, xp, ldx, T, b.data(), yp, out, Index(0), out, spill); break;
+      case 2: kd::skinny_wide_range<3, 0, Arch, true, 4>(p, in, in, xp, ldx, T, b.data(), yp, out, Index(0), out, spill); break;
+      case 3: kd::skinny_wide_range<2, 0, Arch, true, 6>(p, in, in, xp, ldx, T, b.data(), yp, out, Index(0), out, spill); break;
+      case 4: kd::skinny_wide_range<3, 0, Arch, false, 4>(p, in, in, xp, ldx, T, b.data(), yp, out, Index(0), out, spill); break;
+      default: kd::skinny_rows_range<4, 2, 0, Arch, true>(p, in, in, xp, ldx, T, b.data(), yp, out, Index(0), out, spill);
+    }
+  };
+  // every variant computes the same bits as the layers' kernel (checked once, outside the timing)
+  {
+    Mat<float> ref(T, out);
+    run(0, w[0].data());
+    ref = y;
+    for (std::size_t v = 1; v < V; ++v) {
+      y.setZero();
+      run(v, w[0].data());
+      if (!(y.array() == ref.array()).all()) {
+        st.SkipWithError("a variant's bits differ from skinny_product's");
+        return;
+      }
+    }
+  }
+  const Index bytes = in * out * Index(sizeof(Wt));
+  std::vector<double> t[V + 1], over[V], share[V];
+  float sink = 0;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    double tv[V];
+    for (std::size_t k = 0; k < V; ++k) {
+      const std::size_t v = (k + i) % V;
+      const std::size_t c = ((V + 1) * i + k) % n;
+      const double t0 = cpu_seconds();
+      run(v, w[c].data());
+      benchmark::ClobberMemory();
+      tv[v] = cpu_seconds() - t0;
+    }
+    const std::size_t c = ((V + 1) * i + V) % n;
+    ++i;
+    const double t0 = cpu_seconds();
+    sink += stream_spans({{w[c].data(), bytes}});
+    const double tr = cpu_seconds() - t0;
+    st.SetIterationTime(tv[0]);
+    for (std::size_t v = 0; v < V; ++v) {
+      t[v].push_back(tv[v]);
+      over[v].push_back(tv[v] / tv[0]);
+      share[v].push_back(tv[v] / tr);
+    }
+    t[V].push_back(tr);
+  }
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(y.data());
+  const char* names[V] = {"cur", "w4x2a", "w3x4a", "w2x6a", "w3x4", "r4x2a"};
+  for (std::size_t v = 0; v < V; ++v) {
+    st.counters[std::string(names[v]) + "_ms"] = median(t[v]) * 1e3;
+    st.counters[std::string(names[v]) + "_read_share"] = median(share[v]);
+    if (v > 0) st.counters[std::string(names[v]) + "_over_cur"] = median(over[v]);
+  }
+  st.counters["read_ms"] = median(t[V]) * 1e3;
+#endif
+}
+
+template <class Wt>
+void register_dtype(const char* dtype) {
+  for (auto [in, out] : {std::pair<Index, Index>{4096, 4096}, {1024, 2816}, {2816, 1024}})
+    for (Index T : {2, 3, 4, 5, 6, 8})
+      benchmark::RegisterBenchmark((std::string("skinny16/") + dtype + "/" + std::to_string(in) + "/" +
+                                    std::to_string(out) + "/" + std::to_string(T) + "/cold")
+                                       .c_str(),
+                                   BM_skinny16<Wt>)
+          ->Args({in, out, T})
+          ->UseManualTime()
+          ->MinTime(0.5)
+          ->Unit(benchmark::kMillisecond);
+}
+
+bool register_cells() {
+  register_dtype<float>("f32");
+  register_dtype<molora::bf16>("bf16");
+  register_dtype<molora::f16>("f16");
+  return true;
+}
+
+const bool registered = register_cells();
+
+}  // namespace skinny16_cells

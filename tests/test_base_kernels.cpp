@@ -532,10 +532,11 @@ TEST_CASE_TEMPLATE("base_kernels: 1-20 tokens (the wide path) match the referenc
 namespace {
 
 // The wide path's kernels called directly for the ISA this file is compiled for (any
-// register count: the shape is a speed choice), every block height, with prefetch along the
-// rows and with the next blocks' rows prefetched in address order, over
-// two row ranges: the bits of skinny_product_blocked's other shapes (8 rows x 1 token per
-// token) for every T from 1 to 20 (one pass, chunks with spills, token tails of 1 to 7).
+// register count: the shape is a speed choice), every block height and token block (8 tokens,
+// and the 2, 4 and 6 of the 16-register shapes), with prefetch along the rows and with the
+// next blocks' rows prefetched in address order, over two row ranges: the bits of
+// skinny_product_blocked's other shapes (8 rows x 1 token per token) for every T from 1 to 20
+// (one pass, chunks with spills, token tails).
 template <class Arch, class Scalar, class Weight>
 void wide_shapes_suite() {
   namespace kd = k::detail;
@@ -551,7 +552,7 @@ void wide_shapes_suite() {
           kd::skinny_rows_range<8, 1, 0, Arch>(wt.data(), p.ldw, in, p.x.data() + t * p.ldx, p.ldx, 1, p.bias_ptr(),
                                                want.data() + t * p.ldy, p.ldy, Index(0), out,
                                                static_cast<Scalar*>(nullptr));
-        alignas(64) Scalar spill[k::kSkinnyGroup * 3 * 16];
+        alignas(64) Scalar spill[k::kSkinnyGroup * 4 * 16];
         auto shape = [&](auto run) {
           std::vector<Scalar> y = p.y0;
           const Index mid = out / 2;
@@ -559,14 +560,17 @@ void wide_shapes_suite() {
           run(y, mid, out);
           return y;
         };
-#define MOLORA_WIDE(RO, PF, AHEAD)                                                                                 \
-  shape([&](std::vector<Scalar>& y, Index o0, Index o1) {                                                          \
-    kd::skinny_wide_range<RO, PF, Arch, AHEAD>(wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), y.data(), \
-                                               p.ldy, o0, o1, spill);                                              \
+#define MOLORA_WIDE(RO, PF, AHEAD, TB)                                                                                 \
+  shape([&](std::vector<Scalar>& y, Index o0, Index o1) {                                                              \
+    kd::skinny_wide_range<RO, PF, Arch, AHEAD, TB>(wt.data(), p.ldw, in, p.x.data(), p.ldx, T, p.bias_ptr(), y.data(), \
+                                                   p.ldy, o0, o1, spill);                                              \
   })
-        const std::vector<std::vector<Scalar>> shapes = {MOLORA_WIDE(3, 0, false), MOLORA_WIDE(3, 4096, false),
-                                                         MOLORA_WIDE(2, 0, false), MOLORA_WIDE(1, 0, false),
-                                                         MOLORA_WIDE(3, 4096, true)};
+        // the 32-register blocks (3 rows x 8 tokens and the ends of a range), then the
+        // 16-register ones: 4 x 2, 3 x 4, 2 x 6
+        const std::vector<std::vector<Scalar>> shapes = {
+            MOLORA_WIDE(3, 0, false, 8),    MOLORA_WIDE(3, 4096, false, 8), MOLORA_WIDE(2, 0, false, 8),
+            MOLORA_WIDE(1, 0, false, 8),    MOLORA_WIDE(3, 4096, true, 8),  MOLORA_WIDE(4, 0, true, 2),
+            MOLORA_WIDE(3, 0, true, 4),     MOLORA_WIDE(3, 0, false, 4),    MOLORA_WIDE(2, 0, true, 6)};
 #undef MOLORA_WIDE
         std::vector<double> ref, tol;
         p.reference(ref, tol);

@@ -180,7 +180,7 @@ void widen(scalar_arch, const W* src, Index n, Scalar* dst) noexcept {
 namespace detail {
 
 // One vector of Scalar from W values at p (unaligned), widened exactly: a plain load for
-// W = Scalar; bf16 -> float by zero-extending each value into the upper half of a lane
+// W = Scalar; bf16 -> float by putting each value into the upper half of a zeroed lane
 // (AVX-512, AVX2, SSE2); f16 -> float by the hardware conversion (AVX-512F, F16C); else, and
 // for f16 on SSE, through the scalar conversion of half.hpp (bit-exact, slower).
 template <class Arch, class Scalar, class W>
@@ -196,9 +196,17 @@ inline xsimd::batch<Scalar, Arch> load_weights(const W* p) noexcept {
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16)));
 #endif
 #if defined(__AVX2__)
-      if constexpr (B::size == 8)
-        return B(_mm256_castsi256_ps(
-            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16)));
+      // The 8 values in both 128-bit lanes (vbroadcasti128, a load), then one byte shuffle
+      // puts w0..w3 (lane 0) and w4..w7 (lane 1) into the high halves of the dwords and zeros
+      // into the low ones: one shuffle where zero-extending and shifting took two operations,
+      // both on Zen 1's few integer vector pipes (docs/benchmarks.md, "The bf16 widening on
+      // AVX2"). The same floats.
+      if constexpr (B::size == 8) {
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        const __m256i to_high = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,  //
+                                                 -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
+        return B(_mm256_castsi256_ps(_mm256_shuffle_epi8(v, to_high)));
+      }
 #endif
 #if defined(__SSE2__)
       if constexpr (B::size == 4)
@@ -498,15 +506,14 @@ inline void skinny_wide_block(const Wt* w, Index ldw, const Scalar* x, Index ldx
   skinny_block_end<RO, RT, Arch>(acc, w, ldw, x, ldx, in_vec, in, last, spill, bias, y, ldy);
 }
 
-// RO rows starting at w for n <= kSkinnyGroup tokens in register blocks of RO rows x
-// kSkinnyWideTokens tokens (then a block of the n % 8 left): one pass along `in` up to 8
-// tokens, else passes of skinny_chunk columns, each over every token block, the partial
-// sums spilled between passes (spill: n * RO vectors).
-template <int RO, class Arch, Index PF, class Wt, class Scalar>
+// RO rows starting at w for n <= kSkinnyGroup tokens in register blocks of RO rows x TB
+// tokens (then a block of the n % TB left): one pass along `in` up to TB tokens, else passes
+// of skinny_chunk columns, each over every token block, the partial sums spilled between
+// passes (spill: n * RO vectors).
+template <int RO, class Arch, Index PF, int TB = kSkinnyWideTokens, class Wt, class Scalar>
 inline void skinny_wide_rows(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
                              const Scalar* bias, Scalar* y, Index ldy, Scalar* spill, FetchSpan ahead = {}) noexcept {
   constexpr Index W = simd_width<Arch, Scalar>();
-  constexpr int TB = kSkinnyWideTokens;
   const Index in_vec = in - in % W;
   if (ahead.p != 0 && n <= TB) {  // one pass along `in` for all n tokens, fetching the rows ahead
     auto one = [&](auto tokens) {
@@ -528,23 +535,14 @@ inline void skinny_wide_rows(const Wt* w, Index ldw, Index in, const Scalar* x, 
                                           spill + t * RO * W, bias, y + t * ldy, ldy);
     };
     for (; t + TB <= n; t += TB) block(std::integral_constant<int, TB>{});
-    switch (n - t) {
-      case 1: block(std::integral_constant<int, 1>{}); break;
-      case 2: block(std::integral_constant<int, 2>{}); break;
-      case 3: block(std::integral_constant<int, 3>{}); break;
-      case 4: block(std::integral_constant<int, 4>{}); break;
-      case 5: block(std::integral_constant<int, 5>{}); break;
-      case 6: block(std::integral_constant<int, 6>{}); break;
-      case 7: block(std::integral_constant<int, 7>{}); break;
-      default: break;
-    }
+    with_token_count<1, TB - 1>(n - t, block);
     if (last) break;
   }
 }
 
 // Rows [o, o1) in blocks of RO rows, then RO - 1, ..., 1 for the rest, for n <= kSkinnyGroup
-// tokens (skinny_wide_rows).
-template <int RO, Index PF, class Arch, bool Ahead = false, class Wt, class Scalar>
+// tokens in blocks of TB (skinny_wide_rows).
+template <int RO, Index PF, class Arch, bool Ahead = false, int TB = kSkinnyWideTokens, class Wt, class Scalar>
 inline void skinny_wide_range(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index n,
                               const Scalar* bias, Scalar* y, Index ldy, Index o, Index o1, Scalar* spill) noexcept {
   for (; o + RO <= o1; o += RO) {
@@ -553,11 +551,11 @@ inline void skinny_wide_range(const Wt* w, Index ldw, Index in, const Scalar* x,
       const Index a0 = o + kSkinnyAhead * RO;
       ahead = ahead_span(w, ldw, in, a0, a0 + RO < o1 ? a0 + RO : o1);
     }
-    skinny_wide_rows<RO, Arch, PF>(w + o * ldw, ldw, in, x, ldx, n, bias ? bias + o : nullptr, y + o, ldy, spill,
-                                   ahead);
+    skinny_wide_rows<RO, Arch, PF, TB>(w + o * ldw, ldw, in, x, ldx, n, bias ? bias + o : nullptr, y + o, ldy, spill,
+                                       ahead);
   }
   if constexpr (RO > 1)  // the last rows of the range: nothing lies two blocks on
-    skinny_wide_range<RO - 1, PF, Arch>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
+    skinny_wide_range<RO - 1, PF, Arch, false, TB>(w, ldw, in, x, ldx, n, bias, y, ldy, o, o1, spill);
 }
 
 // Blocks of RO rows (RO, then 8, 4, 2, 1 for the rest) over rows [o, o1) for n tokens,
@@ -608,7 +606,14 @@ constexpr int kSkinnyOneTokenRows = 12;
 // without it took 0.61 / 0.85 / 0.83 / 1.00x the time with it for bf16 weights at 4096 x
 // 4096 / 2816 -> 4096 / 2816 -> 1024 / 1024 -> 4096, docs/benchmarks.md "The crossover on
 // 16-register ISAs"), else 2 rows x 4 tokens, prefetching. The block shape and the prefetch
-// change no bit.
+// change no bit. Except with AVX2 and float activations, 2-4 tokens take blocks of the wide pattern
+// (the weights loaded and widened first, then each token's x): float weights 3 rows x 4
+// tokens without software prefetch; 16-bit weights 4 rows x 2 tokens (T = 2) or 3 x 4
+// (T = 3-4) with the next blocks' rows fetched in address order. Cold on Zen 1, kernels alone,
+// time over the 2 rows x 4 tokens with prefetch they replaced: f32 0.83-0.90 at 4096 x 4096
+// and 2816 -> 1024, 0.96-1.08 at 1024 -> 2816; bf16 0.70-0.81 (T = 2), 0.77-0.87 (T = 3-4);
+// f16 0.79-0.92, 0.84-1.03 (docs/benchmarks.md, "Two to four tokens on AVX2"). SSE4.2 keeps
+// the 2 x 4 blocks (not measured).
 template <class Arch, class Wt, class Scalar>
 void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                             const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
@@ -617,6 +622,7 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
   constexpr bool wide = vector_registers<Arch>() >= 32;
   alignas(64) Scalar spill[kSkinnyGroup * RO * W];
   static_assert(!wide || kSkinnyWideRows <= RO, "the wide path's spill fits the buffer");
+  // (the 16-register wide blocks below run one pass along `in` and spill nothing)
   for (Index t0 = 0; t0 < T; t0 += kSkinnyGroup) {
     const Index n = T - t0 < kSkinnyGroup ? T - t0 : kSkinnyGroup;
     const Scalar* xt = x + t0 * ldx;
@@ -636,8 +642,15 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
       else
         skinny_rows_range<RO, 4, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
     } else {
+      constexpr bool avx2_f32 = isa_level<Arch>() == IsaLevel::avx2 && std::is_same_v<Scalar, float>;
       if (n == 1)
         skinny_rows_range<8, 1, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+      else if (avx2_f32 && n <= 4 && std::is_same_v<Wt, float>)
+        skinny_wide_range<3, 0, Arch, false, 4>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+      else if (avx2_f32 && n == 2)
+        skinny_wide_range<4, 0, Arch, true, 2>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
+      else if (avx2_f32 && n <= 4)
+        skinny_wide_range<3, 0, Arch, true, 4>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else
         skinny_rows_range<RO, 4, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
     }
