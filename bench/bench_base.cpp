@@ -1126,6 +1126,45 @@ std::vector<std::vector<Wt>> cold_copies(Index in, Index ld, Index out, bool col
   return std::vector<std::vector<Wt>>(n, w);
 }
 
+// Times V kernels (run(v, weights)) and a plain read in one loop, each on a copy of W0 of its
+// own (cold copies rotate past the LLC; a warm run has one copy), the order of the V rotating
+// from one iteration to the next. Returns each way's per-iteration times, the read's last;
+// way `manual` gives the iteration's time.
+template <std::size_t V, class Wt, class Run>
+std::array<std::vector<double>, V + 1> time_rotating(benchmark::State& st, const std::vector<std::vector<Wt>>& w,
+                                                     Index bytes, std::size_t manual, Run&& run) {
+  std::array<std::vector<double>, V + 1> t;
+  const std::size_t n = w.size();
+  float sink = 0;
+  std::size_t i = 0;
+  for (auto _ : st) {
+    double tv[V];
+    for (std::size_t k = 0; k < V; ++k) {
+      const std::size_t v = (k + i) % V;
+      const double t0 = cpu_seconds();
+      run(v, w[((V + 1) * i + k) % n].data());
+      benchmark::ClobberMemory();
+      tv[v] = cpu_seconds() - t0;
+    }
+    const std::size_t c = ((V + 1) * i + V) % n;
+    ++i;
+    const double t0 = cpu_seconds();
+    sink += stream_spans({{w[c].data(), bytes}});
+    t[V].push_back(cpu_seconds() - t0);
+    st.SetIterationTime(tv[manual]);
+    for (std::size_t v = 0; v < V; ++v) t[v].push_back(tv[v]);
+  }
+  benchmark::DoNotOptimize(sink);
+  return t;
+}
+
+// The median over iterations of a[i] / b[i].
+inline double median_ratio(const std::vector<double>& a, const std::vector<double>& b) {
+  std::vector<double> r(a.size());
+  for (std::size_t i = 0; i < a.size(); ++i) r[i] = a[i] / b[i];
+  return median(r);
+}
+
 template <class Wt>
 void BM_read_variants(benchmark::State& st) {
   const Index in = st.range(0), out = st.range(1);
@@ -1834,7 +1873,6 @@ void BM_skinny8(benchmark::State& st) {
     const bool cold = st.range(3) != 0;
     constexpr std::size_t V = 5;
     auto w = cold_copies<Wt>(in, in, out, cold, V + 1);
-    const std::size_t n = w.size();
     Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
     fill(b, 2, 0.02);
     Mat<float> x(T, in), y(T, out);
@@ -1868,40 +1906,13 @@ void BM_skinny8(benchmark::State& st) {
                                                                            b.data(), yp, out, Index(0), out, spill);
       }
     };
-    const Index bytes = in * out * Index(sizeof(Wt));
-    std::vector<double> t[V + 1], over[V], share[V];
-    float sink = 0;
-    std::size_t i = 0;
-    for (auto _ : st) {
-      double tv[V];
-      for (std::size_t k = 0; k < V; ++k) {
-        const std::size_t v = (k + i) % V;
-        const std::size_t c = cold ? ((V + 1) * i + k) % n : 0;
-        const double t0 = cpu_seconds();
-        run(v, w[c].data());
-        benchmark::ClobberMemory();
-        tv[v] = cpu_seconds() - t0;
-      }
-      const std::size_t c = cold ? ((V + 1) * i + V) % n : 0;
-      ++i;
-      const double t0 = cpu_seconds();
-      sink += stream_spans({{w[c].data(), bytes}});
-      const double tr = cpu_seconds() - t0;
-      st.SetIterationTime(tv[1]);
-      for (std::size_t v = 0; v < V; ++v) {
-        t[v].push_back(tv[v]);
-        over[v].push_back(tv[v] / tv[0]);
-        share[v].push_back(tv[v] / tr);
-      }
-      t[V].push_back(tr);
-    }
-    benchmark::DoNotOptimize(sink);
+    const auto t = time_rotating<V>(st, w, in * out * Index(sizeof(Wt)), 1, run);
     benchmark::DoNotOptimize(y.data());
     const char* names[V] = {"before", "wide3", "wide3pf", "r6t4pf", "wide3pf_xpad"};
     for (std::size_t v = 0; v < V; ++v) {
       st.counters[std::string(names[v]) + "_ms"] = median(t[v]) * 1e3;
-      st.counters[std::string(names[v]) + "_read_share"] = median(share[v]);
-      if (v > 0) st.counters[std::string(names[v]) + "_over_before"] = median(over[v]);
+      st.counters[std::string(names[v]) + "_read_share"] = median_ratio(t[v], t[V]);
+      if (v > 0) st.counters[std::string(names[v]) + "_over_before"] = median_ratio(t[v], t[0]);
     }
     st.counters["read_ms"] = median(t[V]) * 1e3;
   }
@@ -1962,7 +1973,6 @@ void BM_skinny_ahead(benchmark::State& st) {
     const Index in = st.range(0), out = st.range(1), T = st.range(2);
     constexpr std::size_t V = 3;
     auto w = cold_copies<Wt>(in, in, out, true, V + 1);
-    const std::size_t n = w.size();
     Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
     fill(b, 2, 0.02);
     Mat<float> x(T, in), y(T, out);
@@ -1989,43 +1999,15 @@ void BM_skinny_ahead(benchmark::State& st) {
         kd::skinny_rows_range<6, 4, 0, Arch, true>(p, in, in, x.data(), in, T, b.data(), y.data(), out, Index(0), out,
                                                    spill);
     };
-    const Index bytes = in * out * Index(sizeof(Wt));
-    std::vector<double> t[V + 1], share[V], over, over6;
-    float sink = 0;
-    std::size_t i = 0;
-    for (auto _ : st) {
-      double tv[V];
-      for (std::size_t k = 0; k < V; ++k) {
-        const std::size_t v = (k + i) % V;
-        const std::size_t c = ((V + 1) * i + k) % n;
-        const double t0 = cpu_seconds();
-        run(v, w[c].data());
-        benchmark::ClobberMemory();
-        tv[v] = cpu_seconds() - t0;
-      }
-      const std::size_t c = ((V + 1) * i + V) % n;
-      ++i;
-      const double t0 = cpu_seconds();
-      sink += stream_spans({{w[c].data(), bytes}});
-      const double tr = cpu_seconds() - t0;
-      st.SetIterationTime(tv[1]);
-      for (std::size_t v = 0; v < V; ++v) {
-        t[v].push_back(tv[v]);
-        share[v].push_back(tv[v] / tr);
-      }
-      over.push_back(tv[1] / tv[0]);
-      over6.push_back(tv[2] / tv[1]);
-      t[V].push_back(tr);
-    }
-    benchmark::DoNotOptimize(sink);
+    const auto t = time_rotating<V>(st, w, in * out * Index(sizeof(Wt)), 1, run);
     benchmark::DoNotOptimize(y.data());
     const char* names[V] = {"plain", "ahead", "ahead6"};
     for (std::size_t v = 0; v < V; ++v) {
       st.counters[std::string(names[v]) + "_ms"] = median(t[v]) * 1e3;
-      st.counters[std::string(names[v]) + "_read_share"] = median(share[v]);
+      st.counters[std::string(names[v]) + "_read_share"] = median_ratio(t[v], t[V]);
     }
-    st.counters["ahead_over_plain"] = median(over);
-    st.counters["ahead6_over_ahead"] = median(over6);
+    st.counters["ahead_over_plain"] = median_ratio(t[1], t[0]);
+    st.counters["ahead6_over_ahead"] = median_ratio(t[2], t[1]);
     st.counters["read_ms"] = median(t[V]) * 1e3;
   }
 #endif
@@ -2084,7 +2066,6 @@ void BM_skinny16(benchmark::State& st) {
   const Index in = st.range(0), out = st.range(1), T = st.range(2);
   constexpr std::size_t V = 6;
   auto w = cold_copies<Wt>(in, in, out, true, V + 1);
-  const std::size_t n = w.size();
   Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
   fill(b, 2, 0.02);
   const Index ldx = T >= molora::detail::kStageXFrom ? molora::detail::staged_stride<float>(in) : in;
@@ -2120,40 +2101,13 @@ void BM_skinny16(benchmark::State& st) {
       }
     }
   }
-  const Index bytes = in * out * Index(sizeof(Wt));
-  std::vector<double> t[V + 1], over[V], share[V];
-  float sink = 0;
-  std::size_t i = 0;
-  for (auto _ : st) {
-    double tv[V];
-    for (std::size_t k = 0; k < V; ++k) {
-      const std::size_t v = (k + i) % V;
-      const std::size_t c = ((V + 1) * i + k) % n;
-      const double t0 = cpu_seconds();
-      run(v, w[c].data());
-      benchmark::ClobberMemory();
-      tv[v] = cpu_seconds() - t0;
-    }
-    const std::size_t c = ((V + 1) * i + V) % n;
-    ++i;
-    const double t0 = cpu_seconds();
-    sink += stream_spans({{w[c].data(), bytes}});
-    const double tr = cpu_seconds() - t0;
-    st.SetIterationTime(tv[0]);
-    for (std::size_t v = 0; v < V; ++v) {
-      t[v].push_back(tv[v]);
-      over[v].push_back(tv[v] / tv[0]);
-      share[v].push_back(tv[v] / tr);
-    }
-    t[V].push_back(tr);
-  }
-  benchmark::DoNotOptimize(sink);
+  const auto t = time_rotating<V>(st, w, in * out * Index(sizeof(Wt)), 0, run);
   benchmark::DoNotOptimize(y.data());
   const char* names[V] = {"cur", "w4x2a", "w3x4a", "w2x6a", "w3x4", "r4x2a"};
   for (std::size_t v = 0; v < V; ++v) {
     st.counters[std::string(names[v]) + "_ms"] = median(t[v]) * 1e3;
-    st.counters[std::string(names[v]) + "_read_share"] = median(share[v]);
-    if (v > 0) st.counters[std::string(names[v]) + "_over_cur"] = median(over[v]);
+    st.counters[std::string(names[v]) + "_read_share"] = median_ratio(t[v], t[V]);
+    if (v > 0) st.counters[std::string(names[v]) + "_over_cur"] = median_ratio(t[v], t[0]);
   }
   st.counters["read_ms"] = median(t[V]) * 1e3;
 #endif
