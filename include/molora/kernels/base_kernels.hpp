@@ -4,7 +4,7 @@
 // AVX-512 up to 3 tokens, 6 at 4) x up to 4 tokens, the rows' chunk of `in` kept in L1 while
 // every token passes over it; with AVX-512 for 5-8 tokens, 3 rows x 8 tokens (the wide path);
 // on 16-register ISAs, for 5-8 tokens, pairs of rows along the whole of `in` with every token
-// in registers; for one token over short rows (skinny_short_row_bytes), one row after the
+// in registers (with AVX2, 2-4 tokens in blocks of 3 or 4 rows); for one token over short rows (skinny_short_row_bytes), one row after the
 // other. With AVX-512, up to 8 tokens, a block's single pass along `in` also fetches the rows
 // two blocks on into L2 in address order (FetchSpan), so that memory sees one sequential
 // stream while the block reads its rows side by side. From skinny_crossover tokens on, the
@@ -606,14 +606,14 @@ constexpr int kSkinnyOneTokenRows = 12;
 // without it took 0.61 / 0.85 / 0.83 / 1.00x the time with it for bf16 weights at 4096 x
 // 4096 / 2816 -> 4096 / 2816 -> 1024 / 1024 -> 4096, docs/benchmarks.md "The crossover on
 // 16-register ISAs"), else 2 rows x 4 tokens, prefetching. The block shape and the prefetch
-// change no bit. Except with AVX2 and float activations, 2-4 tokens take blocks of the wide pattern
-// (the weights loaded and widened first, then each token's x): float weights 3 rows x 4
-// tokens without software prefetch; 16-bit weights 4 rows x 2 tokens (T = 2) or 3 x 4
-// (T = 3-4) with the next blocks' rows fetched in address order. Cold on Zen 1, kernels alone,
-// time over the 2 rows x 4 tokens with prefetch they replaced: f32 0.83-0.90 at 4096 x 4096
-// and 2816 -> 1024, 0.96-1.08 at 1024 -> 2816; bf16 0.70-0.81 (T = 2), 0.77-0.87 (T = 3-4);
-// f16 0.79-0.92, 0.84-1.03 (docs/benchmarks.md, "Two to four tokens on AVX2"). SSE4.2 keeps
-// the 2 x 4 blocks (not measured).
+// change no bit. With AVX2 and float activations, though, 2-4 tokens take blocks of the
+// wide pattern (the weights loaded and widened first, then each token's x): float weights
+// 3 rows x 4 tokens without software prefetch; 16-bit weights 4 rows x 2 tokens (T = 2) or
+// 3 x 4 (T = 3-4) with the next blocks' rows fetched in address order. Cold on Zen 1, kernels
+// alone, time over the 2 rows x 4 tokens with prefetch they replaced: f32 0.83-0.90 at
+// 4096 x 4096 and 2816 -> 1024, 0.96-1.08 at 1024 -> 2816; bf16 0.70-0.81 (T = 2), 0.77-0.87
+// (T = 3-4); f16 0.79-0.92, 0.84-1.03 (docs/benchmarks.md, "Two to four tokens on AVX2").
+// SSE4.2 keeps the 2 x 4 blocks (not measured).
 template <class Arch, class Wt, class Scalar>
 void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                             const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
