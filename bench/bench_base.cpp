@@ -1489,6 +1489,7 @@ void register_all() {
   register_expand_rows<molora::bf16>("bf16");
   register_skinny_limit<float>("f32");
   register_skinny_limit<molora::bf16>("bf16");
+  register_skinny_limit<molora::f16>("f16");
   register_skinny_paths<float>("f32");
   register_skinny_paths<molora::bf16>("bf16");
   register_skinny_paths<molora::f16>("f16");
