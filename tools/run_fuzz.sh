@@ -13,7 +13,13 @@ build="${MOLORA_FUZZ_BUILD_DIR:-$root/build-fuzz}"
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then targets=(fuzz_safetensors fuzz_json_config fuzz_checkpoints); fi
 
-cmake -S "$root" -B "$build" -DCMAKE_CXX_COMPILER="${CXX_FUZZ:-clang++-14}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+# Ninja when there is one (and the folder is not a Make build already): it builds the targets
+# side by side, where Make's top level takes them one after another.
+generator=()
+if command -v ninja >/dev/null && { [ ! -f "$build/CMakeCache.txt" ] || grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja$' "$build/CMakeCache.txt"; }; then
+  generator=(-G Ninja)
+fi
+cmake "${generator[@]}" -S "$root" -B "$build" -DCMAKE_CXX_COMPILER="${CXX_FUZZ:-clang++-14}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DMOLORA_BUILD_FUZZERS=ON -DMOLORA_BUILD_TESTS=ON -DMOLORA_BUILD_EXAMPLES=OFF -DMOLORA_BUILD_BENCH=OFF \
   -DMOLORA_NATIVE=OFF > "$build.configure.log"
 cmake --build "$build" --target "${targets[@]}" -j2
