@@ -2051,7 +2051,8 @@ const bool registered = register_cells();
 //                              RO rows x TB tokens with the rows kSkinnyAhead blocks on fetched
 //                              into L2 in address order: w4x2a, w3x4a, w2x6a; w3x4 without the
 //                              ahead fetch; r4x2a (skinny_rows_range's pattern, x loaded first,
-//                              4 rows x 2 tokens, ahead fetch). Each on its own cold copy, then
+//                              4 rows x 2 tokens, ahead fetch); r8x1a (8 rows, one token a
+//                              pass, ahead fetch). Each on its own cold copy, then
 //                              a plain read of another, the order rotating. Counters: median
 //                              times (ms), X_read_share, X_over_cur (medians of the ratios).
 namespace skinny16_cells {
@@ -2065,7 +2066,7 @@ void BM_skinny16(benchmark::State& st) {
 #else
   using Arch = xsimd::fma3<xsimd::avx2>;
   const Index in = st.range(0), out = st.range(1), T = st.range(2);
-  constexpr std::size_t V = 6;
+  constexpr std::size_t V = 7;
   auto w = cold_copies<Wt>(in, in, out, true, V + 1);
   Eigen::Matrix<float, 1, Eigen::Dynamic> b(out);
   fill(b, 2, 0.02);
@@ -2075,7 +2076,7 @@ void BM_skinny16(benchmark::State& st) {
     for (Index i = 0; i < in; ++i) x[static_cast<std::size_t>(t * ldx + i)] = 0.5f - 0.001f * float((t * in + i) % 997);
   Mat<float> y(T, out);
   constexpr Index W = molora::kernels::simd_width<Arch, float>();
-  alignas(64) static float spill[molora::kernels::kSkinnyGroup * 4 * W];
+  alignas(64) static float spill[molora::kernels::kSkinnyGroup * 8 * W];
   auto run = [&](std::size_t v, const Wt* p) {
     const float* xp = x.data();
     float* yp = y.data();
@@ -2085,7 +2086,8 @@ void BM_skinny16(benchmark::State& st) {
       case 2: kd::skinny_wide_range<3, 0, Arch, true, 4>(p, in, in, xp, ldx, T, b.data(), yp, out, Index(0), out, spill); break;
       case 3: kd::skinny_wide_range<2, 0, Arch, true, 6>(p, in, in, xp, ldx, T, b.data(), yp, out, Index(0), out, spill); break;
       case 4: kd::skinny_wide_range<3, 0, Arch, false, 4>(p, in, in, xp, ldx, T, b.data(), yp, out, Index(0), out, spill); break;
-      default: kd::skinny_rows_range<4, 2, 0, Arch, true>(p, in, in, xp, ldx, T, b.data(), yp, out, Index(0), out, spill);
+      case 5: kd::skinny_rows_range<4, 2, 0, Arch, true>(p, in, in, xp, ldx, T, b.data(), yp, out, Index(0), out, spill); break;
+      default: kd::skinny_rows_range<8, 1, 0, Arch, true>(p, in, in, xp, ldx, T, b.data(), yp, out, Index(0), out, spill);
     }
   };
   // every variant computes the same bits as the layers' kernel (checked once, outside the timing)
@@ -2104,7 +2106,7 @@ void BM_skinny16(benchmark::State& st) {
   }
   const auto t = time_rotating<V>(st, w, in * out * Index(sizeof(Wt)), 0, run);
   benchmark::DoNotOptimize(y.data());
-  const char* names[V] = {"cur", "w4x2a", "w3x4a", "w2x6a", "w3x4", "r4x2a"};
+  const char* names[V] = {"cur", "w4x2a", "w3x4a", "w2x6a", "w3x4", "r4x2a", "r8x1a"};
   for (std::size_t v = 0; v < V; ++v) {
     st.counters[std::string(names[v]) + "_ms"] = median(t[v]) * 1e3;
     st.counters[std::string(names[v]) + "_read_share"] = median_ratio(t[v], t[V]);
@@ -2117,7 +2119,7 @@ void BM_skinny16(benchmark::State& st) {
 template <class Wt>
 void register_dtype(const char* dtype) {
   for (auto [in, out] : {std::pair<Index, Index>{4096, 4096}, {1024, 2816}, {2816, 1024}})
-    for (Index T : {2, 3, 4, 5, 6, 8})
+    for (Index T : {1, 2, 3, 4, 5, 6, 8})
       benchmark::RegisterBenchmark((std::string("skinny16/") + dtype + "/" + std::to_string(in) + "/" +
                                     std::to_string(out) + "/" + std::to_string(T) + "/cold")
                                        .c_str(),

@@ -608,12 +608,15 @@ constexpr int kSkinnyOneTokenRows = 12;
 // 16-register ISAs"), else 2 rows x 4 tokens, prefetching. The block shape and the prefetch
 // change no bit. With AVX2 and float activations, though, 2-4 tokens take blocks of the
 // wide pattern (the weights loaded and widened first, then each token's x): float weights
-// 3 rows x 4 tokens without software prefetch; 16-bit weights 4 rows x 2 tokens (T = 2) or
+// 3 rows x 4 tokens without software prefetch; 16-bit weights 4 rows x 2 tokens (T = 1-2) or
 // 3 x 4 (T = 3-4) with the next blocks' rows fetched in address order. Cold on Zen 1, kernels
 // alone, time over the 2 rows x 4 tokens with prefetch they replaced: f32 0.83-0.90 at
 // 4096 x 4096 and 2816 -> 1024, 0.96-1.08 at 1024 -> 2816; bf16 0.70-0.81 (T = 2), 0.77-0.87
 // (T = 3-4); f16 0.79-0.92, 0.84-1.03 (docs/benchmarks.md, "Two to four tokens on AVX2").
-// SSE4.2 keeps the 2 x 4 blocks (not measured).
+// At one token, over the 8 rows without prefetch, at 4096 x 4096 / 1024 -> 2816 / 2816 ->
+// 1024: bf16 1.02-1.03 / 0.64-0.65 / 0.96-0.99, f16 0.87-0.88 / 0.64 / 0.86-0.87; float
+// weights keep the 8 rows, which took 0.75-0.88x the 4 x 2 blocks' time (docs/benchmarks.md,
+// "One 16-bit token on AVX2"). SSE4.2 keeps the 2 x 4 blocks (not measured).
 template <class Arch, class Wt, class Scalar>
 void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, Index ldx, Index T,
                             const Scalar* bias, Scalar* y, Index ldy, Index o0, Index o1) noexcept {
@@ -643,13 +646,14 @@ void skinny_product_blocked(const Wt* w, Index ldw, Index in, const Scalar* x, I
         skinny_rows_range<RO, 4, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
     } else {
       constexpr bool avx2_f32 = isa_level<Arch>() == IsaLevel::avx2 && std::is_same_v<Scalar, float>;
-      if (n == 1)
+      constexpr bool avx2_16 = avx2_f32 && !std::is_same_v<Wt, float>;  // 16-bit weights
+      if (n == 1 && !avx2_16)
         skinny_rows_range<8, 1, 0, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
-      else if (avx2_f32 && n <= 4 && std::is_same_v<Wt, float>)
+      else if (avx2_f32 && n <= 4 && !avx2_16)
         skinny_wide_range<3, 0, Arch, false, 4>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
-      else if (avx2_f32 && n == 2)
+      else if (avx2_16 && n <= 2)
         skinny_wide_range<4, 0, Arch, true, 2>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
-      else if (avx2_f32 && n <= 4)
+      else if (avx2_16 && n <= 4)
         skinny_wide_range<3, 0, Arch, true, 4>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
       else
         skinny_rows_range<RO, 4, kSkinnyPrefetch, Arch>(w, ldw, in, xt, ldx, n, bias, yt, ldy, o0, o1, spill);
