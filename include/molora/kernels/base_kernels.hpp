@@ -45,10 +45,11 @@ namespace molora::kernels {
 //    0.94 / 0.80 / 0.94 at 48, so 32; bf16 weights 1.06 / 0.92 / 0.96 at 32 and 1.03 / 0.83 /
 //    0.82 at 48 (f16 1.14 / 0.89 and 1.02 / 0.82), so 48;
 //  - AVX2 (Zen 1, half the AVX-512 machine's multiply-adds per cycle): float weights 1.09 /
-//    1.09 / 1.01 at 16, 1.03 / 1.03 / 0.96 at 20, so 20; bf16 1.54 / 1.34 / 1.43 at 8, 1.03 /
-//    0.97 / 0.99 at 10, 0.94 / 0.88 / 0.90 at 12, so 10 (past the streamed path's 8 tokens the
-//    skinny kernel widens each chunk of rows once per 4 tokens, the GEMM once per panel); f16
-//    (F16C) 1.13 / 1.08 / 1.07 at 10, 1.02 / 0.99 / 0.97 at 16, so 16;
+//    1.09 / 1.01 at 16, 1.03 / 1.03 / 0.96 at 20, so 20; bf16, since its one-shuffle widening,
+//    1.18-1.24 / 1.05 / 1.06-1.07 at 12, 1.07-1.09 / 0.99-1.08 / 1.01-1.02 at 16, 0.94 / 1.01 /
+//    0.99 at 20, so 16 (with the old widening 10: past the streamed path's 8 tokens the skinny
+//    kernel widens each chunk of rows once per 4 tokens, the GEMM once per panel); f16 (F16C)
+//    1.13 / 1.08 / 1.07 at 10, 1.02 / 0.99 / 0.97 at 16, so 16;
 //  - SSE4.2 (Zen 1): float weights 1.14 / 1.12 at 32, 1.04 / 1.00 at 48 (4096 x 4096 / 1024 ->
 //    2816), bf16 1.06 / 1.08 at 32, 0.98 / 0.99 at 48, so 48 for both; f16 has no hardware
 //    conversion and the skinny kernel's re-widening costs 2.6x the GEMM's time from 12 tokens
@@ -68,7 +69,7 @@ constexpr Index skinny_crossover_on() noexcept {
   constexpr bool f32 = std::is_same_v<Weight, float>, b16 = std::is_same_v<Weight, bf16>;
   if constexpr (!std::is_same_v<Scalar, float>) return 128;
   else if constexpr (isa == IsaLevel::avx512) return f32 ? 32 : 48;
-  else if constexpr (isa == IsaLevel::avx2) return f32 ? 20 : b16 ? 10 : 16;
+  else if constexpr (isa == IsaLevel::avx2) return f32 ? 20 : 16;
   else if constexpr (isa == IsaLevel::sse42) return f32 || b16 ? 48 : 8;
   else return f32 ? 32 : b16 ? 48 : 128;
 }
