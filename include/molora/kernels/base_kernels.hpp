@@ -180,10 +180,35 @@ void widen(scalar_arch, const W* src, Index n, Scalar* dst) noexcept {
 
 namespace detail {
 
+#if !defined(MOLORA_NO_XSIMD) && defined(__SSE2__)
+// Four f16 values at p widened exactly with SSE2 integer operations, for SSE builds without
+// F16C (the scalar conversion of half.hpp, one value at a time, made the f16 layer 24x its
+// read with the SSE4.2 kernels, docs/benchmarks.md "The layer and the decoder after these
+// changes"). Exponent and mantissa move to float's positions and the exponent is rebiased
+// (+112); inf and NaN get the all-ones exponent (+112 more; the payload kept, as half.hpp
+// keeps it); a subnormal m * 2^-24 is made the normal float 2^-14 + m * 2^-24 and 2^-14 taken
+// off, which is exact and reads and writes only normal floats, so flush-to-zero and
+// denormals-are-zero modes change nothing; the sign last. The same bits as to_float(f16).
+inline __m128 f16_to_float_sse2(const f16* p) noexcept {
+  const __m128i h = _mm_unpacklo_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), _mm_setzero_si128());
+  const __m128i shifted = _mm_slli_epi32(_mm_and_si128(h, _mm_set1_epi32(0x7fff)), 13);
+  const __m128i exp_bits = _mm_set1_epi32(0x1f << 23);
+  const __m128i exp = _mm_and_si128(shifted, exp_bits);
+  const __m128i rebias = _mm_set1_epi32(112 << 23);
+  __m128i o = _mm_add_epi32(shifted, rebias);
+  o = _mm_add_epi32(o, _mm_and_si128(_mm_cmpeq_epi32(exp, exp_bits), rebias));  // inf, NaN
+  const __m128 sub = _mm_castsi128_ps(_mm_cmpeq_epi32(exp, _mm_setzero_si128()));
+  const __m128 renorm = _mm_sub_ps(_mm_castsi128_ps(_mm_add_epi32(o, _mm_set1_epi32(1 << 23))),
+                                   _mm_castsi128_ps(_mm_set1_epi32(113 << 23)));  // subnormal, zero
+  const __m128 r = _mm_or_ps(_mm_and_ps(sub, renorm), _mm_andnot_ps(sub, _mm_castsi128_ps(o)));
+  return _mm_or_ps(r, _mm_castsi128_ps(_mm_slli_epi32(_mm_and_si128(h, _mm_set1_epi32(0x8000)), 16)));
+}
+#endif
+
 // One vector of Scalar from W values at p (unaligned), widened exactly: a plain load for
 // W = Scalar; bf16 -> float by putting each value into the upper half of a zeroed lane
-// (AVX-512, AVX2, SSE2); f16 -> float by the hardware conversion (AVX-512F, F16C); else, and
-// for f16 on SSE, through the scalar conversion of half.hpp (bit-exact, slower).
+// (AVX-512, AVX2, SSE2); f16 -> float by the hardware conversion (AVX-512F, F16C) or SSE2
+// integer operations (f16_to_float_sse2); else through the scalar conversion of half.hpp.
 template <class Arch, class Scalar, class W>
 inline xsimd::batch<Scalar, Arch> load_weights(const W* p) noexcept {
   using B = xsimd::batch<Scalar, Arch>;
@@ -221,6 +246,9 @@ inline xsimd::batch<Scalar, Arch> load_weights(const W* p) noexcept {
 #endif
 #if defined(__F16C__)
       if constexpr (B::size == 8) return B(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#endif
+#if defined(__SSE2__)
+      if constexpr (B::size == 4) return B(f16_to_float_sse2(p));
 #endif
     }
     alignas(64) Scalar v[B::size];
