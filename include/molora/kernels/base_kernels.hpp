@@ -182,9 +182,9 @@ namespace detail {
 
 #if !defined(MOLORA_NO_XSIMD) && defined(__SSE2__)
 // Four f16 values at p widened exactly with SSE2 integer operations, for SSE builds without
-// F16C (the scalar conversion of half.hpp, one value at a time, made the f16 layer 24x its
-// read with the SSE4.2 kernels, docs/benchmarks.md "The layer and the decoder after these
-// changes"). Exponent and mantissa move to float's positions and the exponent is rebiased
+// F16C (the scalar conversion of half.hpp, one value at a time, made the f16 layer 23-31x its
+// read with the SSE4.2 kernels, this 4.8-5.5x; docs/benchmarks.md "f16 on SSE without
+// F16C"). Exponent and mantissa move to float's positions and the exponent is rebiased
 // (+112); inf and NaN get the all-ones exponent (+112 more; the payload kept, as half.hpp
 // keeps it); a subnormal m * 2^-24 is made the normal float 2^-14 + m * 2^-24 and 2^-14 taken
 // off, which is exact and reads and writes only normal floats, so flush-to-zero and
