@@ -52,8 +52,9 @@ namespace molora::kernels {
 //    1.13 / 1.08 / 1.07 at 10, 1.02 / 0.99 / 0.97 at 16, so 16;
 //  - SSE4.2 (Zen 1): float weights 1.14 / 1.12 at 32, 1.04 / 1.00 at 48 (4096 x 4096 / 1024 ->
 //    2816), bf16 1.06 / 1.08 at 32, 0.98 / 0.99 at 48, so 48 for both; f16 has no hardware
-//    conversion and the skinny kernel's re-widening costs 2.6x the GEMM's time from 12 tokens
-//    (level at 4-8), so 8;
+//    conversion (SSE2 integer operations widen it) and the skinny kernel re-widens each chunk
+//    of rows per pass: 1.28 / 1.36 / 1.28 at 8 tokens (one pass), 0.74 / 0.77 / 0.74 at 10
+//    (two), so 9;
 //  - the scalar kernels (Zen 1; any other compile-time ISA takes theirs), bound by their
 //    arithmetic: float and bf16 weights level at every T from 4 to 64 (0.94-0.99 and
 //    0.97-1.07), so 32 and 48 as with AVX-512; f16 weights, converted in software, run faster
@@ -70,7 +71,7 @@ constexpr Index skinny_crossover_on() noexcept {
   if constexpr (!std::is_same_v<Scalar, float>) return 128;
   else if constexpr (isa == IsaLevel::avx512) return f32 ? 32 : 48;
   else if constexpr (isa == IsaLevel::avx2) return f32 ? 20 : 16;
-  else if constexpr (isa == IsaLevel::sse42) return f32 || b16 ? 48 : 8;
+  else if constexpr (isa == IsaLevel::sse42) return f32 || b16 ? 48 : 9;
   else return f32 ? 32 : b16 ? 48 : 128;
 }
 
