@@ -123,7 +123,8 @@ void check_tile(Index r, Index in, Index out, Index n, std::uint64_t seed, Index
 template <class Arch, class Scalar>
 void suite() {
   std::uint64_t seed = 1;
-  // r = 15 and 17 reach each tail of the shrink's row blocks (8 + 4 + 2 + 1, 6 + 6 + 2 + 1).
+  // r = 15, 16 and 17 reach each tail of the shrink's row blocks (8 + 4 + 2 + 1, 6 + 6 + 2 + 1,
+  // 6 + 6 + 4 + 1; with 16 registers also 3 x 5, 3 x 5 + 1 and 3 x 5 + 2 for four tokens).
   for (Index r : {1, 3, 15, 16, 17, 64, 200})
     for (Index in : {1, 7, 33, 130, 515})
       for (Index out : {1, 5, 31, 131})

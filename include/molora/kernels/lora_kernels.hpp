@@ -274,11 +274,17 @@ constexpr Index kShrinkShortRowBytes = 2048;
 
 // Rank rows side by side in one register block of RT tokens: as many as the registers hold
 // (RJ x RT accumulators, RT token vectors and one weight vector). With 32 registers, 8 rows for
-// up to 3 tokens and 6 for 4; with 16, 8 rows for up to 2 tokens and 4 beyond.
+// up to 3 tokens and 6 for 4; with 16, 8 rows for one token, 6 for two, 4 for three and 3 for
+// four (8 x 2 and 4 x 4 accumulators, as before, left no register for x and the weights: GCC
+// kept some accumulators on the stack, loaded and stored in every step). Cold on Zen 1, r =
+// 16, in = 512-4096: four tokens 1.06-1.85x the time of a plain read of A_e against
+// 1.16-2.01x in f32 (bf16 1.80-3.21x against 2.33-3.13x), two 0.81-1.38x against 0.88-1.41x
+// in f32 (bf16 level: 1.16-2.32x against 1.30-2.25x; docs/benchmarks.md, "The adapter's
+// blocks on 16-register ISAs").
 template <int RT, class Arch>
 constexpr int shrink_rows() noexcept {
   if constexpr (vector_registers<Arch>() >= 32) return RT <= 3 ? 8 : 6;
-  return RT <= 2 ? 8 : 4;
+  return RT == 1 ? 8 : RT == 2 ? 6 : RT == 3 ? 4 : 3;
 }
 
 // All rank rows of one block of RT tokens: rows of at most kShrinkShortRowBytes one after the
@@ -541,15 +547,20 @@ void expand(Arch, const Wt* bt, Index ldb, Index r, Index out, const Scalar* con
   // columns) but 1.2-1.4x slower warm ("The few-token expand").
   if (n == 1 && (ldb * Index(sizeof(Wt))) % 4096 != 0)
     for (; o + W <= out_vec; o += W) detail::expand_block<1, 1, Arch>(bt, ldb, r, h, scale, y, o);
-  // Two tokens on 16-register ISAs, or one over rows a multiple of 4 KiB apart: 8 output
-  // vectors per block keep enough FMAs in flight.
-  if (n <= 2)
+  // One token over rows a multiple of 4 KiB apart: 8 output vectors per block keep enough
+  // FMAs in flight. On 16-register ISAs two and three tokens take 4 vectors, four or more 2:
+  // 2 x 8 and 4 x 4 accumulators left no register for B_e^T and h (GCC kept some of them on
+  // the stack, loaded and stored in every step). Cold on Zen 1 (r = 16, out = 1024-11008)
+  // that took the expand of two tokens from 1.31-1.62x the time of a plain read of B_e^T to
+  // 1.08-1.28x in f32 (bf16 1.90-2.84x to 1.56-2.39x), of four from 1.93-2.19x to 1.36-1.65x
+  // (bf16 2.54-3.49x to 2.30-2.92x); three tokens were 13-19 % slower warm with 2 vectors
+  // (docs/benchmarks.md, "The adapter's blocks on 16-register ISAs").
+  constexpr bool regs16 = detail::vector_registers<Arch>() < 32;
+  if (n == 1 || (!regs16 && n <= 2))
     for (; o + 8 * W <= out_vec; o += 8 * W) detail::expand_columns<8, Arch>(bt, ldb, r, h, scale, n, y, o);
-  for (; o + 4 * W <= out_vec; o += 4 * W) detail::expand_columns<4, Arch>(bt, ldb, r, h, scale, n, y, o);
-  if (o + 2 * W <= out_vec) {
-    detail::expand_columns<2, Arch>(bt, ldb, r, h, scale, n, y, o);
-    o += 2 * W;
-  }
+  if (!regs16 || n <= 3)
+    for (; o + 4 * W <= out_vec; o += 4 * W) detail::expand_columns<4, Arch>(bt, ldb, r, h, scale, n, y, o);
+  for (; o + 2 * W <= out_vec; o += 2 * W) detail::expand_columns<2, Arch>(bt, ldb, r, h, scale, n, y, o);
   if (o < out_vec) {
     detail::expand_columns<1, Arch>(bt, ldb, r, h, scale, n, y, o);
     o += W;
