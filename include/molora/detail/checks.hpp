@@ -50,13 +50,6 @@ std::string non_finite_message(const Eigen::MatrixBase<Derived>& m, std::pair<In
   return cat(field, ": expected finite values, got ", m(at.first, at.second), " at [", at.first, ", ", at.second, "]");
 }
 
-// Throws numeric_error if m has a non-finite entry; names the field and the entry.
-template <class Derived>
-void require_finite(const Eigen::MatrixBase<Derived>& m, const char* field) {
-  const auto at = first_non_finite(m);
-  if (at.first >= 0) throw numeric_error(non_finite_message(m, at, field));
-}
-
 // Throws numeric_error naming the token and column if row t of x has a non-finite value.
 template <class Scalar>
 void require_finite_token(const ConstRowRef<Scalar>& x, Index t) {
@@ -74,6 +67,16 @@ template <class Derived>
 bool all_finite(const Eigen::DenseBase<Derived>& v) {
   using S = typename Derived::Scalar;
   return (v.derived().array() * S(0)).sum() == S(0);
+}
+
+// Throws numeric_error if m has a non-finite entry; names the field and the entry. One
+// vectorised pass (all_finite) when every entry is finite, which is what a weight's check at
+// set or load time costs; the entry-by-entry search only when one is not.
+template <class Derived>
+void require_finite(const Eigen::MatrixBase<Derived>& m, const char* field) {
+  if (all_finite(m)) return;
+  const auto at = first_non_finite(m);
+  if (at.first >= 0) throw numeric_error(non_finite_message(m, at, field));
 }
 
 // Throws numeric_error naming the first token of x with a non-finite value (one vectorised
