@@ -555,8 +555,9 @@ void expand(Arch, const Wt* bt, Index ldb, Index r, Index out, const Scalar* con
   // 1.08-1.28x in f32 (bf16 1.90-2.84x to 1.56-2.39x), of four from 1.93-2.19x to 1.36-1.65x
   // (bf16 2.54-3.49x to 2.30-2.92x); three tokens were 13-19 % slower warm with 2 vectors
   // (docs/benchmarks.md, "The adapter's blocks on 16-register ISAs").
+  // (With 32 registers two to four tokens took expand_few above.)
   constexpr bool regs16 = detail::vector_registers<Arch>() < 32;
-  if (n == 1 || (!regs16 && n <= 2))
+  if (n == 1)
     for (; o + 8 * W <= out_vec; o += 8 * W) detail::expand_columns<8, Arch>(bt, ldb, r, h, scale, n, y, o);
   if (!regs16 || n <= 3)
     for (; o + 4 * W <= out_vec; o += 4 * W) detail::expand_columns<4, Arch>(bt, ldb, r, h, scale, n, y, o);
